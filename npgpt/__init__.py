@@ -6,3 +6,6 @@ Reading order for study: backend -> tensor -> ops -> gradcheck -> nn -> model ->
 __version__ = "0.1.0"
 
 from npgpt.errors import NpgptError  # noqa: E402
+from npgpt import ops  # noqa: E402,F401  (binds operators onto Tensor)
+from npgpt.gradcheck import gradcheck  # noqa: E402
+from npgpt.tensor import Function, Tensor, no_grad  # noqa: E402

@@ -1,0 +1,164 @@
+"""Array backends: NumPy on the CPU, CuPy on the GPU.
+
+This is the only module in npgpt that imports cupy. Everything else asks for the array module of
+the array it holds (`xp = get_xp(x)`, the first line of most ops), so one code path serves both.
+
+Devices are named by strings: `cpu`, `gpu` / `cuda` (GPU 0) and `cuda:N`. The `NPGPT_DEVICE`
+environment variable sets the default. Asking for a GPU that cannot be used raises an
+`NpgptError` naming the fix, never a traceback from CuPy's internals.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from npgpt.errors import NpgptError
+
+GPU_HINT = "install CuPy with `pip install 'npgpt[gpu]'` (CUDA 12) or `pip install 'npgpt[gpu-cuda13]'`"
+
+_cupy = None          # the cupy module once imported successfully
+_cupy_error = None    # why importing it failed, if it did
+
+
+def _import_cupy():
+    """Import cupy once; remember the failure so repeated asks stay cheap."""
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy  # the one cupy import in npgpt
+
+            _cupy = cupy
+        except Exception as e:  # ImportError, or a broken CUDA install raising anything
+            _cupy_error = e
+    return _cupy
+
+
+@dataclass(frozen=True)
+class Device:
+    """A parsed device: kind 'cpu' or 'cuda', and the GPU index."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self):
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def is_gpu(self):
+        return self.kind == "cuda"
+
+
+def parse_device(device: str | Device | None = None) -> Device:
+    """Turn 'cpu', 'gpu', 'cuda', 'cuda:N' (or None: $NPGPT_DEVICE, else cpu) into a Device."""
+    if isinstance(device, Device):
+        return device
+    if device is None:
+        device = os.environ.get("NPGPT_DEVICE", "cpu") or "cpu"
+    s = str(device).strip().lower()
+    if s == "cpu":
+        return Device("cpu")
+    if s in ("gpu", "cuda"):
+        return Device("cuda", 0)
+    m = re.fullmatch(r"(?:cuda|gpu):(\d+)", s)
+    if m:
+        return Device("cuda", int(m.group(1)))
+    raise NpgptError(f"unknown device {device!r}: use cpu, gpu, cuda or cuda:N")
+
+
+def require_gpu(device: Device):
+    """Return cupy after checking that `device`'s GPU is usable; else a clear NpgptError."""
+    cp = _import_cupy()
+    if cp is None:
+        raise NpgptError(f"--device {device} needs CuPy, which is not usable here ({_cupy_error.__class__.__name__}): {GPU_HINT}")
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise NpgptError(f"--device {device}: CuPy found no usable CUDA GPU ({str(e).splitlines()[0][:120]}); "
+                         f"check the NVIDIA driver, or use --device cpu") from None
+    if device.index >= n:
+        raise NpgptError(f"--device {device}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+    return cp
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one GPU (used to skip GPU tests)."""
+    try:
+        require_gpu(Device("cuda", 0))
+        return True
+    except NpgptError:
+        return False
+
+
+def get_xp(*arrays):
+    """The array module (numpy or cupy) that owns these arrays. NumPy for plain Python values."""
+    if _cupy is not None:
+        for a in arrays:
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+    return np
+
+
+def is_gpu_array(a) -> bool:
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def device_of(a) -> Device:
+    """The Device an array lives on."""
+    if is_gpu_array(a):
+        return Device("cuda", a.device.id)
+    return Device("cpu")
+
+
+def to_device(a, device: str | Device | None):
+    """Copy (or pass through) array `a` onto `device`."""
+    dev = parse_device(device)
+    if not dev.is_gpu:
+        return asnumpy(a)
+    cp = require_gpu(dev)
+    with cp.cuda.Device(dev.index):
+        if isinstance(a, cp.ndarray) and a.device.id == dev.index:
+            return a
+        return cp.asarray(a)
+
+
+def asnumpy(a):
+    """A NumPy array from a NumPy or CuPy array (a device->host copy for CuPy)."""
+    if is_gpu_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def xp_for(device: str | Device | None):
+    """The array module for a device."""
+    dev = parse_device(device)
+    return require_gpu(dev) if dev.is_gpu else np
+
+
+def seed_everything(seed: int):
+    """Seed Python's, NumPy's global and (if present) CuPy's random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if _cupy is not None:
+        try:
+            _cupy.random.seed(seed % 2**32)
+        except Exception:  # no GPU: nothing to seed
+            pass
+
+
+def rng(seed: int | None = None) -> np.random.Generator:
+    """A NumPy Generator. npgpt draws all randomness on the host, so CPU and GPU runs match."""
+    return np.random.default_rng(seed)
+
+
+def synchronize(a=None):
+    """Wait for queued GPU work (a no-op on the CPU). Use only at timing and log points."""
+    if _cupy is not None and (a is None or is_gpu_array(a)):
+        try:
+            _cupy.cuda.Stream.null.synchronize()
+        except Exception:
+            pass

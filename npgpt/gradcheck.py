@@ -1,0 +1,81 @@
+"""Numeric gradient checking, for the test suite and for learners.
+
+`gradcheck(fn, *inputs)` compares the gradients npgpt's autograd computes with central finite
+differences in float64:
+
+    dL/dx_i  ~  (L(x + eps e_i) - L(x - eps e_i)) / (2 eps),    L(x) = sum(fn(x) * dout)
+
+`dout` is a random upstream gradient, so every output element matters (a plain `.sum()` would
+miss mistakes: sum(softmax(x)) is constant whatever backward returns). For each input it reports
+the worst relative error  max_i |analytic_i - numeric_i| / max_i |numeric_i|.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from npgpt.backend import asnumpy
+from npgpt.tensor import Tensor
+
+
+@dataclass
+class GradcheckResult:
+    """Per-input relative errors; truthy when all are within `tol`."""
+
+    errors: list = field(default_factory=list)   # worst relative error per input (None: not checked)
+    tol: float = 1e-6
+
+    @property
+    def ok(self):
+        return all(e is None or e <= self.tol for e in self.errors)
+
+    def __bool__(self):
+        return self.ok
+
+    def __str__(self):
+        rows = [f"  input {i}: " + ("not differentiable" if e is None else f"rel. error {e:.2e}")
+                for i, e in enumerate(self.errors)]
+        return f"gradcheck {'passed' if self.ok else 'FAILED'} (tol {self.tol:.0e})\n" + "\n".join(rows)
+
+
+def gradcheck(fn, *inputs, eps=1e-6, tol=1e-6, seed=0, wrt=None) -> GradcheckResult:
+    """Check fn's analytic gradients against central differences; see the module docstring.
+
+    fn:     takes Tensors (float64) and returns one Tensor.
+    inputs: arrays or Tensors; float ones are differentiated (or those listed in `wrt`),
+            integer ones (ids, targets) are passed through unchanged.
+    """
+    arrays = [asnumpy(x.data if isinstance(x, Tensor) else np.asarray(x)) for x in inputs]
+    if wrt is None:
+        wrt = [i for i, a in enumerate(arrays) if np.issubdtype(a.dtype, np.floating)]
+    arrays = [a.astype(np.float64) if i in wrt else a for i, a in enumerate(arrays)]
+
+    def run(arrs, requires_grad=False):
+        ts = [Tensor(a.copy(), requires_grad=requires_grad and i in wrt) for i, a in enumerate(arrs)]
+        return ts, fn(*ts)
+
+    tensors, out = run(arrays, requires_grad=True)
+    dout = np.random.default_rng(seed).standard_normal(out.shape)
+    out.backward(dout)
+
+    errors = []
+    for i, a in enumerate(arrays):
+        if i not in wrt:
+            errors.append(None)
+            continue
+        numeric = np.zeros_like(a)
+        for j in np.ndindex(a.shape):
+            orig = a[j]
+            a[j] = orig + eps
+            plus = float((asnumpy(run(arrays)[1].data) * dout).sum())
+            a[j] = orig - eps
+            minus = float((asnumpy(run(arrays)[1].data) * dout).sum())
+            a[j] = orig
+            numeric[j] = (plus - minus) / (2 * eps)
+        g = tensors[i].grad
+        analytic = np.zeros_like(a) if g is None else asnumpy(g)
+        scale = max(np.abs(numeric).max(initial=0.0), 1e-12)
+        errors.append(float(np.abs(analytic - numeric).max(initial=0.0) / scale))
+    return GradcheckResult(errors, tol)
