@@ -9,3 +9,4 @@ from npgpt.errors import NpgptError  # noqa: E402
 from npgpt import ops  # noqa: E402,F401  (binds operators onto Tensor)
 from npgpt.gradcheck import gradcheck  # noqa: E402
 from npgpt.tensor import Function, Tensor, no_grad  # noqa: E402
+from npgpt.model import GPT, GPTConfig  # noqa: E402

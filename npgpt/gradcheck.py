@@ -79,3 +79,36 @@ def gradcheck(fn, *inputs, eps=1e-6, tol=1e-6, seed=0, wrt=None) -> GradcheckRes
         scale = max(np.abs(numeric).max(initial=0.0), 1e-12)
         errors.append(float(np.abs(analytic - numeric).max(initial=0.0) / scale))
     return GradcheckResult(errors, tol)
+
+
+def gradcheck_module(module, loss_fn, eps=1e-6, seed=0, max_entries=None) -> dict:
+    """Check every parameter's gradient of `loss_fn(module)` (a scalar Tensor) numerically.
+
+    The module should hold float64 parameters (`module.astype(np.float64)`). Returns
+    {parameter name: worst relative error}, as `gradcheck` defines it. `max_entries` checks a
+    random subset of each parameter's entries (all of them by default).
+    """
+    params = module.named_parameters()
+    module.zero_grad()
+    loss_fn(module).backward()
+    analytic = {name: p.grad.copy() for name, p in params}
+    r = np.random.default_rng(seed)
+    errors = {}
+    for name, p in params:
+        flat = p.data.reshape(-1)
+        picks = np.arange(flat.size)
+        if max_entries is not None and flat.size > max_entries:
+            picks = r.choice(flat.size, size=max_entries, replace=False)
+        numeric = np.empty(len(picks))
+        for n, j in enumerate(picks):
+            orig = flat[j]
+            flat[j] = orig + eps
+            plus = float(loss_fn(module).data)
+            flat[j] = orig - eps
+            minus = float(loss_fn(module).data)
+            flat[j] = orig
+            numeric[n] = (plus - minus) / (2 * eps)
+        a = analytic[name].reshape(-1)[picks]
+        scale = max(np.abs(numeric).max(initial=0.0), 1e-12)
+        errors[name] = float(np.abs(a - numeric).max(initial=0.0) / scale)
+    return errors

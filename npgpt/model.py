@@ -1,0 +1,375 @@
+"""The GPT-2 model: configuration, blocks, the full forward, KV-cached inference, HF folders.
+
+Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT.forward. Parameter names
+are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, weights stored (in, out) as GPT-2's
+Conv1D), so `model.save_pretrained(dir)` writes a folder that Hugging Face transformers loads as a
+`GPT2LMHeadModel`, and `GPT.from_pretrained(dir)` reads one that transformers wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import asnumpy, get_xp, to_device
+from npgpt.errors import NpgptError
+from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
+from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear,
+                          split_heads)
+from npgpt.tensor import Tensor, no_grad
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024        # the longest context (GPT-2's n_positions)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True             # biases in Linear and LayerNorm layers (GPT-2 has them)
+    n_inner: int | None = None    # MLP hidden width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) <= 0:
+                raise NpgptError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise NpgptError(f"model config: dropout must be in [0, 1), got {self.dropout}")
+        if self.n_inner is not None and self.n_inner <= 0:
+            raise NpgptError(f"model config: n_inner must be positive, got {self.n_inner}")
+
+    @property
+    def hidden(self):
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise NpgptError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    # ---- Hugging Face config.json ------------------------------------------------------------
+    def to_hf(self):
+        return {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size, "n_positions": self.block_size, "n_ctx": self.block_size,
+            "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.n_inner,
+            "layer_norm_epsilon": self.layer_norm_epsilon, "activation_function": "gelu_new",
+            "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
+            "initializer_range": 0.02, "tie_word_embeddings": True, "torch_dtype": "float32",
+            "npgpt": {"bias": self.bias},
+        }
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where="config.json"):
+        if cfg.get("model_type", "gpt2") != "gpt2":
+            raise NpgptError(f"{where}: unsupported model_type {cfg.get('model_type')!r}; npgpt loads GPT-2 models only")
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise NpgptError(f"{where}: unsupported activation_function {act!r}; npgpt implements GPT-2's gelu_new")
+        try:
+            return cls(vocab_size=int(cfg["vocab_size"]), block_size=int(cfg.get("n_positions", cfg.get("n_ctx"))),
+                       n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]), n_embd=int(cfg["n_embd"]),
+                       dropout=float(cfg.get("resid_pdrop", 0.0)), bias=bool(cfg.get("npgpt", {}).get("bias", True)),
+                       n_inner=cfg.get("n_inner"), layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise NpgptError(f"{where}: missing or bad GPT-2 key ({e}); expected vocab_size, n_positions, "
+                             f"n_layer, n_head, n_embd") from None
+
+
+PRESETS = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    "baby": GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
+    "shakespeare-char": GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+}
+
+
+# ---- the blocks --------------------------------------------------------------------------------
+class CausalSelfAttention(Module):
+    def __init__(self, cfg, rng, resid_std):
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias, rng=rng)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias, rng=rng, std=resid_std)
+        self.rng = rng
+
+    def forward(self, x):                                        # (B, T, C) -> (B, T, C)
+        p = self.dropout if self.training else 0.0
+        y = causal_self_attention(self.c_attn(x), self.n_head, dropout=p, rng=self.rng)
+        return dropout(self.c_proj(y), p, self.rng, self.training)
+
+
+class MLP(Module):
+    def __init__(self, cfg, rng, resid_std):
+        self.dropout = cfg.dropout
+        self.c_fc = Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias, rng=rng)
+        self.c_proj = Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias, rng=rng, std=resid_std)
+        self.rng = rng
+
+    def forward(self, x):                                        # (B, T, C) -> (B, T, C)
+        return dropout(self.c_proj(gelu(self.c_fc(x))), self.dropout, self.rng, self.training)
+
+
+class Block(Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg, rng, resid_std):
+        eps = cfg.layer_norm_epsilon
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias, eps=eps)
+        self.attn = CausalSelfAttention(cfg, rng, resid_std)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias, eps=eps)
+        self.mlp = MLP(cfg, rng, resid_std)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(Module):
+    def __init__(self, cfg, rng):
+        # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 n_layer)
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, rng=rng)
+        self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng=rng)
+        self.h = ModuleList(Block(cfg, rng, resid_std) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias, eps=cfg.layer_norm_epsilon)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+class GPT(Module):
+    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu"):
+        self.config = config
+        self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
+        self.transformer = Transformer(config, self.rng)
+        if str(device) != "cpu":
+            self.to(device)
+
+    # ---- training forward -------------------------------------------------------------------
+    def forward(self, idx, targets=None, ignore_index=-1):
+        """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
+        idx = self._check_ids(idx)
+        B, T = idx.shape
+        tr = self.transformer
+        x = tr.wte(idx) + tr.wpe.weight[:T]                          # (B, T, C)
+        x = dropout(x, self.config.dropout, self.rng, self.training)
+        for block in tr.h:
+            x = block(x)
+        x = tr.ln_f(x)
+        logits = linear(x, tr.wte.weight.T)                          # (B, T, V), tied LM head
+        loss = None
+        if targets is not None:
+            targets = self._as_device_ints(targets)
+            if targets.shape != (B, T):
+                raise NpgptError(f"targets shape {targets.shape} must equal idx shape {(B, T)}")
+            loss = cross_entropy(logits, targets, ignore_index=ignore_index)
+        return logits, loss
+
+    def _as_device_ints(self, a):
+        a = a.data if isinstance(a, Tensor) else a
+        xp = get_xp(self.transformer.wte.weight.data)
+        if get_xp(a) is not xp:
+            a = to_device(np.asarray(a), self.device)
+        return xp.asarray(a)
+
+    def _check_ids(self, idx):
+        """Validate token ids at the boundary: CuPy would silently wrap an out-of-range id."""
+        idx = self._as_device_ints(idx)
+        if idx.ndim != 2:
+            raise NpgptError(f"idx must have shape (B, T), got {idx.shape}")
+        if idx.dtype.kind not in "iu":
+            raise NpgptError(f"token ids must be integers, got dtype {idx.dtype}")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise NpgptError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if idx.size:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise NpgptError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+        return idx
+
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def num_params(self, non_embedding=False):
+        """Parameter count; non_embedding=True leaves out the position embeddings (as nanoGPT)."""
+        n = sum(p.size for p in self.parameters())
+        return n - self.transformer.wpe.weight.size if non_embedding else n
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token (forward + backward), the PaLM-paper estimate (appendix B):
+        6 N + 12 n_layer n_embd T, where N is the non-embedding parameter count and the second term
+        counts the attention score and value matmuls over a context of T."""
+        cfg = self.config
+        T = T or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+    # ---- cached inference ----------------------------------------------------------------------
+    def new_cache(self, batch_size):
+        return KVCache(self.config, batch_size, self.transformer.wte.weight.data)
+
+    @no_grad()
+    def forward_cached(self, idx, cache, return_attention=False):
+        """Run new tokens idx (B, Tn) through the model, reading and extending `cache`.
+
+        Returns logits (B, Tn, V) as a plain array (and per-layer attention (B, nh, Tn, Tk) arrays
+        when asked). A prefill is the first call; each decode step then passes one token. The
+        caller keeps within block_size (see `generate`, which rebuilds the cache past it).
+        """
+        idx = self._check_ids(idx)
+        B, Tn = idx.shape
+        p0 = cache.length
+        if p0 + Tn > self.config.block_size:
+            raise NpgptError(f"KV cache overflow: {p0} cached + {Tn} new tokens > block_size "
+                             f"{self.config.block_size}; rebuild the cache from the last tokens")
+        xp = get_xp(cache.k)
+        tr = self.transformer
+        cfg = self.config
+        pos = xp.arange(p0, p0 + Tn)[None, :] - cache.pad[:, None]          # (B, Tn) position ids
+        pos = xp.maximum(pos, 0)
+        x = tr.wte.weight.data[idx] + tr.wpe.weight.data[pos]              # (B, Tn, C)
+        key_mask = None
+        if cache.padded:
+            key_mask = xp.arange(p0 + Tn)[None, :] >= cache.pad[:, None]  # (B, Tk) real tokens
+        maps = []
+        for i, block in enumerate(tr.h):
+            a = block.attn
+            h = block.ln_1(Tensor(x)).data
+            q, k, v = split_heads(a.c_attn(Tensor(h)).data, cfg.n_head)      # (B, nh, Tn, hs)
+            cache.k[i, :, :, p0:p0 + Tn] = k
+            cache.v[i, :, :, p0:p0 + Tn] = v
+            att = attention_probs(q, cache.k[i, :, :, :p0 + Tn], key_mask)   # (B, nh, Tn, Tk)
+            if return_attention:
+                maps.append(att)
+            y = att @ cache.v[i, :, :, :p0 + Tn]                            # (B, nh, Tn, hs)
+            y = y.transpose(0, 2, 1, 3).reshape(B, Tn, cfg.n_embd)
+            x = x + a.c_proj(Tensor(y)).data
+            x = x + block.mlp(block.ln_2(Tensor(x))).data
+        cache.length = p0 + Tn
+        x = tr.ln_f(Tensor(x)).data
+        logits = x @ tr.wte.weight.data.T                                  # (B, Tn, V)
+        return (logits, maps) if return_attention else logits
+
+    # ---- Hugging Face folders ------------------------------------------------------------------
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors (GPT-2 names and layout) into folder `path`."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: np.ascontiguousarray(asnumpy(p.data)) for name, p in self.named_parameters()}
+        _atomic(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(self.config.to_hf(), indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", **overrides):
+        """Load a folder written by save_pretrained or by transformers' GPT2LMHeadModel."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NpgptError(f"model folder {path} does not exist")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise NpgptError(f"{cfg_path} is missing: a model folder needs config.json and model.safetensors")
+        try:
+            hf = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise NpgptError(f"{cfg_path} must hold a JSON object")
+        config = replace(GPTConfig.from_hf(hf, str(cfg_path)), **overrides)
+        state = load_gpt2_tensors(path)
+        model = cls(config, device="cpu")
+        model.load_state_dict(state)
+        return model.to(device) if str(device) != "cpu" else model
+
+
+def _atomic(path, write):
+    """Write through a temp file then rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+IGNORED_HF_KEYS = (".attn.bias", ".attn.masked_bias")    # causal-mask buffers of old transformers
+
+
+def load_gpt2_tensors(path):
+    """model.safetensors of a GPT-2 folder as {npgpt name: float32 array}, keys normalised."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        extra = " (PyTorch .bin files are pickles and are not read: re-save with safe_serialization=True)" \
+            if (Path(path) / "pytorch_model.bin").exists() else ""
+        raise NpgptError(f"{f} is missing{extra}")
+    try:
+        raw = load_file(str(f))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise NpgptError(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:100]}); it cannot be loaded") from None
+    state = {}
+    for key, arr in raw.items():
+        if key.endswith(IGNORED_HF_KEYS):
+            continue
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if arr.dtype.kind != "f":
+            raise NpgptError(f"{f}: tensor {key} has dtype {arr.dtype}; expected floating point weights")
+        state[name] = arr.astype(np.float32, copy=False)
+    head = state.pop("lm_head.weight", None)
+    wte = state.get("transformer.wte.weight")
+    if head is not None and wte is not None and not (head.shape == wte.shape and np.array_equal(head, wte)):
+        raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
+    return state
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values for cached decoding.
+
+    k, v: (n_layer, B, nh, block_size, hs), filled up to `length`. `pad` (B,) counts left-padding
+    tokens per row (batched prompts of different lengths): padded keys are masked out and
+    positions count from each row's first real token.
+    """
+    config: GPTConfig
+    batch_size: int
+    like: object = field(repr=False)
+    length: int = 0
+
+    def __post_init__(self):
+        xp = get_xp(self.like)
+        c = self.config
+        shape = (c.n_layer, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        self.k = xp.zeros(shape, dtype=self.like.dtype)
+        self.v = xp.zeros(shape, dtype=self.like.dtype)
+        self.pad = xp.zeros(self.batch_size, dtype=np.int64)
+        self.like = None
+
+    @property
+    def padded(self):
+        return bool((self.pad > 0).any())
+
+    def reset(self, pad=None):
+        self.length = 0
+        xp = get_xp(self.k)
+        self.pad = xp.zeros(self.batch_size, dtype=np.int64) if pad is None else xp.asarray(pad, dtype=np.int64)
+
+
