@@ -205,6 +205,20 @@ class GPT(Module):
     def device(self):
         return self.transformer.wte.weight.device
 
+    def resize_token_embeddings(self, vocab_size):
+        """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as
+        an 'average' token instead of noise); the tied LM head grows with it."""
+        wte = self.transformer.wte.weight
+        old = wte.shape[0]
+        if vocab_size < old:
+            raise NpgptError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        xp = get_xp(wte.data)
+        extra = xp.broadcast_to(wte.data.mean(axis=0, keepdims=True), (vocab_size - old, wte.shape[1]))
+        wte.data = xp.concatenate([wte.data, extra]).astype(wte.dtype)
+        wte.grad = None
+        self.config = replace(self.config, vocab_size=vocab_size)
+        return self
+
     # ---- sizes ---------------------------------------------------------------------------------
     def num_params(self, non_embedding=False):
         """Parameter count; non_embedding=True leaves out the position embeddings (as nanoGPT)."""
@@ -278,7 +292,9 @@ class GPT(Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", **overrides):
-        """Load a folder written by save_pretrained or by transformers' GPT2LMHeadModel."""
+        """Load a folder written by save_pretrained or by transformers' GPT2LMHeadModel.
+
+        The model comes back in eval mode (dropout off), as transformers does; call .train()."""
         path = Path(path)
         if not path.is_dir():
             raise NpgptError(f"model folder {path} does not exist")
@@ -295,6 +311,7 @@ class GPT(Module):
         state = load_gpt2_tensors(path)
         model = cls(config, device="cpu")
         model.load_state_dict(state)
+        model.eval()
         return model.to(device) if str(device) != "cpu" else model
 
 

@@ -1,0 +1,170 @@
+"""`npgpt train`, `npgpt finetune`, `npgpt eval`, `npgpt info`: thin wrappers over npgpt.train."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+# Direct flags for the common config keys: (flag, config key, type, help).
+COMMON_FLAGS = [
+    ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
+    ("--out", "out", click.Path(), "Run folder for the checkpoint and metrics.jsonl."),
+    ("--device", "device", str, "cpu, gpu, cuda or cuda:N (default: $NPGPT_DEVICE or cpu)."),
+    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl."),
+    ("--max-iters", "max_iters", int, "Number of optimizer steps."),
+    ("--batch-size", "batch_size", int, "Sequences per micro-batch."),
+    ("--block-size", "block_size", int, "Context length in tokens."),
+    ("--lr", "learning_rate", float, "Peak learning rate."),
+    ("--eval-interval", "eval_interval", int, "Evaluate (and checkpoint) every N steps."),
+    ("--seed", "seed", int, "Random seed (weights, batches, dropout)."),
+    ("--init-from", "init_from", click.Path(), "Start from a model folder (npgpt checkpoint or HF GPT-2)."),
+]
+
+
+def training_options(fn):
+    for flag, key, typ, help_ in reversed(COMMON_FLAGS):
+        fn = click.option(flag, key, type=typ, default=None, help=help_)(fn)
+    fn = click.option("--config", "config_file", type=click.Path(), help="JSON or TOML file of config keys.")(fn)
+    fn = click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+                      help="Set any config key (repeatable), e.g. --set dropout=0.1.")(fn)
+    fn = click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")(fn)
+    fn = click.option("--force", is_flag=True, help="Overwrite a checkpoint already in --out.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="Print only errors and the final summary.")(fn)
+    return fn
+
+
+def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, force, quiet):
+    """Config = dataclass defaults < command defaults < --config file < --set < direct flags.
+
+    With --resume the base is the saved run's config instead, and only what the user gave applies.
+    """
+    from npgpt.train import TrainConfig, apply_overrides, config_for_resume, load_config_file, parse_set_options
+    user = {}
+    if config_file:
+        user.update(load_config_file(config_file))
+    user.update(parse_set_options(set_pairs))
+    user.update({k: v for k, v in flags.items() if v is not None})
+    if quiet:
+        user["quiet"] = True
+    if resume:
+        out = user.pop("out", defaults.get("out", TrainConfig.out))
+        return config_for_resume(out, user)
+    if force:
+        user["force"] = True
+    return apply_overrides(TrainConfig(), {**defaults, **user}).validate()
+
+
+def run_training(cfg):
+    from npgpt.train import Interrupted, train
+    try:
+        result = train(cfg)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    best = f"{result.best_val_loss:.4f}" if result.best_val_loss != float("inf") else "n/a"
+    click.echo(f"done: {result.iters} iterations, best val loss {best}; checkpoint in {result.out / 'ckpt'}")
+    click.echo(f"try it:  npgpt sample --checkpoint {result.out} --prompt \"...\"")
+
+
+@click.command()
+@training_options
+def train(config_file, set_pairs, resume, force, quiet, **flags):
+    """Train a GPT from scratch (or continue one with --resume).
+
+    With no arguments: prepares the built-in pydoc corpus char-level, trains a small model for a
+    few minutes on the CPU, saves it in ./out and prints the command to sample from it.
+    """
+    cfg = build_config({}, config_file, set_pairs, flags, resume, force, quiet)
+    run_training(cfg)
+
+
+FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, "max_iters": 200,
+                     "eval_interval": 50, "eval_iters": 10, "weight_decay": 0.0, "out": "out-finetune"}
+
+
+@click.command()
+@training_options
+@click.option("--sft", type=click.Path(), help="JSONL of {prompt, completion} or {messages: [...]} records.")
+@click.option("--strict", is_flag=True, help="With --sft: error on records longer than block_size (default: truncate).")
+def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
+    """Fine-tune a pretrained model (--init-from DIR) on prepared data or an SFT JSONL file.
+
+    Defaults: lr 1e-4 decaying to 1e-5, 200 steps, no weight decay, out ./out-finetune.
+    """
+    if not flags.get("init_from") and not resume:
+        raise click.UsageError("finetune needs --init-from DIR (an npgpt checkpoint or a GPT-2 folder)")
+    defaults = dict(FINETUNE_DEFAULTS)
+    if sft:
+        defaults.update({"sft": sft, "sft_strict": strict})
+    cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
+    if cfg.sft:
+        from npgpt.sft import SFTData
+        from npgpt.train import Interrupted, train as run
+        source = SFTData.for_training(cfg)
+        try:
+            result = run(cfg, batch_source=source)
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
+        click.echo(f"done: {result.iters} iterations, best val loss {result.best_val_loss:.4f}; "
+                   f"checkpoint in {result.out / 'ckpt'}")
+        click.echo(f"try it:  npgpt chat --checkpoint {result.out}")
+        return
+    run_training(cfg)
+
+
+@click.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(), help="Run folder or model folder.")
+@click.option("--input", "input_", type=click.Path(), help="A text file to evaluate on.")
+@click.option("--data", type=click.Path(), help="A prepared data folder (its val split).")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", help="Split of --data.")
+@click.option("--device", default="cpu", help="cpu or gpu.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_(checkpoint, input_, data, split, device, as_json):
+    """Loss, perplexity and bits per byte of a model on a text file or prepared data."""
+    from npgpt.evaluate import evaluate
+    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"{r['source']}: {r['tokens']:,} tokens, loss {r['loss']:.4f}, perplexity "
+                   f"{r['perplexity']:.3f}, {r['bits_per_byte']:.4f} bits per byte")
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(path, as_json):
+    """Describe a checkpoint: config, parameters, step, best val loss, tokenizer, file sizes."""
+    from npgpt.evaluate import info as get_info
+    r = get_info(path)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    c = r["config"]
+    click.echo(f"checkpoint: {r['checkpoint']}")
+    click.echo(f"model: {c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, context "
+               f"{c['n_positions']}, vocab {c['vocab_size']}" + (f", n_inner {c['n_inner']}" if c["n_inner"] else ""))
+    click.echo(f"parameters: {r['parameters']:,}")
+    if r["step"] is not None:
+        best = r["best_val_loss"]
+        click.echo(f"step: {r['step']}, best val loss: {best:.4f}" if best is not None else f"step: {r['step']}")
+    if r["tokenizer"]:
+        t = r["tokenizer"]
+        click.echo(f"tokenizer: {t.get('kind')}, vocab {t.get('vocab_size')}, specials "
+                   f"{list(t.get('special_tokens', {}))}" if "error" not in t else f"tokenizer: {t['error']}")
+    if r.get("quantization"):
+        click.echo(f"quantization: {r['quantization']}")
+    click.echo("files: " + ", ".join(f"{k} {_size(v)}" for k, v in r["files"].items()) + f" (total {_size(r['total_bytes'])})")
+
+
+def _size(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+COMMANDS = [train, finetune, eval_, info]

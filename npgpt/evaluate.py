@@ -1,0 +1,134 @@
+"""Evaluation and inspection of a saved model: loss, perplexity, bits per byte; checkpoint info.
+
+Loss here is exact, not sampled: the text is cut into consecutive windows of block_size tokens
+and every token after the first is predicted once. Bits per byte = total loss in nats / ln 2 /
+the text's UTF-8 byte count, which compares models with different tokenizers fairly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import asnumpy
+from npgpt.errors import NpgptError
+from npgpt.tensor import no_grad
+
+
+def load_model_and_tokenizer(checkpoint, device="cpu"):
+    """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder."""
+    from npgpt import tokenizer as tk
+    from npgpt.checkpoint import find_checkpoint, verify_checkpoint
+    from npgpt.model import GPT
+
+    p = Path(checkpoint)
+    if not p.exists():
+        raise NpgptError(f"checkpoint folder {p} does not exist")
+    ckpt = find_checkpoint(p)
+    verify_checkpoint(ckpt)
+    if not tk.is_tokenizer_dir(ckpt):
+        raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
+    model = GPT.from_pretrained(ckpt, device=device)
+    return model, tk.load(ckpt), ckpt
+
+
+def token_loss(model, tokens, batch_size=8, device="cpu"):
+    """Summed next-token loss (nats) and count over consecutive block_size windows of `tokens`."""
+    from npgpt.ops.nn import cross_entropy
+    T = model.config.block_size
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if len(tokens) < 2:
+        raise NpgptError("need at least 2 tokens to evaluate")
+    starts = list(range(0, len(tokens) - 1, T))
+    total, count = 0.0, 0
+    model.eval()
+    with no_grad():
+        for i in range(0, len(starts), batch_size):
+            group = starts[i:i + batch_size]
+            n = min(T, len(tokens) - 1 - group[-1])
+            # full windows batch together; the last, shorter window runs alone
+            full = [s for s in group if len(tokens) - 1 - s >= T]
+            for chunk, L in ((full, T), ([s for s in group if s not in full], n)):
+                if not chunk:
+                    continue
+                x = np.stack([tokens[s:s + L] for s in chunk])
+                y = np.stack([tokens[s + 1:s + 1 + L] for s in chunk])
+                _, loss = model(x, y)
+                total += float(asnumpy(loss.data)) * y.size
+                count += y.size
+    return total, count
+
+
+def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
+    """Loss / perplexity / bits per byte of a model on a text file or a prepared data split."""
+    from npgpt.data import TokenData
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
+    if (input is None) == (data is None):
+        raise NpgptError("give exactly one of --input FILE or --data DIR")
+    if input is not None:
+        from npgpt.tokenizer import read_text_checked
+        text = read_text_checked(input)
+        if not text:
+            raise NpgptError(f"{input} is empty")
+        tokens = tok.encode(text, disallowed_special=()) if tok.kind == "bpe" else tok.encode(text)
+        source = str(input)
+    else:
+        td = TokenData(data)
+        if td.tokenizer().fingerprint() != tok.fingerprint():
+            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}")
+        tokens = np.asarray(td.split(split))
+        text = tok.decode([int(t) for t in tokens])
+        source = f"{data} ({split})"
+    if int(np.max(tokens)) >= model.config.vocab_size:
+        raise NpgptError("the text has tokens outside the model's vocabulary")
+    total, count = token_loss(model, tokens, device=device)
+    n_bytes = len(text[1:].encode("utf-8")) if count else 0   # the first token is never predicted
+    loss = total / count
+    return {"source": source, "tokens": count, "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "checkpoint": str(ckpt)}
+
+
+def folder_size(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def info(path):
+    """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
+    from npgpt import tokenizer as tk
+    from npgpt.checkpoint import find_checkpoint
+    from npgpt.model import GPTConfig
+
+    p = Path(path)
+    if not p.exists():
+        raise NpgptError(f"{p} does not exist")
+    ckpt = find_checkpoint(p)
+    try:
+        hf = json.loads((ckpt / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NpgptError(f"{ckpt / 'config.json'} is missing or not valid JSON ({e})") from None
+    cfg = GPTConfig.from_hf(hf)
+    C, L, V, T, H = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.hidden
+    per_block = 2 * 2 * C + C * 3 * C + 3 * C + C * C + C + C * H + H + H * C + C
+    n_params = V * C + T * C + L * per_block + 2 * C
+    state = {}
+    if (ckpt / "state.json").exists():
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+        except json.JSONDecodeError:
+            state = {"error": "state.json is not valid JSON"}
+    tok = None
+    if tk.is_tokenizer_dir(ckpt):
+        try:
+            t = tk.load(ckpt)
+            tok = {"kind": t.kind, "vocab_size": t.vocab_size, "special_tokens": dict(t.special_tokens)}
+        except NpgptError as e:
+            tok = {"error": str(e)}
+    files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir()) if f.is_file()}
+    return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_layer",
+                                                                        "n_head", "n_embd", "n_inner")},
+            "parameters": n_params, "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
+            "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),
+            "quantization": hf.get("npgpt", {}).get("quantization")}

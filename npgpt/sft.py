@@ -1,0 +1,203 @@
+"""Supervised fine-tuning data: JSONL records -> token rows with loss only on the answers.
+
+Two record shapes are accepted, one JSON object per line:
+
+    {"prompt": "...", "completion": "..."}
+    {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
+
+Prompt/completion records become plain text: prompt tokens, completion tokens, end-of-text.
+Chat records use npgpt's chat template, built from special tokens that are added to the model's
+tokenizer (and rows added to its embedding) when it lacks them:
+
+    <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|><|endoftext|>
+
+The loss counts only completion / assistant tokens, including the closing <|end|> (or
+end-of-text) so the model learns to stop; every other target is -1, the model's ignore_index.
+Each record is its own row, right-padded to block_size (no packing, so records never attend to
+each other). Records longer than block_size + 1 tokens are truncated and counted, or rejected
+under `strict`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import to_device
+from npgpt.errors import NpgptError
+
+ROLES = ("system", "user", "assistant")
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def read_records(path):
+    """Parse a JSONL file of SFT records; errors name the line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise NpgptError(f"SFT file {p} does not exist")
+    records = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise NpgptError(f"SFT file {p} is not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NpgptError(f"{p} line {n}: not valid JSON ({e.msg})") from None
+        records.append(validate_record(rec, f"{p} line {n}"))
+    if not records:
+        raise NpgptError(f"SFT file {p} holds no records")
+    return records
+
+
+def validate_record(rec, where):
+    if not isinstance(rec, dict):
+        raise NpgptError(f"{where}: expected a JSON object")
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise NpgptError(f"{where}: 'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise NpgptError(f"{where}: each message needs a 'role' and a string 'content'")
+            if m.get("role") not in ROLES:
+                raise NpgptError(f"{where}: unknown role {m.get('role')!r}; use system, user or assistant")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise NpgptError(f"{where}: a chat record needs at least one assistant message to learn from")
+        return rec
+    if isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+        return rec
+    raise NpgptError(f"{where}: a record needs 'prompt' and 'completion' strings, or 'messages'")
+
+
+def encode_plain(tok, text):
+    """Encode user text as ordinary text: a special token's string in it is not special."""
+    if tok.kind == "bpe":
+        return tok.encode(text, disallowed_special=())
+    return tok.encode(text)
+
+
+def ensure_chat_tokens(tok):
+    """Add the chat template's special tokens to `tok` if missing; returns their ids."""
+    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
+    if missing:
+        tok.add_special_tokens(missing)
+    return {t: tok.special_tokens[t] for t in CHAT_TOKENS}
+
+
+def render_chat(tok, messages, add_generation_prompt=False):
+    """(ids, loss_mask) for a conversation in the chat template; mask marks assistant tokens."""
+    sp = ensure_chat_tokens(tok)
+    ids, mask = [], []
+    for m in messages:
+        body = encode_plain(tok, m["content"])
+        learn = m["role"] == "assistant"
+        ids += [sp[f"<|{m['role']}|>"]] + body + [sp["<|end|>"]]
+        mask += [False] + [learn] * len(body) + [learn]
+    if add_generation_prompt:
+        ids.append(sp["<|assistant|>"])
+        mask.append(False)
+    else:
+        ids.append(tok.eot_id)
+        mask.append(False)
+    return ids, mask
+
+
+def render_record(tok, rec):
+    """(ids, loss_mask) of one record; see the module docstring."""
+    if "messages" in rec:
+        return render_chat(tok, rec["messages"])
+    p, c = encode_plain(tok, rec["prompt"]), encode_plain(tok, rec["completion"])
+    ids = p + c + [tok.eot_id]
+    return ids, [False] * len(p) + [True] * (len(c) + 1)
+
+
+@dataclass
+class SFTData:
+    """SFT rows as a batch source for npgpt.train: get_batch / tokenizer / vocab_size."""
+    tok: object
+    block_size: int
+    rows: dict = field(default_factory=dict)       # split -> (x (N, T), y (N, T)) int64 arrays
+    truncated: int = 0
+    path: str = ""
+    grow_vocab: bool = True                        # the model may need embedding rows for new specials
+
+    @classmethod
+    def build(cls, tok, records, block_size, strict=False, val_fraction=0.1, seed=0, path=""):
+        T = block_size
+        xs, ys, truncated = [], [], 0
+        for i, rec in enumerate(records):
+            ids, mask = render_record(tok, rec)
+            if len(ids) > T + 1:
+                if strict:
+                    raise NpgptError(f"record {i + 1} is {len(ids)} tokens, longer than block_size + 1 = {T + 1} "
+                                     f"(--strict); shorten it or drop --strict to truncate")
+                ids, mask = ids[:T + 1], mask[:T + 1]
+                truncated += 1
+            x = np.full(T, tok.eot_id, dtype=np.int64)
+            y = np.full(T, -1, dtype=np.int64)
+            n = len(ids) - 1
+            x[:n] = ids[:-1]
+            y[:n] = np.where(mask[1:], ids[1:], -1)   # the target of position t is token t+1
+            xs.append(x)
+            ys.append(y)
+        order = np.random.default_rng(seed).permutation(len(xs))
+        n_val = int(round(len(xs) * val_fraction)) if len(xs) > 1 else 0
+        if val_fraction > 0 and len(xs) > 1:
+            n_val = max(1, n_val)
+        val_ids, train_ids = order[:n_val], order[n_val:]
+        if len(train_ids) == 0:
+            raise NpgptError("no SFT records left for training after the validation split; add records")
+        X, Y = np.stack(xs), np.stack(ys)
+        if not (Y[train_ids] >= 0).any():
+            raise NpgptError("no completion tokens to learn from (all were truncated away?)")
+        rows = {"train": (X[train_ids], Y[train_ids])}
+        rows["val"] = (X[val_ids], Y[val_ids]) if n_val else rows["train"]
+        return cls(tok, T, rows, truncated, str(path))
+
+    @classmethod
+    def for_training(cls, cfg, stream=None):
+        """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
+        from npgpt import tokenizer as tk
+        from npgpt.checkpoint import find_checkpoint
+        from npgpt.model import GPTConfig
+
+        src = find_checkpoint(cfg.init_from or cfg.out)
+        if not tk.is_tokenizer_dir(src):
+            raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
+        tok = tk.load(src)
+        n_pos = GPTConfig.from_hf(json.loads((Path(src) / "config.json").read_text())).block_size
+        records = read_records(cfg.sft)
+        # default context: just long enough for the longest record (padding costs compute)
+        T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)
+        T = max(T, 1)
+        data = cls.build(tok, records, T, strict=cfg.sft_strict, val_fraction=cfg.sft_val_fraction,
+                         seed=cfg.seed, path=cfg.sft)
+        if not cfg.quiet:
+            n_tr, n_va = len(data.rows["train"][0]), len(data.rows["val"][0])
+            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val), block_size {T}; "
+                  f"{data.truncated} truncated", file=stream)
+        return data
+
+    @property
+    def vocab_size(self):
+        return self.tok.vocab_size
+
+    def tokenizer(self):
+        return self.tok
+
+    def check_split_sizes(self, block_size):
+        if block_size != self.block_size:
+            raise NpgptError(f"SFT rows were built for block_size {self.block_size}, not {block_size}")
+
+    def get_batch(self, split, batch_size, block_size, rng, device=None):
+        X, Y = self.rows[split]
+        pick = rng.integers(0, len(X), size=batch_size)
+        x, y = X[pick], Y[pick]
+        return (to_device(x, device), to_device(y, device)) if device and str(device) != "cpu" else (x, y)
