@@ -1,0 +1,20 @@
+"""Tokenizers: text to token ids and back.
+
+    CharTokenizer   one id per character (tiny corpora, teaching)
+    BPETokenizer    byte-level BPE as in GPT-2: train it on your text, or load GPT-2's own files
+
+Both share the interface of `Tokenizer` (encode, decode, vocab_size, eot_id, special tokens, save,
+fingerprint); `load(folder)` reads either back, and also a plain GPT-2 / Hugging Face folder
+(vocab.json + merges.txt). File formats are described in `char`, `bpe` and `files`.
+"""
+
+from npgpt.tokenizer.base import EOT, Tokenizer
+from npgpt.tokenizer.bpe import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer
+from npgpt.tokenizer.char import CharTokenizer
+from npgpt.tokenizer.files import iter_text_chunks, read_text_checked
+from npgpt.tokenizer.loader import is_tokenizer_dir, load
+
+__all__ = [
+    "EOT", "GPT2_PATTERN", "GPT4_PATTERN", "BPETokenizer", "CharTokenizer", "Tokenizer",
+    "is_tokenizer_dir", "iter_text_chunks", "load", "read_text_checked",
+]
