@@ -307,6 +307,9 @@ class GPT(Module):
             raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
         if not isinstance(hf, dict):
             raise NpgptError(f"{cfg_path} must hold a JSON object")
+        if (hf.get("npgpt") or {}).get("quantization"):
+            from npgpt.quant import load_quantized      # int8/int4 weights: see npgpt/quant.py
+            return load_quantized(path, hf, device=device, **overrides)
         config = replace(GPTConfig.from_hf(hf, str(cfg_path)), **overrides)
         state = load_gpt2_tensors(path)
         model = cls(config, device="cpu")

@@ -74,6 +74,9 @@ class TrainConfig:
     sft: str | None = None               # JSONL file of prompt/completion or chat records
     sft_strict: bool = False             # error (not truncate) when a record is longer than block_size
     sft_val_fraction: float = 0.1
+    teacher: str | None = None           # distil from this model folder (npgpt finetune --teacher)
+    distill_alpha: float = 0.5           # loss = alpha * KD + (1 - alpha) * cross-entropy
+    distill_temperature: float = 2.0
 
     def validate(self):
         positive = ["max_iters", "batch_size", "learning_rate", "eval_interval", "eval_iters", "log_interval",
@@ -92,6 +95,9 @@ class TrainConfig:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise NpgptError("beta1 and beta2 must be in [0, 1)")
+        if self.teacher:
+            from npgpt.ops.distill import check_distill_args
+            check_distill_args(self.distill_alpha, self.distill_temperature)
         parse_device(self.device)
         return self
 
@@ -253,6 +259,8 @@ def build_model(cfg: TrainConfig, data, log):
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
         model = GPT.from_pretrained(src, dropout=cfg.dropout)
+        if getattr(model, "quantization", None):
+            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
         if cfg.init_from and not cfg.resume and not getattr(data, "grow_vocab", False):
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
@@ -301,6 +309,9 @@ def save_checkpoint(out, model, tokenizer, optimizer, state):
     with checkpoint_writer(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save(tmp)
+        if getattr(model, "prune_masks", None):
+            from npgpt.compress import save_prune_masks
+            save_prune_masks(tmp, model.prune_masks)
         if optimizer is not None:
             tensors, meta = optimizer.state_dict()
             save_tensors(tmp / "optimizer.safetensors", tensors)
@@ -371,7 +382,9 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
     """
     from npgpt.model import GPT  # noqa: F401  (import cost paid here, not at npgpt.train import)
     from npgpt.optim import AdamW
+    from npgpt.ops.distill import mixed_loss
     from npgpt.perf import gemm_peak_gflops
+    from npgpt.tensor import no_grad
 
     cfg = config.validate()
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
@@ -389,6 +402,9 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
         if cfg.device != "cpu":
             model.to(cfg.device)
         model.train()
+        from npgpt.compress import apply_prune_masks, load_prune_masks, load_teacher
+        model.prune_masks = load_prune_masks(src) if src else {}    # `npgpt prune`: zeros stay zero
+        teacher = load_teacher(cfg.teacher, model, cfg.device) if cfg.teacher else None
         named = model.named_parameters()
         optimizer = AdamW(named, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
@@ -424,7 +440,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
         if in_main:
             signal.signal(signal.SIGINT, on_sigint)
         history, last_loss = [], None
-        t_last, it = time.perf_counter(), start
+        t_last, t_iters, it = time.perf_counter(), 0, start
         try:
             for it in range(start, cfg.max_iters + 1):
                 if it % cfg.eval_interval == 0 or it == cfg.max_iters:
@@ -435,6 +451,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                         history.append(rec)
                         log.record(**rec)
                         log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                        t_last, t_iters = time.perf_counter(), 0   # eval time is not training time
                         improved = losses["val"] < best_val
                         if improved:
                             best_val = losses["val"]
@@ -451,12 +468,19 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                 loss_sum = None
                 for _ in range(cfg.gradient_accumulation_steps):
                     x, y = data.get_batch("train", cfg.batch_size, block, batch_rng, device=cfg.device)
-                    _, loss = model(x, y)
+                    logits, loss = model(x, y)
+                    if teacher is not None:
+                        with no_grad():
+                            t_logits, _ = teacher(x)
+                        loss = mixed_loss(logits, t_logits, y, cfg.distill_alpha, cfg.distill_temperature)
                     # scale before backward so the accumulated gradient is the mean over micro-steps
                     (loss * (1.0 / cfg.gradient_accumulation_steps)).backward()
                     loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
                 optimizer.clip_grad_norm(cfg.grad_clip)
+                t_iters += 1
                 optimizer.step(lr)
+                if model.prune_masks:
+                    apply_prune_masks(model, model.prune_masks)
                 if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
                     last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
                     if not math.isfinite(last_loss):
@@ -464,8 +488,8 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                                          f"checkpoint is kept in {out / 'ckpt'}: try a lower --lr")
                     synchronize()
                     now = time.perf_counter()
-                    dt = (now - t_last) / cfg.log_interval
-                    t_last = now
+                    dt = (now - t_last) / max(t_iters, 1)
+                    t_last, t_iters = now, 0
                     tps = tokens_per_iter / dt
                     mfu = flops_per_iter / dt / peak
                     eta = dt * (cfg.max_iters - it - 1)

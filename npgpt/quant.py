@@ -1,0 +1,311 @@
+"""Weight-only quantisation: int8 or packed int4 weights with float32 scales, and the module that runs them.
+
+Scheme (symmetric, no zero point). A weight w of shape (in, out), GPT-2's Conv1D layout, is cut into
+groups of `group_size` consecutive input rows (one group of all rows when `group_size` is None, i.e.
+per output channel). Each (group, output column) gets its own scale
+
+    scale = max |w[group, j]| / qmax          qmax = 127 for 8 bits, 7 for 4 bits
+    q     = round(w / scale)  in [-qmax, qmax]
+    w'    = q * scale                         (the dequantised weight)
+
+so the rounding error of every entry is at most scale / 2 = max|w[group, j]| / (2 qmax): 0.4% of the
+channel's largest weight at 8 bits, 7% at 4 bits. Smaller groups track local ranges more closely and
+cost one float32 scale per group.
+
+Storage (model.safetensors of a quantised folder): for a linear layer `transformer.h.0.attn.c_attn`
+
+    transformer.h.0.attn.c_attn.qweight   int8 (in, out), or uint8 (ceil(in/2), out) at 4 bits
+    transformer.h.0.attn.c_attn.scales    float32 (n_groups, out)
+    transformer.h.0.attn.c_attn.bias      float32 (out,), unchanged
+
+At 4 bits two values share a byte: row 2i in the low nibble, row 2i+1 in the high nibble, each stored
+as q + 8 (0..15). The token embedding, when quantised too (`embedding=True`), is stored as the LM head
+reads it, transposed to (n_embd, vocab), so each token's vector is one output channel with its own scale:
+`transformer.wte.qweight` / `transformer.wte.scales`. Everything else (position embedding, LayerNorms,
+biases) stays float32. config.json records the scheme under
+`"npgpt": {"quantization": {"bits": 8, "group_size": null, "embedding": false}}`.
+
+At run time a `QuantizedLinear` keeps the integers and scales and dequantises its weight for each call,
+so only one layer's float weight exists at a time. The quantised embedding is dequantised once at load
+(the model reads `wte.weight` directly in several places), so it shrinks the file but not the memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import asnumpy, get_xp, to_device
+from npgpt.errors import NpgptError
+from npgpt.nn import Module
+from npgpt.ops.nn import linear
+from npgpt.tensor import Tensor
+
+BITS = (8, 4)
+QMAX = {8: 127, 4: 7}
+QUANT_FILE = "model.safetensors"
+
+
+def check_scheme(bits, group_size):
+    """Validate the user's quantisation options (one-line NpgptErrors)."""
+    if bits not in BITS:
+        raise NpgptError(f"--bits must be 8 or 4, got {bits}")
+    if group_size is not None and group_size <= 0:
+        raise NpgptError(f"--group-size must be positive, got {group_size}")
+
+
+# ---- the maths ---------------------------------------------------------------------------------
+def quantize(w, bits=8, group_size=None):
+    """Quantise a weight.  w: (in, out) float -> q (in, out) int8 in [-qmax, qmax], scales (n_groups, out) f32."""
+    check_scheme(bits, group_size)
+    w = np.asarray(asnumpy(w), dtype=np.float32)
+    n_in, n_out = w.shape
+    g = n_in if group_size is None else group_size
+    if n_in % g:
+        raise NpgptError(f"--group-size {g} does not divide a weight's {n_in} input rows; "
+                         f"choose a divisor of {n_in} (or no --group-size for per-channel scales)")
+    groups = w.reshape(n_in // g, g, n_out)                         # (n_groups, G, out)
+    scales = np.abs(groups).max(axis=1) / QMAX[bits]                # (n_groups, out)
+    # An all-zero channel (e.g. fully pruned) keeps scale 1, not 0, so the division stays finite.
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    q = np.rint(groups / scales[:, None, :])
+    q = np.clip(q, -QMAX[bits], QMAX[bits]).astype(np.int8)
+    return q.reshape(n_in, n_out), scales
+
+
+def dequantize(q, scales):
+    """q: (in, out) ints, scales: (n_groups, out) -> (in, out) float32 (NumPy or CuPy, as q)."""
+    n_in, n_out = q.shape
+    n_groups = scales.shape[0]
+    w = q.reshape(n_groups, n_in // n_groups, n_out).astype(np.float32)
+    w *= scales[:, None, :]
+    return w.reshape(n_in, n_out)
+
+
+def pack_int4(q):
+    """(in, out) int8 in [-7, 7] -> (ceil(in/2), out) uint8: row 2i low nibble, row 2i+1 high nibble."""
+    q = np.asarray(q)
+    if q.shape[0] % 2:                                              # odd row count: pad one zero row
+        q = np.concatenate([q, np.zeros((1, q.shape[1]), dtype=q.dtype)])
+    u = (q.astype(np.int16) + 8).astype(np.uint8)                   # 1..15, never negative
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed, n_rows):
+    """Inverse of pack_int4: (ceil(n_rows/2), out) uint8 -> (n_rows, out) int8 (NumPy or CuPy)."""
+    xp = get_xp(packed)
+    lo = (packed & 0x0F).astype(np.int8) - 8
+    hi = (packed >> 4).astype(np.int8) - 8
+    q = xp.empty((2 * packed.shape[0], packed.shape[1]), dtype=np.int8)
+    q[0::2], q[1::2] = lo, hi
+    return q[:n_rows]
+
+
+def encode_weight(w, bits=8, group_size=None):
+    """(stored integer array, scales) for one (in, out) weight: int8, or packed uint8 at 4 bits."""
+    q, scales = quantize(w, bits, group_size)
+    return (pack_int4(q) if bits == 4 else q), scales
+
+
+def decode_weight(stored, scales, n_rows, bits):
+    """The float32 (n_rows, out) weight back from what encode_weight stored."""
+    q = unpack_int4(stored, n_rows) if bits == 4 else stored
+    return dequantize(q, scales)
+
+
+# ---- the module --------------------------------------------------------------------------------
+class QuantizedLinear(Module):
+    """y = x @ dequantize(qweight, scales) + bias: a drop-in for npgpt.nn.Linear in inference.
+
+    Holds the stored integers and scales (plain arrays, not Parameters: nothing here trains) and
+    builds a float copy of the weight afresh in each forward (with per-channel scales, just the
+    integers as floats; the scales then multiply the output), so the model's memory is the integers
+    plus one layer's float weight: less memory, paid for with that conversion on every call. No gradient flows into the weight; one still flows to the input.
+    """
+
+    def __init__(self, stored, scales, n_in, bits, bias=None):
+        self.qweight, self.scales = stored, scales
+        self.n_in, self.n_out, self.bits = n_in, scales.shape[1], bits
+        self.bias = None if bias is None else Tensor(bias)
+
+    @classmethod
+    def from_linear(cls, lin, bits=8, group_size=None):
+        stored, scales = encode_weight(lin.weight.data, bits, group_size)
+        bias = None if lin.bias is None else asnumpy(lin.bias.data).astype(np.float32)
+        return cls(stored, scales, lin.weight.shape[0], bits, bias)
+
+    def dequantized(self):
+        """The (in, out) float32 weight this layer computes with."""
+        return decode_weight(self.qweight, self.scales, self.n_in, self.bits)
+
+    def forward(self, x):
+        xp = get_xp(x.data)
+        if get_xp(self.qweight) is not xp:        # follow the input to its device, once
+            dev = x.device
+            self.qweight, self.scales = to_device(self.qweight, dev), to_device(self.scales, dev)
+            if self.bias is not None:
+                self.bias = Tensor(to_device(self.bias.data, dev))
+        if self.scales.shape[0] == 1:
+            # one scale per output column: x @ (q * s) = (x @ q) * s, so scale the (small) output
+            # instead of the whole weight, one pass over the weight fewer per call
+            q = unpack_int4(self.qweight, self.n_in) if self.bits == 4 else self.qweight
+            y = linear(x, Tensor(q.astype(np.float32))) * Tensor(self.scales[0])
+            return y + self.bias if self.bias is not None else y
+        w = Tensor(self.dequantized())
+        return linear(x, w, self.bias) if self.bias is not None else linear(x, w)
+
+    @property
+    def weight_nbytes(self):
+        return int(self.qweight.nbytes + self.scales.nbytes)
+
+
+# ---- which weights -----------------------------------------------------------------------------
+LINEAR_PATHS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def linear_layers(model):
+    """[(module name, owner module, attribute, layer)] for every linear layer of the blocks, in order."""
+    out = []
+    for i, block in enumerate(model.transformer.h):
+        for path in LINEAR_PATHS:
+            owner_name, attr = path.split(".")
+            owner = getattr(block, owner_name)
+            out.append((f"transformer.h.{i}.{path}", owner, attr, getattr(owner, attr)))
+    return out
+
+
+# ---- folders -----------------------------------------------------------------------------------
+def quantize_model(model, bits=8, group_size=None, embedding=False):
+    """Replace every linear layer of `model` with a QuantizedLinear, in place; returns the model.
+
+    With embedding=True the token embedding is rounded to the same grid (quantised, then dequantised
+    back into its Parameter), so the model computes exactly what a reloaded quantised folder does.
+    """
+    check_scheme(bits, group_size)
+    for _, owner, attr, lin in linear_layers(model):
+        if not isinstance(lin, QuantizedLinear):
+            setattr(owner, attr, QuantizedLinear.from_linear(lin, bits, group_size))
+    if embedding:
+        wte = model.transformer.wte.weight
+        stored, scales = encode_weight(asnumpy(wte.data).T, bits, group_size)
+        w = decode_weight(stored, scales, wte.shape[1], bits).T
+        wte.data[...] = get_xp(wte.data).asarray(w)
+    model.quantization = {"bits": bits, "group_size": group_size, "embedding": bool(embedding)}
+    return model
+
+
+def quantized_tensors(model, bits=8, group_size=None, embedding=False):
+    """{key: array} for model.safetensors of a quantised folder (see the module docstring)."""
+    check_scheme(bits, group_size)
+    tensors = {}
+    quantized = {}
+    for name, _, _, lin in linear_layers(model):
+        q = lin if isinstance(lin, QuantizedLinear) else QuantizedLinear.from_linear(lin, bits, group_size)
+        if q.bits != bits:
+            raise NpgptError(f"{name} is already quantised to {q.bits} bits; quantise the original model instead")
+        quantized[f"{name}.weight"] = q
+        tensors[f"{name}.qweight"] = np.ascontiguousarray(asnumpy(q.qweight))
+        tensors[f"{name}.scales"] = np.ascontiguousarray(asnumpy(q.scales))
+        if q.bias is not None:
+            tensors[f"{name}.bias"] = np.ascontiguousarray(asnumpy(q.bias.data))
+    for name, p in model.named_parameters():
+        if name == "transformer.wte.weight" and embedding:
+            stored, scales = encode_weight(asnumpy(p.data).T, bits, group_size)
+            tensors["transformer.wte.qweight"] = np.ascontiguousarray(stored)
+            tensors["transformer.wte.scales"] = scales
+        elif name not in quantized and name not in tensors:
+            tensors[name] = np.ascontiguousarray(asnumpy(p.data))
+    return tensors
+
+
+def save_quantized(model, path, bits=8, group_size=None, embedding=False):
+    """Write a quantised model folder: config.json (with the scheme) + model.safetensors."""
+    from npgpt.checkpoint import atomic_write_json, save_tensors
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = quantized_tensors(model, bits, group_size, embedding)
+    hf = model.config.to_hf()
+    hf.setdefault("npgpt", {})["quantization"] = {"bits": bits, "group_size": group_size,
+                                                 "embedding": bool(embedding)}
+    save_tensors(path / QUANT_FILE, tensors, metadata={"format": "npgpt-quant"})
+    atomic_write_json(path / "config.json", hf)
+
+
+def read_scheme(hf, where="config.json"):
+    """The validated {"bits", "group_size", "embedding"} of a config.json dict, or None."""
+    scheme = (hf.get("npgpt") or {}).get("quantization")
+    if not scheme:
+        return None
+    try:
+        bits, group_size = int(scheme["bits"]), scheme.get("group_size")
+        group_size = None if group_size is None else int(group_size)
+    except (KeyError, TypeError, ValueError):
+        raise NpgptError(f"{where}: npgpt.quantization must hold bits (8 or 4) and group_size") from None
+    check_scheme(bits, group_size)
+    return {"bits": bits, "group_size": group_size, "embedding": bool(scheme.get("embedding", False))}
+
+
+def load_quantized(path, hf=None, device="cpu", **overrides):
+    """A GPT from a quantised folder (written by save_quantized), in eval mode, linear layers quantised.
+
+    `hf` is the parsed config.json when the caller (GPT.from_pretrained) has read it already;
+    `overrides` replace config fields as from_pretrained's do (e.g. dropout).
+    """
+    from dataclasses import replace
+
+    from npgpt.checkpoint import load_tensors
+    from npgpt.model import GPT, GPTConfig
+
+    path = Path(path)
+    if hf is None:
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise NpgptError(f"{cfg_path} is missing: a model folder needs config.json and model.safetensors")
+        try:
+            hf = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
+    scheme = read_scheme(hf, str(path / "config.json"))
+    if scheme is None:
+        raise NpgptError(f"{path / 'config.json'} records no npgpt.quantization; load it with GPT.from_pretrained")
+    f = path / QUANT_FILE
+    raw = load_tensors(f)
+
+    config = replace(GPTConfig.from_hf(hf, str(path / "config.json")), **overrides)
+    model = GPT(config, device="cpu")
+    bits = scheme["bits"]
+
+    def take(key, shape=None, dtype=None):
+        if key not in raw:
+            raise NpgptError(f"{f}: tensor {key} is missing; the folder does not match its config.json")
+        a = raw.pop(key)
+        if (shape is not None and tuple(a.shape) != tuple(shape)) or (dtype is not None and a.dtype != dtype):
+            raise NpgptError(f"{f}: tensor {key} is {a.dtype} {tuple(a.shape)}, expected {np.dtype(dtype)} "
+                             f"{tuple(shape)}; the folder does not match its config.json")
+        return a
+
+    def stored_shape(n_in, n_out):
+        return ((n_in + 1) // 2, n_out) if bits == 4 else (n_in, n_out)
+
+    qdtype = np.uint8 if bits == 4 else np.int8
+    for name, owner, attr, lin in linear_layers(model):
+        n_in, n_out = lin.weight.shape
+        stored = take(f"{name}.qweight", stored_shape(n_in, n_out), qdtype)
+        scales = take(f"{name}.scales", dtype=np.float32)
+        if scales.ndim != 2 or scales.shape[1] != n_out or n_in % scales.shape[0]:
+            raise NpgptError(f"{f}: {name}.scales has shape {scales.shape}, which does not fit a ({n_in}, {n_out}) weight")
+        bias = take(f"{name}.bias", (n_out,)) if lin.bias is not None else None
+        setattr(owner, attr, QuantizedLinear(stored, scales, n_in, bits, bias))
+    if scheme["embedding"]:
+        V, C = config.vocab_size, config.n_embd
+        stored = take("transformer.wte.qweight", stored_shape(C, V), qdtype)
+        scales = take("transformer.wte.scales", dtype=np.float32)
+        raw["transformer.wte.weight"] = decode_weight(stored, scales, C, bits).T
+    model.load_state_dict({k: v.astype(np.float32, copy=False) for k, v in raw.items()})
+    model.quantization = scheme
+    model.eval()
+    return model.to(device) if str(device) != "cpu" else model
+
