@@ -48,3 +48,7 @@ _register_commands()
 
 def main():
     cli()
+
+
+if __name__ == "__main__":
+    main()

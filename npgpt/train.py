@@ -380,11 +380,8 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
 
     batch_source: optional object with get_batch / tokenizer / vocab_size (SFT data plugs in here).
     """
-    from npgpt.model import GPT  # noqa: F401  (import cost paid here, not at npgpt.train import)
     from npgpt.optim import AdamW
-    from npgpt.ops.distill import mixed_loss
     from npgpt.perf import gemm_peak_gflops
-    from npgpt.tensor import no_grad
 
     cfg = config.validate()
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
@@ -446,6 +443,9 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                 if it % cfg.eval_interval == 0 or it == cfg.max_iters:
                     if not (cfg.resume and it == start):
                         losses = estimate_loss(model, data, cfg, it, block)
+                        if not all(math.isfinite(v) for v in losses.values()):
+                            raise NpgptError(f"loss became {losses['train']} at step {it}; stopped. The last good "
+                                             f"checkpoint is kept in {out / 'ckpt'}: try a lower --lr")
                         rec = {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
                                "lr": lr_at(it, cfg)}
                         history.append(rec)
@@ -461,24 +461,14 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                 if it == cfg.max_iters or interrupted["flag"]:
                     break
                 lr = lr_at(it, cfg)
-                optimizer.zero_grad()
                 batch_rng = step_rng(cfg.seed, it)
                 model.rng = step_rng(cfg.seed, it, DROPOUT_STREAM)
                 _set_dropout_rng(model, model.rng)
-                loss_sum = None
-                for _ in range(cfg.gradient_accumulation_steps):
-                    x, y = data.get_batch("train", cfg.batch_size, block, batch_rng, device=cfg.device)
-                    logits, loss = model(x, y)
-                    if teacher is not None:
-                        with no_grad():
-                            t_logits, _ = teacher(x)
-                        loss = mixed_loss(logits, t_logits, y, cfg.distill_alpha, cfg.distill_temperature)
-                    # scale before backward so the accumulated gradient is the mean over micro-steps
-                    (loss * (1.0 / cfg.gradient_accumulation_steps)).backward()
-                    loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
-                optimizer.clip_grad_norm(cfg.grad_clip)
+                batches = (data.get_batch("train", cfg.batch_size, block, batch_rng, device=cfg.device)
+                           for _ in range(cfg.gradient_accumulation_steps))
+                loss_sum = train_step(model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip,
+                                      lr, teacher, cfg.distill_alpha, cfg.distill_temperature)
                 t_iters += 1
-                optimizer.step(lr)
                 if model.prune_masks:
                     apply_prune_masks(model, model.prune_masks)
                 if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
@@ -509,6 +499,30 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
         return TrainResult(out, it, best_val, last_loss, history)
     finally:
         log.close()
+
+
+def train_step(model, optimizer, batches, n_micro, grad_clip, lr, teacher=None, alpha=0.5, temperature=2.0):
+    """One optimizer step over `n_micro` micro-batches; returns the summed (unscaled) loss array.
+
+    Each micro-batch's loss is scaled by 1/n_micro *before* backward, so the gradients that
+    accumulate in the optimizer's flat buffer are the mean over micro-batches; clipping then sees
+    the same global norm one big batch would give (the bug of nanoGPT issue #168 cannot happen).
+    """
+    from npgpt.ops.distill import mixed_loss
+    from npgpt.tensor import no_grad
+    optimizer.zero_grad()
+    loss_sum = None
+    for x, y in batches:
+        logits, loss = model(x, y)
+        if teacher is not None:
+            with no_grad():
+                t_logits, _ = teacher(x)
+            loss = mixed_loss(logits, t_logits, y, alpha, temperature)
+        (loss * (1.0 / n_micro)).backward()
+        loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
+    optimizer.clip_grad_norm(grad_clip)
+    optimizer.step(lr)
+    return loss_sum
 
 
 def _set_dropout_rng(model, rng):
