@@ -355,6 +355,14 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
         raise
 
 
+def _tokenizer_folder(path):
+    """A run folder's tokenizer lives in its checkpoint (RUN/ckpt); other folders hold it directly."""
+    from npgpt import tokenizer as tk
+    from npgpt.checkpoint import has_checkpoint
+    p = Path(path)
+    return p / "ckpt" if not tk.is_tokenizer_dir(p) and has_checkpoint(p) else p
+
+
 def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fraction, dataset, progress,
                   chunk_bytes) -> dict:
     """Tokenize `docs` into the temporary folder `work`; return the meta written there."""
@@ -363,7 +371,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
     paths = [path for _, path, _ in docs]
     try:
         if tokenizer_from is not None:
-            tok = tk.load(tokenizer_from)
+            tok = tk.load(_tokenizer_folder(tokenizer_from))
         else:
             tok = _train_tokenizer(paths, kind, vocab_size, chunk_bytes, progress)
         kind = tok.kind
