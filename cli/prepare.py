@@ -44,7 +44,9 @@ def _progress_printer():
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Fraction of the tokens (the end of the input) kept for validation.")
 @click.option("--force", is_flag=True, help="Replace prepared data already in --out.")
-def prepare(inputs, dataset, out_dir, tokenizer, vocab_size, tokenizer_from, val_fraction, force):
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default="strict", show_default=True,
+              help="Invalid UTF-8: stop with an error, or replace it with U+FFFD.")
+def prepare(inputs, dataset, out_dir, tokenizer, vocab_size, tokenizer_from, val_fraction, force, errors):
     """Tokenize text into a data folder for `npgpt train --data DIR`."""
     from npgpt.data import prepare as run_prepare
     from npgpt.errors import NpgptError
@@ -55,7 +57,7 @@ def prepare(inputs, dataset, out_dir, tokenizer, vocab_size, tokenizer_from, val
     start = time.perf_counter()
     meta = run_prepare(inputs=list(inputs), out_dir=out_dir, tokenizer=tokenizer, vocab_size=vocab_size,
                        tokenizer_from=tokenizer_from, val_fraction=val_fraction, dataset=dataset,
-                       progress=progress, force=force)
+                       progress=progress, force=force, errors=errors)
     seconds = time.perf_counter() - start
     if progress is not None:
         click.echo("", err=True)

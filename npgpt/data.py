@@ -213,15 +213,15 @@ def _safe_pieces(chunks: Iterable[str], kind: str) -> Iterator[str]:
         yield carry
 
 
-def _doc_pieces(path: Path, kind: str, chunk_bytes: int) -> Iterator[str]:
+def _doc_pieces(path: Path, kind: str, chunk_bytes: int, errors: str = "strict") -> Iterator[str]:
     from npgpt.tokenizer import iter_text_chunks
 
-    return _safe_pieces(iter_text_chunks(path, chunk_bytes=chunk_bytes), kind)
+    return _safe_pieces(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors), kind)
 
 
 # ---------------------------------------------------------------------------------- preparing
 
-def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress):
+def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress, errors="strict"):
     from npgpt.tokenizer import BPETokenizer, CharTokenizer
 
     if kind == "char":
@@ -229,12 +229,13 @@ def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress):
             for i, path in enumerate(files):
                 if i:
                     yield CHAR_SEPARATOR     # the separator's characters must be in the vocabulary
-                yield from _doc_pieces(path, "char", chunk_bytes)
+                yield from _doc_pieces(path, "char", chunk_bytes, errors)
         return CharTokenizer.train(stream())
     if len(files) == 1:
-        return BPETokenizer.train_from_file(files[0], vocab_size, progress=progress, chunk_bytes=chunk_bytes)
+        return BPETokenizer.train_from_file(files[0], vocab_size, progress=progress, chunk_bytes=chunk_bytes,
+                                            errors=errors)
     # Several documents: pieces end at safe cuts, so no pre-token is split between two of them.
-    pieces = (piece for path in files for piece in _doc_pieces(path, "bpe", chunk_bytes))
+    pieces = (piece for path in files for piece in _doc_pieces(path, "bpe", chunk_bytes, errors))
     return BPETokenizer.train(pieces, vocab_size, progress=progress)
 
 
@@ -280,12 +281,13 @@ def _has_prepared_data(folder: Path) -> bool:
 def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size: int | None = None,
             tokenizer_from=None, val_fraction: float = 0.1, dataset: str | None = None,
             progress: Progress | None = None, force: bool = False,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict:
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, errors: str = "strict") -> dict:
     """Tokenize text into `out_dir` (train.bin, val.bin, meta.json, tokenizer files); return the meta.
 
     inputs: files and/or folders (or give `dataset`: "pydoc" or "tinyshakespeare").
     tokenizer: "char" (default) or "bpe" (trained to `vocab_size`, default 4096); or `tokenizer_from`,
     a folder holding a tokenizer to reuse (a model's own, for fine-tuning).
+    errors: "strict" (invalid UTF-8 is an error naming its byte offset) or "replace" (U+FFFD).
     progress(stage, done, total): optional; stages "count"/"merge" (BPE training), "encode" (bytes).
     """
     if out_dir is None:
@@ -342,7 +344,7 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
         raise NpgptError(f"cannot create {out_dir} ({e.strerror}); check the path and permissions") from None
     try:
         meta = _prepare_into(work, docs, tokenizer, vocab_size, tokenizer_from, val_fraction, dataset,
-                             progress, chunk_bytes)
+                             progress, chunk_bytes, errors)
         _move_into_place(work, out_dir)
         return meta
     except BaseException as e:
@@ -364,7 +366,7 @@ def _tokenizer_folder(path):
 
 
 def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fraction, dataset, progress,
-                  chunk_bytes) -> dict:
+                  chunk_bytes, errors="strict") -> dict:
     """Tokenize `docs` into the temporary folder `work`; return the meta written there."""
     from npgpt import tokenizer as tk
 
@@ -373,7 +375,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
         if tokenizer_from is not None:
             tok = tk.load(_tokenizer_folder(tokenizer_from))
         else:
-            tok = _train_tokenizer(paths, kind, vocab_size, chunk_bytes, progress)
+            tok = _train_tokenizer(paths, kind, vocab_size, chunk_bytes, progress, errors)
         kind = tok.kind
         dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
         lengths = _token_byte_lengths(tok)                          # (V,) bytes per token
@@ -410,7 +412,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
             for i, path in enumerate(paths):
                 if i:
                     emit(sep_ids.copy(), int(lengths[sep_ids].sum()))
-                for piece in _doc_pieces(path, kind, chunk_bytes):
+                for piece in _doc_pieces(path, kind, chunk_bytes, errors):
                     emit(encode(piece), len(piece.encode("utf-8")))
                     if progress is not None:
                         progress("encode", pos, total)

@@ -90,7 +90,7 @@ def iter_decoded_chunks(path, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 bad = offset - pending + e.start
                 byte = e.object[e.start]
                 raise NpgptError(f"{path} is not valid UTF-8 (byte 0x{byte:02x} at byte offset {bad}); "
-                                 f"convert it to UTF-8 or pass errors='replace'") from None
+                                 f"convert it to UTF-8, or accept replacement characters (--errors replace)") from None
             offset += len(data)
             if text:
                 yield text, offset
