@@ -172,7 +172,8 @@ def load_tensor_metadata(path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------ checkpoint folders
 
-def _sha256(path) -> str:
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in chunks (bounded memory for any size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_HASH_CHUNK), b""):
@@ -191,7 +192,7 @@ def write_manifest(folder) -> dict:
     for p in _files_in(folder):
         rel = p.relative_to(folder).as_posix()
         if rel != MANIFEST:
-            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     manifest = {"format": "npgpt-checkpoint", "version": 1, "files": files}
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
@@ -312,7 +313,7 @@ def verify_checkpoint(folder) -> bool:
         if not p.is_file():
             raise NpgptError(f"checkpoint file {p} is missing (listed in {MANIFEST}); the checkpoint is incomplete")
         size = p.stat().st_size
-        if size != entry["size"] or _sha256(p) != entry["sha256"]:
+        if size != entry["size"] or sha256_file(p) != entry["sha256"]:
             detail = f"{size} bytes, saved with {entry['size']}" if size != entry["size"] else "sha256 differs"
             raise NpgptError(f"checkpoint file {p} is truncated or modified since it was saved ({detail}); "
                              f"restore it or save the checkpoint again")

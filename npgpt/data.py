@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from npgpt.checkpoint import sha256_file
 from npgpt.errors import NpgptError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -132,7 +133,7 @@ def builtin_corpus(name: str) -> Path:
         return path
     if name == "tinyshakespeare":
         path = corpora / "tinyshakespeare.txt"
-        if path.is_file() and _sha256_file(path) == TINYSHAKESPEARE_SHA256:
+        if path.is_file() and sha256_file(path) == TINYSHAKESPEARE_SHA256:
             return path
         hint = (f"download {TINYSHAKESPEARE_URL} yourself and pass it with `--input FILE` "
                 f"(or use --dataset pydoc, which needs no network)")
@@ -153,14 +154,6 @@ def builtin_corpus(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------- sources
-
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(DEFAULT_CHUNK_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
@@ -437,7 +430,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
         "split": "by byte position: tokens starting in the first (1 - val_fraction) of the input are train",
         "val_fraction": val_fraction, "dataset": dataset,
         "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from),
-        "sources": [{"name": name, "bytes": size, "sha256": _sha256_file(path)} for name, path, size in docs],
+        "sources": [{"name": name, "bytes": size, "sha256": sha256_file(path)} for name, path, size in docs],
         "files": written + [META],
     }
     with open(work / META, "w", encoding="utf-8") as f:
