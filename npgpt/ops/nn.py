@@ -18,6 +18,7 @@ import numpy as np
 from npgpt.backend import get_xp
 from npgpt.ops import softmax as _softmax
 from npgpt.ops import where as _where
+from npgpt.ops.parallel import for_row_blocks
 from npgpt.tensor import Function, Tensor
 
 GELU_K = math.sqrt(2.0 / math.pi)   # a Python float: multiplying float32 by it stays float32
@@ -44,7 +45,9 @@ class Linear(Function):
         dx = (d2 @ w.T).reshape(self.in_shape)
         dw = x2.T @ d2                                        # BLAS reads the transposes in place
         if self.has_bias:
-            return dx, dw, d2.sum(axis=0)
+            # sum over rows as a vector-matrix product: BLAS does it several times faster
+            ones = get_xp(d2).ones(d2.shape[0], dtype=d2.dtype)
+            return dx, dw, ones @ d2
         return dx, dw
 
 
@@ -59,35 +62,67 @@ def linear_reference(x, w, b=None):
 
 # ---- layer norm --------------------------------------------------------------------------------
 class LayerNorm(Function):
-    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis.  x: (..., C), w, b: (C,)."""
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis.  x: (..., C), w, b: (C,).
+
+    Row sums are products with a ones vector and sums of products are einsums: BLAS and einsum
+    reduce a short row several times faster than `mean(axis=-1)`, and need no temporary for
+    `xc * xc`. Large inputs run as row kernels over blocks of rows (`for_row_blocks`: cache-sized
+    blocks spread over the CPU cores); the weight and bias gradients are summed per block, then
+    over blocks.
+    """
     def forward(self, x, w, b):
         xp = get_xp(x)
-        mean = x.mean(axis=-1, keepdims=True)                 # (..., 1)
-        xc = x - mean
-        var = (xc * xc).mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt(var + self.eps)                  # (..., 1)
-        xhat = xc
-        xhat *= rstd                                          # in place: xc is not needed again
-        self.save(x, w, mean, rstd)                           # as llm.c: keep stats, not xhat
-        y = xhat * w
-        y += b
-        return y
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)                                 # (N, C)
+        y = xp.empty(x2.shape, dtype=x.dtype)
+        mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)      # (N, 1)
+        rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)      # (N, 1)
+        inv_c = xp.full(C, 1.0 / C, dtype=x.dtype)            # row means as one matrix-vector product
+
+        def rows(r):
+            mean[r, 0] = x2[r] @ inv_c
+            xc = x2[r] - mean[r]
+            var = xp.einsum("ij,ij->i", xc, xc) / C           # (n,), no xc * xc temporary
+            rstd[r, 0] = 1.0 / xp.sqrt(var + self.eps)
+            xc *= rstd[r]                                     # xc is now xhat
+            xc *= w
+            xp.add(xc, b, out=y[r])
+
+        for_row_blocks(x2.shape[0], C, rows, xp)
+        self.save(x2, w, mean, rstd)                          # as llm.c: keep stats, not xhat
+        return y.reshape(x.shape)
 
     def backward(self, dout):
-        x, w, mean, rstd = self.saved
-        xhat = (x - mean) * rstd
-        lead = tuple(range(x.ndim - 1))
-        # forward: y = xhat * w + b  =>  dw = sum dy * xhat, db = sum dy, dxhat = dy * w
-        dw = (dout * xhat).sum(axis=lead)
-        db = dout.sum(axis=lead)
-        dxhat = dout * w
-        # forward: xhat = (x - mean) * rstd  =>
-        #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-        proj = (dxhat * xhat).mean(axis=-1, keepdims=True)
-        dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
-        dx -= xhat * proj
-        dx *= rstd
-        return dx, dw, db
+        x2, w, mean, rstd = self.saved
+        xp = get_xp(dout)
+        N, C = x2.shape
+        d2 = dout.reshape(x2.shape)                           # (N, C)
+        dx = xp.empty(x2.shape, dtype=dout.dtype)
+        inv_c = xp.full(C, 1.0 / C, dtype=dout.dtype)
+
+        def rows(r):
+            xhat = x2[r] - mean[r]
+            xhat *= rstd[r]
+            ones = xp.ones(xhat.shape[0], dtype=dout.dtype)   # column sums as vector-matrix products
+            # forward: y = xhat * w + b  =>  dw = sum dy * xhat, db = sum dy, dxhat = dy * w
+            dw = xp.einsum("ij,ij->j", d2[r], xhat)
+            db = ones @ d2[r]
+            dxhat = d2[r] * w
+            # forward: xhat = (x - mean) * rstd  =>
+            #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+            proj = xp.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
+            xp.subtract(dxhat, (dxhat @ inv_c)[:, None], out=dx[r])
+            xhat *= proj
+            dx[r] -= xhat
+            dx[r] *= rstd[r]
+            return dw, db
+
+        parts = for_row_blocks(N, C, rows, xp)
+        dw, db = parts[0]
+        for pw, pb in parts[1:]:
+            dw += pw
+            db += pb
+        return dx.reshape(dout.shape), dw, db
 
 
 def layer_norm(x, w, b, eps=1e-5):
@@ -103,37 +138,55 @@ def layer_norm_reference(x, w, b, eps=1e-5):
 
 # ---- GELU --------------------------------------------------------------------------------------
 class GELU(Function):
-    """GPT-2's tanh approximation: y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi)."""
+    """GPT-2's tanh approximation: y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
+
+    Row kernels over blocks of rows (see `for_row_blocks`), every pass in place in the block.
+    """
     def forward(self, x):
         xp = get_xp(x)
-        t = x * x
-        t *= 0.044715
-        t += 1.0
-        t *= x
-        t *= GELU_K
-        xp.tanh(t, out=t)                                     # t = tanh(k (x + 0.044715 x^3))
-        self.save(x, t)
-        y = t + 1.0
-        y *= x
-        y *= 0.5
-        return y
+        x2 = x.reshape(-1, x.shape[-1])
+        t = xp.empty(x2.shape, dtype=x.dtype)
+        y = xp.empty(x2.shape, dtype=x.dtype)
+
+        def rows(r):
+            xr, tr, yr = x2[r], t[r], y[r]
+            xp.multiply(xr, xr, out=tr)
+            tr *= 0.044715 * GELU_K
+            tr += GELU_K
+            tr *= xr
+            xp.tanh(tr, out=tr)                               # t = tanh(k (x + 0.044715 x^3))
+            xp.add(tr, 1.0, out=yr)
+            yr *= xr
+            yr *= 0.5
+
+        for_row_blocks(x2.shape[0], x2.shape[1], rows, xp)
+        self.save(x2, t)
+        return y.reshape(x.shape)
 
     def backward(self, dout):
-        x, t = self.saved
-        # forward: y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3)
-        #   =>  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
-        du = x * x
-        du *= 3 * 0.044715
-        du += 1.0
-        du *= GELU_K
-        sech2 = 1.0 - t * t
-        du *= sech2
-        du *= x
-        du += 1.0
-        du += t
-        du *= 0.5
-        du *= dout
-        return du
+        x2, t = self.saved
+        xp = get_xp(dout)
+        d2 = dout.reshape(x2.shape)
+        dx = xp.empty(x2.shape, dtype=dout.dtype)
+
+        def rows(r):
+            xr, tr, du = x2[r], t[r], dx[r]
+            # forward: y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3)
+            #   =>  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
+            xp.multiply(xr, xr, out=du)
+            du *= 3 * 0.044715 * GELU_K
+            du += GELU_K
+            sech2 = tr * tr
+            xp.subtract(1.0, sech2, out=sech2)
+            du *= sech2
+            du *= xr
+            du += tr
+            du += 1.0
+            du *= 0.5
+            du *= d2[r]
+
+        for_row_blocks(x2.shape[0], x2.shape[1], rows, xp)
+        return dx.reshape(dout.shape)
 
 
 def gelu(x):
@@ -195,6 +248,10 @@ class CausalSelfAttention(Function):
     Options: n_head; dropout (probability); rng (np.random.Generator, for the dropout mask).
     The maths is on (B, nh, T, hs); the heads are strided views of qkv, and gradients are written
     straight into a (B, T, 3, nh, hs) buffer, so there are no transposed copies in either pass.
+    Sequences are independent, so both passes run as kernels over blocks of the batch
+    (`for_row_blocks`): each block's (b, nh, T, T) scores stay in cache from the QK^T matmul through
+    the softmax to the .V matmul. The blocks run one after another: BLAS spreads each matmul
+    over the cores, and two threads calling BLAS at once measured slower.
     """
     def forward(self, qkv):
         xp = get_xp(qkv)
@@ -202,16 +259,27 @@ class CausalSelfAttention(Function):
         nh = self.n_head
         if C3 % (3 * nh):
             raise ValueError(f"attention: qkv width {C3} is not 3 * n_head ({nh}) * head size")
+        hs = C3 // (3 * nh)
         q, k, v = split_heads(qkv, nh)                        # (B, nh, T, hs) each
-        att = attention_probs(q, k)                           # (B, nh, T, T)
+        att = xp.empty((B, nh, T, T), dtype=qkv.dtype)
         keep = None
-        if self.dropout > 0:
+        if self.dropout > 0:   # drawn here, in order, so a seeded run is the same however it is split
             keep = dropout_mask(att.shape, self.dropout, self.rng, xp, att.dtype)
-            att_d = att * keep
-        else:
-            att_d = att
-        y = xp.empty((B, T, nh, C3 // (3 * nh)), dtype=qkv.dtype)
-        xp.matmul(att_d, v, out=y.transpose(0, 2, 1, 3))       # writes (B, nh, T, hs) into (B, T, nh, hs)
+        y = xp.empty((B, T, nh, hs), dtype=qkv.dtype)
+        y_heads = y.transpose(0, 2, 1, 3)                     # (B, nh, T, hs) view of y
+        bias = causal_bias(T, T, att.dtype, xp)
+
+        def rows(r):                                          # sequences r
+            a = att[r]
+            # Scale q (T/hs times smaller than the scores) instead of the (b, nh, T, T) scores.
+            xp.matmul(q[r] * (1.0 / math.sqrt(hs)), k[r].swapaxes(-1, -2), out=a)
+            a += bias
+            a -= a.max(axis=-1, keepdims=True)                # stable softmax, in place
+            xp.exp(a, out=a)
+            a /= a.sum(axis=-1, keepdims=True)
+            xp.matmul(a * keep[r] if keep is not None else a, v[r], out=y_heads[r])
+
+        for_row_blocks(B, nh * T * T, rows, xp, threaded=False)
         self.save(qkv, att, keep)
         return y.reshape(B, T, C3 // 3)
 
@@ -222,20 +290,26 @@ class CausalSelfAttention(Function):
         nh, hs = self.n_head, C3 // (3 * self.n_head)
         q, k, v = split_heads(qkv, nh)
         dy = dout.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
-        att_d = att * keep if keep is not None else att
         dqkv = xp.empty((B, T, 3, nh, hs), dtype=qkv.dtype)
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        # forward: y = att_d @ v  =>  dv = att_d^T @ dy, datt_d = dy @ v^T
-        xp.matmul(att_d.swapaxes(-1, -2), dy, out=dv)
-        datt = dy @ v.swapaxes(-1, -2)                        # (B, nh, T, T)
-        if keep is not None:
-            datt *= keep                                      # forward: att_d = att * keep
-        # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
-        datt -= (datt * att).sum(axis=-1, keepdims=True)
-        datt *= att                                           # masked entries have att = 0
-        datt *= 1.0 / math.sqrt(hs)                           # forward: s = q k^T / sqrt(hs)
-        xp.matmul(datt, k, out=dq)
-        xp.matmul(datt.swapaxes(-1, -2), q, out=dk)
+        scale = 1.0 / math.sqrt(hs)
+
+        def rows(r):                                          # sequences r
+            a = att[r]
+            a_d = a * keep[r] if keep is not None else a
+            # forward: y = att_d @ v  =>  dv = att_d^T @ dy, datt_d = dy @ v^T
+            xp.matmul(a_d.swapaxes(-1, -2), dy[r], out=dv[r])
+            d = dy[r] @ v[r].swapaxes(-1, -2)                 # (b, nh, T, T)
+            if keep is not None:
+                d *= keep[r]                                  # forward: att_d = att * keep
+            # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
+            d -= (d * a).sum(axis=-1, keepdims=True)
+            d *= a                                            # masked entries have att = 0
+            d *= scale                                        # forward: s = (q / sqrt(hs)) k^T
+            xp.matmul(d, k[r], out=dq[r])
+            xp.matmul(d.swapaxes(-1, -2), q[r], out=dk[r])
+
+        for_row_blocks(B, nh * T * T, rows, xp, threaded=False)
         return dqkv.reshape(B, T, C3)
 
 
@@ -321,12 +395,21 @@ class Embedding(Function):
         self.V = weight.shape[0]
         return weight[self.ids]
 
+    # Up to this many one-hot entries (V x N), the backward is one matmul instead of a scatter.
+    ONE_HOT_MAX = 1 << 22
+
     def backward(self, dout):
         xp = get_xp(dout)
         C = dout.shape[-1]
-        dw = xp.zeros((self.V, C), dtype=dout.dtype)
+        ids, d2 = self.ids.reshape(-1), dout.reshape(-1, C)
         # forward: out[n] = w[ids[n]]  =>  dw[v] = sum of dout[n] over n with ids[n] = v
-        xp.add.at(dw, self.ids.reshape(-1), dout.reshape(-1, C))   # repeated ids add up
+        if self.V * ids.size <= self.ONE_HOT_MAX:
+            # Small vocabularies: onehot (V, N) @ dout (N, C) on BLAS; many times faster than
+            # add.at's per-element scatter, and repeated ids add up all the same.
+            one_hot = (ids[None, :] == xp.arange(self.V)[:, None]).astype(dout.dtype)
+            return one_hot @ d2
+        dw = xp.zeros((self.V, C), dtype=dout.dtype)
+        xp.add.at(dw, ids, d2)                                # repeated ids add up
         return dw
 
 

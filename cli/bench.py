@@ -1,0 +1,45 @@
+"""`npgpt bench`: training-step and decoding speed, a thin wrapper over npgpt.bench."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from npgpt.bench import DEFAULT_BATCH_SIZE, DEFAULT_PRESET
+
+
+@click.command()
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Model preset (npgpt.model.PRESETS).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a model setting, e.g. --set n_layer=2 (repeatable). Dropout is 0 unless set.")
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Sequences per batch.")
+@click.option("--block-size", type=int, default=None, help="Sequence length T (default: the preset's block_size).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or gpu.")
+@click.option("--iters", type=int, default=20, show_default=True, help="Timed training iterations.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed iterations first.")
+@click.option("--profile", is_flag=True, help="Also print time by op kind (a second, profiled pass).")
+@click.option("--generate", "gen", is_flag=True, help="Also time greedy decoding with and without the KV cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, gen, as_json):
+    """Time training iterations (forward, backward, clipping, AdamW): ms/iter, tokens/s, GFLOP/s, MFU.
+
+    GFLOP/s counts 6*N_non_embedding + 12*n_layer*n_embd*T FLOPs per token; MFU divides it by the
+    fp32 GEMM peak measured in the same run.
+    """
+    from npgpt.bench import bench_generate, bench_train, format_generate, format_train, parse_overrides
+
+    overrides = parse_overrides(sets)
+    result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,
+                         iters=iters, warmup=warmup, profile=profile)
+    if gen:
+        result["generate"] = bench_generate(preset, overrides, block_size=block_size, device=device)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(format_train(result))
+    if gen:
+        click.echo(format_generate(result["generate"]))
+
+
+COMMANDS = [bench]

@@ -1,0 +1,321 @@
+"""Speed of training and decoding: `npgpt bench` and the library calls behind it.
+
+`bench_train` times complete training iterations -- forward, backward, gradient clipping and an
+AdamW step -- on random token batches, after a few warm-up iterations (BLAS thread start-up, first
+allocations, GPU kernel selection). It reports milliseconds per iteration (median, min, max),
+tokens per second, achieved GFLOP/s and MFU:
+
+    FLOPs per iteration = B * T * model.flops_per_token(T)
+                        = B * T * (6 N + 12 n_layer n_embd T)     (PaLM appendix B)
+
+where N counts the non-embedding parameters (the tied LM head is counted; the position table is
+not). MFU divides the achieved rate by the fp32 GEMM peak measured in the same process
+(`npgpt.perf.gemm_peak_gflops`), so 100% means "every FLOP ran at the best matmul speed this
+machine's BLAS reaches".
+
+With `profile=True`, a second pass over the same number of iterations times every Function's
+forward and backward through the engine's profiling hook (`npgpt.tensor.profiling`, free when
+off) and groups them into op kinds; "other/Python" is whatever the ops and the optimizer do not
+account for (the engine's own bookkeeping, gradient accumulation, the model's Python code).
+
+`bench_generate` times greedy decoding with and without the KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from npgpt.backend import parse_device, require_gpu, synchronize, to_device, xp_for
+from npgpt.errors import NpgptError
+from npgpt.perf import gemm_peak_gflops
+
+DEFAULT_PRESET = "baby"
+DEFAULT_BATCH_SIZE = 12
+FLOPS_FORMULA = "FLOPs/token = 6*N_non_embedding + 12*n_layer*n_embd*T (forward + backward, PaLM appendix B)"
+
+# Function class name -> op kind in the profile. Anything not listed is a "shape/elementwise" op
+# (the residual Add, the position-embedding slice, the LM head's transpose, ...).
+OP_KINDS = {
+    "Linear": "matmul", "MatMul": "matmul",
+    "CausalSelfAttention": "attention", "Softmax": "attention",
+    "LayerNorm": "layernorm",
+    "GELU": "gelu",
+    "CrossEntropy": "cross-entropy", "LogSoftmax": "cross-entropy",
+    "Embedding": "embedding",
+    "Dropout": "dropout",
+}
+KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embedding", "dropout",
+              "shape/elementwise", "optimizer", "other/Python"]
+
+
+# ---- configuration -----------------------------------------------------------------------------
+def parse_overrides(pairs):
+    """["n_layer=2", "dropout=0.1"] -> {"n_layer": 2, "dropout": 0.1}, typed by GPTConfig's fields."""
+    from npgpt.model import GPTConfig
+
+    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = str(pair).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise NpgptError(f"--set expects key=value, got {pair!r}")
+        if key not in fields:
+            raise NpgptError(f"--set: unknown model setting {key!r}; choose from {', '.join(fields)}")
+        out[key] = _convert(key, value.strip(), fields[key].type)
+    return out
+
+
+def _convert(key, value, annotation):
+    kind = str(annotation)
+    try:
+        if "bool" in kind:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+        if "float" in kind:
+            return float(value)
+        if value.lower() == "none" and "None" in kind:
+            return None
+        return int(value)
+    except ValueError:
+        raise NpgptError(f"--set {key}={value}: expected a {kind.split('|')[0].strip()}") from None
+
+
+def make_config(preset=DEFAULT_PRESET, overrides=None, block_size=None):
+    """The model config for a benchmark. Dropout defaults to 0: timings measure the model's
+    arithmetic, not the mask draws (pass overrides={"dropout": p} to include them)."""
+    from npgpt.model import GPTConfig
+
+    overrides = dict(overrides or {})
+    overrides.setdefault("dropout", 0.0)
+    if block_size is not None:
+        if int(block_size) <= 0:
+            raise NpgptError(f"--block-size must be positive, got {block_size}")
+        overrides["block_size"] = int(block_size)
+    return GPTConfig.preset(preset, **overrides)
+
+
+def _check_counts(iters, warmup, batch_size):
+    if int(iters) <= 0:
+        raise NpgptError(f"--iters must be positive, got {iters}")
+    if int(warmup) < 0:
+        raise NpgptError(f"--warmup must be >= 0, got {warmup}")
+    if int(batch_size) <= 0:
+        raise NpgptError(f"--batch-size must be positive, got {batch_size}")
+
+
+# ---- the profiler ------------------------------------------------------------------------------
+class OpProfiler:
+    """Collects per-Function times from `npgpt.tensor.profiling` and groups them by kind."""
+
+    def __init__(self, device):
+        self.is_gpu = parse_device(device).is_gpu
+        self.seconds = defaultdict(float)       # kind -> seconds
+        self.by_op = defaultdict(float)         # "Name.forward" -> seconds
+
+    def clock(self):
+        if self.is_gpu:
+            synchronize()    # GPU ops are queued: wait, or the time lands on a later op
+        return time.perf_counter()
+
+    def record(self, fn, phase, seconds):
+        name = type(fn).__name__
+        self.seconds[OP_KINDS.get(name, "shape/elementwise")] += seconds
+        self.by_op[f"{name}.{phase}"] += seconds
+
+
+# ---- training ----------------------------------------------------------------------------------
+class TrainStep:
+    """A model, its AdamW optimizer and a few random batches; calling it runs one training
+    iteration: zero_grad, forward with loss, backward, clip_grad_norm(grad_clip), AdamW step.
+
+    Batches are drawn up front (and moved to the device) so data preparation is never timed.
+    examples/torch_compare.py drives the same object beside its PyTorch twin.
+    """
+
+    def __init__(self, preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
+                 device="cpu", seed=0, lr=6e-4, grad_clip=1.0, n_batches=8):
+        from npgpt.model import GPT
+        from npgpt.optim import AdamW
+
+        if int(batch_size) <= 0:
+            raise NpgptError(f"--batch-size must be positive, got {batch_size}")
+        self.device = parse_device(device)
+        if self.device.is_gpu:
+            require_gpu(self.device)
+        self.config = cfg = make_config(preset, overrides, block_size)
+        self.B, self.T = int(batch_size), cfg.block_size
+        self.lr, self.grad_clip = lr, grad_clip
+        self.model = GPT(cfg, seed=seed, device=str(self.device))
+        self.model.train()
+        self.opt = AdamW(self.model.named_parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        rng = np.random.default_rng(seed)
+        self.batches = [tuple(to_device(rng.integers(0, cfg.vocab_size, (self.B, self.T)), self.device)
+                              for _ in "xy") for _ in range(n_batches)]
+
+    @property
+    def flops_per_iter(self):
+        return self.model.flops_per_token(self.T) * self.B * self.T
+
+    def __call__(self, i=0, prof=None):
+        """One iteration on batch i (mod the number of batches); returns the loss Tensor."""
+        x, y = self.batches[i % len(self.batches)]
+        t0 = prof.clock() if prof else 0.0
+        self.opt.zero_grad()
+        if prof:
+            prof.seconds["optimizer"] += prof.clock() - t0
+        _, loss = self.model(x, y)
+        loss.backward()
+        if prof:
+            t0 = prof.clock()
+        self.opt.clip_grad_norm(self.grad_clip)
+        self.opt.step(self.lr)
+        if prof:
+            prof.seconds["optimizer"] += prof.clock() - t0
+        return loss
+
+
+def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
+                device="cpu", iters=20, warmup=3, profile=False, seed=0, lr=6e-4, grad_clip=1.0,
+                peak_gflops=None):
+    """Time `iters` training iterations (see TrainStep) after `warmup` ones; returns a dict of
+    the figures (see the module doc). peak_gflops: reuse a measured GEMM peak."""
+    from npgpt.tensor import profiling
+
+    _check_counts(iters, warmup, batch_size)
+    iters, warmup = int(iters), int(warmup)
+    step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
+    model, cfg, dev, B, T = step.model, step.config, step.device, step.B, step.T
+
+    times, loss = [], None
+    for i in range(warmup + iters):
+        synchronize()
+        t0 = time.perf_counter()
+        loss = step(i)
+        synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    final_loss = float(loss.data)
+
+    if peak_gflops is None:
+        peak_gflops = gemm_peak_gflops(xp_for(dev))
+    flops_per_iter = step.flops_per_iter
+    med = statistics.median(times)
+    result = {
+        "preset": preset, "device": str(dev), "batch_size": B, "block_size": T,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
+        "dropout": cfg.dropout, "params": int(model.num_params()),
+        "params_non_embedding": int(model.num_params(non_embedding=True)),
+        "iters": iters, "warmup": warmup,
+        "ms_per_iter": med * 1e3, "ms_median": med * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3,
+        "tokens_per_s": B * T / med,
+        "flops_per_token": model.flops_per_token(T), "flops_per_iter": flops_per_iter,
+        "flops_formula": FLOPS_FORMULA,
+        "gflops": flops_per_iter / med / 1e9,
+        "gemm_peak_gflops": peak_gflops,
+        "mfu": flops_per_iter / med / 1e9 / peak_gflops,
+        "final_loss": final_loss,
+        "blas_threads": blas_threads(),
+    }
+
+    if profile:
+        prof = OpProfiler(dev)
+        total = 0.0
+        with profiling(prof):
+            for i in range(iters):
+                synchronize()
+                t0 = time.perf_counter()
+                step(i, prof)
+                synchronize()
+                total += time.perf_counter() - t0
+        measured = sum(prof.seconds.values())
+        prof.seconds["other/Python"] = max(total - measured, 0.0)
+        result["profile"] = {
+            "ms_per_iter": total / iters * 1e3,
+            "kinds_ms": {k: prof.seconds.get(k, 0.0) / iters * 1e3 for k in KIND_ORDER},
+            "ops_ms": {k: v / iters * 1e3 for k, v in sorted(prof.by_op.items(), key=lambda kv: -kv[1])},
+        }
+    return result
+
+
+def format_train(r):
+    """Human-readable lines for a bench_train result."""
+    lines = [
+        f"npgpt bench: {r['preset']} ({r['n_layer']} layers, {r['n_head']} heads, n_embd {r['n_embd']}, "
+        f"vocab {r['vocab_size']}, dropout {r['dropout']}), batch {r['batch_size']} x block {r['block_size']}, "
+        f"device {r['device']}, {r['params']:,} parameters",
+        f"one iteration = forward + backward + clip_grad_norm + AdamW step; {r['iters']} timed after "
+        f"{r['warmup']} warm-up",
+        f"ms/iter     median {r['ms_median']:.2f}   min {r['ms_min']:.2f}   max {r['ms_max']:.2f}",
+        f"tokens/s    {r['tokens_per_s']:,.0f}",
+        f"GFLOP/s     {r['gflops']:.1f}   ({r['flops_formula']})",
+        f"MFU         {r['mfu']:.1%} of the fp32 GEMM peak measured in this run "
+        f"({r['gemm_peak_gflops']:.1f} GFLOP/s, BLAS threads: {r['blas_threads']})",
+    ]
+    if "profile" in r:
+        p = r["profile"]
+        total = p["ms_per_iter"]
+        lines.append(f"profile (time by op kind, forward + backward, {total:.2f} ms/iter with the profiler on):")
+        for kind in KIND_ORDER:
+            ms = p["kinds_ms"][kind]
+            lines.append(f"  {kind:18s} {ms:9.2f} ms  {ms / total:6.1%}")
+    return "\n".join(lines)
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+def bench_generate(preset=DEFAULT_PRESET, overrides=None, block_size=None, device="cpu", new_tokens=None,
+                   prompt_len=8, seed=0, repeats=3):
+    """Greedy decoding speed (tokens/s) of one prompt, with and without the KV cache (best of
+    `repeats`). new_tokens defaults to block_size - prompt_len, so the cache is never rebuilt."""
+    from npgpt.generate import generate
+    from npgpt.model import GPT
+
+    cfg = make_config(preset, overrides, block_size)
+    prompt_len = max(1, min(int(prompt_len), cfg.block_size - 1))
+    n = int(new_tokens) if new_tokens is not None else cfg.block_size - prompt_len
+    if n <= 0:
+        raise NpgptError(f"new tokens must be positive, got {n}")
+    model = GPT(cfg, seed=seed, device=str(parse_device(device)))
+    model.eval()
+    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, prompt_len).tolist()
+    out = {"prompt_len": prompt_len, "new_tokens": n}
+    generate(model, prompt, 2, temperature=0, use_cache=True)     # warm-up
+    for use_cache, key in ((True, "tokens_per_s_cache"), (False, "tokens_per_s_no_cache")):
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate(model, prompt, n, temperature=0, use_cache=use_cache)
+            synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[key] = n / best
+    out["cache_speedup"] = out["tokens_per_s_cache"] / out["tokens_per_s_no_cache"]
+    return out
+
+
+def format_generate(g):
+    return (f"decoding (greedy, 1 prompt of {g['prompt_len']} tokens, {g['new_tokens']} new tokens, best of 3): "
+            f"{g['tokens_per_s_cache']:,.0f} tokens/s with the KV cache, "
+            f"{g['tokens_per_s_no_cache']:,.0f} without ({g['cache_speedup']:.1f}x)")
+
+
+def blas_threads():
+    """BLAS thread count as far as we can tell without extra packages (threadpoolctl if present,
+    else the usual environment variables, else 'default')."""
+    try:
+        from threadpoolctl import threadpool_info
+        for info in threadpool_info():
+            if info.get("user_api") == "blas":
+                return int(info["num_threads"])
+    except Exception:
+        pass
+    import os
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return f"default ({os.cpu_count()} CPUs)"

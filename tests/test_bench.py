@@ -1,0 +1,154 @@
+"""`npgpt bench` (output shape and errors, never timings) and the fast paths added for speed, each
+checked against its reference path: row-block kernels split across threads, the one-hot
+embedding backward and its scatter fallback, the engine's profiling hook."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from npgpt import Tensor
+from npgpt.cli.main import cli
+from npgpt.ops import nn as N
+from npgpt.ops import parallel
+
+TINY = ["--set", "n_layer=1", "--set", "n_embd=16", "--set", "n_head=2", "--batch-size", "2",
+        "--block-size", "8", "--iters", "2", "--warmup", "1"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["bench", *args])
+
+
+# ---- the command -------------------------------------------------------------------------------
+def test_json_has_the_figures():
+    r = run("--json", *TINY)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    for key in ("ms_per_iter", "ms_median", "ms_min", "ms_max", "tokens_per_s", "gflops",
+                "gemm_peak_gflops", "mfu", "flops_per_token"):
+        assert isinstance(out[key], float | int) and out[key] > 0, key
+    assert out["ms_min"] <= out["ms_median"] <= out["ms_max"]
+    assert out["n_layer"] == 1 and out["block_size"] == 8 and out["dropout"] == 0.0
+
+
+def test_default_json_runs_baby():
+    r = run("--iters", "2", "--warmup", "1", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert (out["preset"], out["batch_size"], out["vocab_size"]) == ("baby", 12, 65)
+
+
+def test_profile_lists_op_kinds():
+    r = run("--profile", *TINY)
+    assert r.exit_code == 0, r.output
+    for kind in ("matmul", "attention", "layernorm", "gelu", "cross-entropy", "embedding", "optimizer",
+                 "other/Python"):
+        assert kind in r.output
+    assert "MFU" in r.output and "6*N_non_embedding" in r.output
+
+
+def test_generate_reports_both_speeds():
+    r = run("--generate", "--json", *TINY)
+    assert r.exit_code == 0, r.output
+    g = json.loads(r.output)["generate"]
+    assert g["tokens_per_s_cache"] > 0 and g["tokens_per_s_no_cache"] > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--iters", "0"], "--iters"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--set", "n_layers=2"], "unknown model setting"),
+    (["--set", "n_layer"], "key=value"),
+    (["--set", "n_layer=two"], "n_layer"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_input_is_a_clean_error(args, words):
+    r = run(*args)
+    assert r.exit_code != 0
+    assert "Error:" in r.output and words in r.output
+    assert "Traceback" not in r.output
+
+
+# ---- fast paths against their references ------------------------------------------------------
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Force the row-block path even on tiny arrays: many blocks, over two threads."""
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMS", 1)
+    monkeypatch.setattr(parallel, "BLOCK_ELEMS", 8)
+    monkeypatch.setenv("NPGPT_THREADS", "2")
+
+
+def same(fused, ref, *arrays, seed=0):
+    """Forward values and every gradient of fused == reference, for one random upstream gradient."""
+    results = []
+    for fn in (fused, ref):
+        ts = [Tensor(a.copy(), requires_grad=a.dtype.kind == "f") for a in arrays]
+        y = fn(*ts)
+        y.backward(np.random.default_rng(seed).standard_normal(y.shape))
+        results.append((y.data, [t.grad for t in ts if t.requires_grad]))
+    (y0, g0), (y1, g1) = results
+    np.testing.assert_allclose(y0, y1, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g0, g1):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def rnd(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape) * 2.0
+
+
+def test_split_rows_cover_everything_once(split_everything):
+    seen = np.zeros(37, dtype=int)
+
+    def kernel(r):
+        seen[r] += 1
+        return r.start
+
+    starts = parallel.for_row_blocks(37, 3, kernel)
+    assert (seen == 1).all() and starts == sorted(starts)
+
+
+def test_layer_norm_row_blocks(split_everything):
+    same(N.layer_norm, N.layer_norm_reference, rnd(0, 3, 7, 5), rnd(1, 5), rnd(2, 5))
+
+
+def test_gelu_row_blocks(split_everything):
+    same(N.gelu, N.gelu_reference, rnd(3, 3, 7, 5))
+
+
+def test_attention_row_blocks(split_everything):
+    qkv = rnd(4, 3, 6, 3 * 8)
+    same(lambda t: N.causal_self_attention(t, 2), lambda t: N.causal_self_attention_reference(t, 2), qkv)
+
+
+@pytest.mark.parametrize("one_hot_max", [N.Embedding.ONE_HOT_MAX, 0])   # one-hot matmul, then add.at
+def test_embedding_backward_paths(monkeypatch, one_hot_max):
+    monkeypatch.setattr(N.Embedding, "ONE_HOT_MAX", one_hot_max)
+    ids = np.array([[1, 1, 4, 0], [4, 4, 4, 2]])                 # repeated ids must add up
+    same(lambda w: N.embedding(w, ids), lambda w: N.embedding_reference(w, ids), rnd(5, 6, 3))
+
+
+def test_profiling_hook_sees_every_op_and_is_removed():
+    from npgpt.tensor import profiling
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def clock(self):
+            return 0.0
+
+        def record(self, fn, phase, seconds):
+            self.calls.append((type(fn).__name__, phase))
+
+    rec = Recorder()
+    x = Tensor(rnd(6, 4, 5), requires_grad=True)
+    with profiling(rec):
+        N.gelu(x).sum().backward()
+    assert ("GELU", "forward") in rec.calls and ("GELU", "backward") in rec.calls
+    n = len(rec.calls)
+    N.gelu(x).sum().backward()                                   # hook off again: nothing recorded
+    assert len(rec.calls) == n
