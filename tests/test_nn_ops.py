@@ -53,7 +53,9 @@ def test_layer_norm(n, c, seed):
 
 @given(dims, dims, seeds)
 def test_gelu(n, c, seed):
-    x = rnd(seed, n, c, scale=2.0)
+    # |x| <= 3: far in the left tail gelu'(x) ~ 1e-7 and 1 + tanh(u) cancels, so finite differences
+    # lose their digits there (found with seed 2647, x = -5.3: the composed reference fails too)
+    x = np.clip(rnd(seed, n, c, scale=2.0), -3.0, 3.0)
     same(N.gelu, N.gelu_reference, x)
     grad_ok(N.gelu, x)
 

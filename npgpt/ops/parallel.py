@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-BLOCK_ELEMS = 1 << 18          # ~1 MB of float32 per block and temporary: fits the L2 cache
+BLOCK_ELEMS = 1 << 17          # ~1 MB of float32 per block and temporary: fits the L2 cache
 # Below this, threads cost more than they save: every ufunc call hands the GIL back and forth, and
 # BLAS's own workers still spin on the other cores for a while after each matmul (measured on a
 # 2-core Xeon: no gain at the baby preset's 0.4M-element GELU, ~30% at shakespeare-char's 6M).
@@ -50,16 +50,17 @@ def _get_pool():
     return _pool
 
 
-def for_row_blocks(n_rows, row_elems, kernel, xp=np, threaded=True):
+def for_row_blocks(n_rows, row_elems, kernel, xp=np, threaded=True, min_parallel=MIN_PARALLEL_ELEMS):
     """Run kernel(rows) over slices covering range(n_rows); returns the list of kernel results
     in row order (for partial sums). row_elems: values per row, to size the blocks.
 
     threaded=False keeps the cache-sized blocks but runs them one after another on the calling
-    thread (for kernels whose matmuls BLAS already spreads over the cores)."""
+    thread (for kernels whose matmuls BLAS already spreads over the cores). min_parallel: the
+    size from which threads are used (lower it for work that does not follow a matmul)."""
     total = n_rows * row_elems
     if xp is not np or n_rows < 2 or total < 2 * BLOCK_ELEMS:   # small: it fits the cache as it is
         return [kernel(slice(0, n_rows))]
-    threads = num_threads() if threaded and total >= MIN_PARALLEL_ELEMS else 1
+    threads = num_threads() if threaded and total >= min_parallel else 1
     # At least one block per thread; more when rows are many, so blocks stay cache-sized.
     n_blocks = max(threads, -(-total // BLOCK_ELEMS))
     n_blocks = min(n_blocks, n_rows)
