@@ -85,6 +85,16 @@ def require_gpu(device: Device):
     return cp
 
 
+def cupy_module():
+    """The imported cupy module (for code that builds GPU kernels or calls cuBLAS), or a clear
+    NpgptError when CuPy is not usable here. Other modules never `import cupy` themselves."""
+    cp = _import_cupy()
+    if cp is None:
+        raise NpgptError(f"this needs CuPy, which is not usable here "
+                         f"({_cupy_error.__class__.__name__}): {GPU_HINT}")
+    return cp
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one GPU (used to skip GPU tests)."""
     try:

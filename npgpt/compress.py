@@ -308,16 +308,14 @@ def open_source(checkpoint):
     """(model, tokenizer, checkpoint folder) for a float (not quantised) model folder or run folder."""
     from npgpt.checkpoint import find_checkpoint
     from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.model import read_hf_config
     from npgpt.quant import read_scheme
 
     p = Path(checkpoint)
     if not p.exists():
         raise NpgptError(f"checkpoint folder {p} does not exist")
     ckpt = find_checkpoint(p)
-    try:
-        hf = json.loads((ckpt / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NpgptError(f"{ckpt / 'config.json'} is missing or not valid JSON ({e})") from None
+    hf = read_hf_config(ckpt)
     if read_scheme(hf):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
     model, tok, ckpt = load_model_and_tokenizer(ckpt)

@@ -37,7 +37,6 @@ def load_model_and_tokenizer(checkpoint, device="cpu"):
 
 def token_loss(model, tokens, batch_size=8, device="cpu"):
     """Summed next-token loss (nats) and count over consecutive block_size windows of `tokens`."""
-    from npgpt.ops.nn import cross_entropy
     T = model.config.block_size
     tokens = np.asarray(tokens, dtype=np.int64)
     if len(tokens) < 2:
@@ -99,16 +98,13 @@ def info(path):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
     from npgpt import tokenizer as tk
     from npgpt.checkpoint import find_checkpoint
-    from npgpt.model import GPTConfig
+    from npgpt.model import GPTConfig, read_hf_config
 
     p = Path(path)
     if not p.exists():
         raise NpgptError(f"{p} does not exist")
     ckpt = find_checkpoint(p)
-    try:
-        hf = json.loads((ckpt / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NpgptError(f"{ckpt / 'config.json'} is missing or not valid JSON ({e})") from None
+    hf = read_hf_config(ckpt)
     cfg = GPTConfig.from_hf(hf)
     C, L, V, T, H = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.hidden
     per_block = 2 * 2 * C + C * 3 * C + 3 * C + C * C + C + C * H + H + H * C + C

@@ -298,15 +298,8 @@ class GPT(Module):
         path = Path(path)
         if not path.is_dir():
             raise NpgptError(f"model folder {path} does not exist")
+        hf = read_hf_config(path)
         cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise NpgptError(f"{cfg_path} is missing: a model folder needs config.json and model.safetensors")
-        try:
-            hf = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise NpgptError(f"{cfg_path} must hold a JSON object")
         if (hf.get("npgpt") or {}).get("quantization"):
             from npgpt.quant import load_quantized      # int8/int4 weights: see npgpt/quant.py
             return load_quantized(path, hf, device=device, **overrides)
@@ -316,6 +309,20 @@ class GPT(Module):
         model.load_state_dict(state)
         model.eval()
         return model.to(device) if str(device) != "cpu" else model
+
+
+def read_hf_config(folder) -> dict:
+    """A model folder's config.json as a dict, or a clear NpgptError (missing, not JSON, not an object)."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.is_file():
+        raise NpgptError(f"{cfg_path} is missing: a model folder needs config.json and model.safetensors")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise NpgptError(f"{cfg_path} must hold a JSON object")
+    return hf
 
 
 def _atomic(path, write):

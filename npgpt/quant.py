@@ -32,7 +32,6 @@ so only one layer's float weight exists at a time. The quantised embedding is de
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -257,17 +256,11 @@ def load_quantized(path, hf=None, device="cpu", **overrides):
     from dataclasses import replace
 
     from npgpt.checkpoint import load_tensors
-    from npgpt.model import GPT, GPTConfig
+    from npgpt.model import GPT, GPTConfig, read_hf_config
 
     path = Path(path)
     if hf is None:
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise NpgptError(f"{cfg_path} is missing: a model folder needs config.json and model.safetensors")
-        try:
-            hf = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
+        hf = read_hf_config(path)
     scheme = read_scheme(hf, str(path / "config.json"))
     if scheme is None:
         raise NpgptError(f"{path / 'config.json'} records no npgpt.quantization; load it with GPT.from_pretrained")

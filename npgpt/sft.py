@@ -166,13 +166,13 @@ class SFTData:
         """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
         from npgpt import tokenizer as tk
         from npgpt.checkpoint import find_checkpoint
-        from npgpt.model import GPTConfig
+        from npgpt.model import GPTConfig, read_hf_config
 
         src = find_checkpoint(cfg.init_from or cfg.out)
         if not tk.is_tokenizer_dir(src):
             raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
         tok = tk.load(src)
-        n_pos = GPTConfig.from_hf(json.loads((Path(src) / "config.json").read_text())).block_size
+        n_pos = GPTConfig.from_hf(read_hf_config(src)).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)
         T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)
