@@ -284,7 +284,7 @@ def bench_generate(preset=DEFAULT_PRESET, overrides=None, block_size=None, devic
     model = GPT(cfg, seed=seed, device=str(parse_device(device)))
     model.eval()
     prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, prompt_len).tolist()
-    out = {"prompt_len": prompt_len, "new_tokens": n}
+    out = {"prompt_len": prompt_len, "new_tokens": n, "repeats": repeats}
     generate(model, prompt, 2, temperature=0, use_cache=True)     # warm-up
     for use_cache, key in ((True, "tokens_per_s_cache"), (False, "tokens_per_s_no_cache")):
         best = float("inf")
@@ -299,7 +299,7 @@ def bench_generate(preset=DEFAULT_PRESET, overrides=None, block_size=None, devic
 
 
 def format_generate(g):
-    return (f"decoding (greedy, 1 prompt of {g['prompt_len']} tokens, {g['new_tokens']} new tokens, best of 3): "
+    return (f"decoding (greedy, 1 prompt of {g['prompt_len']} tokens, {g['new_tokens']} new tokens, best of {g['repeats']}): "
             f"{g['tokens_per_s_cache']:,.0f} tokens/s with the KV cache, "
             f"{g['tokens_per_s_no_cache']:,.0f} without ({g['cache_speedup']:.1f}x)")
 
