@@ -1,6 +1,6 @@
 """Walkthrough: teach a small GPT to answer questions with supervised fine-tuning (SFT).
 
-    python examples/finetune_qa.py            # ~2 minutes on a laptop CPU
+    python examples/finetune_qa.py            # a few minutes on a laptop CPU (4 on 2 busy cores)
 
 1. Write a tiny Q&A data set ourselves: "what is A plus B?" for digits A, B, as chat records.
 2. Pretrain a small character-level base model on plain text that contains the same facts
