@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numpy as np
 
@@ -41,7 +42,10 @@ _FALLBACK = {"CUBLAS_OP_N": 0, "CUBLAS_OP_T": 1, "CUBLAS_DEFAULT_MATH": 0, "CUBL
              "CUBLAS_COMPUTE_32F": 68, "CUBLAS_COMPUTE_32F_FAST_TF32": 77, "CUBLAS_GEMM_DEFAULT": -1,
              "CUBLAS_POINTER_MODE_HOST": 0, "CUDA_R_32F": 0, "CUDA_R_16F": 2}
 
-matmul_calls = 0      # cuBLAS calls made through Precision.matmul (the device check reads it)
+matmul_calls = 0      # calls of Precision.matmul (the device check reads it to see the model uses it)
+# NPGPT_DIRECT_CUBLAS=0: fp32 on the GPU goes through cupy.matmul instead (a fallback, should the direct
+# cuBLAS call misbehave on some CuPy / CUDA version); tf32 and fp16 always call cuBLAS directly.
+DIRECT_CUBLAS = os.environ.get("NPGPT_DIRECT_CUBLAS", "1") not in ("", "0")
 
 
 class Precision:
@@ -77,11 +81,16 @@ class Precision:
 
         out: a C-contiguous array of the result's shape and dtype to write into.
         """
+        global matmul_calls
+        matmul_calls += 1
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError(f"matmul needs 2-D or batched operands, got {a.shape} @ {b.shape}")
         if a.shape[-1] != b.shape[-2]:
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not fit (K {a.shape[-1]} != {b.shape[-2]})")
         if is_gpu_array(a) or is_gpu_array(b):
+            if self.name == "fp32" and not DIRECT_CUBLAS:
+                xp = get_xp(a, b)
+                return xp.matmul(a, b, out=out) if out is not None else xp.matmul(a, b)
             return self._cublas(a, b, out)
         xp = get_xp(a, b)
         if self.name == "fp16":
@@ -97,10 +106,17 @@ class Precision:
         return xp.matmul(a, b, out=out) if out is not None else xp.matmul(a, b)
 
     def _cublas(self, a, b, out):
-        global matmul_calls
         cp = cupy_module()
         if not (is_gpu_array(a) and is_gpu_array(b)):
             raise ValueError("matmul: both operands must be on the GPU")
+        if out is not None and is_gpu_array(out) and not out.flags.c_contiguous:
+            # cuBLAS writes C-contiguous results; a strided out (e.g. heads written into (B, T, nh, hs))
+            # gets a copy, as cupy.matmul does
+            y = self._cublas(a, b, None)
+            if y.shape != out.shape or y.dtype != out.dtype:
+                raise ValueError(f"matmul: out must be a {y.dtype} CuPy array of shape {y.shape}")
+            out[...] = y
+            return out
         cublas = cp.cuda.cublas
         runtime = cp.cuda.runtime
 
@@ -131,11 +147,10 @@ class Precision:
         if plan.copy_a or plan.copy_b:
             plan = gemm_plan(a.shape, a.strides, a.itemsize, b.shape, b.strides, b.itemsize)
         shape = plan.out_shape
+        if out is not None and (not is_gpu_array(out) or tuple(out.shape) != shape or out.dtype != out_dtype):
+            raise ValueError(f"matmul: out must be a {np.dtype(out_dtype)} CuPy array of shape {shape}")
         if out is None:
             out = cp.empty(shape, dtype=out_dtype)
-        elif (not is_gpu_array(out) or tuple(out.shape) != shape or out.dtype != out_dtype
-              or not out.flags.c_contiguous):
-            raise ValueError(f"matmul: out must be a C-contiguous {np.dtype(out_dtype)} CuPy array of shape {shape}")
         M, N, K = plan.m, plan.n, plan.k
         if M == 0 or N == 0 or plan.batch == 0:
             return out
@@ -171,7 +186,6 @@ class Precision:
             cublas.setMathMode(handle, prev_mode)       # the handle is CuPy's own: leave it as found
             if prev_ptr != const("CUBLAS_POINTER_MODE_HOST"):
                 cublas.setPointerMode(handle, prev_ptr)
-        matmul_calls += 1
         return out
 
 
@@ -282,8 +296,12 @@ def matmul(a, b, out=None):
 
 # ---- casts for fp16 ----------------------------------------------------------------------------
 def to_half(x):
-    """x as float16 (no copy when it already is). Values beyond +-65504 become inf."""
-    return x if x.dtype == np.float16 else x.astype(np.float16)
+    """x as float16 (no copy when it already is). Values beyond +-65504 become inf (on purpose:
+    the loss scaler sees them and backs off), so NumPy's overflow warning is silenced."""
+    if x.dtype == np.float16:
+        return x
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16)
 
 
 def to_float(x):

@@ -249,13 +249,14 @@ def layernorm_backward(dy, x, w, mean, rstd):
     w = _vec(cp, w, C, "layernorm_backward: w")
     mean, rstd = _vec(cp, mean, N, "layernorm_backward: mean"), _vec(cp, rstd, N, "layernorm_backward: rstd")
     dx = _empty(cp, x2.shape)
-    chunks = max(1, -(-N // LN_CHUNK))
+    rows_per_chunk = max(LN_CHUNK, -(-N // 65535))            # gridDim.y is at most 65535
+    chunks = max(1, -(-N // rows_per_chunk))
     dw_part, db_part = _empty(cp, (chunks, C)), _empty(cp, (chunks, C))
     if N:
         _launch(cp, "layernorm_backward_dx", (N,), (_threads(C),),
                 (d2, x2, w, mean, rstd, dx, np.int32(N), np.int32(C)))
         _launch(cp, "layernorm_backward_params", (-(-C // 32), chunks), (32, LN_ROWS),
-                (d2, x2, mean, rstd, dw_part, db_part, np.int32(N), np.int32(C), np.int32(LN_CHUNK)))
+                (d2, x2, mean, rstd, dw_part, db_part, np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
         return dx.reshape(x.shape), dw_part.sum(axis=0), db_part.sum(axis=0)
     return dx.reshape(x.shape), cp.zeros(C, cp.float32), cp.zeros(C, cp.float32)
 
