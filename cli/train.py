@@ -19,6 +19,8 @@ COMMON_FLAGS = [
     ("--lr", "learning_rate", float, "Peak learning rate."),
     ("--eval-interval", "eval_interval", int, "Evaluate (and checkpoint) every N steps."),
     ("--seed", "seed", int, "Random seed (weights, batches, dropout)."),
+    ("--precision", "precision", click.Choice(["fp32", "tf32", "fp16"]),
+     "Matmul precision: fp32, tf32 (GPU) or fp16 (fp32 master weights, dynamic loss scaling)."),
     ("--init-from", "init_from", click.Path(), "Start from a model folder (npgpt checkpoint or HF GPT-2)."),
 ]
 

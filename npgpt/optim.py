@@ -32,6 +32,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy, get_xp
 from npgpt.errors import NpgptError
+from npgpt.ops import cuda_kernels as _ck
 from npgpt.ops.parallel import for_row_blocks
 
 
@@ -172,6 +173,8 @@ class AdamW:
         """Global L2 norm of all gradients, a 0-d array on the parameters' device (no sync)."""
         self._sync_views()
         g = self.grad
+        if _ck.use_kernels(g):
+            return _ck.grad_norm(g)                           # one reduction kernel
         return self.xp.sqrt(self.xp.dot(g, g))
 
     def clip_grad_norm(self, max_norm: float):
@@ -207,6 +210,9 @@ class AdamW:
         p, g, m, v, tmp = self.flat, self.grad, self.exp_avg, self.exp_avg_sq, self._scratch
         decay = 1.0 - lr * self.weight_decay if self.weight_decay else 1.0
         n_decay = self.n_decay
+        if _ck.use_kernels(p, g, m, v):                       # GPU: one kernel over the flat buffers
+            _ck.adamw_step(p, g, m, v, lr, b1, b2, self.eps, self.weight_decay, self.t, n_decay)
+            return
 
         def update(r):
             """All passes on one cache-sized block of the flat buffers (blocks run on all cores)."""

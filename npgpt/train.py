@@ -42,6 +42,7 @@ class TrainConfig:
     resume: bool = False                 # continue the run in `out` exactly where it stopped
     force: bool = False                  # overwrite a checkpoint already in `out`
     device: str = "cpu"
+    precision: str = "fp32"              # matmuls: fp32, tf32 or fp16 (fp16 adds dynamic loss scaling)
     seed: int = 1337
     # model (ignored with init_from / resume, which bring their own)
     preset: str = "baby"
@@ -99,6 +100,8 @@ class TrainConfig:
             from npgpt.ops.distill import check_distill_args
             check_distill_args(self.distill_alpha, self.distill_temperature)
         parse_device(self.device)
+        from npgpt.precision import Precision
+        Precision(self.precision)                       # a clear error for an unknown name
         return self
 
 
@@ -408,10 +411,15 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
             f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters"
             + (f" (from {src})" if src else ""))
         log(optimizer.describe())
+        from npgpt.precision import DynamicLossScaler, Precision, set_precision
+        precision = Precision(cfg.precision)
+        scaler = DynamicLossScaler(enabled=precision.needs_loss_scaling)
         start, best_val = 0, float("inf")
         if cfg.resume:
             state = _load_resume_state(out, optimizer)
             start, best_val = int(state["iter"]), float(state.get("best_val_loss", float("inf")))
+            if scaler.enabled and "loss_scaler" in state:
+                scaler.load_state_dict(state["loss_scaler"])
             log(f"resuming from step {start} (best val loss {best_val:.4f})")
         tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps
         flops_per_iter = model.flops_per_token(block) * tokens_per_iter
@@ -424,7 +432,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                 "rng": {"scheme": "numpy default_rng([seed, iter, stream])", "seed": cfg.seed,
                         "streams": {"batches": 0, "eval": EVAL_STREAM, "dropout": DROPOUT_STREAM}},
                 "data": {"path": str(getattr(data, "path", "")), "next_batch_iter": it},
-                "reason": reason,
+                "reason": reason, "loss_scaler": scaler.state_dict(),
             })
 
         interrupted = {"flag": False}
@@ -438,6 +446,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
             signal.signal(signal.SIGINT, on_sigint)
         history, last_loss = [], None
         t_last, t_iters, it = time.perf_counter(), 0, start
+        previous_precision = set_precision(precision)
         try:
             for it in range(start, cfg.max_iters + 1):
                 if it % cfg.eval_interval == 0 or it == cfg.max_iters:
@@ -467,7 +476,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                 batches = (data.get_batch("train", cfg.batch_size, block, batch_rng, device=cfg.device)
                            for _ in range(cfg.gradient_accumulation_steps))
                 loss_sum = train_step(model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip,
-                                      lr, teacher, cfg.distill_alpha, cfg.distill_temperature)
+                                      lr, teacher, cfg.distill_alpha, cfg.distill_temperature, scaler=scaler)
                 t_iters += 1
                 if model.prune_masks:
                     apply_prune_masks(model, model.prune_masks)
@@ -490,6 +499,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                            f"{dt * 1e3:.1f} ms/iter, {tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {eta:.0f}s")
                     log.status(f"{_bar(frac)} {msg}" if log.tty else msg)
         finally:
+            set_precision(previous_precision)
             if in_main:
                 signal.signal(signal.SIGINT, previous)
         if interrupted["flag"]:
@@ -501,7 +511,8 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
         log.close()
 
 
-def train_step(model, optimizer, batches, n_micro, grad_clip, lr, teacher=None, alpha=0.5, temperature=2.0):
+def train_step(model, optimizer, batches, n_micro, grad_clip, lr, teacher=None, alpha=0.5, temperature=2.0,
+               scaler=None):
     """One optimizer step over `n_micro` micro-batches; returns the summed (unscaled) loss array.
 
     Each micro-batch's loss is scaled by 1/n_micro *before* backward, so the gradients that
@@ -518,10 +529,14 @@ def train_step(model, optimizer, batches, n_micro, grad_clip, lr, teacher=None, 
             with no_grad():
                 t_logits, _ = teacher(x)
             loss = mixed_loss(logits, t_logits, y, alpha, temperature)
-        (loss * (1.0 / n_micro)).backward()
+        scaled = loss * (1.0 / n_micro)
+        (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
         loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
-    optimizer.clip_grad_norm(grad_clip)
-    optimizer.step(lr)
+    if scaler is not None and scaler.enabled:
+        scaler.step(optimizer, lr, grad_clip)       # fp16: skips the step and halves the scale on inf/NaN
+    else:
+        optimizer.clip_grad_norm(grad_clip)
+        optimizer.step(lr)
     return loss_sum
 
 

@@ -15,7 +15,9 @@ import math
 
 import numpy as np
 
+from npgpt import precision as _precision
 from npgpt.backend import get_xp
+from npgpt.ops import cuda_kernels as _ck
 from npgpt.ops import softmax as _softmax
 from npgpt.ops import where as _where
 from npgpt.ops.parallel import for_row_blocks
@@ -31,7 +33,7 @@ class Linear(Function):
         if x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: input shape {x.shape} does not match weight shape {w.shape}")
         x2 = x.reshape(-1, x.shape[-1])                       # (N, Cin), a view
-        y = x2 @ w                                            # (N, Cout), one BLAS call
+        y = _precision.matmul(x2, w)                          # (N, Cout), one BLAS call
         if b is not None:
             y += b
         self.save(x2, w)
@@ -42,8 +44,8 @@ class Linear(Function):
         x2, w = self.saved
         d2 = dout.reshape(-1, dout.shape[-1])                 # (N, Cout)
         # forward: y = x @ w + b  =>  dx = dy @ w^T, dw = x^T @ dy, db = sum_rows dy
-        dx = (d2 @ w.T).reshape(self.in_shape)
-        dw = x2.T @ d2                                        # BLAS reads the transposes in place
+        dx = _precision.matmul(d2, w.T).reshape(self.in_shape)
+        dw = _precision.matmul(x2.T, d2)                      # BLAS reads the transposes in place
         if self.has_bias:
             # sum over rows as a vector-matrix product: BLAS does it several times faster
             ones = get_xp(d2).ones(d2.shape[0], dtype=d2.dtype)
@@ -74,6 +76,10 @@ class LayerNorm(Function):
         xp = get_xp(x)
         C = x.shape[-1]
         x2 = x.reshape(-1, C)                                 # (N, C)
+        if _ck.use_kernels(x, w, b):                          # GPU: one fused kernel
+            y, mean, rstd = _ck.layernorm_forward(x, w, b, self.eps)
+            self.save(x2, w, mean.reshape(-1, 1), rstd.reshape(-1, 1))
+            return y
         y = xp.empty(x2.shape, dtype=x.dtype)
         mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)      # (N, 1)
         rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)      # (N, 1)
@@ -94,6 +100,9 @@ class LayerNorm(Function):
 
     def backward(self, dout):
         x2, w, mean, rstd = self.saved
+        if _ck.use_kernels(dout, x2):                         # GPU: dx kernel + column-sum kernel
+            dx, dw, db = _ck.layernorm_backward(dout.reshape(x2.shape), x2, w, mean, rstd)
+            return dx.reshape(dout.shape), dw, db
         xp = get_xp(dout)
         N, C = x2.shape
         d2 = dout.reshape(x2.shape)                           # (N, C)
@@ -145,6 +154,9 @@ class GELU(Function):
     def forward(self, x):
         xp = get_xp(x)
         x2 = x.reshape(-1, x.shape[-1])
+        if _ck.use_kernels(x):                                # GPU: one elementwise kernel
+            self.save(x2, None)                               # backward recomputes tanh
+            return _ck.gelu_forward(x)
         t = xp.empty(x2.shape, dtype=x.dtype)
         y = xp.empty(x2.shape, dtype=x.dtype)
 
@@ -165,6 +177,8 @@ class GELU(Function):
 
     def backward(self, dout):
         x2, t = self.saved
+        if t is None:                                         # the fused GPU forward ran
+            return _ck.gelu_backward(dout.reshape(x2.shape), x2).reshape(dout.shape)
         xp = get_xp(dout)
         d2 = dout.reshape(x2.shape)
         dx = xp.empty(x2.shape, dtype=dout.dtype)
@@ -268,16 +282,22 @@ class CausalSelfAttention(Function):
         y = xp.empty((B, T, nh, hs), dtype=qkv.dtype)
         y_heads = y.transpose(0, 2, 1, 3)                     # (B, nh, T, hs) view of y
         bias = causal_bias(T, T, att.dtype, xp)
+        fused = _ck.use_kernels(qkv)
+        mm = _precision.matmul
 
         def rows(r):                                          # sequences r
             a = att[r]
-            # Scale q (T/hs times smaller than the scores) instead of the (b, nh, T, T) scores.
-            xp.matmul(q[r] * (1.0 / math.sqrt(hs)), k[r].swapaxes(-1, -2), out=a)
-            a += bias
-            a -= a.max(axis=-1, keepdims=True)                # stable softmax, in place
-            xp.exp(a, out=a)
-            a /= a.sum(axis=-1, keepdims=True)
-            xp.matmul(a * keep[r] if keep is not None else a, v[r], out=y_heads[r])
+            if fused:                                         # GPU: scale, mask, softmax in one kernel
+                mm(q[r], k[r].swapaxes(-1, -2), out=a)
+                _ck.causal_softmax_forward(a, 1.0 / math.sqrt(hs), out=a)
+            else:
+                # Scale q (T/hs times smaller than the scores) instead of the (b, nh, T, T) scores.
+                mm(q[r] * (1.0 / math.sqrt(hs)), k[r].swapaxes(-1, -2), out=a)
+                a += bias
+                a -= a.max(axis=-1, keepdims=True)            # stable softmax, in place
+                xp.exp(a, out=a)
+                a /= a.sum(axis=-1, keepdims=True)
+            mm(a * keep[r] if keep is not None else a, v[r], out=y_heads[r])
 
         for_row_blocks(B, nh * T * T, rows, xp, threaded=False)
         self.save(qkv, att, keep)
@@ -293,21 +313,26 @@ class CausalSelfAttention(Function):
         dqkv = xp.empty((B, T, 3, nh, hs), dtype=qkv.dtype)
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         scale = 1.0 / math.sqrt(hs)
+        fused = _ck.use_kernels(att)
+        mm = _precision.matmul
 
         def rows(r):                                          # sequences r
             a = att[r]
             a_d = a * keep[r] if keep is not None else a
             # forward: y = att_d @ v  =>  dv = att_d^T @ dy, datt_d = dy @ v^T
-            xp.matmul(a_d.swapaxes(-1, -2), dy[r], out=dv[r])
-            d = dy[r] @ v[r].swapaxes(-1, -2)                 # (b, nh, T, T)
+            mm(a_d.swapaxes(-1, -2), dy[r], out=dv[r])
+            d = mm(dy[r], v[r].swapaxes(-1, -2))              # (b, nh, T, T)
             if keep is not None:
                 d *= keep[r]                                  # forward: att_d = att * keep
-            # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
-            d -= (d * a).sum(axis=-1, keepdims=True)
-            d *= a                                            # masked entries have att = 0
-            d *= scale                                        # forward: s = (q / sqrt(hs)) k^T
-            xp.matmul(d, k[r], out=dq[r])
-            xp.matmul(d.swapaxes(-1, -2), q[r], out=dk[r])
+            if fused:                                         # GPU: the three lines below in one kernel
+                _ck.causal_softmax_backward(a, d, scale, out=d)
+            else:
+                # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
+                d -= (d * a).sum(axis=-1, keepdims=True)
+                d *= a                                        # masked entries have att = 0
+                d *= scale                                    # forward: s = (q / sqrt(hs)) k^T
+            mm(d, k[r], out=dq[r])
+            mm(d.swapaxes(-1, -2), q[r], out=dk[r])
 
         for_row_blocks(B, nh * T * T, rows, xp, threaded=False)
         return dqkv.reshape(B, T, C3)
@@ -345,6 +370,10 @@ class CrossEntropy(Function):
         t = self.targets.reshape(-1)                          # (N,)
         if t.shape[0] != z.shape[0]:
             raise ValueError(f"cross_entropy: logits {logits.shape} and targets {self.targets.shape} do not match")
+        if _ck.use_kernels(z):                                # GPU: loss and gradient in one kernel
+            loss, _, dz = _ck.cross_entropy_forward_backward(z, t, self.ignore_index)
+            self.save(dz, None, None, None)                   # dz = (softmax - onehot) / n_valid
+            return loss
         valid = t != self.ignore_index
         safe_t = xp.where(valid, t, 0)
         probs = z - z.max(axis=1, keepdims=True)              # (N, V) shifted logits
@@ -359,6 +388,8 @@ class CrossEntropy(Function):
 
     def backward(self, dout):
         probs, t, valid, n = self.saved
+        if t is None:                                         # fused forward saved the gradient
+            return (probs * dout).reshape(self.logits_shape)
         xp = get_xp(probs)
         # forward: loss = mean_valid (logsumexp(z) - z[target])  =>  dz = (softmax(z) - onehot) / n
         scale = dout / n
