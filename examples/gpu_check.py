@@ -508,44 +508,6 @@ def train_one(c, step, preset, B, T, name, iters, warmup):
 
 
 # ---- PyTorch eager -----------------------------------------------------------------------------
-def torch_gpt(torch, cfg, device):
-    """nanoGPT-style GPT-2 matching npgpt's: learned positions, pre-LN, tanh GELU, biases, tied head."""
-    nn, F = torch.nn, torch.nn.functional
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            C = cfg.n_embd
-            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
-            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
-            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-        def forward(self, x):
-            B, T, C = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-            q, k, v = (t.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
-            self.ln_f = nn.LayerNorm(cfg.n_embd)
-
-        def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-            for block in self.h:
-                x = block(x)
-            logits = self.ln_f(x) @ self.wte.weight.T
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
-
-    return GPT().to(device)
-
-
 def check_torch(c):
     try:
         import torch
@@ -576,7 +538,8 @@ def torch_one(c, torch, device, preset, B, T, name):
     cfg = make_config(preset, {"dropout": 0.0}, T)
     iters, warmup = (2, 1) if c.quick else (6, 3)
     torch.manual_seed(0)
-    model = torch_gpt(torch, cfg, device)
+    from torch_compare import torch_gpt     # the same PyTorch model the CPU comparison uses
+    model = torch_gpt(cfg, device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

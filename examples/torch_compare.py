@@ -34,8 +34,9 @@ except ImportError:
     torch = None
 
 
-def torch_gpt(cfg):
-    """A nanoGPT-like GPT-2 with npgpt's config (cfg: npgpt.model.GPTConfig)."""
+def torch_gpt(cfg, device="cpu"):
+    """A nanoGPT-like GPT-2 with npgpt's config (cfg: npgpt.model.GPTConfig); also used by
+    examples/gpu_check.py for the same comparison on a GPU."""
 
     class Block(nn.Module):
         def __init__(self):
@@ -66,13 +67,13 @@ def torch_gpt(cfg):
 
         def forward(self, idx, targets):
             T = idx.shape[1]
-            x = self.wte(idx) + self.wpe(torch.arange(T))
+            x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
             for block in self.h:
                 x = block(x)
             logits = self.ln_f(x) @ self.wte.weight.T                          # tied LM head
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
 
-    return GPT()
+    return GPT().to(device)
 
 
 class TorchStep:

@@ -1,4 +1,4 @@
-"""Checkpoints on disk: safetensors + JSON, atomic writes, no pickle.
+"""Checkpoints on disk: safetensors + JSON only (no executable formats), atomic writes.
 
 A training run keeps its checkpoint in one folder, `RUN/ckpt/`:
 
