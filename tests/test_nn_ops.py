@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from npgpt import Tensor, gradcheck
@@ -83,8 +83,9 @@ def test_attention_with_dropout_matches_reference_mask():
 
 
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(2, 7), seeds, st.floats(0, 0.8))
-def test_cross_entropy(B, T, V, seed, p_ignore):
-    logits = rnd(seed, B, T, V, scale=3.0)
+@example(B=1, T=1, V=2, seed=25122, p_ignore=0.0)   # logit gap 11 at scale 3: gradient ~1e-5, below
+def test_cross_entropy(B, T, V, seed, p_ignore):     # what finite differences resolve; scale 2 keeps it
+    logits = rnd(seed, B, T, V, scale=2.0)
     r = np.random.default_rng(seed)
     targets = r.integers(0, V, size=(B, T))
     targets[r.random((B, T)) < p_ignore] = -1
