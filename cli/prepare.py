@@ -66,7 +66,10 @@ def prepare(inputs, dataset, out_dir, tokenizer, vocab_size, tokenizer_from, val
     click.echo(f"prepared {out_dir} in {seconds:.1f} s from {len(sources)} file(s), {total_bytes:,} bytes")
     click.echo(f"tokens: {meta['train_tokens']:,} train, {meta['val_tokens']:,} val")
     click.echo(f"tokenizer: {meta['tokenizer']}, vocab size {meta['vocab_size']:,}; token dtype {meta['dtype']}")
-    click.echo(f"next: npgpt train --data {out_dir}")
+    if tokenizer_from:
+        click.echo(f"next: npgpt finetune --init-from {tokenizer_from} --data {out_dir}")
+    else:
+        click.echo(f"next: npgpt train --data {out_dir}")
 
 
 COMMANDS = [prepare]
