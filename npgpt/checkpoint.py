@@ -267,6 +267,9 @@ def find_checkpoint(path) -> Path:
     `ckpt.old` is renamed back to `ckpt` and returned.
     """
     path = Path(path)
+    if not path.exists() and not (path.name == CKPT_DIR and path.parent.is_dir()):
+        raise NpgptError(f"no checkpoint in {path}: the folder does not exist (check the path, or train one "
+                         f"with `npgpt train --out {path}`)")
     if is_model_dir(path):
         return path
     run_dir = path.parent if path.name == CKPT_DIR and not path.exists() else path

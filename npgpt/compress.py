@@ -311,10 +311,7 @@ def open_source(checkpoint):
     from npgpt.model import read_hf_config
     from npgpt.quant import read_scheme
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise NpgptError(f"checkpoint folder {p} does not exist")
-    ckpt = find_checkpoint(p)
+    ckpt = find_checkpoint(checkpoint)
     hf = read_hf_config(ckpt)
     if read_scheme(hf):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
@@ -433,14 +430,9 @@ def load_teacher(path, student, device="cpu"):
     student (same vocabulary, a context at least as long), so their logits compare position by position."""
     from npgpt.checkpoint import find_checkpoint
     from npgpt.model import GPT
-    from npgpt.quant import load_quantized, read_scheme
 
-    p = Path(path)
-    if not p.exists():
-        raise NpgptError(f"--teacher {p} does not exist")
-    ckpt = find_checkpoint(p)
-    hf = json.loads((ckpt / "config.json").read_text())
-    teacher = load_quantized(ckpt, hf, device=device) if read_scheme(hf) else GPT.from_pretrained(ckpt, device=device)
+    ckpt = find_checkpoint(path)
+    teacher = GPT.from_pretrained(ckpt, device=device)      # quantised folders load through it too
     s, t = student.config, teacher.config
     if t.vocab_size != s.vocab_size:
         raise NpgptError(f"--teacher {ckpt} has vocab_size {t.vocab_size}, the student {s.vocab_size}; "

@@ -24,10 +24,7 @@ def load_model_and_tokenizer(checkpoint, device="cpu"):
     from npgpt.checkpoint import find_checkpoint, verify_checkpoint
     from npgpt.model import GPT
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise NpgptError(f"checkpoint folder {p} does not exist")
-    ckpt = find_checkpoint(p)
+    ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):
         raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
@@ -100,10 +97,7 @@ def info(path):
     from npgpt.checkpoint import find_checkpoint
     from npgpt.model import GPTConfig, read_hf_config
 
-    p = Path(path)
-    if not p.exists():
-        raise NpgptError(f"{p} does not exist")
-    ckpt = find_checkpoint(p)
+    ckpt = find_checkpoint(path)
     hf = read_hf_config(ckpt)
     cfg = GPTConfig.from_hf(hf)
     C, L, V, T, H = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.hidden
