@@ -150,6 +150,18 @@ class Tokenizer:
                              f"(0..{self.vocab_size - 1}); was the data made with another tokenizer?")
         return token_id
 
+    def _id_list(self, ids) -> list:
+        """ids (a list or NumPy array) as a list of ints, rejecting negative or non-integer ids."""
+        if hasattr(ids, "tolist"):   # a NumPy array of ids
+            ids = ids.tolist()
+        ids = list(ids)
+        try:
+            if ids and min(ids) < 0:   # a negative index would silently wrap around
+                raise self._bad_ids_error(ids)
+        except TypeError:
+            raise self._bad_ids_error(ids) from None
+        return ids
+
     def _bad_ids_error(self, ids: list) -> NpgptError:
         """Explain the first unusable id in `ids` (called once a fast decode path has failed)."""
         for token_id in ids:

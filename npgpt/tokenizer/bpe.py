@@ -428,14 +428,7 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         """Text of `ids`; a slice that cuts a character in two shows U+FFFD for the broken part."""
-        if hasattr(ids, "tolist"):   # a NumPy array of ids
-            ids = ids.tolist()
-        ids = list(ids)
-        try:
-            if ids and min(ids) < 0:   # a negative index would silently wrap around
-                raise self._bad_ids_error(ids)
-        except TypeError:
-            raise self._bad_ids_error(ids) from None
+        ids = self._id_list(ids)
         table = self._id_to_bytes
         try:
             data = b"".join([table[i] for i in ids])

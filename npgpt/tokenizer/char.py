@@ -110,14 +110,7 @@ class CharTokenizer(Tokenizer):
         raise AssertionError("unreachable")
 
     def decode(self, ids) -> str:
-        if hasattr(ids, "tolist"):   # a NumPy array of ids
-            ids = ids.tolist()
-        ids = list(ids)
-        try:
-            if ids and min(ids) < 0:   # a negative index would silently wrap around
-                raise self._bad_ids_error(ids)
-        except TypeError:
-            raise self._bad_ids_error(ids) from None
+        ids = self._id_list(ids)
         try:
             return "".join([self._id_to_text[i] for i in ids])
         except (IndexError, TypeError):
