@@ -58,16 +58,17 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
     return apply_overrides(TrainConfig(), {**defaults, **user}).validate()
 
 
-def run_training(cfg):
+def run_training(cfg, batch_source=None, next_step="npgpt sample --checkpoint {out} --prompt \"...\""):
+    """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg)
+        result = train(cfg, batch_source=batch_source)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss != float("inf") else "n/a"
     click.echo(f"done: {result.iters} iterations, best val loss {best}; checkpoint in {result.out / 'ckpt'}")
-    click.echo(f"try it:  npgpt sample --checkpoint {result.out} --prompt \"...\"")
+    click.echo("try it:  " + next_step.format(out=result.out))
 
 
 @click.command()
@@ -106,18 +107,9 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
     cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
     if cfg.sft:
         from npgpt.sft import SFTData
-        from npgpt.train import Interrupted, train as run
-        source = SFTData.for_training(cfg)
-        try:
-            result = run(cfg, batch_source=source)
-        except Interrupted as e:
-            click.echo(str(e), err=True)
-            sys.exit(130)
-        click.echo(f"done: {result.iters} iterations, best val loss {result.best_val_loss:.4f}; "
-                   f"checkpoint in {result.out / 'ckpt'}")
-        click.echo(f"try it:  npgpt chat --checkpoint {result.out}")
-        return
-    run_training(cfg)
+        run_training(cfg, SFTData.for_training(cfg), next_step="npgpt chat --checkpoint {out}")
+    else:
+        run_training(cfg)
 
 
 @click.command(name="eval")

@@ -38,23 +38,19 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
     tokens = np.asarray(tokens, dtype=np.int64)
     if len(tokens) < 2:
         raise NpgptError("need at least 2 tokens to evaluate")
-    starts = list(range(0, len(tokens) - 1, T))
+    n_full = (len(tokens) - 1) // T                            # windows of exactly T predictions
+    batches = [(s, min(s + batch_size, n_full), T) for s in range(0, n_full, batch_size)]
+    if (len(tokens) - 1) % T:
+        batches.append((n_full, n_full + 1, (len(tokens) - 1) % T))   # the shorter tail window
     total, count = 0.0, 0
     model.eval()
     with no_grad():
-        for i in range(0, len(starts), batch_size):
-            group = starts[i:i + batch_size]
-            n = min(T, len(tokens) - 1 - group[-1])
-            # full windows batch together; the last, shorter window runs alone
-            full = [s for s in group if len(tokens) - 1 - s >= T]
-            for chunk, L in ((full, T), ([s for s in group if s not in full], n)):
-                if not chunk:
-                    continue
-                x = np.stack([tokens[s:s + L] for s in chunk])
-                y = np.stack([tokens[s + 1:s + 1 + L] for s in chunk])
-                _, loss = model(x, y)
-                total += float(asnumpy(loss.data)) * y.size
-                count += y.size
+        for first, stop, L in batches:
+            x = np.stack([tokens[w * T:w * T + L] for w in range(first, stop)])
+            y = np.stack([tokens[w * T + 1:w * T + 1 + L] for w in range(first, stop)])
+            _, loss = model(x, y)
+            total += float(asnumpy(loss.data)) * y.size
+            count += y.size
     return total, count
 
 

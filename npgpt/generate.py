@@ -83,6 +83,15 @@ def draw(p, rng):
     return np.minimum(tok, p.shape[1] - 1)
 
 
+def _is_single_prompt(ids, mask=None):
+    """True for one prompt given as a flat sequence of ids (generate then returns a flat list)."""
+    if mask is not None:
+        return False
+    if hasattr(ids, "ndim"):
+        return ids.ndim == 1
+    return len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray))
+
+
 def _as_rows(ids, mask=None, eot_id=None):
     """Prompts in any accepted form -> list of token lists (padding removed)."""
     if mask is not None:
@@ -90,10 +99,10 @@ def _as_rows(ids, mask=None, eot_id=None):
         if arr.shape != m.shape or arr.ndim != 2:
             raise NpgptError(f"ids {arr.shape} and mask {m.shape} must be equal 2-D shapes")
         rows = [list(map(int, arr[i][m[i]])) for i in range(arr.shape[0])]
-    elif isinstance(ids, np.ndarray) or (hasattr(ids, "shape") and not isinstance(ids, list)):
+    elif hasattr(ids, "ndim"):                                 # a NumPy or CuPy array
         arr = asnumpy(ids)
         rows = [list(map(int, r)) for r in (arr[None] if arr.ndim == 1 else arr)]
-    elif len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray)):
+    elif _is_single_prompt(ids):
         rows = [list(map(int, ids))]
     else:
         rows = [list(map(int, r)) for r in ids]
@@ -199,18 +208,12 @@ def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None
              eot_id=None, tokenizer=None, mask=None, use_cache=True):
     """Generate up to max_new_tokens per prompt. Returns the new tokens: a list for one prompt
     given as a flat list, else a list of lists (one per row). See generate_stream for arguments."""
-    rows = None
+    out = [[] for _ in _as_rows(ids, mask, eot_id)]
     for steps in generate_stream(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                  eot_id, tokenizer, mask, use_cache):
-        if rows is None:
-            rows = {}
         for s in steps:
-            rows.setdefault(s.row, []).append(s.token)
-    n = len(_as_rows(ids, mask, eot_id))
-    out = [rows.get(i, []) for i in range(n)]
-    single = not (isinstance(ids, np.ndarray) and ids.ndim == 2) and mask is None and (
-        len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray)))
-    return out[0] if single else out
+            out[s.row].append(s.token)
+    return out[0] if _is_single_prompt(ids, mask) else out
 
 
 def cut_at_stop(text, stop):

@@ -22,7 +22,6 @@ import ctypes
 import os
 import sys
 
-import numpy as np
 
 from npgpt.backend import asnumpy, device_of, get_xp, to_device
 
@@ -304,7 +303,3 @@ def as_tensor(x, like=None):
         return Tensor(xp.asarray(x, dtype=like.dtype))
     return Tensor(x)
 
-
-def tensor(data, requires_grad=False, dtype=np.float32):
-    """Make a leaf Tensor, float32 by default (pass dtype=np.float64 for gradient checks)."""
-    return Tensor(data, requires_grad=requires_grad, dtype=dtype)

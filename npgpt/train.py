@@ -397,7 +397,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
         block = cfg.block_size or getattr(data, "block_size", None) or mcfg.block_size
         if block > mcfg.block_size:
             raise NpgptError(f"block_size {block} is larger than the model's n_positions {mcfg.block_size}")
-        data.check_split_sizes(block) if hasattr(data, "check_split_sizes") else None
+        data.check_split_sizes(block)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":
             model.to(cfg.device)
@@ -471,8 +471,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
                     break
                 lr = lr_at(it, cfg)
                 batch_rng = step_rng(cfg.seed, it)
-                model.rng = step_rng(cfg.seed, it, DROPOUT_STREAM)
-                _set_dropout_rng(model, model.rng)
+                _set_dropout_rng(model, step_rng(cfg.seed, it, DROPOUT_STREAM))
                 batches = (data.get_batch("train", cfg.batch_size, block, batch_rng, device=cfg.device)
                            for _ in range(cfg.gradient_accumulation_steps))
                 loss_sum = train_step(model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip,
