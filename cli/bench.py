@@ -30,6 +30,12 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
     from npgpt.bench import bench_generate, bench_train, format_generate, format_train, parse_overrides
 
     overrides = parse_overrides(sets)
+    from npgpt.distributed import current
+    if current().world_size > 1:                # mpiexec -n N npgpt bench: --batch-size is per rank
+        from npgpt.data_parallel import bench_data_parallel, format_bench
+        result = bench_data_parallel(preset, overrides, batch_size, block_size, device, iters, warmup)
+        click.echo(json.dumps(result) if as_json else format_bench(result))
+        return
     result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,
                          iters=iters, warmup=warmup, profile=profile)
     if gen:

@@ -47,6 +47,10 @@ _register_commands()
 
 
 def main():
+    from npgpt.distributed import is_launched    # reads the environment only: no mpi4py import
+    if is_launched():                            # mpiexec -n N npgpt ...: one voice for N ranks
+        from npgpt.data_parallel import run_cli
+        raise SystemExit(run_cli(cli))
     cli()
 
 
