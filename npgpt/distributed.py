@@ -441,8 +441,8 @@ class Watchdog:
             if os.getppid() != self.parent:
                 self._end("the launcher has gone")
             if since is not None and self.timeout_s > 0 and time.monotonic() - since > self.timeout_s:
-                self._end(f"a {self._what} waited more than {self.timeout_s:.0f} s: another rank has stopped "
-                          f"or hangs (NPGPT_DIST_TIMEOUT sets the limit)")
+                self._end(f"waited more than {self.timeout_s:.0f} s in a collective ({self._what}): another rank "
+                          f"has stopped or hangs (NPGPT_DIST_TIMEOUT sets the limit)")
 
     def _end(self, why):
         try:

@@ -133,7 +133,23 @@ def case_steps(comm):
     }
 
 
-CASES = {"collectives": case_collectives, "grads": case_grads, "steps": case_steps}
+def case_peer_vanishes(comm, how):
+    """Rank 1 leaves (SIGKILL, or a normal exit that skips a collective); the others wait in an
+    all-reduce that can never complete. Something must end the job: the launcher, or the watchdog."""
+    import os
+    import signal
+    buf = np.ones(1000, np.float32)
+    comm.allreduce_sum(buf)                                  # everyone is up
+    if comm.rank == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(0)                                          # leaves without joining the next collective
+    comm.allreduce_sum(buf)                                  # hangs without a watchdog
+    return {"unreachable": True}
+
+
+CASES = {"kill": lambda c: case_peer_vanishes(c, "kill"), "leave": lambda c: case_peer_vanishes(c, "leave"),
+"collectives": case_collectives, "grads": case_grads, "steps": case_steps}
 
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]

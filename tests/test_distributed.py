@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,22 @@ def test_k_steps_on_n_ranks_equal_one_process_and_zero1_equals_unsharded(n, tmp_
     assert r["zero_moments_vs_one"] < 1e-6        # the gathered moments are the full state
     assert r["plain_ranks_differ"] == 0.0 and r["zero_ranks_differ"] == 0.0
     assert r["zero_bytes"] <= r["full_bytes"] / n + 8 * n     # 1/N of the moments (+ rounding of shards)
+
+
+@needs_mpi
+@pytest.mark.parametrize("how", ["kill", "leave"])
+def test_a_vanished_rank_ends_the_job_in_bounded_time(how, tmp_path):
+    """SIGKILL: the launcher ends the job. A rank that leaves without joining a collective: the
+    others' watchdog (NPGPT_DIST_TIMEOUT=3 here) ends it. Either way: non-zero status, no hang."""
+    env = {**mpi_env(), "NPGPT_DIST_TIMEOUT": "3"}
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(WORKER), how, str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "x.json").exists()
+    if how == "leave":
+        assert "waited more than 3 s in a collective (all-reduce)" in proc.stderr
 
 
 # ---- no MPI needed ----------------------------------------------------------------------------------
