@@ -393,11 +393,26 @@ def get_communicator(device="cpu", environ=None, timeout_s=None) -> Communicator
     then MPI, and NCCL on top of it for GPU devices (each rank on GPU local_rank)."""
     if not is_launched(environ):
         return SingleProcess()
-    mpi = MPIComm(timeout_s=timeout_s)
-    from npgpt.backend import parse_device
-    if not parse_device(device).is_gpu:
-        return mpi
-    return NCCLComm(mpi)
+    return for_device(MPIComm(timeout_s=timeout_s), device)[0]
+
+
+def for_device(comm: Communicator, device: str, force_nccl=False) -> tuple[Communicator, str]:
+    """(communicator, device) for one rank of a job on `device`.
+
+    On the CPU: `comm` and the device as they are. On GPUs with several ranks: each rank takes GPU
+    `local_rank` (`--device gpu` means "this rank's GPU") and the collectives run over NCCL, its id
+    broadcast over `comm`. force_nccl builds
+    the NCCL communicator for a world of one too (the hardware check of the NCCL path on one GPU).
+    """
+    from npgpt.backend import parse_device, require_gpu
+    dev = parse_device(device)
+    if not dev.is_gpu or (comm.world_size == 1 and not force_nccl) or isinstance(comm, NCCLComm):
+        return comm, device
+    index = comm.local_rank if comm.world_size > 1 else dev.index
+    dev = type(dev)("cuda", index)
+    cp = require_gpu(dev)
+    cp.cuda.Device(index).use()                   # NCCL binds the communicator to the current GPU
+    return NCCLComm(comm), str(dev)
 
 
 # ---- the watchdog ------------------------------------------------------------------------------------
