@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from npgpt.distributed import (ZeroAdamW, count_targets, get_communicator, global_count, loss_weight,
-                               reduce_gradients, shard_bounds)
+                               reduce_gradients, set_current, shard_bounds)
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
 
@@ -154,7 +154,77 @@ CASES = {"kill": lambda c: case_peer_vanishes(c, "kill"), "leave": lambda c: cas
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
     comm = get_communicator("cpu")
+    set_current(comm)                      # what `mpiexec -n N npgpt ...` does (npgpt.data_parallel.run_cli)
     result = CASES[case](comm)
     if comm.rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
+
+
+# ---- the trainer on N ranks (tests/test_distributed_train.py) -----------------------------------------
+class GlobalBatches:
+    """A batch source whose training batch of step `it` is one fixed global batch of G rows, cut by
+    rank: rank r of N (batch B) gets rows r*B..(r+1)*B, one process with batch G gets them all.
+    The step and rank come from the generator the trainer passes (seeded [seed, it, 0(, rank)]).
+    Targets of row i ignore their first i % 5 positions, so ranks count different targets."""
+
+    def __init__(self, data, global_rows):
+        self.data, self.G = data, global_rows
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def get_batch(self, split, batch_size, block_size, rng, device=None):
+        entropy = list(rng.bit_generator.seed_seq.entropy)
+        seed, it, stream = entropy[:3]
+        if stream != 0:                                            # evaluation: as the data does it
+            return self.data.get_batch(split, batch_size, block_size, rng, device=device)
+        rank = entropy[3] if len(entropy) > 3 else 0
+        x, y = self.data.get_batch("train", self.G, block_size, np.random.default_rng([seed, it, 12345]))
+        y = y.copy()
+        for i in range(self.G):
+            y[i, :i % 5] = -1
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        return x[rows], y[rows]
+
+
+def train_tiny(data_dir, out, batch_size, source_rows=None, **over):
+    from npgpt.data import TokenData
+    from npgpt.train import TrainConfig, train
+    cfg = TrainConfig(data=str(data_dir), out=str(out), n_layer=1, n_head=2, n_embd=16, block_size=16,
+                      batch_size=batch_size, max_iters=over.pop("max_iters", 6), eval_interval=3, eval_iters=4,
+                      log_interval=2, warmup_iters=2, quiet=True, force=True, **over)
+    seen = {}
+
+    def keep_model(model, src, cfg, hooks):
+        seen["model"] = model
+    source = GlobalBatches(TokenData(data_dir), source_rows) if source_rows else None
+    result = train(cfg, batch_source=source, plugins=[keep_model])
+    flat = np.concatenate([p.data.reshape(-1) for _, p in seen["model"].named_parameters()])
+    return result, flat
+
+
+def case_train_equiv(comm, data_dir, tmp):
+    """N ranks x B with count weighting vs one process x N*B on the same sequences (trainer level)."""
+    from pathlib import Path
+
+    from npgpt.distributed import SingleProcess, current, set_current
+    n, B = comm.world_size, 2
+    tmp = Path(tmp)
+    res, flat = train_tiny(data_dir, tmp / f"dp{n}", B, source_rows=n * B)
+    res_z, flat_z = train_tiny(data_dir, tmp / f"dp{n}-zero", B, source_rows=n * B, zero_stage=1)
+    out = {"ranks_differ": max_diff_to_root(comm, flat), "zero_ranks_differ": max_diff_to_root(comm, flat_z),
+           "zero_vs_plain": comm.allreduce_scalars([float(np.abs(flat_z - flat).max())], op="max")[0],
+           "history": res.history, "iters": res.iters}
+    if comm.rank == 0:
+        mine = current()
+        set_current(SingleProcess())
+        try:
+            res1, flat1 = train_tiny(data_dir, tmp / "one", n * B, source_rows=n * B)
+        finally:
+            set_current(mine)
+        out.update(one_vs_ranks=float(np.abs(flat1 - flat).max()), history_one=res1.history)
+    return out
+
+
+CASES["train_equiv"] = lambda c: case_train_equiv(c, sys.argv[3], sys.argv[4])
