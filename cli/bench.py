@@ -30,9 +30,9 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
     from npgpt.bench import bench_generate, bench_train, format_generate, format_train, parse_overrides
 
     overrides = parse_overrides(sets)
-    from npgpt.distributed import current
+    from npgpt.distributed import current       # the job's communicator (set under mpiexec)
     if current().world_size > 1:                # mpiexec -n N npgpt bench: --batch-size is per rank
-        from npgpt.data_parallel import bench_data_parallel, format_bench
+        from npgpt.data_parallel import bench_data_parallel, format_bench   # only for launched jobs
         result = bench_data_parallel(preset, overrides, batch_size, block_size, device, iters, warmup)
         click.echo(json.dumps(result) if as_json else format_bench(result))
         return

@@ -49,7 +49,7 @@ _register_commands()
 def main():
     from npgpt.distributed import is_launched    # reads the environment only: no mpi4py import
     if is_launched():                            # mpiexec -n N npgpt ...: one voice for N ranks
-        from npgpt.data_parallel import run_cli
+        from npgpt.data_parallel import run_cli  # only under a launcher: it imports mpi4py
         raise SystemExit(run_cli(cli))
     cli()
 

@@ -27,7 +27,11 @@ import traceback
 
 import numpy as np
 
-from npgpt.distributed import Communicator, MPIComm, current, loss_weight, reduce_gradients, set_current
+from npgpt.backend import synchronize, to_device, xp_for
+from npgpt.bench import FLOPS_FORMULA, TrainStep, _check_counts, blas_threads, format_train
+from npgpt.distributed import (Communicator, MPIComm, current, loss_weight, make_optimizer, reduce_gradients,
+                               set_current)
+from npgpt.perf import gemm_peak_gflops
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NPGPT_THREADS")
 
@@ -82,7 +86,7 @@ def _limit_threads(comm: Communicator):
 # ---- the command line under a launcher -----------------------------------------------------------------
 def run_cli(group, args=None, comm: Communicator | None = None):
     """Run the click `group` on every rank of a launched job with one voice (see the module doc)."""
-    import click
+    import click          # the CLI's own library, needed only when the CLI runs under a launcher
 
     comm = comm or MPIComm()
     set_current(comm)
@@ -132,11 +136,6 @@ def bench_data_parallel(preset, overrides=None, batch_size=6, block_size=None, d
     the all-reduce (or ZeRO-1 reduce-scatter) of the gradients, clipping and the AdamW step.
     The global batch is N * batch_size. Returns bench_train's figures for the global batch, plus
     the time spent in the gradient collective."""
-    from npgpt.backend import synchronize, to_device, xp_for
-    from npgpt.bench import FLOPS_FORMULA, TrainStep, _check_counts, blas_threads
-    from npgpt.distributed import make_optimizer
-    from npgpt.perf import gemm_peak_gflops
-
     comm = comm or current()
     _check_counts(iters, warmup, batch_size)
     step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
@@ -195,7 +194,6 @@ def bench_data_parallel(preset, overrides=None, batch_size=6, block_size=None, d
 
 
 def format_bench(r):
-    from npgpt.bench import format_train
     lines = format_train(r).splitlines()
     lines[0] += f"; {r['world_size']} ranks x batch {r['per_rank_batch_size']} (global batch {r['batch_size']})"
     lines.append(f"gradients  {'reduce-scatter' if r['zero_stage'] else 'all-reduce'} "
@@ -204,80 +202,3 @@ def format_bench(r):
     return "\n".join(lines)
 
 
-
-# ---- the trainer plug ------------------------------------------------------------------------------
-class DataParallel:
-    """Makes `npgpt.train.train` data-parallel over `comm` (filled into the trainer's Hooks).
-
-    Per micro-batch m of rank r, with n_m non-ignored targets and loss L_m (their mean), the loss
-    handed to backward is L_m * n_m * M / C, where M is the number of micro-batches and C = M*B*T
-    the targets a micro-batch would have with none ignored (so the scale stays near 1, fp16 too).
-    The trainer divides by M, so after the last micro-batch the flat buffer holds
-    sum_m n_m grad(L_m) / C. reduce_grads then sums the buffers of all ranks, together with one
-    small all-reduce of [sum of n_m, sum of n_m L_m, stop flag], and multiplies by C / N_total:
-
-        grad = sum_{r,m} n_{r,m} grad(L_{r,m}) / N_total = grad(mean over all counted targets)
-
-    the gradient of the global batch's token-mean loss, before clipping. With no ignored targets
-    every factor is exactly 1 until the final 1/N. The same all-reduce gives the global loss of the
-    step (for the log line and the NaN check, identical on every rank) and agrees on Ctrl-C.
-    """
-
-    def __init__(self, comm: Communicator, targets_per_step: int, n_micro: int):
-        self.comm = comm
-        self.C = float(targets_per_step)          # M * B * T
-        self.n_micro = n_micro
-        self.optimizer = None                     # set once the trainer has built it
-        self.local_stop = lambda: False           # the trainer's Ctrl-C flag
-        self.stop_agreed = False
-        self.global_loss = float("nan")
-        self._tokens, self._loss_num = 0, 0.0
-
-    @property
-    def rank(self):
-        return self.comm.rank
-
-    def wrap_loss(self, loss_fn):
-        """loss_fn(model, x, y) -> the count-weighted loss (see the class doc)."""
-        from npgpt.backend import asnumpy
-
-        def weighted(model, x, y):
-            loss = loss_fn(model, x, y)
-            n = count_targets(y)
-            self._tokens += n
-            self._loss_num += float(asnumpy(loss.data)) * n
-            return loss * (n * self.n_micro / self.C)
-        return weighted
-
-    def reduce_grads(self, flat_grad, n_tokens=None):
-        """After the last micro-batch, before clipping: sum gradients over ranks, rescale, agree."""
-        tokens, loss_num, stop = self.comm.allreduce_scalars(
-            [self._tokens, self._loss_num, 1.0 if self.local_stop() else 0.0])
-        self._tokens, self._loss_num = 0, 0.0
-        self.stop_agreed = self.stop_agreed or stop > 0
-        self.global_loss = loss_num / tokens if tokens > 0 else 0.0
-        reduce_gradients(self.comm, self.optimizer)
-        scale = self.C / tokens if tokens > 0 else 0.0
-        lo, hi = (self.optimizer.lo, self.optimizer.hi) if hasattr(self.optimizer, "lo") else (0, flat_grad.size)
-        if scale != 1.0:
-            flat_grad[lo:hi] *= scale
-
-    def interrupted(self):
-        """Ctrl-C as agreed by all ranks at the last gradient reduction (identical everywhere)."""
-        return self.stop_agreed
-
-    def eval_losses(self, model, batches):
-        """Shared evaluation: rank r computes the batches i with i % N == r of the same sequence of
-        batches one process would draw; returns the mean over all of them (one all-reduce)."""
-        from npgpt.backend import asnumpy
-        total = 0.0
-        count = 0
-        for i, (x, y) in enumerate(batches):
-            count += 1
-            if i % self.comm.world_size == self.comm.rank:
-                total += float(asnumpy(model(x, y)[1].data))
-        return self.comm.allreduce_scalars([total])[0] / max(count, 1)
-
-    def optimizer_state(self, optimizer):
-        """Collective (ZeRO-1 gathers its shards): the full optimizer state, for rank 0 to save."""
-        return optimizer.state_dict()

@@ -44,7 +44,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from npgpt.backend import get_xp
+from npgpt.backend import _import_cupy, asnumpy, get_xp, parse_device, require_gpu
 from npgpt.errors import NpgptError
 from npgpt.optim import AdamW
 
@@ -170,7 +170,7 @@ class MPIComm(Communicator):
 
     def __init__(self, comm=None, timeout_s=None):
         try:
-            from mpi4py import MPI
+            from mpi4py import MPI   # lazily: only a launched job imports mpi4py
         except ImportError:
             raise NpgptError(f"this job was started by an MPI launcher but mpi4py is missing: {MPI_HINT}") from None
         self.MPI = MPI
@@ -288,13 +288,12 @@ class NCCLComm(Communicator):
 
     def __init__(self, mpi: MPIComm | Communicator, nccl=None, cupy=None):
         if cupy is None:
-            from npgpt.backend import _import_cupy
             cupy = _import_cupy()
             if cupy is None:
                 raise NpgptError("NCCL needs CuPy: pip install 'npgpt[gpu]'")
         if nccl is None:
             try:
-                from cupy.cuda import nccl
+                from cupy.cuda import nccl   # CuPy's NCCL binding, only for GPU jobs
             except Exception as e:
                 raise NpgptError(f"NCCL is not available in this CuPy ({e}); use MPI (it is slower on GPUs)") from None
             if not getattr(nccl, "available", True):
@@ -404,7 +403,6 @@ def for_device(comm: Communicator, device: str, force_nccl=False) -> tuple[Commu
     broadcast over `comm`. force_nccl builds
     the NCCL communicator for a world of one too (the hardware check of the NCCL path on one GPU).
     """
-    from npgpt.backend import parse_device, require_gpu
     dev = parse_device(device)
     if not dev.is_gpu or (comm.world_size == 1 and not force_nccl) or isinstance(comm, NCCLComm):
         return comm, device
@@ -623,3 +621,78 @@ def broadcast_parameters(comm: Communicator, optimizer):
         comm.broadcast(optimizer.exp_avg, root=0)
         comm.broadcast(optimizer.exp_avg_sq, root=0)
     optimizer.t = int(comm.broadcast_object(optimizer.t, root=0))
+
+
+# ---- the trainer plug ------------------------------------------------------------------------------
+class DataParallel:
+    """Makes `npgpt.train.train` data-parallel over `comm` (filled into the trainer's Hooks).
+
+    Per micro-batch m of rank r, with n_m non-ignored targets and loss L_m (their mean), the loss
+    handed to backward is L_m * n_m * M / C, where M is the number of micro-batches and C = M*B*T
+    the targets a micro-batch would have with none ignored (so the scale stays near 1, fp16 too).
+    The trainer divides by M, so after the last micro-batch the flat buffer holds
+    sum_m n_m grad(L_m) / C. reduce_grads then sums the buffers of all ranks, together with one
+    small all-reduce of [sum of n_m, sum of n_m L_m, stop flag], and multiplies by C / N_total:
+
+        grad = sum_{r,m} n_{r,m} grad(L_{r,m}) / N_total = grad(mean over all counted targets)
+
+    the gradient of the global batch's token-mean loss, before clipping. With no ignored targets
+    every factor is exactly 1 until the final 1/N. The same all-reduce gives the global loss of the
+    step (for the log line and the NaN check, identical on every rank) and agrees on Ctrl-C.
+    """
+
+    def __init__(self, comm: Communicator, targets_per_step: int, n_micro: int):
+        self.comm = comm
+        self.C = float(targets_per_step)          # M * B * T
+        self.n_micro = n_micro
+        self.optimizer = None                     # set once the trainer has built it
+        self.local_stop = lambda: False           # the trainer's Ctrl-C flag
+        self.stop_agreed = False
+        self.global_loss = float("nan")
+        self._tokens, self._loss_num = 0, 0.0
+
+    @property
+    def rank(self):
+        return self.comm.rank
+
+    def wrap_loss(self, loss_fn):
+        """loss_fn(model, x, y) -> the count-weighted loss (see the class doc)."""
+        def weighted(model, x, y):
+            loss = loss_fn(model, x, y)
+            n = count_targets(y)
+            self._tokens += n
+            self._loss_num += float(asnumpy(loss.data)) * n
+            return loss * (n * self.n_micro / self.C)
+        return weighted
+
+    def reduce_grads(self, flat_grad, n_tokens=None):
+        """After the last micro-batch, before clipping: sum gradients over ranks, rescale, agree."""
+        tokens, loss_num, stop = self.comm.allreduce_scalars(
+            [self._tokens, self._loss_num, 1.0 if self.local_stop() else 0.0])
+        self._tokens, self._loss_num = 0, 0.0
+        self.stop_agreed = self.stop_agreed or stop > 0
+        self.global_loss = loss_num / tokens if tokens > 0 else 0.0
+        reduce_gradients(self.comm, self.optimizer)
+        scale = self.C / tokens if tokens > 0 else 0.0
+        lo, hi = (self.optimizer.lo, self.optimizer.hi) if hasattr(self.optimizer, "lo") else (0, flat_grad.size)
+        if scale != 1.0:
+            flat_grad[lo:hi] *= scale
+
+    def interrupted(self):
+        """Ctrl-C as agreed by all ranks at the last gradient reduction (identical everywhere)."""
+        return self.stop_agreed
+
+    def eval_losses(self, model, batches):
+        """Shared evaluation: rank r computes the batches i with i % N == r of the same sequence of
+        batches one process would draw; returns the mean over all of them (one all-reduce)."""
+        total = 0.0
+        count = 0
+        for i, (x, y) in enumerate(batches):
+            count += 1
+            if i % self.comm.world_size == self.comm.rank:
+                total += float(asnumpy(model(x, y)[1].data))
+        return self.comm.allreduce_scalars([total])[0] / max(count, 1)
+
+    def optimizer_state(self, optimizer):
+        """Collective (ZeRO-1 gathers its shards): the full optimizer state, for rank 0 to save."""
+        return optimizer.state_dict()
