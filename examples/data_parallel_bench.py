@@ -57,7 +57,7 @@ def main():
     ranks_env = {**base, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NPGPT_THREADS": "1"}
     one_env = {**base, "OMP_NUM_THREADS": str(N), "OPENBLAS_NUM_THREADS": str(N), "NPGPT_THREADS": str(N)}
     single_env = {**base, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NPGPT_THREADS": "1"}
-    sides = {"mpi": [], "one": [], "one_1thread": [], "torch": [], "mpi_comm": []}
+    sides = {"mpi": [], "one": [], "one_1thread": [], "torch": [], "torch_1thread": [], "mpi_comm": []}
     for r in range(args.rounds):
         res = json.loads(run([mpiexec, "-n", str(N), npgpt, "bench", "--batch-size", str(G // N)] + common,
                              ranks_env).strip().splitlines()[-1])
@@ -72,6 +72,10 @@ def main():
                        "--batch-size", str(G), "--iters", str(args.iters), "--round", str(args.iters),
                        "--warmup", str(args.warmup), "--threads", str(N)], one_env)
             sides["torch"].append(float(re.search(r"pytorch eager\s+ms/iter median\s+([\d.]+)", out).group(1)))
+            out = run([args.torch_python, str(ROOT / "examples" / "torch_compare.py"), "--preset", args.preset,
+                       "--batch-size", str(G), "--iters", str(args.iters), "--round", str(args.iters),
+                       "--warmup", str(args.warmup), "--threads", "1"], single_env)
+            sides["torch_1thread"].append(float(re.search(r"pytorch eager\s+ms/iter median\s+([\d.]+)", out).group(1)))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} ms" for k, v in sides.items() if v), flush=True)
     med = {k: statistics.median(v) for k, v in sides.items() if v}
     print(f"\n{args.preset}, global batch {G}: medians over {args.rounds} rounds of per-run medians "
@@ -85,6 +89,8 @@ def main():
     if "torch" in med:
         print(f"  PyTorch eager, 1 process, {N} threads  {med['torch']:9.1f} ms/iter  "
               f"(npgpt {N} ranks / PyTorch = {med['mpi'] / med['torch']:.2f})")
+        print(f"  PyTorch eager, 1 process, 1 thread   {med['torch_1thread']:9.1f} ms/iter  "
+              f"(npgpt {N} ranks / PyTorch 1 thread = {med['mpi'] / med['torch_1thread']:.2f})")
     print(json.dumps({"preset": args.preset, "global_batch": G, "ranks": N, "rounds": sides, "medians": med}))
     return 0
 

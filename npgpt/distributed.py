@@ -661,14 +661,14 @@ class DataParallel:
             loss = loss_fn(model, x, y)
             n = count_targets(y)
             self._tokens += n
-            self._loss_num += float(asnumpy(loss.data)) * n
+            self._loss_num = self._loss_num + loss.data * n      # stays on the device until reduce_grads
             return loss * (n * self.n_micro / self.C)
         return weighted
 
     def reduce_grads(self, flat_grad, n_tokens=None):
         """After the last micro-batch, before clipping: sum gradients over ranks, rescale, agree."""
         tokens, loss_num, stop = self.comm.allreduce_scalars(
-            [self._tokens, self._loss_num, 1.0 if self.local_stop() else 0.0])
+            [self._tokens, float(asnumpy(self._loss_num)), 1.0 if self.local_stop() else 0.0])
         self._tokens, self._loss_num = 0, 0.0
         self.stop_agreed = self.stop_agreed or stop > 0
         self.global_loss = loss_num / tokens if tokens > 0 else 0.0
@@ -696,3 +696,17 @@ class DataParallel:
     def optimizer_state(self, optimizer):
         """Collective (ZeRO-1 gathers its shards): the full optimizer state, for rank 0 to save."""
         return optimizer.state_dict()
+
+    def install(self, hooks, optimizer):
+        """Plug into the trainer's Hooks (after the other plugins, so a distillation loss is weighted
+        too) and its optimizer."""
+        hooks.loss_fn = self.wrap_loss(hooks.loss_fn)
+        hooks.reduce_grads = self.reduce_grads
+        self.optimizer = optimizer
+        optimizer._sync_views()
+        self.comm.broadcast(optimizer.flat, root=0)         # every rank starts from rank 0's weights
+
+    def agree_on(self, local_stop):
+        """The trainer's Ctrl-C flag -> the flag all ranks agreed on (see reduce_grads)."""
+        self.local_stop = local_stop
+        return self.interrupted
