@@ -710,3 +710,36 @@ class DataParallel:
         """The trainer's Ctrl-C flag -> the flag all ranks agreed on (see reduce_grads)."""
         self.local_stop = local_stop
         return self.interrupted
+
+    def saved_optimizer(self, optimizer):
+        """Collective: an object whose state_dict() is the optimizer's full state, for rank 0 to save
+        (ZeroAdamW gathers its shards; every rank must call this at the same point)."""
+        return _SavedOptimizer(optimizer.state_dict())
+
+
+class _SavedOptimizer:
+    def __init__(self, state):
+        self._state = state
+
+    def state_dict(self):
+        return self._state
+
+
+def local_rank0_first(comm: Communicator, fn):
+    """fn() on local rank 0 of each machine first, then on the other ranks (a cache that the first
+    call fills, e.g. the built-in corpus, is then only read). A failure on local rank 0 is raised
+    after the others have tried too, so an error everywhere stays one message."""
+    if comm.world_size == 1:
+        return fn()
+    result, error = None, None
+    if comm.local_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    comm.barrier()
+    if comm.local_rank != 0:
+        return fn()
+    if error is not None:
+        raise error
+    return result

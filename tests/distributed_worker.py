@@ -151,16 +151,6 @@ def case_peer_vanishes(comm, how):
 CASES = {"kill": lambda c: case_peer_vanishes(c, "kill"), "leave": lambda c: case_peer_vanishes(c, "leave"),
 "collectives": case_collectives, "grads": case_grads, "steps": case_steps}
 
-if __name__ == "__main__":
-    case, out = sys.argv[1], sys.argv[2]
-    comm = get_communicator("cpu")
-    set_current(comm)                      # what `mpiexec -n N npgpt ...` does (npgpt.data_parallel.run_cli)
-    result = CASES[case](comm)
-    if comm.rank == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-
-
 # ---- the trainer on N ranks (tests/test_distributed_train.py) -----------------------------------------
 class GlobalBatches:
     """A batch source whose training batch of step `it` is one fixed global batch of G rows, cut by
@@ -221,10 +211,22 @@ def case_train_equiv(comm, data_dir, tmp):
         set_current(SingleProcess())
         try:
             res1, flat1 = train_tiny(data_dir, tmp / "one", n * B, source_rows=n * B)
+            # the same eval batches (batch B) on the same initial weights, in one process
+            res_b, _ = train_tiny(data_dir, tmp / "one-b", B, source_rows=n * B, max_iters=1)
         finally:
             set_current(mine)
-        out.update(one_vs_ranks=float(np.abs(flat1 - flat).max()), history_one=res1.history)
+        out.update(one_vs_ranks=float(np.abs(flat1 - flat).max()), eval0_one=res_b.history[0])
     return out
 
 
 CASES["train_equiv"] = lambda c: case_train_equiv(c, sys.argv[3], sys.argv[4])
+
+
+if __name__ == "__main__":
+    case, out = sys.argv[1], sys.argv[2]
+    comm = get_communicator("cpu")
+    set_current(comm)                      # what `mpiexec -n N npgpt ...` does (npgpt.data_parallel.run_cli)
+    result = CASES[case](comm)
+    if comm.rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)

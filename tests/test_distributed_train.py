@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from npgpt.cli.main import cli
 
-from helpers import TINY, corpus
+from helpers import TINY, WORDS, corpus
 from test_distributed import HERE, MPIEXEC, WORKER, mpi_env, needs_mpi
 
 pytestmark = needs_mpi
@@ -63,8 +63,10 @@ def test_n_ranks_equal_one_process_on_the_same_sequences(n, data, tmp_path):
     assert r["ranks_differ"] == 0.0 and r["zero_ranks_differ"] == 0.0
     assert r["one_vs_ranks"] < 1e-5
     assert r["zero_vs_plain"] < 1e-6
-    for a, b in zip(r["history"], r["history_one"]):         # shared eval == one process's eval
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    shared, one = r["history"][0], r["eval0_one"]             # step 0: the same weights, the same batches
+    assert shared["iter"] == one["iter"] == 0
+    assert shared["val_loss"] == pytest.approx(one["val_loss"], abs=1e-6)
+    assert shared["train_loss"] == pytest.approx(one["train_loss"], abs=1e-6)
 
 
 def test_two_identical_runs_write_bit_identical_checkpoints_and_rank0_alone_writes(data, tmp_path):
@@ -107,8 +109,8 @@ def test_sft_finetune_on_two_ranks(data, tmp_path):
     r = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(base), *[str(a) for a in TRAIN]])
     assert r.exit_code == 0, r.output
     recs = tmp_path / "qa.jsonl"
-    recs.write_text("".join(json.dumps({"prompt": f"the fox {i}", "completion": " jumps" * (1 + i % 3)}) + "\n"
-                            for i in range(40)))
+    recs.write_text("".join(json.dumps({"prompt": f"the {w} fox", "completion": " jumps" * (1 + i % 3)}) + "\n"
+                            for i, w in enumerate(WORDS * 2)))        # answers of 1-3 words: unequal counts
     r = mpi_npgpt(2, "finetune", "--init-from", base / "ckpt", "--sft", recs, "--out", tmp_path / "ft",
                   "--max-iters", 4, "--batch-size", 3, "--set", "eval_iters=2", "--eval-interval", 2)
     assert r.returncode == 0, r.stdout + r.stderr
