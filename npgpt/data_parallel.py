@@ -1,7 +1,9 @@
 """`mpiexec -n N npgpt ...`: the command line under a launcher, data-parallel benchmarks, and the
 plug that makes the trainer data-parallel.
 
-Under a launcher every rank runs the same `npgpt` command. `run_cli` gives the job one voice:
+Under a launcher every rank runs the same `npgpt` command. `train`, `finetune` and `bench` run
+data-parallel; any other command (prepare, sample, eval, ...) runs on rank 0 alone, the other ranks
+exit at once (two ranks preparing into one folder would race). `run_cli` gives the job one voice:
 
     rank 0        prints (progress, summaries, the one error message); writes checkpoints and metrics
     other ranks   are silent; their stdout and stderr go to /dev/null
@@ -29,10 +31,11 @@ import numpy as np
 
 from npgpt.backend import synchronize, to_device, xp_for
 from npgpt.bench import FLOPS_FORMULA, TrainStep, _check_counts, blas_threads, format_train
-from npgpt.distributed import (Communicator, MPIComm, current, loss_weight, make_optimizer, reduce_gradients,
-                               set_current)
+from npgpt.distributed import (Communicator, MPIComm, SingleProcess, current, loss_weight, make_optimizer,
+                               reduce_gradients, set_current)
 from npgpt.perf import gemm_peak_gflops
 
+DATA_PARALLEL_COMMANDS = ("train", "finetune", "bench")   # the others run on rank 0 alone under a launcher
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NPGPT_THREADS")
 
 
@@ -89,6 +92,12 @@ def run_cli(group, args=None, comm: Communicator | None = None):
     import click          # the CLI's own library, needed only when the CLI runs under a launcher
 
     comm = comm or MPIComm()
+    argv = list(sys.argv[1:] if args is None else args)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in DATA_PARALLEL_COMMANDS:      # prepare, sample, eval, ...: rank 0 runs it alone
+        if comm.rank != 0:
+            return 0
+        comm = SingleProcess()
     set_current(comm)
     _limit_threads(comm)
     err = sys.stderr

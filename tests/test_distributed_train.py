@@ -117,6 +117,22 @@ def test_sft_finetune_on_two_ranks(data, tmp_path):
     assert r.stdout.count("done: 4 iterations") == 1
 
 
+@pytest.mark.slow
+def test_two_ranks_prepare_the_builtin_corpus_once(tmp_path):
+    """No --data: local rank 0 prepares the pydoc corpus into an empty cache, then the others read it."""
+    env = {**mpi_env(), "NPGPT_HOME": str(tmp_path / "home")}
+    r = mpi_npgpt(2, "train", "--out", tmp_path / "o", "--max-iters", 2, "--eval-interval", 2, *TINY, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("no --data given") == 1 and "done: 2 iterations" in r.stdout
+
+
+def test_other_commands_run_on_rank_0_alone(tmp_path):
+    (tmp_path / "c.txt").write_text(corpus(300))
+    r = mpi_npgpt(3, "prepare", "--input", tmp_path / "c.txt", "--out", tmp_path / "d")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "d" / "meta.json").is_file() and r.stderr == ""
+
+
 def test_bad_input_gives_one_error_line(tmp_path):
     r = mpi_npgpt(2, "train", "--data", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode == 1
