@@ -60,9 +60,10 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
 
 def run_training(cfg, batch_source=None, next_step="npgpt sample --checkpoint {out} --prompt \"...\""):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
+    from npgpt.compress import TRAINING_PLUGINS
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source)
+        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)

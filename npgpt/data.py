@@ -56,6 +56,7 @@ import regex
 
 from npgpt.checkpoint import sha256_file
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_BPE_VOCAB = 4096
@@ -101,19 +102,6 @@ def _download(url: str, timeout: float = 10.0) -> bytes:
         return response.read()
 
 
-def _write_file_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def pydoc_text() -> str:
     """The Python reference topics shipped with CPython, in sorted key order, blank-line separated."""
     from pydoc_data.topics import topics
@@ -129,7 +117,7 @@ def builtin_corpus(name: str) -> Path:
         path = corpora / "pydoc.txt"
         # Regenerated when this Python's topics differ from the cached file (another Python version).
         if not path.is_file() or path.stat().st_size != len(data) or path.read_bytes() != data:
-            _write_file_atomically(path, data)
+            atomic_write_bytes(path, data)
         return path
     if name == "tinyshakespeare":
         path = corpora / "tinyshakespeare.txt"
@@ -145,7 +133,7 @@ def builtin_corpus(name: str) -> Path:
             raise NpgptError(f"the tinyshakespeare download has the wrong sha256 ({len(data)} bytes; expected "
                              f"{TINYSHAKESPEARE_SHA256[:12]}...); {hint}")
         try:
-            _write_file_atomically(path, data)
+            atomic_write_bytes(path, data)
         except OSError as e:
             raise NpgptError(f"cannot cache tinyshakespeare in {corpora} ({e.strerror}); set NPGPT_HOME to a "
                              f"writable folder") from None
@@ -433,9 +421,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
         "sources": [{"name": name, "bytes": size, "sha256": sha256_file(path)} for name, path, size in docs],
         "files": written + [META],
     }
-    with open(work / META, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    atomic_write_text(work / META, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
@@ -454,14 +440,7 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
             os.remove(stale)
     os.replace(work / META, out_dir / META)   # ... until the new meta.json lands, last
     shutil.rmtree(work, ignore_errors=True)
-    try:
-        fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(out_dir)
 
 
 def _read_json(path: Path):
