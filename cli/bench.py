@@ -28,11 +28,13 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
     GFLOP/s counts 6*N_non_embedding + 12*n_layer*n_embd*T FLOPs per token; MFU divides it by the
     fp32 GEMM peak measured in the same run.
     """
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.bench import bench_generate, bench_train, format_generate, format_train, parse_overrides
 
     overrides = parse_overrides(sets)
     preset = overrides.get("preset", preset)
-    batch_size = batch_size or overrides.get("batch_size", DEFAULT_BATCH_SIZE)
+    if batch_size is None:
+        batch_size = overrides.get("batch_size", DEFAULT_BATCH_SIZE)
     device = overrides.get("device", device)
     seed = overrides.get("seed", 0)
     result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,

@@ -54,9 +54,12 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from npgpt.checkpoint import sha256_file
+from npgpt import tokenizer as tk
+from npgpt.backend import get_xp, to_device
+from npgpt.checkpoint import has_checkpoint, sha256_file
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from npgpt.tokenizer import BPETokenizer, CharTokenizer, iter_text_chunks
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_BPE_VOCAB = 4096
@@ -104,7 +107,7 @@ def _download(url: str, timeout: float = 10.0) -> bytes:
 
 def pydoc_text() -> str:
     """The Python reference topics shipped with CPython, in sorted key order, blank-line separated."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics   # the stdlib docs text, read only for the built-in corpus
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 
@@ -195,16 +198,12 @@ def _safe_pieces(chunks: Iterable[str], kind: str) -> Iterator[str]:
 
 
 def _doc_pieces(path: Path, kind: str, chunk_bytes: int, errors: str = "strict") -> Iterator[str]:
-    from npgpt.tokenizer import iter_text_chunks
-
     return _safe_pieces(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors), kind)
 
 
 # ---------------------------------------------------------------------------------- preparing
 
 def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress, errors="strict"):
-    from npgpt.tokenizer import BPETokenizer, CharTokenizer
-
     if kind == "char":
         def stream():
             for i, path in enumerate(files):
@@ -340,8 +339,6 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
 
 def _tokenizer_folder(path):
     """A run folder's tokenizer lives in its checkpoint (RUN/ckpt); other folders hold it directly."""
-    from npgpt import tokenizer as tk
-    from npgpt.checkpoint import has_checkpoint
     p = Path(path)
     return p / "ckpt" if not tk.is_tokenizer_dir(p) and has_checkpoint(p) else p
 
@@ -349,8 +346,6 @@ def _tokenizer_folder(path):
 def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fraction, dataset, progress,
                   chunk_bytes, errors="strict") -> dict:
     """Tokenize `docs` into the temporary folder `work`; return the meta written there."""
-    from npgpt import tokenizer as tk
-
     paths = [path for _, path, _ in docs]
     try:
         if tokenizer_from is not None:
@@ -523,7 +518,6 @@ class TokenData:
     def tokenizer(self):
         """The tokenizer the data was made with (loaded from the data folder once)."""
         if self._tokenizer is None:
-            from npgpt import tokenizer as tk
             self._tokenizer = tk.load(self.path)
         return self._tokenizer
 
@@ -551,7 +545,6 @@ class TokenData:
         ix = rng.integers(0, n - T, size=B)                       # (B,) window starts; last start n-T-1
         idx = ix[:, None] + np.arange(T + 1)                      # (B, T+1) positions of x and the last y
         if self.device_tokens and device is not None and str(device) != "cpu":
-            from npgpt.backend import get_xp, to_device
             tokens = self._device_splits.get(split)
             if tokens is None:
                 tokens = self._device_splits[split] = to_device(np.ascontiguousarray(data), device)
@@ -561,6 +554,5 @@ class TokenData:
         window = data[idx].astype(np.int64)                       # (B, T+1), one gather from the memmap
         xy = np.stack([window[:, :-1], window[:, 1:]])            # (2, B, T) contiguous x and y
         if device is not None and str(device) != "cpu":
-            from npgpt.backend import to_device
             xy = to_device(xy, device)                            # one host->device copy
         return xy[0], xy[1]

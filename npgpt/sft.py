@@ -26,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from npgpt import tokenizer as tk
 from npgpt.backend import to_device
+from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
+from npgpt.model import GPTConfig, read_hf_config
 
 ROLES = ("system", "user", "assistant")
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -164,9 +167,6 @@ class SFTData:
     @classmethod
     def for_training(cls, cfg, stream=None):
         """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
-        from npgpt import tokenizer as tk
-        from npgpt.checkpoint import find_checkpoint
-        from npgpt.model import GPTConfig, read_hf_config
 
         src = find_checkpoint(cfg.init_from or cfg.out)
         if not tk.is_tokenizer_dir(src):
