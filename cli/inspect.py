@@ -29,7 +29,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png):
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
     model, tok, _ = load_model_and_tokenizer(checkpoint)
-    ids = tok.encode(prompt, allowed_special="all") if tok.kind == "bpe" else tok.encode(prompt)
+    ids = tok.encode_prompt(prompt)
     maps = attention_maps(model, ids)
     chosen = select(maps, layer, head)
     labels = token_labels(tok, ids)

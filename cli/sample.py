@@ -28,9 +28,7 @@ def encode_prompt(tok, text):
     """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    if tok.kind == "bpe":
-        return tok.encode(text, allowed_special="all")
-    return tok.encode(text)
+    return tok.encode_prompt(text)
 
 
 @click.command()

@@ -48,11 +48,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import regex
 
 from npgpt import tokenizer as tk
 from npgpt.backend import get_xp, to_device
@@ -60,23 +58,20 @@ from npgpt.checkpoint import has_checkpoint, sha256_file
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from npgpt.tokenizer import BPETokenizer, CharTokenizer, iter_text_chunks
+from npgpt.tokenizer.base import DEFAULT_SPECIALS, regroup_at_safe_cuts
+from npgpt.tokenizer.bpe import Progress
+from npgpt.tokenizer.bpe import safe_cut as bpe_safe_cut
+from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES
 
-DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_BPE_VOCAB = 4096
 META = "meta.json"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".markdown", ".tex", ".org", ".adoc")
 CHAR_SEPARATOR = "\n\n"
-MAX_CARRY_CHARS = 1 << 24   # text held back looking for a safe cut; past this, cut anyway
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATASETS = ("pydoc", "tinyshakespeare")
 
-# A byte-level BPE pre-token always ends after a letter that is followed by whitespace (GPT-2 and
-# GPT-4 patterns), whatever comes next: a stream can be cut there without changing any token.
-_LAST_SAFE_BPE_CUT = regex.compile(r"\p{L}(?=\s)", regex.REVERSE)
-
-Progress = Callable[[str, int, "int | None"], None]
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -178,29 +173,6 @@ def resolve_inputs(inputs, exclude: Path | None = None) -> list[Path]:
     return files
 
 
-def _safe_pieces(chunks: Iterable[str], kind: str) -> Iterator[str]:
-    """Regroup text chunks into pieces that end where the tokenizer may cut (see module docstring)."""
-    if kind == "char":
-        yield from chunks           # one character, one token: any cut is safe
-        return
-    carry = ""
-    for chunk in chunks:
-        text = carry + chunk
-        found = _LAST_SAFE_BPE_CUT.search(text)
-        cut = found.end() if found else 0
-        if cut == 0 and len(text) > MAX_CARRY_CHARS:
-            cut = len(text)         # a huge run without letters: accept one possibly split pre-token
-        if cut:
-            yield text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield carry
-
-
-def _doc_pieces(path: Path, kind: str, chunk_bytes: int, errors: str = "strict") -> Iterator[str]:
-    return _safe_pieces(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors), kind)
-
-
 # ---------------------------------------------------------------------------------- preparing
 
 def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress, errors="strict"):
@@ -209,13 +181,15 @@ def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress, errors="str
             for i, path in enumerate(files):
                 if i:
                     yield CHAR_SEPARATOR     # the separator's characters must be in the vocabulary
-                yield from _doc_pieces(path, "char", chunk_bytes, errors)
+                yield from iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors)
         return CharTokenizer.train(stream())
     if len(files) == 1:
         return BPETokenizer.train_from_file(files[0], vocab_size, progress=progress, chunk_bytes=chunk_bytes,
                                             errors=errors)
     # Several documents: pieces end at safe cuts, so no pre-token is split between two of them.
-    pieces = (piece for path in files for piece in _doc_pieces(path, "bpe", chunk_bytes, errors))
+    pieces = (piece for path in files
+              for piece in regroup_at_safe_cuts(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors),
+                                                bpe_safe_cut, DEFAULT_SPECIALS))
     return BPETokenizer.train(pieces, vocab_size, progress=progress)
 
 
@@ -388,7 +362,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
             for i, path in enumerate(paths):
                 if i:
                     emit(sep_ids.copy(), int(lengths[sep_ids].sum()))
-                for piece in _doc_pieces(path, kind, chunk_bytes, errors):
+                for piece in tok.split_stream(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors)):
                     emit(encode(piece), len(piece.encode("utf-8")))
                     if progress is not None:
                         progress("encode", pos, total)

@@ -64,7 +64,7 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
         text = read_text_checked(input)
         if not text:
             raise NpgptError(f"{input} is empty")
-        tokens = tok.encode(text, disallowed_special=()) if tok.kind == "bpe" else tok.encode(text)
+        tokens = tok.encode_plain(text)
         source = str(input)
     else:
         td = TokenData(data)

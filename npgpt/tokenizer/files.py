@@ -36,7 +36,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from npgpt.errors import NpgptError
-from npgpt.fileio import write_files_atomically  # noqa: F401  (re-exported for the tokenizers)
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MERGES_HEADER = "#version: 0.2"
