@@ -23,6 +23,11 @@ Trimming (`trim_model`) removes whole structures, so the model really gets small
 Every command reports the model before and after (`measure`, `format_report`): size on disk,
 parameters and non-zero parameters, validation loss / perplexity when data is given, and greedy
 sampling speed with the KV cache.
+
+Training plugins (npgpt.train.Hooks; `TRAINING_PLUGINS`, which the CLI passes to `train`):
+`keep_pruned_zeros` re-applies a pruned model's masks after every optimizer step and saves them with
+each checkpoint; `distill_from_teacher` makes the loss alpha * KD(teacher) + (1 - alpha) * CE for
+`npgpt finetune --teacher DIR`. The trainer never imports this module.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT.forward. Parameter names
 are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, weights stored (in, out) as GPT-2's
 Conv1D), so `model.save_pretrained(dir)` writes a folder that Hugging Face transformers loads as a
-`GPT2LMHeadModel`, and `GPT.from_pretrained(dir)` reads one that transformers wrote.
+`GPT2LMHeadModel`, and `GPT.from_pretrained(dir)` reads one that transformers wrote. A quantised
+folder is refused here: `npgpt.quant.load_model(dir)` is the one loader that decides between the two.
+`GPTConfig.num_params` is the one parameter count. Cached inference is one `forward_cached` per
+class (attention, block), so `GPT.forward_cached` is a loop like `GPT.forward`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,22 @@ import time:
     data (memmapped token files) -> batches -> model forward/backward (accumulated over micro-steps)
     -> clip -> AdamW step with the scheduled lr -> log / eval / checkpoint
 
+The loop (`_Run.loop`) reads as nanoGPT's: eval/checkpoint -> micro-steps -> clip -> step -> log,
+one small named helper each. What varies plugs in through `Hooks` (see there), filled by plugins:
+
+    hooks.loss_fn(model, x, y) -> loss         the loss of a micro-batch (distillation replaces it)
+    hooks.reduce_grads(flat_grad, n_tokens)    between backward and clipping: the data-parallel seam
+    hooks.after_step: [fn(model, it)]          after each optimizer step (pruning re-applies masks)
+    hooks.save_files: [fn(folder)]             extra files in each checkpoint (pruning's masks)
+
+    def my_plugin(model, src, cfg, hooks):     # src: the folder the model came from, or None
+        hooks.after_step.append(lambda model, it: ...)
+    train(cfg, plugins=[my_plugin])
+
+`npgpt train` / `finetune` pass npgpt.compress.TRAINING_PLUGINS (distillation, pruning masks); the
+trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
+too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
+
 Reproducibility by construction: the batch of step `it` is drawn from a generator seeded with
 (seed, it), and so is that step's dropout; eval batches likewise from (seed, it, "eval"). Nothing
 random carries over from one step to the next, so a resumed run needs only the weights, the
