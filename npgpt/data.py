@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from npgpt import tokenizer as tk
-from npgpt.backend import get_xp, to_device
+from npgpt import backend
 from npgpt.checkpoint import has_checkpoint, sha256_file
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
@@ -521,12 +521,12 @@ class TokenData:
         if self.device_tokens and device is not None and str(device) != "cpu":
             tokens = self._device_splits.get(split)
             if tokens is None:
-                tokens = self._device_splits[split] = to_device(np.ascontiguousarray(data), device)
-            window = tokens[to_device(idx, device)].astype("int64")  # (B, T+1), gathered on the device
-            xy = get_xp(window).stack([window[:, :-1], window[:, 1:]])   # (2, B, T) contiguous x and y
+                tokens = self._device_splits[split] = backend.to_device(np.ascontiguousarray(data), device)
+            window = tokens[backend.to_device(idx, device)].astype("int64")  # (B, T+1), gathered on the device
+            xy = backend.get_xp(window).stack([window[:, :-1], window[:, 1:]])   # (2, B, T) contiguous x and y
             return xy[0], xy[1]
         window = data[idx].astype(np.int64)                       # (B, T+1), one gather from the memmap
         xy = np.stack([window[:, :-1], window[:, 1:]])            # (2, B, T) contiguous x and y
         if device is not None and str(device) != "cpu":
-            xy = to_device(xy, device)                            # one host->device copy
+            xy = backend.to_device(xy, device)                            # one host->device copy
         return xy[0], xy[1]
