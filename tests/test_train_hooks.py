@@ -7,12 +7,11 @@ import pytest
 from npgpt import GPT, GPTConfig
 from npgpt.checkpoint import find_checkpoint
 from npgpt.compress import apply_prune_masks, keep_pruned_zeros, load_prune_masks, prune_model, save_prune_masks
-from npgpt.data import prepare
 from npgpt.errors import NpgptError
 from npgpt.optim import AdamW
 from npgpt.train import Hooks, TrainConfig, model_loss, train, train_step
 
-from helpers import corpus
+from test_train import data_dir  # noqa: F401  (the prepared char corpus, shared with test_train)
 
 CFG = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8)
 
@@ -40,14 +39,6 @@ def test_step_runs_loss_fn_then_reduce_grads_before_the_update():
     assert calls == ["loss", "loss", "loss", ("reduce", 3 * 2 * 8, True)]
     for k, v in model.state_dict().items():           # zero gradients, no weight decay: nothing moves
         np.testing.assert_array_equal(v, before[k])
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    (d / "corpus.txt").write_text(corpus())
-    prepare([str(d / "corpus.txt")], str(d / "prep"), tokenizer="char")
-    return d / "prep"
 
 
 def tiny(data_dir, out, **kw):
