@@ -22,8 +22,13 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
 trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
 too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
 
+Under `mpiexec -n N` (npgpt.distributed.current() has N ranks) the trainer fills the loss and
+gradient hooks with npgpt.distributed.DataParallel (count-weighted loss, one gradient reduction
+per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
+training").
+
 Reproducibility by construction: the batch of step `it` is drawn from a generator seeded with
-(seed, it), and so is that step's dropout; eval batches likewise from (seed, it, "eval"). Nothing
+(seed, it) (and the rank, for ranks other than 0), and so is that step's dropout; eval batches likewise from (seed, it, "eval"). Nothing
 random carries over from one step to the next, so a resumed run needs only the weights, the
 optimizer moments and the step number to continue bit-identically.
 """
@@ -54,7 +59,7 @@ from npgpt.distributed import DataParallel, current, for_device, local_rank0_fir
 from npgpt.errors import NpgptError
 from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
-from npgpt.optim import AdamW, get_lr
+from npgpt.optim import get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import DynamicLossScaler, Precision, use_precision
 from npgpt.tensor import no_grad
@@ -493,8 +498,9 @@ class _Run:
         self.cfg, self.out, self.log, self.data, self.model = cfg, out, log, data, model
         self.tokenizer, self.optimizer, self.scaler, self.hooks, self.block = tokenizer, optimizer, scaler, hooks, block
         self.start, self.best_val, self.last_loss, self.history = 0, float("inf"), None, []
-        self.dp, self.rank = dp, dp.rank if dp is not None else 0
-        self.tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps * (dp.comm.world_size if dp else 1)
+        self.dp, self.rank = dp, dp.rank if dp is not None else 0       # data-parallel (None: one process)
+        ranks = dp.comm.world_size if dp is not None else 1
+        self.tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps * ranks
         if cfg.resume:
             state = _load_resume_state(out, optimizer)
             self.start, self.best_val = int(state["iter"]), float(state.get("best_val_loss", float("inf")))
@@ -556,9 +562,10 @@ class _Run:
 
     def log_step(self, step, loss_sum, lr):
         cfg = self.cfg
-        self.last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
         if self.dp is not None:
             self.last_loss = self.dp.global_loss            # the global batch's loss, the same on every rank
+        else:
+            self.last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
         if not math.isfinite(self.last_loss):
             self.diverged(self.last_loss, step)
         synchronize()

@@ -22,8 +22,8 @@ FLOORS = [
     ("npgpt.optim", "npgpt.distributed"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),
-    ("npgpt.data_parallel", "npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
-     "npgpt.tokenizer.bench"),
+    ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
+     "npgpt.tokenizer.bench", "npgpt.data_parallel"),
     ("npgpt.cli",),
 ]
 
