@@ -515,7 +515,8 @@ class _Run:
 
     def describe(self, xp):
         self.flops_per_iter = self.model.flops_per_token(self.block) * self.tokens_per_iter
-        self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9   # the run's precision
+        ranks = self.dp.comm.world_size if self.dp is not None else 1   # each rank measures its share
+        self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9 * ranks   # the run's precision
         self.log(f"tokens per iteration: {self.tokens_per_iter:,}; training {self.cfg.max_iters} iterations "
                  f"on {self.cfg.device}")
 
