@@ -31,8 +31,9 @@ import numpy as np
 
 from npgpt.backend import synchronize, to_device, xp_for
 from npgpt.bench import FLOPS_FORMULA, TrainStep, _check_counts, blas_threads, format_train
-from npgpt.distributed import (Communicator, MPIComm, SingleProcess, current, loss_weight, make_optimizer,
-                               reduce_gradients, set_current)
+from npgpt.distributed import (Communicator, MPIComm, SingleProcess, current, launch_info, loss_weight,
+                               make_optimizer, reduce_gradients, set_current)
+from npgpt.errors import NpgptError
 from npgpt.perf import gemm_peak_gflops
 
 DATA_PARALLEL_COMMANDS = ("train", "finetune", "bench")   # the others run on rank 0 alone under a launcher
@@ -91,7 +92,13 @@ def run_cli(group, args=None, comm: Communicator | None = None):
     """Run the click `group` on every rank of a launched job with one voice (see the module doc)."""
     import click          # the CLI's own library, needed only when the CLI runs under a launcher
 
-    comm = comm or MPIComm()
+    if comm is None:
+        try:
+            comm = MPIComm()
+        except NpgptError as e:                    # no mpi4py: no way to agree, so rank 0 (by the env) speaks
+            if launch_info()[0] == 0:
+                print(f"Error: {e}", file=sys.stderr, flush=True)
+            return 1
     argv = list(sys.argv[1:] if args is None else args)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in DATA_PARALLEL_COMMANDS:      # prepare, sample, eval, ...: rank 0 runs it alone
@@ -126,7 +133,7 @@ def run_cli(group, args=None, comm: Communicator | None = None):
 def stop(comm: Communicator, message: str, code: int, err=None, show=None):
     """End the job after an error on this rank with one message (see the module doc)."""
     err = err or sys.__stderr__
-    together = comm.everyone_failed() if hasattr(comm, "everyone_failed") else True
+    together = comm.everyone_failed()
     if together:
         if comm.rank == 0:
             if show is not None:

@@ -146,8 +146,13 @@ class Communicator:
     def barrier(self):
         pass
 
+    def everyone_failed(self, wait_s=5.0) -> bool:
+        """Called by a rank that hit an error: did every rank hit one (see MPIComm)? Alone: yes."""
+        return True
+
     def abort(self, code=1):
-        """End every rank of the job now (after printing what went wrong)."""
+        """End this process now, without MPI_Finalize: the launcher sees a rank vanish and ends the
+        whole job (call it after printing what went wrong)."""
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -180,16 +185,13 @@ class MPIComm(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = node.Get_rank()
         node.Free()
-        self._errors = self.comm.Dup()         # a side channel for "did everyone fail?" (see fail())
+        self._errors = self.comm.Dup()         # a side channel for "did everyone fail?" (see everyone_failed)
         self._scratch = {}
         self.watchdog = Watchdog(timeout_s)
 
     # Host buffers go to MPI as they are; CuPy buffers through a host copy (portable, not fast).
     def _host(self, buf):
         return buf if isinstance(buf, np.ndarray) else None
-
-    def _mpi_type(self, buf):
-        return self.MPI._typedict[np.dtype(buf.dtype).char]
 
     def allreduce_sum(self, buf):
         _check_buf(buf)
@@ -212,8 +214,7 @@ class MPIComm(Communicator):
         if recv is None:
             recv = self._scratch[(host.dtype, counts[0])] = np.empty(counts[0], dtype=host.dtype)
         with self.watchdog.waiting("reduce-scatter"):
-            self.comm.Reduce_scatter([host, self._mpi_type(host)], [recv[:hi - lo], self._mpi_type(host)],
-                                     recvcounts=counts, op=self.MPI.SUM)
+            self.comm.Reduce_scatter(host, recv[:hi - lo], recvcounts=counts, op=self.MPI.SUM)
         if host is buf:
             buf[lo:hi] = recv[:hi - lo]
         else:
@@ -227,7 +228,7 @@ class MPIComm(Communicator):
         displs = [lo for lo, _ in bounds]
         host = buf if self._host(buf) is not None else buf.get()
         with self.watchdog.waiting("all-gather"):
-            self.comm.Allgatherv(self.MPI.IN_PLACE, [host, counts, displs, self._mpi_type(host)])
+            self.comm.Allgatherv(self.MPI.IN_PLACE, [host, (counts, displs)])   # the type from the buffer
         if host is not buf:
             buf.set(host)
         return buf
@@ -269,11 +270,6 @@ class MPIComm(Communicator):
                 return True
             time.sleep(0.01)
         return False
-
-    def abort(self, code=1):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)        # the launcher sees a rank vanish before MPI_Finalize and ends the job
 
 
 class NCCLComm(Communicator):
@@ -367,7 +363,7 @@ class NCCLComm(Communicator):
         self.mpi.barrier()
 
     def everyone_failed(self, wait_s=5.0):
-        return self.mpi.everyone_failed(wait_s) if hasattr(self.mpi, "everyone_failed") else False
+        return self.mpi.everyone_failed(wait_s)
 
     def abort(self, code=1):
         self.mpi.abort(code)
