@@ -31,7 +31,7 @@ import numpy as np
 
 from npgpt.backend import synchronize, to_device, xp_for
 from npgpt.bench import FLOPS_FORMULA, TrainStep, _check_counts, blas_threads, format_train
-from npgpt.distributed import (Communicator, MPIComm, SingleProcess, current, launch_info, loss_weight,
+from npgpt.distributed import (Communicator, MPIComm, SingleProcess, current, for_device, launch_info, loss_weight,
                                make_optimizer, reduce_gradients, set_current)
 from npgpt.errors import NpgptError
 from npgpt.perf import gemm_peak_gflops
@@ -152,7 +152,7 @@ def bench_data_parallel(preset, overrides=None, batch_size=6, block_size=None, d
     the all-reduce (or ZeRO-1 reduce-scatter) of the gradients, clipping and the AdamW step.
     The global batch is N * batch_size. Returns bench_train's figures for the global batch, plus
     the time spent in the gradient collective."""
-    comm = comm or current()
+    comm, device = for_device(comm or current(), device)     # GPUs: this rank's GPU, NCCL
     _check_counts(iters, warmup, batch_size)
     step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
     model, cfg, B, T = step.model, step.config, step.B, step.T
