@@ -36,6 +36,7 @@ the Adam moments. Checkpoints gather the moments, so they hold the full state an
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -105,7 +106,7 @@ class Communicator:
     allgather(buf)                  every rank's shard of buf -> all of buf, on every rank
     broadcast(buf, root=0)          buf <- root's buf
     allreduce_scalars(values, op)   a few Python floats -> their "sum" / "max" over ranks (a list)
-    broadcast_object(obj, root=0)   a small JSON-able object from root (ids, error messages)
+    broadcast_object(obj, root=0)   a small JSON-able object from root (ids, step counts), as JSON
     barrier()
 
     The base class is the world of one process: every collective leaves its buffer as it is.
@@ -249,8 +250,14 @@ class MPIComm(Communicator):
         return [float(v) for v in a]
 
     def broadcast_object(self, obj, root=0):
+        """As JSON text in a byte buffer (mpi4py's lowercase bcast would pickle; npgpt never does)."""
+        data = json.dumps(obj).encode("utf-8") if self.rank == root else b""
+        size = np.array([len(data)], dtype=np.int64)
         with self.watchdog.waiting("broadcast"):
-            return self.comm.bcast(obj, root=root)
+            self.comm.Bcast(size, root=root)
+            buf = np.frombuffer(data, np.uint8).copy() if self.rank == root else np.empty(int(size[0]), np.uint8)
+            self.comm.Bcast(buf, root=root)
+        return json.loads(buf.tobytes().decode("utf-8"))
 
     def barrier(self):
         with self.watchdog.waiting("barrier"):
@@ -296,8 +303,8 @@ class NCCLComm(Communicator):
                 raise NpgptError("this CuPy was built without NCCL; use MPI (it is slower on GPUs)")
         self.cp, self.nccl, self.mpi = cupy, nccl, mpi
         self.rank, self.world_size, self.local_rank = mpi.rank, mpi.world_size, mpi.local_rank
-        uid = nccl.get_unique_id() if mpi.rank == 0 else None
-        uid = mpi.broadcast_object(uid, root=0)             # the id travels over MPI
+        uid = list(nccl.get_unique_id()) if mpi.rank == 0 else None
+        uid = tuple(mpi.broadcast_object(uid, root=0))      # the id (128 small ints) travels over MPI
         self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
         self.watchdog = getattr(mpi, "watchdog", Watchdog(None))
         self._pad = {}

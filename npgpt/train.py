@@ -28,9 +28,10 @@ per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (REA
 training").
 
 Reproducibility by construction: the batch of step `it` is drawn from a generator seeded with
-(seed, it) (and the rank, for ranks other than 0), and so is that step's dropout; eval batches likewise from (seed, it, "eval"). Nothing
-random carries over from one step to the next, so a resumed run needs only the weights, the
-optimizer moments and the step number to continue bit-identically.
+(seed, it) (and the rank, for data-parallel ranks other than 0), and so is that step's dropout;
+eval batches likewise from (seed, it, "eval"). Nothing random carries over from one step to the
+next, so a resumed run needs only the weights, the optimizer moments and the step number to
+continue bit-identically.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ def tensors(path):
 
 def ckpt_files(out):
     ck = Path(out) / "ckpt"
-    return {**tensors(ck / "model.safetensors"), **{"opt." + k: v for k, v in tensors(ck / "optimizer.safetensors").items()}}
+    optimizer = {"opt." + k: v for k, v in tensors(ck / "optimizer.safetensors").items()}
+    return {**tensors(ck / "model.safetensors"), **optimizer}
 
 
 TRAIN = ["--max-iters", 6, "--eval-interval", 3, *TINY]
