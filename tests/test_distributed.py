@@ -245,3 +245,107 @@ def test_nccl_comm_plumbing_against_a_fake():
     assert np.array_equal(np.asarray(buf), values)
     with pytest.raises(ValueError, match="1-D contiguous"):
         comm.allreduce_sum(np.zeros((2, 2), np.float32).view(DevArray))
+
+
+class FakeNCCLWorld:
+    """cupy.cuda.nccl for N ranks played by N threads of this process, on host memory: each
+    collective deposits every rank's input, meets at a barrier, and computes what NCCL defines.
+    It checks NCCLComm's own part (pointers, counts, the padding of uneven shards), not NCCL."""
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_FLOAT16, NCCL_SUM = 7, 8, 6, 0
+    DTYPES = {7: np.float32, 8: np.float64}
+
+    def __init__(self, n):
+        import threading
+        self.n, self.barrier, self.slots, self.calls = n, threading.Barrier(n, timeout=30), [None] * n, []
+        world = self
+
+        class NcclCommunicator:
+            def __init__(self, ndev, uid, rank):
+                assert ndev == world.n and uid == (4, 5, 6)
+                self.rank = rank
+
+            def _meet(self, value):
+                world.slots[self.rank] = value
+                world.barrier.wait()
+                got = list(world.slots)
+                world.barrier.wait()
+                return got
+
+            def allReduce(self, send, recv, count, dtype, op, stream):
+                t = world.DTYPES[dtype]
+                at(recv, count, t)[:] = sum(self._meet(at(send, count, t).copy()))
+
+            def reduceScatter(self, send, recv, count, dtype, op, stream):
+                t = world.DTYPES[dtype]
+                parts = self._meet(at(send, count * world.n, t).copy())
+                at(recv, count, t)[:] = sum(p[self.rank * count:(self.rank + 1) * count] for p in parts)
+
+            def allGather(self, send, recv, count, dtype, stream):
+                t = world.DTYPES[dtype]
+                at(recv, count * world.n, t)[:] = np.concatenate(self._meet(at(send, count, t).copy()))
+
+            def bcast(self, buf, count, dtype, root, stream):
+                t = world.DTYPES[dtype]
+                at(buf, count, t)[:] = self._meet(at(buf, count, t).copy())[root]
+
+        self.NcclCommunicator = NcclCommunicator
+
+    def get_unique_id(self):
+        return (4, 5, 6)
+
+
+class ThreadRank(SingleProcess):
+    """The host communicator NCCLComm rides on, for one thread-rank (only broadcast_object is used)."""
+
+    def __init__(self, world, rank):
+        self.world, self.rank, self.world_size, self.local_rank = world, rank, world.n, rank
+
+    def broadcast_object(self, obj, root=0):
+        self.world.slots[self.rank] = obj
+        self.world.barrier.wait()
+        got = self.world.slots[root]
+        self.world.barrier.wait()
+        return got
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_nccl_comm_shards_and_padding_on_thread_ranks(n):
+    """reduce-scatter / all-gather of sizes that do not divide by N (padded shards), all-reduce and
+    broadcast, on N thread-ranks through NCCLComm and a fake NCCL; results against NumPy sums."""
+    import threading
+    world = FakeNCCLWorld(n)
+    sizes = (1, 5, 7, 1000)
+    data = {s: [np.random.default_rng([s, r]).standard_normal(s).astype(np.float32) for r in range(n)] for s in sizes}
+    errors = [[] for _ in range(n)]
+
+    def rank_main(r):
+        try:
+            comm = NCCLComm(ThreadRank(world, r), nccl=world, cupy=FakeCupy())
+            for s in sizes:
+                total = sum(d.astype(np.float64) for d in data[s])
+                lo, hi = shard_bounds(s, n)[r]
+                buf = data[s][r].copy().view(DevArray)
+                comm.allreduce_sum(buf)
+                errors[r].append(float(np.abs(np.asarray(buf) - total).max()))
+                buf = data[s][r].copy().view(DevArray)
+                comm.reduce_scatter_sum(buf)
+                errors[r].append(float(np.abs(np.asarray(buf)[lo:hi] - total[lo:hi]).max(initial=0.0)))
+                buf = np.full(s, np.nan, np.float32).view(DevArray)
+                buf[lo:hi] = data[s][0][lo:hi]
+                comm.allgather(buf)
+                errors[r].append(float(np.abs(np.asarray(buf) - data[s][0]).max()))
+                buf = data[s][r].copy().view(DevArray)
+                comm.broadcast(buf, root=n - 1)
+                errors[r].append(float(np.abs(np.asarray(buf) - data[s][n - 1]).max()))
+        except Exception as e:              # reported below; a thread's exception would be lost
+            errors[r].append(repr(e))
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for r in range(n):
+        assert len(errors[r]) == 4 * len(sizes), errors[r]
+        assert max(errors[r]) < 1e-5, errors[r]
