@@ -1,5 +1,6 @@
-"""`mpiexec -n N npgpt ...`: the command line under a launcher, data-parallel benchmarks, and the
-plug that makes the trainer data-parallel.
+"""`mpiexec -n N npgpt ...`: the command line under a launcher, and data-parallel benchmarks.
+(The trainer's data-parallel plug, the communicators and ZeRO-1 live one floor down, in
+npgpt.distributed.)
 
 Under a launcher every rank runs the same `npgpt` command. `train`, `finetune` and `bench` run
 data-parallel; any other command (prepare, sample, eval, ...) runs on rank 0 alone, the other ranks
