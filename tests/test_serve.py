@@ -289,13 +289,23 @@ def test_16_concurrent_streams_equal_one_at_a_time(plain_server):
     assert card["peak_batch"] > 4          # requests really shared decoding steps
 
 
-def test_disconnecting_client_does_not_disturb_others(plain_server, plain_dir):
+def test_disconnecting_client_does_not_disturb_others(tmp_path):
+    # a 7M-parameter model: a 500-token request takes seconds, so it is still running when its client leaves
+    folder = model_folder(tmp_path / "m", chat=False, block=512, n_embd=384, n_layer=4, scale=1.0)
+    server = LiveServer(folder)
+    try:
+        _disconnect_check(server, folder)
+    finally:
+        assert server.stop() == 0
+
+
+def _disconnect_check(plain_server, folder):
     alone = [_stream_text(plain_server, i) for i in range(4)]
     before = client(plain_server).models.list().data[0].model_extra["npgpt"]["cancelled"]
     # a long request (end-of-text banned, so it cannot finish early) whose client leaves after two chunks
     sock = socket.create_connection(("127.0.0.1", plain_server.port))
-    body = json.dumps({"prompt": "the", "max_tokens": 240, "stream": True, "temperature": 0,
-                       "logit_bias": eot_bias(plain_dir)}).encode()
+    body = json.dumps({"prompt": "the", "max_tokens": 500, "stream": True, "temperature": 0,
+                       "logit_bias": eot_bias(folder)}).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     with ThreadPoolExecutor(4) as pool:
