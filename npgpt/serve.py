@@ -777,6 +777,7 @@ def _usage(req, completion_tokens):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128      # listen backlog: socketserver's 5 resets a burst of 16 clients
     verbose = False
 
 
