@@ -53,9 +53,7 @@ def encode_prompt(tok, text):
     """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    if tok.kind == "bpe":
-        return tok.encode(text, allowed_special="all")
-    return tok.encode(text)
+    return tok.encode_prompt(text)
 
 
 @click.command()
@@ -72,6 +70,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
            temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
            logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args, generate_stream
     max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
@@ -81,6 +80,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
     if prompt is not None and prompt_file is not None:
         raise NpgptError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
     model, tok, _ = load_model_and_tokenizer(checkpoint, device)
@@ -148,6 +148,7 @@ def parse_logit_bias(tok, pairs):
 def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, temperature, top_k, top_p, seed,
                     device, controls, num_beams, length_penalty, draft, num_draft):
     """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import beam_search, speculative_stream
     if num_beams != 1 and draft is not None:
@@ -180,6 +181,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
 
 def _body(tok, toks, stop):
     """Generated text without the end-of-text token and anything from a stop string on."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.generate import cut_at_stop
     text = tok.decode([t for t in toks if t != tok.eot_id])
     return cut_at_stop(text, list(stop)) if stop else text
@@ -195,6 +197,7 @@ def _piece(tok, t):
 @sampling_options
 def chat(checkpoint, system, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args
     from npgpt.sft import CHAT_TOKENS
@@ -241,6 +244,7 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _prompt_ids(self):
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import render_chat
         budget = self.model.config.block_size - min(self.max_new_tokens, self.model.config.block_size // 2)
         msgs = list(self.messages)
@@ -253,6 +257,7 @@ class ChatSession:
 
     def reply(self, text):
         """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
         self.messages.append({"role": "user", "content": text})
         end = self.tok.special_tokens["<|end|>"]

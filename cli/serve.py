@@ -28,6 +28,7 @@ import click
 def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
           verbose):
     """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.serve import serve as run
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)

@@ -50,8 +50,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from pathlib import Path
 from queue import Empty, Queue
 
@@ -59,7 +59,9 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.evaluate import load_model_and_tokenizer
 from npgpt.generate import Penalties, draw, log_softmax, sampling_probs, top_tokens
+from npgpt.sft import CHAT_TOKENS, render_chat
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
@@ -417,7 +419,6 @@ class App:
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
                  max_body=1 << 20):
-        from npgpt.sft import CHAT_TOKENS
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
         self.has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
@@ -428,7 +429,7 @@ class App:
 
     # ---- building requests ------------------------------------------------------------------------
     def _encode(self, text):
-        return self.tok.encode(text, allowed_special="all") if self.tok.kind == "bpe" else self.tok.encode(text)
+        return self.tok.encode_prompt(text)      # as `npgpt sample`: BPE special-token strings are specials
 
     def completion_request(self, body):
         params = Params(body, self.model.config.vocab_size, self.limits, chat=False)
@@ -464,7 +465,6 @@ class App:
             raise ApiError(400, f"model {self.model_name} has no chat template (its tokenizer lacks the "
                                 f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
                                 f"use /v1/completions", "messages", code="no_chat_template")
-        from npgpt.sft import render_chat
         params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
@@ -485,7 +485,7 @@ class App:
                                     f"use system, user or assistant with text", "messages")
             clean.append({"role": role, "content": content})
         ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
-        from npgpt.sft import CHAT_TOKENS      # a reply ends at <|end|>; any other turn marker ends it too
+        # a reply ends at <|end|>; any other turn marker ends it too
         stop_ids = [self.tok.special_tokens[t] for t in CHAT_TOKENS] + [self.tok.eot_id]
         return self._request("chat", [ids], params, stop_ids, [""])
 
@@ -589,7 +589,6 @@ class Handler(BaseHTTPRequestHandler):
         try:
             path = self.path.split("?")[0]
             if path in ("/", "/index.html"):
-                from importlib.resources import files
                 page = files("npgpt").joinpath("static/chat.html").read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -794,7 +793,6 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print):
     """Load a model and serve it until SIGTERM / SIGINT; returns 0 after a graceful stop."""
-    from npgpt.evaluate import load_model_and_tokenizer
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
                     ("max_body", max_body)):
         if v is None or int(v) < 1:
