@@ -380,3 +380,39 @@ def test_serve_cli_errors(tmp_path):
     folder = model_folder(tmp_path / "m", chat=False)
     r = CliRunner().invoke(cli, ["serve", "--checkpoint", str(folder), "--max-batch", "0"])
     assert r.exit_code == 1 and "--max-batch" in r.output
+
+
+def test_a_crashing_request_fails_alone(tmp_path, monkeypatch):
+    """A request whose generation raises gets a 500 error body; the engine and server go on."""
+    import npgpt.serve as srv
+    from npgpt.evaluate import load_model_and_tokenizer
+    folder = model_folder(tmp_path / "m", chat=False)
+    model, tok, _ = load_model_and_tokenizer(folder)
+    real = srv.sampling_probs
+
+    def flaky(logits, temperature=1.0, top_k=None, top_p=None):
+        if temperature == 0.123:
+            raise RuntimeError("boom")
+        return real(logits, temperature, top_k, top_p)
+    monkeypatch.setattr(srv, "sampling_probs", flaky)
+    app = srv.App(model, tok, "m")
+    httpd = srv.make_server(app, port=0)
+    app.engine.start()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    class S:
+        port = httpd.server_address[1]
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            good = [pool.submit(raw, S, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 30})
+                    for _ in range(2)]
+            bad = raw(S, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 30, "temperature": 0.123})
+            assert bad[0] == 500 and "boom" in assert_error_body(bad[2])["message"]
+            assert [g.result()[0] for g in good] == [200, 200]
+        streamed = raw(S, "POST", "/v1/completions", {"prompt": "a", "temperature": 0.123, "stream": True})
+        assert streamed[0] == 200 and b'"error"' in streamed[2] and streamed[2].rstrip().endswith(b"[DONE]")
+        assert raw(S, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 5})[0] == 200
+    finally:
+        httpd.shutdown()
+        app.engine.stop(grace=1)
+        httpd.server_close()
