@@ -346,30 +346,35 @@ def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
     # 16 choices of 150 tokens from a 7M-parameter model: seconds of work, in flight when SIGTERM comes
     folder = model_folder(tmp_path / "m", chat=False, block=512, n_embd=384, n_layer=4, scale=1.0)
     server = LiveServer(folder, "--grace", "120")
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    body = json.dumps({"prompt": "a", "max_tokens": 150, "n": 16, "stream": True,
-                       "stream_options": {"include_usage": True},
-                       "logit_bias": eot_bias(folder)}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
-                 + b"\r\n\r\n" + body)
-    got = b""
-    while got.count(b"data: ") < 2:
-        got += sock.recv(65536)
-    assert client(server).models.list().data[0].model_extra["npgpt"]["active"] == 16    # still decoding
-    assert server.stop() == 0
-    while chunk := sock.recv(65536):
-        got += chunk
-    sock.close()
-    text = got.decode()
-    assert text.rstrip().endswith("data: [DONE]")
-    chunks = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
-    finish = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
-              if c["choices"] and c["choices"][0]["finish_reason"]}
-    assert finish == {i: "length" for i in range(16)}             # every choice was finished, not cut
-    assert chunks[-1]["usage"]["completion_tokens"] == 150 * 16
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", server.port), timeout=2)
-    assert "stopped" in "".join(server.lines)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        body = json.dumps({"prompt": "a", "max_tokens": 150, "n": 16, "stream": True,
+                           "stream_options": {"include_usage": True},
+                           "logit_bias": eot_bias(folder)}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        got = b""
+        while got.count(b"data: ") < 2:
+            got += sock.recv(65536)
+        assert client(server).models.list().data[0].model_extra["npgpt"]["active"] == 16    # still decoding
+        assert server.stop() == 0
+        while chunk := sock.recv(65536):
+            got += chunk
+        sock.close()
+        text = got.decode()
+        assert text.rstrip().endswith("data: [DONE]")
+        chunks = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+        finish = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"] for c in chunks
+                  if c["choices"] and c["choices"][0]["finish_reason"]}
+        assert finish == {i: "length" for i in range(16)}             # every choice was finished, not cut
+        assert chunks[-1]["usage"]["completion_tokens"] == 150 * 16
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=2)
+        assert "stopped" in "".join(server.lines)
+    finally:
+        if server.proc.poll() is None:       # a failed check above must not leave the server running
+            server.proc.kill()
+            server.proc.wait()
 
 
 def test_serve_cli_errors(tmp_path):
