@@ -630,25 +630,25 @@ def broadcast_parameters(comm: Communicator, optimizer):
 class DataParallel:
     """Makes `npgpt.train.train` data-parallel over `comm` (filled into the trainer's Hooks).
 
-    Per micro-batch m of rank r, with n_m non-ignored targets and loss L_m (their mean), the loss
-    handed to backward is L_m * n_m * M / C, where M is the number of micro-batches and C = M*B*T
-    the targets a micro-batch would have with none ignored (so the scale stays near 1, fp16 too).
-    The trainer divides by M, so after the last micro-batch the flat buffer holds
-    sum_m n_m grad(L_m) / C. reduce_grads then sums the buffers of all ranks, together with one
-    small all-reduce of [sum of n_m, sum of n_m L_m, stop flag], and multiplies by C / N_total:
+    After the last micro-batch's backward the flat buffer of rank r holds g_r, the gradient of its
+    loss as one process defines it (the mean over its M micro-batches of each one's token-mean
+    loss). reduce_grads then weights g_r by n_r / N -- rank r's non-ignored targets over the global
+    batch's, from one small all-reduce of [n_r, sum of n L, stop flag] -- and sums over ranks:
 
-        grad = sum_{r,m} n_{r,m} grad(L_{r,m}) / N_total = grad(mean over all counted targets)
+        grad = sum_r (n_r / N) g_r                  (in the flat buffer, before clipping)
 
-    the gradient of the global batch's token-mean loss, before clipping. With no ignored targets
-    every factor is exactly 1 until the final 1/N. The same all-reduce gives the global loss of the
-    step (for the log line and the NaN check, identical on every rank) and agrees on Ctrl-C.
+    With one micro-batch per step (or equal counts in a rank's micro-batches) this is exactly the
+    gradient of the mean over all non-ignored targets of the global batch; a rank with few answer
+    tokens (SFT masks) weighs less, where 1/N would over-weight it. The loss hook only observes
+    (counts targets, sums n * loss for the log), so whatever loss earlier plugins set (distillation,
+    the in-process replicas of npgpt.replicas) passes through unchanged, and a reduce_grads already
+    in the hooks (replicas summing their threads) runs first. The same all-reduce gives the step's
+    global loss (the log line and the NaN check, identical on every rank) and agrees on Ctrl-C.
     """
 
-    def __init__(self, comm: Communicator, targets_per_step: int, n_micro: int):
+    def __init__(self, comm: Communicator):
         self.comm = comm
-        self.C = float(targets_per_step)          # M * B * T
-        self.n_micro = n_micro
-        self.optimizer = None                     # set once the trainer has built it
+        self.optimizer = None                     # set by install()
         self.local_stop = lambda: False           # the trainer's Ctrl-C flag
         self.stop_agreed = False
         self.global_loss = float("nan")
@@ -659,27 +659,25 @@ class DataParallel:
         return self.comm.rank
 
     def wrap_loss(self, loss_fn):
-        """loss_fn(model, x, y) -> the count-weighted loss (see the class doc)."""
-        def weighted(model, x, y):
+        """loss_fn(model, x, y) -> the same loss; counts the micro-batch's targets on the way."""
+        def counted(model, x, y):
             loss = loss_fn(model, x, y)
             n = count_targets(y)
             self._tokens += n
             self._loss_num = self._loss_num + loss.data * n      # stays on the device until reduce_grads
-            return loss * (n * self.n_micro / self.C)
-        return weighted
+            return loss
+        return counted
 
     def reduce_grads(self, flat_grad, n_tokens=None):
-        """After the last micro-batch, before clipping: sum gradients over ranks, rescale, agree."""
+        """After the last micro-batch, before clipping: weight by targets, sum over ranks, agree."""
+        mine = self._tokens
         tokens, loss_num, stop = self.comm.allreduce_scalars(
-            [self._tokens, float(asnumpy(self._loss_num)), 1.0 if self.local_stop() else 0.0])
+            [mine, float(asnumpy(self._loss_num)), 1.0 if self.local_stop() else 0.0])
         self._tokens, self._loss_num = 0, 0.0
         self.stop_agreed = self.stop_agreed or stop > 0
         self.global_loss = loss_num / tokens if tokens > 0 else 0.0
+        flat_grad *= loss_weight(mine, tokens)                   # n_r / N (0 when nothing counts)
         reduce_gradients(self.comm, self.optimizer)
-        scale = self.C / tokens if tokens > 0 else 0.0
-        lo, hi = (self.optimizer.lo, self.optimizer.hi) if hasattr(self.optimizer, "lo") else (0, flat_grad.size)
-        if scale != 1.0:
-            flat_grad[lo:hi] *= scale
 
     def interrupted(self):
         """Ctrl-C as agreed by all ranks at the last gradient reduction (identical everywhere)."""
@@ -701,10 +699,17 @@ class DataParallel:
         return optimizer.state_dict()
 
     def install(self, hooks, optimizer):
-        """Plug into the trainer's Hooks (after the other plugins, so a distillation loss is weighted
-        too) and its optimizer."""
+        """Plug into the trainer's Hooks, after the other plugins (their reduce_grads runs first),
+        and its optimizer."""
         hooks.loss_fn = self.wrap_loss(hooks.loss_fn)
-        hooks.reduce_grads = self.reduce_grads
+        previous = hooks.reduce_grads
+
+        def reduce_grads(flat_grad, n_tokens):
+            if previous is not None:
+                previous(flat_grad, n_tokens)                   # e.g. thread replicas sum in-process first
+            self.reduce_grads(flat_grad, n_tokens)
+
+        hooks.reduce_grads = reduce_grads
         self.optimizer = optimizer
         optimizer._sync_views()
         self.comm.broadcast(optimizer.flat, root=0)         # every rank starts from rank 0's weights

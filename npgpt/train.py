@@ -475,8 +475,7 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> Tr
                                    betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         dp = None
         if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
-            dp = DataParallel(comm, cfg.batch_size * block * cfg.gradient_accumulation_steps,
-                              cfg.gradient_accumulation_steps)
+            dp = DataParallel(comm)
             dp.install(hooks, optimizer)
         scaler = DynamicLossScaler(enabled=Precision(cfg.precision).needs_loss_scaling)
         run = _Run(cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src, dp)

@@ -349,3 +349,34 @@ def test_nccl_comm_shards_and_padding_on_thread_ranks(n):
     for r in range(n):
         assert len(errors[r]) == 4 * len(sizes), errors[r]
         assert max(errors[r]) < 1e-5, errors[r]
+
+
+def test_data_parallel_plug_composes_with_earlier_hooks():
+    """The loss an earlier plugin set passes through unchanged (only counted), and an earlier
+    reduce_grads (thread replicas summing in-process) runs before the ranks' reduction."""
+    from npgpt.distributed import DataParallel
+    from npgpt.model import GPT, GPTConfig
+    from npgpt.optim import AdamW
+    from npgpt.train import Hooks
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=1)
+    opt = AdamW(model.named_parameters())
+    calls, seen = [], {}
+
+    def loss_fn(model, x, y):
+        seen["loss"] = model(x, y)[1]
+        return seen["loss"]
+
+    hooks = Hooks(loss_fn=loss_fn, reduce_grads=lambda g, n: calls.append(("earlier", g is opt.grad)))
+    dp = DataParallel(SingleProcess())
+    dp.install(hooks, opt)
+    x = np.arange(16).reshape(2, 8) % 11
+    y = x.copy()
+    y[0, :5] = -1
+    loss = hooks.loss_fn(model, x, y)
+    assert loss is seen["loss"]
+    loss.backward()
+    before = opt.grad.copy()
+    hooks.reduce_grads(opt.grad, y.size)
+    assert calls == [("earlier", True)]
+    assert dp.global_loss == pytest.approx(float(loss.data))
+    assert np.array_equal(opt.grad, before)              # one rank: its weight n_r / N is 1
