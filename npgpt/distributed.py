@@ -4,8 +4,8 @@ loss, gradient reduction, and AdamW with sharded state (ZeRO stage 1).
 N copies of the model each take their own micro-batches, and after the last backward of a step
 the N flat gradient buffers are summed, so every copy applies the same update:
 
-    rank r:  loss_r = sum over its non-ignored targets / (non-ignored targets of the GLOBAL batch)
-             grad_r = d loss_r / d params                       (backward, into the flat buffer)
+    rank r:  grad_r = d loss_r / d params, loss_r its token mean  (backward, into the flat buffer)
+             grad_r *= n_r / N     (its non-ignored targets over the GLOBAL batch's: loss_weight)
     all:     grad   = allreduce_sum(grad_r)                      (one collective per step)
              clip(grad, global norm); AdamW step                 (identical on every rank)
 
@@ -641,7 +641,7 @@ class DataParallel:
     gradient of the mean over all non-ignored targets of the global batch; a rank with few answer
     tokens (SFT masks) weighs less, where 1/N would over-weight it. The loss hook only observes
     (counts targets, sums n * loss for the log), so whatever loss earlier plugins set (distillation,
-    the in-process replicas of npgpt.replicas) passes through unchanged, and a reduce_grads already
+    in-process thread replicas) passes through unchanged, and a reduce_grads already
     in the hooks (replicas summing their threads) runs first. The same all-reduce gives the step's
     global loss (the log line and the NaN check, identical on every rank) and agrees on Ctrl-C.
     """
