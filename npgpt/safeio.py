@@ -137,14 +137,15 @@ def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH):
     except UnicodeDecodeError as e:
         raise NpgptError(f"{where} is not UTF-8 text (byte {e.start}); it is damaged or not JSON") from None
     if _json_depth(text) > max_depth:
-        raise NpgptError(f"{where} nests deeper than {max_depth} levels; it is damaged or not a file npgpt reads")
+        raise NpgptError(f"{where} is damaged: it nests deeper than {max_depth} levels")
     try:
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_parse_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise NpgptError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise NpgptError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                         f"the file is damaged") from None
     except (ValueError, RecursionError, OverflowError) as e:
-        raise NpgptError(f"{where} is not usable JSON ({str(e)[:100] or type(e).__name__})") from None
+        raise NpgptError(f"{where} is damaged: {str(e)[:100] or type(e).__name__}") from None
 
 
 def read_json(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH):
@@ -563,3 +564,19 @@ def check_finite_tensors(tensors: dict, where) -> None:
             bad = "NaN" if np.isnan(a).any() else "infinity"
             raise NpgptError(f"{where}: tensor {name} holds {bad}; the weights are damaged (a diverged run "
                              f"or a corrupt file) and are not loaded")
+
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write `{name: host array}` as a safetensors file, atomically (npgpt.fileio), with the writer's own
+    errors (a full disk, a file-size limit: not OSErrors) turned into one line; the old file stays."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    from npgpt.fileio import atomic_path, write_error
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise write_error(path, OSError(reason)) from None
