@@ -397,9 +397,9 @@ def check_config_matches(config: GPTConfig, shapes: dict, where, f, expected=Non
     layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
     if config.n_layer != len(layers):
         raise NpgptError(f"{where}: n_layer is {config.n_layer} but {f} holds {len(layers)} layers; the "
-                         f"folder's files do not match")
+                         f"folder does not match its config.json")
     probes = [("vocab_size", "transformer.wte", 0, 1), ("n_embd", "transformer.wte", 1, None),
-              ("n_positions", "transformer.wpe", 0, None), ("n_inner", "transformer.h.0.mlp.c_fc", 1, None)]
+              ("n_positions", "transformer.wpe", 0, None), ("n_inner", "transformer.h.0.mlp.c_fc", 1, 1)]
     values = {"vocab_size": config.vocab_size, "n_embd": config.n_embd, "n_positions": config.block_size,
               "n_inner": config.hidden}
     for field_name, stem, axis, q_axis in probes:
@@ -407,7 +407,7 @@ def check_config_matches(config: GPTConfig, shapes: dict, where, f, expected=Non
             shape = shapes.get(key)
             if shape is not None and ax is not None and len(shape) == 2 and shape[ax] != values[field_name]:
                 raise NpgptError(f"{where}: {field_name} is {values[field_name]} but {f} holds {key} of shape "
-                                 f"{tuple(shape)}; the folder's files do not match")
+                                 f"{tuple(shape)}; the folder does not match its config.json")
     expected = config.param_shapes() if expected is None else expected() if callable(expected) else expected
     missing = [k for k in expected if k not in shapes]
     extra = [k for k in shapes if k not in expected]
@@ -416,7 +416,7 @@ def check_config_matches(config: GPTConfig, shapes: dict, where, f, expected=Non
     problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
                ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + (wrong[:3])
     if problems:
-        raise NpgptError(f"{f} does not match {where}: {'; '.join(problems)}")
+        raise NpgptError(f"{f}: {'; '.join(problems)}; the folder does not match its config.json")
 
 
 def load_gpt2_tensors(path, config: GPTConfig | None = None):
