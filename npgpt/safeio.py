@@ -41,13 +41,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import save_file
 
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_path, write_error
 
 MAX_JSON_BYTES = 64 << 20          # GPT-2's vocab.json is 1 MB; tokenizer.json files run to ~20 MB
 MAX_DEPTH = 64                     # no npgpt or Hugging Face file nests deeper than a handful
@@ -89,8 +93,6 @@ def read_limited(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> b
 
 def _json_depth(text: str) -> int:
     """Deepest nesting of [ and { outside strings (a linear scan; strings are skipped by regex)."""
-    import re
-
     depth = deepest = 0
     for m in re.finditer(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', text):
         c = m.group()
@@ -119,6 +121,12 @@ def _parse_constant(s: str):
     raise ValueError(f"{s} is not a number JSON allows")
 
 
+def _infinity_only(s: str):
+    if s == "NaN":
+        raise ValueError("NaN is not a number npgpt reads")
+    return float(s)
+
+
 def _no_duplicates(pairs):
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -130,8 +138,11 @@ def _no_duplicates(pairs):
     return obj
 
 
-def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH):
-    """Parse JSON text under the limits above; NpgptError naming `where` on any problem."""
+def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH, allow_infinity: bool = False):
+    """Parse JSON text under the limits above; NpgptError naming `where` on any problem.
+
+    `allow_infinity` accepts the constants Infinity/-Infinity (Python's json.dumps writes them for
+    float('inf'), e.g. a best loss not measured yet); NaN is refused always."""
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError as e:
@@ -140,7 +151,8 @@ def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH):
         raise NpgptError(f"{where} is damaged: it nests deeper than {max_depth} levels")
     try:
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
-                          parse_constant=_parse_constant, object_pairs_hook=_no_duplicates)
+                          parse_constant=_infinity_only if allow_infinity else _parse_constant,
+                          object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         raise NpgptError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                          f"the file is damaged") from None
@@ -148,9 +160,10 @@ def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH):
         raise NpgptError(f"{where} is damaged: {str(e)[:100] or type(e).__name__}") from None
 
 
-def read_json(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH):
+def read_json(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH,
+              allow_infinity: bool = False):
     """The parsed JSON of the file at `path` (see the module docstring for the limits)."""
-    return parse_json(read_limited(path, what, max_bytes), str(path), max_depth)
+    return parse_json(read_limited(path, what, max_bytes), str(path), max_depth, allow_infinity)
 
 
 def read_json_object(path, what: str = "file", **limits) -> dict:
@@ -177,7 +190,10 @@ def _check_tree(obj, where, depth=0):
 
 def read_toml(path, what: str = "config file", max_bytes: int = 1 << 20) -> dict:
     """A TOML file as a dict, under a size limit, with finite numbers only."""
-    import tomllib
+    try:
+        import tomllib                   # here, not at the top: Python 3.10 has none
+    except ImportError:                  # pragma: no cover - Python 3.10
+        raise NpgptError("TOML config files need Python 3.11+; use a JSON file instead") from None
 
     data = read_limited(path, what, max_bytes)
     try:
@@ -234,9 +250,9 @@ class Int(Spec):
 class Float(Spec):
     """A finite number (ints accepted, bools refused) in [lo, hi] (or lo < x when lo_open)."""
 
-    def __init__(self, lo=None, hi=None, default=REQUIRED, lo_open=False, hi_open=False):
+    def __init__(self, lo=None, hi=None, default=REQUIRED, lo_open=False, hi_open=False, allow_inf=False):
         super().__init__(default)
-        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        self.lo, self.hi, self.lo_open, self.hi_open, self.allow_inf = lo, hi, lo_open, hi_open, allow_inf
 
     def convert(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -245,7 +261,7 @@ class Float(Spec):
             value = float(value)
         except OverflowError:
             raise ValueError("is too large") from None
-        if not math.isfinite(value):
+        if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
             raise ValueError(f"must be a finite number, got {value}")
         lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
         hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
@@ -286,6 +302,8 @@ class Obj(Spec):
         self.fields = fields
 
     def convert(self, value):
+        if value is None and self.default is None:
+            return None
         if not isinstance(value, dict):
             raise ValueError(f"must be an object {{...}}, got {_short(value)}")
         return value
@@ -342,7 +360,7 @@ def check(obj, fields: dict[str, Spec], where: str, prefix: str = "") -> dict:
             value = spec.convert(obj[name])
         except ValueError as e:
             raise NpgptError(f"{where}: field {prefix + name!r} {e}") from None
-        if isinstance(spec, Obj) and spec.fields is not None:
+        if isinstance(spec, Obj) and spec.fields is not None and value is not None:
             value = check(value, spec.fields, where, prefix=f"{prefix}{name}.")
         out[name] = value
     return out
@@ -388,34 +406,36 @@ def run_lock(folder, command: str = "npgpt"):
     """Hold an exclusive OS lock on `folder` (created if needed) for the life of the block.
 
     A second holder, in this or another process, fails at once with an NpgptError naming the first
-    holder's PID. Where `fcntl` does not exist (Windows) the block runs unlocked.
+    holder's PID. The lock file is removed on release (checked by inode on taking it, so a file
+    removed meanwhile is never trusted). Where `fcntl` does not exist (Windows) the block runs unlocked.
     """
     try:
         import fcntl
     except ImportError:                    # pragma: no cover - Windows
-        yield
+        yield None
         return
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NpgptError(f"{folder} is a file; give a folder")
     path = folder / LOCK_FILE
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise NpgptError(f"cannot create {path} ({e.strerror or e}); check the folder's permissions") from None
-    try:
+    for _ in range(20):
+        fd = _open_lock_file(folder, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            try:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-            except OSError:
-                holder = []
-            who = f"PID {holder[0]}" if holder and holder[0].isdigit() else "another process"
-            what = f" ({' '.join(holder[1:])})" if len(holder) > 1 else ""
-            raise NpgptError(f"{folder} is in use by {who}{what}; wait for it to finish or choose another "
-                             f"folder") from None
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise NpgptError(f"{folder} is in use by {holder}; wait for it to finish or choose another folder") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)                        # the holder removed the file as we opened it: take a fresh one
+    else:                                   # pragma: no cover - needs a lock race twenty times over
+        raise NpgptError(f"cannot take the lock {path}; try again")
+    try:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} npgpt {command}\n".encode(), 0)
@@ -423,7 +443,28 @@ def run_lock(folder, command: str = "npgpt"):
             pass                            # the lock holds even if its note cannot be written
         yield path
     finally:
+        try:
+            os.unlink(path)                 # still locked: nobody can take this inode meanwhile
+        except OSError:
+            pass
         os.close(fd)                        # closing releases the lock
+
+
+def _open_lock_file(folder: Path, path: Path) -> int:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NpgptError(f"{folder} is not writable ({e.strerror or e}); choose another folder") from None
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        note = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+    except OSError:
+        note = []
+    who = f"PID {note[0]}" if note and note[0].isdigit() else "another process"
+    return who + (f" ({' '.join(note[1:])})" if len(note) > 1 else "")
 
 
 # -------------------------------------------------------------------------------- safetensors
@@ -569,11 +610,6 @@ def check_finite_tensors(tensors: dict, where) -> None:
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write `{name: host array}` as a safetensors file, atomically (npgpt.fileio), with the writer's own
     errors (a full disk, a file-size limit: not OSErrors) turned into one line; the old file stays."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
-
-    from npgpt.fileio import atomic_path, write_error
-
     with atomic_path(path) as tmp:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
