@@ -18,6 +18,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.safeio import finite
 from npgpt.tensor import no_grad
 
 
@@ -30,9 +31,19 @@ class Step:
     top: list = field(default_factory=list)   # [(token, prob)] most likely first (model probabilities)
 
 
-def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=None):
+    """One-line NpgptErrors for sampling options; NaN and infinity are refused (a NaN temperature
+    would otherwise sample token 0 forever)."""
     if max_new_tokens is None or int(max_new_tokens) <= 0:
         raise NpgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature is not None:
+        finite(temperature, "temperature")
+    if top_p is not None:
+        finite(top_p, "top_p")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise NpgptError(f"seed must be an integer >= 0, got {seed}")
+    if any(not s for s in ([stop] if isinstance(stop, str) else stop or [])):
+        raise NpgptError("a stop string must not be empty (it would stop every sample at once)")
     if temperature is None or temperature < 0:
         raise NpgptError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and int(top_k) <= 0:
@@ -177,7 +188,7 @@ def generate_stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, top
     `mask` (True = real token; left or right padding). Rows stop at `eot_id` (when given) or when
     their decoded text contains one of the `stop` strings (needs `tokenizer`).
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop)
     if stop and tokenizer is None:
         raise NpgptError("stop strings need the tokenizer to decode text")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -192,6 +203,9 @@ def generate_stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, top
         generated = [[] for _ in rows]
         for _ in range(int(max_new_tokens)):
             logits = asnumpy(logits).astype(np.float64)
+            if not np.isfinite(logits).all():
+                raise NpgptError("the model's logits hold NaN or infinity; its weights are damaged (or it diverged "
+                                 "in training): sampling stopped")
             p = sampling_probs(logits, temperature, top_k, top_p)
             new = draw(p, rng) if temperature > 0 else p.argmax(axis=-1)
             model_p = softmax(logits)

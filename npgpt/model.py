@@ -234,6 +234,10 @@ class GPT(Module):
             targets = self._as_device_ints(targets)
             if targets.shape != (B, T):
                 raise NpgptError(f"targets shape {targets.shape} must equal idx shape {(B, T)}")
+            bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
+            if bad.any():                 # a negative id would wrap around and index from the end
+                raise NpgptError(f"target id {int(targets[bad].ravel()[0])} is out of range for vocab_size "
+                                 f"{self.config.vocab_size} (only {ignore_index} marks a position to ignore)")
             loss = cross_entropy(logits, targets, ignore_index=ignore_index)
         return logits, loss
 

@@ -150,7 +150,7 @@ def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH, allow_
     if _json_depth(text) > max_depth:
         raise NpgptError(f"{where} is damaged: it nests deeper than {max_depth} levels")
     try:
-        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_infinity_only if allow_infinity else _parse_constant,
                           object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
@@ -158,6 +158,30 @@ def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH, allow_
                          f"the file is damaged") from None
     except (ValueError, RecursionError, OverflowError) as e:
         raise NpgptError(f"{where} is damaged: {str(e)[:100] or type(e).__name__}") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+        raise NpgptError(f"{where} is damaged: a string holds a lone surrogate (a \\udXXX escape), which is not text")
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(obj) -> bool:
+    """Whether a string (or key) anywhere in a parsed document holds an unpaired surrogate."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+    return False
 
 
 def read_json(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH,

@@ -117,12 +117,15 @@ def test_prepare_refuses_a_checkpoint_or_model_folder_even_with_force(work):
 def test_prepare_force_deletes_only_files_npgpt_wrote(work):
     data = work / "data"
     (data / "notes.txt").write_text("mine")
-    (data / "vocab.json").write_text("{}")                   # not a char tokenizer's file: the user's
-    edit_json(data / "meta.json", lambda m: m.update(files=["notes.txt", "vocab.json", "../corpus.txt"],
-                                                        tokenizer_files=["notes.txt"]))
+    (data / "vocab.json").write_text("{}")          # a name npgpt can write, but this preparation's meta never listed it
+    edit_json(data / "meta.json", lambda m: m.update(files=["notes.txt", "../corpus.txt", "/etc/hostname"]))
     ok(run("prepare", "--input", work / "corpus.txt", "--out", data, "--force"))
     assert (data / "notes.txt").read_text() == "mine" and (data / "vocab.json").read_text() == "{}"
     assert (work / "corpus.txt").exists()
+    # what npgpt itself wrote before is replaced: a BPE preparation's files go when char replaces it
+    ok(run("prepare", "--input", work / "corpus.txt", "--out", work / "b", "--tokenizer", "bpe", "--vocab-size", 270))
+    ok(run("prepare", "--input", work / "corpus.txt", "--out", work / "b", "--force"))
+    assert not (work / "b" / "merges.txt").exists()
 
 
 def test_resume_stores_absolute_data_path_and_works_from_another_directory(work, monkeypatch):
@@ -135,7 +138,8 @@ def test_resume_stores_absolute_data_path_and_works_from_another_directory(work,
     (elsewhere / "data").mkdir()                             # a different ./data must not be used
     monkeypatch.chdir(elsewhere)
     r = ok(run("train", "--out", work / "rel", "--resume", "--max-iters", 3))
-    assert "resuming from step 2" in r.output
+    assert "done: 3 iterations" in r.output
+    assert json.loads((work / "rel" / "ckpt" / "state.json").read_text())["config"]["data"] == saved
 
 
 def test_resume_refuses_data_with_another_tokenizer(work):
@@ -151,7 +155,8 @@ def test_resume_refuses_data_with_another_tokenizer(work):
 @pytest.fixture
 def sft_run(work):
     recs = [{"prompt": "the quick", "completion": " brown fox"}, {"prompt": "seven", "completion": " wizards"},
-            {"prompt": "lazy", "completion": " dog"}]
+            {"prompt": "lazy", "completion": " dog"},
+            {"messages": [{"role": "user", "content": "hex"}, {"role": "assistant", "content": "zebras"}]}]
     (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     ok(run("finetune", "--init-from", work / "run", "--sft", work / "chat.jsonl", "--out", work / "sft",
            "--max-iters", 2, "--quiet", "--batch-size", 2, "--set", "eval_iters=1"))
@@ -163,7 +168,7 @@ def test_sft_run_resumes_through_finetune_not_train(work, sft_run):
     clean_error(run("train", "--out", sft_run, "--resume", "--max-iters", 4), "finetune")
     assert ckpt_files(sft_run) == before
     r = ok(run("finetune", "--out", sft_run, "--resume", "--max-iters", 3, "--set", "eval_iters=1"))
-    assert "resuming from step 2" in r.output
+    assert "done: 3 iterations" in r.output and "npgpt chat" in r.output
 
 
 def test_force_starts_a_fresh_metrics_file(work):
@@ -325,23 +330,26 @@ def test_token_id_beyond_the_vocabulary_in_train_bin(work):
 
 
 def test_empty_validation_split_in_eval(work):
-    ok(run("prepare", "--input", work / "corpus.txt", "--out", work / "d0", "--val-fraction", 0))
-    clean_error(run("eval", "--checkpoint", work / "run", "--data", work / "d0"), "val split|empty|no tokens")
-    ok(run("eval", "--checkpoint", work / "run", "--data", work / "d0", "--split", "train"))
+    # prepare never writes an empty split; a data folder from elsewhere (or cut by hand) can hold one
+    edit_json(work / "data" / "meta.json", lambda m: m.update(val_tokens=0))
+    (work / "data" / "val.bin").write_bytes(b"")
+    clean_error(run("eval", "--checkpoint", work / "run", "--data", work / "data"), "val split.*0 tokens")
+    ok(run("eval", "--checkpoint", work / "run", "--data", work / "data", "--split", "train"))
 
 
 def test_malformed_quantised_scales(work):
-    ok(run("quantize", work / "run", "--out", work / "q"))
+    ok(run("quantize", "--checkpoint", work / "run", "--out", work / "q"))
     from npgpt.safeio import load_safetensors
     from safetensors.numpy import save_file
-    t = load_safetensors(work / "q" / "model.safetensors")
-    scale = next(k for k in t if "scale" in k)
-    t[scale] = t[scale][:1]                                  # wrong shape
-    save_file(t, str(work / "q" / "model.safetensors"))
+    good = load_safetensors(work / "q" / "model.safetensors")
+    scale = next(k for k in good if k.endswith(".scales"))
     mf = work / "q" / "manifest.json"
     if mf.exists():
         mf.unlink()
-    clean_error(run("sample", "--checkpoint", work / "q", "--max-new-tokens", 2), "scale|shape")
+    for bad, what in [(good[scale][:, :1], "scales"), (np.zeros((0, good[scale].shape[1]), np.float32), "scales"),
+                      (np.full_like(good[scale], np.nan), "NaN"), (good[scale].astype(np.float64), "scales")]:
+        save_file({**good, scale: bad}, str(work / "q" / "model.safetensors"))
+        clean_error(run("sample", "--checkpoint", work / "q", "--max-new-tokens", 2), what)
 
 
 def test_lone_surrogates_in_a_char_tokenizer(work):
@@ -357,7 +365,9 @@ def test_lone_surrogates_in_a_char_tokenizer(work):
     (["sample", "--temperature", "nan"], "temperature"), (["sample", "--top-p", "nan"], "top_p|top-p"),
     (["prepare", "--val-fraction", "nan"], "val-fraction|val_fraction"),
     (["prepare", "--val-fraction", "-0.1"], "val-fraction|val_fraction"),
-    (["finetune", "--distill-alpha", "nan"], "alpha"), (["prune", "--sparsity", "nan"], "sparsity")])
+    (["finetune", "--distill-alpha", "nan"], "alpha"), (["prune", "--sparsity", "nan"], "sparsity"),
+    (["finetune", "--set", "sft_val_fraction=-0.1"], "sft_val_fraction"),
+    (["finetune", "--distill-temperature", "inf"], "temperature"), (["sample", "--top-k", "-3"], "top_k")])
 def test_nan_and_out_of_range_numeric_options_are_refused(work, args, what):
     cmd, rest = args[0], args[1:]
     extra = {"train": ["--data", work / "data", "--out", work / "n", *TINY],
@@ -365,7 +375,7 @@ def test_nan_and_out_of_range_numeric_options_are_refused(work, args, what):
              "prepare": ["--input", work / "corpus.txt", "--out", work / "p"],
              "finetune": ["--init-from", work / "run", "--teacher", work / "run", "--data", work / "data",
                           "--out", work / "f"],
-             "prune": [work / "run", "--out", work / "pr"]}[cmd]
+             "prune": ["--checkpoint", work / "run", "--out", work / "pr"]}[cmd]
     clean_error(run(cmd, *rest, *extra), what)
 
 
@@ -460,19 +470,29 @@ def test_state_step_beyond_max_iters_is_refused(work):
 
 def test_resume_with_an_unchanged_model_setting_is_accepted(work):
     r = ok(run("train", "--out", work / "run", "--resume", "--set", "n_layer=1", "--max-iters", 3))
-    assert "resuming from step 2" in r.output
+    assert "done: 3 iterations" in r.output
     clean_error(run("train", "--out", work / "run", "--resume", "--set", "n_layer=2", "--max-iters", 4),
                 "n_layer")
 
 
-def test_chat_reply_containing_a_special_token_string(work, sft_run):
+def test_chat_reply_containing_a_special_token_string(work):
     from npgpt.cli.sample import ChatSession
     from npgpt.evaluate import load_model_and_tokenizer
-    model, tok, _ = load_model_and_tokenizer(sft_run)
+    # byte-level BPE: any reply text can be encoded again, "<|end|>" spelled out included
+    ok(run("prepare", "--input", work / "corpus.txt", "--out", work / "bpe", "--tokenizer", "bpe", "--vocab-size", 270))
+    ok(run("train", "--data", work / "bpe", "--out", work / "brun", "--max-iters", 1, "--quiet", *TINY))
+    recs = [{"messages": [{"role": "user", "content": "hex"}, {"role": "assistant", "content": "zebras"}]}] * 3
+    (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ok(run("finetune", "--init-from", work / "brun", "--sft", work / "chat.jsonl", "--out", work / "chat",
+           "--max-iters", 1, "--quiet", "--batch-size", 2, "--set", "eval_iters=1"))
+    model, tok, _ = load_model_and_tokenizer(work / "chat")
     s = ChatSession(model, tok, max_new_tokens=3, seed=0)
     s.messages += [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a <|end|> b <|user|>"}]
+    from npgpt.sft import render_chat
+    ids, _ = render_chat(tok, s.messages, add_generation_prompt=True)
+    assert ids.count(tok.special_tokens["<|end|>"]) == 2          # the two real turn ends, not the spelled one
     assert isinstance("".join(s.reply("and <|assistant|> now")), str)
-    r = run("chat", "--checkpoint", sft_run, "--max-new-tokens", 3, "--seed", 0,
+    r = run("chat", "--checkpoint", work / "chat", "--max-new-tokens", 3, "--seed", 0,
             input="say <|end|><|user|> please\nagain\n/quit\n")
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
 
