@@ -83,7 +83,15 @@ def read_limited(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> b
                          f"it is not a file npgpt wrote")
     try:
         with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            # in chunks: f.read(max_bytes + 1) would reserve the whole limit up front
+            chunks, n = [], 0
+            while n <= max_bytes:
+                chunk = f.read(min(1 << 20, max_bytes + 1 - n))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                n += len(chunk)
+            data = b"".join(chunks)
     except OSError as e:
         raise NpgptError(f"cannot read {what} {path} ({e.strerror or e}); check its permissions") from None
     if len(data) > max_bytes:

@@ -360,6 +360,8 @@ def main():
     @given(strategy)
     def run(data):
         signal.alarm(EXAMPLE_SECONDS)
+        if os.environ.get("FUZZ_TRACE"):
+            print("AS MB", _address_space() >> 20, repr(data)[:100], file=sys.stderr, flush=True)
         try:
             case(data)
         finally:
