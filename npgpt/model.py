@@ -365,7 +365,10 @@ class GPT(Module):
 
 def records_quantization(hf: dict) -> bool:
     """True when a config.json dict records a quantised folder (loaded by npgpt.quant.load_model)."""
-    return bool((hf.get("npgpt") or {}).get("quantization"))
+    section = hf.get("npgpt") or {}
+    if not isinstance(section, dict):
+        raise NpgptError(f"config.json: field 'npgpt' must be an object {{...}}, got {type(section).__name__}")
+    return bool(section.get("quantization"))
 
 
 def read_hf_config(folder) -> dict:

@@ -43,7 +43,7 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.checkpoint import atomic_write_json, save_tensors
 from npgpt.errors import NpgptError
-from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, weights_header
+from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, records_quantization, weights_header
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
 from npgpt.safeio import Bool, Int, check, check_finite_tensors, load_safetensors
@@ -236,9 +236,9 @@ def save_quantized(model, path, bits=8, group_size=None, embedding=False):
 
 def read_scheme(hf, where="config.json"):
     """The validated {"bits", "group_size", "embedding"} of a config.json dict, or None."""
-    scheme = (hf.get("npgpt") or {}).get("quantization")
-    if not scheme:
+    if not records_quantization(hf):
         return None
+    scheme = hf["npgpt"]["quantization"]
     scheme = check(scheme, {"bits": Int(), "group_size": Int(default=None, none_ok=True),
                             "embedding": Bool(default=False)}, where, prefix="npgpt.quantization.")
     check_scheme(scheme["bits"], scheme["group_size"])

@@ -170,8 +170,10 @@ def _coerce(key, value, type_name):
                 raise ValueError
             return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
         if base == "float":
-            if isinstance(value, bool) or not math.isfinite(float(value)):
+            if isinstance(value, bool):
                 raise ValueError
+            if not math.isfinite(float(value)):
+                raise NpgptError(f"config key {key}: {value!r} is not a finite number")
             return float(value)
         if base == "str":
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
