@@ -536,7 +536,7 @@ class _Run:
 
     def describe(self, xp):
         self.flops_per_iter = self.model.flops_per_token(self.block) * self.tokens_per_iter
-        self.peak = gemm_peak_gflops(xp, seconds=0.2) * 1e9
+        self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9   # the run's precision
         self.log(f"tokens per iteration: {self.tokens_per_iter:,}; training {self.cfg.max_iters} iterations "
                  f"on {self.cfg.device}")
 
