@@ -24,13 +24,12 @@ import time
 import numpy as np
 
 from npgpt.backend import synchronize
+from npgpt.precision import Precision
 
 
 def gemm_peak_gflops(xp=np, n=None, seconds=0.5, precision="fp32"):
     """Best observed GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) over about `seconds`, in
     `precision` (float32 operands; tf32 / fp16 as `npgpt.precision` runs them)."""
-    from npgpt.precision import Precision
-
     gpu = xp is not np
     n = n or (4096 if gpu else 1024)
     mm = Precision(precision).matmul

@@ -125,12 +125,12 @@ class Tensor:
     # Make `ndarray + Tensor` defer to Tensor.__radd__ instead of NumPy broadcasting over objects.
     __array_priority__ = 1000
 
-    def __init__(self, data, requires_grad=False, dtype=None):
+    def __init__(self, data, requires_grad=False):
         if isinstance(data, Tensor):
             data = data.data
         xp = get_xp(data)
-        if not isinstance(data, xp.ndarray) or (dtype is not None and data.dtype != dtype):
-            data = xp.asarray(data, dtype=dtype)
+        if not isinstance(data, xp.ndarray):
+            data = xp.asarray(data)
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)

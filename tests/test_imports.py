@@ -14,9 +14,9 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio", "npgpt.perf", "npgpt.safeio"),
+    ("npgpt.fileio", "npgpt.safeio"),
     ("npgpt.tensor",),
-    ("npgpt.ops", "npgpt.precision"),
+    ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
     ("npgpt.model",),
     ("npgpt.optim",),
