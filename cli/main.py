@@ -11,7 +11,6 @@ import click
 from npgpt import __version__
 from npgpt.cli import bench, compress, inspect, prepare, sample, train
 from npgpt.errors import NpgptError
-from npgpt.tokenizer.loader import TRUST_PATTERN_ENV
 
 
 class NpgptGroup(click.Group):
@@ -33,6 +32,8 @@ class NpgptGroup(click.Group):
 def cli(trust_pattern):
     """npgpt: train, sample and study a GPT written with NumPy and CuPy."""
     if trust_pattern:            # read by npgpt.tokenizer.load; restored when the command ends
+        # imported here, not at the top: `npgpt --help` does not load the tokenizers
+        from npgpt.tokenizer.loader import TRUST_PATTERN_ENV
         old = os.environ.get(TRUST_PATTERN_ENV)
         os.environ[TRUST_PATTERN_ENV] = "1"
         click.get_current_context().call_on_close(

@@ -7,7 +7,6 @@ the text's UTF-8 byte count, which compares models with different tokenizers fai
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
