@@ -37,7 +37,8 @@ from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.fileio import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                           fsync_dir, write_error)
-from npgpt.safeio import Int, Obj, Str, check, inside, load_safetensors, read_json_object, write_safetensors
+from npgpt.safeio import (Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
+                          write_safetensors)
 
 CKPT_DIR = "ckpt"
 TMP_DIR = "ckpt.tmp"
@@ -173,11 +174,15 @@ def find_checkpoint(path) -> Path:
         return final
     if not final.exists() and is_model_dir(old):
         try:
-            os.rename(old, final)
-            fsync_dir(run_dir)
-            return final
-        except OSError:
-            return old                     # read-only folder: use it where it is
+            # a run writing this folder right now is between its two renames: leave its folders alone
+            with run_lock(run_dir, "recover"):
+                if not final.exists():
+                    os.rename(old, final)
+                    fsync_dir(run_dir)
+                    return final
+        except (OSError, NpgptError):
+            pass
+        return old                         # locked by a writer, or read-only: use it where it is
     raise NpgptError(f"no checkpoint in {run_dir}: train one with `npgpt train --out {run_dir}`")
 
 
