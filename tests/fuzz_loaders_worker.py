@@ -14,6 +14,9 @@ memory", a traceback, or a hang (each example has an alarm).
 The whole process runs under an address-space limit (RLIMIT_AS) of what the imports took plus
 MEMORY_BOUND, so a loader that allocates what a file's numbers claim, before checking them against
 the data present, fails with MemoryError here instead of swapping the machine.
+
+Environment: FUZZ_RANDOM=1 explores fresh random examples (the default is derandomized, as CI wants);
+FUZZ_TRACE=1 prints the address space and each example as it runs.
 """
 
 from __future__ import annotations
@@ -355,7 +358,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     signal.signal(signal.SIGALRM, _alarm)
 
-    @settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
+    @settings(max_examples=n, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"), database=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def run(data):
