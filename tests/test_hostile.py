@@ -524,3 +524,14 @@ def test_prepare_reads_process_substitution(work):
                                       f'--out "{work}/ps"'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert (work / "ps" / "train.bin").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name,text,what", [("c.toml", "learning_rate = nan\n", "finite"),
+                                            ("c.toml", "[train]\nmax_iters = inf\n", "finite"),
+                                            ("c.json", '{"learning_rate": 1e999}', "out of range"),
+                                            ("c.json", "[" * 10000 + "]" * 10000, "nests deeper"),
+                                            ("c.json", '{"grad_clip": "nan"}', "grad_clip")])
+def test_hostile_config_files_are_one_line(work, name, text, what):
+    (work / name).write_text(text)
+    clean_error(run("train", "--data", work / "data", "--out", work / "n", "--config", work / name, *TINY), what)
+    assert not (work / "n" / "ckpt").exists()
