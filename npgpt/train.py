@@ -115,6 +115,10 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise NpgptError(f"{f.name} must be a finite number, got {v}")
+        for name in ("data", "out", "init_from", "sft", "teacher"):
+            v = getattr(self, name)
+            if v is not None and (not v or "\x00" in v):
+                raise NpgptError(f"{name} must be a path, got {v!r}")
         if self.seed < 0:
             raise NpgptError(f"seed must be >= 0, got {self.seed}")
         if not 0 <= self.sft_val_fraction < 1:

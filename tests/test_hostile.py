@@ -535,3 +535,10 @@ def test_hostile_config_files_are_one_line(work, name, text, what):
     (work / name).write_text(text)
     clean_error(run("train", "--data", work / "data", "--out", work / "n", "--config", work / name, *TINY), what)
     assert not (work / "n" / "ckpt").exists()
+
+
+@pytest.mark.parametrize("key,value", [("data", "\u0000"), ("out", ""), ("init_from", "a\u0000b")])
+def test_paths_in_state_json_must_be_paths(work, key, value):
+    drop_manifest(work / "run")
+    edit_json(work / "run" / "ckpt" / "state.json", lambda s: s["config"].update({key: value}))
+    clean_error(run("train", "--out", work / "run", "--resume", "--max-iters", 3), f"state.json.*{key} must be a path")
