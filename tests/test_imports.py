@@ -23,7 +23,7 @@ FLOORS = [
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
-     "npgpt.tokenizer.bench"),
+     "npgpt.tokenizer.bench", "npgpt.serve"),
     ("npgpt.cli",),
 ]
 
