@@ -402,3 +402,59 @@ def test_info_count_for_a_model_with_n_inner(tmp_path):
     r = CliRunner().invoke(cli, ["info", "--json", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["parameters"] == tensor_count(model)
+
+
+# ---- generation paths the mutation run found unguarded ---------------------------------------------
+GEN_CFG = GPTConfig(vocab_size=13, block_size=8, n_layer=1, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="module")
+def gen_model():
+    return GPT(GEN_CFG, seed=5).eval()
+
+
+def test_top_k_1_tiny_top_p_and_top_p_1_are_accepted_and_mean_what_they_say(gen_model):
+    from npgpt.generate import generate
+    greedy = generate(gen_model, [1, 2], 6, temperature=0)
+    assert generate(gen_model, [1, 2], 6, temperature=1.0, top_k=1, seed=0) == greedy
+    assert generate(gen_model, [1, 2], 6, temperature=1.0, top_p=1e-6, seed=0) == greedy
+    assert generate(gen_model, [1, 2], 6, temperature=1.0, top_p=1.0, seed=3) == \
+        generate(gen_model, [1, 2], 6, temperature=1.0, seed=3)
+    # top_p = 1 keeps every token, however unlikely
+    p = sampling_probs(np.array([[0.0, -100.0, -200.0]]), 1.0, top_p=1.0)
+    assert (p > 0).all()
+
+
+def test_stream_top_alternatives_are_the_most_likely_tokens(gen_model):
+    from npgpt.generate import generate_stream
+    from npgpt.tensor import no_grad
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    with no_grad():
+        logits = gen_model(np.array(prompts))[0].data[:, -1].astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    first = next(generate_stream(gen_model, prompts, 1, temperature=0))
+    for s in first:
+        want = sorted(range(GEN_CFG.vocab_size), key=lambda j: (-probs[s.row, j], j))[:5]
+        assert [j for j, _ in s.top] == want
+        np.testing.assert_allclose([q for _, q in s.top], probs[s.row, want], rtol=1e-6)
+        assert s.token == want[0] and s.prob == pytest.approx(probs[s.row, want[0]], rel=1e-6)
+
+
+def test_prompts_as_arrays_and_uncached_ragged_batches(gen_model):
+    from npgpt.generate import generate
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    expect = generate(gen_model, prompts, 5, temperature=0)
+    assert generate(gen_model, np.array(prompts), 5, temperature=0) == expect
+    assert generate(gen_model, np.array(prompts[1]), 5, temperature=0) == expect[1]
+    ragged = [[1], [2, 3, 4, 5]]
+    cached = generate(gen_model, ragged, 6, temperature=0)
+    assert generate(gen_model, ragged, 6, temperature=0, use_cache=False) == cached
+    assert cached == [generate(gen_model, r, 6, temperature=0) for r in ragged]
+
+
+def test_cut_at_stop_at_the_very_start():
+    from npgpt.generate import cut_at_stop
+    assert cut_at_stop("\nrest", "\n") == ""
+    assert cut_at_stop("ab\ncd", ["x", "\n"]) == "ab"
+    assert cut_at_stop("abc", None) == "abc"
