@@ -458,3 +458,49 @@ def test_cut_at_stop_at_the_very_start():
     assert cut_at_stop("\nrest", "\n") == ""
     assert cut_at_stop("ab\ncd", ["x", "\n"]) == "ab"
     assert cut_at_stop("abc", None) == "abc"
+
+
+# ---- autograd engine details the mutation run found unguarded ----------------------------------------
+def test_gradients_never_alias_each_other_or_the_upstream_array():
+    a = Tensor(np.ones(3), requires_grad=True)
+    b = Tensor(np.ones(3), requires_grad=True)
+    g = np.array([1.0, 2.0, 3.0])
+    (a + b).backward(g)                  # Add hands the same upstream array to both inputs
+    (a * 3.0).backward(np.ones(3))       # a second backward accumulates into a.grad only
+    np.testing.assert_array_equal(a.grad, [4.0, 5.0, 6.0])
+    np.testing.assert_array_equal(b.grad, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(g, [1.0, 2.0, 3.0])
+
+
+def test_only_leaves_and_retained_tensors_keep_a_grad():
+    x = Tensor(np.arange(3.0), requires_grad=True)
+    y, kept = x * 2.0, (x * 3.0).retain_grad()
+    (y.sum() + kept.sum()).backward()
+    assert y.grad is None
+    np.testing.assert_array_equal(kept.grad, np.ones(3))
+    np.testing.assert_array_equal(x.grad, np.full(3, 5.0))
+
+
+def test_profiling_records_each_ops_own_clock_interval():
+    from npgpt.tensor import profiling
+
+    class TickClock:
+        """Readings 1, 3, 6, 10, ...: the k-th reading is k seconds after the one before it."""
+        def __init__(self):
+            self.now, self.k, self.seen = 0.0, 0, []
+
+        def clock(self):
+            self.k += 1
+            self.now += self.k
+            return self.now
+
+        def record(self, fn, phase, seconds):
+            self.seen.append((phase, seconds, self.k))
+
+    rec = TickClock()
+    x = Tensor(np.ones(4), requires_grad=True)
+    with profiling(rec):
+        (x * 2.0).sum().backward()
+    assert {phase for phase, _, _ in rec.seen} == {"forward", "backward"}
+    for _, seconds, k in rec.seen:
+        assert seconds == k          # end - start of two consecutive readings, the later being the k-th
