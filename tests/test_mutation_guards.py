@@ -504,3 +504,34 @@ def test_profiling_records_each_ops_own_clock_interval():
     assert {phase for phase, _, _ in rec.seen} == {"forward", "backward"}
     for _, seconds, k in rec.seen:
         assert seconds == k          # end - start of two consecutive readings, the later being the k-th
+
+
+# ---- small contracts the mutation run found unguarded -------------------------------------------------
+def test_bpe_merge_progress_is_reported_every_percent_and_at_the_end():
+    r = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    text = " ".join("".join(r.choice(letters[:12], r.integers(3, 9))) for _ in range(3000))
+    calls = []
+    BPETokenizer.train(text, 256 + 300 + 1, progress=lambda *a: calls.append(a))
+    merges = [c for c in calls if c[0] == "merge"]
+    assert merges == [("merge", k, 300) for k in range(3, 301, 3)]        # 300 // 100 = every 3rd
+    calls.clear()
+    BPETokenizer.train(text, 256 + 43 + 1, progress=lambda *a: calls.append(a))
+    assert [c for c in calls if c[0] == "merge"] == [("merge", k, 43) for k in range(1, 44)]
+
+
+def test_bpe_encodes_the_nul_byte():
+    tok = BPETokenizer.train("\x00\x00 " * 10, 256 + 1 + 1)       # one merge: NUL + NUL
+    pair = tok.encode("\x00\x00")
+    assert len(pair) == 1 and pair[0] >= 256
+    assert tok.encode("\x00\x00\x00") == [pair[0], 0]               # the byte token 0 stays
+    for text in ("a\x00b", "\x00", "x\x00\x00\x00y"):
+        ids = tok.encode(text)
+        assert ids == tok._reference_encode(text) and tok.decode(ids) == text
+
+
+def test_stack_and_concatenate_default_to_the_first_axis():
+    from npgpt.ops import concatenate, stack
+    a, b = Tensor(np.arange(3.0)), Tensor(np.arange(3.0, 6.0))
+    np.testing.assert_array_equal(stack([a, b]).data, [[0, 1, 2], [3, 4, 5]])
+    np.testing.assert_array_equal(concatenate([a, b]).data, np.arange(6.0))
