@@ -535,3 +535,24 @@ def test_stack_and_concatenate_default_to_the_first_axis():
     a, b = Tensor(np.arange(3.0)), Tensor(np.arange(3.0, 6.0))
     np.testing.assert_array_equal(stack([a, b]).data, [[0, 1, 2], [3, 4, 5]])
     np.testing.assert_array_equal(concatenate([a, b]).data, np.arange(6.0))
+
+
+def test_adamw_betas_must_stay_below_one_and_zero_is_allowed():
+    def params():
+        return [("w", SimpleNamespace(data=np.ones((2, 2), np.float32), grad=None))]
+    for betas in [(1.0, 0.95), (0.9, 1.0)]:
+        with pytest.raises(NpgptError, match="betas"):
+            AdamW(params(), betas=betas)
+    opt = AdamW(params(), lr=0.1, betas=(0.0, 0.0), weight_decay=0.0)   # plain sign-like steps
+    opt.grad[...] = np.array([1.0, -2.0, 3.0, -4.0], np.float32)
+    opt.step()
+    np.testing.assert_allclose(opt.flat, 1.0 - 0.1 * np.sign(opt.grad), rtol=1e-6)
+
+
+def test_clip_uses_pytorchs_coefficient_on_tiny_gradients():
+    opt = AdamW([("w", SimpleNamespace(data=np.zeros((2, 2), np.float32), grad=None))])
+    g = np.array([1.2e-6, 0.0, -1.6e-6, 0.0], np.float32)                 # norm 2e-6
+    opt.grad[...] = g
+    opt.clip_grad_norm(1e-6)
+    # PyTorch: coef = max_norm / (norm + 1e-6) = 1e-6 / 3e-6, so the new norm is 2e-6 / 3, not 1e-6
+    np.testing.assert_allclose(opt.grad, g / 3, rtol=1e-5)
