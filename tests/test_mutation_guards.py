@@ -556,3 +556,29 @@ def test_clip_uses_pytorchs_coefficient_on_tiny_gradients():
     opt.clip_grad_norm(1e-6)
     # PyTorch: coef = max_norm / (norm + 1e-6) = 1e-6 / 3e-6, so the new norm is 2e-6 / 3, not 1e-6
     np.testing.assert_allclose(opt.grad, g / 3, rtol=1e-5)
+
+
+def test_adamw_eps_sits_under_the_square_root_term():
+    opt = AdamW([("w", SimpleNamespace(data=np.zeros((2, 2), np.float32), grad=None))], lr=0.1, weight_decay=0.0)
+    opt.grad[...] = np.array([1e-8, -1e-8, 3e-8, 0.0], np.float32)   # |g| comparable to eps = 1e-8
+    opt.step()
+    g = opt.grad.astype(np.float64)
+    np.testing.assert_allclose(opt.flat, -0.1 * g / (np.abs(g) + 1e-8), rtol=1e-5, atol=1e-9)  # 0.05, 0.075
+
+
+@pytest.mark.parametrize("threads", ["2", "3"])
+def test_row_blocks_on_several_threads_cover_every_row_once(monkeypatch, threads):
+    import threading
+    monkeypatch.setattr(parallel, "BLOCK_ELEMS", 8)
+    monkeypatch.setenv("NPGPT_THREADS", threads)
+    seen, workers = np.zeros(37, dtype=int), set()
+
+    def kernel(r):
+        seen[r] += 1
+        workers.add(threading.current_thread().name)
+        return r.start
+
+    starts = parallel.for_row_blocks(37, 3, kernel, min_parallel=1)   # 14 blocks over the threads
+    assert (seen == 1).all()
+    assert starts == sorted(starts) and len(starts) == 14
+    assert len(workers) >= 2                    # the pool ran a group, the caller another
