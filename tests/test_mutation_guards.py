@@ -582,3 +582,18 @@ def test_row_blocks_on_several_threads_cover_every_row_once(monkeypatch, threads
     assert (seen == 1).all()
     assert starts == sorted(starts) and len(starts) == 14
     assert len(workers) >= 2                    # the pool ran a group, the caller another
+
+
+@pytest.mark.parametrize("files", [
+    [],                                                   # not a table
+    {"a.bin": {"size": 3}},                               # no sha256
+    {"a.bin": {"sha256": "00"}},                          # no size
+    {"a.bin": "3 bytes"},                                 # not an entry
+])
+def test_a_damaged_manifest_table_is_a_clean_error(tmp_path, files):
+    with checkpoint_writer(tmp_path) as tmp:
+        (tmp / "a.bin").write_bytes(b"abc")
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "manifest.json").write_text(json.dumps({"format": "npgpt-checkpoint", "version": 1, "files": files}))
+    with pytest.raises(NpgptError, match="manifest.json is damaged"):
+        verify_checkpoint(ckpt)
