@@ -375,11 +375,7 @@ def test_bench_set_values_take_effect():
 
 
 # ---- npgpt info's parameter count ----------------------------------------------------------------
-@pytest.mark.parametrize("bias", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason="issue 12: `npgpt info` counts bias "
-                                                 "vectors a bias=False model does not have (fixed by the refactor)")),
-])
+@pytest.mark.parametrize("bias", [True, False])   # bias=False: issue 12 found info counting absent biases
 def test_info_counts_the_model_tensors(tmp_path, bias):
     from safetensors.numpy import load_file
     cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=bias)
