@@ -198,9 +198,10 @@ def read_manifest(folder) -> dict | None:
     if not p.exists():
         return None
     manifest = read_json_object(p, "checkpoint manifest")
-    files = check(manifest, {"files": Obj()}, str(p))["files"]
+    where = f"{p} is damaged (save the checkpoint again)"
+    files = check(manifest, {"files": Obj()}, where)["files"]
     for rel, entry in files.items():
-        check(entry, _MANIFEST_ENTRY, str(p), prefix=f"files.{rel}.")
+        check(entry, _MANIFEST_ENTRY, where, prefix=f"files.{rel}.")
         inside(folder, rel, f"file listed in {MANIFEST}")
     return manifest
 
