@@ -223,13 +223,21 @@ class MPIComm(Communicator):
         return buf
 
     def allgather(self, buf):
+        # Equal chunks through padded scratch buffers: MPICH's Allgatherv of uneven counts (in place
+        # or not) took ~70 ms instead of ~0.4 ms for baby's 3.2 MB in about half of the runs here.
         _check_buf(buf)
-        bounds = shard_bounds(buf.size, self.world_size)
-        counts = [hi - lo for lo, hi in bounds]
-        displs = [lo for lo, _ in bounds]
+        n, N = buf.size, self.world_size
+        chunk = -(-n // N)
+        lo, hi = shard_bounds(n, N)[self.rank]
         host = buf if self._host(buf) is not None else buf.get()
+        key = ("gather", host.dtype, chunk)
+        if key not in self._scratch:
+            self._scratch[key] = (np.empty(chunk, host.dtype), np.empty(chunk * N, host.dtype))
+        part, full = self._scratch[key]
+        part[:hi - lo] = host[lo:hi]
         with self.watchdog.waiting("all-gather"):
-            self.comm.Allgatherv(self.MPI.IN_PLACE, [host, (counts, displs)])   # the type from the buffer
+            self.comm.Allgather(part, full)
+        host[...] = full[:n]
         if host is not buf:
             buf.set(host)
         return buf
