@@ -162,8 +162,7 @@ def save_attention_grid_png(maps, labels, path, layers=None, heads=None, scale="
     cell = max(1.6, min(0.22 * T + 0.8, 5.0))
     fig, axes = plt.subplots(len(layers), len(heads), figsize=(cell * len(heads) + 1.2, cell * len(layers) + 1.0),
                              squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#c8c8c8")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#c8c8c8")   # masked cells: grey
     show_ticks = T <= 24
     im = None
     for r, layer in enumerate(layers):
