@@ -38,9 +38,26 @@ def parse(argv, doc, steps, extra=None):
         extra(p)
     args = p.parse_args(argv)
     args.fast = args.fast or os.environ.get("NPGPT_FAST") == "1"
+    args.full = not args.fast and (args.steps is None or args.steps >= steps)   # the README's sizes
     if args.steps is None:
         args.steps = steps // 10 if args.fast else steps
     return args
+
+
+def check(cond, what):
+    """Print a claim and whether it held; a failed claim stops the app (and fails its test)."""
+    print(f"check: {what} ... {'ok' if cond else 'FAILED'}")
+    if not cond:
+        raise AssertionError(what)
+
+
+def check_claims(args, history, acc, claim):
+    """Every size: training lowered the loss. Full size: held-out accuracy reaches README's claim."""
+    first = np.mean([h[1] for h in history[:3]])
+    last = np.mean([h[1] for h in history[-3:]])
+    check(last < 0.8 * first, f"training lowered the loss on answers ({first:.2f} -> {last:.2f})")
+    if args.full:
+        check(acc >= claim, f"held-out exact match {acc:.1%} >= {claim:.0%}, the figure README states")
 
 
 def model_for(vocab_size, block, fast, seed=0, n_layer=2, n_head=4, n_embd=64):
@@ -97,11 +114,12 @@ def train_rows(model, rows, steps, block, pad_id, batch_size=32, lr=3e-3, seed=0
 
 
 def answer(model, tok, prompts, max_new_tokens, stop_id=None, batch=256):
-    """Greedy answers to text prompts, decoded together (ragged prompts are left-padded)."""
+    """Greedy answers to prompts (text, or token-id lists), decoded together (ragged prompts are
+    left-padded); each answer stops at `stop_id` (default <|endoftext|>)."""
     stop_id = tok.eot_id if stop_id is None else stop_id
     out = []
     for i in range(0, len(prompts), batch):
-        chunk = [tok.encode(p) for p in prompts[i:i + batch]]
+        chunk = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts[i:i + batch]]
         rows = generate(model, chunk, max_new_tokens, temperature=0, eot_id=stop_id)
         rows = [rows] if len(chunk) == 1 and rows and isinstance(rows[0], int) else rows
         out += [tok.decode([t for t in r if t != stop_id]) for r in rows]
@@ -118,7 +136,7 @@ def score(model, tok, pairs, max_new_tokens, show=5, stop_id=None, prompts=None,
     shown = [i for i in range(len(pairs)) if right[i]][:show - show // 2] + \
             [i for i in range(len(pairs)) if not right[i]][:show // 2]
     for i in shown:
-        p = pairs[i][0].replace("\n", " / ")
+        p = str(pairs[i][0]).replace("\n", " / ")
         print(f"  {'ok ' if right[i] else 'XX '} {p[-60:]!s:>60} -> {got[i]!r}"
               + ("" if right[i] else f"   (want {pairs[i][1]!r})"))
     return acc, got
