@@ -31,7 +31,7 @@ LIKES = "plums tea jazz chess rain maps soup kites".split()
 
 
 def conversation(rng, name):
-    like = rng.choice(LIKES)
+    like = str(rng.choice(LIKES))
     msgs = [{"role": "user", "content": f"hi, I am {name}."},
             {"role": "assistant", "content": f"Hello {name}! How can I help?"},
             {"role": "user", "content": f"I like {like}."},

@@ -29,8 +29,8 @@ OBJECTS = "kite cup hat box pen bag car dog".split()
 
 
 def item(rng):
-    people = rng.choice(NAMES, 3, replace=False)
-    facts = [(p, rng.choice(COLOURS), rng.choice(OBJECTS)) for p in people]
+    people = [str(p) for p in rng.choice(NAMES, 3, replace=False)]
+    facts = [(p, str(rng.choice(COLOURS)), str(rng.choice(OBJECTS))) for p in people]
     context = " ".join(f"{p} has a {c} {o}." for p, c, o in facts)
     p, c, o = facts[rng.integers(3)]
     return f"{context}\nWhat colour is {p}'s {o}? ", c

@@ -31,9 +31,9 @@ FILLERS = ["It was sunny.", "It was raining.", "He met a friend.", "The shop was
 
 
 def item(rng):
-    name, day = rng.choice(NAMES), rng.choice(DAYS)
-    a, b = rng.choice(GOODS, 2, replace=False)
-    fill = list(rng.choice(FILLERS, rng.integers(1, 4), replace=False))
+    name, day = str(rng.choice(NAMES)), str(rng.choice(DAYS))
+    a, b = (str(g) for g in rng.choice(GOODS, 2, replace=False))
+    fill = [str(f) for f in rng.choice(FILLERS, rng.integers(1, 4), replace=False)]
     middle = [f"He bought {a}."] + fill[:len(fill) // 2 + 1] + [f"Then he bought {b}."] + fill[len(fill) // 2 + 1:]
     story = f"On {day} {name} went to the market. " + " ".join(middle) + " He went home."
     return f"{story}\nSummary: ", f"{name} bought {a} and {b} on {day}."

@@ -125,3 +125,23 @@ def small_gpt(vocab_size, fast, block=64, seed=0, **kw):
 
 def ln(v):
     return math.log(v)
+
+
+def pretrained(fast, text_path=None, steps=None, seed=0, log=True):
+    """A small character-level GPT trained on the corpus (lessons 11-14 study it).
+
+    Returns (model, tokenizer, train_ids, val_ids, block). Fast mode: 1 layer, 60 steps (seconds);
+    otherwise 2 layers x 4 heads x 64 wide, 600 steps (a minute or two on a laptop CPU core).
+    """
+    from npgpt.tokenizer import CharTokenizer
+    text, name = corpus(text_path, fast)
+    tok = CharTokenizer.train(text)
+    train_ids, val_ids = split_ids(tok, text)
+    block = 64
+    model = small_gpt(tok.vocab_size, fast, block=block, seed=seed)
+    steps = steps or (60 if fast else 600)
+    if log:
+        print(f"pretraining a {model.num_params():,}-parameter GPT on {name} for {steps} steps")
+    train_lm(model, train_ids, steps, block, batch_size=16 if fast else 32, lr=3e-3, seed=seed,
+             log_every=steps // 3 if log else 0)
+    return model, tok, train_ids, val_ids, block
