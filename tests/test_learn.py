@@ -26,7 +26,6 @@ def run(script, *args, fast=True, timeout=600):
                        timeout=timeout, cwd=ROOT)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
-    assert "FAILED" not in r.stdout, out[-3000:]
     checks = [line for line in r.stdout.splitlines() if line.startswith("check:")]
     assert checks and all(line.endswith("... ok") for line in checks), out[-3000:]
     return r.stdout

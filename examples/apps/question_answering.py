@@ -40,7 +40,7 @@ CLAIM = 0.5   # held-out exact match at the default size (README states the meas
 
 
 def main(argv=None):
-    args = parse(argv, __doc__, steps=600)
+    args = parse(argv, __doc__, steps=1500)
     rng = np.random.default_rng(args.seed)
     train = [item(rng) for _ in range(20000)]
     test = [item(np.random.default_rng(10_000 + args.seed + i)) for i in range(200)]
