@@ -393,7 +393,8 @@ class DynamicLossScaler:
             self.update(True)
             return False, float("inf")
         self.unscale_(optimizer.grad)
-        norm = optimizer.clip_grad_norm(grad_clip)
+        # Unscaling divides every gradient by `scale`, so it divides their norm too: no second pass.
+        norm = optimizer.clip_grad_norm(grad_clip, norm=norm / self.scale if self.enabled else norm)
         optimizer.step(lr)
         self.update(False)
         return True, norm

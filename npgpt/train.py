@@ -423,7 +423,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
             log(f"resuming from step {start} (best val loss {best_val:.4f})")
         tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps
         flops_per_iter = model.flops_per_token(block) * tokens_per_iter
-        peak = gemm_peak_gflops(xp, seconds=0.2) * 1e9
+        peak = gemm_peak_gflops(xp, precision=cfg.precision) * 1e9   # the run's precision
         log(f"tokens per iteration: {tokens_per_iter:,}; training {cfg.max_iters} iterations on {cfg.device}")
 
         def checkpoint(it, reason):

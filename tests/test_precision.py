@@ -188,6 +188,19 @@ def test_scaler_step_matches_unscaled_step():
     assert s.scale == 256.0 and s.good_steps == 1
 
 
+def test_scaler_step_reads_the_gradient_norm_once(monkeypatch):
+    # One reduction over the gradients per step: the unscaled norm is the scaled one / scale.
+    opt = _opt()
+    opt.grad[...] = np.random.default_rng(9).standard_normal(opt.grad.size).astype(np.float32) * 512.0
+    calls = []
+    real = opt.grad_norm
+    monkeypatch.setattr(opt, "grad_norm", lambda: calls.append(1) or real())
+    stepped, norm = P.DynamicLossScaler(init_scale=512.0).step(opt, lr=1e-2, grad_clip=0.5)
+    assert stepped and len(calls) == 1
+    # and the clipped, unscaled gradient really has the clip norm
+    assert math.isclose(float(np.sqrt(np.dot(opt.grad, opt.grad))), 0.5, rel_tol=1e-4)
+
+
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_scaler_skips_step_and_backs_off_on_overflow(bad):
     opt = _opt()
