@@ -262,7 +262,9 @@ def save_logit_lens_png(probs, labels, tok, path, title=""):
     im = ax.imshow(conf, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
     for layer in range(L):
         for t in range(T):
-            ax.text(t, layer, repr(tok.decode([int(top[layer, t])]))[1:-1][:6], ha="center", va="center",
+            text = repr(tok.decode([int(top[layer, t])]))
+            text = (text if not text[1:-1].strip() else text[1:-1])[:6]     # a blank token keeps its quotes
+            ax.text(t, layer, text, ha="center", va="center",
                     fontsize=7, color="white" if conf[layer, t] < 0.6 else "black")
     ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(L), ["emb"] + [f"after block {i}" for i in range(L - 1)], fontsize=7)

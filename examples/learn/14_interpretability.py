@@ -13,7 +13,10 @@ per head, and the logit lens.
 3. The logit lens. Apply the final LayerNorm and the unembedding to the residual stream after
    each block: what would the model predict if it stopped there? Early layers tend to predict
    something like the bigram guess, later layers refine it; the last layer is by construction the
-   model's own prediction (`npgpt inspect --logit-lens`).
+   model's own prediction (`npgpt inspect --logit-lens`). The row for the embeddings alone
+   mostly echoes the input token: with tied weights the logit of token v is x . wte[v], and an
+   embedding is most similar to itself, so "predict the current token" is the lens's reading of a
+   stream that holds nothing else yet.
 """
 
 import sys
