@@ -36,7 +36,7 @@ def item(rng):
     return f"{context}\nWhat colour is {p}'s {o}? ", c
 
 
-CLAIM = 0.5   # held-out exact match at the default size (README states the measured figure)
+CLAIM = 0.45   # held-out exact match at the default size (README states the measured figure)
 
 
 def main(argv=None):

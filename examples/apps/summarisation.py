@@ -39,7 +39,7 @@ def item(rng):
     return f"{story}\nSummary: ", f"{name} bought {a} and {b} on {day}."
 
 
-CLAIM = 0.5   # held-out exact match at the default size (README states the measured figure)
+CLAIM = 0.20   # held-out exact match at the default size (README states the measured figure)
 
 
 def main(argv=None):
