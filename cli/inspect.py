@@ -26,6 +26,7 @@ MATRIX_MAX_TOKENS = 48     # wider shaded matrices wrap in a terminal; the top-k
 def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
     """Show which earlier tokens each token of PROMPT attends to most (or, with --logit-lens, what
     each layer would predict)."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.inspect import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
                                save_logit_lens_png, select, shade_matrix, token_labels)
@@ -37,7 +38,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
     model, tok, _ = load_model_and_tokenizer(checkpoint)
-    ids = tok.encode(prompt, allowed_special="all") if tok.kind == "bpe" else tok.encode(prompt)
+    ids = tok.encode_prompt(prompt)
     if lens:
         probs = logit_lens(model, ids)
         labels = token_labels(tok, ids, width=8)

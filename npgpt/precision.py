@@ -70,11 +70,6 @@ class Precision:
     def needs_loss_scaling(self) -> bool:
         return self.name == "fp16"
 
-    @property
-    def compute_dtype(self):
-        """The dtype GEMM operands are cast to."""
-        return np.float16 if self.name == "fp16" else np.float32
-
     # ---- matmul --------------------------------------------------------------------------------
     def matmul(self, a, b, out=None):
         """a (..., M, K) @ b (..., K, N) -> (..., M, N). Leading dims equal, or one side 2-D.
@@ -307,25 +302,6 @@ def to_half(x):
 def to_float(x):
     """x as float32 (no copy when it already is): back to master precision."""
     return x if x.dtype == np.float32 else x.astype(np.float32)
-
-
-def cast_for_compute(x, precision=None):
-    """x in the dtype GEMM operands use under `precision` (default: the active one)."""
-    p = precision or _current
-    return to_half(x) if p.name == "fp16" else to_float(x)
-
-
-def all_finite(arrays) -> bool:
-    """True when no array holds an inf or NaN (one host sync per array on the GPU)."""
-    if not isinstance(arrays, (list, tuple)):
-        arrays = [arrays]
-    for a in arrays:
-        if a is None:
-            continue
-        xp = get_xp(a)
-        if not bool(xp.isfinite(a).all()):
-            return False
-    return True
 
 
 # ---- dynamic loss scaling ----------------------------------------------------------------------
