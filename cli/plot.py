@@ -20,6 +20,7 @@ def plot(runs, png, width):
     Each RUN is a run folder (holding metrics.jsonl) or a metrics.jsonl file. Several runs share
     each panel, so curves compare directly.
     """
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.viz import plot_runs, read_metrics, text_report
     if width < 10:
         raise NpgptError(f"--width must be at least 10, got {width}")

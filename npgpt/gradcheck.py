@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from npgpt.backend import asnumpy
+from npgpt.errors import NpgptError
 from npgpt.tensor import Tensor
 
 
@@ -137,8 +138,6 @@ def gradcheck_module(module, loss_fn, eps=1e-6, seed=0, max_entries=None, tol=1e
     defines it, truthy when every error is within `tol`. `max_entries` checks a random subset of
     each parameter's entries (all of them by default).
     """
-    from npgpt.errors import NpgptError
-
     dtypes = sorted({str(p.dtype) for p in module.parameters()})
     converted = None
     if dtypes != ["float64"]:
@@ -146,7 +145,7 @@ def gradcheck_module(module, loss_fn, eps=1e-6, seed=0, max_entries=None, tol=1e
             raise NpgptError(f"gradcheck_module needs float64 parameters, the model has {', '.join(dtypes)}: "
                              f"finite differences in float32 are rounding noise. Call "
                              f"module.astype(np.float64) first, or pass convert=True")
-        import copy
+        import copy   # stdlib, only needed for the float64 copy
         module = copy.deepcopy(module).astype(np.float64)
         converted = "/".join(dtypes)
     params = module.named_parameters()

@@ -22,6 +22,8 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.ops.nn import linear
+from npgpt.tensor import Tensor, no_grad
 
 SHADES = " .:-=+*#%@"
 
@@ -196,9 +198,6 @@ def logit_lens(model, ids):
     probs (n_layer + 1, T, V): row 0 is the embeddings alone, row L the full model (whose
     distribution is the model's own prediction, bit for bit the forward's softmax).
     """
-    from npgpt.ops.nn import linear
-    from npgpt.tensor import Tensor, no_grad
-
     ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
     if ids.size == 0:
         raise NpgptError("the prompt is empty: the logit lens needs at least one token")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.ops import nn as F
 
@@ -39,7 +40,6 @@ def _attention(qkv, n_head, dropout=0.0, rng=None):
 
 
 def _cross_entropy(logits, targets, ignore_index=-1):
-    from npgpt.backend import asnumpy
     return F.cross_entropy_reference(logits, asnumpy(targets.data if hasattr(targets, "data") else targets),
                                      ignore_index)
 
