@@ -235,3 +235,30 @@ def test_attention_scales():
     np.testing.assert_allclose(scaled_maps(att, "row")[0], [[1.0, 0.0], [1.0, 0.1 / 0.9]])
     with pytest.raises(NpgptError, match="scale"):
         scaled_maps(att, "cubic")
+
+
+# ---- --show-probs: the model's and the sampling probability, beside the text ---------------------
+def test_steps_carry_the_sampling_probability():
+    from npgpt.generate import generate_stream, sampling_probs
+    m = GPT(TINY, seed=6).eval()
+    prompt = [1, 2, 3]
+    first = next(generate_stream(m, prompt, 1, temperature=0.7, top_k=3, seed=0))[0]
+    logits = m(np.array([prompt]))[0].data[:, -1].astype(np.float64)
+    p = sampling_probs(logits, temperature=0.7, top_k=3)[0]
+    e = np.exp(logits[0] - logits[0].max())
+    assert abs(first.sampled - p[first.token]) < 1e-9 and abs(first.prob - e[first.token] / e.sum()) < 1e-6
+    assert first.sampled > first.prob           # temperature < 1 and top-k sharpen the drawn token's share
+
+
+def test_show_probs_prints_both_probabilities_beside_the_text(tmp_path):
+    from npgpt.cli.main import cli
+    d = _model_dir(tmp_path)
+    r = CliRunner().invoke(cli, ["sample", "--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "3",
+                                 "--show-probs", "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    rows = [x for x in r.output.splitlines() if x.startswith("[0]")]
+    assert len(rows) == 3 and rows[0].split(" + ")[0].strip().endswith("'ab'")
+    for row in rows:
+        assert "sampled 1.000" in row                           # greedy: the drawn token had all the mass
+        model_p = float(row.split("model ")[1].split()[0])
+        assert 0 < model_p < 1
