@@ -9,8 +9,7 @@ itself. Inside
         logits, loss = model(idx, targets)
         loss.backward()
 
-every fused op the model, the layers and the optimiser-facing code call is swapped for its
-reference, so the graph you can draw (`npgpt.viz.graph(loss)`) holds only primitives, and the
+every fused op that the model and its layers call is swapped for its reference, so the graph you can draw (`npgpt.viz.graph(loss)`) holds only primitives, and the
 gradients come from the chain rule on those primitives. `tests/test_reference.py` checks that both
 paths give the same logits, loss and gradients: the reference ops are the worked answer to "what
 does this fused backward compute?".

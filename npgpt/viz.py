@@ -188,11 +188,8 @@ def read_metrics(run) -> dict:
         for line in f:
             try:
                 rec = json.loads(line)
-                it = int(rec["iter"])
-            except (ValueError, KeyError, TypeError):
-                skipped += 1
-                continue
-            if not isinstance(rec, dict):
+                it = int(rec["iter"])              # also fails for a line that is not a JSON object
+            except (ValueError, KeyError, TypeError, IndexError):
                 skipped += 1
                 continue
 
