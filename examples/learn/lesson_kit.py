@@ -9,7 +9,6 @@ as a black box.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -121,10 +120,6 @@ def small_gpt(vocab_size, fast, block=64, seed=0, **kw):
     size = dict(n_layer=1, n_head=2, n_embd=32) if fast else dict(n_layer=2, n_head=4, n_embd=64)
     size.update(kw)
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=block, **size), seed=seed)
-
-
-def ln(v):
-    return math.log(v)
 
 
 def pretrained(fast, text_path=None, steps=None, seed=0, log=True):
