@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lesson_kit import check, parse, pretrained, small_gpt, title, train_lm  # noqa: E402
 
