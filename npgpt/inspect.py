@@ -18,12 +18,16 @@ residual stream after each layer: what the model would predict if it stopped the
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_bytes
 from npgpt.ops.nn import linear
 from npgpt.tensor import Tensor, no_grad
+from npgpt.viz import save_figure
 
 SHADES = " .:-=+*#%@"
 
@@ -115,8 +119,10 @@ def save_heatmap_png(selected, labels, path, title=""):
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())               # creates a missing folder; errors are one line
 
 
 # ---- a layer x head grid of attention maps ----------------------------------------------------
@@ -185,8 +191,7 @@ def save_attention_grid_png(maps, labels, path, layers=None, heads=None, scale="
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=bar)
     fig.suptitle(title or f"attention, {scale} scale", fontsize=10)
     fig.text(0.5, 0.0, CAPTION, ha="center", va="top", fontsize=7, wrap=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 # ---- the logit lens ----------------------------------------------------------------------------
@@ -270,5 +275,4 @@ def save_logit_lens_png(probs, labels, tok, path, title=""):
     ax.set_xlabel("input position (the prediction is for the NEXT token)")
     fig.colorbar(im, ax=ax, label="probability of the top token")
     ax.set_title(title or "logit lens: ln_f + unembedding applied to each layer's residual stream", fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(plt, fig, path)

@@ -16,12 +16,14 @@ val loss, learning rate, tokens/s and gradient norm over steps. matplotlib is op
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_bytes
 
 
 # ---- the autograd graph ------------------------------------------------------------------------
@@ -121,8 +123,7 @@ class Graph:
         ax.axis("off")
         ax.set_title(title or "autograd graph: inputs (left) -> ops (blue) -> output (green); "
                      "backward runs right to left", fontsize=8)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        save_figure(plt, fig, path, dpi=120)
 
 
 def graph(t, names=None) -> Graph:
@@ -245,8 +246,7 @@ def plot_runs(metrics: dict, png):
         ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, png)
 
 
 def text_chart(pts, width=60, height=10, label=""):
@@ -280,6 +280,15 @@ def text_report(metrics: dict, width=60, height=8):
         for label, pts in series:
             lines += text_chart(pts, width, height, label)
     return lines
+
+
+def save_figure(plt, fig, path, dpi=110):
+    """Render `fig` as PNG bytes and write them atomically (a missing folder is created; errors
+    are one line); the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _pyplot(what):
