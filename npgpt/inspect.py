@@ -18,13 +18,10 @@ residual stream after each layer: what the model would predict if it stopped the
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
-from npgpt.fileio import atomic_write_bytes
 from npgpt.ops.nn import linear
 from npgpt.tensor import Tensor, no_grad
 from npgpt.viz import save_figure
@@ -119,10 +116,7 @@ def save_heatmap_png(selected, labels, path, title=""):
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     if title:
         fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())               # creates a missing folder; errors are one line
+    save_figure(plt, fig, path, dpi=120)                   # atomic; creates a missing folder
 
 
 # ---- a layer x head grid of attention maps ----------------------------------------------------
