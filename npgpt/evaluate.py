@@ -54,8 +54,10 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
     return total, count
 
 
-def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
-    """Loss / perplexity / bits per byte of a model on a text file or a prepared data split."""
+def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None):
+    """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
+
+    stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
     from npgpt.data import TokenData
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
     if (input is None) == (data is None):
@@ -76,11 +78,58 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
         source = f"{data} ({split})"
     if int(np.max(tokens)) >= model.config.vocab_size:
         raise NpgptError("the text has tokens outside the model's vocabulary")
-    total, count = token_loss(model, tokens, device=device)
+    if stride is None:
+        total, count = token_loss(model, tokens, device=device)
+    else:
+        total, count = sliding_token_loss(model, tokens, stride)
     n_bytes = len(text[1:].encode("utf-8")) if count else 0   # the first token is never predicted
     loss = total / count
     return {"source": source, "tokens": count, "loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "checkpoint": str(ckpt)}
+
+
+def sliding_token_loss(model, tokens, stride, batch_size=8):
+    """Summed next-token loss (nats) and count with windows of block_size tokens every `stride`.
+
+    Window k reads tokens [k S, k S + T) and scores only the targets no earlier window scored, so
+    every token is predicted once, from up to T tokens of context (at least T - S once the first
+    window is past) instead of from a window boundary. Hugging Face's perplexity recipe; S = T is
+    exactly `token_loss`, smaller S costs about T / S times the compute for a lower, fairer loss.
+    """
+    from npgpt.ops.nn import cross_entropy
+
+    T = model.config.block_size
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= T:
+        raise NpgptError(f"--stride must be between 1 and the model's block_size {T}, got {stride}")
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens)
+    if n < 2:
+        raise NpgptError("need at least 2 tokens to evaluate")
+    windows, done, s = [], 0, 0             # done: targets tokens[1..done] are scored
+    while True:
+        e = min(s + T, n - 1)               # inputs tokens[s:e], targets tokens[s+1:e+1]
+        windows.append((s, e, done + 1 - (s + 1)))   # (start, end, first target index to score)
+        done = e
+        if e == n - 1:
+            break
+        s += stride
+    total, count = 0.0, 0
+    model.eval()
+    with no_grad():
+        for length in sorted({e - s for s, e, _ in windows}):
+            same = [w for w in windows if w[1] - w[0] == length]
+            for b in range(0, len(same), batch_size):
+                group = same[b:b + batch_size]
+                x = np.stack([tokens[s:e] for s, e, _ in group])
+                y = np.stack([tokens[s + 1:e + 1] for s, e, _ in group])
+                for row, (_, _, skip) in enumerate(group):
+                    y[row, :skip] = -1                      # scored by an earlier window
+                k = int((y >= 0).sum())
+                if k:
+                    _, loss = model(x, y)
+                    total += float(asnumpy(loss.data)) * k
+                    count += k
+    return total, count
 
 
 def folder_size(path):
