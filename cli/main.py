@@ -32,7 +32,7 @@ def _register_commands():
     """Attach the topic modules' commands (each module defines plain click commands)."""
     import importlib
 
-    for name in ("prepare", "train", "sample", "inspect", "bench", "compress"):
+    for name in ("prepare", "train", "sample", "inspect", "bench", "compress", "lora"):
         try:
             mod = importlib.import_module(f"npgpt.cli.{name}")
         except ModuleNotFoundError as e:

@@ -41,8 +41,9 @@ def encode_prompt(tok, text):
 @click.option("--stream/--no-stream", default=None, help="Print tokens as they come (default: on a TTY).")
 @click.option("--show-probs", is_flag=True, help="Print each token's probability and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, max_new_tokens,
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, max_new_tokens,
            temperature, top_k, top_p, seed, device):
     """Generate text from a trained model."""
     from npgpt.evaluate import load_model_and_tokenizer
@@ -56,7 +57,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
     if prompt_file is not None:
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok, _ = load_model_and_tokenizer(checkpoint, device)
+    model, tok, _ = load_model_and_tokenizer(checkpoint, device, adapter)
     ids = encode_prompt(tok, prompt or "")
     if stream is None:
         stream = sys.stdout.isatty() and num_samples == 1
@@ -105,15 +106,16 @@ def _piece(tok, t):
 @click.command()
 @click.option("--checkpoint", required=True, type=click.Path(), help="An SFT (chat) model folder.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
-def chat(checkpoint, system, max_new_tokens, temperature, top_k, top_p, seed, device):
+def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args
     from npgpt.sft import CHAT_TOKENS
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
     if missing:
         raise NpgptError(f"{ckpt} is not a chat model (its tokenizer lacks {', '.join(missing)}); "

@@ -119,10 +119,27 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", help="Split of --data.")
 @click.option("--device", default="cpu", help="cpu or gpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(checkpoint, input_, data, split, device, as_json):
-    """Loss, perplexity and bits per byte of a model on a text file or prepared data."""
+@click.option("--stride", type=int, default=None, help="Sliding-window loss: a window of block_size every S tokens.")
+@click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
+@click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter):
+    """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     from npgpt.evaluate import evaluate
-    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split)
+    if task is not None:
+        if input_ or data or stride:
+            raise click.UsageError("--task scores a task file; it does not combine with --input, --data or --stride")
+        from npgpt.tasks import run_task
+        r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter)
+        if as_json:
+            click.echo(json.dumps(r))
+        else:
+            click.echo(f"{r['task']}: {r['items']:,} items, accuracy {r['acc']:.4f} (summed log-likelihood), "
+                       f"{r['acc_norm']:.4f} (length-normalised)" + (f"; per-item results in {out_file}" if out_file else ""))
+        return
+    if out_file:
+        raise click.UsageError("--out goes with --task (per-item results)")
+    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter)
     if as_json:
         click.echo(json.dumps(r))
     else:

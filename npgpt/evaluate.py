@@ -18,8 +18,10 @@ from npgpt.errors import NpgptError
 from npgpt.tensor import no_grad
 
 
-def load_model_and_tokenizer(checkpoint, device="cpu"):
-    """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder."""
+def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
+    """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder.
+
+    adapter: a LoRA adapter folder (PEFT layout, see npgpt.lora) applied on top, unmerged."""
     from npgpt import tokenizer as tk
     from npgpt.checkpoint import find_checkpoint, verify_checkpoint
     from npgpt.model import GPT
@@ -29,6 +31,9 @@ def load_model_and_tokenizer(checkpoint, device="cpu"):
     if not tk.is_tokenizer_dir(ckpt):
         raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
     model = GPT.from_pretrained(ckpt, device=device)
+    if adapter:
+        from npgpt.lora import load_adapter
+        load_adapter(model, adapter)
     return model, tk.load(ckpt), ckpt
 
 
@@ -54,12 +59,12 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
     return total, count
 
 
-def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None):
+def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
     from npgpt.data import TokenData
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:

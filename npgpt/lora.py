@@ -238,10 +238,7 @@ class LoRALinear(Module):
             b = None if self.base.bias is None else self.base.bias.data
         else:
             w, b = self.base.weight.data, None if self.base.bias is None else self.base.bias.data
-        out = Linear.__new__(Linear)
-        out.weight = Parameter((w + self.delta()).astype(w.dtype))
-        out.bias = None if b is None else Parameter(b.copy())
-        return out
+        return _float_linear((w + self.delta()).astype(w.dtype), b)
 
 
 # ---- a model's adapters ------------------------------------------------------------------------
@@ -276,10 +273,13 @@ def apply_lora(model, config: LoRAConfig, seed=0, names=None):
         chosen = list(names)
     rng = np.random.default_rng(seed)
     wanted = set(chosen)
+    device = model.device
     for name, owner, attr, lin in layers:
         if name in wanted:
-            setattr(owner, attr, LoRALinear(lin, config.rank_for(name), config.scaling_for(name),
-                                            config.dropout, rng))
+            new = LoRALinear(lin, config.rank_for(name), config.scaling_for(name), config.dropout, rng)
+            if str(device) != "cpu":                   # a quantised base's scales may still be on the host
+                new.lora_A.data, new.lora_B.data = to_device(new.lora_A.data, device), to_device(new.lora_B.data, device)
+            setattr(owner, attr, new)
     for p in model.parameters():
         if not _is_adapter(p, model):
             p.requires_grad = False
@@ -297,16 +297,30 @@ def trainable_parameters(model):
 
 
 def merge_lora(model):
-    """Fold every adapter into its layer (W + s A B) in place; returns the model, now plain GPT-2."""
+    """Fold every adapter into its layer (W + s A B) in place; returns the model, now plain GPT-2.
+
+    On a quantised base every linear layer comes back as float (the merged update does not lie on
+    the integer grid), so the result saves as an ordinary GPT-2 folder; quantise it again if wanted.
+    """
     for name, owner, attr, lin in linear_layers(model):
         if isinstance(lin, LoRALinear):
             setattr(owner, attr, lin.merged())
+        elif isinstance(lin, QuantizedLinear):
+            setattr(owner, attr, _float_linear(lin.dequantized(), None if lin.bias is None else lin.bias.data))
     for p in model.parameters():
         p.requires_grad = True
     model.lora = None
     if getattr(model, "quantization", None):
-        model.quantization = None      # a dequantised, merged layer is float; untouched layers stay quantised
+        model.quantization = None
     return model
+
+
+def _float_linear(w, b):
+    """A plain Linear holding weight w (in, out) and bias b (or None), without a random init."""
+    out = Linear.__new__(Linear)
+    out.weight = Parameter(w)
+    out.bias = None if b is None else Parameter(b.copy())
+    return out
 
 
 # ---- PEFT folders ------------------------------------------------------------------------------

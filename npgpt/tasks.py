@@ -139,10 +139,7 @@ def run_task(checkpoint, task, out=None, device="cpu", adapter=None):
     from npgpt.evaluate import load_model_and_tokenizer
 
     items = read_task(task)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
-    if adapter:
-        from npgpt.lora import load_adapter
-        load_adapter(model, adapter)
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     r = evaluate_task(model, tok, items)
     if out:
         atomic_write_text(out, "".join(json.dumps(rec) + "\n" for rec in r["results"]))
