@@ -94,6 +94,12 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
 @click.option("--teacher", type=click.Path(), default=None, help="Distil from this model folder (same tokenizer).")
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the teacher's loss, in [0, 1] (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Softening temperature T > 0 (default 2.0).")
+@click.option("--lora-rank", "lora_rank", type=int, default=None,
+              help="Train LoRA adapters of rank R only (base frozen; saved in PEFT's format). --init-from may be int8.")
+@click.option("--lora-alpha", "lora_alpha", type=float, default=None, help="LoRA scale alpha (update x alpha/R); default 2R.")
+@click.option("--lora-dropout", "lora_dropout", type=float, default=None, help="Dropout on the adapters' input (default 0).")
+@click.option("--lora-targets", "lora_targets", default=None,
+              help="Comma-separated layers to adapt (PEFT's suffix rule): default c_attn,c_proj,c_fc.")
 def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
     """Fine-tune a pretrained model (--init-from DIR) on prepared data or an SFT JSONL file.
 

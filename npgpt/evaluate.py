@@ -24,13 +24,13 @@ def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
     adapter: a LoRA adapter folder (PEFT layout, see npgpt.lora) applied on top, unmerged."""
     from npgpt import tokenizer as tk
     from npgpt.checkpoint import find_checkpoint, verify_checkpoint
-    from npgpt.model import GPT
+    from npgpt.lora import load_model_folder
 
     ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):
         raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
-    model = GPT.from_pretrained(ckpt, device=device)
+    model = load_model_folder(ckpt, device=device)      # a LoRA run's folder brings its base along
     if adapter:
         from npgpt.lora import load_adapter
         load_adapter(model, adapter)

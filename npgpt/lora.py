@@ -342,6 +342,7 @@ def save_adapter(model, folder, base_model=None):
         raise NpgptError("the model has no LoRA adapters to save")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    base_model = base_model or getattr(model, "lora_base", None)    # set by build_lora_model
     save_tensors(folder / WEIGHTS_FILE, adapter_tensors(model), metadata={"format": "pt"})
     atomic_write_json(folder / CONFIG_FILE, cfg.to_peft(None if base_model is None else str(base_model)))
 
@@ -362,6 +363,8 @@ def read_adapter(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise NpgptError(f"adapter folder {folder} does not exist")
+    if not is_adapter_dir(folder) and is_adapter_dir(folder / "ckpt"):
+        folder = folder / "ckpt"                         # a LoRA run folder: its checkpoint holds the adapter
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise NpgptError(f"{cfg_path} is missing: an adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
@@ -427,3 +430,64 @@ def load_adapter(model, folder):
         lin.lora_A.data[...] = xp.asarray(a, dtype=lin.lora_A.dtype)
         lin.lora_B.data[...] = xp.asarray(b, dtype=lin.lora_B.dtype)
     return config
+
+
+# ---- training and loading through the rest of npgpt ---------------------------------------------
+def lora_config(cfg):
+    """The LoRAConfig of a TrainConfig with lora_rank set (validated)."""
+    if cfg.lora_rank is None:
+        return None
+    return LoRAConfig.from_targets_option(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+
+
+def build_lora_model(cfg, data, log):
+    """(model, base folder) for a LoRA run: the base from --init-from (float or quantised), frozen,
+    with new adapters, or with the run's saved adapters on --resume."""
+    from npgpt.checkpoint import find_checkpoint
+    from npgpt.model import GPT
+    from npgpt.train import _check_same_tokenizer
+
+    if not cfg.init_from:
+        raise NpgptError("LoRA fine-tunes a pretrained model: give --init-from DIR (a model folder, float or int8)")
+    base = find_checkpoint(cfg.init_from)
+    model = GPT.from_pretrained(base, dropout=cfg.dropout)
+    if not getattr(data, "grow_vocab", False):
+        _check_same_tokenizer(base, data)
+    if model.config.vocab_size < data.vocab_size:
+        raise NpgptError(f"the data needs {data.vocab_size - model.config.vocab_size} new tokens (the chat template's "
+                         f"special tokens?), but LoRA keeps the base's embedding frozen; use prompt/completion "
+                         f"records, or a base whose tokenizer already has them (one fine-tuned with --sft)")
+    if cfg.resume:
+        config = load_adapter(model, find_checkpoint(cfg.out))
+    else:
+        config = lora_config(cfg)
+        apply_lora(model, config, seed=cfg.seed)
+    model.lora_base = str(base.resolve())
+    model.prune_masks = {}                          # the base is frozen: its pruned zeros stay zero
+    n_train = sum(p.size for p in model.parameters() if p.requires_grad)
+    n_base = model.num_params() - n_train + sum(_quantized_size(lin.base) for _, lin in lora_layers(model))
+    log(f"LoRA: r={lora_layers(model)[0][1].r}, alpha={config.alpha:g}, {len(lora_layers(model))} adapted layers, "
+        f"{n_train:,} trainable parameters ({100 * n_train / max(n_base, 1):.2f}% of the base's {n_base:,}); "
+        f"base frozen" + (f", {model.quantization['bits']}-bit" if getattr(model, "quantization", None) else ""))
+    return model, base
+
+
+def _quantized_size(layer):
+    return layer.n_in * layer.n_out if isinstance(layer, QuantizedLinear) else 0
+
+
+def load_model_folder(ckpt, device="cpu", **overrides):
+    """A GPT from a model folder, or from a LoRA run's adapter folder (its recorded base + the adapter)."""
+    from npgpt.checkpoint import find_checkpoint, is_model_dir
+    from npgpt.model import GPT
+
+    ckpt = Path(ckpt)
+    if is_model_dir(ckpt) or not is_adapter_dir(ckpt):
+        return GPT.from_pretrained(ckpt, device=device, **overrides)
+    base = read_adapter(ckpt)[2].get("base_model_name_or_path")
+    if not isinstance(base, str) or not Path(base).is_dir():
+        raise NpgptError(f"{ckpt} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
+                         f"give the base with --checkpoint BASE --adapter {ckpt}")
+    model = GPT.from_pretrained(find_checkpoint(base), device=device, **overrides)
+    load_adapter(model, ckpt)
+    return model

@@ -78,6 +78,10 @@ class TrainConfig:
     teacher: str | None = None           # distil from this model folder (npgpt finetune --teacher)
     distill_alpha: float = 0.5           # loss = alpha * KD + (1 - alpha) * cross-entropy
     distill_temperature: float = 2.0
+    lora_rank: int | None = None         # train only LoRA adapters of this rank (npgpt.lora); base frozen
+    lora_alpha: float | None = None      # LoRA scale alpha / rank; default 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None      # comma-separated layer names; default c_attn,c_proj,c_fc
 
     def validate(self):
         positive = ["max_iters", "batch_size", "learning_rate", "eval_interval", "eval_iters", "log_interval",
@@ -99,6 +103,9 @@ class TrainConfig:
         if self.teacher:
             from npgpt.ops.distill import check_distill_args
             check_distill_args(self.distill_alpha, self.distill_temperature)
+        if self.lora_rank is not None:
+            from npgpt.lora import lora_config
+            lora_config(self)                               # a clear error for bad LoRA settings
         parse_device(self.device)
         from npgpt.precision import Precision
         Precision(self.precision)                       # a clear error for an unknown name
@@ -259,6 +266,9 @@ def build_model(cfg: TrainConfig, data, log):
     from npgpt.model import GPT, GPTConfig
 
     vocab = data.vocab_size
+    if cfg.lora_rank is not None:
+        from npgpt.lora import build_lora_model          # frozen base + adapters (resumed or new)
+        return build_lora_model(cfg, data, log)
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
         model = GPT.from_pretrained(src, dropout=cfg.dropout)
@@ -310,7 +320,11 @@ def save_checkpoint(out, model, tokenizer, optimizer, state):
     """Write OUT/ckpt atomically: model folder (HF GPT-2) + tokenizer + optimizer + state.json."""
     from npgpt.checkpoint import atomic_write_json, checkpoint_writer, save_tensors
     with checkpoint_writer(out) as tmp:
-        model.save_pretrained(tmp)
+        if getattr(model, "lora", None):
+            from npgpt.lora import save_adapter
+            save_adapter(model, tmp)                       # a LoRA run saves only its adapters
+        else:
+            model.save_pretrained(tmp)
         tokenizer.save(tmp)
         if getattr(model, "prune_masks", None):
             from npgpt.compress import save_prune_masks
@@ -405,7 +419,7 @@ def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
         from npgpt.compress import apply_prune_masks, load_prune_masks, load_teacher
         model.prune_masks = load_prune_masks(src) if src else {}    # `npgpt prune`: zeros stay zero
         teacher = load_teacher(cfg.teacher, model, cfg.device) if cfg.teacher else None
-        named = model.named_parameters()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # LoRA: adapters only
         optimizer = AdamW(named, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
             f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters"
