@@ -134,11 +134,13 @@ class LoRAConfig:
                 if not isinstance(p, dict):
                     raise TypeError
                 pats[key] = {str(k): (int(v) if key == "rank_pattern" else float(v)) for k, v in p.items()}
+                for k in pats[key]:
+                    re.compile(k)
             return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
                        dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                        targets=targets if isinstance(targets, str) else tuple(targets),
                        use_rslora=bool(cfg.get("use_rslora", False)), **pats)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, re.error) as e:
             raise NpgptError(f"{where}: missing or bad LoRA setting ({e}); expected r, lora_alpha, "
                              f"target_modules") from None
 
