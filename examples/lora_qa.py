@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--work", default="lora-qa-example")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=5e-3)
+    ap.add_argument("--base-iters", type=int, default=600, help="pretraining steps of the base (finetune_qa.py: 600)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(exist_ok=True)
@@ -71,8 +72,10 @@ def main():
     (work / "qa_text.txt").write_text(text)
     if not (work / "base" / "ckpt").exists():
         prepare([str(work / "qa_text.txt")], str(work / "data"), tokenizer="char", force=True)
-        train(TrainConfig(data=str(work / "data"), out=str(work / "base"), force=True, max_iters=600,
+        train(TrainConfig(data=str(work / "data"), out=str(work / "base"), force=True, max_iters=a.base_iters,
                           block_size=64, eval_interval=200, learning_rate=2e-3, quiet=True))
+    state = json.loads((work / "base" / "ckpt" / "state.json").read_text())
+    print(f"base: {state['iter']} pretraining steps, val loss {state['best_val_loss']:.4f}", flush=True)
     common = dict(init_from=str(work / "base"), sft=str(work / "qa.jsonl"), force=True, max_iters=a.steps,
                   eval_interval=a.steps, min_lr=1e-4, warmup_iters=10, weight_decay=0.0, batch_size=16, quiet=True)
     runs = {"base (no fine-tuning)": None,
