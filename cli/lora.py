@@ -16,6 +16,7 @@ from npgpt.errors import NpgptError
 @click.option("--force", is_flag=True, help="Overwrite a model already in --out.")
 def merge(checkpoint, adapter, out, force):
     """Merge a LoRA adapter into its base: W' = W + (alpha/r) A B, saved as a plain GPT-2 folder."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.checkpoint import find_checkpoint
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.lora import merge_lora

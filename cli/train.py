@@ -42,6 +42,7 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
 
     With --resume the base is the saved run's config instead, and only what the user gave applies.
     """
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.train import TrainConfig, apply_overrides, config_for_resume, load_config_file, parse_set_options
     user = {}
     if config_file:
@@ -60,9 +61,14 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
 
 def run_training(cfg, batch_source=None, next_step="npgpt sample --checkpoint {out} --prompt \"...\""):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.compress import TRAINING_PLUGINS
+    from npgpt.lora import load_model_folder, lora_plugin
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source)
+        # a LoRA run loads int8 bases and its own adapter folders, and the plugin adds the adapters
+        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS + (lora_plugin,),
+                       load_model=load_model_folder if cfg.lora_rank is not None else None)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -112,6 +118,7 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
         defaults.update({"sft": sft, "sft_strict": strict})
     cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
     if cfg.sft:
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import SFTData
         run_training(cfg, SFTData.for_training(cfg), next_step="npgpt chat --checkpoint {out}")
     else:
@@ -131,11 +138,12 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
 def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter):
     """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
     if task is not None:
         if input_ or data or stride:
             raise click.UsageError("--task scores a task file; it does not combine with --input, --data or --stride")
-        from npgpt.tasks import run_task
+        from npgpt.tasks import run_task      # imported when the command runs, as above
         r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter)
         if as_json:
             click.echo(json.dumps(r))
@@ -158,6 +166,7 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(path, as_json):
     """Describe a checkpoint: config, parameters, step, best val loss, tokenizer, file sizes."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import info as get_info
     r = get_info(path)
     if as_json:

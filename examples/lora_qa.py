@@ -23,7 +23,7 @@ from pathlib import Path
 from npgpt.data import prepare
 from npgpt.evaluate import load_model_and_tokenizer
 from npgpt.generate import generate
-from npgpt.sft import SFTData, encode_plain
+from npgpt.sft import SFTData
 from npgpt.tasks import evaluate_task
 from npgpt.train import TrainConfig, train
 
@@ -35,7 +35,7 @@ def facts_split():
 
 
 def exact_match(model, tok, facts):
-    prompts = [encode_plain(tok, f"what is {a} plus {b}? ") for a, b in facts]
+    prompts = [tok.encode_plain(f"what is {a} plus {b}? ") for a, b in facts]
     right = 0
     for (a, b), ids in zip(facts, prompts):
         out = tok.decode(generate(model, ids, 16, temperature=0))

@@ -9,30 +9,31 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
+from npgpt import tokenizer as tk
 from npgpt.backend import asnumpy
+from npgpt.checkpoint import find_checkpoint, verify_checkpoint
+from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.lora import load_adapter, load_model_folder
+from npgpt.model import GPTConfig, read_hf_config
+from npgpt.ops.nn import cross_entropy
 from npgpt.tensor import no_grad
+from npgpt.tokenizer import read_text_checked
 
 
 def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
     """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder.
 
     adapter: a LoRA adapter folder (PEFT layout, see npgpt.lora) applied on top, unmerged."""
-    from npgpt import tokenizer as tk
-    from npgpt.checkpoint import find_checkpoint, verify_checkpoint
-    from npgpt.lora import load_model_folder
-
     ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):
         raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
     model = load_model_folder(ckpt, device=device)      # a LoRA run's folder brings its base along
     if adapter:
-        from npgpt.lora import load_adapter
         load_adapter(model, adapter)
     return model, tk.load(ckpt), ckpt
 
@@ -63,16 +64,14 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", strid
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
-    from npgpt.data import TokenData
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
-        from npgpt.tokenizer import read_text_checked
         text = read_text_checked(input)
         if not text:
             raise NpgptError(f"{input} is empty")
-        tokens = tok.encode(text, disallowed_special=()) if tok.kind == "bpe" else tok.encode(text)
+        tokens = tok.encode_plain(text)
         source = str(input)
     else:
         td = TokenData(data)
@@ -101,8 +100,6 @@ def sliding_token_loss(model, tokens, stride, batch_size=8):
     window is past) instead of from a window boundary. Hugging Face's perplexity recipe; S = T is
     exactly `token_loss`, smaller S costs about T / S times the compute for a lower, fairer loss.
     """
-    from npgpt.ops.nn import cross_entropy
-
     T = model.config.block_size
     if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= T:
         raise NpgptError(f"--stride must be between 1 and the model's block_size {T}, got {stride}")
@@ -137,22 +134,11 @@ def sliding_token_loss(model, tokens, stride, batch_size=8):
     return total, count
 
 
-def folder_size(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def info(path):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
-    from npgpt import tokenizer as tk
-    from npgpt.checkpoint import find_checkpoint
-    from npgpt.model import GPTConfig, read_hf_config
-
     ckpt = find_checkpoint(path)
     hf = read_hf_config(ckpt)
     cfg = GPTConfig.from_hf(hf)
-    C, L, V, T, H = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.hidden
-    per_block = 2 * 2 * C + C * 3 * C + 3 * C + C * C + C + C * H + H + H * C + C
-    n_params = V * C + T * C + L * per_block + 2 * C
     state = {}
     if (ckpt / "state.json").exists():
         try:
@@ -169,6 +155,6 @@ def info(path):
     files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir()) if f.is_file()}
     return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_layer",
                                                                         "n_head", "n_embd", "n_inner")},
-            "parameters": n_params, "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
+            "parameters": cfg.num_params(), "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),
             "quantization": hf.get("npgpt", {}).get("quantization")}

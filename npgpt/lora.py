@@ -37,10 +37,13 @@ import numpy as np
 
 from npgpt import precision as _precision
 from npgpt.backend import asnumpy, get_xp, to_device
+from npgpt.checkpoint import find_checkpoint, is_model_dir, load_tensors, save_tensors
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_json
+from npgpt.model import read_hf_config
 from npgpt.nn import Linear, Module, Parameter
 from npgpt.ops.nn import dropout, linear
-from npgpt.quant import QuantizedLinear, linear_layers
+from npgpt.quant import QuantizedLinear, linear_layers, load_model
 from npgpt.tensor import Function, Tensor
 
 CONFIG_FILE = "adapter_config.json"
@@ -337,8 +340,6 @@ def adapter_tensors(model):
 
 def save_adapter(model, folder, base_model=None):
     """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`."""
-    from npgpt.checkpoint import atomic_write_json, save_tensors
-
     cfg = getattr(model, "lora", None)
     if cfg is None or not has_lora(model):
         raise NpgptError("the model has no LoRA adapters to save")
@@ -360,8 +361,6 @@ def read_adapter(folder):
     Every key must be a LoRA weight of a GPT-2 block linear layer; A and B must come in pairs whose
     shapes agree. Sizes against a model are checked in `load_adapter`.
     """
-    from npgpt.checkpoint import load_tensors
-
     folder = Path(folder)
     if not folder.is_dir():
         raise NpgptError(f"adapter folder {folder} does not exist")
@@ -442,55 +441,20 @@ def lora_config(cfg):
     return LoRAConfig.from_targets_option(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
-def build_lora_model(cfg, data, log):
-    """(model, base folder) for a LoRA run: the base from --init-from (float or quantised), frozen,
-    with new adapters, or with the run's saved adapters on --resume."""
-    from npgpt.checkpoint import find_checkpoint
-    from npgpt.model import GPT
-    from npgpt.train import _check_same_tokenizer
-
-    if not cfg.init_from:
-        raise NpgptError("LoRA fine-tunes a pretrained model: give --init-from DIR (a model folder, float or int8)")
-    base = find_checkpoint(cfg.init_from)
-    model = GPT.from_pretrained(base, dropout=cfg.dropout)
-    if not getattr(data, "grow_vocab", False):
-        _check_same_tokenizer(base, data)
-    if model.config.vocab_size < data.vocab_size:
-        raise NpgptError(f"the data needs {data.vocab_size - model.config.vocab_size} new tokens (the chat template's "
-                         f"special tokens?), but LoRA keeps the base's embedding frozen; use prompt/completion "
-                         f"records, or a base whose tokenizer already has them (one fine-tuned with --sft)")
-    if cfg.resume:
-        config = load_adapter(model, find_checkpoint(cfg.out))
-    else:
-        config = lora_config(cfg)
-        apply_lora(model, config, seed=cfg.seed)
-    model.lora_base = str(base.resolve())
-    model.prune_masks = {}                          # the base is frozen: its pruned zeros stay zero
-    n_train = sum(p.size for p in model.parameters() if p.requires_grad)
-    n_base = model.num_params() - n_train + sum(_quantized_size(lin.base) for _, lin in lora_layers(model))
-    log(f"LoRA: r={lora_layers(model)[0][1].r}, alpha={config.alpha:g}, {len(lora_layers(model))} adapted layers, "
-        f"{n_train:,} trainable parameters ({100 * n_train / max(n_base, 1):.2f}% of the base's {n_base:,}); "
-        f"base frozen" + (f", {model.quantization['bits']}-bit" if getattr(model, "quantization", None) else ""))
-    return model, base
-
-
 def _quantized_size(layer):
     return layer.n_in * layer.n_out if isinstance(layer, QuantizedLinear) else 0
 
 
 def load_model_folder(ckpt, device="cpu", **overrides):
     """A GPT from a model folder, or from a LoRA run's adapter folder (its recorded base + the adapter)."""
-    from npgpt.checkpoint import find_checkpoint, is_model_dir
-    from npgpt.model import GPT
-
     ckpt = Path(ckpt)
     if is_model_dir(ckpt) or not is_adapter_dir(ckpt):
-        return GPT.from_pretrained(ckpt, device=device, **overrides)
+        return load_model(ckpt, device=device, **overrides)
     base = read_adapter(ckpt)[2].get("base_model_name_or_path")
     if not isinstance(base, str) or not Path(base).is_dir():
         raise NpgptError(f"{ckpt} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
                          f"give the base with --checkpoint BASE --adapter {ckpt}")
-    model = GPT.from_pretrained(find_checkpoint(base), device=device, **overrides)
+    model = load_model(find_checkpoint(base), device=device, **overrides)
     load_adapter(model, ckpt)
     model.lora_base = base
     return model
@@ -504,9 +468,6 @@ def lora_plugin(model, src, cfg, hooks):
     adapters only, in PEFT's layout. Without lora_rank it only refuses a quantised model, which
     full fine-tuning cannot train.
     """
-    from npgpt.checkpoint import is_model_dir
-    from npgpt.model import read_hf_config
-
     quantised = bool(getattr(model, "quantization", None))
     if cfg.lora_rank is None:
         if quantised:

@@ -28,6 +28,8 @@ import numpy as np
 
 from npgpt.backend import asnumpy, get_xp
 from npgpt.errors import NpgptError
+from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.fileio import atomic_write_text
 from npgpt.tensor import no_grad
 
 
@@ -76,12 +78,10 @@ def continuation(ctx, ending):
 
 def encode_item(tok, item, block_size):
     """[(token ids, number of ending tokens at the end)] for each ending of an item."""
-    from npgpt.sft import encode_plain
-
-    ctx_ids = encode_plain(tok, item["ctx"]) or [tok.eot_id]
+    ctx_ids = tok.encode_plain(item["ctx"]) or [tok.eot_id]
     rows = []
     for k, ending in enumerate(item["endings"]):
-        end_ids = encode_plain(tok, continuation(item["ctx"], ending))
+        end_ids = tok.encode_plain(continuation(item["ctx"], ending))
         if not end_ids:
             raise NpgptError(f"ending {k} of an item encodes to no tokens")
         if len(end_ids) > block_size:
@@ -135,9 +135,6 @@ def evaluate_task(model, tok, items, progress=None):
 
 def run_task(checkpoint, task, out=None, device="cpu", adapter=None):
     """Load a model (with an optional LoRA adapter), score a task file, write per-item JSONL to `out`."""
-    from npgpt.checkpoint import atomic_write_text
-    from npgpt.evaluate import load_model_and_tokenizer
-
     items = read_task(task)
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     r = evaluate_task(model, tok, items)
