@@ -186,6 +186,10 @@ def info(path, as_json):
                    f"{list(t.get('special_tokens', {}))}" if "error" not in t else f"tokenizer: {t['error']}")
     if r.get("quantization"):
         click.echo(f"quantization: {r['quantization']}")
+    if r.get("lora"):
+        lo = r["lora"]
+        click.echo(f"LoRA adapter: r={lo['r']}, alpha={lo['alpha']:g}, {lo['layers']} layers "
+                   f"({', '.join(lo['targets']) if isinstance(lo['targets'], list) else lo['targets']}) on {lo['base']}")
     click.echo("files: " + ", ".join(f"{k} {_size(v)}" for k, v in r["files"].items()) + f" (total {_size(r['total_bytes'])})")
 
 

@@ -17,7 +17,7 @@ from npgpt.backend import asnumpy
 from npgpt.checkpoint import find_checkpoint, verify_checkpoint
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
-from npgpt.lora import load_adapter, load_model_folder
+from npgpt.lora import adapter_summary, load_adapter, load_model_folder
 from npgpt.model import GPTConfig, read_hf_config
 from npgpt.ops.nn import cross_entropy
 from npgpt.tensor import no_grad
@@ -137,7 +137,8 @@ def sliding_token_loss(model, tokens, stride, batch_size=8):
 def info(path):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
     ckpt = find_checkpoint(path)
-    hf = read_hf_config(ckpt)
+    lora = adapter_summary(ckpt)                       # a LoRA run: its config.json is the base's
+    hf = read_hf_config(lora["base"] if lora else ckpt)
     cfg = GPTConfig.from_hf(hf)
     state = {}
     if (ckpt / "state.json").exists():
@@ -157,4 +158,4 @@ def info(path):
                                                                         "n_head", "n_embd", "n_inner")},
             "parameters": cfg.num_params(), "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),
-            "quantization": hf.get("npgpt", {}).get("quantization")}
+            "quantization": hf.get("npgpt", {}).get("quantization"), "lora": lora}

@@ -410,6 +410,18 @@ def read_adapter(folder):
     return config, weights, raw_cfg
 
 
+def adapter_summary(folder):
+    """{"r", "alpha", "targets", "layers", "base"} of a LoRA run's adapter folder, or None for a model folder."""
+    if is_model_dir(folder) or not is_adapter_dir(folder):
+        return None
+    config, weights, raw = read_adapter(folder)
+    base = raw.get("base_model_name_or_path")
+    if not isinstance(base, str) or not Path(base).is_dir():
+        raise NpgptError(f"{folder} is a LoRA adapter whose base model ({base!r}) is not a folder here")
+    return {"r": config.r, "alpha": config.alpha, "targets": config.targets if isinstance(config.targets, str)
+            else list(config.targets), "layers": len(weights), "base": base}
+
+
 def load_adapter(model, folder):
     """Apply a PEFT-layout LoRA adapter from `folder` to `model` (unmerged); returns the config."""
     config, weights, _ = read_adapter(folder)
