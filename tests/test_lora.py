@@ -242,3 +242,36 @@ def test_config_validation():
     cfg = LoRAConfig(r=4, alpha=8, rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"c_fc": 1})
     assert cfg.rank_for("transformer.h.1.attn.c_attn") == 2 and cfg.rank_for("transformer.h.11.attn.c_attn") == 4
     assert cfg.scaling_for("transformer.h.0.mlp.c_fc") == 0.25
+
+
+def test_bf16_adapter_as_peft_saves_it_loads_widened(tmp_path):
+    """PEFT adapters trained in bfloat16 are stored as BF16, which NumPy cannot hold: read them anyway."""
+    import struct
+    r = np.random.default_rng(11)
+    C, R = CFG.n_embd, 2
+    a32 = r.standard_normal((R, C)).astype(np.float32)
+    b32 = r.standard_normal((3 * C, R)).astype(np.float32)
+    bf = {k: (v.view(np.uint32) >> 16).astype("<u2") for k, v in
+          {"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": a32,
+           "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": b32}.items()}
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, b"", 0
+    for k, v in bf.items():
+        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
+        blobs += v.tobytes()
+        off += v.nbytes
+    h = json.dumps(header).encode()
+    d = tmp_path / "bf16"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + blobs)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": R, "lora_alpha": R,
+                                                      "target_modules": ["c_attn"]}))
+    _, weights, _ = read_adapter(d)
+    a, b = weights["transformer.h.0.attn.c_attn"]
+    trunc = lambda x: ((x.view(np.uint32) >> 16) << 16).view(np.float32)      # what bf16 keeps
+    np.testing.assert_array_equal(a, trunc(a32).T)
+    np.testing.assert_array_equal(b, trunc(b32).T)
+    assert np.abs(a - a32.T).max() < 0.01 * np.abs(a32).max()
+    # a header that points outside the file is an error, not a crash
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + blobs[:-4])
+    with pytest.raises(NpgptError, match="does not fit the file|corrupt"):
+        read_adapter(d)
