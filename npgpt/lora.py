@@ -285,15 +285,11 @@ def apply_lora(model, config: LoRAConfig, seed=0, names=None):
             if str(device) != "cpu":                   # a quantised base's scales may still be on the host
                 new.lora_A.data, new.lora_B.data = to_device(new.lora_A.data, device), to_device(new.lora_B.data, device)
             setattr(owner, attr, new)
+    adapters = {id(p) for _, lin in lora_layers(model) for p in (lin.lora_A, lin.lora_B)}
     for p in model.parameters():
-        if not _is_adapter(p, model):
-            p.requires_grad = False
+        p.requires_grad = id(p) in adapters
     model.lora = config
     return chosen
-
-
-def _is_adapter(p, model):
-    return any(p is lin.lora_A or p is lin.lora_B for _, lin in lora_layers(model))
 
 
 def trainable_parameters(model):
