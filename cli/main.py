@@ -7,7 +7,7 @@ User mistakes surface as `NpgptError` from the library; the group turns them int
 import click
 
 from npgpt import __version__
-from npgpt.cli import bench, compress, inspect, lora, prepare, sample, train
+from npgpt.cli import bench, compress, inspect, lora, prepare, sample, serve, train
 from npgpt.errors import NpgptError
 
 
@@ -29,7 +29,7 @@ def cli():
     """npgpt: train, sample and study a GPT written with NumPy and CuPy."""
 
 
-for _topic in (prepare, train, sample, inspect, bench, compress, lora):   # each defines plain click commands
+for _topic in (prepare, train, sample, inspect, bench, compress, serve, lora):   # each defines plain click commands
     for _cmd in _topic.COMMANDS:
         cli.add_command(_cmd)
 

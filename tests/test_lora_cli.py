@@ -155,3 +155,40 @@ def test_lora_bad_inputs(base, tmp_path):
     clean_error(run("sample", "--checkpoint", d / "base", "--adapter", tmp_path), "adapter_config.json is missing")
     clean_error(run("eval", "--checkpoint", d / "base", "--task", tmp_path / "nope.jsonl"), "does not exist")
     clean_error(run("eval", "--checkpoint", d / "base", "--input", d / "corpus.txt", "--stride", 0), "--stride")
+
+
+def test_serve_with_adapter_equals_library(tmp_path):
+    """`npgpt serve --adapter DIR` answers as the library does with the same adapter (greedy)."""
+    import http.client
+
+    from serve_helpers import LiveServer, model_folder
+
+    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.generate import generate
+    from npgpt.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
+
+    folder = model_folder(tmp_path / "plain", chat=False, block=64, n_embd=32, seed=5)
+    model, tok, _ = load_model_and_tokenizer(folder)
+    ids = tok.encode("the quick")
+    base_out = generate(model, ids, 16, temperature=0)
+    apply_lora(model, LoRAConfig(r=4, alpha=8))
+    r = np.random.default_rng(0)
+    for _, lin in lora_layers(model):
+        lin.lora_B.data[...] = r.normal(0, 1.0, lin.lora_B.shape)
+    save_adapter(model, tmp_path / "ad", base_model=folder)
+    want = generate(model, ids, 16, temperature=0)
+    assert want != base_out                                  # the adapter changes the answer
+    server = LiveServer(folder, "--adapter", str(tmp_path / "ad"))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "plain", "prompt": "the quick",
+                                                                 "max_tokens": 16, "temperature": 0}),
+                     headers={"Content-Type": "application/json"})
+        resp = json.loads(conn.getresponse().read())
+        conn.close()
+    finally:
+        assert server.stop() == 0
+    cut = [t for t in want]
+    if tok.eot_id in cut:
+        cut = cut[:cut.index(tok.eot_id)]
+    assert resp["choices"][0]["text"] == tok.decode(cut)
