@@ -20,9 +20,11 @@ import random
 import time
 from pathlib import Path
 
+from npgpt.compress import TRAINING_PLUGINS
 from npgpt.data import prepare
 from npgpt.evaluate import load_model_and_tokenizer
 from npgpt.generate import generate
+from npgpt.lora import load_model_folder, lora_plugin
 from npgpt.sft import SFTData
 from npgpt.tasks import evaluate_task
 from npgpt.train import TrainConfig, train
@@ -62,6 +64,7 @@ def main():
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=5e-3)
     ap.add_argument("--base-iters", type=int, default=600, help="pretraining steps of the base (finetune_qa.py: 600)")
+    ap.add_argument("--runs", default="base,full,lora-same-lr,lora", help="which of the runs to do")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(exist_ok=True)
@@ -78,17 +81,20 @@ def main():
     print(f"base: {state['iter']} pretraining steps, val loss {state['best_val_loss']:.4f}", flush=True)
     common = dict(init_from=str(work / "base"), sft=str(work / "qa.jsonl"), force=True, max_iters=a.steps,
                   eval_interval=a.steps, min_lr=1e-4, warmup_iters=10, weight_decay=0.0, batch_size=16, quiet=True)
-    runs = {"base (no fine-tuning)": None,
-            "full fine-tuning, lr 1e-3": dict(out=str(work / "full"), learning_rate=1e-3),
-            f"LoRA r={a.rank}, lr 1e-3": dict(out=str(work / "lora-1e-3"), learning_rate=1e-3, lora_rank=a.rank),
-            f"LoRA r={a.rank}, lr {a.lora_lr:g}": dict(out=str(work / "lora"), learning_rate=a.lora_lr,
-                                                       lora_rank=a.rank)}
+    runs = {"base": ("base (no fine-tuning)", None),
+            "full": ("full fine-tuning, lr 1e-3", dict(out=str(work / "full"), learning_rate=1e-3)),
+            "lora-same-lr": (f"LoRA r={a.rank}, lr 1e-3", dict(out=str(work / "lora-1e-3"), learning_rate=1e-3,
+                                                              lora_rank=a.rank)),
+            "lora": (f"LoRA r={a.rank}, lr {a.lora_lr:g}", dict(out=str(work / "lora"), learning_rate=a.lora_lr,
+                                                               lora_rank=a.rank))}
     rows = []
-    for name, extra in runs.items():
+    for key in a.runs.split(","):
+        name, extra = runs[key]
         t0 = time.perf_counter()
         if extra is not None:
             cfg = TrainConfig(**common, **extra)
-            train(cfg, batch_source=SFTData.for_training(cfg))
+            train(cfg, batch_source=SFTData.for_training(cfg), plugins=TRAINING_PLUGINS + (lora_plugin,),
+                  load_model=load_model_folder if cfg.lora_rank is not None else None)   # as npgpt finetune does
         model, tok, _ = load_model_and_tokenizer(work / "base" if extra is None else extra["out"])
         trainable = sum(p.size for p in model.parameters() if p.requires_grad)   # a LoRA model: adapters only
         row = {"run": name, "trainable": trainable if extra else 0,

@@ -475,6 +475,9 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_
             plugin(model, src, cfg, hooks)
         if cfg.teacher and hooks.loss_fn is model_loss:
             raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
+        if cfg.lora_rank is not None and hooks.save_model is None:
+            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin, with load_model="
+                             "npgpt.lora.load_model_folder)")
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         optimizer = AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                           weight_decay=cfg.weight_decay)

@@ -192,3 +192,13 @@ def test_serve_with_adapter_equals_library(tmp_path):
     if tok.eot_id in cut:
         cut = cut[:cut.index(tok.eot_id)]
     assert resp["choices"][0]["text"] == tok.decode(cut)
+
+
+def test_train_api_refuses_lora_without_its_plugin(base, tmp_path):
+    """train(cfg) with lora_rank but without the plugin must not silently fine-tune every weight."""
+    from npgpt.errors import NpgptError
+    from npgpt.train import TrainConfig, train
+    cfg = TrainConfig(init_from=str(base / "base"), data=str(base / "data"), out=str(tmp_path / "z"), lora_rank=2,
+                      max_iters=1, block_size=16, batch_size=2, eval_iters=1, quiet=True)
+    with pytest.raises(NpgptError, match="LoRA plugin"):
+        train(cfg)
