@@ -75,7 +75,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args, generate_stream
     max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -204,7 +204,7 @@ def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p,
     from npgpt.generate import check_sampling_args
     from npgpt.sft import CHAT_TOKENS
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
     if missing:

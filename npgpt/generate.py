@@ -38,6 +38,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.safeio import finite
 from npgpt.tensor import no_grad
 
 
@@ -50,9 +51,19 @@ class Step:
     top: list = field(default_factory=list)   # [(token, prob)] most likely first (model probabilities)
 
 
-def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=None):
+    """One-line NpgptErrors for sampling options; NaN and infinity are refused (a NaN temperature
+    would otherwise sample token 0 forever)."""
     if max_new_tokens is None or int(max_new_tokens) <= 0:
         raise NpgptError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature is not None:
+        finite(temperature, "temperature")
+    if top_p is not None:
+        finite(top_p, "top_p")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise NpgptError(f"seed must be an integer >= 0, got {seed}")
+    if any(not s for s in ([stop] if isinstance(stop, str) else stop or [])):
+        raise NpgptError("a stop string must not be empty (it would stop every sample at once)")
     if temperature is None or temperature < 0:
         raise NpgptError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and int(top_k) <= 0:
@@ -79,7 +90,12 @@ class Penalties:
                 raise NpgptError(f"{name}_penalty must be in [-2, 2], got {v}")
         if not self.repetition > 0:
             raise NpgptError(f"repetition_penalty must be positive, got {self.repetition}")
+        finite(self.repetition, "repetition_penalty")
         for t, b in (self.logit_bias or {}).items():
+            try:
+                int(t), float(b)
+            except (TypeError, ValueError, OverflowError):
+                raise NpgptError(f"logit_bias must map token ids to numbers, got {t!r}: {b!r}") from None
             if not 0 <= int(t) < vocab_size:
                 raise NpgptError(f"logit_bias: token id {t} is out of range for vocab_size {vocab_size}")
             if not -100 <= float(b) <= 100:
@@ -247,7 +263,7 @@ def generate_stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, top
     their decoded text contains one of the `stop` strings (needs `tokenizer`). Penalties and
     logit_bias: see `Penalties`.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop)
     stops = _check_stops(stop, tokenizer)
     pen = Penalties(presence_penalty, frequency_penalty, repetition_penalty, logit_bias).check(model.config.vocab_size)
     rows = _as_rows(ids, mask, eot_id)
@@ -266,6 +282,9 @@ def generate_stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, top
         generated = [[] for _ in rows]
         for _ in range(int(max_new_tokens)):
             logits = asnumpy(logits).astype(np.float64)
+            if not np.isfinite(logits).all():
+                raise NpgptError("the model's logits hold NaN or infinity; its weights are damaged (or it diverged "
+                                 "in training): sampling stopped")
             p = sampling_probs(pen.apply(logits, counts, seen) if pen.active else logits, temperature, top_k, top_p)
             new = draw(p, rng) if temperature > 0 else p.argmax(axis=-1)
             if pen.active:
@@ -388,7 +407,7 @@ def speculative_stream(model, draft, ids, max_new_tokens, temperature=1.0, top_k
     forward (see the module docstring). Yields lists of Steps (row 0); several tokens may come
     per round. `stats`, when a dict, receives rounds / proposed / accepted counts.
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, stop)
     stops = _check_stops(stop, tokenizer)
     V = model.config.vocab_size
     if draft.config.vocab_size != V:
