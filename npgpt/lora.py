@@ -37,13 +37,14 @@ import numpy as np
 
 from npgpt import precision as _precision
 from npgpt.backend import asnumpy, get_xp, to_device
-from npgpt.checkpoint import find_checkpoint, is_model_dir, load_tensors, save_tensors
+from npgpt.checkpoint import find_checkpoint, is_model_dir, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
 from npgpt.model import read_hf_config
 from npgpt.nn import Linear, Module, Parameter
 from npgpt.ops.nn import dropout, linear
 from npgpt.quant import QuantizedLinear, linear_layers, load_model
+from npgpt.safeio import load_safetensors
 from npgpt.tensor import Function, Tensor
 
 CONFIG_FILE = "adapter_config.json"
@@ -375,7 +376,7 @@ def read_adapter(folder):
         extra = " (adapter_model.bin is a pickle and is not read: save with safe_serialization=True)" \
             if (folder / "adapter_model.bin").exists() else ""
         raise NpgptError(f"{wpath} is missing{extra}")
-    raw = _read_weights(wpath)
+    raw = load_safetensors(wpath, upcast=True)        # bf16 adapters (PEFT trained in bf16) widen to float32
     pairs, bad = {}, []
     for key, arr in raw.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
@@ -416,48 +417,6 @@ def adapter_summary(folder):
         raise NpgptError(f"{folder} is a LoRA adapter whose base model ({base!r}) is not a folder here")
     return {"r": config.r, "alpha": config.alpha, "targets": config.targets if isinstance(config.targets, str)
             else list(config.targets), "layers": len(weights), "base": base}
-
-
-def _read_weights(path):
-    """{key: float array} of adapter_model.safetensors; bfloat16 tensors (PEFT trained in bf16) too.
-
-    NumPy has no bfloat16, so safetensors' NumPy loader refuses such a file; its tensors are then
-    read from the file's own header and widened to float32 (bf16 is the top half of a float32).
-    """
-    try:
-        return load_tensors(path)
-    except NpgptError:
-        header = _safetensors_header(path)
-        if header is None or not any(v.get("dtype") == "BF16" for k, v in header[0].items() if k != "__metadata__"):
-            raise
-    meta, start = header
-    data = Path(path).read_bytes()[start:]
-    out = {}
-    widths = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-    for key, v in meta.items():
-        if key == "__metadata__":
-            continue
-        dtype, shape, (lo, hi) = v.get("dtype"), v.get("shape"), v.get("data_offsets", (0, -1))
-        n = int(np.prod(shape)) if shape else 1
-        if dtype not in widths or not 0 <= lo <= hi <= len(data) or hi - lo != n * widths[dtype]:
-            raise NpgptError(f"{path}: tensor {key} ({dtype}, {shape}) does not fit the file; it cannot be loaded")
-        raw = np.frombuffer(data[lo:hi], dtype="<u2" if dtype == "BF16" else {"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
-        arr = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
-        out[key] = arr.reshape(shape)
-    return out
-
-
-def _safetensors_header(path):
-    """(header dict, byte offset of the data) of a safetensors file, or None if it is not one."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= 100_000_000:
-                return None
-            meta = json.loads(f.read(n))
-        return (meta, 8 + n) if isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values()) else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
 
 
 def load_adapter(model, folder):

@@ -506,10 +506,10 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
     with run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train"):
-        return _train_locked(cfg, stream, batch_source, plugins, xp)
+        return _train_locked(cfg, stream, batch_source, plugins, xp, load_model)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp):
+def _train_locked(cfg, stream, batch_source, plugins, xp, load_model=None):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume) as log:
         data = batch_source or _open_data(cfg, log)
