@@ -54,7 +54,7 @@ def child(shape, mode, rank, steps, batch_size, block_size):
     named = trainable_parameters(model)
     opt = AdamW(named, lr=1e-4, weight_decay=0.0)
     weights = sum(p.data.nbytes for p in model.parameters() if not p.requires_grad or mode == "full")
-    weights += sum(lin.weight_nbytes + (lin.bias.data.nbytes if lin.bias is not None else 0)
+    weights += sum(lin.qweight.nbytes + lin.scales.nbytes + (lin.bias.data.nbytes if lin.bias is not None else 0)
                    for _, _, _, lin in linear_layers(model) for lin in [getattr(lin, "base", lin)]
                    if isinstance(lin, QuantizedLinear))
     gc.collect()
