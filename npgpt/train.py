@@ -620,8 +620,10 @@ class _Run:
         synchronize()
         dt = self.clock.seconds_per_iter()
         tps, mfu = self.tokens_per_iter / dt, self.flops_per_iter / dt / self.peak
+        norm = getattr(self.optimizer, "last_grad_norm", None)
+        norm = float(norm) if norm is not None and math.isfinite(float(norm)) else None
         self.log.record(kind="train", iter=step, loss=self.last_loss, lr=lr, ms_per_iter=dt * 1e3,
-                        tokens_per_s=tps, mfu=mfu)
+                        tokens_per_s=tps, mfu=mfu, grad_norm=norm)
         msg = (f"iter {step}/{cfg.max_iters}: loss {self.last_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
                f"{tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {dt * (cfg.max_iters - step):.0f}s")
         self.log.status(f"{_bar(step / cfg.max_iters)} {msg}" if self.log.tty else msg)
@@ -707,10 +709,11 @@ def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, sc
         n_tokens += y.size
     if hooks.reduce_grads is not None:
         hooks.reduce_grads(optimizer.grad, n_tokens)
+    # the gradient norm before clipping is kept for the log line (`npgpt plot` draws it)
     if scaler is not None and scaler.enabled:
-        scaler.step(optimizer, lr, grad_clip)       # fp16: skips the step and halves the scale on inf/NaN
+        _, optimizer.last_grad_norm = scaler.step(optimizer, lr, grad_clip)   # fp16: skips the step on inf/NaN
     else:
-        optimizer.clip_grad_norm(grad_clip)
+        optimizer.last_grad_norm = optimizer.clip_grad_norm(grad_clip)
         optimizer.step(lr)
     return loss_sum
 

@@ -23,8 +23,8 @@ FLOORS = [
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
-     "npgpt.tokenizer.bench", "npgpt.serve", "npgpt.lora",
-     "npgpt.tasks"),
+     "npgpt.tokenizer.bench", "npgpt.serve",
+     "npgpt.reference", "npgpt.viz", "npgpt.lora", "npgpt.tasks"),
     ("npgpt.cli",),
 ]
 
