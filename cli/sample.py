@@ -66,9 +66,10 @@ def encode_prompt(tok, text):
               help="Print each token beside the text before it, with the model's probability, the probability "
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, max_new_tokens,
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, max_new_tokens,
            temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
            logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
@@ -85,7 +86,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok, _ = load_model_and_tokenizer(checkpoint, device)
+    model, tok, _ = load_model_and_tokenizer(checkpoint, device, adapter)
     ids = encode_prompt(tok, prompt or "")
     controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
@@ -199,8 +200,9 @@ def _piece(tok, t):
 @click.command()
 @click.option("--checkpoint", required=True, type=click.Path(), help="An SFT (chat) model folder.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
-def chat(checkpoint, system, max_new_tokens, temperature, top_k, top_p, seed, device):
+def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
@@ -208,7 +210,7 @@ def chat(checkpoint, system, max_new_tokens, temperature, top_k, top_p, seed, de
     from npgpt.sft import CHAT_TOKENS
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
     if missing:
         raise NpgptError(f"{ckpt} is not a chat model (its tokenizer lacks {', '.join(missing)}); "

@@ -25,8 +25,9 @@ import click
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
 @click.option("--verbose", is_flag=True, help="Log every HTTP request to stderr.")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
-          verbose):
+          verbose, adapter):
     """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.serve import serve as run
@@ -34,7 +35,7 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
                  max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
-                 verbose=verbose, ready=lambda line: click.echo(line) or sys.stdout.flush()))
+                 verbose=verbose, adapter=adapter, ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 
 COMMANDS = [serve]

@@ -66,9 +66,12 @@ def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import TRAINING_PLUGINS
+    from npgpt.lora import load_model_folder, lora_plugin
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS)
+        # a LoRA run loads int8 bases and its own adapter folders, and the plugin adds the adapters
+        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS + (lora_plugin,),
+                       load_model=load_model_folder if cfg.lora_rank is not None else None)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -100,6 +103,12 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
 @click.option("--teacher", type=click.Path(), default=None, help="Distil from this model folder (same tokenizer).")
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the teacher's loss, in [0, 1] (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Softening temperature T > 0 (default 2.0).")
+@click.option("--lora-rank", "lora_rank", type=int, default=None,
+              help="Train LoRA adapters of rank R only (base frozen; saved in PEFT's format). --init-from may be int8.")
+@click.option("--lora-alpha", "lora_alpha", type=float, default=None, help="LoRA scale alpha (update x alpha/R); default 2R.")
+@click.option("--lora-dropout", "lora_dropout", type=float, default=None, help="Dropout on the adapters' input (default 0).")
+@click.option("--lora-targets", "lora_targets", default=None,
+              help="Comma-separated layers to adapt (PEFT's suffix rule): default c_attn,c_proj,c_fc.")
 def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
     """Fine-tune a pretrained model (--init-from DIR) on prepared data or an SFT JSONL file.
 
@@ -126,11 +135,28 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--split", type=click.Choice(["train", "val"]), default="val", help="Split of --data.")
 @click.option("--device", default="cpu", help="cpu or gpu.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_(checkpoint, input_, data, split, device, as_json):
-    """Loss, perplexity and bits per byte of a model on a text file or prepared data."""
+@click.option("--stride", type=int, default=None, help="Sliding-window loss: a window of block_size every S tokens.")
+@click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
+@click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
+@click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter):
+    """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
-    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split)
+    if task is not None:
+        if input_ or data or stride:
+            raise click.UsageError("--task scores a task file; it does not combine with --input, --data or --stride")
+        from npgpt.tasks import run_task      # imported when the command runs, as above
+        r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter)
+        if as_json:
+            click.echo(json.dumps(r))
+        else:
+            click.echo(f"{r['task']}: {r['items']:,} items, accuracy {r['acc']:.4f} (summed log-likelihood), "
+                       f"{r['acc_norm']:.4f} (length-normalised)" + (f"; per-item results in {out_file}" if out_file else ""))
+        return
+    if out_file:
+        raise click.UsageError("--out goes with --task (per-item results)")
+    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter)
     if as_json:
         click.echo(json.dumps(r))
     else:
@@ -163,6 +189,10 @@ def info(path, as_json):
                    f"{list(t.get('special_tokens', {}))}" if "error" not in t else f"tokenizer: {t['error']}")
     if r.get("quantization"):
         click.echo(f"quantization: {r['quantization']}")
+    if r.get("lora"):
+        lo = r["lora"]
+        click.echo(f"LoRA adapter: r={lo['r']}, alpha={lo['alpha']:g}, {lo['layers']} layers "
+                   f"({', '.join(lo['targets']) if isinstance(lo['targets'], list) else lo['targets']}) on {lo['base']}")
     click.echo("files: " + ", ".join(f"{k} {_size(v)}" for k, v in r["files"].items()) + f" (total {_size(r['total_bytes'])})")
 
 

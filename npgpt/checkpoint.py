@@ -149,10 +149,19 @@ def is_model_dir(path) -> bool:
     return all((path / name).is_file() for name in MODEL_FILES)
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")   # a LoRA run's checkpoint (npgpt.lora)
+
+
+def is_checkpoint_dir(path) -> bool:
+    """A model folder, or a LoRA run's adapter folder (its base is recorded in adapter_config.json)."""
+    path = Path(path)
+    return is_model_dir(path) or all((path / name).is_file() for name in ADAPTER_FILES)
+
+
 def has_checkpoint(run_dir) -> bool:
     """True when `run_dir` holds a checkpoint (`ckpt`, or `ckpt.old` left by a crash mid-swap)."""
     run_dir = Path(run_dir)
-    return is_model_dir(run_dir / CKPT_DIR) or is_model_dir(run_dir / OLD_DIR)
+    return is_checkpoint_dir(run_dir / CKPT_DIR) or is_checkpoint_dir(run_dir / OLD_DIR)
 
 
 def find_checkpoint(path) -> Path:
@@ -166,13 +175,13 @@ def find_checkpoint(path) -> Path:
     if not path.exists() and not (path.name == CKPT_DIR and path.parent.is_dir()):
         raise NpgptError(f"no checkpoint in {path}: the folder does not exist (check the path, or train one "
                          f"with `npgpt train --out {path}`)")
-    if is_model_dir(path):
+    if is_checkpoint_dir(path):
         return path
     run_dir = path.parent if path.name == CKPT_DIR and not path.exists() else path
     final, old = run_dir / CKPT_DIR, run_dir / OLD_DIR
-    if is_model_dir(final):
+    if is_checkpoint_dir(final):
         return final
-    if not final.exists() and is_model_dir(old):
+    if not final.exists() and is_checkpoint_dir(old):
         try:
             # a run writing this folder right now is between its two renames: leave its folders alone
             with run_lock(run_dir, "recover"):

@@ -8,6 +8,7 @@ the text's UTF-8 byte count, which compares models with different tokenizers fai
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -16,20 +17,25 @@ from npgpt.backend import asnumpy
 from npgpt.checkpoint import find_checkpoint, verify_checkpoint
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.lora import adapter_summary, load_adapter, load_model_folder
 from npgpt.model import GPTConfig, read_hf_config
-from npgpt.quant import load_model
+from npgpt.ops.nn import cross_entropy
 from npgpt.tensor import no_grad
 from npgpt.tokenizer import read_text_checked
 from npgpt.train import read_state
 
 
-def load_model_and_tokenizer(checkpoint, device="cpu"):
-    """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder."""
+def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
+    """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder.
+
+    adapter: a LoRA adapter folder (PEFT layout, see npgpt.lora) applied on top, unmerged."""
     ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):
         raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
-    model = load_model(ckpt, device=device)
+    model = load_model_folder(ckpt, device=device)      # a LoRA run's folder brings its base along
+    if adapter:
+        load_adapter(model, adapter)
     return model, tk.load(ckpt), ckpt
 
 
@@ -55,9 +61,11 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
     return total, count
 
 
-def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
-    """Loss / perplexity / bits per byte of a model on a text file or a prepared data split."""
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
+def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None):
+    """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
+
+    stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
+    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
@@ -79,18 +87,65 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
         source = f"{data} ({split})"
     if int(np.max(tokens)) >= model.config.vocab_size:
         raise NpgptError("the text has tokens outside the model's vocabulary")
-    total, count = token_loss(model, tokens, device=device)
+    if stride is None:
+        total, count = token_loss(model, tokens, device=device)
+    else:
+        total, count = sliding_token_loss(model, tokens, stride)
     n_bytes = len(text[1:].encode("utf-8")) if count else 0   # the first token is never predicted
     loss = total / count
     return {"source": source, "tokens": count, "loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "checkpoint": str(ckpt)}
 
 
+def sliding_token_loss(model, tokens, stride, batch_size=8):
+    """Summed next-token loss (nats) and count with windows of block_size tokens every `stride`.
+
+    Window k reads tokens [k S, k S + T) and scores only the targets no earlier window scored, so
+    every token is predicted once, from up to T tokens of context (at least T - S once the first
+    window is past) instead of from a window boundary. Hugging Face's perplexity recipe; S = T is
+    exactly `token_loss`, smaller S costs about T / S times the compute for a lower, fairer loss.
+    """
+    T = model.config.block_size
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= T:
+        raise NpgptError(f"--stride must be between 1 and the model's block_size {T}, got {stride}")
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens)
+    if n < 2:
+        raise NpgptError("need at least 2 tokens to evaluate")
+    windows, done, s = [], 0, 0             # done: targets tokens[1..done] are scored
+    while True:
+        e = min(s + T, n - 1)               # inputs tokens[s:e], targets tokens[s+1:e+1]
+        windows.append((s, e, done + 1 - (s + 1)))   # (start, end, first target index to score)
+        done = e
+        if e == n - 1:
+            break
+        s += stride
+    total, count = 0.0, 0
+    model.eval()
+    with no_grad():
+        for length in sorted({e - s for s, e, _ in windows}):
+            same = [w for w in windows if w[1] - w[0] == length]
+            for b in range(0, len(same), batch_size):
+                group = same[b:b + batch_size]
+                x = np.stack([tokens[s:e] for s, e, _ in group])
+                y = np.stack([tokens[s + 1:e + 1] for s, e, _ in group])
+                for row, (_, _, skip) in enumerate(group):
+                    y[row, :skip] = -1                      # scored by an earlier window
+                k = int((y >= 0).sum())
+                if k:
+                    _, loss = model(x, y)
+                    total += float(asnumpy(loss.data)) * k
+                    count += k
+    return total, count
+
+
 def info(path):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
     ckpt = find_checkpoint(path)
-    hf = read_hf_config(ckpt)
-    cfg = GPTConfig.from_hf(hf, str(ckpt / "config.json"))
+    lora = adapter_summary(ckpt)                       # a LoRA run: its config.json is the base's
+    cfg_dir = Path(lora["base"]) if lora else ckpt
+    hf = read_hf_config(cfg_dir)
+    cfg = GPTConfig.from_hf(hf, str(cfg_dir / "config.json"))
     state = read_state(ckpt) if (ckpt / "state.json").exists() else {}
     tok = None
     if tk.is_tokenizer_dir(ckpt):
@@ -105,4 +160,4 @@ def info(path):
             "parameters": cfg.num_params(), "step": state.get("iter"),
             "best_val_loss": state["best_val_loss"] if math.isfinite(state.get("best_val_loss", math.inf)) else None,
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),
-            "quantization": hf.get("npgpt", {}).get("quantization")}
+            "quantization": hf.get("npgpt", {}).get("quantization"), "lora": lora}

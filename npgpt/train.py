@@ -117,6 +117,10 @@ class TrainConfig:
     teacher: str | None = None           # distil from this model folder (npgpt finetune --teacher)
     distill_alpha: float = 0.5           # loss = alpha * KD + (1 - alpha) * cross-entropy
     distill_temperature: float = 2.0
+    lora_rank: int | None = None         # train only LoRA adapters of this rank (npgpt.lora's plugin)
+    lora_alpha: float | None = None      # LoRA scale alpha / rank; default 2 * rank
+    lora_dropout: float = 0.0            # dropout on the adapters' input
+    lora_targets: str | None = None      # comma-separated layer names; default c_attn,c_proj,c_fc
 
     def validate(self):
         for f in dataclasses.fields(self):                 # NaN / inf never reach a comparison below
@@ -151,6 +155,12 @@ class TrainConfig:
             raise NpgptError("beta1 and beta2 must be in [0, 1)")
         if self.teacher:
             check_distill_args(self.distill_alpha, self.distill_temperature)
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise NpgptError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise NpgptError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise NpgptError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         parse_device(self.device)
         Precision(self.precision)                       # a clear error for an unknown name
         return self
@@ -295,14 +305,21 @@ def _open_data(cfg: TrainConfig, log, comm):
     return data
 
 
-def build_model(cfg: TrainConfig, data, log):
-    """The model to train: resumed, initialised from a folder, or new from the preset + overrides."""
+def build_model(cfg: TrainConfig, data, log, load_model=None):
+    """The model to train: resumed, initialised from a folder, or new from the preset + overrides.
+
+    load_model(folder, dropout=...): how a folder becomes a model; by default GPT.from_pretrained,
+    float folders only. A caller's loader may read more (npgpt.lora.load_model_folder: quantised
+    bases and LoRA runs' adapter folders); its plugins then decide what of the model trains."""
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        if records_quantization(read_hf_config(src)):
-            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
-        model = GPT.from_pretrained(src, dropout=cfg.dropout)
+        if load_model is None:
+            if records_quantization(read_hf_config(src)):
+                raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
+            model = GPT.from_pretrained(src, dropout=cfg.dropout)
+        else:
+            model = load_model(src, dropout=cfg.dropout)
         if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
@@ -349,11 +366,12 @@ def estimate_loss(model, data, cfg, it, block_size, dp=None):
     return out
 
 
-def save_checkpoint(out, model, tokenizer, optimizer, state, save_files=()):
+def save_checkpoint(out, model, tokenizer, optimizer, state, save_files=(), save_model=None):
     """Write OUT/ckpt atomically: model folder (HF GPT-2) + tokenizer + optimizer + state.json
-    (+ what each `save_files` callback writes into the folder)."""
+    (+ what each `save_files` callback writes into the folder). save_model(folder), when given,
+    writes the model instead of save_pretrained (a LoRA run writes only its adapters)."""
     with checkpoint_writer(out) as tmp:
-        model.save_pretrained(tmp)
+        (save_model or model.save_pretrained)(tmp)
         tokenizer.save(tmp)
         for save in save_files:
             save(tmp)
@@ -473,20 +491,25 @@ class Hooks:
         Run after every optimizer step (pruning keeps pruned weights at zero here).
     save_files: [fn(folder)]
         Write extra files into each checkpoint folder (pruning saves its masks).
+    save_model: fn(folder) or None
+        Write the model into a checkpoint folder instead of model.save_pretrained (LoRA: adapters only).
     """
     loss_fn: Callable = model_loss
     reduce_grads: Callable | None = None
     after_step: list = field(default_factory=list)
     save_files: list = field(default_factory=list)
+    save_model: Callable | None = None
 
 
-def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> TrainResult:
+def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_model=None) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
     batch_source: optional object with get_batch / tokenizer / vocab_size (SFT data plugs in here).
     plugins: callables plugin(model, src, cfg, hooks), run once the model is built (src: the folder it
     came from, or None), that fill in `hooks` (see Hooks); npgpt.compress.TRAINING_PLUGINS adds
     distillation (--teacher) and keeping pruned weights at zero.
+    load_model: how --init-from / --resume folders load (see build_model).
+    Parameters with requires_grad off (a LoRA base) get no gradient buffer and no optimizer state.
     """
     cfg = config.validate()
     if cfg.sft and batch_source is None:
@@ -504,14 +527,14 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> Tr
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
     with lock:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm)
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
         data = batch_source or _open_data(cfg, log, comm)
-        model, src = build_model(cfg, data, log)
+        model, src = build_model(cfg, data, log, load_model)
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":
@@ -522,7 +545,11 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
             plugin(model, src, cfg, hooks)
         if cfg.teacher and hooks.loss_fn is model_loss:
             raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
-        optimizer = make_optimizer(model.named_parameters(), comm, cfg.zero_stage, lr=cfg.learning_rate,
+        if cfg.lora_rank is not None and hooks.save_model is None:
+            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin, with load_model="
+                             "npgpt.lora.load_model_folder)")
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
+        optimizer = make_optimizer(trainable, comm, cfg.zero_stage, lr=cfg.learning_rate,
                                    betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         dp = None
         if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
@@ -652,7 +679,7 @@ class _Run:
             "data": {"path": str(Path(self.data.path).resolve()) if getattr(self.data, "path", "") else "",
                      "next_batch_iter": it},
             "reason": reason, "loss_scaler": self.scaler.state_dict(),
-        }, self.hooks.save_files)
+        }, self.hooks.save_files, self.hooks.save_model)
 
 
 class _Clock:

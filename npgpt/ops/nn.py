@@ -45,7 +45,8 @@ class Linear(Function):
         d2 = dout.reshape(-1, dout.shape[-1])                 # (N, Cout)
         # forward: y = x @ w + b  =>  dx = dy @ w^T, dw = x^T @ dy, db = sum_rows dy
         dx = _precision.matmul(d2, w.T).reshape(self.in_shape)
-        dw = _precision.matmul(x2.T, d2)                      # BLAS reads the transposes in place
+        # a frozen weight (LoRA's base) needs no dw: skip the matmul that costs as much as dx
+        dw = _precision.matmul(x2.T, d2) if self.inputs[1].requires_grad else None
         if self.has_bias:
             # sum over rows as a vector-matrix product: BLAS does it several times faster
             ones = get_xp(d2).ones(d2.shape[0], dtype=d2.dtype)
