@@ -4,6 +4,7 @@
     python examples/torch_compare.py --size shakespeare-char  # 6/6/384, T 256, B 64
     python examples/torch_compare.py --size gpt2              # GPT-2 124M: 12/12/768, T 256, B 4
     python examples/torch_compare.py --size all               # the three, and a summary table
+    python examples/torch_compare.py --decode                 # decoding against transformers' generate
 
 The PyTorch model below is a nanoGPT-style GPT-2 written to match npgpt's exactly: learned
 position embeddings, pre-LN blocks, GELU (tanh form), biases, tied LM head, dropout 0, causal
@@ -202,6 +203,94 @@ def compare(size, threads, iters, rnd, warmup, rss=True):
     return row
 
 
+# ---- decoding: npgpt's generate against transformers' generate (KV cache, greedy) ----------------
+def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeats=3):
+    """Greedy decoding tokens/s on a randomly initialised GPT-2 124M shape: batch 1, batch 8, a
+    prefill of `prefill_len` tokens, and npgpt's int8 model (blocked dequantisation and, for the
+    'before' figure, the dequantise-then-multiply reference). Sides alternate, best of `repeats`."""
+    import tempfile
+
+    from npgpt import quant as Q
+    from npgpt.generate import generate
+    from npgpt.model import GPT, GPTConfig
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError:
+        GPT2LMHeadModel = None
+        print("transformers is not installed: npgpt's figures only")
+
+    cfg = GPTConfig.preset("gpt2")
+    model = GPT(cfg, seed=0)
+    model.eval()
+    rng = np.random.default_rng(0)
+    prompt1 = rng.integers(0, cfg.vocab_size, (1, prompt_len))
+    prompt8 = rng.integers(0, cfg.vocab_size, (8, prompt_len))
+    long = rng.integers(0, cfg.vocab_size, (1, prefill_len))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        hf = GPT2LMHeadModel.from_pretrained(tmp).eval() if GPT2LMHeadModel else None
+        Q.save_quantized(model, tmp + "/q8", bits=8)
+        q8 = GPT.from_pretrained(tmp + "/q8")
+
+    def ours(m, ids, n):
+        return lambda: generate(m, ids.tolist(), n, temperature=0)
+
+    def theirs(ids, n):
+        x = torch.from_numpy(ids).long()
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0,
+                  attention_mask=torch.ones_like(x))
+        return lambda: hf.generate(x, **kw)
+
+    reference_forward = Q.QuantizedLinear.forward
+
+    def q8_reference():
+        Q.QuantizedLinear.forward = Q.QuantizedLinear.forward_reference
+        try:
+            generate(q8, prompt1.tolist(), new_tokens, temperature=0)
+        finally:
+            Q.QuantizedLinear.forward = reference_forward
+
+    cases = [  # (label, tokens counted per call, {side: callable})
+        (f"batch 1, {new_tokens} new tokens", new_tokens,
+         {"npgpt": ours(model, prompt1, new_tokens), "npgpt int8": ours(q8, prompt1, new_tokens),
+          "npgpt int8 (dequantise whole weight)": q8_reference,
+          **({"transformers": theirs(prompt1, new_tokens)} if hf else {})}),
+        (f"batch 8, {new_tokens} new tokens each", 8 * new_tokens,
+         {"npgpt": ours(model, prompt8, new_tokens), **({"transformers": theirs(prompt8, new_tokens)} if hf else {})}),
+        (f"prefill: prompt of {prefill_len} tokens (+1 new)", prefill_len,
+         {"npgpt": ours(model, long, 1), **({"transformers": theirs(long, 1)} if hf else {})}),
+    ]
+    print(f"decoding, GPT-2 124M shape (random weights), greedy, KV cache, {threads} threads, best of {repeats}")
+    with torch.inference_mode():
+        for label, n_tok, sides in cases:
+            best = {k: float("inf") for k in sides}
+            for f in sides.values():
+                f()                                               # warm-up
+            for _ in range(repeats):
+                for k, f in sides.items():
+                    best[k] = min(best[k], timed(lambda i: f(), 0))
+            rates = {k: n_tok / v for k, v in best.items()}
+            print(f"  {label}:  " + ",  ".join(f"{k} {v:,.1f} tokens/s" for k, v in rates.items()))
+            if "transformers" in rates:
+                print(f"    npgpt / transformers = {rates['npgpt'] / rates['transformers']:.2f}x")
+            if "npgpt int8" in rates:
+                print(f"    int8 / float32 = {rates['npgpt int8'] / rates['npgpt']:.2f}  "
+                      f"(dequantise-whole-weight reference: "
+                      f"{rates['npgpt int8 (dequantise whole weight)'] / rates['npgpt']:.2f})")
+
+    def weight_bytes(m):
+        n = sum(p.data.nbytes for p in m.parameters())
+        n += sum(lin.qweight.nbytes + lin.scales.nbytes for _, _, _, lin in Q.linear_layers(m)
+                 if isinstance(lin, Q.QuantizedLinear))
+        return n
+    fb, qb = weight_bytes(model), weight_bytes(q8)
+    lin_f = sum(lin.weight.data.nbytes for _, _, _, lin in Q.linear_layers(model))
+    lin_q = sum(lin.qweight.nbytes + lin.scales.nbytes for _, _, _, lin in Q.linear_layers(q8))
+    print(f"  resident weights: float32 {fb / 2**20:.0f} MiB, int8 {qb / 2**20:.0f} MiB ({fb / qb:.2f}x less); "
+          f"the blocks' linear layers alone {lin_f / 2**20:.0f} -> {lin_q / 2**20:.0f} MiB ({lin_f / lin_q:.2f}x); "
+          f"the tied embedding / LM head stays float32")
+
+
 def main():
     if torch is None:
         print("PyTorch is not installed: nothing to compare against (npgpt itself never needs it). "
@@ -216,11 +305,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (numpy's BLAS: OPENBLAS_NUM_THREADS)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--decode", action="store_true",
+                    help="compare greedy decoding with transformers' generate instead (GPT-2 124M shape)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="--decode: new tokens per prompt")
     ap.add_argument("--rss-of", choices=["torch", "npgpt"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.rss_of:
         measure_rss(args.rss_of, args.size, args.threads)
+        return 0
+    if args.decode:
+        decode_compare(args.threads, new_tokens=args.new_tokens)
         return 0
     rows = [compare(s, args.threads, args.iters, args.round, args.warmup, rss=not args.no_rss)
             for s in (SIZES if args.size == "all" else [args.size])]
