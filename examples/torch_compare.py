@@ -141,7 +141,7 @@ def measure_rss(side, size, threads, steps=2):
         rng = np.random.default_rng(0)
         step = TorchStep(cfg, [tuple(rng.integers(0, cfg.vocab_size, (B, T)) for _ in "xy") for _ in range(8)])
     else:
-        step = TrainStep(preset, batch_size=B, block_size=T)
+        step = TrainStep(preset, batch_size=B, block_size=T, replicas=2 if side == "replicas" else 1)
     before = rss_kib()
     for i in range(steps):
         step(i)
@@ -158,12 +158,13 @@ def rss_of(side, size, threads):
     return int(before), int(peak)
 
 
-def compare(size, threads, iters, rnd, warmup, rss=True):
+def compare(size, threads, iters, rnd, warmup, rss=True, replicas=2):
     from npgpt.bench import TrainStep, blas_threads
 
     preset, B, T, default_iters = SIZES[size]
     iters = iters or default_iters
     ours = TrainStep(preset, batch_size=B, block_size=T)
+    reps = TrainStep(preset, batch_size=B, block_size=T, replicas=replicas) if replicas > 1 else None
     batches = [tuple(np.asarray(a) for a in b) for b in ours.batches]
     theirs = TorchStep(ours.config, batches)
     n_ours = sum(p.size for p in ours.model.parameters())
@@ -173,12 +174,16 @@ def compare(size, threads, iters, rnd, warmup, rss=True):
     for i in range(warmup):
         theirs(i)
         ours(i)
-    t_theirs, t_ours = [], []
+        if reps:
+            reps(i)
+    t_theirs, t_ours, t_reps = [], [], []
     i = 0
     while len(t_ours) < iters:
         n = min(rnd, iters - len(t_ours))
         t_theirs += [timed(theirs, i + j) for j in range(n)]
         t_ours += [timed(ours, i + j) for j in range(n)]
+        if reps:
+            t_reps += [timed(reps, i + j) for j in range(n)]
         i += n
 
     cfg = ours.config
@@ -191,15 +196,26 @@ def compare(size, threads, iters, rnd, warmup, rss=True):
     print(f"pytorch eager  ms/iter median {ms_theirs:9.2f}  min {min(t_theirs) * 1e3:9.2f}")
     print(f"npgpt          ms/iter median {ms_ours:9.2f}  min {min(t_ours) * 1e3:9.2f}")
     print(f"npgpt / pytorch = {ms_ours / ms_theirs:.2f}  ({'npgpt faster' if ms_ours < ms_theirs else 'pytorch faster'})")
+    if reps:
+        ms_reps = statistics.median(t_reps) * 1e3
+        print(f"npgpt {replicas} replicas ms/iter median {ms_reps:9.2f}  min {min(t_reps) * 1e3:9.2f}   "
+              f"/ pytorch = {ms_reps / ms_theirs:.2f}  (min / min {min(t_reps) / min(t_theirs):.2f})")
     row = {"size": size, "ms_torch": ms_theirs, "ms_npgpt": ms_ours, "ratio": ms_ours / ms_theirs,
            "tokens_per_s": B * T / (ms_ours / 1e3), "flops_per_iter": ours.flops_per_iter}
+    if reps:
+        row.update(ms_replicas=ms_reps, ratio_replicas=ms_reps / ms_theirs)
     del ours, theirs
+    reps = None
     if rss:
         (tb, tp), (nb, npk) = rss_of("torch", size, threads), rss_of("npgpt", size, threads)
         print(f"peak RSS of 2 steps (own process): pytorch {tp / 1024:7.0f} MiB (step adds {(tp - tb) / 1024:.0f}), "
               f"npgpt {npk / 1024:7.0f} MiB (step adds {(npk - nb) / 1024:.0f});  npgpt / pytorch = {npk / tp:.2f}")
         row.update(rss_torch_mib=tp / 1024, rss_npgpt_mib=npk / 1024, rss_step_torch_mib=(tp - tb) / 1024,
                    rss_step_npgpt_mib=(npk - nb) / 1024)
+        if reps is not None or replicas > 1:
+            rb, rp = rss_of("replicas", size, threads)
+            print(f"  npgpt with 2 replicas: {rp / 1024:7.0f} MiB (step adds {(rp - rb) / 1024:.0f});  / pytorch = {rp / tp:.2f}")
+            row.update(rss_replicas_mib=rp / 1024)
     return row
 
 
@@ -304,11 +320,13 @@ def main():
     ap.add_argument("--round", type=int, default=5, help="iterations per side per round")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (numpy's BLAS: OPENBLAS_NUM_THREADS)")
+    ap.add_argument("--replicas", type=int, default=2,
+                    help="also time npgpt with the batch split over this many threads (1: skip)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--decode", action="store_true",
                     help="compare greedy decoding with transformers' generate instead (GPT-2 124M shape)")
     ap.add_argument("--new-tokens", type=int, default=32, help="--decode: new tokens per prompt")
-    ap.add_argument("--rss-of", choices=["torch", "npgpt"], help=argparse.SUPPRESS)
+    ap.add_argument("--rss-of", choices=["torch", "npgpt", "replicas"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.rss_of:
@@ -317,7 +335,8 @@ def main():
     if args.decode:
         decode_compare(args.threads, new_tokens=args.new_tokens)
         return 0
-    rows = [compare(s, args.threads, args.iters, args.round, args.warmup, rss=not args.no_rss)
+    rows = [compare(s, args.threads, args.iters, args.round, args.warmup, rss=not args.no_rss,
+                    replicas=args.replicas)
             for s in (SIZES if args.size == "all" else [args.size])]
     if len(rows) > 1:
         print("size              npgpt ms  pytorch ms  ratio  tokens/s  RSS npgpt  RSS pytorch (MiB)")

@@ -140,7 +140,7 @@ class TrainStep:
     """
 
     def __init__(self, preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
-                 device="cpu", seed=0, lr=6e-4, grad_clip=1.0, n_batches=8):
+                 device="cpu", seed=0, lr=6e-4, grad_clip=1.0, n_batches=8, replicas=1):
         from npgpt.model import GPT
         from npgpt.optim import AdamW
 
@@ -158,20 +158,28 @@ class TrainStep:
         rng = np.random.default_rng(seed)
         self.batches = [tuple(to_device(rng.integers(0, cfg.vocab_size, (self.B, self.T)), self.device)
                               for _ in "xy") for _ in range(n_batches)]
+        self.replicas = None
+        if int(replicas) > 1:          # the batch split over threads (npgpt.replicas)
+            from npgpt.replicas import ThreadReplicas
+            self.replicas = ThreadReplicas(self.model, self.opt, int(replicas))
 
     @property
     def flops_per_iter(self):
         return self.model.flops_per_token(self.T) * self.B * self.T
 
     def __call__(self, i=0, prof=None):
-        """One iteration on batch i (mod the number of batches); returns the loss Tensor."""
+        """One iteration on batch i (mod the number of batches); returns the loss (a Tensor, or a
+        float with replicas)."""
         x, y = self.batches[i % len(self.batches)]
         t0 = prof.clock() if prof else 0.0
         self.opt.zero_grad()
         if prof:
             prof.seconds["optimizer"] += prof.clock() - t0
-        _, loss = self.model(x, y)
-        loss.backward()
+        if self.replicas is not None:
+            loss = self.replicas.forward_backward(x, y)
+        else:
+            _, loss = self.model(x, y)
+            loss.backward()
         if prof:
             t0 = prof.clock()
         self.opt.clip_grad_norm(self.grad_clip)
@@ -183,14 +191,14 @@ class TrainStep:
 
 def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
                 device="cpu", iters=20, warmup=3, profile=False, seed=0, lr=6e-4, grad_clip=1.0,
-                peak_gflops=None):
+                peak_gflops=None, replicas=1):
     """Time `iters` training iterations (see TrainStep) after `warmup` ones; returns a dict of
     the figures (see the module doc). peak_gflops: reuse a measured GEMM peak."""
     from npgpt.tensor import profiling
 
     _check_counts(iters, warmup, batch_size)
     iters, warmup = int(iters), int(warmup)
-    step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
+    step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip, replicas=replicas)
     model, cfg, dev, B, T = step.model, step.config, step.device, step.B, step.T
 
     times, loss = [], None
@@ -201,7 +209,7 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
         synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    final_loss = float(loss.data)
+    final_loss = float(getattr(loss, "data", loss))
 
     if peak_gflops is None:
         peak_gflops = gemm_peak_gflops(xp_for(dev))
@@ -222,6 +230,7 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
         "mfu": flops_per_iter / med / 1e9 / peak_gflops,
         "final_loss": final_loss,
         "blas_threads": blas_threads(),
+        "replicas": int(replicas),
     }
 
     if profile:
