@@ -161,7 +161,7 @@ class TrainStep:
         self.replicas = None
         if int(replicas) > 1:          # the batch split over threads (npgpt.replicas)
             from npgpt.replicas import ThreadReplicas
-            self.replicas = ThreadReplicas(self.model, self.opt, int(replicas))
+            self.replicas = ThreadReplicas(self.model, int(replicas))
 
     @property
     def flops_per_iter(self):

@@ -9,25 +9,27 @@ one BLAS thread stalls the other. Measured on this shared 2-core EPYC, load ~10,
 batch 12: 666 ms median per step with 2 replicas against 7,450 ms with 2-thread BLAS.)
 
     x (B, T) ──rows──> replica 0 (the model itself)  -> loss_0 * n_0 / N -> backward -> optimizer.grad
-                 └───> replica 1 (a shadow)           -> loss_1 * n_1 / N -> backward -> its own buffer
-    optimizer.grad += buffer_1 (+ buffer_2 ...)       in replica order, so every run sums alike
+                 └───> replica 1 (a shadow)           -> loss_1 * n_1 / N -> backward -> its own grads
+    optimizer.grad += shadow grads                    in replica order, so every run sums alike
 
 A shadow is a deep copy of the model whose parameters share the model's weight arrays (the
-optimizer's flat buffer) but own a gradient buffer, and whose dropout generators are seeded apart
-(spawned from the model's) so the slices draw different masks. n_r counts the targets of slice r
+optimizer's flat buffer) but not its gradients, and whose dropout generator is derived afresh from
+the model's at each batch, so the slices draw different masks and a seeded run repeats exactly. n_r counts the targets of slice r
 that are not ignored, N their sum: the summed gradient is that of the token mean over the whole
 batch, exactly what one plain forward and backward of the batch gives (up to float32 summation
 order, tested in tests/test_replicas.py).
 
-BLAS threads are set to one inside the threaded section through `threadpoolctl`, which knows every
-BLAS NumPy ships, and restored after; the row-parallel passes of `npgpt.ops.parallel` stay on their
-calling thread there.
+BLAS threads are set to one inside the threaded section through `threadpoolctl` (a dependency for
+this: it knows every BLAS that NumPy wheels ship, OpenBLAS, MKL, BLIS, Accelerate, where ctypes would
+need a guess per library), and restored after; the row-parallel passes of `npgpt.ops.parallel` stay
+on their calling thread there. `count_targets` and `loss_weight` are the same formulas as the MPI
+path's in `npgpt.distributed` (issue 14); once both are on main, one should import the other's.
 """
 
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -61,80 +63,135 @@ def default_loss(model, x, y):
     return model(x, y)[1]
 
 
-def shadow_of(model, optimizer, index):
-    """A copy of `model` sharing its weight arrays, with its own zeroed flat gradient buffer."""
+def shadow_of(model):
+    """A copy of `model` whose parameters share the model's weight arrays but not its gradients."""
     memo = {}
-    for s in optimizer.slots:
-        memo[id(s.param.data)] = s.param.data                 # share the weights ...
-        if s.param.grad is not None:
-            memo[id(s.param.grad)] = None                     # ... but not the gradients
-    shadow = copy.deepcopy(model, memo)
-    for original in [v for v in list(memo.values()) if isinstance(v, np.random.Generator)]:
-        seq = getattr(original.bit_generator, "seed_seq", None)
-        fresh = np.random.default_rng(seq.spawn(1)[0] if seq is not None else index)
-        original.bit_generator.state = fresh.bit_generator.state   # (this is the shadow's copy)
-    grad = optimizer.xp.zeros_like(optimizer.grad)
-    params = dict(shadow.named_parameters())
-    pairs = []
-    for s in optimizer.slots:
-        p = params[s.name]
-        pairs.append((s, p))
-        p.grad = grad[s.start:s.stop].reshape(s.shape)
-    return shadow, grad, pairs
+    for p in model.parameters():
+        memo[id(p.data)] = p.data                             # share the weights ...
+        if p.grad is not None:
+            memo[id(p.grad)] = None                           # ... but not the gradients
+    return copy.deepcopy(model, memo)
 
 
 class ThreadReplicas:
-    """Run forward and backward of a batch as `n` replicas on `n` threads (see the module doc).
+    """Run forward and backward of each batch as `n` replicas on `n` threads (see the module doc).
 
-    model: the model the optimizer was built over (replica 0); optimizer: an AdamW (its flat
-    buffers hold the weights and receive the summed gradient). Use:
+    It plugs into the trainer's two seams (`npgpt.train.Hooks`):
 
-        loss = replicas.forward_backward(x, y, loss_fn, scale=1 / grad_accum)   # per micro-batch
+        hooks.loss_fn = replicas.loss_fn        # splits the batch, starts the shadows' slices
+        hooks.reduce_grads = replicas.reduce    # waits for them, adds their gradients in order
 
-    It adds scale * d(token-mean loss of the batch) to optimizer.grad, as `(loss_fn(model, x, y) *
-    scale).backward()` would, and returns that loss as a float.
+    loss_fn(model, x, y) starts slices 1..n-1 on the shadows' threads (each backpropagates its
+    own token-mean loss times n_r / N times `scale`) and returns the batch's loss for the caller to
+    backpropagate (times `scale`): its value is the token mean over the whole batch, its gradient
+    flows through slice 0 only, weighted n_0 / N. `scale` is what the caller multiplies the loss by
+    before backward (1 / gradient-accumulation steps). Between loss_fn and reduce, BLAS runs one
+    thread per replica. `forward_backward` is the two in one call (used by `npgpt bench`).
     """
 
-    def __init__(self, model, optimizer, n=2):
-        if optimizer.xp is not np:
-            raise ValueError("in-process replicas are a CPU feature (a GPU runs one stream)")
-        self.model, self.optimizer, self.n = model, optimizer, max(1, int(n))
-        self.shadows = [shadow_of(model, optimizer, k) for k in range(1, self.n)]
-        self._pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="npgpt-replica") if self.n > 1 else None
+    def __init__(self, model, n=2, scale=1.0, base_loss=default_loss, ignore_index=-1):
+        self.model, self.n, self.scale = model, max(1, int(n)), float(scale)
+        self.base_loss, self.ignore_index = base_loss, ignore_index
+        self.shadows = []            # [(shadow model, [(param, shadow param)])], built on first use
+        self._pool = None
+        self._pending = []           # futures of the shadows' slices
+        self._limits = None          # the BLAS limit held from loss_fn to reduce
+        self._single = None
 
-    def forward_backward(self, x, y, loss_fn=default_loss, scale=1.0, ignore_index=-1):
-        opt = self.optimizer
-        opt._sync_views()                                     # model params are the flat views again
+    def _build(self):
+        params = list(self.model.parameters())
+        for _ in range(1, self.n):
+            shadow = shadow_of(self.model)
+            self.shadows.append((shadow, list(zip(params, shadow.parameters()))))
+        self._pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="npgpt-replica")
+
+    def _seed_shadow(self, k, shadow):
+        """Dropout: the shadow's modules draw from a generator derived from the model's current one
+        (the trainer may set a fresh one per step), so the slices get different masks."""
+        for m, sm in zip(self.model.modules(), shadow.modules()):
+            if isinstance(getattr(m, "rng", None), np.random.Generator):
+                seed = int(m.rng.integers(2**63))
+                fresh = np.random.default_rng((seed, k))
+                for mm in shadow.modules():
+                    if hasattr(mm, "rng"):
+                        mm.rng = fresh
+                return
+
+    def loss_fn(self, model, x, y):
+        from npgpt.tensor import Tensor
+
+        if self.n == 1 or x.shape[0] < 2:
+            return self.base_loss(model, x, y)
+        if not self.shadows:
+            self._build()
+        self._wait()
         B = x.shape[0]
         n = min(self.n, B)
         bounds = [B * k // n for k in range(n + 1)]
-        counts = [count_targets(y[lo:hi], ignore_index) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        counts = [count_targets(y[lo:hi], self.ignore_index) for lo, hi in zip(bounds[:-1], bounds[1:])]
         total = sum(counts)
-        models = [self.model] + [sh for sh, _, _ in self.shadows[:n - 1]]
-        for shadow, _, pairs in self.shadows[:n - 1]:
-            shadow.train(self.model.training)
-            for s, p in pairs:
-                p.data = s.data_view                          # follow the model's weights
+        if self._limits is None:
+            self._limits = blas_controller().limit(limits=1, user_api="blas")
+            self._single = parallel.single_threaded()
+            self._single.__enter__()
 
-        def run(k):
-            lo, hi = bounds[k], bounds[k + 1]
-            with parallel.single_threaded():
-                loss = loss_fn(models[k], x[lo:hi], y[lo:hi])
-                (loss * (loss_weight(counts[k], total) * scale)).backward()
-            return float(loss.data)
+        def run(k, shadow, pairs, forward_done):
+            try:
+                for p, sp in pairs:
+                    sp.data = p.data                          # follow the model's weights
+                lo, hi = bounds[k], bounds[k + 1]
+                with parallel.single_threaded():
+                    loss = self.base_loss(shadow, x[lo:hi], y[lo:hi])
+                    forward_done.set_result(counts[k] * float(loss.data))
+                    (loss * (loss_weight(counts[k], total) * self.scale)).backward()
+            except BaseException as e:
+                if not forward_done.done():
+                    forward_done.set_exception(e)
+                raise
 
-        if n == 1:
-            losses = [run(0)]
-        else:
-            with blas_controller().limit(limits=1, user_api="blas"):
-                futures = [self._pool.submit(run, k) for k in range(1, n)]
-                losses = [run(0)] + [f.result() for f in futures]
-        for shadow, grad, _ in self.shadows[:n - 1]:          # fixed order: reproducible sums
-            opt.grad += grad
-            grad.fill(0)
-        return sum(c * v for c, v in zip(counts, losses)) / total if total else 0.0
+        forwards = []
+        for k, (shadow, pairs) in enumerate(self.shadows[:n - 1], start=1):
+            shadow.train(model.training)
+            self._seed_shadow(k, shadow)
+            forwards.append(Future())
+            self._pending.append(self._pool.submit(run, k, shadow, pairs, forwards[-1]))
+        loss0 = self.base_loss(model, x[:bounds[1]], y[:bounds[1]])
+        rest = sum(f.result() for f in forwards) / total if total else 0.0
+        # value: the whole batch's token mean; gradient: slice 0's, weighted n_0 / N (the shadows'
+        # backward runs on while the caller backpropagates this)
+        return loss0 * loss_weight(counts[0], total) + Tensor(np.asarray(rest, dtype=loss0.dtype))
+
+    def _wait(self):
+        for f in self._pending:
+            f.result()
+        self._pending = []
+
+    def reduce(self, flat_grad=None, n_tokens=None):
+        """After the last micro-batch's backward: add the shadows' gradients into the model's (the
+        optimizer's flat buffer), shadow by shadow, parameter by parameter, and zero them."""
+        self._wait()
+        for shadow, pairs in self.shadows:
+            for p, sp in pairs:
+                if sp.grad is not None:
+                    if p.grad is None:
+                        p.grad = sp.grad.copy()
+                    else:
+                        p.grad += sp.grad
+                    sp.grad = None
+        if self._limits is not None:
+            self._single.__exit__(None, None, None)
+            self._limits.restore_original_limits()
+            self._limits = self._single = None
+
+    def forward_backward(self, x, y):
+        """One plain micro-batch: loss_fn, backward, reduce. Returns the batch's loss as a float."""
+        loss = self.loss_fn(self.model, x, y)
+        (loss * self.scale).backward()
+        self.reduce()
+        return float(loss.data)
 
     def close(self):
+        self.reduce()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

@@ -7,8 +7,6 @@ from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
 from npgpt.replicas import ThreadReplicas
 
-pytest.importorskip("threadpoolctl")
-
 
 def setup(seed=0, dropout=0.0):
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=dropout)
@@ -38,12 +36,12 @@ def test_replica_gradient_equals_plain_gradient(n, ignore):
     plain_grad, plain_loss = opt.grad.copy(), float(loss.data)
 
     model, opt = setup()
-    reps = ThreadReplicas(model, opt, n=n)
+    reps = ThreadReplicas(model, n=n, scale=0.5)
     opt.zero_grad()
-    got_loss = reps.forward_backward(x, y, scale=0.5)
+    got_loss = reps.forward_backward(x, y)
     np.testing.assert_allclose(got_loss, plain_loss, rtol=1e-5)
     np.testing.assert_allclose(opt.grad, plain_grad, rtol=2e-4, atol=1e-7)
-    assert all(not g.any() for _, g, _ in reps.shadows)          # shadow buffers left zeroed
+    assert all(sp.grad is None for _, pairs in reps.shadows for _, sp in pairs)   # handed over
     reps.close()
 
 
@@ -52,7 +50,7 @@ def test_replicas_follow_the_weights_and_repeat_bitwise():
     grads = []
     for _ in range(2):
         model, opt = setup()
-        reps = ThreadReplicas(model, opt, n=2)
+        reps = ThreadReplicas(model, n=2)
         for step in range(3):                                    # the shadow must see each update
             opt.zero_grad()
             reps.forward_backward(x, y)
@@ -69,12 +67,43 @@ def test_replicas_follow_the_weights_and_repeat_bitwise():
     np.testing.assert_allclose(grads[0], opt.grad, rtol=1e-3, atol=1e-6)
 
 
-def test_shadow_dropout_draws_its_own_masks():
+def test_dropout_slices_draw_their_own_masks_reproducibly():
+    x, y = batch(B=4)
+    x[2:], y[2:] = x[:2], y[:2]                                   # slice 1 repeats slice 0
+    grads = []
+    for _ in range(2):
+        model, opt = setup(dropout=0.5)
+        reps = ThreadReplicas(model, n=2)
+        opt.zero_grad()
+        reps.forward_backward(x, y)
+        grads.append(opt.grad.copy())
+        ours, theirs = model.transformer.h[0].attn.rng, reps.shadows[0][0].transformer.h[0].attn.rng
+        assert theirs is reps.shadows[0][0].transformer.h[1].attn.rng  # one generator per model, as in the model
+        assert not np.array_equal(ours.random(4), theirs.random(4))
+        reps.close()
+    np.testing.assert_array_equal(grads[0], grads[1])
     model, opt = setup(dropout=0.5)
-    reps = ThreadReplicas(model, opt, n=2)
-    shadow = reps.shadows[0][0]
-    a = model.transformer.h[0].attn.rng.random(4)
-    b = shadow.transformer.h[0].attn.rng.random(4)
-    assert not np.allclose(a, b)
-    assert shadow.transformer.h[0].attn.rng is shadow.transformer.h[1].attn.rng   # still one per model
+    model.eval()                                                  # no dropout: the slices agree
+    reps = ThreadReplicas(model, n=2)
+    loss = reps.loss_fn(model, x, y)
+    reps.reduce()
+    np.testing.assert_allclose(float(loss.data), float(model(x[:2], y[:2])[1].data), rtol=1e-6)
+    reps.close()
+
+
+def test_replicas_plug_into_micro_steps():
+    """Two micro-batches through loss_fn + backward(loss / 2), one reduce: the mean of the two."""
+    x, y = batch(B=6, ignore=True)
+    model, opt = setup()
+    opt.zero_grad()
+    for sl in (slice(0, 3), slice(3, 6)):
+        (model(x[sl], y[sl])[1] * 0.5).backward()
+    want = opt.grad.copy()
+    model, opt = setup()
+    reps = ThreadReplicas(model, n=2, scale=0.5)
+    opt.zero_grad()
+    for sl in (slice(0, 3), slice(3, 6)):
+        (reps.loss_fn(model, x[sl], y[sl]) * 0.5).backward()
+    reps.reduce(opt.grad, y.size)
+    np.testing.assert_allclose(opt.grad, want, rtol=2e-4, atol=1e-7)
     reps.close()
