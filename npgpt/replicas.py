@@ -195,3 +195,25 @@ class ThreadReplicas:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def training_plugin(model, src, cfg, hooks):
+    """The trainer's plugin (npgpt.train.Hooks): `replicas = n` in the training config splits each
+    micro-batch over n threads. It wraps whatever loss function earlier plugins set (distillation)
+    and runs before any reduce_grads already there (MPI data parallelism sums across processes
+    after the threads have summed inside this one). CPU and fp32 only; elsewhere it stays out."""
+    n = int(getattr(cfg, "replicas", 1) or 1)
+    if n <= 1 or str(getattr(cfg, "device", "cpu")) != "cpu" or getattr(cfg, "precision", "fp32") != "fp32":
+        return None
+    reps = ThreadReplicas(model, n, scale=1.0 / int(getattr(cfg, "gradient_accumulation_steps", 1) or 1),
+                          base_loss=hooks.loss_fn)
+    previous = hooks.reduce_grads
+
+    def reduce_grads(flat_grad, n_tokens):
+        reps.reduce(flat_grad, n_tokens)
+        if previous is not None:
+            previous(flat_grad, n_tokens)
+
+    hooks.loss_fn = reps.loss_fn
+    hooks.reduce_grads = reduce_grads
+    return reps

@@ -103,3 +103,12 @@ def test_quantized_linear_fast_and_reference_paths_agree():
         xg = Tensor(x.data, requires_grad=True)                # a gradient wants the reference path
         ql(xg).sum().backward()
         assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_bpe_encode_all_cached_pass_matches_reference():
+    from npgpt.tokenizer.bpe import BPETokenizer
+    text = "the cat sat on the mat; the dog sat on the log. " * 20
+    tok = BPETokenizer.train(text, vocab_size=300)
+    first = tok.encode(text)                                # fills the cache (the KeyError path)
+    assert tok.encode(text) == first == tok._reference_encode(text)   # every piece cached: one pass
+    assert tok.encode(text + " zebra") == tok._reference_encode(text + " zebra")   # a new piece again
