@@ -108,7 +108,7 @@ def test_quantized_linear_fast_and_reference_paths_agree():
 def test_bpe_encode_all_cached_pass_matches_reference():
     from npgpt.tokenizer.bpe import BPETokenizer
     text = "the cat sat on the mat; the dog sat on the log. " * 20
-    tok = BPETokenizer.train(text, vocab_size=300)
+    tok = BPETokenizer.train(text, vocab_size=270)
     first = tok.encode(text)                                # fills the cache (the KeyError path)
     assert tok.encode(text) == first == tok._reference_encode(text)   # every piece cached: one pass
     assert tok.encode(text + " zebra") == tok._reference_encode(text + " zebra")   # a new piece again
