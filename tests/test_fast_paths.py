@@ -112,3 +112,23 @@ def test_bpe_encode_all_cached_pass_matches_reference():
     first = tok.encode(text)                                # fills the cache (the KeyError path)
     assert tok.encode(text) == first == tok._reference_encode(text)   # every piece cached: one pass
     assert tok.encode(text + " zebra") == tok._reference_encode(text + " zebra")   # a new piece again
+
+
+@pytest.mark.parametrize("B,T,nh,hs", [(2, 5, 2, 3), (4, 260, 2, 4)])   # the second spans several blocks
+def test_attention_recompute_matches_saved_probabilities(B, T, nh, hs):
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((B, T, 3 * nh * hs))
+    dy = rng.standard_normal((B, T, nh * hs))
+    results = []
+    for recompute in (True, False):
+        N.CausalSelfAttention.recompute_scores = recompute
+        try:
+            x = Tensor(qkv.copy(), requires_grad=True)
+            y = N.causal_self_attention(x, nh)
+            assert y._ctx.recompute is recompute
+            y.backward(dy)
+        finally:
+            N.CausalSelfAttention.recompute_scores = True
+        results.append((y.data, x.grad))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-9, atol=1e-11)
