@@ -12,8 +12,9 @@ from npgpt.bench import DEFAULT_BATCH_SIZE, DEFAULT_PRESET
 @click.command()
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Model preset (npgpt.model.PRESETS).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a model setting, e.g. --set n_layer=2 (repeatable). Dropout is 0 unless set.")
-@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Sequences per batch.")
+              help="A setting with `npgpt train`'s key names, e.g. --set n_layer=2 or --set batch_size=64 "
+                   "(repeatable). Dropout is 0 unless set.")
+@click.option("--batch-size", type=int, default=None, help=f"Sequences per batch [default: {DEFAULT_BATCH_SIZE}].")
 @click.option("--block-size", type=int, default=None, help="Sequence length T (default: the preset's block_size).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or gpu.")
 @click.option("--iters", type=int, default=20, show_default=True, help="Timed training iterations.")
@@ -27,13 +28,21 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
     GFLOP/s counts 6*N_non_embedding + 12*n_layer*n_embd*T FLOPs per token; MFU divides it by the
     fp32 GEMM peak measured in the same run.
     """
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.bench import bench_generate, bench_train, format_generate, format_train, parse_overrides
 
     overrides = parse_overrides(sets)
+    preset = overrides.get("preset", preset)
+    if batch_size is None:
+        batch_size = overrides.get("batch_size", DEFAULT_BATCH_SIZE)
+    device = overrides.get("device", device)
+    seed = overrides.get("seed", 0)
     result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,
-                         iters=iters, warmup=warmup, profile=profile)
+                         iters=iters, warmup=warmup, profile=profile, seed=seed,
+                         lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0),
+                         replicas=overrides.get("replicas", 1))
     if gen:
-        result["generate"] = bench_generate(preset, overrides, block_size=block_size, device=device)
+        result["generate"] = bench_generate(preset, overrides, block_size=block_size, device=device, seed=seed)
     if as_json:
         click.echo(json.dumps(result))
         return

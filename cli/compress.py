@@ -29,6 +29,7 @@ def report_options(fn):
 
 
 def _run(fn, checkpoint, out, data, eval_tokens, sample_tokens, force, **kw):
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import format_report
     if sample_tokens < 0:
         raise NpgptError(f"--sample-tokens must be >= 0, got {sample_tokens}")
@@ -49,6 +50,7 @@ def _run(fn, checkpoint, out, data, eval_tokens, sample_tokens, force, **kw):
               help="Quantise the token embedding (tied LM head) too.")
 def quantize(checkpoint, out, data, eval_tokens, sample_tokens, force, bits, group_size, embedding):
     """Weight-only quantisation of every linear weight to int8 or int4 with float32 scales."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import quantize_checkpoint
     from npgpt.quant import check_scheme
     check_scheme(bits, group_size)
@@ -63,6 +65,7 @@ def quantize(checkpoint, out, data, eval_tokens, sample_tokens, force, bits, gro
               help="One magnitude threshold over all linear weights, or the same fraction in each.")
 def prune(checkpoint, out, data, eval_tokens, sample_tokens, force, sparsity, scope):
     """Magnitude pruning of the linear weights; the keep-masks go to prune_mask.safetensors."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import check_sparsity, prune_checkpoint
     check_sparsity(sparsity, scope)
     _run(prune_checkpoint, checkpoint, out, data, eval_tokens, sample_tokens, force,
@@ -76,6 +79,7 @@ def prune(checkpoint, out, data, eval_tokens, sample_tokens, force, sparsity, sc
 @click.option("--drop-layers", default="", help="Comma-separated block indices to remove, e.g. 0,3.")
 def trim(checkpoint, out, data, eval_tokens, sample_tokens, force, mlp_keep, drop_layers):
     """Structured trimming: drop the least important MLP units and/or whole blocks."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import check_mlp_keep, parse_layers, trim_checkpoint
     check_mlp_keep(mlp_keep)
     layers = parse_layers(drop_layers)

@@ -18,6 +18,7 @@ MATRIX_MAX_TOKENS = 48     # wider shaded matrices wrap in a terminal; the top-k
 @click.option("--png", type=click.Path(), default=None, help="Also draw the heat map(s) into this PNG (needs npgpt[plot]).")
 def inspect(checkpoint, prompt, layer, head, top_k, png):
     """Show which earlier tokens each token of PROMPT attends to most."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.inspect import attention_maps, format_top, save_heatmap_png, select, shade_matrix, token_labels
     if top_k <= 0:
@@ -28,7 +29,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png):
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
     model, tok, _ = load_model_and_tokenizer(checkpoint)
-    ids = tok.encode(prompt, allowed_special="all") if tok.kind == "bpe" else tok.encode(prompt)
+    ids = tok.encode_prompt(prompt)
     maps = attention_maps(model, ids)
     chosen = select(maps, layer, head)
     labels = token_labels(tok, ids)

@@ -7,6 +7,7 @@ User mistakes surface as `NpgptError` from the library; the group turns them int
 import click
 
 from npgpt import __version__
+from npgpt.cli import bench, compress, inspect, prepare, sample, train
 from npgpt.errors import NpgptError
 
 
@@ -28,22 +29,9 @@ def cli():
     """npgpt: train, sample and study a GPT written with NumPy and CuPy."""
 
 
-def _register_commands():
-    """Attach the topic modules' commands (each module defines plain click commands)."""
-    import importlib
-
-    for name in ("prepare", "train", "sample", "inspect", "bench", "compress"):
-        try:
-            mod = importlib.import_module(f"npgpt.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"npgpt.cli.{name}":
-                continue  # topic not built yet
-            raise
-        for cmd in getattr(mod, "COMMANDS", ()):
-            cli.add_command(cmd)
-
-
-_register_commands()
+for _topic in (prepare, train, sample, inspect, bench, compress):   # each defines plain click commands
+    for _cmd in _topic.COMMANDS:
+        cli.add_command(_cmd)
 
 
 def main():

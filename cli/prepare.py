@@ -48,6 +48,7 @@ def _progress_printer():
               help="Invalid UTF-8: stop with an error, or replace it with U+FFFD.")
 def prepare(inputs, dataset, out_dir, tokenizer, vocab_size, tokenizer_from, val_fraction, force, errors):
     """Tokenize text into a data folder for `npgpt train --data DIR`."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.data import prepare as run_prepare
     from npgpt.errors import NpgptError
 

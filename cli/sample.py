@@ -28,9 +28,7 @@ def encode_prompt(tok, text):
     """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    if tok.kind == "bpe":
-        return tok.encode(text, allowed_special="all")
-    return tok.encode(text)
+    return tok.encode_prompt(text)
 
 
 @click.command()
@@ -45,6 +43,7 @@ def encode_prompt(tok, text):
 def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, max_new_tokens,
            temperature, top_k, top_p, seed, device):
     """Generate text from a trained model."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args, generate_stream
     max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
@@ -54,6 +53,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
     if prompt is not None and prompt_file is not None:
         raise NpgptError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
     model, tok, _ = load_model_and_tokenizer(checkpoint, device)
@@ -93,6 +93,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
 
 def _body(tok, toks, stop):
     """Generated text without the end-of-text token and anything from a stop string on."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.generate import cut_at_stop
     text = tok.decode([t for t in toks if t != tok.eot_id])
     return cut_at_stop(text, list(stop)) if stop else text
@@ -108,6 +109,7 @@ def _piece(tok, t):
 @sampling_options
 def chat(checkpoint, system, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args
     from npgpt.sft import CHAT_TOKENS
@@ -154,6 +156,7 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _prompt_ids(self):
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import render_chat
         budget = self.model.config.block_size - min(self.max_new_tokens, self.model.config.block_size // 2)
         msgs = list(self.messages)
@@ -166,6 +169,7 @@ class ChatSession:
 
     def reply(self, text):
         """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
         self.messages.append({"role": "user", "content": text})
         end = self.tok.special_tokens["<|end|>"]

@@ -42,6 +42,7 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
 
     With --resume the base is the saved run's config instead, and only what the user gave applies.
     """
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.train import TrainConfig, apply_overrides, config_for_resume, load_config_file, parse_set_options
     user = {}
     if config_file:
@@ -60,9 +61,11 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
 
 def run_training(cfg, batch_source=None, next_step="npgpt sample --checkpoint {out} --prompt \"...\""):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.compress import TRAINING_PLUGINS
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source)
+        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -106,6 +109,7 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
         defaults.update({"sft": sft, "sft_strict": strict})
     cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
     if cfg.sft:
+        # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import SFTData
         run_training(cfg, SFTData.for_training(cfg), next_step="npgpt chat --checkpoint {out}")
     else:
@@ -121,6 +125,7 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(checkpoint, input_, data, split, device, as_json):
     """Loss, perplexity and bits per byte of a model on a text file or prepared data."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
     r = evaluate(checkpoint, input=input_, data=data, device=device, split=split)
     if as_json:
@@ -135,6 +140,7 @@ def eval_(checkpoint, input_, data, split, device, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(path, as_json):
     """Describe a checkpoint: config, parameters, step, best val loss, tokenizer, file sizes."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import info as get_info
     r = get_info(path)
     if as_json:

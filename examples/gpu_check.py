@@ -6,7 +6,8 @@
     python examples/gpu_check.py --precisions fp32,tf32 --out results/
 
 Sections, each on its own (a failure prints FAIL with the error and the run goes on):
-  env        versions (python, numpy, cupy, CUDA runtime and driver, torch) and the device
+  env        versions (python, numpy, cupy, CUDA runtime and driver, NVRTC, torch), the device, and
+             one kernel compiled and run first (a broken NVRTC shows here, before anything else)
   ceilings   device-to-device copy GB/s; GEMM TFLOP/s per precision through npgpt.precision;
              precision.matmul on strided / transposed / batched layouts against float64
   kernels    every fused kernel (npgpt.ops.cuda_kernels) against its float64 NumPy reference on
@@ -18,7 +19,7 @@ Sections, each on its own (a failure prints FAIL with the error and the run goes
   torch      the same configurations in PyTorch eager on the same GPU, and npgpt / torch
 
 Only this script may import torch (and only when present). Full numbers go to --out (default
-$OUT when set) as gpu_check.json.
+$OUT when set) as gpu_check.json, rewritten after every section so a run cut short keeps what it had.
 """
 
 from __future__ import annotations
@@ -127,6 +128,17 @@ def section(check, name, fn):
     finally:
         check.data.setdefault("section_s", {})[name] = time.perf_counter() - t0
         check.free()
+        write_json(check)
+
+
+def write_json(check):
+    """Everything so far to OUT/gpu_check.json (after each section: a timeout keeps the rest)."""
+    if check.args.out:
+        os.makedirs(check.args.out, exist_ok=True)
+        tmp = os.path.join(check.args.out, "gpu_check.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"rows": check.rows, **check.data}, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(check.args.out, "gpu_check.json"))
 
 
 def rel_err(out, ref):
@@ -180,6 +192,28 @@ def check_env(c):
     c.data["env"] = info
     for k, v in info.items():
         c.row("env", k, f"{v:.1f}" if isinstance(v, float) else str(v))
+    if c.gpu:
+        first_compile(c)
+
+
+def first_compile(c):
+    """NVRTC's version, then one kernel compiled, run and checked: if the toolchain is broken,
+    this is the first row that says so, with the compiler's message."""
+    cp = c.xp
+    try:
+        major, minor = cp.cuda.nvrtc.getVersion()
+        c.row("env", "nvrtc", f"{major}.{minor}")
+        c.data["env"]["nvrtc"] = f"{major}.{minor}"
+    except Exception as e:
+        c.row("env", "nvrtc", type(e).__name__, f"FAIL: {str(e).splitlines()[0][:100] if str(e) else ''}")
+    t0 = time.perf_counter()
+    x = np.random.default_rng(0).standard_normal((4, 96))
+    w = np.ones(96)
+    y, _, _ = K.layernorm_forward(cp.asarray(x, dtype=cp.float32), cp.asarray(w, dtype=cp.float32), None, 1e-5)
+    c.sync()
+    err = rel_err(y, K.layernorm_forward_reference(x, w, None, 1e-5)[0])
+    c.row("env", "first kernel (layernorm_forward) compile + run",
+          f"{(time.perf_counter() - t0) * 1e3:,.0f} ms, err {err:.1e}", status(err, KERNEL_TOL))
 
 
 # ---- ceilings ----------------------------------------------------------------------------------
@@ -257,10 +291,8 @@ class _Refs:
     layernorm_backward = staticmethod(K.layernorm_backward_reference)
     gelu_forward = staticmethod(K.gelu_forward_reference)
     gelu_backward = staticmethod(K.gelu_backward_reference)
-    gelu_bias_forward = staticmethod(K.gelu_bias_forward_reference)
-    gelu_bias_backward = staticmethod(K.gelu_bias_backward_reference)
     causal_softmax_forward = staticmethod(lambda x, s, o=None, out=None: K.causal_softmax_forward_reference(x, s, o))
-    causal_softmax_backward = staticmethod(lambda p, d, s, o=None: K.causal_softmax_backward_reference(p, d, s, o))
+    causal_softmax_backward = staticmethod(lambda p, d, s, o=None, out=None: K.causal_softmax_backward_reference(p, d, s, o))
 
     @staticmethod
     def cross_entropy_forward_backward(z, t, ignore_index=-1, out=None):
@@ -302,15 +334,11 @@ def kernel_cases(c):
                   lambda k, a: k.layernorm_forward(a[0], a[1], None, 1e-5),
                   lambda a: K.layernorm_forward_reference(a[0], a[1], None, 1e-5), None))
 
-    h, hb, dh = r.standard_normal((N, H)) * 2, r.standard_normal(H), r.standard_normal((N, H))
+    h, dh = r.standard_normal((N, H)) * 2, r.standard_normal((N, H))
     cases.append(("gelu_forward", [h], lambda k, a: k.gelu_forward(a[0]),
                   lambda a: K.gelu_forward_reference(a[0]), 8 * N * H))
     cases.append(("gelu_backward", [dh, h], lambda k, a: k.gelu_backward(*a),
                   lambda a: K.gelu_backward_reference(*a), 12 * N * H))
-    cases.append(("gelu_bias_forward", [h, hb], lambda k, a: k.gelu_bias_forward(*a),
-                  lambda a: K.gelu_bias_forward_reference(*a), 8 * N * H))
-    cases.append(("gelu_bias_backward", [dh, h, hb], lambda k, a: k.gelu_bias_backward(*a),
-                  lambda a: K.gelu_bias_backward_reference(*a), 12 * N * H))
 
     att, datt = r.standard_normal((B, nh, T, T)) * 3, r.standard_normal((B, nh, T, T))
     p = K.causal_softmax_forward_reference(att, s)
@@ -318,6 +346,12 @@ def kernel_cases(c):
                   lambda a: p, 8 * B * nh * T * T))
     cases.append(("causal_softmax_backward", [p, datt], lambda k, a: k.causal_softmax_backward(a[0], a[1], s),
                   lambda a: K.causal_softmax_backward_reference(a[0], a[1], s), 12 * B * nh * T * T))
+    # In place, as attention calls them (debug mode must not NaN-fill an output that is an input).
+    cases.append(("causal_softmax_forward in place", [att], lambda k, a: k.causal_softmax_forward(a[0], s, out=a[0]),
+                  lambda a: p, None))
+    cases.append(("causal_softmax_backward in place", [p, datt],
+                  lambda k, a: k.causal_softmax_backward(a[0], a[1], s, out=a[1]),
+                  lambda a: K.causal_softmax_backward_reference(a[0], a[1], s), None))
     for tq, tk, off in ((1, T - 3, None), (7, T + 37, 0)):
         xs = r.standard_normal((2, 3, tq, tk)) * 3
         cases.append((f"causal_softmax_forward (Tq={tq}, Tk={tk}, offset={off})", [xs],
@@ -457,6 +491,7 @@ def npgpt_step(step, scaler):
             scaler.scale_loss(loss).backward()
             scaler.step(step.opt, step.lr, step.grad_clip)
         return loss
+    run.scaler = scaler
     return run
 
 
@@ -505,6 +540,11 @@ def train_one(c, step, preset, B, T, name, iters, warmup):
                                            "peak_tflops": peak, "flops_per_iter": flops}
     c.row("train", f"npgpt {preset} B{B}x{T} {name}",
           f"{ms:,.1f} ms {tok_s:,.0f} tok/s", f"MFU {mfu:.1%} of {peak:,.1f} TFLOP/s")
+    if run.scaler is not None:                 # fp16: steps skipped for overflow are not training
+        sk = run.scaler.skipped_steps
+        c.data["train"][f"{preset}/{name}"].update(skipped_steps=sk, loss_scale=run.scaler.scale)
+        c.row("train", f"npgpt {preset} B{B}x{T} fp16 skipped steps", f"{sk} (scale {run.scaler.scale:g})",
+              "" if sk <= 2 else "WARN: many overflow skips")
 
 
 # ---- PyTorch eager -----------------------------------------------------------------------------
@@ -527,8 +567,22 @@ def check_torch(c):
             guarded(c, "torch", f"torch {preset} B{B}x{T} {name}",
                     lambda: torch_one(c, torch, device, preset, B, T, name))
         if device == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False
+            set_torch_tf32(torch, False)
             torch.cuda.empty_cache()
+
+
+def set_torch_tf32(torch, on):
+    """TF32 for float32 matmuls on or off, through PyTorch's current switch where it exists
+    (`fp32_precision`, PyTorch 2.9+), else the older allow_tf32 flags."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        m.fp32_precision = "tf32" if on else "ieee"
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        m.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
 
 
 def torch_one(c, torch, device, preset, B, T, name):
@@ -547,8 +601,7 @@ def torch_one(c, torch, device, preset, B, T, name):
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        torch.backends.cudnn.allow_tf32 = name == "tf32"
+        set_torch_tf32(torch, name == "tf32")
     half = name == "fp16" and device == "cuda"
     scaler = torch.amp.GradScaler("cuda") if half else None
 
@@ -626,10 +679,7 @@ def main(argv=None):
              "train": check_train, "torch": check_torch}
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
         section(c, name, table[name])
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump({"rows": c.rows, **c.data}, f, indent=1, default=str)
+    write_json(c)
     fails = print_table(c)
     return 1 if fails else 0
 

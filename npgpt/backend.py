@@ -167,8 +167,8 @@ def rng(seed: int | None = None) -> np.random.Generator:
 
 def synchronize(a=None):
     """Wait for queued GPU work (a no-op on the CPU). Use only at timing and log points."""
+    # The current stream, not the null stream: work queued on a non-default stream (CuPy's
+    # `with stream:`) is what the caller timed. Errors pass through, so an asynchronous CUDA fault
+    # (an illegal address in a kernel) surfaces here instead of as a silently short timing.
     if _cupy is not None and (a is None or is_gpu_array(a)):
-        try:
-            _cupy.cuda.Stream.null.synchronize()
-        except Exception:
-            pass
+        _cupy.cuda.get_current_stream().synchronize()

@@ -23,7 +23,7 @@ account for (the engine's own bookkeeping, gradient accumulation, the model's Py
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -32,7 +32,13 @@ import numpy as np
 
 from npgpt.backend import parse_device, require_gpu, synchronize, to_device, xp_for
 from npgpt.errors import NpgptError
-from npgpt.perf import gemm_peak_gflops
+from npgpt.generate import generate
+from npgpt.model import GPT, GPTConfig
+from npgpt.optim import AdamW
+from npgpt.perf import gemm_peak_gflops, tune_malloc
+from npgpt.replicas import ThreadReplicas
+from npgpt.tensor import profiling
+from npgpt.train import TrainConfig, apply_overrides, parse_set_options
 
 DEFAULT_PRESET = "baby"
 DEFAULT_BATCH_SIZE = 12
@@ -54,45 +60,28 @@ KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embe
 
 
 # ---- configuration -----------------------------------------------------------------------------
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+RUN_KEYS = ("preset", "batch_size", "device", "seed", "learning_rate", "grad_clip", "replicas")
+
+
 def parse_overrides(pairs):
-    """["n_layer=2", "dropout=0.1"] -> {"n_layer": 2, "dropout": 0.1}, typed by GPTConfig's fields."""
-    from npgpt.model import GPTConfig
+    """--set pairs -> {key: typed value}, with `npgpt train`'s key names and parser (npgpt.train).
 
-    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
-    out = {}
-    for pair in pairs or ():
-        key, sep, value = str(pair).partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise NpgptError(f"--set expects key=value, got {pair!r}")
-        if key not in fields:
-            raise NpgptError(f"--set: unknown model setting {key!r}; choose from {', '.join(fields)}")
-        out[key] = _convert(key, value.strip(), fields[key].type)
-    return out
-
-
-def _convert(key, value, annotation):
-    kind = str(annotation)
-    try:
-        if "bool" in kind:
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("1", "true", "yes")
-        if "float" in kind:
-            return float(value)
-        if value.lower() == "none" and "None" in kind:
-            return None
-        return int(value)
-    except ValueError:
-        raise NpgptError(f"--set {key}={value}: expected a {kind.split('|')[0].strip()}") from None
+    Model keys (n_layer, n_head, n_embd, block_size, dropout, bias) change the benchmarked model;
+    run keys (preset, batch_size, device, seed, learning_rate, grad_clip, replicas) the benchmark itself."""
+    raw = parse_set_options(pairs)
+    for key in raw:
+        if key not in MODEL_KEYS + RUN_KEYS:
+            raise NpgptError(f"--set: unknown model setting {key!r} for npgpt bench; choose from "
+                             f"{', '.join(MODEL_KEYS + RUN_KEYS)}")
+    typed = apply_overrides(TrainConfig(), raw)
+    return {k: getattr(typed, k) for k in raw}
 
 
 def make_config(preset=DEFAULT_PRESET, overrides=None, block_size=None):
     """The model config for a benchmark. Dropout defaults to 0: timings measure the model's
     arithmetic, not the mask draws (pass overrides={"dropout": p} to include them)."""
-    from npgpt.model import GPTConfig
-
-    overrides = dict(overrides or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if k in MODEL_KEYS}
     overrides.setdefault("dropout", 0.0)
     if block_size is not None:
         if int(block_size) <= 0:
@@ -141,11 +130,9 @@ class TrainStep:
 
     def __init__(self, preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
                  device="cpu", seed=0, lr=6e-4, grad_clip=1.0, n_batches=8, replicas=1):
-        from npgpt.model import GPT
-        from npgpt.optim import AdamW
-
         if int(batch_size) <= 0:
             raise NpgptError(f"--batch-size must be positive, got {batch_size}")
+        tune_malloc()
         self.device = parse_device(device)
         if self.device.is_gpu:
             require_gpu(self.device)
@@ -160,7 +147,6 @@ class TrainStep:
                               for _ in "xy") for _ in range(n_batches)]
         self.replicas = None
         if int(replicas) > 1:          # the batch split over threads (npgpt.replicas)
-            from npgpt.replicas import ThreadReplicas
             self.replicas = ThreadReplicas(self.model, int(replicas))
 
     @property
@@ -194,8 +180,6 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
                 peak_gflops=None, replicas=1):
     """Time `iters` training iterations (see TrainStep) after `warmup` ones; returns a dict of
     the figures (see the module doc). peak_gflops: reuse a measured GEMM peak."""
-    from npgpt.tensor import profiling
-
     _check_counts(iters, warmup, batch_size)
     iters, warmup = int(iters), int(warmup)
     step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip, replicas=replicas)
@@ -260,7 +244,8 @@ def format_train(r):
         f"vocab {r['vocab_size']}, dropout {r['dropout']}), batch {r['batch_size']} x block {r['block_size']}, "
         f"device {r['device']}, {r['params']:,} parameters",
         f"one iteration = forward + backward + clip_grad_norm + AdamW step; {r['iters']} timed after "
-        f"{r['warmup']} warm-up",
+        f"{r['warmup']} warm-up" + (f"; the batch split over {r['replicas']} threads (replicas)"
+                                    if r.get("replicas", 1) > 1 else ""),
         f"ms/iter     median {r['ms_median']:.2f}   min {r['ms_min']:.2f}   max {r['ms_max']:.2f}",
         f"tokens/s    {r['tokens_per_s']:,.0f}",
         f"GFLOP/s     {r['gflops']:.1f}   ({r['flops_formula']})",
@@ -282,9 +267,6 @@ def bench_generate(preset=DEFAULT_PRESET, overrides=None, block_size=None, devic
                    prompt_len=8, seed=0, repeats=3):
     """Greedy decoding speed (tokens/s) of one prompt, with and without the KV cache (best of
     `repeats`). new_tokens defaults to block_size - prompt_len, so the cache is never rebuilt."""
-    from npgpt.generate import generate
-    from npgpt.model import GPT
-
     cfg = make_config(preset, overrides, block_size)
     prompt_len = max(1, min(int(prompt_len), cfg.block_size - 1))
     n = int(new_tokens) if new_tokens is not None else cfg.block_size - prompt_len
@@ -317,13 +299,12 @@ def blas_threads():
     """BLAS thread count as far as we can tell without extra packages (threadpoolctl if present,
     else the usual environment variables, else 'default')."""
     try:
-        from threadpoolctl import threadpool_info
+        from threadpoolctl import threadpool_info    # optional, not a dependency: imported only if present
         for info in threadpool_info():
             if info.get("user_api") == "blas":
                 return int(info["num_threads"])
     except Exception:
         pass
-    import os
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         if os.environ.get(var):
             return os.environ[var]

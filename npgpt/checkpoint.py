@@ -10,8 +10,8 @@ A training run keeps its checkpoint in one folder, `RUN/ckpt/`:
 Nothing is ever pickled: tensors go to safetensors, everything else to JSON, so loading a checkpoint
 cannot run code.
 
-Each file is written atomically (temporary file in the same folder, flush + fsync, `os.replace`, fsync
-the folder), and so is the folder as a whole. `checkpoint_writer(run_dir)` hands out a fresh
+Each file is written atomically by `npgpt.fileio` (temporary file in the same folder, flush + fsync,
+`os.replace`, fsync the folder; re-exported here), and so is the folder as a whole. `checkpoint_writer(run_dir)` hands out a fresh
 `RUN/ckpt.tmp/`; when the caller's block finishes it writes the manifest and swaps folders with two
 renames:
 
@@ -29,13 +29,16 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.fileio import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
+                          fsync_dir, write_error)
 
 CKPT_DIR = "ckpt"
 TMP_DIR = "ckpt.tmp"
@@ -45,109 +48,19 @@ MODEL_FILES = ("config.json", "model.safetensors")   # what makes a folder a loa
 _HASH_CHUNK = 1 << 20
 
 
-# ------------------------------------------------------------------------------- atomic files
-
-def _fsync_dir(folder) -> None:
-    """Make a rename or new file inside `folder` durable (no-op where folders can't be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_error(path, e: OSError) -> NpgptError:
-    return NpgptError(f"cannot write {path} ({e.strerror or e}); check free space and permissions")
-
-
-@contextmanager
-def _atomic_path(path):
-    """Yield a temporary path next to `path`; on success fsync it and move it onto `path`."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        yield Path(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise _write_error(path, e) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _remove_quietly(path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    with _atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-
-
-def atomic_write_text(path, text: str) -> None:
-    """`atomic_write_bytes` of UTF-8 text (newlines written as given)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_default(obj):
-    # NumPy scalars and arrays turn up in metrics and configs; JSON knows their Python equivalents.
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def atomic_write_json(path, obj) -> None:
-    """Write `obj` as indented JSON, atomically. Infinity/NaN are allowed (Python's json reads them)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
 # ------------------------------------------------------------------------------------ tensors
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write `{name: array}` as a safetensors file, atomically. CuPy arrays are copied to the host."""
-    from safetensors.numpy import save_file
-
-    from npgpt.backend import asnumpy
-
     host = {name: np.ascontiguousarray(asnumpy(a)) for name, a in tensors.items()}
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         # save_file streams to disk: no second in-memory copy of a large model
         save_file(host, str(tmp), metadata=meta)
 
 
 def load_tensors(path) -> dict[str, np.ndarray]:
     """`{name: array}` from a safetensors file; NpgptError if it is missing, truncated or corrupt."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not path.is_file():
         raise NpgptError(f"checkpoint file {path} does not exist; check the path or save the checkpoint again")
@@ -156,18 +69,6 @@ def load_tensors(path) -> dict[str, np.ndarray]:
     except Exception as e:   # safetensors raises its own SafetensorError, OSError or ValueError
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise NpgptError(f"checkpoint file {path} is truncated or corrupt ({reason}); it cannot be loaded") from None
-
-
-def load_tensor_metadata(path) -> dict[str, str]:
-    """The string metadata stored in a safetensors header ({} when none)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:
-        raise NpgptError(f"checkpoint file {path} is truncated or corrupt ({str(e)[:120]}); "
-                         f"it cannot be loaded") from None
 
 
 # ------------------------------------------------------------------------ checkpoint folders
@@ -220,11 +121,11 @@ def checkpoint_writer(run_dir):
             shutil.rmtree(tmp)             # left over by a crash mid-save: never complete
         tmp.mkdir()
     except OSError as e:
-        raise _write_error(tmp, e) from None
+        raise write_error(tmp, e) from None
     try:
         yield tmp
         write_manifest(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _swap_in(run_dir, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,11 +140,11 @@ def _swap_in(run_dir: Path, tmp: Path) -> None:
             if old.exists():
                 shutil.rmtree(old)         # a finished swap's leftover; `final` is complete
             os.rename(final, old)
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
         os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except OSError as e:
-        raise _write_error(final, e) from None
+        raise write_error(final, e) from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -279,7 +180,7 @@ def find_checkpoint(path) -> Path:
     if not final.exists() and is_model_dir(old):
         try:
             os.rename(old, final)
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             return final
         except OSError:
             return old                     # read-only folder: use it where it is
@@ -321,45 +222,3 @@ def verify_checkpoint(folder) -> bool:
             raise NpgptError(f"checkpoint file {p} is truncated or modified since it was saved ({detail}); "
                              f"restore it or save the checkpoint again")
     return True
-
-
-# ---------------------------------------------------------------------------------- RNG state
-
-def _to_json_value(value):
-    if isinstance(value, dict):
-        return {k: _to_json_value(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _from_json_value(value):
-    if isinstance(value, dict):
-        if "__ndarray__" in value:
-            return np.asarray(value["__ndarray__"], dtype=value["dtype"])
-        return {k: _from_json_value(v) for k, v in value.items()}
-    return value
-
-
-_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
-
-
-def rng_state_to_json(generator: np.random.Generator) -> dict:
-    """A JSON-ready dict of a Generator's exact state (Python ints hold the 128-bit PCG64 words)."""
-    return _to_json_value(generator.bit_generator.state)
-
-
-def rng_from_json(obj: dict) -> np.random.Generator:
-    """The Generator whose state `rng_state_to_json` recorded; it continues the same stream."""
-    try:
-        name = obj["bit_generator"]
-        if name not in _BIT_GENERATORS:
-            raise ValueError(f"unknown bit generator {name!r}")
-        bit_generator = getattr(np.random, name)()
-        bit_generator.state = _from_json_value(obj)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise NpgptError(f"the saved random-generator state is damaged ({str(e)[:80]}); "
-                         f"the checkpoint's state.json cannot be resumed exactly") from None
-    return np.random.Generator(bit_generator)

@@ -23,6 +23,11 @@ Trimming (`trim_model`) removes whole structures, so the model really gets small
 Every command reports the model before and after (`measure`, `format_report`): size on disk,
 parameters and non-zero parameters, validation loss / perplexity when data is given, and greedy
 sampling speed with the KV cache.
+
+Training plugins (npgpt.train.Hooks; `TRAINING_PLUGINS`, which the CLI passes to `train`):
+`keep_pruned_zeros` re-applies a pruned model's masks after every optimizer step and saves them with
+each checkpoint; `distill_from_teacher` makes the loss alpha * KD(teacher) + (1 - alpha) * CE for
+`npgpt finetune --teacher DIR`. The trainer never imports this module.
 """
 
 from __future__ import annotations
@@ -36,8 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import asnumpy, get_xp
+from npgpt.backend import asnumpy, get_xp, synchronize
+from npgpt.checkpoint import atomic_write_json, find_checkpoint, load_tensors, save_tensors, write_manifest
+from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.evaluate import load_model_and_tokenizer, token_loss
+from npgpt.generate import generate
+from npgpt.model import GPT, read_hf_config, records_quantization
+from npgpt.ops.distill import mixed_loss
+from npgpt.quant import QuantizedLinear, check_scheme, linear_layers, load_model, save_quantized
+from npgpt.tensor import no_grad
 
 PRUNE_MASK_FILE = "prune_mask.safetensors"
 # Files of a checkpoint folder that belong to the training run, not to the model: not copied.
@@ -48,7 +61,6 @@ MODEL_FILES = ("config.json", "model.safetensors", PRUNE_MASK_FILE)
 # ---- which weights -----------------------------------------------------------------------------
 def linear_weights(model):
     """[(parameter name, Parameter)] of every linear weight in the blocks (what pruning touches)."""
-    from npgpt.quant import QuantizedLinear, linear_layers
     out = []
     for name, _, _, lin in linear_layers(model):
         if isinstance(lin, QuantizedLinear):
@@ -104,13 +116,11 @@ def prune_model(model, sparsity, scope="global"):
 
 
 def save_prune_masks(folder, masks):
-    from npgpt.checkpoint import save_tensors
     save_tensors(Path(folder) / PRUNE_MASK_FILE, {k: np.asarray(asnumpy(m), dtype=bool) for k, m in masks.items()})
 
 
 def load_prune_masks(folder):
     """{parameter name: bool keep-mask} from `folder/prune_mask.safetensors`; {} when there is none."""
-    from npgpt.checkpoint import load_tensors
     f = Path(folder) / PRUNE_MASK_FILE
     if not f.is_file():
         return {}
@@ -185,8 +195,6 @@ def check_trim(config, mlp_keep, drop_layers):
 def trim_model(model, mlp_keep=1.0, drop_layers=()):
     """A new, smaller GPT: the most important round(mlp_keep * hidden) MLP units of each block kept
     (original order, so mlp_keep=1 reproduces the model exactly) and the `drop_layers` blocks removed."""
-    from npgpt.model import GPT
-
     cfg = model.config
     linear_weights(model)                               # refuses a quantised model
     n_keep, drop = check_trim(cfg, mlp_keep, drop_layers)
@@ -215,20 +223,17 @@ def trim_model(model, mlp_keep=1.0, drop_layers=()):
 
 # ---- counting and measuring --------------------------------------------------------------------
 def count_params(model):
-    """(parameters, non-zero parameters), quantised linear weights and biases included."""
-    from npgpt.quant import QuantizedLinear
-    total = nonzero = 0
+    """(parameters, non-zero parameters), quantised linear weights and biases included.
+    The total is the config's count (GPTConfig.num_params); only the non-zeros are counted here."""
+    nonzero = 0
     for p in model.parameters():
-        total += p.size
         nonzero += int(get_xp(p.data).count_nonzero(p.data))
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
-            total += m.n_in * m.n_out
             nonzero += int(np.count_nonzero(asnumpy(m.dequantized())))
             if m.bias is not None:
-                total += m.bias.size
                 nonzero += int(np.count_nonzero(asnumpy(m.bias.data)))
-    return total, nonzero
+    return model.config.num_params(), nonzero
 
 
 def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
@@ -237,8 +242,6 @@ def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
     After a short warm-up, the best of `repeats` runs: on a shared machine the fastest run is the
     least disturbed estimate of what the model itself costs.
     """
-    from npgpt.backend import synchronize
-    from npgpt.generate import generate
     generate(model, [int(start_id)], min(n_tokens, 4), temperature=0, use_cache=True)
     best = 0.0
     for _ in range(repeats):
@@ -251,7 +254,6 @@ def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
 
 def val_tokens(data, tok, max_tokens=None):
     """The val split of prepared data folder `data`, checked against the model's tokenizer."""
-    from npgpt.data import TokenData
     td = TokenData(data)
     if td.tokenizer().fingerprint() != tok.fingerprint():
         raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model")
@@ -261,7 +263,6 @@ def val_tokens(data, tok, max_tokens=None):
 
 def val_loss(model, tokens):
     """(mean next-token loss in nats, perplexity) over consecutive block_size windows of tokens."""
-    from npgpt.evaluate import token_loss
     if int(np.max(tokens)) >= model.config.vocab_size:
         raise NpgptError("the data has tokens outside the model's vocabulary")
     total, count = token_loss(model, tokens)
@@ -306,14 +307,8 @@ def format_report(before, after, notes=()):
 # ---- folders -----------------------------------------------------------------------------------
 def open_source(checkpoint):
     """(model, tokenizer, checkpoint folder) for a float (not quantised) model folder or run folder."""
-    from npgpt.checkpoint import find_checkpoint
-    from npgpt.evaluate import load_model_and_tokenizer
-    from npgpt.model import read_hf_config
-    from npgpt.quant import read_scheme
-
     ckpt = find_checkpoint(checkpoint)
-    hf = read_hf_config(ckpt)
-    if read_scheme(hf):
+    if records_quantization(read_hf_config(ckpt)):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
     model, tok, ckpt = load_model_and_tokenizer(ckpt)
     return model, tok, ckpt
@@ -337,7 +332,6 @@ def prepare_out(src, out, force=False):
 
 def finish_out(src, out):
     """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest."""
-    from npgpt.checkpoint import write_manifest
     for f in Path(src).iterdir():
         if f.is_file() and f.name not in RUN_FILES + MODEL_FILES:
             shutil.copy2(f, Path(out) / f.name)
@@ -360,13 +354,7 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     before = measure(model, ckpt, tokens, sample_tokens, start)
     notes = list(transform(model, out) or [])
     finish_out(ckpt, out)
-    from npgpt.quant import load_quantized, read_scheme
-    hf = json.loads((out / "config.json").read_text())
-    if read_scheme(hf):
-        after_model = load_quantized(out, hf)
-    else:
-        from npgpt.model import GPT
-        after_model = GPT.from_pretrained(out)
+    after_model = load_model(out)
     after = measure(after_model, out, tokens, sample_tokens, start)
     if tokens is None:
         notes.append("val loss skipped: pass --data DIR (a prepared data folder) to measure it")
@@ -375,7 +363,6 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
 
 def quantize_checkpoint(checkpoint, out, bits=8, group_size=None, embedding=False, **kw):
     """`npgpt quantize`: write a weight-only quantised copy of a model folder; returns the report."""
-    from npgpt.quant import check_scheme, save_quantized
     check_scheme(bits, group_size)
 
     def transform(model, out_dir):
@@ -417,7 +404,6 @@ def trim_checkpoint(checkpoint, out, mlp_keep=1.0, drop_layers=(), **kw):
 
 def _save_float(model, out_dir, record):
     """save_pretrained, plus a record of what was done under config.json's "npgpt" key."""
-    from npgpt.checkpoint import atomic_write_json
     model.save_pretrained(out_dir)
     hf = json.loads((Path(out_dir) / "config.json").read_text())
     hf.setdefault("npgpt", {}).update(record)
@@ -428,11 +414,8 @@ def _save_float(model, out_dir, record):
 def load_teacher(path, student, device="cpu"):
     """The teacher for `npgpt finetune --teacher DIR`: loaded in eval mode and checked against the
     student (same vocabulary, a context at least as long), so their logits compare position by position."""
-    from npgpt.checkpoint import find_checkpoint
-    from npgpt.model import GPT
-
     ckpt = find_checkpoint(path)
-    teacher = GPT.from_pretrained(ckpt, device=device)      # quantised folders load through it too
+    teacher = load_model(ckpt, device=device)      # quantised folders load too
     s, t = student.config, teacher.config
     if t.vocab_size != s.vocab_size:
         raise NpgptError(f"--teacher {ckpt} has vocab_size {t.vocab_size}, the student {s.vocab_size}; "
@@ -440,3 +423,31 @@ def load_teacher(path, student, device="cpu"):
     if t.block_size < s.block_size:
         raise NpgptError(f"--teacher {ckpt} has block_size {t.block_size}, shorter than the student's {s.block_size}")
     return teacher.eval()
+
+
+# ---- plugins for the trainer (npgpt.train.Hooks) -------------------------------------------------------
+def keep_pruned_zeros(model, src, cfg, hooks):
+    """Training plugin: a model that came from `npgpt prune` keeps its pruned weights at zero (the
+    masks are applied after every optimizer step) and its checkpoints carry the masks on."""
+    masks = load_prune_masks(src) if src else {}
+    if masks:
+        hooks.after_step.append(lambda model, it: apply_prune_masks(model, masks))
+        hooks.save_files.append(lambda folder: save_prune_masks(folder, masks))
+
+
+def distill_from_teacher(model, src, cfg, hooks):
+    """Training plugin for `--teacher DIR`: the loss becomes alpha * KD(teacher) + (1 - alpha) * CE."""
+    if not cfg.teacher:
+        return
+    teacher = load_teacher(cfg.teacher, model, cfg.device)
+    alpha, temperature = cfg.distill_alpha, cfg.distill_temperature
+
+    def loss_fn(model, x, y):
+        logits, _ = model(x, y)
+        with no_grad():
+            t_logits, _ = teacher(x)
+        return mixed_loss(logits, t_logits, y, alpha, temperature)
+    hooks.loss_fn = loss_fn
+
+
+TRAINING_PLUGINS = (keep_pruned_zeros, distill_from_teacher)

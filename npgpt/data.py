@@ -48,31 +48,30 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import regex
 
-from npgpt.checkpoint import sha256_file
+from npgpt import tokenizer as tk
+from npgpt import backend
+from npgpt.checkpoint import has_checkpoint, sha256_file
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from npgpt.tokenizer import BPETokenizer, CharTokenizer, iter_text_chunks
+from npgpt.tokenizer.base import DEFAULT_SPECIALS, regroup_at_safe_cuts
+from npgpt.tokenizer.bpe import Progress
+from npgpt.tokenizer.bpe import safe_cut as bpe_safe_cut
+from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES
 
-DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_BPE_VOCAB = 4096
 META = "meta.json"
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".markdown", ".tex", ".org", ".adoc")
 CHAR_SEPARATOR = "\n\n"
-MAX_CARRY_CHARS = 1 << 24   # text held back looking for a safe cut; past this, cut anyway
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATASETS = ("pydoc", "tinyshakespeare")
 
-# A byte-level BPE pre-token always ends after a letter that is followed by whitespace (GPT-2 and
-# GPT-4 patterns), whatever comes next: a stream can be cut there without changing any token.
-_LAST_SAFE_BPE_CUT = regex.compile(r"\p{L}(?=\s)", regex.REVERSE)
-
-Progress = Callable[[str, int, "int | None"], None]
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -101,22 +100,9 @@ def _download(url: str, timeout: float = 10.0) -> bytes:
         return response.read()
 
 
-def _write_file_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def pydoc_text() -> str:
     """The Python reference topics shipped with CPython, in sorted key order, blank-line separated."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics   # the stdlib docs text, read only for the built-in corpus
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 
@@ -129,7 +115,7 @@ def builtin_corpus(name: str) -> Path:
         path = corpora / "pydoc.txt"
         # Regenerated when this Python's topics differ from the cached file (another Python version).
         if not path.is_file() or path.stat().st_size != len(data) or path.read_bytes() != data:
-            _write_file_atomically(path, data)
+            atomic_write_bytes(path, data)
         return path
     if name == "tinyshakespeare":
         path = corpora / "tinyshakespeare.txt"
@@ -145,7 +131,7 @@ def builtin_corpus(name: str) -> Path:
             raise NpgptError(f"the tinyshakespeare download has the wrong sha256 ({len(data)} bytes; expected "
                              f"{TINYSHAKESPEARE_SHA256[:12]}...); {hint}")
         try:
-            _write_file_atomically(path, data)
+            atomic_write_bytes(path, data)
         except OSError as e:
             raise NpgptError(f"cannot cache tinyshakespeare in {corpora} ({e.strerror}); set NPGPT_HOME to a "
                              f"writable folder") from None
@@ -187,48 +173,23 @@ def resolve_inputs(inputs, exclude: Path | None = None) -> list[Path]:
     return files
 
 
-def _safe_pieces(chunks: Iterable[str], kind: str) -> Iterator[str]:
-    """Regroup text chunks into pieces that end where the tokenizer may cut (see module docstring)."""
-    if kind == "char":
-        yield from chunks           # one character, one token: any cut is safe
-        return
-    carry = ""
-    for chunk in chunks:
-        text = carry + chunk
-        found = _LAST_SAFE_BPE_CUT.search(text)
-        cut = found.end() if found else 0
-        if cut == 0 and len(text) > MAX_CARRY_CHARS:
-            cut = len(text)         # a huge run without letters: accept one possibly split pre-token
-        if cut:
-            yield text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield carry
-
-
-def _doc_pieces(path: Path, kind: str, chunk_bytes: int, errors: str = "strict") -> Iterator[str]:
-    from npgpt.tokenizer import iter_text_chunks
-
-    return _safe_pieces(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors), kind)
-
-
 # ---------------------------------------------------------------------------------- preparing
 
 def _train_tokenizer(files, kind, vocab_size, chunk_bytes, progress, errors="strict"):
-    from npgpt.tokenizer import BPETokenizer, CharTokenizer
-
     if kind == "char":
         def stream():
             for i, path in enumerate(files):
                 if i:
                     yield CHAR_SEPARATOR     # the separator's characters must be in the vocabulary
-                yield from _doc_pieces(path, "char", chunk_bytes, errors)
+                yield from iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors)
         return CharTokenizer.train(stream())
     if len(files) == 1:
         return BPETokenizer.train_from_file(files[0], vocab_size, progress=progress, chunk_bytes=chunk_bytes,
                                             errors=errors)
     # Several documents: pieces end at safe cuts, so no pre-token is split between two of them.
-    pieces = (piece for path in files for piece in _doc_pieces(path, "bpe", chunk_bytes, errors))
+    pieces = (piece for path in files
+              for piece in regroup_at_safe_cuts(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors),
+                                                bpe_safe_cut, DEFAULT_SPECIALS))
     return BPETokenizer.train(pieces, vocab_size, progress=progress)
 
 
@@ -352,8 +313,6 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
 
 def _tokenizer_folder(path):
     """A run folder's tokenizer lives in its checkpoint (RUN/ckpt); other folders hold it directly."""
-    from npgpt import tokenizer as tk
-    from npgpt.checkpoint import has_checkpoint
     p = Path(path)
     return p / "ckpt" if not tk.is_tokenizer_dir(p) and has_checkpoint(p) else p
 
@@ -361,8 +320,6 @@ def _tokenizer_folder(path):
 def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fraction, dataset, progress,
                   chunk_bytes, errors="strict") -> dict:
     """Tokenize `docs` into the temporary folder `work`; return the meta written there."""
-    from npgpt import tokenizer as tk
-
     paths = [path for _, path, _ in docs]
     try:
         if tokenizer_from is not None:
@@ -405,7 +362,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
             for i, path in enumerate(paths):
                 if i:
                     emit(sep_ids.copy(), int(lengths[sep_ids].sum()))
-                for piece in _doc_pieces(path, kind, chunk_bytes, errors):
+                for piece in tok.split_stream(iter_text_chunks(path, chunk_bytes=chunk_bytes, errors=errors)):
                     emit(encode(piece), len(piece.encode("utf-8")))
                     if progress is not None:
                         progress("encode", pos, total)
@@ -433,9 +390,7 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
         "sources": [{"name": name, "bytes": size, "sha256": sha256_file(path)} for name, path, size in docs],
         "files": written + [META],
     }
-    with open(work / META, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    atomic_write_text(work / META, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
@@ -454,14 +409,7 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
             os.remove(stale)
     os.replace(work / META, out_dir / META)   # ... until the new meta.json lands, last
     shutil.rmtree(work, ignore_errors=True)
-    try:
-        fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_dir(out_dir)
 
 
 def _read_json(path: Path):
@@ -544,7 +492,6 @@ class TokenData:
     def tokenizer(self):
         """The tokenizer the data was made with (loaded from the data folder once)."""
         if self._tokenizer is None:
-            from npgpt import tokenizer as tk
             self._tokenizer = tk.load(self.path)
         return self._tokenizer
 
@@ -572,16 +519,14 @@ class TokenData:
         ix = rng.integers(0, n - T, size=B)                       # (B,) window starts; last start n-T-1
         idx = ix[:, None] + np.arange(T + 1)                      # (B, T+1) positions of x and the last y
         if self.device_tokens and device is not None and str(device) != "cpu":
-            from npgpt.backend import get_xp, to_device
             tokens = self._device_splits.get(split)
             if tokens is None:
-                tokens = self._device_splits[split] = to_device(np.ascontiguousarray(data), device)
-            window = tokens[to_device(idx, device)].astype("int64")  # (B, T+1), gathered on the device
-            xy = get_xp(window).stack([window[:, :-1], window[:, 1:]])   # (2, B, T) contiguous x and y
+                tokens = self._device_splits[split] = backend.to_device(np.ascontiguousarray(data), device)
+            window = tokens[backend.to_device(idx, device)].astype("int64")  # (B, T+1), gathered on the device
+            xy = backend.get_xp(window).stack([window[:, :-1], window[:, 1:]])   # (2, B, T) contiguous x and y
             return xy[0], xy[1]
         window = data[idx].astype(np.int64)                       # (B, T+1), one gather from the memmap
         xy = np.stack([window[:, :-1], window[:, 1:]])            # (2, B, T) contiguous x and y
         if device is not None and str(device) != "cpu":
-            from npgpt.backend import to_device
-            xy = to_device(xy, device)                            # one host->device copy
+            xy = backend.to_device(xy, device)                            # one host->device copy
         return xy[0], xy[1]

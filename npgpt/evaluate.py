@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
+from npgpt import tokenizer as tk
 from npgpt.backend import asnumpy
+from npgpt.checkpoint import find_checkpoint, verify_checkpoint
+from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.model import GPTConfig, read_hf_config
+from npgpt.quant import load_model
 from npgpt.tensor import no_grad
+from npgpt.tokenizer import read_text_checked
 
 
 def load_model_and_tokenizer(checkpoint, device="cpu"):
     """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder."""
-    from npgpt import tokenizer as tk
-    from npgpt.checkpoint import find_checkpoint, verify_checkpoint
-    from npgpt.model import GPT
-
     ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):
         raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
-    model = GPT.from_pretrained(ckpt, device=device)
+    model = load_model(ckpt, device=device)
     return model, tk.load(ckpt), ckpt
 
 
@@ -56,16 +57,14 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
 
 def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split."""
-    from npgpt.data import TokenData
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
-        from npgpt.tokenizer import read_text_checked
         text = read_text_checked(input)
         if not text:
             raise NpgptError(f"{input} is empty")
-        tokens = tok.encode(text, disallowed_special=()) if tok.kind == "bpe" else tok.encode(text)
+        tokens = tok.encode_plain(text)
         source = str(input)
     else:
         td = TokenData(data)
@@ -83,22 +82,11 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
             "bits_per_byte": total / math.log(2) / max(n_bytes, 1), "checkpoint": str(ckpt)}
 
 
-def folder_size(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def info(path):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
-    from npgpt import tokenizer as tk
-    from npgpt.checkpoint import find_checkpoint
-    from npgpt.model import GPTConfig, read_hf_config
-
     ckpt = find_checkpoint(path)
     hf = read_hf_config(ckpt)
     cfg = GPTConfig.from_hf(hf)
-    C, L, V, T, H = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.block_size, cfg.hidden
-    per_block = 2 * 2 * C + C * 3 * C + 3 * C + C * C + C + C * H + H + H * C + C
-    n_params = V * C + T * C + L * per_block + 2 * C
     state = {}
     if (ckpt / "state.json").exists():
         try:
@@ -115,6 +103,6 @@ def info(path):
     files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir()) if f.is_file()}
     return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_layer",
                                                                         "n_head", "n_embd", "n_inner")},
-            "parameters": n_params, "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
+            "parameters": cfg.num_params(), "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),
             "quantization": hf.get("npgpt", {}).get("quantization")}

@@ -3,21 +3,26 @@
 Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT.forward. Parameter names
 are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, weights stored (in, out) as GPT-2's
 Conv1D), so `model.save_pretrained(dir)` writes a folder that Hugging Face transformers loads as a
-`GPT2LMHeadModel`, and `GPT.from_pretrained(dir)` reads one that transformers wrote.
+`GPT2LMHeadModel`, and `GPT.from_pretrained(dir)` reads one that transformers wrote. A quantised
+folder is refused here: `npgpt.quant.load_model(dir)` is the one loader that decides between the two.
+`GPTConfig.num_params` is the one parameter count. Cached inference is one `forward_cached` per
+class (attention, block), so `GPT.forward_cached` is a loop like `GPT.forward`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_path, atomic_write_json
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear,
                           split_heads)
@@ -50,6 +55,17 @@ class GPTConfig:
     @property
     def hidden(self):
         return self.n_inner or 4 * self.n_embd
+
+    def num_params(self, non_embedding=False):
+        """The model's parameter count, from the config alone (the one count: GPT.num_params, `npgpt
+        info` and compress use it). Weights, plus biases when `bias`; the LM head is tied to wte.
+        non_embedding=True leaves out the position embeddings (as nanoGPT)."""
+        C, H, b = self.n_embd, self.hidden, int(self.bias)
+        ln = C + b * C                                           # scale (+ shift)
+        attn = C * 3 * C + b * 3 * C + C * C + b * C             # c_attn, c_proj
+        mlp = C * H + b * H + H * C + b * C                      # c_fc, c_proj
+        n = self.vocab_size * C + self.block_size * C + self.n_layer * (2 * ln + attn + mlp) + ln
+        return n - self.block_size * C if non_embedding else n
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -109,6 +125,20 @@ class CausalSelfAttention(Module):
         y = causal_self_attention(self.c_attn(x), self.n_head, dropout=p, rng=self.rng)
         return dropout(self.c_proj(y), p, self.rng, self.training)
 
+    def forward_cached(self, x, k_cache, v_cache, p0, key_mask=None):
+        """Inference on plain arrays: new positions x (B, Tn, C) attend to the cached keys/values.
+
+        k_cache, v_cache: this layer's (B, nh, block_size, hs) buffers; the new keys and values are
+        written at p0:p0+Tn. Returns (y (B, Tn, C), attention probabilities (B, nh, Tn, Tk))."""
+        B, Tn, C = x.shape
+        q, k, v = split_heads(self.c_attn(Tensor(x)).data, self.n_head)   # (B, nh, Tn, hs)
+        k_cache[:, :, p0:p0 + Tn] = k
+        v_cache[:, :, p0:p0 + Tn] = v
+        att = attention_probs(q, k_cache[:, :, :p0 + Tn], key_mask)       # (B, nh, Tn, Tk)
+        y = att @ v_cache[:, :, :p0 + Tn]                                 # (B, nh, Tn, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, Tn, C)
+        return self.c_proj(Tensor(y)).data, att
+
 
 class MLP(Module):
     def __init__(self, cfg, rng, resid_std):
@@ -134,6 +164,12 @@ class Block(Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x, k_cache, v_cache, p0, key_mask=None):
+        """forward on plain arrays with this layer's KV cache (see CausalSelfAttention.forward_cached)."""
+        y, att = self.attn.forward_cached(self.ln_1(Tensor(x)).data, k_cache, v_cache, p0, key_mask)
+        x = x + y
+        return x + self.mlp(self.ln_2(Tensor(x))).data, att
 
 
 class Transformer(Module):
@@ -221,9 +257,8 @@ class GPT(Module):
 
     # ---- sizes ---------------------------------------------------------------------------------
     def num_params(self, non_embedding=False):
-        """Parameter count; non_embedding=True leaves out the position embeddings (as nanoGPT)."""
-        n = sum(p.size for p in self.parameters())
-        return n - self.transformer.wpe.weight.size if non_embedding else n
+        """Parameter count (GPTConfig.num_params); non_embedding=True leaves out the position embeddings."""
+        return self.config.num_params(non_embedding)
 
     def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward), the PaLM-paper estimate (appendix B):
@@ -253,7 +288,6 @@ class GPT(Module):
                              f"{self.config.block_size}; rebuild the cache from the last tokens")
         xp = get_xp(cache.k)
         tr = self.transformer
-        cfg = self.config
         pos = xp.arange(p0, p0 + Tn)[None, :] - cache.pad[:, None]          # (B, Tn) position ids
         pos = xp.maximum(pos, 0)
         x = tr.wte.weight.data[idx] + tr.wpe.weight.data[pos]              # (B, Tn, C)
@@ -262,18 +296,9 @@ class GPT(Module):
             key_mask = xp.arange(p0 + Tn)[None, :] >= cache.pad[:, None]  # (B, Tk) real tokens
         maps = []
         for i, block in enumerate(tr.h):
-            a = block.attn
-            h = block.ln_1(Tensor(x)).data
-            q, k, v = split_heads(a.c_attn(Tensor(h)).data, cfg.n_head)      # (B, nh, Tn, hs)
-            cache.k[i, :, :, p0:p0 + Tn] = k
-            cache.v[i, :, :, p0:p0 + Tn] = v
-            att = attention_probs(q, cache.k[i, :, :, :p0 + Tn], key_mask)   # (B, nh, Tn, Tk)
+            x, att = block.forward_cached(x, cache.k[i], cache.v[i], p0, key_mask)
             if return_attention:
                 maps.append(att)
-            y = att @ cache.v[i, :, :, :p0 + Tn]                            # (B, nh, Tn, hs)
-            y = y.transpose(0, 2, 1, 3).reshape(B, Tn, cfg.n_embd)
-            x = x + a.c_proj(Tensor(y)).data
-            x = x + block.mlp(block.ln_2(Tensor(x))).data
         cache.length = p0 + Tn
         x = tr.ln_f(Tensor(x)).data
         logits = x @ tr.wte.weight.data.T                                  # (B, Tn, V)
@@ -282,13 +307,12 @@ class GPT(Module):
     # ---- Hugging Face folders ------------------------------------------------------------------
     def save_pretrained(self, path):
         """Write config.json + model.safetensors (GPT-2 names and layout) into folder `path`."""
-        from safetensors.numpy import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: np.ascontiguousarray(asnumpy(p.data)) for name, p in self.named_parameters()}
-        _atomic(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(self.config.to_hf(), indent=2) + "\n"))
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        atomic_write_json(path / "config.json", self.config.to_hf())
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", **overrides):
@@ -300,15 +324,19 @@ class GPT(Module):
             raise NpgptError(f"model folder {path} does not exist")
         hf = read_hf_config(path)
         cfg_path = path / "config.json"
-        if (hf.get("npgpt") or {}).get("quantization"):
-            from npgpt.quant import load_quantized      # int8/int4 weights: see npgpt/quant.py
-            return load_quantized(path, hf, device=device, **overrides)
+        if records_quantization(hf):
+            raise NpgptError(f"{path} holds a quantised model; load it with npgpt.quant.load_model")
         config = replace(GPTConfig.from_hf(hf, str(cfg_path)), **overrides)
         state = load_gpt2_tensors(path)
         model = cls(config, device="cpu")
         model.load_state_dict(state)
         model.eval()
         return model.to(device) if str(device) != "cpu" else model
+
+
+def records_quantization(hf: dict) -> bool:
+    """True when a config.json dict records a quantised folder (loaded by npgpt.quant.load_model)."""
+    return bool((hf.get("npgpt") or {}).get("quantization"))
 
 
 def read_hf_config(folder) -> dict:
@@ -325,25 +353,11 @@ def read_hf_config(folder) -> dict:
     return hf
 
 
-def _atomic(path, write):
-    """Write through a temp file then rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 IGNORED_HF_KEYS = (".attn.bias", ".attn.masked_bias")    # causal-mask buffers of old transformers
 
 
 def load_gpt2_tensors(path):
     """model.safetensors of a GPT-2 folder as {npgpt name: float32 array}, keys normalised."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         extra = " (PyTorch .bin files are pickles and are not read: re-save with safe_serialization=True)" \

@@ -96,10 +96,6 @@ class Module:
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = None
-        for m in self.modules():
-            b = getattr(m, "bias", None)
-            if isinstance(b, Tensor) and not isinstance(b, Parameter):
-                m.bias = Tensor(b.data.astype(dtype))
         return self
 
     def state_dict(self):
@@ -157,16 +153,14 @@ class Embedding(Module):
 
 
 class LayerNorm(Module):
-    """LayerNorm over the last axis with a learned scale (1) and shift (0)."""
+    """LayerNorm over the last axis with a learned scale (1) and shift (0; None without bias, as nanoGPT's)."""
 
     def __init__(self, dim, bias=True, eps=1e-5, dtype=np.float32):
         self.eps = eps
         self.weight = Parameter(np.ones(dim, dtype=dtype))
-        # Without a learned bias, a constant zero shift (not a Parameter: nothing to learn or save).
-        self.bias = Parameter(np.zeros(dim, dtype=dtype)) if bias else Tensor(np.zeros(dim, dtype=dtype))
+        self.bias = Parameter(np.zeros(dim, dtype=dtype)) if bias else None
 
     def forward(self, x):
-        b = self.bias
-        if not isinstance(b, Parameter) and get_xp(b.data) is not get_xp(x.data):
-            b = self.bias = Tensor(to_device(b.data, x.device))
+        # the fused op always takes a shift: without a bias, a zero one made here in x's dtype and device
+        b = self.bias if self.bias is not None else Tensor(get_xp(x.data).zeros(x.shape[-1], dtype=self.weight.dtype))
         return layer_norm(x, self.weight, b, eps=self.eps)

@@ -177,13 +177,15 @@ class AdamW:
             return _ck.grad_norm(g)                           # one reduction kernel
         return self.xp.sqrt(self.xp.dot(g, g))
 
-    def clip_grad_norm(self, max_norm: float):
+    def clip_grad_norm(self, max_norm: float, norm=None):
         """Scale all gradients so their global L2 norm is at most `max_norm`; return the norm before.
 
         `max_norm <= 0` disables clipping. The norm comes back as a 0-d array: reading it on the GPU
-        (`float(norm)`) is a device sync, left to the caller's log points.
+        (`float(norm)`) is a device sync, left to the caller's log points. A caller that already
+        holds the norm of the current gradients passes it as `norm` (saves one pass over them).
         """
-        norm = self.grad_norm()
+        if norm is None:
+            norm = self.grad_norm()
         if max_norm is None or max_norm <= 0:
             return norm
         # PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied only when below 1.

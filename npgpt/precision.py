@@ -70,11 +70,6 @@ class Precision:
     def needs_loss_scaling(self) -> bool:
         return self.name == "fp16"
 
-    @property
-    def compute_dtype(self):
-        """The dtype GEMM operands are cast to."""
-        return np.float16 if self.name == "fp16" else np.float32
-
     # ---- matmul --------------------------------------------------------------------------------
     def matmul(self, a, b, out=None):
         """a (..., M, K) @ b (..., K, N) -> (..., M, N). Leading dims equal, or one side 2-D.
@@ -309,25 +304,6 @@ def to_float(x):
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
-def cast_for_compute(x, precision=None):
-    """x in the dtype GEMM operands use under `precision` (default: the active one)."""
-    p = precision or _current
-    return to_half(x) if p.name == "fp16" else to_float(x)
-
-
-def all_finite(arrays) -> bool:
-    """True when no array holds an inf or NaN (one host sync per array on the GPU)."""
-    if not isinstance(arrays, (list, tuple)):
-        arrays = [arrays]
-    for a in arrays:
-        if a is None:
-            continue
-        xp = get_xp(a)
-        if not bool(xp.isfinite(a).all()):
-            return False
-    return True
-
-
 # ---- dynamic loss scaling ----------------------------------------------------------------------
 class DynamicLossScaler:
     """Loss scaling for fp16 training (PyTorch GradScaler's policy).
@@ -393,7 +369,8 @@ class DynamicLossScaler:
             self.update(True)
             return False, float("inf")
         self.unscale_(optimizer.grad)
-        norm = optimizer.clip_grad_norm(grad_clip)
+        # Unscaling divides every gradient by `scale`, so it divides their norm too: no second pass.
+        norm = optimizer.clip_grad_norm(grad_clip, norm=norm / self.scale if self.enabled else norm)
         optimizer.step(lr)
         self.update(False)
         return True, norm

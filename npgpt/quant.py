@@ -25,6 +25,9 @@ reads it, transposed to (n_embd, vocab), so each token's vector is one output ch
 biases) stays float32. config.json records the scheme under
 `"npgpt": {"quantization": {"bits": 8, "group_size": null, "embedding": false}}`.
 
+`load_model(folder)` is the one loader of model folders: it reads config.json and loads a quantised
+folder here, a float one with `GPT.from_pretrained`.
+
 At run time a `QuantizedLinear` keeps the integers and scales and dequantises its weight for each call,
 so only one layer's float weight exists at a time. The quantised embedding is dequantised once at load
 (the model reads `wte.weight` directly in several places), so it shrinks the file but not the memory.
@@ -32,12 +35,15 @@ so only one layer's float weight exists at a time. The quantised embedding is de
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp, to_device
+from npgpt.checkpoint import atomic_write_json, load_tensors, save_tensors
 from npgpt.errors import NpgptError
+from npgpt.model import GPT, GPTConfig, read_hf_config
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
 from npgpt.tensor import Tensor, is_grad_enabled
@@ -207,10 +213,6 @@ class QuantizedLinear(Module):
         w = Tensor(self.dequantized())
         return linear(x, w, self.bias) if self.bias is not None else linear(x, w)
 
-    @property
-    def weight_nbytes(self):
-        return int(self.qweight.nbytes + self.scales.nbytes)
-
 
 # ---- which weights -----------------------------------------------------------------------------
 LINEAR_PATHS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -273,8 +275,6 @@ def quantized_tensors(model, bits=8, group_size=None, embedding=False):
 
 def save_quantized(model, path, bits=8, group_size=None, embedding=False):
     """Write a quantised model folder: config.json (with the scheme) + model.safetensors."""
-    from npgpt.checkpoint import atomic_write_json, save_tensors
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = quantized_tensors(model, bits, group_size, embedding)
@@ -302,14 +302,9 @@ def read_scheme(hf, where="config.json"):
 def load_quantized(path, hf=None, device="cpu", **overrides):
     """A GPT from a quantised folder (written by save_quantized), in eval mode, linear layers quantised.
 
-    `hf` is the parsed config.json when the caller (GPT.from_pretrained) has read it already;
+    `hf` is the parsed config.json when the caller (load_model) has read it already;
     `overrides` replace config fields as from_pretrained's do (e.g. dropout).
     """
-    from dataclasses import replace
-
-    from npgpt.checkpoint import load_tensors
-    from npgpt.model import GPT, GPTConfig, read_hf_config
-
     path = Path(path)
     if hf is None:
         hf = read_hf_config(path)
@@ -354,3 +349,19 @@ def load_quantized(path, hf=None, device="cpu", **overrides):
     model.eval()
     return model.to(device) if str(device) != "cpu" else model
 
+
+
+# ---- the one loader ------------------------------------------------------------------------------
+def load_model(path, device="cpu", **overrides):
+    """A model from any model folder: quantised (save_quantized) or float (npgpt or Hugging Face GPT-2).
+
+    The one place that decides how a folder loads, so npgpt.model never needs to know about
+    quantisation. In eval mode, as GPT.from_pretrained; `overrides` replace config fields (e.g. dropout).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise NpgptError(f"model folder {path} does not exist")
+    hf = read_hf_config(path)
+    if read_scheme(hf, str(path / "config.json")) is not None:
+        return load_quantized(path, hf, device=device, **overrides)
+    return GPT.from_pretrained(path, device=device, **overrides)

@@ -32,18 +32,20 @@ import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from npgpt.backend import get_xp
 from npgpt.ops import parallel
+from npgpt.tensor import Tensor
 
 _controller = None
 
 
 def blas_controller():
-    """threadpoolctl's view of the loaded BLAS libraries (built once: it scans the process)."""
+    """threadpoolctl's view of the loaded BLAS libraries (built on first use, once: it scans the
+    libraries loaded into the process)."""
     global _controller
     if _controller is None:
-        from threadpoolctl import ThreadpoolController   # imported on first use: it inspects the process
         _controller = ThreadpoolController()
     return _controller
 
@@ -118,8 +120,6 @@ class ThreadReplicas:
                 return
 
     def loss_fn(self, model, x, y):
-        from npgpt.tensor import Tensor
-
         if self.n == 1 or x.shape[0] < 2:
             return self.base_loss(model, x, y)
         if not self.shadows:
@@ -199,11 +199,15 @@ class ThreadReplicas:
 
 def training_plugin(model, src, cfg, hooks):
     """The trainer's plugin (npgpt.train.Hooks): `replicas = n` in the training config splits each
-    micro-batch over n threads. It wraps whatever loss function earlier plugins set (distillation)
-    and runs before any reduce_grads already there (MPI data parallelism sums across processes
-    after the threads have summed inside this one). CPU and fp32 only; elsewhere it stays out."""
+    micro-batch over n threads. It wraps whatever loss function earlier plugins set and runs before
+    any reduce_grads already there (MPI data parallelism sums across processes after the threads
+    have summed inside this one). CPU, fp32 and no teacher only; elsewhere it stays out."""
     n = int(getattr(cfg, "replicas", 1) or 1)
     if n <= 1 or str(getattr(cfg, "device", "cpu")) != "cpu" or getattr(cfg, "precision", "fp32") != "fp32":
+        return None
+    if getattr(cfg, "teacher", None):
+        # the teacher runs under no_grad, a process-wide switch: a replica thread recording its
+        # graph at that moment would lose it, so distillation runs on one thread
         return None
     reps = ThreadReplicas(model, n, scale=1.0 / int(getattr(cfg, "gradient_accumulation_steps", 1) or 1),
                           base_loss=hooks.loss_fn)

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from npgpt import tokenizer as tk
 from npgpt.backend import to_device
+from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
+from npgpt.model import GPTConfig, read_hf_config
 
 ROLES = ("system", "user", "assistant")
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -76,13 +79,6 @@ def validate_record(rec, where):
     raise NpgptError(f"{where}: a record needs 'prompt' and 'completion' strings, or 'messages'")
 
 
-def encode_plain(tok, text):
-    """Encode user text as ordinary text: a special token's string in it is not special."""
-    if tok.kind == "bpe":
-        return tok.encode(text, disallowed_special=())
-    return tok.encode(text)
-
-
 def ensure_chat_tokens(tok):
     """Add the chat template's special tokens to `tok` if missing; returns their ids."""
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
@@ -96,7 +92,7 @@ def render_chat(tok, messages, add_generation_prompt=False):
     sp = ensure_chat_tokens(tok)
     ids, mask = [], []
     for m in messages:
-        body = encode_plain(tok, m["content"])
+        body = tok.encode_plain(m["content"])
         learn = m["role"] == "assistant"
         ids += [sp[f"<|{m['role']}|>"]] + body + [sp["<|end|>"]]
         mask += [False] + [learn] * len(body) + [learn]
@@ -113,7 +109,7 @@ def render_record(tok, rec):
     """(ids, loss_mask) of one record; see the module docstring."""
     if "messages" in rec:
         return render_chat(tok, rec["messages"])
-    p, c = encode_plain(tok, rec["prompt"]), encode_plain(tok, rec["completion"])
+    p, c = tok.encode_plain(rec["prompt"]), tok.encode_plain(rec["completion"])
     ids = p + c + [tok.eot_id]
     return ids, [False] * len(p) + [True] * (len(c) + 1)
 
@@ -164,9 +160,6 @@ class SFTData:
     @classmethod
     def for_training(cls, cfg, stream=None):
         """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
-        from npgpt import tokenizer as tk
-        from npgpt.checkpoint import find_checkpoint
-        from npgpt.model import GPTConfig, read_hf_config
 
         src = find_checkpoint(cfg.init_from or cfg.out)
         if not tk.is_tokenizer_dir(src):

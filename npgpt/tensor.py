@@ -18,38 +18,10 @@ flat buffer, so gradients land straight in the buffer the update reads.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-
-
 from npgpt.backend import asnumpy, device_of, get_xp, to_device
 
 _grad_enabled = True
 
-
-def _keep_freed_memory():
-    """Ask glibc's malloc to reuse freed memory for large NumPy arrays instead of returning it.
-
-    By default glibc serves every allocation above 32 MB with a fresh mmap and unmaps it on
-    free, so each large activation or gradient of a training step (hundreds per step) is
-    page-faulted and zeroed by the kernel again: at the shakespeare-char size that was ~15% of
-    the step in system time. Raising the mmap and trim thresholds keeps freed blocks in the heap
-    for the next step, as PyTorch's caching allocators do. Linux/glibc only; NPGPT_MALLOC_TUNING=0
-    leaves malloc alone.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("NPGPT_MALLOC_TUNING", "1") == "0":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)   # only arrays above 1 GiB get their own mmap
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
-    except (OSError, AttributeError):   # not glibc (e.g. musl): nothing to tune
-        pass
-
-
-_keep_freed_memory()
 
 # The op profiler (see `profiling`): None except while `npgpt bench --profile` measures. When it is
 # None, apply() and backward() pay one global lookup per op for it and nothing more.
@@ -153,12 +125,12 @@ class Tensor:
     # Make `ndarray + Tensor` defer to Tensor.__radd__ instead of NumPy broadcasting over objects.
     __array_priority__ = 1000
 
-    def __init__(self, data, requires_grad=False, dtype=None):
+    def __init__(self, data, requires_grad=False):
         if isinstance(data, Tensor):
             data = data.data
         xp = get_xp(data)
-        if not isinstance(data, xp.ndarray) or (dtype is not None and data.dtype != dtype):
-            data = xp.asarray(data, dtype=dtype)
+        if not isinstance(data, xp.ndarray):
+            data = xp.asarray(data)
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)

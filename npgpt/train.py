@@ -6,6 +6,22 @@ import time:
     data (memmapped token files) -> batches -> model forward/backward (accumulated over micro-steps)
     -> clip -> AdamW step with the scheduled lr -> log / eval / checkpoint
 
+The loop (`_Run.loop`) reads as nanoGPT's: eval/checkpoint -> micro-steps -> clip -> step -> log,
+one small named helper each. What varies plugs in through `Hooks` (see there), filled by plugins:
+
+    hooks.loss_fn(model, x, y) -> loss         the loss of a micro-batch (distillation replaces it)
+    hooks.reduce_grads(flat_grad, n_tokens)    between backward and clipping: the data-parallel seam
+    hooks.after_step: [fn(model, it)]          after each optimizer step (pruning re-applies masks)
+    hooks.save_files: [fn(folder)]             extra files in each checkpoint (pruning's masks)
+
+    def my_plugin(model, src, cfg, hooks):     # src: the folder the model came from, or None
+        hooks.after_step.append(lambda model, it: ...)
+    train(cfg, plugins=[my_plugin])
+
+`npgpt train` / `finetune` pass npgpt.compress.TRAINING_PLUGINS (distillation, pruning masks); the
+trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
+too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
+
 Reproducibility by construction: the batch of step `it` is drawn from a generator seeded with
 (seed, it), and so is that step's dropout; eval batches likewise from (seed, it, "eval"). Nothing
 random carries over from one step to the next, so a resumed run needs only the weights, the
@@ -20,14 +36,28 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from npgpt import tokenizer as tk
 from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
+from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
+                              save_tensors, verify_checkpoint)
+from npgpt.data import TokenData, ensure_builtin_dataset
 from npgpt.errors import NpgptError
+from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
+from npgpt.ops.distill import check_distill_args
+from npgpt.optim import AdamW, get_lr
+from npgpt.perf import gemm_peak_gflops, tune_malloc
+from npgpt.precision import DynamicLossScaler, Precision, use_precision
+from npgpt.replicas import training_plugin as replicas_plugin
+from npgpt.tensor import no_grad
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
 
@@ -55,6 +85,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
+    replicas: int = 1                    # CPU: split each micro-batch over this many threads (npgpt.replicas)
     max_iters: int = 2000
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -81,7 +112,7 @@ class TrainConfig:
 
     def validate(self):
         positive = ["max_iters", "batch_size", "learning_rate", "eval_interval", "eval_iters", "log_interval",
-                    "gradient_accumulation_steps"]
+                    "gradient_accumulation_steps", "replicas"]
         for name in positive:
             v = getattr(self, name)
             if v is None or v <= 0:
@@ -97,10 +128,8 @@ class TrainConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise NpgptError("beta1 and beta2 must be in [0, 1)")
         if self.teacher:
-            from npgpt.ops.distill import check_distill_args
             check_distill_args(self.distill_alpha, self.distill_temperature)
         parse_device(self.device)
-        from npgpt.precision import Precision
         Precision(self.precision)                       # a clear error for an unknown name
         return self
 
@@ -193,7 +222,6 @@ def load_config_file(path) -> dict:
 
 # ---- learning-rate schedule ----------------------------------------------------------------------
 def lr_at(it, cfg: TrainConfig):
-    from npgpt.optim import get_lr
     if not cfg.decay_lr:
         return cfg.learning_rate
     return get_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr)
@@ -224,7 +252,6 @@ def step_rng(seed, it, stream=0):
 
 
 def _prepare_out(cfg: TrainConfig):
-    from npgpt.checkpoint import has_checkpoint
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NpgptError(f"--out {out} is a file; choose a folder for the run")
@@ -244,7 +271,6 @@ def _prepare_out(cfg: TrainConfig):
 
 
 def _open_data(cfg: TrainConfig, log):
-    from npgpt.data import TokenData, ensure_builtin_dataset
     if cfg.data is None:
         log("no --data given: using the built-in pydoc corpus, character-level (prepared once, cached)")
         path = ensure_builtin_dataset("pydoc", tokenizer="char")
@@ -255,15 +281,12 @@ def _open_data(cfg: TrainConfig, log):
 
 def build_model(cfg: TrainConfig, data, log):
     """The model to train: resumed, initialised from a folder, or new from the preset + overrides."""
-    from npgpt.checkpoint import find_checkpoint
-    from npgpt.model import GPT, GPTConfig
-
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        model = GPT.from_pretrained(src, dropout=cfg.dropout)
-        if getattr(model, "quantization", None):
+        if records_quantization(read_hf_config(src)):
             raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
+        model = GPT.from_pretrained(src, dropout=cfg.dropout)
         if cfg.init_from and not cfg.resume and not getattr(data, "grow_vocab", False):
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
@@ -279,7 +302,6 @@ def build_model(cfg: TrainConfig, data, log):
 
 
 def _check_same_tokenizer(model_dir, data):
-    from npgpt import tokenizer as tk
     if not tk.is_tokenizer_dir(model_dir):
         raise NpgptError(f"{model_dir} has no tokenizer files; a model folder needs its tokenizer to fine-tune on prepared data")
     mine = tk.load(model_dir).fingerprint()
@@ -291,7 +313,6 @@ def _check_same_tokenizer(model_dir, data):
 
 def estimate_loss(model, data, cfg, it, block_size):
     """Mean loss over eval_iters batches of each split (model in eval mode, no graph)."""
-    from npgpt.tensor import no_grad
     out = {}
     model.eval()
     with no_grad():
@@ -306,15 +327,14 @@ def estimate_loss(model, data, cfg, it, block_size):
     return out
 
 
-def save_checkpoint(out, model, tokenizer, optimizer, state):
-    """Write OUT/ckpt atomically: model folder (HF GPT-2) + tokenizer + optimizer + state.json."""
-    from npgpt.checkpoint import atomic_write_json, checkpoint_writer, save_tensors
+def save_checkpoint(out, model, tokenizer, optimizer, state, save_files=()):
+    """Write OUT/ckpt atomically: model folder (HF GPT-2) + tokenizer + optimizer + state.json
+    (+ what each `save_files` callback writes into the folder)."""
     with checkpoint_writer(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save(tmp)
-        if getattr(model, "prune_masks", None):
-            from npgpt.compress import save_prune_masks
-            save_prune_masks(tmp, model.prune_masks)
+        for save in save_files:
+            save(tmp)
         if optimizer is not None:
             tensors, meta = optimizer.state_dict()
             save_tensors(tmp / "optimizer.safetensors", tensors)
@@ -323,7 +343,6 @@ def save_checkpoint(out, model, tokenizer, optimizer, state):
 
 
 def _load_resume_state(out, optimizer):
-    from npgpt.checkpoint import find_checkpoint, load_tensors, verify_checkpoint
     ckpt = find_checkpoint(out)
     verify_checkpoint(ckpt)
     try:
@@ -336,7 +355,8 @@ def _load_resume_state(out, optimizer):
 
 
 class _Logger:
-    """One line per log interval (or a live status line on a TTY), and metrics.jsonl records."""
+    """One line per log interval (or a live status line on a TTY), and metrics.jsonl records.
+    A context manager: leaving the block ends the live line and closes metrics.jsonl."""
 
     def __init__(self, out, quiet, stream=None):
         self.quiet = quiet
@@ -367,7 +387,10 @@ class _Logger:
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         if self.live and not self.quiet:
             self.stream.write("\n")
         self.metrics.close()
@@ -378,159 +401,235 @@ def _bar(frac, width=20):
     return "[" + "#" * n + "-" * (width - n) + "]"
 
 
-def train(config: TrainConfig, stream=None, batch_source=None) -> TrainResult:
+# ---- the trainer's seams -----------------------------------------------------------------------------
+def model_loss(model, x, y):
+    """The default loss function: the model's own cross-entropy (mean over the target tokens)."""
+    return model(x, y)[1]
+
+
+@dataclass
+class Hooks:
+    """What a caller can plug into the training step, in the order the step runs them.
+
+    loss_fn(model, x, y) -> loss Tensor
+        The loss of one micro-batch (default: the model's cross-entropy). Distillation plugs in here.
+    reduce_grads(flat_grad, n_tokens) -> None
+        Runs after the last micro-batch's backward and before clipping, on the optimizer's flat
+        gradient buffer (the mean over this process's micro-batches) and the number of target tokens
+        it saw. Data-parallel training all-reduces the gradients here, weighting each process by
+        its n_tokens; None (the default) means one process, nothing to reduce.
+    after_step: [fn(model, it)]
+        Run after every optimizer step (pruning keeps pruned weights at zero here).
+    save_files: [fn(folder)]
+        Write extra files into each checkpoint folder (pruning saves its masks).
+    """
+    loss_fn: Callable = model_loss
+    reduce_grads: Callable | None = None
+    after_step: list = field(default_factory=list)
+    save_files: list = field(default_factory=list)
+
+
+def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
     batch_source: optional object with get_batch / tokenizer / vocab_size (SFT data plugs in here).
+    plugins: callables plugin(model, src, cfg, hooks), run once the model is built (src: the folder it
+    came from, or None), that fill in `hooks` (see Hooks); npgpt.compress.TRAINING_PLUGINS adds
+    distillation (--teacher) and keeping pruned weights at zero.
     """
-    from npgpt.optim import AdamW
-    from npgpt.perf import gemm_peak_gflops
-
     cfg = config.validate()
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
+    tune_malloc()
     out = _prepare_out(cfg)
-    log = _Logger(out, cfg.quiet, stream)
-    try:
+    with _Logger(out, cfg.quiet, stream) as log:
         data = batch_source or _open_data(cfg, log)
         model, src = build_model(cfg, data, log)
-        mcfg = model.config
-        block = cfg.block_size or getattr(data, "block_size", None) or mcfg.block_size
-        if block > mcfg.block_size:
-            raise NpgptError(f"block_size {block} is larger than the model's n_positions {mcfg.block_size}")
-        data.check_split_sizes(block)
+        block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":
             model.to(cfg.device)
         model.train()
-        from npgpt.compress import apply_prune_masks, load_prune_masks, load_teacher
-        model.prune_masks = load_prune_masks(src) if src else {}    # `npgpt prune`: zeros stay zero
-        teacher = load_teacher(cfg.teacher, model, cfg.device) if cfg.teacher else None
-        named = model.named_parameters()
-        optimizer = AdamW(named, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
-            f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters"
-            + (f" (from {src})" if src else ""))
-        log(optimizer.describe())
-        from npgpt.precision import DynamicLossScaler, Precision, set_precision
-        precision = Precision(cfg.precision)
-        scaler = DynamicLossScaler(enabled=precision.needs_loss_scaling)
-        start, best_val = 0, float("inf")
-        if cfg.resume:
-            state = _load_resume_state(out, optimizer)
-            start, best_val = int(state["iter"]), float(state.get("best_val_loss", float("inf")))
-            if scaler.enabled and "loss_scaler" in state:
-                scaler.load_state_dict(state["loss_scaler"])
-            log(f"resuming from step {start} (best val loss {best_val:.4f})")
-        tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps
-        flops_per_iter = model.flops_per_token(block) * tokens_per_iter
-        peak = gemm_peak_gflops(xp, seconds=0.2) * 1e9
-        log(f"tokens per iteration: {tokens_per_iter:,}; training {cfg.max_iters} iterations on {cfg.device}")
-
-        def checkpoint(it, reason):
-            save_checkpoint(out, model, tokenizer, optimizer, {
-                "iter": it, "best_val_loss": best_val, "config": dataclasses.asdict(cfg),
-                "rng": {"scheme": "numpy default_rng([seed, iter, stream])", "seed": cfg.seed,
-                        "streams": {"batches": 0, "eval": EVAL_STREAM, "dropout": DROPOUT_STREAM}},
-                "data": {"path": str(getattr(data, "path", "")), "next_batch_iter": it},
-                "reason": reason, "loss_scaler": scaler.state_dict(),
-            })
-
-        interrupted = {"flag": False}
-        previous = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum, frame):
-            interrupted["flag"] = True
-
-        in_main = _in_main_thread()
-        if in_main:
-            signal.signal(signal.SIGINT, on_sigint)
-        history, last_loss = [], None
-        t_last, t_iters, it = time.perf_counter(), 0, start
-        previous_precision = set_precision(precision)
-        try:
-            for it in range(start, cfg.max_iters + 1):
-                if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-                    if not (cfg.resume and it == start):
-                        losses = estimate_loss(model, data, cfg, it, block)
-                        if not all(math.isfinite(v) for v in losses.values()):
-                            raise NpgptError(f"loss became {losses['train']} at step {it}; stopped. The last good "
-                                             f"checkpoint is kept in {out / 'ckpt'}: try a lower --lr")
-                        rec = {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                               "lr": lr_at(it, cfg)}
-                        history.append(rec)
-                        log.record(**rec)
-                        log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                        t_last, t_iters = time.perf_counter(), 0   # eval time is not training time
-                        improved = losses["val"] < best_val
-                        if improved:
-                            best_val = losses["val"]
-                        if it > 0 and (improved or cfg.always_save_checkpoint):
-                            checkpoint(it, "eval")
-                            log(f"saved checkpoint to {out / 'ckpt'}")
-                if it == cfg.max_iters or interrupted["flag"]:
-                    break
-                lr = lr_at(it, cfg)
-                batch_rng = step_rng(cfg.seed, it)
-                _set_dropout_rng(model, step_rng(cfg.seed, it, DROPOUT_STREAM))
-                batches = (data.get_batch("train", cfg.batch_size, block, batch_rng, device=cfg.device)
-                           for _ in range(cfg.gradient_accumulation_steps))
-                loss_sum = train_step(model, optimizer, batches, cfg.gradient_accumulation_steps, cfg.grad_clip,
-                                      lr, teacher, cfg.distill_alpha, cfg.distill_temperature, scaler=scaler)
-                t_iters += 1
-                if model.prune_masks:
-                    apply_prune_masks(model, model.prune_masks)
-                if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
-                    last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
-                    if not math.isfinite(last_loss):
-                        raise NpgptError(f"loss became {last_loss} at step {it + 1}; stopped. The last good "
-                                         f"checkpoint is kept in {out / 'ckpt'}: try a lower --lr")
-                    synchronize()
-                    now = time.perf_counter()
-                    dt = (now - t_last) / max(t_iters, 1)
-                    t_last, t_iters = now, 0
-                    tps = tokens_per_iter / dt
-                    mfu = flops_per_iter / dt / peak
-                    eta = dt * (cfg.max_iters - it - 1)
-                    log.record(kind="train", iter=it + 1, loss=last_loss, lr=lr, ms_per_iter=dt * 1e3,
-                               tokens_per_s=tps, mfu=mfu)
-                    frac = (it + 1) / cfg.max_iters
-                    msg = (f"iter {it + 1}/{cfg.max_iters}: loss {last_loss:.4f}, lr {lr:.2e}, "
-                           f"{dt * 1e3:.1f} ms/iter, {tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {eta:.0f}s")
-                    log.status(f"{_bar(frac)} {msg}" if log.tty else msg)
-        finally:
-            set_precision(previous_precision)
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
-        if interrupted["flag"]:
-            checkpoint(it, "interrupt")
+        hooks = Hooks()
+        for plugin in plugins:
+            plugin(model, src, cfg, hooks)
+        replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
+        if cfg.teacher and hooks.loss_fn is model_loss:
+            raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
+        optimizer = AdamW(model.named_parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                          weight_decay=cfg.weight_decay)
+        scaler = DynamicLossScaler(enabled=Precision(cfg.precision).needs_loss_scaling)
+        run = _Run(cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src)
+        run.describe(xp)
+        with use_precision(cfg.precision), _catch_sigint() as interrupted:
+            it = run.loop(interrupted)
+        if interrupted():
+            run.checkpoint(it, "interrupt")
             log(f"interrupted at step {it}: checkpoint saved in {out / 'ckpt'}")
             raise Interrupted(out)
-        return TrainResult(out, it, best_val, last_loss, history)
+        return TrainResult(out, it, run.best_val, run.last_loss, run.history)
+
+
+class _Run:
+    """The state of one training run and the loop over it (nanoGPT's train.py loop, in small parts)."""
+
+    def __init__(self, cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src):
+        self.cfg, self.out, self.log, self.data, self.model = cfg, out, log, data, model
+        self.tokenizer, self.optimizer, self.scaler, self.hooks, self.block = tokenizer, optimizer, scaler, hooks, block
+        self.start, self.best_val, self.last_loss, self.history = 0, float("inf"), None, []
+        self.tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps
+        if cfg.resume:
+            state = _load_resume_state(out, optimizer)
+            self.start, self.best_val = int(state["iter"]), float(state.get("best_val_loss", float("inf")))
+            if scaler.enabled and "loss_scaler" in state:
+                scaler.load_state_dict(state["loss_scaler"])
+        mcfg = model.config
+        log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
+            f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else ""))
+        log(optimizer.describe())
+        if cfg.resume:
+            log(f"resuming from step {self.start} (best val loss {self.best_val:.4f})")
+
+    def describe(self, xp):
+        self.flops_per_iter = self.model.flops_per_token(self.block) * self.tokens_per_iter
+        self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9   # the run's precision
+        self.log(f"tokens per iteration: {self.tokens_per_iter:,}; training {self.cfg.max_iters} iterations "
+                 f"on {self.cfg.device}")
+
+    def loop(self, interrupted):
+        """eval/checkpoint -> one optimizer step over the micro-batches -> log; returns the last step."""
+        cfg = self.cfg
+        self.clock = _Clock()
+        it = self.start
+        for it in range(self.start, cfg.max_iters + 1):
+            if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (cfg.resume and it == self.start):
+                self.evaluate_and_save(it)
+                self.clock.restart()                          # eval time is not training time
+            if it == cfg.max_iters or interrupted():
+                break
+            lr = lr_at(it, cfg)
+            _set_dropout_rng(self.model, step_rng(cfg.seed, it, DROPOUT_STREAM))
+            batch_rng = step_rng(cfg.seed, it)
+            batches = (self.data.get_batch("train", cfg.batch_size, self.block, batch_rng, device=cfg.device)
+                       for _ in range(cfg.gradient_accumulation_steps))
+            loss_sum = train_step(self.model, self.optimizer, batches, cfg.gradient_accumulation_steps,
+                                  cfg.grad_clip, lr, self.hooks, self.scaler)
+            for callback in self.hooks.after_step:
+                callback(self.model, it + 1)
+            self.clock.tick()
+            if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
+                self.log_step(it + 1, loss_sum, lr)
+        return it
+
+    def evaluate_and_save(self, it):
+        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block)
+        if not all(math.isfinite(v) for v in losses.values()):
+            self.diverged(losses["train"], it)
+        rec = {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+               "lr": lr_at(it, self.cfg)}
+        self.history.append(rec)
+        self.log.record(**rec)
+        self.log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        improved = losses["val"] < self.best_val
+        if improved:
+            self.best_val = losses["val"]
+        if it > 0 and (improved or self.cfg.always_save_checkpoint):
+            self.checkpoint(it, "eval")
+            self.log(f"saved checkpoint to {self.out / 'ckpt'}")
+
+    def log_step(self, step, loss_sum, lr):
+        cfg = self.cfg
+        self.last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
+        if not math.isfinite(self.last_loss):
+            self.diverged(self.last_loss, step)
+        synchronize()
+        dt = self.clock.seconds_per_iter()
+        tps, mfu = self.tokens_per_iter / dt, self.flops_per_iter / dt / self.peak
+        self.log.record(kind="train", iter=step, loss=self.last_loss, lr=lr, ms_per_iter=dt * 1e3,
+                        tokens_per_s=tps, mfu=mfu)
+        msg = (f"iter {step}/{cfg.max_iters}: loss {self.last_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
+               f"{tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {dt * (cfg.max_iters - step):.0f}s")
+        self.log.status(f"{_bar(step / cfg.max_iters)} {msg}" if self.log.tty else msg)
+
+    def diverged(self, loss, step):
+        raise NpgptError(f"loss became {loss} at step {step}; stopped. The last good checkpoint is kept in "
+                         f"{self.out / 'ckpt'}: try a lower --lr")
+
+    def checkpoint(self, it, reason):
+        cfg = self.cfg
+        save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, {
+            "iter": it, "best_val_loss": self.best_val, "config": dataclasses.asdict(cfg),
+            "rng": {"scheme": "numpy default_rng([seed, iter, stream])", "seed": cfg.seed,
+                    "streams": {"batches": 0, "eval": EVAL_STREAM, "dropout": DROPOUT_STREAM}},
+            "data": {"path": str(getattr(self.data, "path", "")), "next_batch_iter": it},
+            "reason": reason, "loss_scaler": self.scaler.state_dict(),
+        }, self.hooks.save_files)
+
+
+class _Clock:
+    """Seconds per training iteration since the last reading (eval time left out by restart())."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.t, self.iters = time.perf_counter(), 0
+
+    def tick(self):
+        self.iters += 1
+
+    def seconds_per_iter(self):
+        now = time.perf_counter()
+        dt = (now - self.t) / max(self.iters, 1)
+        self.t, self.iters = now, 0
+        return dt
+
+
+def _block_size(cfg, data, model):
+    """The training context: --block-size, else the data's (SFT), else the model's; checked."""
+    block = cfg.block_size or getattr(data, "block_size", None) or model.config.block_size
+    if block > model.config.block_size:
+        raise NpgptError(f"block_size {block} is larger than the model's n_positions {model.config.block_size}")
+    data.check_split_sizes(block)
+    return block
+
+
+@contextmanager
+def _catch_sigint():
+    """Within the block, Ctrl-C sets a flag (read by calling the yielded function) instead of raising,
+    so the loop stops at the end of the step and saves; outside the main thread signals are not ours."""
+    caught = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield lambda: bool(caught)
     finally:
-        log.close()
+        signal.signal(signal.SIGINT, previous)
 
 
-def train_step(model, optimizer, batches, n_micro, grad_clip, lr, teacher=None, alpha=0.5, temperature=2.0,
-               scaler=None):
+def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, scaler=None):
     """One optimizer step over `n_micro` micro-batches; returns the summed (unscaled) loss array.
+
+        for each micro-batch: loss = hooks.loss_fn(model, x, y); backward(loss / n_micro)
+        hooks.reduce_grads(flat_grad, n_tokens)       <- the data-parallel seam
+        clip the global gradient norm; AdamW step
 
     Each micro-batch's loss is scaled by 1/n_micro *before* backward, so the gradients that
     accumulate in the optimizer's flat buffer are the mean over micro-batches; clipping then sees
     the same global norm one big batch would give (the bug of nanoGPT issue #168 cannot happen).
     """
-    from npgpt.ops.distill import mixed_loss
-    from npgpt.tensor import no_grad
+    hooks = hooks or Hooks()
     optimizer.zero_grad()
-    loss_sum = None
+    loss_sum, n_tokens = None, 0
     for x, y in batches:
-        logits, loss = model(x, y)
-        if teacher is not None:
-            with no_grad():
-                t_logits, _ = teacher(x)
-            loss = mixed_loss(logits, t_logits, y, alpha, temperature)
+        loss = hooks.loss_fn(model, x, y)
         scaled = loss * (1.0 / n_micro)
         (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
         loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
+        n_tokens += y.size
+    if hooks.reduce_grads is not None:
+        hooks.reduce_grads(optimizer.grad, n_tokens)
     if scaler is not None and scaler.enabled:
         scaler.step(optimizer, lr, grad_clip)       # fp16: skips the step and halves the scale on inf/NaN
     else:
@@ -546,14 +645,8 @@ def _set_dropout_rng(model, rng):
             m.rng = rng
 
 
-def _in_main_thread():
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
 def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
-    from npgpt.checkpoint import find_checkpoint
     ckpt = find_checkpoint(out)
     try:
         saved = json.loads((ckpt / "state.json").read_text())["config"]

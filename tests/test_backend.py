@@ -64,3 +64,37 @@ def test_seed_everything_reproduces_numpy_draws():
     a = np.random.rand(3)
     backend.seed_everything(7)
     np.testing.assert_array_equal(a, np.random.rand(3))
+
+
+class _FakeStream:
+    def __init__(self, fail=False):
+        self.calls, self.fail = 0, fail
+
+    def synchronize(self):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+
+def _fake_cupy(stream):
+    import types
+    null = _FakeStream()
+    cuda = types.SimpleNamespace(get_current_stream=lambda: stream, Stream=types.SimpleNamespace(null=null))
+    return types.SimpleNamespace(cuda=cuda, ndarray=type("FakeArray", (), {})), null
+
+
+def test_synchronize_waits_on_the_current_stream(monkeypatch):
+    stream = _FakeStream()
+    fake, null = _fake_cupy(stream)
+    monkeypatch.setattr(backend, "_cupy", fake)
+    backend.synchronize()
+    assert stream.calls == 1 and null.calls == 0       # the stream the work was queued on
+    backend.synchronize(np.zeros(2))                    # a NumPy array: nothing to wait for
+    assert stream.calls == 1
+
+
+def test_synchronize_lets_asynchronous_cuda_errors_through(monkeypatch):
+    fake, _ = _fake_cupy(_FakeStream(fail=True))
+    monkeypatch.setattr(backend, "_cupy", fake)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        backend.synchronize()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from npgpt.checkpoint import (atomic_write_bytes, atomic_write_json, atomic_write_text, checkpoint_writer,
-                              find_checkpoint, has_checkpoint, load_tensor_metadata, load_tensors,
-                              rng_from_json, rng_state_to_json, save_tensors, verify_checkpoint)
+                              find_checkpoint, has_checkpoint, load_tensors,
+                              save_tensors, verify_checkpoint)
 from npgpt.errors import NpgptError
 
 
@@ -63,7 +63,6 @@ def test_tensors_round_trip_and_metadata(tmp_path):
     for k in t:
         np.testing.assert_array_equal(back[k], t[k])
         assert back[k].dtype == t[k].dtype
-    assert load_tensor_metadata(tmp_path / "t.safetensors") == {"format": "pt", "step": "3"}
 
 
 def test_load_tensors_missing_truncated_corrupt(tmp_path):
@@ -240,15 +239,3 @@ def test_sigkill_at_random_moments_always_leaves_one_complete_checkpoint(tmp_pat
         ckpt = find_checkpoint(tmp_path / "run")
         assert verify_checkpoint(ckpt)
         assert read_version(ckpt) >= 1
-
-
-def test_rng_state_json_round_trip():
-    for gen in (np.random.default_rng(7), np.random.Generator(np.random.MT19937(3))):
-        gen.standard_normal(5)
-        state = json.loads(json.dumps(rng_state_to_json(gen)))      # through real JSON text
-        again = rng_from_json(state)
-        np.testing.assert_array_equal(again.standard_normal(10), gen.standard_normal(10))
-    with pytest.raises(NpgptError, match="damaged"):
-        rng_from_json({"bit_generator": "os"})
-    with pytest.raises(NpgptError, match="damaged"):
-        rng_from_json({})

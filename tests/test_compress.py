@@ -14,7 +14,8 @@ from npgpt.compress import (apply_prune_masks, count_params, format_report, load
                             trim_checkpoint, trim_model)
 from npgpt.errors import NpgptError
 from npgpt.model import GPT, GPTConfig
-from npgpt.quant import (QuantizedLinear, decode_weight, dequantize, encode_weight, load_quantized, pack_int4,
+from npgpt.nn import Linear
+from npgpt.quant import (QuantizedLinear, decode_weight, dequantize, encode_weight, load_model, load_quantized, pack_int4,
                          quantize, quantize_model, save_quantized, unpack_int4)
 from npgpt.tensor import Tensor, no_grad
 
@@ -156,13 +157,15 @@ def test_quantized_file_is_smaller_and_integer(tmp_path):
     assert sizes[0] > sizes[1] > sizes[2]
 
 
-def test_from_pretrained_reads_quantized_folder(tmp_path):
-    import inspect
-    if "quant" not in inspect.getsource(GPT.from_pretrained):
-        pytest.skip("GPT.from_pretrained does not dispatch to npgpt.quant.load_quantized yet")
-    save_quantized(tiny(), tmp_path, 8)
-    m = GPT.from_pretrained(tmp_path)
+def test_load_model_reads_quantized_folder(tmp_path):
+    """The one loader (quant.load_model) reads quantised and float folders; model.py refuses to guess."""
+    save_quantized(tiny(), tmp_path / "q", 8)
+    m = load_model(tmp_path / "q")
     assert isinstance(m.transformer.h[1].mlp.c_proj, QuantizedLinear)
+    tiny().save_pretrained(tmp_path / "f")
+    assert isinstance(load_model(tmp_path / "f").transformer.h[1].mlp.c_proj, Linear)
+    with pytest.raises(NpgptError, match="quantised model"):
+        GPT.from_pretrained(tmp_path / "q")
 
 
 def test_load_quantized_rejects_mismatched_files(tmp_path):

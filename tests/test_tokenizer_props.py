@@ -15,7 +15,8 @@ from pydoc_data.topics import topics
 from npgpt.errors import NpgptError
 from npgpt.tokenizer import BPETokenizer, CharTokenizer, iter_text_chunks
 from npgpt.tokenizer.base import regroup_at_safe_cuts
-from npgpt.tokenizer.bpe import PATTERNS, _safe_cut
+from npgpt.tokenizer.bpe import PATTERNS
+from npgpt.tokenizer.bpe import safe_cut as _safe_cut
 
 CORPUS = "".join(topics[name] for name in sorted(topics))[:120_000]
 

@@ -18,7 +18,8 @@ logits), strided loops over the row (any length), and shared-memory block reduct
 take any float type T and compute in float32.
 
 Debug mode (`set_debug(True)` or NPGPT_KERNEL_DEBUG=1) fills every output with NaN before the
-launch, so an element a kernel forgot to write shows up as NaN instead of as stale memory.
+launch, so an element a kernel forgot to write shows up as NaN instead of as stale memory. An output
+that shares memory with an input (a kernel run in place) is left as it is: it holds that input.
 `launches` counts launches per kernel (the device check reads it to see whether the model used
 the kernels).
 
@@ -46,13 +47,6 @@ def set_debug(flag: bool) -> bool:
     """Turn NaN-filled outputs on or off; returns the previous setting."""
     global _debug
     prev, _debug = _debug, bool(flag)
-    return prev
-
-
-def set_enabled(flag: bool) -> bool:
-    """Let ops use the fused kernels (default; NPGPT_FUSED_KERNELS=0 turns them off)."""
-    global _enabled
-    prev, _enabled = _enabled, bool(flag)
     return prev
 
 
@@ -272,11 +266,6 @@ const float xf = (float)x;
 const float t = tanhf(k * (xf + 0.044715f * xf * xf * xf));
 y = (T)(0.5f * xf * (1.0f + t));
 """)
-GELU_BIAS_FORWARD = ("T h, T b", "T y", _GELU_DEFS + r"""
-const float xf = (float)h + (float)b;
-const float t = tanhf(k * (xf + 0.044715f * xf * xf * xf));
-y = (T)(0.5f * xf * (1.0f + t));
-""")
 # forward: y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3)
 #   =>  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
 _GELU_GRAD = r"""
@@ -285,10 +274,6 @@ const float g = 0.5f * (1.0f + t) + 0.5f * xf * (1.0f - t * t) * k * (1.0f + 0.1
 """
 GELU_BACKWARD = ("T dout, T x", "T dx", _GELU_DEFS + "const float xf = (float)x;\n" + _GELU_GRAD + r"""
 dx = (T)((float)dout * g);
-""")
-GELU_BIAS_BACKWARD = ("T dout, T h, T b", "T dh", _GELU_DEFS + "const float xf = (float)h + (float)b;\n"
-                      + _GELU_GRAD + r"""
-dh = (T)((float)dout * g);
 """)
 
 
@@ -302,17 +287,6 @@ def gelu_backward_reference(dout, x):
     return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3 * 0.044715 * x * x))
 
 
-def gelu_bias_forward_reference(h, b):
-    """gelu(h + b), b (C,) broadcast over the rows of h (..., C): the MLP's c_fc bias fused in."""
-    return gelu_forward_reference(h + b)
-
-
-def gelu_bias_backward_reference(dout, h, b):
-    """-> dh (..., C) (also the gradient of the pre-bias matmul output), db (C,)."""
-    dh = gelu_backward_reference(dout, h + b)
-    return dh, dh.reshape(-1, h.shape[-1]).sum(axis=0)
-
-
 def gelu_forward(x):
     cp = cupy_module()
     _check_float(cp, x, "gelu_forward: x")
@@ -323,23 +297,6 @@ def gelu_backward(dout, x):
     cp = cupy_module()
     _check_float(cp, x, "gelu_backward: x")
     return _elementwise(cp, "gelu_backward", dout, x, out_shape=x.shape, out_dtype=x.dtype)
-
-
-def gelu_bias_forward(h, b):
-    cp = cupy_module()
-    _check_float(cp, h, "gelu_bias_forward: h")
-    _vec(cp, b, h.shape[-1], "gelu_bias_forward: b", dtype=h.dtype)
-    return _elementwise(cp, "gelu_bias_forward", h, b, out_shape=h.shape, out_dtype=h.dtype)
-
-
-def gelu_bias_backward(dout, h, b):
-    """-> dh, db (db summed by cupy over the rows, in float32)."""
-    cp = cupy_module()
-    _check_float(cp, h, "gelu_bias_backward: h")
-    _vec(cp, b, h.shape[-1], "gelu_bias_backward: b", dtype=h.dtype)
-    dh = _elementwise(cp, "gelu_bias_backward", dout, h, b, out_shape=h.shape, out_dtype=h.dtype)
-    db = dh.reshape(-1, h.shape[-1]).sum(axis=0, dtype=cp.float32).astype(h.dtype, copy=False)
-    return dh, db
 
 
 # ---- scaled, causally masked softmax -----------------------------------------------------------
@@ -418,7 +375,7 @@ def causal_softmax_forward(x, scale, offset=None, out=None):
     """The fused softmax on the GPU; out may be x itself (in place)."""
     cp = cupy_module()
     x3, Tq, Tk, offset = _softmax_rows(cp, x, offset, "causal_softmax_forward: x")
-    p = _out_like(cp, out, x, "causal_softmax_forward: out")
+    p = _out_like(cp, out, x, "causal_softmax_forward: out", inputs=(x,))
     R = x3.shape[0]
     if R and Tk:
         _launch(cp, "causal_softmax_forward", (R,), (_threads(Tk),),
@@ -433,7 +390,7 @@ def causal_softmax_backward(p, dp, scale, offset=None, out=None):
     dp3, _, _, _ = _softmax_rows(cp, dp, offset, "causal_softmax_backward: dp")
     if dp.shape != p.shape:
         raise ValueError(f"causal_softmax_backward: p {p.shape} and dp {dp.shape} differ")
-    dx = _out_like(cp, out, p, "causal_softmax_backward: out")
+    dx = _out_like(cp, out, p, "causal_softmax_backward: out", inputs=(p, dp))
     R = p3.shape[0]
     if R and Tk:
         _launch(cp, "causal_softmax_backward", (R,), (_threads(Tk),),
@@ -512,8 +469,8 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-1, out=None):
     t = cp.ascontiguousarray(cp.asarray(targets).reshape(-1).astype(cp.int64, copy=False))
     if t.shape[0] != N:
         raise ValueError(f"cross_entropy: logits {logits.shape} and targets {targets.shape} do not match")
-    if out is not None and out is not logits:
-        out = _out_like(cp, out, logits, "cross_entropy: out")
+    if out is not None:
+        out = _out_like(cp, out, logits, "cross_entropy: out", inputs=(logits,))
     d = out.reshape(N, V) if out is not None else _empty(cp, (N, V))
     losses = _empty(cp, (N,))
     n_valid = cp.maximum((t != ignore_index).sum(), 1).astype(cp.float32).reshape(1)
@@ -573,7 +530,10 @@ def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, n_decay, g
 
 
 # ---- global gradient norm ----------------------------------------------------------------------
-GRAD_NORM = ("T x", "float32 y", "(float)x * (float)x", "a + b", "y = sqrtf(a)", "0")
+# Parameter names long and unique: CuPy's CUB path rewrites the map/post expressions by name, and a
+# one-letter name (x, y) could match inside other identifiers.
+GRAD_NORM = ("T npgpt_grad", "float32 npgpt_norm", "(float)npgpt_grad * (float)npgpt_grad", "a + b",
+             "npgpt_norm = sqrtf(a)", "0")
 
 
 def grad_norm_reference(g):
@@ -605,9 +565,7 @@ RAW_SOURCES = {
 }
 ELEMENTWISE_SPECS = {
     "gelu_forward": GELU_FORWARD,
-    "gelu_bias_forward": GELU_BIAS_FORWARD,
     "gelu_backward": GELU_BACKWARD,
-    "gelu_bias_backward": GELU_BIAS_BACKWARD,
     "adamw": ADAMW,
 }
 _cache: dict = {}
@@ -686,11 +644,19 @@ def _softmax_rows(cp, x, offset, what):
     return x3, max(Tq, 1), Tk, (Tk - Tq if offset is None else int(offset))
 
 
-def _out_like(cp, out, like, what):
+def may_poison(out, inputs, may_share_memory) -> bool:
+    """Debug mode may NaN-fill `out` only when it shares no memory with any input: a kernel run
+    in place (`out=dp`, `out=logits`, or a view of either) must still read its inputs."""
+    return not any(a is not None and may_share_memory(out, a) for a in inputs)
+
+
+def _out_like(cp, out, like, what, inputs=()):
+    """The output array: a new one shaped like `like`, or the caller's `out` after checking it.
+    `inputs` are the arrays the kernel reads (so an aliasing `out` is never NaN-filled)."""
     if out is None:
         return _empty(cp, like.shape)
     if not is_gpu_array(out) or out.shape != like.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"{what}: must be a C-contiguous float32 CuPy array of shape {like.shape}")
-    if _debug and out is not like:
+    if _debug and may_poison(out, inputs, cp.may_share_memory):
         out.fill(np.nan)
     return out

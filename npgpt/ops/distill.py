@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from npgpt.backend import get_xp
 from npgpt.errors import NpgptError
+from npgpt.ops.nn import cross_entropy
 from npgpt.ops.reduce import log_softmax_array
 from npgpt.tensor import Function, Tensor
 
@@ -97,7 +98,6 @@ def mixed_loss(student_logits, teacher_logits, targets, alpha=0.5, temperature=2
     alpha = 1 learns from the teacher alone, alpha = 0 is ordinary training; positions whose target
     is ignore_index count in neither term.
     """
-    from npgpt.ops.nn import cross_entropy
     check_distill_args(alpha, temperature)
     xp = get_xp(student_logits.data)
     targets = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)

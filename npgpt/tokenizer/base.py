@@ -128,6 +128,21 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------- shared behaviour
 
+    def split_stream(self, chunks: Iterable[str]) -> Iterator[str]:
+        """Regroup a stream of text chunks into pieces that encode exactly as the whole text does
+        (the one streaming splitter: `encode_file` and `npgpt prepare` use it)."""
+        return regroup_at_safe_cuts(chunks, self._safe_cut, self.special_tokens)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """User text as ordinary text. BPE: a special token's string in it is plain text; the char
+        tokenizer keeps `encode`'s default (such a string is an error)."""
+        return self.encode(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt typed by the user. BPE: special-token strings become their ids; the char
+        tokenizer keeps `encode`'s default."""
+        return self.encode(text)
+
     @property
     def eot_id(self) -> int:
         """Id of `<|endoftext|>`, the token that separates documents."""
@@ -250,7 +265,7 @@ class Tokenizer:
         concatenated ids equal `encode(read_text_checked(path))`.
         """
         chunks = iter_text_chunks(path, chunk_bytes, errors)
-        for piece in regroup_at_safe_cuts(chunks, self._safe_cut, self.special_tokens):
+        for piece in self.split_stream(chunks):
             yield self.encode(piece, allowed_special, disallowed_special)
 
     def __repr__(self) -> str:

@@ -50,6 +50,7 @@ from pathlib import Path
 import regex
 
 from npgpt.errors import NpgptError
+from npgpt.fileio import write_files_atomically
 from npgpt.tokenizer.base import (
     DEFAULT_SPECIALS, EOT, FORMAT_VERSION, META_FILE, Tokenizer, alternation, check_special_names,
     regroup_at_safe_cuts,
@@ -57,7 +58,7 @@ from npgpt.tokenizer.base import (
 from npgpt.tokenizer.files import (
     DEFAULT_CHUNK_BYTES, bytes_to_gpt2_string, bytes_to_unicode, file_size, format_merges_txt,
     format_tiktoken_ranks, format_vocab_json, gpt2_string_to_bytes, iter_decoded_chunks, read_merges_txt,
-    read_tiktoken_ranks, read_vocab_json, write_files_atomically,
+    read_tiktoken_ranks, read_vocab_json,
 )
 
 # GPT-2's split: English contractions, letter runs, digit runs, punctuation runs (each with at most
@@ -88,7 +89,8 @@ def _compile_pattern(pattern: str) -> regex.Pattern:
         raise NpgptError(f"pattern {pattern!r} is not 'gpt2', 'gpt4' or a valid regex ({e})") from None
 
 
-def _safe_cut(text: str) -> int:
+def safe_cut(text: str) -> int:
+    """Largest index where a stream of text may be cut without changing its BPE pre-tokens (0 if none)."""
     found = _LAST_SAFE_CUT.search(text)
     return found.end() if found else 0
 
@@ -361,7 +363,7 @@ class BPETokenizer(Tokenizer):
                 yield text
                 if progress is not None:
                     progress("count", bytes_read, total)
-        counts = _count_pretokens(regroup_at_safe_cuts(chunks(), _safe_cut, names), compiled, names)
+        counts = _count_pretokens(regroup_at_safe_cuts(chunks(), safe_cut, names), compiled, names)
         return cls._from_counts(counts, vocab_size, pattern, names, progress)
 
     @staticmethod
@@ -431,7 +433,13 @@ class BPETokenizer(Tokenizer):
                 for token in _reference_merge([byte_ids[b] for b in piece.encode("utf-8")], self._merges)]
 
     def _safe_cut(self, text: str) -> int:
-        return _safe_cut(text)
+        return safe_cut(text)
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.encode(text, disallowed_special=())
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text, allowed_special="all")
 
     def decode(self, ids) -> str:
         """Text of `ids`; a slice that cuts a character in two shows U+FFFD for the broken part."""

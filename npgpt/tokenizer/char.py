@@ -18,7 +18,8 @@ from pathlib import Path
 
 from npgpt.errors import NpgptError
 from npgpt.tokenizer.base import DEFAULT_SPECIALS, EOT, FORMAT_VERSION, META_FILE, Tokenizer, check_special_names
-from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES, iter_text_chunks, write_files_atomically
+from npgpt.fileio import write_files_atomically
+from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES, iter_text_chunks
 
 
 class CharTokenizer(Tokenizer):

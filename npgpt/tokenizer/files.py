@@ -19,9 +19,9 @@ tiktoken rank files
     One token per line: `base64(token bytes) rank`, where the rank is also the token's id. Special
     tokens are not in the file; they are passed in code.
 
-Writing is atomic per file and all-or-nothing per call: `write_files_atomically` writes every file to a
-temporary name in the target folder and only then renames them all into place, so a failure halfway
-leaves the old files untouched.
+Writing is atomic per file and all-or-nothing per call: `write_files_atomically` (npgpt.fileio, the
+one atomic writer) writes every file to a temporary name in the target folder, fsyncs it, and only
+then renames them all into place, so a failure halfway leaves the old files untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import binascii
 import codecs
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -118,38 +117,6 @@ def file_size(path) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
-
-
-# -------------------------------------------------------------------------------- atomic writing
-
-def write_files_atomically(folder, files: dict[str, str]) -> None:
-    """Write `{file name: text}` into `folder` (created if needed): all files, or none of them."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NpgptError(f"{folder} is a file, not a folder; give a folder path to save the tokenizer in")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NpgptError(f"cannot create folder {folder} ({e.strerror}); check the path and permissions") from None
-    written: list[tuple[str, Path]] = []
-    try:
-        for name, text in files.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            written.append((tmp, folder / name))
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(text)
-        for tmp, final in written:
-            os.replace(tmp, final)
-    except OSError as e:
-        for tmp, _ in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise NpgptError(f"cannot write to {folder} ({e.strerror}); check free space and permissions") from None
-    except BaseException:
-        for tmp, _ in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------ GPT-2 / HF files

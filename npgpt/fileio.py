@@ -1,0 +1,135 @@
+"""Atomic file writes: the one writer every floor above uses (model, tokenizer, data, checkpoint).
+
+Every file npgpt writes goes through a temporary file in the same folder, is flushed and fsynced,
+moved over the final name with `os.replace`, and then the folder itself is fsynced, so a crash or a
+full disk leaves either the old file or the whole new one, never a part, and the rename survives a
+power cut. `write_files_atomically` does the same for a set of files that belong together (a
+tokenizer's files): all of them are in place, or none is replaced.
+
+This module sits just above `backend` (it needs only `errors`), so `model.save_pretrained` can use
+it as well as `checkpoint`, `data` and `tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.errors import NpgptError
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename or new file inside `folder` durable (no-op where folders can't be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_error(path, e: OSError) -> NpgptError:
+    return NpgptError(f"cannot write {path} ({e.strerror or e}); check free space and permissions")
+
+
+def _remove_quietly(path) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _temp_next_to(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path` for the caller to write; on success fsync it, move it
+    onto `path` and fsync the folder. On any error the temporary file is removed."""
+    path = Path(path)
+    try:
+        tmp = _temp_next_to(path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise write_error(path, e) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text (newlines written as given)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj):
+    # NumPy scalars and arrays turn up in metrics and configs; JSON knows their Python equivalents.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path, obj) -> None:
+    """Write `obj` as indented JSON, atomically. Infinity/NaN are allowed (Python's json reads them)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_files_atomically(folder, files: dict[str, str]) -> None:
+    """Write `{file name: text}` into `folder` (created if needed): all files, or none of them."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NpgptError(f"{folder} is a file, not a folder; give a folder path to save into")
+    written: list[tuple[Path, Path]] = []
+    try:
+        for name, text in files.items():
+            final = folder / name
+            tmp = _temp_next_to(final)
+            written.append((tmp, final))
+            tmp.write_bytes(text.encode("utf-8"))
+            _fsync_file(tmp)
+        for tmp, final in written:
+            os.replace(tmp, final)
+    except OSError as e:
+        for tmp, _ in written:
+            _remove_quietly(tmp)
+        raise NpgptError(f"cannot write to {folder} ({e.strerror or e}); check free space and permissions") from None
+    except BaseException:
+        for tmp, _ in written:
+            _remove_quietly(tmp)
+        raise
+    fsync_dir(folder)
