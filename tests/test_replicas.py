@@ -7,6 +7,8 @@ from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
 from npgpt.replicas import ThreadReplicas
 
+from test_train import data_dir  # noqa: F401  (the prepared char corpus, shared with test_train)
+
 
 def setup(seed=0, dropout=0.0):
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=dropout)
@@ -107,3 +109,26 @@ def test_replicas_plug_into_micro_steps():
     reps.reduce(opt.grad, y.size)
     np.testing.assert_allclose(opt.grad, want, rtol=2e-4, atol=1e-7)
     reps.close()
+
+
+def test_trainer_with_replicas_follows_the_plain_run(data_dir, tmp_path, monkeypatch):
+    """`replicas=2` in the training config: the same run up to float32 summation order."""
+    from npgpt.train import TrainConfig, train
+
+    reductions = []
+    original = ThreadReplicas.reduce
+    monkeypatch.setattr(ThreadReplicas, "reduce", lambda self, *a: reductions.append(1) or original(self, *a))
+
+    def run(out, **kw):
+        cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / out), n_layer=1, n_head=2, n_embd=16,
+                          block_size=16, batch_size=4, gradient_accumulation_steps=2, max_iters=6,
+                          eval_interval=3, eval_iters=1, log_interval=3, quiet=True, **kw)
+        return train(cfg)
+
+    plain = run("plain")
+    assert not reductions
+    split = run("split", replicas=2)
+    assert len(reductions) == 6                                    # one per optimizer step
+    assert split.iters == plain.iters
+    np.testing.assert_allclose(split.last_train_loss, plain.last_train_loss, rtol=1e-4)
+    np.testing.assert_allclose(split.best_val_loss, plain.best_val_loss, rtol=1e-4)
