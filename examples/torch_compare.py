@@ -196,11 +196,17 @@ def compare(size, threads, iters, rnd, warmup, rss=True, replicas=2):
     print(f"pytorch eager  ms/iter median {ms_theirs:9.2f}  min {min(t_theirs) * 1e3:9.2f}")
     print(f"npgpt          ms/iter median {ms_ours:9.2f}  min {min(t_ours) * 1e3:9.2f}")
     print(f"npgpt / pytorch = {ms_ours / ms_theirs:.2f}  ({'npgpt faster' if ms_ours < ms_theirs else 'pytorch faster'})")
+    from npgpt.perf import gemm_peak_gflops
+    peak = gemm_peak_gflops()
+    gflops = ours.flops_per_iter / (ms_ours / 1e3) / 1e9
+    print(f"npgpt {B * T / (ms_ours / 1e3):,.0f} tokens/s, {gflops:.1f} GFLOP/s, MFU {gflops / peak:.1%} of the "
+          f"fp32 GEMM peak measured now ({peak:.1f} GFLOP/s)")
     if reps:
         ms_reps = statistics.median(t_reps) * 1e3
         print(f"npgpt {replicas} replicas ms/iter median {ms_reps:9.2f}  min {min(t_reps) * 1e3:9.2f}   "
-              f"/ pytorch = {ms_reps / ms_theirs:.2f}  (min / min {min(t_reps) / min(t_theirs):.2f})")
-    row = {"size": size, "ms_torch": ms_theirs, "ms_npgpt": ms_ours, "ratio": ms_ours / ms_theirs,
+              f"/ pytorch = {ms_reps / ms_theirs:.2f}  (min / min {min(t_reps) / min(t_theirs):.2f}), MFU "
+              f"{ours.flops_per_iter / (ms_reps / 1e3) / 1e9 / peak:.1%}")
+    row = {"size": size, "ms_torch": ms_theirs, "ms_npgpt": ms_ours, "ratio": ms_ours / ms_theirs, "mfu": gflops / peak,
            "tokens_per_s": B * T / (ms_ours / 1e3), "flops_per_iter": ours.flops_per_iter}
     if reps:
         row.update(ms_replicas=ms_reps, ratio_replicas=ms_reps / ms_theirs)
@@ -339,10 +345,11 @@ def main():
                     replicas=args.replicas)
             for s in (SIZES if args.size == "all" else [args.size])]
     if len(rows) > 1:
-        print("size              npgpt ms  pytorch ms  ratio  tokens/s  RSS npgpt  RSS pytorch (MiB)")
+        print("size              npgpt ms  pytorch ms  ratio  tokens/s    MFU  RSS npgpt  RSS pytorch (MiB)")
         for r in rows:
             print(f"{r['size']:16s} {r['ms_npgpt']:9.1f} {r['ms_torch']:11.1f} {r['ratio']:6.2f} "
-                  f"{r['tokens_per_s']:9.0f} {r.get('rss_npgpt_mib', 0):10.0f} {r.get('rss_torch_mib', 0):12.0f}")
+                  f"{r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r.get('rss_npgpt_mib', 0):10.0f} "
+                  f"{r.get('rss_torch_mib', 0):12.0f}")
     return 0
 
 
