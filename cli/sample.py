@@ -24,6 +24,31 @@ def sampling_options(fn):
     return fn
 
 
+def control_options(fn):
+    """Penalties, logit bias, beam search and speculative decoding flags of `npgpt sample`."""
+    opts = [
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtract this from the logit of every token already generated (OpenAI's, -2..2)."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtract this times a token's count so far from its logit (OpenAI's, -2..2)."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+                     help="Divide positive (multiply negative) logits of tokens seen in prompt or output (CTRL's; 1 = off)."),
+        click.option("--logit-bias", multiple=True, metavar="TOKEN=BIAS",
+                     help="Add BIAS (-100..100) to a token's logit; TOKEN is an id or a single-token string (repeatable)."),
+        click.option("--num-beams", type=int, default=1, show_default=True,
+                     help="Beam search with this many beams (>1); prints the best continuation."),
+        click.option("--length-penalty", type=float, default=1.0, show_default=True,
+                     help="Beam search: finished beams score sum(log p) / length ** this (>1 favours longer)."),
+        click.option("--draft", type=click.Path(), default=None,
+                     help="Speculative decoding with this small draft model (same tokenizer); same output distribution."),
+        click.option("--num-draft", type=int, default=4, show_default=True,
+                     help="Speculative decoding: tokens the draft proposes per target forward."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 def encode_prompt(tok, text):
     """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
     if not text:
@@ -40,14 +65,16 @@ def encode_prompt(tok, text):
 @click.option("--show-probs", is_flag=True, help="Print each token's probability and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @sampling_options
+@control_options
 def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, max_new_tokens,
-           temperature, top_k, top_p, seed, device):
+           temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
+           logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args, generate_stream
     max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -58,6 +85,11 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         prompt = read_text_checked(prompt_file)
     model, tok, _ = load_model_and_tokenizer(checkpoint, device)
     ids = encode_prompt(tok, prompt or "")
+    controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
+    if num_beams != 1 or draft is not None:
+        return _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, temperature, top_k,
+                               top_p, seed, device, controls, num_beams, length_penalty, draft, num_draft)
     if stream is None:
         stream = sys.stdout.isatty() and num_samples == 1
     rows = [list(ids) for _ in range(num_samples)]
@@ -67,7 +99,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
     if stream and not show_probs:
         click.echo(prompt or "", nl=False)
     for steps in generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, seed,
-                                 stop=list(stop) or None, eot_id=tok.eot_id, tokenizer=tok):
+                                 stop=list(stop) or None, eot_id=tok.eot_id, tokenizer=tok, **controls):
         for s in steps:
             n_tokens += 1
             generated[s.row].append(s.token)
@@ -89,6 +121,62 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
                 click.echo(f"--- sample {i + 1} ---")
             click.echo((prompt or "") + _body(tok, toks, stop))
     click.echo(f"({n_tokens} tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tokens/s)", err=True)
+
+
+def parse_logit_bias(tok, pairs):
+    """['TOKEN=BIAS', ...] -> {id: bias}; TOKEN is an integer id or text that is exactly one token."""
+    bias = {}
+    for pair in pairs:
+        key, sep, val = pair.rpartition("=")
+        if not sep or not key:
+            raise NpgptError(f"--logit-bias {pair!r}: expected TOKEN=BIAS, e.g. 42=-100 or e=5")
+        try:
+            b = float(val)
+        except ValueError:
+            raise NpgptError(f"--logit-bias {pair!r}: bias {val!r} is not a number") from None
+        if key.lstrip("-").isdigit():
+            t = int(key)
+        else:
+            ids = encode_prompt(tok, key)
+            if len(ids) != 1:
+                raise NpgptError(f"--logit-bias {pair!r}: {key!r} is {len(ids)} tokens, not one; give a token id")
+            t = ids[0]
+        bias[t] = b
+    return bias or None
+
+
+def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, temperature, top_k, top_p, seed,
+                    device, controls, num_beams, length_penalty, draft, num_draft):
+    """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.generate import beam_search, speculative_stream
+    if num_beams != 1 and draft is not None:
+        raise NpgptError("give --num-beams or --draft, not both")
+    if num_samples != 1:
+        raise NpgptError("--num-beams and --draft decode one sample; drop --num-samples")
+    t0 = time.perf_counter()
+    if num_beams != 1:
+        if any(v for k, v in controls.items() if k != "repetition_penalty") or controls["repetition_penalty"] != 1:
+            raise NpgptError("beam search does not take penalties or --logit-bias")
+        toks = beam_search(model, ids, max_new_tokens, num_beams, length_penalty, eot_id=tok.eot_id)
+        extra = f"{num_beams} beams"
+    else:
+        dmodel, dtok, _ = load_model_and_tokenizer(draft, device)
+        if dtok.vocab_size != tok.vocab_size:
+            raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
+                             f"model's ({tok.vocab_size})")
+        stats, toks, t0 = {}, [], time.perf_counter()
+        for steps in speculative_stream(model, dmodel, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                                        stop=list(stop) or None, eot_id=tok.eot_id, tokenizer=tok,
+                                        num_draft=num_draft, stats=stats, **controls):
+            toks += [s.token for s in steps]
+        rate = stats["accepted"] / max(stats["proposed"], 1)
+        extra = (f"speculative: {stats['accepted']}/{stats['proposed']} drafted tokens accepted ({rate:.0%}), "
+                 f"{len(toks) / max(stats['rounds'], 1):.2f} tokens per target forward")
+    dt = time.perf_counter() - t0
+    click.echo((prompt or "") + _body(tok, toks, stop))
+    click.echo(f"({len(toks)} tokens in {dt:.2f}s, {len(toks) / max(dt, 1e-9):.1f} tokens/s; {extra})", err=True)
 
 
 def _body(tok, toks, stop):
@@ -114,7 +202,7 @@ def chat(checkpoint, system, max_new_tokens, temperature, top_k, top_p, seed, de
     from npgpt.generate import check_sampling_args
     from npgpt.sft import CHAT_TOKENS
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device)
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
     if missing:

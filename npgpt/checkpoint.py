@@ -26,19 +26,19 @@ the files with the manifest, catching truncation or edits made since the save.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.fileio import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                           fsync_dir, write_error)
+from npgpt.safeio import (Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
+                          write_safetensors)
 
 CKPT_DIR = "ckpt"
 TMP_DIR = "ckpt.tmp"
@@ -54,21 +54,16 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write `{name: array}` as a safetensors file, atomically. CuPy arrays are copied to the host."""
     host = {name: np.ascontiguousarray(asnumpy(a)) for name, a in tensors.items()}
     meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
-    with atomic_path(path) as tmp:
-        # save_file streams to disk: no second in-memory copy of a large model
-        save_file(host, str(tmp), metadata=meta)
+    write_safetensors(path, host, metadata=meta)     # streams to disk: no second in-memory copy
 
 
 def load_tensors(path) -> dict[str, np.ndarray]:
-    """`{name: array}` from a safetensors file; NpgptError if it is missing, truncated or corrupt."""
+    """`{name: array}` from a safetensors file, header checked first (npgpt.safeio); NpgptError if it is
+    missing, truncated or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise NpgptError(f"checkpoint file {path} does not exist; check the path or save the checkpoint again")
-    try:
-        return load_file(str(path))
-    except Exception as e:   # safetensors raises its own SafetensorError, OSError or ValueError
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise NpgptError(f"checkpoint file {path} is truncated or corrupt ({reason}); it cannot be loaded") from None
+    return load_safetensors(path, upcast=False)
 
 
 # ------------------------------------------------------------------------ checkpoint folders
@@ -179,27 +174,35 @@ def find_checkpoint(path) -> Path:
         return final
     if not final.exists() and is_model_dir(old):
         try:
-            os.rename(old, final)
-            fsync_dir(run_dir)
-            return final
-        except OSError:
-            return old                     # read-only folder: use it where it is
+            # a run writing this folder right now is between its two renames: leave its folders alone
+            with run_lock(run_dir, "recover"):
+                if not final.exists():
+                    os.rename(old, final)
+                    fsync_dir(run_dir)
+                    return final
+        except (OSError, NpgptError):
+            pass
+        return old                         # locked by a writer, or read-only: use it where it is
     raise NpgptError(f"no checkpoint in {run_dir}: train one with `npgpt train --out {run_dir}`")
 
 
+_MANIFEST_ENTRY = {"size": Int(lo=0), "sha256": Str(max_len=64)}
+
+
 def read_manifest(folder) -> dict | None:
-    """The parsed manifest of a checkpoint folder, or None when it has none (e.g. a Hugging Face folder)."""
-    p = Path(folder) / MANIFEST
+    """The checked manifest of a checkpoint folder, or None when it has none (e.g. a Hugging Face folder).
+
+    Every entry must name a file inside the folder (no `..`, no absolute path, no symlink out)."""
+    folder = Path(folder)
+    p = folder / MANIFEST
     if not p.exists():
         return None
-    try:
-        manifest = json.loads(p.read_text(encoding="utf-8"))
-        files = manifest["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) and "size" in v and "sha256" in v
-                                                  for v in files.values()):
-            raise ValueError("bad files table")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NpgptError(f"{p} is damaged ({str(e)[:80]}); the checkpoint cannot be verified: save it again") from None
+    manifest = read_json_object(p, "checkpoint manifest")
+    where = f"{p} is damaged (save the checkpoint again)"
+    files = check(manifest, {"files": Obj()}, where)["files"]
+    for rel, entry in files.items():
+        check(entry, _MANIFEST_ENTRY, where, prefix=f"files.{rel}.")
+        inside(folder, rel, f"file listed in {MANIFEST}")
     return manifest
 
 
@@ -213,7 +216,7 @@ def verify_checkpoint(folder) -> bool:
     if manifest is None:
         return False
     for rel, entry in manifest["files"].items():
-        p = folder / rel
+        p = inside(folder, rel, f"file listed in {MANIFEST}")
         if not p.is_file():
             raise NpgptError(f"checkpoint file {p} is missing (listed in {MANIFEST}); the checkpoint is incomplete")
         size = p.stat().st_size

@@ -54,11 +54,12 @@ import numpy as np
 
 from npgpt import tokenizer as tk
 from npgpt import backend
-from npgpt.checkpoint import has_checkpoint, sha256_file
+from npgpt.checkpoint import has_checkpoint, is_model_dir, sha256_file
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from npgpt.safeio import Int, Str, check, read_json, read_json_object, run_lock
 from npgpt.tokenizer import BPETokenizer, CharTokenizer, iter_text_chunks
-from npgpt.tokenizer.base import DEFAULT_SPECIALS, regroup_at_safe_cuts
+from npgpt.tokenizer.base import DEFAULT_SPECIALS, META_FILE, regroup_at_safe_cuts
 from npgpt.tokenizer.bpe import Progress
 from npgpt.tokenizer.bpe import safe_cut as bpe_safe_cut
 from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES
@@ -232,6 +233,10 @@ def _has_prepared_data(folder: Path) -> bool:
     return any((folder / name).exists() for name in (META, "train.bin", "val.bin"))
 
 
+# Every file prepare writes: the only names `prepare --force` may remove (never a list read from disk).
+PREPARED_FILES = ("train.bin", "val.bin", META, META_FILE, "vocab.json", "merges.txt")
+
+
 def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size: int | None = None,
             tokenizer_from=None, val_fraction: float = 0.1, dataset: str | None = None,
             progress: Progress | None = None, force: bool = False,
@@ -269,6 +274,9 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
                                  f"got {vocab_size}")
     if out_dir.exists() and not out_dir.is_dir():
         raise NpgptError(f"--out {out_dir} is a file; give a folder for the prepared data")
+    if is_model_dir(out_dir) or has_checkpoint(out_dir):
+        raise NpgptError(f"{out_dir} holds a model or checkpoint; prepare data into a folder of its own (--force "
+                         f"does not apply: it would replace the model's tokenizer)")
     if out_dir.is_dir() and _has_prepared_data(out_dir) and not force:
         raise NpgptError(f"{out_dir} already holds prepared data; pass --force to replace it or choose another --out")
     if (dataset is None) == (not inputs):
@@ -284,31 +292,57 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
     for f in files:
         if not os.access(f, os.R_OK):
             raise NpgptError(f"cannot read input {f}; check its permissions")
-    sizes = [f.stat().st_size for f in files]
-    if sum(sizes) == 0:
+    # a pipe or FIFO (`--input <(cat file)`) has no size and can be read once: it is copied first
+    sizes = [f.stat().st_size if f.is_file() else None for f in files]
+    if all(size == 0 for size in sizes):
         raise NpgptError(f"the input is empty ({', '.join(names[:3])}); give a text file with some content")
-    docs = [(name, path, size) for name, path, size in zip(names, files, sizes) if size > 0]   # skip empty files
 
     # The outermost folder this call creates: removed again on failure, so nothing is left behind.
     created = next((p for p in [*reversed(out_dir.parents), out_dir] if not p.exists()), None)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-", suffix=".tmp"))
     except OSError as e:
         raise NpgptError(f"cannot create {out_dir} ({e.strerror}); check the path and permissions") from None
-    try:
-        meta = _prepare_into(work, docs, tokenizer, vocab_size, tokenizer_from, val_fraction, dataset,
-                             progress, chunk_bytes, errors)
-        _move_into_place(work, out_dir)
-        return meta
-    except BaseException as e:
-        shutil.rmtree(work, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        if isinstance(e, OSError):   # disk full, permissions, an input vanishing midway
-            raise NpgptError(f"preparing {out_dir} failed ({e.strerror or e}: {e.filename}); "
-                             f"check free space and permissions") from None
-        raise
+    with run_lock(out_dir, "prepare"):
+        try:
+            work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".prepare-", suffix=".tmp"))
+            spool = Path(tempfile.mkdtemp(dir=out_dir, prefix=".inputs-", suffix=".tmp"))
+        except OSError as e:
+            raise NpgptError(f"cannot write in {out_dir} ({e.strerror}); check the path and permissions") from None
+        try:
+            files, sizes = _spool_streams(files, sizes, spool)
+            if sum(sizes) == 0:
+                raise NpgptError(f"the input is empty ({', '.join(names[:3])}); give a text file with some content")
+            docs = [(name, path, size) for name, path, size in zip(names, files, sizes) if size > 0]   # skip empty
+            meta = _prepare_into(work, docs, tokenizer, vocab_size, tokenizer_from, val_fraction, dataset,
+                                 progress, chunk_bytes, errors)
+            _move_into_place(work, out_dir)
+            return meta
+        except BaseException as e:
+            shutil.rmtree(work, ignore_errors=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            if isinstance(e, OSError):   # disk full, permissions, an input vanishing midway
+                raise NpgptError(f"preparing {out_dir} failed ({e.strerror or e}: {e.filename}); "
+                                 f"check free space and permissions") from None
+            raise
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+
+
+def _spool_streams(files, sizes, spool: Path):
+    """Copy inputs that are not regular files (pipes, FIFOs, /dev/stdin) into `spool`: they can be read
+    only once, and prepare reads its input twice (train the tokenizer, then encode)."""
+    out_files, out_sizes = [], []
+    for i, (f, size) in enumerate(zip(files, sizes)):
+        if size is None:
+            copy = spool / f"input-{i}.txt"
+            with open(f, "rb") as src, open(copy, "wb") as dst:
+                shutil.copyfileobj(src, dst, DEFAULT_CHUNK_BYTES)
+            f, size = copy, copy.stat().st_size
+        out_files.append(f)
+        out_sizes.append(size)
+    return out_files, out_sizes
 
 
 def _tokenizer_folder(path):
@@ -402,10 +436,12 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
     new_files = sorted(p.name for p in work.iterdir() if p.name != META)
     for name in new_files:
         os.replace(work / name, out_dir / name)
-    # ... a previous preparation's tokenizer files that this one did not write would confuse loading.
-    for name in (old_meta or {}).get("files", []):
+    # ... a previous preparation's tokenizer files that this one did not write would confuse loading. Only
+    # names on npgpt's own list go, and only when the old meta.json says a preparation wrote them.
+    old_files = (old_meta or {}).get("files", []) if isinstance(old_meta, dict) else []
+    for name in PREPARED_FILES:
         stale = out_dir / name
-        if name not in new_files and name != META and stale.is_file() and "/" not in name:
+        if name in old_files and name not in new_files and name != META and stale.is_file() and not stale.is_symlink():
             os.remove(stale)
     os.replace(work / META, out_dir / META)   # ... until the new meta.json lands, last
     shutil.rmtree(work, ignore_errors=True)
@@ -414,8 +450,8 @@ def _move_into_place(work: Path, out_dir: Path) -> None:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "data description")
+    except NpgptError:
         return None
 
 
@@ -453,15 +489,15 @@ class TokenData:
                                  f"`npgpt prepare --input FILE --out {self.path}`")
             raise NpgptError(f"{self.path} holds no prepared data (no {META}); run "
                              f"`npgpt prepare --input FILE --out {self.path}`")
-        meta = _read_json(meta_path)
-        try:
-            self.dtype = np.dtype(meta["dtype"])
-            counts = {"train": int(meta["train_tokens"]), "val": int(meta["val_tokens"])}
-            self.vocab_size = int(meta["vocab_size"])
-            if self.dtype not in (np.uint16, np.uint32) or min(counts.values()) < 0:
-                raise ValueError("bad dtype or counts")
-        except (TypeError, KeyError, ValueError):
-            raise NpgptError(f"{meta_path} is malformed; prepare the data again with `npgpt prepare --force`") from None
+        meta = read_json_object(meta_path, "data description")
+        f = check(meta, {"dtype": Str(("uint16", "uint32")), "train_tokens": Int(lo=0), "val_tokens": Int(lo=0),
+                         "vocab_size": Int(lo=1, hi=1 << 32)}, f"{meta_path} (prepare the data again)")
+        self.dtype = np.dtype(f["dtype"])
+        counts = {"train": f["train_tokens"], "val": f["val_tokens"]}
+        if f["vocab_size"] > np.iinfo(self.dtype).max + 1:
+            raise NpgptError(f"{meta_path}: field 'vocab_size' {f['vocab_size']} does not fit its dtype {self.dtype}; "
+                             f"prepare the data again")
+        self._meta_vocab_size = f["vocab_size"]
         self.meta = meta
         self.device_tokens = device_tokens
         self._splits = {}
@@ -481,7 +517,7 @@ class TokenData:
 
     def __repr__(self):
         return (f"TokenData({str(self.path)!r}: {len(self._splits['train']):,} train / "
-                f"{len(self._splits['val']):,} val tokens, vocab {self.vocab_size})")
+                f"{len(self._splits['val']):,} val tokens, vocab {self._meta_vocab_size})")
 
     def split(self, name: str) -> np.ndarray:
         """The (memory-mapped) token array of split "train" or "val"."""
@@ -490,10 +526,30 @@ class TokenData:
         return self._splits[name]
 
     def tokenizer(self):
-        """The tokenizer the data was made with (loaded from the data folder once)."""
+        """The tokenizer the data was made with (loaded from the data folder once; its vocabulary size
+        must be meta.json's)."""
         if self._tokenizer is None:
-            self._tokenizer = tk.load(self.path)
+            tok = tk.load(self.path)
+            if tok.vocab_size != self._meta_vocab_size:
+                raise NpgptError(f"{self.path / META}: field 'vocab_size' is {self._meta_vocab_size} but the folder's "
+                                 f"tokenizer has {tok.vocab_size} tokens; prepare the data again")
+            self._tokenizer = tok
         return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """meta.json's vocabulary size, checked against the tokenizer (never trusted alone: it sizes a model)."""
+        return self.tokenizer().vocab_size
+
+    def check_token_ids(self, *splits) -> None:
+        """NpgptError when a split holds a token id at or beyond the vocabulary (a damaged .bin file)."""
+        for name in splits or ("train", "val"):
+            data = self._splits[name]
+            for start in range(0, len(data), 1 << 24):           # bounded memory on any size
+                top = int(data[start:start + (1 << 24)].max())
+                if top >= self.vocab_size:
+                    raise NpgptError(f"{self.path / (name + '.bin')} holds token id {top}, beyond the vocabulary "
+                                     f"({self.vocab_size} tokens); the file is damaged: prepare the data again")
 
     def check_split_sizes(self, block_size: int) -> None:
         """NpgptError unless both splits hold at least block_size + 1 tokens (one training window)."""

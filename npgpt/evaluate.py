@@ -7,7 +7,6 @@ the text's UTF-8 byte count, which compares models with different tokenizers fai
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -21,6 +20,7 @@ from npgpt.model import GPTConfig, read_hf_config
 from npgpt.quant import load_model
 from npgpt.tensor import no_grad
 from npgpt.tokenizer import read_text_checked
+from npgpt.train import read_state
 
 
 def load_model_and_tokenizer(checkpoint, device="cpu"):
@@ -71,6 +71,10 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val"):
         if td.tokenizer().fingerprint() != tok.fingerprint():
             raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}")
         tokens = np.asarray(td.split(split))
+        if len(tokens) < 2:
+            raise NpgptError(f"the {split} split of {data} holds {len(tokens)} tokens, nothing to evaluate; prepare "
+                             f"it with a --val-fraction above 0, or pass --split train")
+        td.check_token_ids(split)
         text = tok.decode([int(t) for t in tokens])
         source = f"{data} ({split})"
     if int(np.max(tokens)) >= model.config.vocab_size:
@@ -86,13 +90,8 @@ def info(path):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
     ckpt = find_checkpoint(path)
     hf = read_hf_config(ckpt)
-    cfg = GPTConfig.from_hf(hf)
-    state = {}
-    if (ckpt / "state.json").exists():
-        try:
-            state = json.loads((ckpt / "state.json").read_text())
-        except json.JSONDecodeError:
-            state = {"error": "state.json is not valid JSON"}
+    cfg = GPTConfig.from_hf(hf, str(ckpt / "config.json"))
+    state = read_state(ckpt) if (ckpt / "state.json").exists() else {}
     tok = None
     if tk.is_tokenizer_dir(ckpt):
         try:
@@ -103,6 +102,7 @@ def info(path):
     files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir()) if f.is_file()}
     return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_layer",
                                                                         "n_head", "n_embd", "n_inner")},
-            "parameters": cfg.num_params(), "step": state.get("iter"), "best_val_loss": state.get("best_val_loss"),
+            "parameters": cfg.num_params(), "step": state.get("iter"),
+            "best_val_loss": state["best_val_loss"] if math.isfinite(state.get("best_val_loss", math.inf)) else None,
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),
             "quantization": hf.get("npgpt", {}).get("quantization")}

@@ -15,10 +15,13 @@ and `save_heatmap_png` draws it with matplotlib (the optional extra `npgpt[plot]
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_bytes
 
 SHADES = " .:-=+*#%@"
 
@@ -110,5 +113,7 @@ def save_heatmap_png(selected, labels, path, title=""):
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())               # creates a missing folder; errors are one line

@@ -11,21 +11,20 @@ class (attention, block), so `GPT.forward_cached` is a loop like `GPT.forward`.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
-from npgpt.fileio import atomic_path, atomic_write_json
+from npgpt.fileio import atomic_write_json
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear,
                           split_heads)
+from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, check, check_finite_tensors, check_value,
+                          load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
 
 
@@ -42,15 +41,11 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if int(getattr(self, name)) <= 0:
-                raise NpgptError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        # every field checked by type and range: a config may come from a stranger's config.json
+        for name, spec in _CONFIG_SPECS.items():
+            setattr(self, name, check_value(getattr(self, name), spec, f"model config: {name}"))
         if self.n_embd % self.n_head:
             raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0 <= self.dropout < 1:
-            raise NpgptError(f"model config: dropout must be in [0, 1), got {self.dropout}")
-        if self.n_inner is not None and self.n_inner <= 0:
-            raise NpgptError(f"model config: n_inner must be positive, got {self.n_inner}")
 
     @property
     def hidden(self):
@@ -87,19 +82,48 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, where="config.json"):
+        """A GPTConfig from a config.json dict; NpgptError naming the field when a value is wrong."""
         if cfg.get("model_type", "gpt2") != "gpt2":
             raise NpgptError(f"{where}: unsupported model_type {cfg.get('model_type')!r}; npgpt loads GPT-2 models only")
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise NpgptError(f"{where}: unsupported activation_function {act!r}; npgpt implements GPT-2's gelu_new")
-        try:
-            return cls(vocab_size=int(cfg["vocab_size"]), block_size=int(cfg.get("n_positions", cfg.get("n_ctx"))),
-                       n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]), n_embd=int(cfg["n_embd"]),
-                       dropout=float(cfg.get("resid_pdrop", 0.0)), bias=bool(cfg.get("npgpt", {}).get("bias", True)),
-                       n_inner=cfg.get("n_inner"), layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise NpgptError(f"{where}: missing or bad GPT-2 key ({e}); expected vocab_size, n_positions, "
-                             f"n_layer, n_head, n_embd") from None
+        if "n_positions" not in cfg and "n_ctx" in cfg:
+            cfg = {**cfg, "n_positions": cfg["n_ctx"]}
+        size = Int(lo=1)
+        f = check(cfg, {"vocab_size": size, "n_positions": size, "n_layer": size, "n_head": size, "n_embd": size,
+                        "n_inner": Int(lo=1, default=None, none_ok=True),
+                        "resid_pdrop": Float(0, 1, default=0.0, hi_open=True),
+                        "layer_norm_epsilon": Float(0, default=1e-5, lo_open=True),
+                        "npgpt": Obj({"bias": Bool(default=True)}, default={"bias": True})}, where)
+        return cls(vocab_size=f["vocab_size"], block_size=f["n_positions"], n_layer=f["n_layer"], n_head=f["n_head"],
+                   n_embd=f["n_embd"], dropout=f["resid_pdrop"], bias=f["npgpt"]["bias"], n_inner=f["n_inner"],
+                   layer_norm_epsilon=f["layer_norm_epsilon"])
+
+    def param_shapes(self) -> dict[str, tuple]:
+        """{parameter name: shape} of the GPT this config builds, without building it (nothing allocated)."""
+        V, T, C, H = self.vocab_size, self.block_size, self.n_embd, self.hidden
+        shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+        for i in range(self.n_layer):
+            b = f"transformer.h.{i}."
+            for name, (n_in, n_out) in (("attn.c_attn", (C, 3 * C)), ("attn.c_proj", (C, C)),
+                                        ("mlp.c_fc", (C, H)), ("mlp.c_proj", (H, C))):
+                shapes[f"{b}{name}.weight"] = (n_in, n_out)
+                if self.bias:
+                    shapes[f"{b}{name}.bias"] = (n_out,)
+            for ln in ("ln_1", "ln_2"):
+                shapes[f"{b}{ln}.weight"] = (C,)
+                if self.bias:
+                    shapes[f"{b}{ln}.bias"] = (C,)
+        shapes["transformer.ln_f.weight"] = (C,)
+        if self.bias:
+            shapes["transformer.ln_f.bias"] = (C,)
+        return shapes
+
+
+_CONFIG_SPECS = {"vocab_size": Int(lo=1), "block_size": Int(lo=1), "n_layer": Int(lo=1), "n_head": Int(lo=1),
+                 "n_embd": Int(lo=1), "dropout": Float(0, 1, hi_open=True), "bias": Bool(),
+                 "n_inner": Int(lo=1, none_ok=True), "layer_norm_epsilon": Float(0, lo_open=True)}
 
 
 PRESETS = {
@@ -210,6 +234,10 @@ class GPT(Module):
             targets = self._as_device_ints(targets)
             if targets.shape != (B, T):
                 raise NpgptError(f"targets shape {targets.shape} must equal idx shape {(B, T)}")
+            bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
+            if bad.any():                 # a negative id would wrap around and index from the end
+                raise NpgptError(f"target id {int(targets[bad].ravel()[0])} is out of range for vocab_size "
+                                 f"{self.config.vocab_size} (only {ignore_index} marks a position to ignore)")
             loss = cross_entropy(logits, targets, ignore_index=ignore_index)
         return logits, loss
 
@@ -310,15 +338,16 @@ class GPT(Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: np.ascontiguousarray(asnumpy(p.data)) for name, p in self.named_parameters()}
-        with atomic_path(path / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(path / "model.safetensors", tensors, metadata={"format": "pt"})
         atomic_write_json(path / "config.json", self.config.to_hf())
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", **overrides):
         """Load a folder written by save_pretrained or by transformers' GPT2LMHeadModel.
 
-        The model comes back in eval mode (dropout off), as transformers does; call .train()."""
+        config.json is checked against model.safetensors' header (names, shapes) before anything is
+        allocated; float16 and bfloat16 weights are upcast to float32; NaN or infinite weights are an
+        error. The model comes back in eval mode (dropout off), as transformers does; call .train()."""
         path = Path(path)
         if not path.is_dir():
             raise NpgptError(f"model folder {path} does not exist")
@@ -326,9 +355,9 @@ class GPT(Module):
         cfg_path = path / "config.json"
         if records_quantization(hf):
             raise NpgptError(f"{path} holds a quantised model; load it with npgpt.quant.load_model")
-        config = replace(GPTConfig.from_hf(hf, str(cfg_path)), **overrides)
-        state = load_gpt2_tensors(path)
-        model = cls(config, device="cpu")
+        config = GPTConfig.from_hf(hf, str(cfg_path))
+        state = load_gpt2_tensors(path, config)
+        model = cls(replace(config, **overrides), device="cpu")
         model.load_state_dict(state)
         model.eval()
         return model.to(device) if str(device) != "cpu" else model
@@ -336,48 +365,91 @@ class GPT(Module):
 
 def records_quantization(hf: dict) -> bool:
     """True when a config.json dict records a quantised folder (loaded by npgpt.quant.load_model)."""
-    return bool((hf.get("npgpt") or {}).get("quantization"))
+    section = hf.get("npgpt") or {}
+    if not isinstance(section, dict):
+        raise NpgptError(f"config.json: field 'npgpt' must be an object {{...}}, got {type(section).__name__}")
+    return bool(section.get("quantization"))
 
 
 def read_hf_config(folder) -> dict:
-    """A model folder's config.json as a dict, or a clear NpgptError (missing, not JSON, not an object)."""
+    """A model folder's config.json as a dict (npgpt.safeio's limits), or a clear NpgptError."""
     cfg_path = Path(folder) / "config.json"
     if not cfg_path.is_file():
         raise NpgptError(f"{cfg_path} is missing: a model folder needs config.json and model.safetensors")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise NpgptError(f"{cfg_path} must hold a JSON object")
-    return hf
+    return read_json_object(cfg_path, "model config")
 
 
 IGNORED_HF_KEYS = (".attn.bias", ".attn.masked_bias")    # causal-mask buffers of old transformers
 
 
-def load_gpt2_tensors(path):
-    """model.safetensors of a GPT-2 folder as {npgpt name: float32 array}, keys normalised."""
+def weights_header(path):
+    """The checked safetensors header of a folder's model.safetensors (NpgptError when absent or corrupt)."""
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         extra = " (PyTorch .bin files are pickles and are not read: re-save with safe_serialization=True)" \
             if (Path(path) / "pytorch_model.bin").exists() else ""
         raise NpgptError(f"{f} is missing{extra}")
-    try:
-        raw = load_file(str(f))
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise NpgptError(f"{f} is truncated or corrupt ({str(e).splitlines()[0][:100]}); it cannot be loaded") from None
-    state = {}
-    for key, arr in raw.items():
+    return read_safetensors_header(f)
+
+
+def _npgpt_name(key):
+    return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+
+
+def check_config_matches(config: GPTConfig, shapes: dict, where, f, expected=None) -> None:
+    """NpgptError unless the tensors `shapes` ({npgpt name: shape}, from a header) are the ones `config`
+    builds (`expected`, default config.param_shapes()). The sizes that decide allocations are compared
+    first, naming the config.json field, so a wrong n_layer never builds a million-entry table
+    (`expected` may be a function, called only after those checks)."""
+    layers = {k.split(".")[2] for k in shapes if k.startswith("transformer.h.")}
+    if config.n_layer != len(layers):
+        raise NpgptError(f"{where}: n_layer is {config.n_layer} but {f} holds {len(layers)} layers; the "
+                         f"folder does not match its config.json")
+    probes = [("vocab_size", "transformer.wte", 0, 1), ("n_embd", "transformer.wte", 1, None),
+              ("n_positions", "transformer.wpe", 0, None), ("n_inner", "transformer.h.0.mlp.c_fc", 1, 1)]
+    values = {"vocab_size": config.vocab_size, "n_embd": config.n_embd, "n_positions": config.block_size,
+              "n_inner": config.hidden}
+    for field_name, stem, axis, q_axis in probes:
+        for key, ax in ((f"{stem}.weight", axis), (f"{stem}.qweight", q_axis)):
+            shape = shapes.get(key)
+            if shape is not None and ax is not None and len(shape) == 2 and shape[ax] != values[field_name]:
+                raise NpgptError(f"{where}: {field_name} is {values[field_name]} but {f} holds {key} of shape "
+                                 f"{tuple(shape)}; the folder does not match its config.json")
+    expected = config.param_shapes() if expected is None else expected() if callable(expected) else expected
+    missing = [k for k in expected if k not in shapes]
+    extra = [k for k in shapes if k not in expected]
+    wrong = [f"{k} {tuple(shapes[k])} (expected {tuple(v)})" for k, v in expected.items()
+             if k in shapes and tuple(shapes[k]) != tuple(v)]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + (wrong[:3])
+    if problems:
+        raise NpgptError(f"{f}: {'; '.join(problems)}; the folder does not match its config.json")
+
+
+def load_gpt2_tensors(path, config: GPTConfig | None = None):
+    """model.safetensors of a GPT-2 folder as {npgpt name: float32 array}, keys normalised.
+
+    With `config`, the header is checked against it before any tensor is read (check_config_matches)."""
+    header = weights_header(path)
+    f = header.path
+    keys = {}
+    for key, info in header.tensors.items():
         if key.endswith(IGNORED_HF_KEYS):
             continue
-        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        if arr.dtype.kind != "f":
-            raise NpgptError(f"{f}: tensor {key} has dtype {arr.dtype}; expected floating point weights")
-        state[name] = arr.astype(np.float32, copy=False)
+        if info.dtype not in FLOAT_DTYPES:
+            raise NpgptError(f"{f}: tensor {key} has dtype {info.dtype}; expected floating point weights")
+        keys[_npgpt_name(key)] = key
+    shapes = {name: header.tensors[key].shape for name, key in keys.items()}
+    head = shapes.pop("lm_head.weight", None)
+    if head is not None and head != shapes.get("transformer.wte.weight"):
+        raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
+    if config is not None:
+        check_config_matches(config, shapes, Path(path) / "config.json", f)
+    raw = load_safetensors(f, header, names=set(keys.values()))
+    state = {name: raw.pop(key).astype(np.float32, copy=False) for name, key in keys.items()}
+    check_finite_tensors(state, f)
     head = state.pop("lm_head.weight", None)
-    wte = state.get("transformer.wte.weight")
-    if head is not None and wte is not None and not (head.shape == wte.shape and np.array_equal(head, wte)):
+    if head is not None and not np.array_equal(head, state.get("transformer.wte.weight")):
         raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
     return state
 

@@ -34,6 +34,7 @@ from npgpt.backend import asnumpy, get_xp
 from npgpt.errors import NpgptError
 from npgpt.ops import cuda_kernels as _ck
 from npgpt.ops.parallel import for_row_blocks
+from npgpt.safeio import Int, check_finite_tensors, check_value
 
 
 def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
@@ -259,6 +260,8 @@ class AdamW:
         """Restore moments and step from `state_dict()` output (same parameter names and shapes)."""
         if not isinstance(meta, dict) or "step" not in meta:
             raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
+        step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
+        check_finite_tensors(tensors, "optimizer.safetensors")
         expected = {f"{kind}.{s.name}": s for s in self.slots for kind in ("exp_avg", "exp_avg_sq")}
         missing = sorted(set(expected) - set(tensors))
         if missing:
@@ -280,4 +283,4 @@ class AdamW:
         self.exp_avg[...] = self.xp.asarray(m)
         self.exp_avg_sq[...] = self.xp.asarray(v)
         # Hyperparameters stay as constructed: the caller's config (the checkpoint's, on resume) rules.
-        self.t = int(meta["step"])
+        self.t = step

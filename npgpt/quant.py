@@ -41,11 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp, to_device
-from npgpt.checkpoint import atomic_write_json, load_tensors, save_tensors
+from npgpt.checkpoint import atomic_write_json, save_tensors
 from npgpt.errors import NpgptError
-from npgpt.model import GPT, GPTConfig, read_hf_config
+from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, records_quantization, weights_header
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
+from npgpt.safeio import Bool, Int, check, check_finite_tensors, load_safetensors
 from npgpt.tensor import Tensor, is_grad_enabled
 
 BITS = (8, 4)
@@ -287,16 +288,36 @@ def save_quantized(model, path, bits=8, group_size=None, embedding=False):
 
 def read_scheme(hf, where="config.json"):
     """The validated {"bits", "group_size", "embedding"} of a config.json dict, or None."""
-    scheme = (hf.get("npgpt") or {}).get("quantization")
-    if not scheme:
+    if not records_quantization(hf):
         return None
-    try:
-        bits, group_size = int(scheme["bits"]), scheme.get("group_size")
-        group_size = None if group_size is None else int(group_size)
-    except (KeyError, TypeError, ValueError):
-        raise NpgptError(f"{where}: npgpt.quantization must hold bits (8 or 4) and group_size") from None
-    check_scheme(bits, group_size)
-    return {"bits": bits, "group_size": group_size, "embedding": bool(scheme.get("embedding", False))}
+    scheme = hf["npgpt"]["quantization"]
+    scheme = check(scheme, {"bits": Int(), "group_size": Int(default=None, none_ok=True),
+                            "embedding": Bool(default=False)}, where, prefix="npgpt.quantization.")
+    check_scheme(scheme["bits"], scheme["group_size"])
+    return scheme
+
+
+def quantized_shapes(config, scheme):
+    """({tensor name: shape}, {quantised tensor name: safetensors dtype}) that a quantised folder of
+    `config` holds under `scheme`: what load_quantized checks the file's header against."""
+    bits, g = scheme["bits"], scheme["group_size"]
+    shapes, dtypes = config.param_shapes(), {}
+
+    def swap(name, n_in, n_out):
+        if g is not None and n_in % g:
+            raise NpgptError(f"config.json: npgpt.quantization.group_size {g} does not divide {name}'s {n_in} rows")
+        shapes[f"{name}.qweight"] = ((n_in + 1) // 2, n_out) if bits == 4 else (n_in, n_out)
+        shapes[f"{name}.scales"] = (1 if g is None else n_in // g, n_out)
+        dtypes[f"{name}.qweight"], dtypes[f"{name}.scales"] = ("U8" if bits == 4 else "I8"), "F32"
+
+    for key, shape in list(shapes.items()):
+        if key.endswith(".weight") and key.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc"):
+            del shapes[key]
+            swap(key[:-len(".weight")], *shape)
+    if scheme["embedding"]:
+        V, C = shapes.pop("transformer.wte.weight")
+        swap("transformer.wte", C, V)
+    return shapes, dtypes
 
 
 def load_quantized(path, hf=None, device="cpu", **overrides):
@@ -312,38 +333,26 @@ def load_quantized(path, hf=None, device="cpu", **overrides):
     if scheme is None:
         raise NpgptError(f"{path / 'config.json'} records no npgpt.quantization; load it with GPT.from_pretrained")
     f = path / QUANT_FILE
-    raw = load_tensors(f)
-
-    config = replace(GPTConfig.from_hf(hf, str(path / "config.json")), **overrides)
-    model = GPT(config, device="cpu")
+    config = GPTConfig.from_hf(hf, str(path / "config.json"))
     bits = scheme["bits"]
-
-    def take(key, shape=None, dtype=None):
-        if key not in raw:
-            raise NpgptError(f"{f}: tensor {key} is missing; the folder does not match its config.json")
-        a = raw.pop(key)
-        if (shape is not None and tuple(a.shape) != tuple(shape)) or (dtype is not None and a.dtype != dtype):
-            raise NpgptError(f"{f}: tensor {key} is {a.dtype} {tuple(a.shape)}, expected {np.dtype(dtype)} "
-                             f"{tuple(shape)}; the folder does not match its config.json")
-        return a
-
-    def stored_shape(n_in, n_out):
-        return ((n_in + 1) // 2, n_out) if bits == 4 else (n_in, n_out)
-
-    qdtype = np.uint8 if bits == 4 else np.int8
+    header = weights_header(path)
+    # every shape and dtype checked against config.json before anything is allocated
+    check_config_matches(config, header.shapes(), path / "config.json", f,
+                         lambda: quantized_shapes(config, scheme)[0])
+    for key, dtype in quantized_shapes(config, scheme)[1].items():
+        if header.tensors[key].dtype != dtype:
+            raise NpgptError(f"{f}: tensor {key} is {header.tensors[key].dtype}, expected {dtype}; the folder "
+                             f"does not match its config.json")
+    raw = load_safetensors(f, header)
+    check_finite_tensors(raw, f)
+    model = GPT(replace(config, **overrides), device="cpu")
     for name, owner, attr, lin in linear_layers(model):
-        n_in, n_out = lin.weight.shape
-        stored = take(f"{name}.qweight", stored_shape(n_in, n_out), qdtype)
-        scales = take(f"{name}.scales", dtype=np.float32)
-        if scales.ndim != 2 or scales.shape[1] != n_out or n_in % scales.shape[0]:
-            raise NpgptError(f"{f}: {name}.scales has shape {scales.shape}, which does not fit a ({n_in}, {n_out}) weight")
-        bias = take(f"{name}.bias", (n_out,)) if lin.bias is not None else None
-        setattr(owner, attr, QuantizedLinear(stored, scales, n_in, bits, bias))
+        bias = raw.pop(f"{name}.bias") if lin.bias is not None else None
+        setattr(owner, attr, QuantizedLinear(raw.pop(f"{name}.qweight"), raw.pop(f"{name}.scales"),
+                                             lin.weight.shape[0], bits, bias))
     if scheme["embedding"]:
-        V, C = config.vocab_size, config.n_embd
-        stored = take("transformer.wte.qweight", stored_shape(C, V), qdtype)
-        scales = take("transformer.wte.scales", dtype=np.float32)
-        raw["transformer.wte.weight"] = decode_weight(stored, scales, C, bits).T
+        stored, scales = raw.pop("transformer.wte.qweight"), raw.pop("transformer.wte.scales")
+        raw["transformer.wte.weight"] = decode_weight(stored, scales, config.n_embd, bits).T
     model.load_state_dict({k: v.astype(np.float32, copy=False) for k, v in raw.items()})
     model.quantization = scheme
     model.eval()

@@ -20,7 +20,6 @@ under `strict`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,29 +30,27 @@ from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
 from npgpt.model import GPTConfig, read_hf_config
+from npgpt.safeio import parse_json, read_limited
 
 ROLES = ("system", "user", "assistant")
+MAX_SFT_BYTES = 1 << 30
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 def read_records(path):
-    """Parse a JSONL file of SFT records; errors name the line number."""
+    """Parse a JSONL file of SFT records (npgpt.safeio's JSON limits per line); errors name the line."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise NpgptError(f"SFT file {p} does not exist")
-    records = []
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = read_limited(p, "SFT file", max_bytes=MAX_SFT_BYTES).decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise NpgptError(f"SFT file {p} is not UTF-8 text (byte {e.start})") from None
+    records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NpgptError(f"{p} line {n}: not valid JSON ({e.msg})") from None
-        records.append(validate_record(rec, f"{p} line {n}"))
+        records.append(validate_record(parse_json(line, f"{p} line {n}"), f"{p} line {n}"))
     if not records:
         raise NpgptError(f"SFT file {p} holds no records")
     return records
@@ -69,7 +66,7 @@ def validate_record(rec, where):
         for m in msgs:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise NpgptError(f"{where}: each message needs a 'role' and a string 'content'")
-            if m.get("role") not in ROLES:
+            if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
                 raise NpgptError(f"{where}: unknown role {m.get('role')!r}; use system, user or assistant")
         if not any(m["role"] == "assistant" for m in msgs):
             raise NpgptError(f"{where}: a chat record needs at least one assistant message to learn from")

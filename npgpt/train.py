@@ -51,12 +51,14 @@ from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpo
                               save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
 from npgpt.errors import NpgptError
+from npgpt.fileio import write_error
 from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
 from npgpt.optim import AdamW, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import DynamicLossScaler, Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
+from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
 from npgpt.tensor import no_grad
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
@@ -111,6 +113,18 @@ class TrainConfig:
     distill_temperature: float = 2.0
 
     def validate(self):
+        for f in dataclasses.fields(self):                 # NaN / inf never reach a comparison below
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise NpgptError(f"{f.name} must be a finite number, got {v}")
+        for name in ("data", "out", "init_from", "sft", "teacher"):
+            v = getattr(self, name)
+            if v is not None and (not v or "\x00" in v):
+                raise NpgptError(f"{name} must be a path, got {v!r}")
+        if self.seed < 0:
+            raise NpgptError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.sft_val_fraction < 1:
+            raise NpgptError(f"sft_val_fraction must be in [0, 1), got {self.sft_val_fraction}")
         positive = ["max_iters", "batch_size", "learning_rate", "eval_interval", "eval_iters", "log_interval",
                     "gradient_accumulation_steps", "replicas"]
         for name in positive:
@@ -164,6 +178,8 @@ def _coerce(key, value, type_name):
         if base == "float":
             if isinstance(value, bool):
                 raise ValueError
+            if not math.isfinite(float(value)):
+                raise NpgptError(f"config key {key}: {value!r} is not a finite number")
             return float(value)
         if base == "str":
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -199,22 +215,11 @@ def load_config_file(path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise NpgptError(f"config file {p} does not exist")
-    text = p.read_text(encoding="utf-8", errors="replace")
     if p.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            raise NpgptError("TOML config files need Python 3.11+; use a JSON file instead") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise NpgptError(f"config file {p} is not valid TOML ({e})") from None
+        data = read_toml(p)
         data = data.get("train", data)
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise NpgptError(f"config file {p} is not valid JSON ({e})") from None
+        data = read_json(p, "config file", max_bytes=1 << 20)
     if not isinstance(data, dict):
         raise NpgptError(f"config file {p} must hold an object of key: value pairs")
     return data
@@ -276,7 +281,9 @@ def _open_data(cfg: TrainConfig, log):
         path = ensure_builtin_dataset("pydoc", tokenizer="char")
     else:
         path = Path(cfg.data)
-    return TokenData(path)
+    data = TokenData(path)
+    data.check_token_ids()              # a damaged .bin would index past the embedding
+    return data
 
 
 def build_model(cfg: TrainConfig, data, log):
@@ -287,7 +294,7 @@ def build_model(cfg: TrainConfig, data, log):
         if records_quantization(read_hf_config(src)):
             raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
         model = GPT.from_pretrained(src, dropout=cfg.dropout)
-        if cfg.init_from and not cfg.resume and not getattr(data, "grow_vocab", False):
+        if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
             log(f"adding {vocab - model.config.vocab_size} embedding rows for new special tokens")
@@ -342,14 +349,36 @@ def save_checkpoint(out, model, tokenizer, optimizer, state, save_files=()):
         atomic_write_json(tmp / "state.json", state)
 
 
+STATE_FIELDS = {"iter": Int(lo=0), "best_val_loss": Float(default=float("inf"), allow_inf=True),
+                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None)}
+
+
+def read_state(ckpt) -> dict:
+    """A checkpoint's state.json, checked: types of every field (the run's config too) and iter <=
+    max_iters. NpgptError naming the file and field; the config comes back as a TrainConfig."""
+    p = Path(ckpt) / "state.json"
+    if not p.is_file():
+        raise NpgptError(f"{p} is missing; the folder is a model, not a training run's checkpoint")
+    # Infinity: best_val_loss before the first evaluation (npgpt has always written it so)
+    state = check(read_json_object(p, "training state", allow_infinity=True), STATE_FIELDS, str(p))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        config = apply_overrides(TrainConfig(), {k: v for k, v in state["config"].items() if k in known}).validate()
+    except NpgptError as e:
+        raise NpgptError(f"{p}: field 'config' is damaged ({e})") from None
+    if state["iter"] > config.max_iters:
+        raise NpgptError(f"{p}: field 'iter' is {state['iter']}, beyond the run's max_iters {config.max_iters}; "
+                         f"the file is damaged")
+    return {**state, "config": config}
+
+
 def _load_resume_state(out, optimizer):
     ckpt = find_checkpoint(out)
     verify_checkpoint(ckpt)
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NpgptError(f"{ckpt / 'state.json'} is missing or not valid JSON ({e}); cannot resume") from None
+    state = read_state(ckpt)
     if (ckpt / "optimizer.safetensors").exists():
+        if state["optimizer"] is None:
+            raise NpgptError(f"{ckpt / 'state.json'}: field 'optimizer' is missing; cannot resume")
         optimizer.load_state_dict(load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
     return state
 
@@ -358,11 +387,15 @@ class _Logger:
     """One line per log interval (or a live status line on a TTY), and metrics.jsonl records.
     A context manager: leaving the block ends the live line and closes metrics.jsonl."""
 
-    def __init__(self, out, quiet, stream=None):
+    def __init__(self, out, quiet, stream=None, append=False):
         self.quiet = quiet
         self.stream = stream or sys.stdout
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.metrics = open(Path(out) / "metrics.jsonl", "a", encoding="utf-8")
+        self.path = Path(out) / "metrics.jsonl"
+        try:                                  # a resumed run adds to its records; any other starts afresh
+            self.metrics = open(self.path, "a" if append else "w", encoding="utf-8")
+        except OSError as e:
+            raise write_error(self.path, e) from None
         self.live = False
 
     def __call__(self, msg):
@@ -384,8 +417,11 @@ class _Logger:
             print(msg, file=self.stream, flush=True)
 
     def record(self, **rec):
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
 
     def __enter__(self):
         return self
@@ -438,10 +474,23 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> Tr
     distillation (--teacher) and keeping pruned weights at zero.
     """
     cfg = config.validate()
+    if cfg.sft and batch_source is None:
+        raise NpgptError(f"{cfg.out} is a fine-tuning run on {cfg.sft}; continue it with `npgpt finetune --resume "
+                         f"--out {cfg.out}`" if cfg.resume else "an --sft run needs its SFT data: use `npgpt finetune --sft`")
+    # paths stored absolute in state.json, so --resume from another directory finds the same files
+    cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
+                                      for k in ("data", "init_from", "sft", "teacher") if getattr(cfg, k)})
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
     tune_malloc()
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
+    with run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train"):
+        return _train_locked(cfg, stream, batch_source, plugins, xp)
+
+
+def _train_locked(cfg, stream, batch_source, plugins, xp):
     out = _prepare_out(cfg)
-    with _Logger(out, cfg.quiet, stream) as log:
+    with _Logger(out, cfg.quiet, stream, append=cfg.resume) as log:
         data = batch_source or _open_data(cfg, log)
         model, src = build_model(cfg, data, log)
         block = _block_size(cfg, data, model)
@@ -479,7 +528,10 @@ class _Run:
         self.tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps
         if cfg.resume:
             state = _load_resume_state(out, optimizer)
-            self.start, self.best_val = int(state["iter"]), float(state.get("best_val_loss", float("inf")))
+            self.start, self.best_val = state["iter"], state["best_val_loss"]
+            if self.start > cfg.max_iters:
+                raise NpgptError(f"the checkpoint is at step {self.start}, beyond --max-iters {cfg.max_iters}; "
+                                 f"give a larger --max-iters to continue it")
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
@@ -560,7 +612,8 @@ class _Run:
             "iter": it, "best_val_loss": self.best_val, "config": dataclasses.asdict(cfg),
             "rng": {"scheme": "numpy default_rng([seed, iter, stream])", "seed": cfg.seed,
                     "streams": {"batches": 0, "eval": EVAL_STREAM, "dropout": DROPOUT_STREAM}},
-            "data": {"path": str(getattr(self.data, "path", "")), "next_batch_iter": it},
+            "data": {"path": str(Path(self.data.path).resolve()) if getattr(self.data, "path", "") else "",
+                     "next_batch_iter": it},
             "reason": reason, "loss_scaler": self.scaler.state_dict(),
         }, self.hooks.save_files)
 
@@ -647,14 +700,10 @@ def _set_dropout_rng(model, rng):
 
 def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
-    ckpt = find_checkpoint(out)
-    try:
-        saved = json.loads((ckpt / "state.json").read_text())["config"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise NpgptError(f"{ckpt / 'state.json'} is missing or damaged ({e}); cannot resume") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    base = read_state(find_checkpoint(out))["config"]
+    types = _field_types()
     for fixed in ("n_layer", "n_head", "n_embd", "preset", "bias"):
-        if fixed in overrides and overrides[fixed] != getattr(base, fixed):
+        # compared as the field's type: `--set n_layer=1` equals a saved 1
+        if fixed in overrides and _coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")
-    return apply_overrides(base, {**overrides, "resume": True, "out": str(out), "force": False})
+    return apply_overrides(base, {**overrides, "resume": True, "out": str(out), "force": False}).validate()

@@ -266,7 +266,7 @@ def test_token_data_errors(tmp_path, corpus):
     prepare([corpus], out)
     meta = (out / "meta.json").read_text()
     (out / "meta.json").write_text("{broken")
-    with pytest.raises(NpgptError, match="malformed"):
+    with pytest.raises(NpgptError, match="meta.json is not valid JSON"):
         TokenData(out)
     (out / "meta.json").write_text(meta)
     data = (out / "train.bin").read_bytes()

@@ -14,7 +14,7 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio",),
+    ("npgpt.fileio", "npgpt.safeio"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
@@ -23,7 +23,7 @@ FLOORS = [
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
-     "npgpt.tokenizer.bench"),
+     "npgpt.tokenizer.bench", "npgpt.serve"),
     ("npgpt.cli",),
 ]
 

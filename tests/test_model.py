@@ -181,7 +181,7 @@ def test_bad_folders(tmp_path):
     cfg["n_embd"] = 32
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").write_bytes(data)
-    with pytest.raises(NpgptError, match="mis-shaped"):
+    with pytest.raises(NpgptError, match="n_embd is 32"):
         GPT.from_pretrained(bad)
 
 

@@ -78,7 +78,7 @@ def test_masked_targets_change_nothing_and_get_no_gradient(tok):
 def test_record_errors(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"prompt": "a", "completion": "b"}\n{not json}\n')
-    with pytest.raises(NpgptError, match="line 2: not valid JSON"):
+    with pytest.raises(NpgptError, match="line 2 is not valid JSON"):
         read_records(f)
     f.write_text('{"messages": [{"role": "wizard", "content": "x"}]}\n')
     with pytest.raises(NpgptError, match="line 1: unknown role 'wizard'"):

@@ -277,7 +277,11 @@ def test_bpe_save_load_gives_identical_ids(tmp_path, pattern):
     tok.save(tmp_path / "tok")
     assert saved_files(tmp_path / "tok") == ["merges.txt", "tokenizer_npgpt.json", "vocab.json"]
     assert is_tokenizer_dir(tmp_path / "tok")
-    again = load(tmp_path / "tok")
+    custom = pattern not in ("gpt2", "gpt4")
+    if custom:                                   # a pattern read from a file needs the user's opt-in
+        with pytest.raises(NpgptError, match="trust-pattern"):
+            load(tmp_path / "tok")
+    again = load(tmp_path / "tok", trust_pattern=custom or None)
     assert again.pattern == pattern and again.special_tokens == tok.special_tokens
     text = CORPUS[30_000:40_000]
     assert again.encode(text, disallowed_special=()) == tok.encode(text, disallowed_special=())
@@ -429,7 +433,7 @@ def test_text_chunks_keep_crlf_and_split_characters(tmp_path):
     (lambda d: (d / "merges.txt").write_text("#version: 0.2\nĠ zzz\n", encoding="utf-8"),
      "merges.txt merge 1 .* not in vocab.json"),
     (lambda d: (d / "tokenizer_npgpt.json").write_text("{", encoding="utf-8"),
-     "tokenizer_npgpt.json cannot be read"),
+     "tokenizer_npgpt.json is not valid JSON"),
     (lambda d: (d / "tokenizer_npgpt.json").write_text('{"kind": "wordpiece"}', encoding="utf-8"),
      "unknown tokenizer kind"),
     (lambda d: (d / "tokenizer_npgpt.json").write_text('{"kind": "bpe", "special_tokens": {"<|endoftext|>": 3}}',

@@ -134,9 +134,9 @@ class Tokenizer:
         return regroup_at_safe_cuts(chunks, self._safe_cut, self.special_tokens)
 
     def encode_plain(self, text: str) -> list[int]:
-        """User text as ordinary text. BPE: a special token's string in it is plain text; the char
-        tokenizer keeps `encode`'s default (such a string is an error)."""
-        return self.encode(text)
+        """User text as ordinary text: a special token's string in it is plain text, never its id (a chat
+        reply that spells `<|end|>` must not end the turn, nor be an error in the next one)."""
+        return self.encode(text, disallowed_special=())
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt typed by the user. BPE: special-token strings become their ids; the char

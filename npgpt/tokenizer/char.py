@@ -141,6 +141,10 @@ class CharTokenizer(Tokenizer):
         if not isinstance(chars, list) or not isinstance(specials, dict):
             raise NpgptError(f"{path} lacks a 'chars' list or has a malformed 'special_tokens'; "
                              f"re-save the tokenizer")
+        for text in [*chars, *specials]:
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise NpgptError(f"{path} holds a lone surrogate ({text.encode('utf-8', 'backslashreplace')!r}), "
+                                 f"which is not text; re-save the tokenizer")
         try:
             return cls(chars, specials)
         except NpgptError as e:

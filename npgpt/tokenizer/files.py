@@ -36,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from npgpt.errors import NpgptError
+from npgpt.safeio import read_json
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MERGES_HEADER = "#version: 0.2"
@@ -162,20 +163,22 @@ def gpt2_string_to_bytes(token: str) -> bytes | None:
 
 
 def read_vocab_json(path) -> dict[str, int]:
+    """vocab.json as `{token string: id}` (npgpt.safeio's JSON limits); ids must be distinct and below the
+    number of entries, so no id read from the file can size an allocation."""
     path = Path(path)
-    with _open_for_reading(path, "vocabulary file") as f:
-        raw = f.read()
-    try:
-        vocab = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NpgptError(f"{path} is not valid UTF-8 JSON ({e}); restore the file from the tokenizer "
-                         f"you downloaded or saved") from None
+    vocab = read_json(path, "vocabulary file")
+    restore = "restore the file from the tokenizer you downloaded or saved"
     if not isinstance(vocab, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()):
-        raise NpgptError(f"{path} must be a JSON object mapping token strings to integer ids; "
-                         f"restore the file from the tokenizer you downloaded or saved")
+        raise NpgptError(f"{path} must be a JSON object mapping token strings to integer ids; {restore}")
     if not vocab:
-        raise NpgptError(f"{path} holds no tokens; restore the file from the tokenizer you downloaded or saved")
+        raise NpgptError(f"{path} holds no tokens; {restore}")
+    bad = next((k for k, v in vocab.items() if not 0 <= v < len(vocab)), None)
+    if bad is not None:
+        raise NpgptError(f"{path}: token {bad[:40]!r} has id {vocab[bad]}, outside 0..{len(vocab) - 1} (ids must be "
+                         f"below the number of entries); {restore}")
+    if len(set(vocab.values())) != len(vocab):
+        raise NpgptError(f"{path}: two tokens share an id; {restore}")
     return vocab
 
 
@@ -236,6 +239,12 @@ def read_tiktoken_ranks(path) -> dict[bytes, int]:
         ranks[token] = rank
     if not ranks:
         raise NpgptError(f"{path} holds no tokens; give a tiktoken rank file (like cl100k_base.tiktoken)")
+    bad = next((t for t, r in ranks.items() if not 0 <= r < len(ranks)), None)
+    if bad is not None:
+        raise NpgptError(f"{path}: token {bad[:20]!r} has rank {ranks[bad]}, outside 0..{len(ranks) - 1} (ranks "
+                         f"must be below the number of entries); the file is corrupt")
+    if len(set(ranks.values())) != len(ranks):
+        raise NpgptError(f"{path}: two tokens share a rank; the file is corrupt")
     return ranks
 
 

@@ -15,12 +15,13 @@ Other files in the folder (tokenizer.json, tokenizer_config.json, special_tokens
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from npgpt.errors import NpgptError
+from npgpt.safeio import read_json_object
 from npgpt.tokenizer.base import FORMAT_VERSION, META_FILE, Tokenizer
-from npgpt.tokenizer.bpe import BPETokenizer
+from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
 from npgpt.tokenizer.char import CharTokenizer
 
 
@@ -32,21 +33,38 @@ def is_tokenizer_dir(path) -> bool:
 
 
 def _read_meta(meta_path: Path) -> dict:
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NpgptError(f"{meta_path} cannot be read as JSON ({e}); re-save the tokenizer") from None
-    if not isinstance(meta, dict):
-        raise NpgptError(f"{meta_path} must hold a JSON object; re-save the tokenizer")
+    meta = read_json_object(meta_path, "tokenizer file")
     version = meta.get("version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise NpgptError(f"{meta_path} has format version {version!r}, newer than this npgpt reads "
                          f"({FORMAT_VERSION}); upgrade npgpt")
     return meta
 
 
-def load(path) -> Tokenizer:
-    """Load the tokenizer saved in folder `path` (npgpt char or BPE, or a GPT-2 / HF folder)."""
+TRUST_PATTERN_ENV = "NPGPT_TRUST_PATTERN"     # set by `npgpt --trust-pattern`
+
+
+def check_pattern(pattern, where, trust_pattern=None) -> str:
+    """`pattern` if it is a named one (gpt2, gpt4, or their regex spelled out); any other regex read from
+    a file needs the user's opt-in, since a catastrophic one would hang every encode."""
+    if not isinstance(pattern, str):
+        raise NpgptError(f"{where}: field 'pattern' must be a string, got {type(pattern).__name__}")
+    if pattern in PATTERNS or pattern in PATTERNS.values():
+        return pattern
+    if trust_pattern is None:
+        trust_pattern = os.environ.get(TRUST_PATTERN_ENV, "") not in ("", "0")
+    if not trust_pattern:
+        raise NpgptError(f"{where} asks for its own split pattern {pattern[:40]!r}; a regex from a file can hang "
+                         f"npgpt, so only 'gpt2' and 'gpt4' load by default. If you trained this tokenizer with "
+                         f"that pattern, run `npgpt --trust-pattern ...` (or load(path, trust_pattern=True))")
+    return pattern
+
+
+def load(path, trust_pattern: bool | None = None) -> Tokenizer:
+    """Load the tokenizer saved in folder `path` (npgpt char or BPE, or a GPT-2 / HF folder).
+
+    A BPE split pattern other than gpt2/gpt4 loads only with `trust_pattern` (default: the
+    NPGPT_TRUST_PATTERN environment variable, which `npgpt --trust-pattern` sets)."""
     path = Path(path)
     if not path.exists():
         raise NpgptError(f"tokenizer folder {path} does not exist; check the path or train a tokenizer first")
@@ -59,10 +77,11 @@ def load(path) -> Tokenizer:
         if kind == "char":
             return CharTokenizer.from_meta(meta, meta_path)
         if kind == "bpe":
-            pattern, specials = meta.get("pattern", "gpt2"), meta.get("special_tokens", {})
-            if not isinstance(pattern, str) or not isinstance(specials, dict) or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in specials.values()):
-                raise NpgptError(f"{meta_path} has a malformed 'pattern' or 'special_tokens'; re-save the tokenizer")
+            pattern = check_pattern(meta.get("pattern", "gpt2"), meta_path, trust_pattern)
+            specials = meta.get("special_tokens", {})
+            if not isinstance(specials, dict) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in specials.values()):
+                raise NpgptError(f"{meta_path} has a malformed 'special_tokens'; re-save the tokenizer")
             return BPETokenizer.from_gpt2_files(path, pattern=pattern, special_tokens=specials)
         raise NpgptError(f"{meta_path} names an unknown tokenizer kind {kind!r} (expected 'char' or 'bpe'); "
                          f"re-save the tokenizer")

@@ -1,0 +1,40 @@
+"""`npgpt serve`: an OpenAI-compatible server for a model folder; a thin wrapper over npgpt.serve."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.option("--checkpoint", required=True, type=click.Path(), help="Run folder or model folder to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback exposes the model to your network.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0 = any free port).")
+@click.option("--api-key", default=None, envvar="NPGPT_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 (or set $NPGPT_API_KEY).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or gpu.")
+@click.option("--max-batch", type=int, default=16, show_default=True,
+              help="Sequences decoded together (KV cache slots); also the largest n per request.")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests allowed to wait for a slot; more get 429 with Retry-After.")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-body", type=int, default=1 << 20, show_default=True, help="Largest request body in bytes (413).")
+@click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the folder's name).")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
+@click.option("--verbose", is_flag=True, help="Log every HTTP request to stderr.")
+def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
+          verbose):
+    """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.serve import serve as run
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
+                 max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
+                 verbose=verbose, ready=lambda line: click.echo(line) or sys.stdout.flush()))
+
+
+COMMANDS = [serve]

@@ -1,0 +1,384 @@
+"""Fuzz worker: mutate one kind of file npgpt reads and check that loading it fails cleanly.
+
+Run by tests/test_fuzz_loaders.py as a subprocess:
+
+    python tests/fuzz_loaders_worker.py TARGET PRISTINE_DIR MAX_EXAMPLES
+
+PRISTINE_DIR holds valid folders made through the CLI (see the test module). For each example,
+hypothesis mutates one file of a fresh copy (random bytes, truncation, byte flips, a JSON value
+swapped for a hostile one: a 5,000-digit integer, 1e999, NaN, deep nesting, a string where a number
+belongs, a path out of the folder, a huge size), then the command that reads it runs in-process via
+click's CliRunner. Passing means: exit 0, or one `Error:` line with exit 1/2, and never "out of
+memory", a traceback, or a hang (each example has an alarm).
+
+The whole process runs under an address-space limit (RLIMIT_AS) of what the imports took plus
+MEMORY_BOUND, so a loader that allocates what a file's numbers claim, before checking them against
+the data present, fails with MemoryError here instead of swapping the machine.
+
+Environment: FUZZ_RANDOM=1 explores fresh random examples (the default is derandomized, as CI wants);
+FUZZ_TRACE=1 prints the address space and each example as it runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from npgpt.cli.main import cli
+from npgpt.errors import NpgptError
+
+MEMORY_BOUND = 1 << 30            # bytes of address space beyond the imports
+EXAMPLE_SECONDS = 30              # a hang (catastrophic regex, endless loop) fails the example
+
+HOSTILE = ["1e999", "-1e999", "NaN", "Infinity", "1" * 5000, "-" + "9" * 30, "[" * 3000 + "]" * 3000,
+           '"abc"', "true", "null", "[]", "{}", "-1", "0", "2147483648", "9007199254740993", "1.5",
+           '"../../etc/hostname"', '"/etc/hostname"', "1e300", "1000000000", "4294967296", "65536",
+           '"(a+)+$"', '"\\ud800"', '{"a": ' * 200 + "1" + "}" * 200]
+
+
+class Hang(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Hang(f"an example ran longer than {EXAMPLE_SECONDS} s")
+
+
+# ------------------------------------------------------------------------------------ mutation
+
+def _paths(obj, prefix=()):
+    """Every path to a value inside a parsed JSON document (the root included)."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:50]):
+            yield from _paths(v, prefix + (i,))
+
+
+def _replace(obj, path, value):
+    if not path:
+        return value
+    obj = json.loads(json.dumps(obj))
+    cur = obj
+    for p in path[:-1]:
+        cur = cur[p]
+    cur[path[-1]] = value
+    return obj
+
+
+def _delete(obj, path):
+    if not path:
+        return obj
+    obj = json.loads(json.dumps(obj))
+    cur = obj
+    for p in path[:-1]:
+        cur = cur[p]
+    del cur[path[-1]]
+    return obj
+
+
+SENTINEL = "\u0001RAW\u0001"
+
+
+@st.composite
+def mutated_json(draw, text: str) -> bytes:
+    """A mutation of valid JSON text: structural (a value swapped or deleted) or at the byte level."""
+    obj = json.loads(text)
+    how = draw(st.sampled_from(["swap", "swap", "swap", "delete", "bytes", "truncate", "flip"]))
+    raw = text.encode("utf-8")
+    if how in ("swap", "delete"):
+        paths = list(_paths(obj))
+        path = paths[draw(st.integers(0, len(paths) - 1))]
+        if how == "delete":
+            return json.dumps(_delete(obj, path)).encode()
+        value = draw(st.one_of(st.sampled_from(HOSTILE),
+                               st.integers(-2**70, 2**70).map(str),
+                               st.floats(allow_nan=False, allow_infinity=False).map(repr),
+                               st.text(max_size=20).map(json.dumps)))
+        doc = json.dumps(_replace(obj, path, SENTINEL), ensure_ascii=False)
+        return doc.replace(json.dumps(SENTINEL, ensure_ascii=False), value).encode("utf-8", "surrogatepass")
+    if how == "bytes":
+        return draw(st.binary(max_size=300))
+    if how == "truncate":
+        return raw[:draw(st.integers(0, max(len(raw) - 1, 0)))]
+    data = bytearray(raw)
+    for _ in range(draw(st.integers(1, 4))):
+        if data:
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] ^= draw(st.integers(1, 255))
+    return bytes(data)
+
+
+@st.composite
+def mutated_lines(draw, raw: bytes, line_value=None) -> bytes:
+    """A mutation of a line-based file: a line replaced, duplicated, dropped, or bytes changed."""
+    lines = raw.split(b"\n")
+    how = draw(st.sampled_from(["replace", "replace", "duplicate", "drop", "truncate", "flip", "bytes"]))
+    i = draw(st.integers(0, max(len(lines) - 1, 0)))
+    if how == "replace":
+        lines[i] = draw(line_value) if line_value is not None else draw(st.binary(max_size=60))
+    elif how == "duplicate":
+        lines.insert(i, lines[i])
+    elif how == "drop":
+        del lines[i]
+    elif how == "truncate":
+        return raw[:draw(st.integers(0, max(len(raw) - 1, 0)))]
+    elif how == "bytes":
+        return draw(st.binary(max_size=300))
+    else:
+        data = bytearray(raw)
+        for _ in range(draw(st.integers(1, 4))):
+            j = draw(st.integers(0, len(data) - 1))
+            data[j] ^= draw(st.integers(1, 255))
+        return bytes(data)
+    return b"\n".join(lines)
+
+
+def _tiktoken_line():
+    token = st.binary(max_size=6).map(lambda b: base64.b64encode(b))
+    rank = st.one_of(st.integers(-5, 2**64).map(str), st.sampled_from(HOSTILE)).map(str.encode)
+    return st.tuples(token, rank).map(lambda tr: tr[0] + b" " + tr[1])
+
+
+def _sft_line():
+    return st.one_of(st.sampled_from(HOSTILE).map(str.encode),
+                     st.fixed_dictionaries({"prompt": st.text(max_size=10),
+                                            "completion": st.one_of(st.text(max_size=10), st.integers())})
+                     .map(lambda d: json.dumps(d).encode()),
+                     st.builds(lambda r, c: json.dumps({"messages": [{"role": r, "content": c}]}).encode(),
+                               st.sampled_from(["user", "assistant", "system", "tool", 1]),
+                               st.one_of(st.text(max_size=10), st.none())))
+
+
+def mutated_safetensors(raw: bytes):
+    """A mutation of a safetensors file: its JSON header (offsets, shapes, dtypes) or its bytes."""
+    n = int.from_bytes(raw[:8], "little")
+    header, body = raw[8:8 + n].decode("utf-8"), raw[8 + n:]
+
+    @st.composite
+    def build(draw):
+        how = draw(st.sampled_from(["header", "header", "header", "length", "truncate", "flip"]))
+        if how == "header":
+            new = draw(mutated_json(header))
+            return len(new).to_bytes(8, "little") + new + body
+        if how == "length":
+            return draw(st.integers(0, 2**64 - 1)).to_bytes(8, "little") + raw[8:]
+        if how == "truncate":
+            return raw[:draw(st.integers(0, len(raw) - 1))]
+        data = bytearray(raw)
+        for _ in range(draw(st.integers(1, 4))):
+            j = draw(st.integers(0, min(len(data), 8 + n) - 1))
+            data[j] ^= draw(st.integers(1, 255))
+        return bytes(data)
+    return build()
+
+
+# ------------------------------------------------------------------------------------- targets
+
+def _run(args):
+    """Run `npgpt ARGS` in-process; AssertionError unless it ends cleanly."""
+    result = CliRunner().invoke(cli, args, catch_exceptions=True)
+    exc = result.exception
+    out = result.output
+    if exc is not None and not isinstance(exc, SystemExit):
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        raise AssertionError(f"npgpt {' '.join(args)} raised {type(exc).__name__}:\n{tb}")
+    if result.exit_code not in (0, 1, 2):
+        raise AssertionError(f"npgpt {' '.join(args)} exited {result.exit_code}:\n{out}")
+    if result.exit_code == 1 and "Error:" not in out:
+        raise AssertionError(f"npgpt {' '.join(args)} failed without an Error: line:\n{out}")
+    if "out of memory" in out:
+        raise AssertionError(f"npgpt {' '.join(args)} ran out of memory (a number read from a file was "
+                             f"allocated before it was checked):\n{out}")
+    return result
+
+
+def _sample(folder):
+    _run(["sample", "--checkpoint", str(folder), "--prompt", "ab", "--max-new-tokens", "2", "--seed", "0",
+          "--no-stream"])
+
+
+def _fresh(pristine: Path, name: str) -> Path:
+    work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    shutil.copytree(pristine / name, work / name)
+    return work / name
+
+
+def target_config(pristine):
+    run = pristine / "run" / "ckpt"
+    text = (run / "config.json").read_text()
+
+    def case(data):
+        folder = _fresh(pristine / "run", "ckpt")
+        (folder / "config.json").write_bytes(data)
+        (folder / "manifest.json").unlink()
+        _run(["info", str(folder)])
+        _sample(folder)
+    return mutated_json(text), case
+
+
+def target_safetensors(pristine):
+    raw = (pristine / "run" / "ckpt" / "model.safetensors").read_bytes()
+
+    def case(data):
+        folder = _fresh(pristine / "run", "ckpt")
+        (folder / "model.safetensors").write_bytes(data)
+        (folder / "manifest.json").unlink()
+        _sample(folder)
+    return mutated_safetensors(raw), case
+
+
+def target_state(pristine):
+    text = (pristine / "run" / "ckpt" / "state.json").read_text()
+
+    def case(data):
+        run = _fresh(pristine, "run")
+        (run / "ckpt" / "state.json").write_bytes(data)
+        (run / "ckpt" / "manifest.json").unlink()
+        _run(["info", str(run)])
+        # the work-sizing settings (batch size, accumulation, eval length) are the user's to give: a
+        # state.json asking for 2**31 sequences per batch would only ever get the one-line out-of-memory
+        # error; they are still read and type-checked, then overridden here to keep each example short
+        _run(["train", "--resume", "--out", str(run), "--max-iters", "3", "--quiet", "--batch-size", "2",
+              "--set", "gradient_accumulation_steps=1", "--set", "eval_iters=1", "--set", "log_interval=1"])
+    return mutated_json(text), case
+
+
+def target_manifest(pristine):
+    text = (pristine / "run" / "ckpt" / "manifest.json").read_text()
+
+    def case(data):
+        run = _fresh(pristine, "run")
+        (run / "ckpt" / "manifest.json").write_bytes(data)
+        _run(["info", str(run)])
+        _sample(run)
+    return mutated_json(text), case
+
+
+def target_bpe_files(pristine):
+    vocab = (pristine / "bpe" / "vocab.json").read_text(encoding="utf-8")
+    merges = (pristine / "bpe" / "merges.txt").read_bytes()
+    strategy = st.one_of(mutated_json(vocab).map(lambda b: ("vocab.json", b)),
+                         mutated_lines(merges).map(lambda b: ("merges.txt", b)))
+
+    def case(which):
+        name, data = which
+        folder = _fresh(pristine, "bpe")
+        (folder / name).write_bytes(data)
+        (folder / "tokenizer_npgpt.json").unlink()          # a GPT-2 / HF folder: vocab + merges only
+        out = folder.parent / "prepared"
+        _run(["prepare", "--input", str(pristine / "corpus.txt"), "--tokenizer-from", str(folder),
+              "--out", str(out)])
+    return strategy, case
+
+
+def target_tokenizer_meta(pristine):
+    text = (pristine / "run" / "ckpt" / "tokenizer_npgpt.json").read_text(encoding="utf-8")
+
+    def case(data):
+        folder = _fresh(pristine / "run", "ckpt")
+        (folder / "tokenizer_npgpt.json").write_bytes(data)
+        (folder / "manifest.json").unlink()
+        _sample(folder)
+    return mutated_json(text), case
+
+
+def target_tiktoken(pristine):
+    from npgpt.tokenizer import BPETokenizer
+
+    raw = (pristine / "ranks.tiktoken").read_bytes()
+
+    def case(data):
+        work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+        (work / "ranks.tiktoken").write_bytes(data)
+        try:
+            tok = BPETokenizer.from_tiktoken_file(work / "ranks.tiktoken", pattern="gpt2",
+                                                  special_tokens={"<|endoftext|>": 100000})
+            tok.decode(tok.encode("the quick brown fox"))
+        except NpgptError:
+            pass
+    return mutated_lines(raw, _tiktoken_line()), case
+
+
+def target_sft(pristine):
+    raw = (pristine / "sft.jsonl").read_bytes()
+    first = raw.split(b"\n")[0].decode()
+    strategy = st.one_of(mutated_lines(raw, _sft_line()),
+                         mutated_json(first).map(lambda b: b + b"\n" + raw))
+
+    def case(data):
+        work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+        (work / "sft.jsonl").write_bytes(data)
+        _run(["finetune", "--init-from", str(pristine / "run"), "--sft", str(work / "sft.jsonl"),
+              "--out", str(work / "out"), "--max-iters", "1", "--batch-size", "2", "--quiet",
+              "--set", "eval_iters=1", "--set", "eval_interval=1"])
+    return strategy, case
+
+
+def target_meta(pristine):
+    text = (pristine / "data" / "meta.json").read_text(encoding="utf-8")
+
+    def case(data):
+        folder = _fresh(pristine, "data")
+        (folder / "meta.json").write_bytes(data)
+        _run(["eval", "--checkpoint", str(pristine / "run"), "--data", str(folder)])
+    return mutated_json(text), case
+
+
+TARGETS = {"config": target_config, "safetensors": target_safetensors, "state": target_state,
+           "manifest": target_manifest, "bpe_files": target_bpe_files, "tokenizer_meta": target_tokenizer_meta,
+           "tiktoken": target_tiktoken, "sft": target_sft, "meta": target_meta}
+
+
+def _address_space() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main():
+    target, pristine, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    strategy, case = TARGETS[target](pristine)
+    import npgpt.evaluate, npgpt.generate, npgpt.sft, npgpt.train  # noqa: E401,F401  (imports before the limit)
+    CliRunner().invoke(cli, ["--help"])
+    limit = _address_space() + MEMORY_BOUND
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    signal.signal(signal.SIGALRM, _alarm)
+
+    @settings(max_examples=n, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"), database=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def run(data):
+        signal.alarm(EXAMPLE_SECONDS)
+        if os.environ.get("FUZZ_TRACE"):
+            print("AS MB", _address_space() >> 20, repr(data)[:100], file=sys.stderr, flush=True)
+        try:
+            case(data)
+        finally:
+            signal.alarm(0)
+
+    run()
+    print(f"{target}: {n} examples passed")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    os.environ.setdefault("NPGPT_DEVICE", "cpu")
+    main()

@@ -1,0 +1,59 @@
+"""Fuzz the loaders: mutated model, checkpoint, tokenizer, data and SFT files fail with one clean line.
+
+Valid folders are made once through the CLI (a tiny char-level run, a BPE tokenizer, a tiktoken
+file, SFT records); then, for each file kind, tests/fuzz_loaders_worker.py runs in a subprocess
+under an address-space limit and checks MAX_EXAMPLES hypothesis mutations of that file: the command
+reading it must exit 0 or print one `Error:` line, never raise, run out of memory or hang. The
+example count is bounded (derandomized, as the CI profile is) so this stays a CI test;
+FUZZ_EXAMPLES=N runs more.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from helpers import TINY, corpus
+from npgpt.cli.main import cli
+
+WORKER = Path(__file__).with_name("fuzz_loaders_worker.py")
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+TARGETS = ["config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta", "tiktoken", "sft", "meta"]
+
+
+def _ok(args):
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-pristine")
+    (root / "corpus.txt").write_text(corpus(800))
+    _ok(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "char"])
+    _ok(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--max-iters", "2", "--quiet", *TINY])
+    _ok(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "bpe"), "--tokenizer", "bpe",
+         "--vocab-size", "300"])
+    from npgpt.tokenizer import load
+    load(root / "bpe").save_tiktoken(root / "ranks.tiktoken")
+    records = [{"prompt": "the quick", "completion": " brown fox"},
+               {"messages": [{"role": "user", "content": "hex"}, {"role": "assistant", "content": "zebras"}]},
+               {"prompt": "seven", "completion": " wizards"}]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_mutated_files_fail_cleanly_within_a_memory_bound(pristine, target):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, str(WORKER), target, str(pristine), str(EXAMPLES)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, f"{target}: {(p.stdout + p.stderr)[-6000:]}"
+    assert f"{target}: {EXAMPLES} examples passed" in p.stdout
