@@ -132,3 +132,22 @@ def test_attention_recompute_matches_saved_probabilities(B, T, nh, hs):
         results.append((y.data, x.grad))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (70, 4000)])   # the second spans several row blocks
+def test_gelu_recomputed_tanh_matches_kept_tanh(shape):
+    rng = np.random.default_rng(0)
+    x0, dy = rng.standard_normal(shape) * 3, rng.standard_normal(shape)
+    results = []
+    for keep in (False, True):
+        N.GELU.keep_tanh = keep
+        try:
+            x = Tensor(x0.copy(), requires_grad=True)
+            y = N.gelu(x)
+            assert (y._ctx.saved[1] is None) is (not keep)
+            y.backward(dy)
+        finally:
+            N.GELU.keep_tanh = False
+        results.append((y.data, x.grad))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
