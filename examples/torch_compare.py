@@ -252,7 +252,7 @@ def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeat
         model.save_pretrained(tmp)
         hf = GPT2LMHeadModel.from_pretrained(tmp).eval() if GPT2LMHeadModel else None
         Q.save_quantized(model, tmp + "/q8", bits=8)
-        q8 = GPT.from_pretrained(tmp + "/q8")
+        q8 = Q.load_model(tmp + "/q8")
 
     def ours(m, ids, n):
         return lambda: generate(m, ids.tolist(), n, temperature=0)
