@@ -19,6 +19,9 @@ off) and groups them into op kinds; "other/Python" is whatever the ops and the o
 account for (the engine's own bookkeeping, gradient accumulation, the model's Python code).
 
 `bench_generate` times greedy decoding with and without the KV cache.
+
+`--set replicas=N` times the step with the batch split over N threads (`npgpt.replicas`), as
+`npgpt train --set replicas=N` runs it.
 """
 
 from __future__ import annotations
