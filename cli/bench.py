@@ -37,6 +37,14 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
         batch_size = overrides.get("batch_size", DEFAULT_BATCH_SIZE)
     device = overrides.get("device", device)
     seed = overrides.get("seed", 0)
+    from npgpt.distributed import current       # the job's communicator (set under mpiexec)
+    if current().world_size > 1:                # mpiexec -n N npgpt bench: --batch-size is per rank
+        from npgpt.data_parallel import bench_data_parallel, format_bench   # only for launched jobs
+        result = bench_data_parallel(preset, overrides, batch_size, block_size, device, iters, warmup, seed=seed,
+                                     lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0),
+                                     zero_stage=overrides.get("zero_stage", 0))
+        click.echo(json.dumps(result) if as_json else format_bench(result))
+        return
     result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,
                          iters=iters, warmup=warmup, profile=profile, seed=seed,
                          lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0),

@@ -38,7 +38,7 @@ def _run(fn, checkpoint, out, data, eval_tokens, sample_tokens, force, **kw):
     r = fn(checkpoint, out, data=data, max_eval_tokens=eval_tokens, sample_tokens=sample_tokens, force=force, **kw)
     click.echo(f"{r['checkpoint']} -> {r['out']}")
     click.echo(format_report(r["before"], r["after"], r["notes"]))
-    click.echo(f"try it:  npgpt sample --checkpoint {r['out']} --prompt \"...\"")
+    click.echo(f"try it:  npgpt sample --checkpoint {r['out']}   # add --prompt TEXT to start from your text")
 
 
 @click.command()

@@ -15,12 +15,21 @@ MATRIX_MAX_TOKENS = 48     # wider shaded matrices wrap in a terminal; the top-k
 @click.option("--layer", type=int, default=None, help="Only this layer (default: every layer).")
 @click.option("--head", type=int, default=None, help="Only this head (default: the mean over heads).")
 @click.option("--top", "top_k", type=int, default=3, show_default=True, help="Attended tokens listed per token.")
-@click.option("--png", type=click.Path(), default=None, help="Also draw the heat map(s) into this PNG (needs npgpt[plot]).")
-def inspect(checkpoint, prompt, layer, head, top_k, png):
-    """Show which earlier tokens each token of PROMPT attends to most."""
+@click.option("--png", type=click.Path(), default=None,
+              help="Also draw into this PNG (needs npgpt[plot]): a layer x head grid of attention maps, "
+                   "or with --logit-lens the lens heat map.")
+@click.option("--scale", type=click.Choice(["linear", "log", "row"]), default="linear", show_default=True,
+              help="PNG colour scale: weights, log10 weights, or each row over its maximum.")
+@click.option("--logit-lens", "lens", is_flag=True,
+              help="Instead of attention: per layer, the token ln_f + unembedding would predict from "
+                   "that layer's residual stream.")
+def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
+    """Show which earlier tokens each token of PROMPT attends to most (or, with --logit-lens, what
+    each layer would predict)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
-    from npgpt.inspect import attention_maps, format_top, save_heatmap_png, select, shade_matrix, token_labels
+    from npgpt.inspect import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
+                               save_logit_lens_png, select, shade_matrix, token_labels)
     if top_k <= 0:
         raise NpgptError(f"--top must be positive, got {top_k}")
     if png is not None:
@@ -30,6 +39,15 @@ def inspect(checkpoint, prompt, layer, head, top_k, png):
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
     model, tok, _ = load_model_and_tokenizer(checkpoint)
     ids = tok.encode_prompt(prompt)
+    if lens:
+        probs = logit_lens(model, ids)
+        labels = token_labels(tok, ids, width=8)
+        click.echo("logit lens: top next-token prediction (and its probability) after each layer")
+        click.echo("\n".join(format_logit_lens(probs, labels, tok)))
+        if png is not None:
+            save_logit_lens_png(probs, labels, tok, png)
+            click.echo(f"wrote {png}")
+        return
     maps = attention_maps(model, ids)
     chosen = select(maps, layer, head)
     labels = token_labels(tok, ids)
@@ -40,7 +58,9 @@ def inspect(checkpoint, prompt, layer, head, top_k, png):
         if len(ids) <= MATRIX_MAX_TOKENS:
             click.echo("\n".join(shade_matrix(att, labels)))
     if png is not None:
-        save_heatmap_png(chosen, labels, png, title=f"attention, {heads}")
+        save_attention_grid_png(maps, labels, png, layers=[layer] if layer is not None else None,
+                                heads=[head] if head is not None else None, scale=scale,
+                                title=f"attention of {len(ids)} tokens, {scale} scale")
         click.echo(f"wrote {png}")
 
 

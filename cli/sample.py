@@ -62,7 +62,9 @@ def encode_prompt(tok, text):
 @click.option("--prompt-file", type=click.Path(), default=None, help="Read the prompt from a file.")
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Independent samples (batched).")
 @click.option("--stream/--no-stream", default=None, help="Print tokens as they come (default: on a TTY).")
-@click.option("--show-probs", is_flag=True, help="Print each token's probability and the top-5 alternatives.")
+@click.option("--show-probs", is_flag=True,
+              help="Print each token beside the text before it, with the model's probability, the probability "
+                   "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @sampling_options
 @control_options
@@ -105,7 +107,10 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
             generated[s.row].append(s.token)
             if show_probs:
                 alts = "  ".join(f"{_piece(tok, t)} {p:.3f}" for t, p in s.top)
-                click.echo(f"[{s.row}] {_piece(tok, s.token)} p={s.prob:.3f} | top-5: {alts}")
+                before = repr(((prompt or "") + _body(tok, generated[s.row][:-1], ()))[-24:])
+                drawn = "-" if s.sampled is None else f"{s.sampled:.3f}"
+                click.echo(f"[{s.row}] {before:>26} + {_piece(tok, s.token):<6} model {s.prob:.3f}  "
+                           f"sampled {drawn} | top-5: {alts}")
             elif stream:
                 # decode the whole tail so multi-byte characters split over tokens print whole
                 text = _body(tok, generated[0], stop)

@@ -59,7 +59,10 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
     return apply_overrides(TrainConfig(), {**defaults, **user}).validate()
 
 
-def run_training(cfg, batch_source=None, next_step="npgpt sample --checkpoint {out} --prompt \"...\""):
+NEXT_STEP = "npgpt sample --checkpoint {out}   # add --prompt TEXT to start from your own text"
+
+
+def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import TRAINING_PLUGINS

@@ -64,7 +64,9 @@ KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embe
 
 # ---- configuration -----------------------------------------------------------------------------
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-RUN_KEYS = ("preset", "batch_size", "device", "seed", "learning_rate", "grad_clip", "replicas")
+RUN_KEYS = ("preset", "batch_size", "device", "seed", "learning_rate", "grad_clip",
+            "zero_stage",                        # zero_stage: under mpiexec only (npgpt.data_parallel)
+            "replicas")                          # the batch split over threads (npgpt.replicas)
 
 
 def parse_overrides(pairs):

@@ -50,6 +50,8 @@ class Step:
     token: int
     prob: float                   # the model's probability of `token` (softmax at temperature 1)
     top: list = field(default_factory=list)   # [(token, prob)] most likely first (model probabilities)
+    sampled: float | None = None  # its probability in the distribution it was drawn from (after penalties,
+                                  # temperature, top-k, top-p); None where not tracked (speculative)
 
 
 def check_sampling_args(max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None, stop=None):
@@ -297,7 +299,7 @@ def generate_stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, top
                 t = int(new[i])
                 generated[i].append(t)
                 steps.append(Step(int(i), t, float(model_p[i, t]),
-                                  [(int(j), float(model_p[i, j])) for j in top[i]]))
+                                  [(int(j), float(model_p[i, j])) for j in top[i]], float(p[i, t])))
                 if (eot_id is not None and t == eot_id) or (
                         stops and any(s in tokenizer.decode(generated[i]) for s in stops)):
                     done[i] = True

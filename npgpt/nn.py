@@ -98,6 +98,37 @@ class Module:
             p.grad = None
         return self
 
+    def __repr__(self):
+        """The module tree: one line per child with its parameters' shapes and counts (and totals)."""
+        return "\n".join(self._repr_lines(type(self).__name__, ""))
+
+    def _repr_lines(self, name, indent, repeat=1):
+        own = [(n, v) for n, v in self._children() if isinstance(v, Tensor)]
+        kids = [(n, v) for n, v in self._children() if isinstance(v, Module)]
+        total = sum(p.size for p in self.parameters())
+        shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in own)
+        kind = type(self).__name__ if repeat == 1 else f"{repeat} x {type(self).__name__}"
+        head = f"{indent}{name}: {kind}" if name != kind else f"{indent}{name}"
+        count = f"{total:,} params" + (" each" if repeat > 1 else "")
+        lines = [f"{head}  [{shapes}]  {count}" if shapes else f"{head}  {count}"]
+        # runs of identically shaped children (the n_layer blocks) print once, then "x N"
+        i = 0
+        while i < len(kids):
+            n, m = kids[i]
+            j = i + 1
+            sig = m._signature()
+            while j < len(kids) and kids[j][1]._signature() == sig:
+                j += 1
+            if j - i > 1:
+                lines += m._repr_lines(f"{n}..{kids[j - 1][0].rsplit('.', 1)[-1]}", indent + "  ", j - i)
+            else:
+                lines += m._repr_lines(n, indent + "  ")
+            i = j
+        return lines
+
+    def _signature(self):
+        return (type(self).__name__, tuple((n, tuple(p.shape)) for n, p in self.named_parameters()))
+
     def state_dict(self):
         """{name: array}: the parameters' data (the arrays themselves, not copies)."""
         return {name: p.data for name, p in self.named_parameters()}

@@ -22,8 +22,8 @@ order, tested in tests/test_replicas.py).
 BLAS threads are set to one inside the threaded section through `threadpoolctl` (a dependency for
 this: it knows every BLAS that NumPy wheels ship, OpenBLAS, MKL, BLIS, Accelerate, where ctypes would
 need a guess per library), and restored after; the row-parallel passes of `npgpt.ops.parallel` stay
-on their calling thread there. `count_targets` and `loss_weight` are the same formulas as the MPI
-path's in `npgpt.distributed` (issue 14); once both are on main, one should import the other's.
+on their calling thread there. `count_targets` and `loss_weight` come from `npgpt.distributed`, so
+the threads here and the MPI ranks there weight slices with the same code.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from npgpt.backend import get_xp
+from npgpt.distributed import count_targets, loss_weight   # the MPI path's own: both weight alike
 from npgpt.ops import parallel
 from npgpt.tensor import Tensor
 
@@ -48,17 +48,6 @@ def blas_controller():
     if _controller is None:
         _controller = ThreadpoolController()
     return _controller
-
-
-def count_targets(y, ignore_index=-1):
-    """Targets that count (not ignore_index) in a batch of target ids."""
-    return int(get_xp(y).count_nonzero(y != ignore_index))
-
-
-def loss_weight(local_tokens, global_tokens):
-    """n_r / N: a slice's token-mean loss times this, summed over slices, is the batch's token mean
-    (0, never NaN, when nothing counts)."""
-    return float(local_tokens) / float(global_tokens) if global_tokens > 0 else 0.0
 
 
 def default_loss(model, x, y):

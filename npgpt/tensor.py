@@ -149,8 +149,17 @@ class Tensor:
         return len(self.data)
 
     def __repr__(self):
-        flag = ", requires_grad=True" if self.requires_grad else ""
+        # grad_fn names the Function that made this tensor (PyTorch's spelling): the graph's edge.
+        if self._ctx is not None:
+            flag = f", grad_fn=<{self._ctx.name}>"
+        else:
+            flag = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor({asnumpy(self.data)!r}{flag})"
+
+    @property
+    def grad_fn(self):
+        """The Function that produced this tensor (None for leaves and under no_grad)."""
+        return self._ctx
 
     def numpy(self):
         """The data as a NumPy array (a device->host copy on the GPU)."""

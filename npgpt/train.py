@@ -22,10 +22,16 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
 trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
 too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
 
+Under `mpiexec -n N` (npgpt.distributed.current() has N ranks) the trainer fills the loss and
+gradient hooks with npgpt.distributed.DataParallel (count-weighted loss, one gradient reduction
+per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
+training").
+
 Reproducibility by construction: the batch of step `it` is drawn from a generator seeded with
-(seed, it), and so is that step's dropout; eval batches likewise from (seed, it, "eval"). Nothing
-random carries over from one step to the next, so a resumed run needs only the weights, the
-optimizer moments and the step number to continue bit-identically.
+(seed, it) (and the rank, for data-parallel ranks other than 0), and so is that step's dropout;
+eval batches likewise from (seed, it, "eval"). Nothing random carries over from one step to the
+next, so a resumed run needs only the weights, the optimizer moments and the step number to
+continue bit-identically.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +56,12 @@ from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
 from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
                               save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
+from npgpt.distributed import DataParallel, current, for_device, local_rank0_first, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
-from npgpt.optim import AdamW, get_lr
+from npgpt.optim import get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import DynamicLossScaler, Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
@@ -98,6 +105,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    zero_stage: int = 0                  # 1: shard AdamW's moments over the ranks (mpiexec -n N; ZeRO-1)
     # evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 20
@@ -137,6 +145,8 @@ class TrainConfig:
                 raise NpgptError(f"{name} must be positive, got {v}")
         if self.min_lr < 0 or self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
+        if self.zero_stage not in (0, 1):
+            raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
         if not 0 <= self.dropout < 1:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -251,9 +261,10 @@ class Interrupted(Exception):
         self.out = out
 
 
-def step_rng(seed, it, stream=0):
-    """The generator for step `it` (and sub-stream): a pure function of (seed, it, stream)."""
-    return np.random.default_rng([seed, it, stream])
+def step_rng(seed, it, stream=0, rank=0):
+    """The generator for step `it` (and sub-stream) of data-parallel rank `rank`: a pure function of
+    (seed, it, stream, rank). Rank 0's stream is the one-process stream."""
+    return np.random.default_rng([seed, it, stream, rank] if rank else [seed, it, stream])
 
 
 def _prepare_out(cfg: TrainConfig):
@@ -275,10 +286,10 @@ def _prepare_out(cfg: TrainConfig):
     return out
 
 
-def _open_data(cfg: TrainConfig, log):
+def _open_data(cfg: TrainConfig, log, comm):
     if cfg.data is None:
         log("no --data given: using the built-in pydoc corpus, character-level (prepared once, cached)")
-        path = ensure_builtin_dataset("pydoc", tokenizer="char")
+        path = local_rank0_first(comm, lambda: ensure_builtin_dataset("pydoc", tokenizer="char"))
     else:
         path = Path(cfg.data)
     data = TokenData(path)
@@ -318,13 +329,19 @@ def _check_same_tokenizer(model_dir, data):
                          f"{model_dir}; prepare it with `npgpt prepare --tokenizer-from {model_dir}`")
 
 
-def estimate_loss(model, data, cfg, it, block_size):
-    """Mean loss over eval_iters batches of each split (model in eval mode, no graph)."""
+def estimate_loss(model, data, cfg, it, block_size, dp=None):
+    """Mean loss over eval_iters batches of each split (model in eval mode, no graph); with `dp`
+    (data-parallel) the ranks share the same batches and average them."""
     out = {}
     model.eval()
     with no_grad():
         for split in ("train", "val"):
             r = step_rng(cfg.seed, it, EVAL_STREAM if split == "val" else EVAL_STREAM + 10)
+            if dp is not None:
+                batches = (data.get_batch(split, cfg.batch_size, block_size, r, device=cfg.device)
+                           for _ in range(cfg.eval_iters))
+                out[split] = dp.eval_losses(model, batches)
+                continue
             losses = []
             for _ in range(cfg.eval_iters):
                 x, y = data.get_batch(split, cfg.batch_size, block_size, r, device=cfg.device)
@@ -387,11 +404,11 @@ class _Logger:
     """One line per log interval (or a live status line on a TTY), and metrics.jsonl records.
     A context manager: leaving the block ends the live line and closes metrics.jsonl."""
 
-    def __init__(self, out, quiet, stream=None, append=False):
-        self.quiet = quiet
+    def __init__(self, out, quiet, stream=None, append=False, writer=True):
+        self.quiet = quiet or not writer                  # data-parallel: rank 0 alone speaks
         self.stream = stream or sys.stdout
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.path = Path(out) / "metrics.jsonl"
+        self.path = Path(out) / "metrics.jsonl" if writer else Path(os.devnull)
         try:                                  # a resumed run adds to its records; any other starts afresh
             self.metrics = open(self.path, "a" if append else "w", encoding="utf-8")
         except OSError as e:
@@ -480,18 +497,22 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> Tr
     # paths stored absolute in state.json, so --resume from another directory finds the same files
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
                                       for k in ("data", "init_from", "sft", "teacher") if getattr(cfg, k)})
+    comm, device = for_device(current(), cfg.device)  # mpiexec -n N: this rank's GPU and NCCL; else as is
+    cfg = dataclasses.replace(cfg, device=device) if device != cfg.device else cfg
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
     tune_malloc()
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
-    with run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train"):
-        return _train_locked(cfg, stream, batch_source, plugins, xp)
+    # data-parallel: rank 0 holds the run folder's lock for the whole job
+    lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
+    with lock:
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
     out = _prepare_out(cfg)
-    with _Logger(out, cfg.quiet, stream, append=cfg.resume) as log:
-        data = batch_source or _open_data(cfg, log)
+    with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
+        data = batch_source or _open_data(cfg, log, comm)
         model, src = build_model(cfg, data, log)
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
@@ -504,12 +525,18 @@ def _train_locked(cfg, stream, batch_source, plugins, xp):
         replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
         if cfg.teacher and hooks.loss_fn is model_loss:
             raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
-        optimizer = AdamW(model.named_parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                          weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(model.named_parameters(), comm, cfg.zero_stage, lr=cfg.learning_rate,
+                                   betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        dp = None
+        if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
+            dp = DataParallel(comm)
+            dp.install(hooks, optimizer)
         scaler = DynamicLossScaler(enabled=Precision(cfg.precision).needs_loss_scaling)
-        run = _Run(cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src)
+        run = _Run(cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src, dp)
         run.describe(xp)
         with use_precision(cfg.precision), _catch_sigint() as interrupted:
+            if dp is not None:
+                interrupted = dp.agree_on(interrupted)   # every rank stops at the same step
             it = run.loop(interrupted)
         if interrupted():
             run.checkpoint(it, "interrupt")
@@ -521,11 +548,13 @@ def _train_locked(cfg, stream, batch_source, plugins, xp):
 class _Run:
     """The state of one training run and the loop over it (nanoGPT's train.py loop, in small parts)."""
 
-    def __init__(self, cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src):
+    def __init__(self, cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src, dp=None):
         self.cfg, self.out, self.log, self.data, self.model = cfg, out, log, data, model
         self.tokenizer, self.optimizer, self.scaler, self.hooks, self.block = tokenizer, optimizer, scaler, hooks, block
         self.start, self.best_val, self.last_loss, self.history = 0, float("inf"), None, []
-        self.tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps
+        self.dp, self.rank = dp, dp.rank if dp is not None else 0       # data-parallel (None: one process)
+        ranks = dp.comm.world_size if dp is not None else 1
+        self.tokens_per_iter = cfg.batch_size * block * cfg.gradient_accumulation_steps * ranks
         if cfg.resume:
             state = _load_resume_state(out, optimizer)
             self.start, self.best_val = state["iter"], state["best_val_loss"]
@@ -543,7 +572,8 @@ class _Run:
 
     def describe(self, xp):
         self.flops_per_iter = self.model.flops_per_token(self.block) * self.tokens_per_iter
-        self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9   # the run's precision
+        ranks = self.dp.comm.world_size if self.dp is not None else 1   # each rank measures its share
+        self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9 * ranks   # the run's precision
         self.log(f"tokens per iteration: {self.tokens_per_iter:,}; training {self.cfg.max_iters} iterations "
                  f"on {self.cfg.device}")
 
@@ -559,8 +589,8 @@ class _Run:
             if it == cfg.max_iters or interrupted():
                 break
             lr = lr_at(it, cfg)
-            _set_dropout_rng(self.model, step_rng(cfg.seed, it, DROPOUT_STREAM))
-            batch_rng = step_rng(cfg.seed, it)
+            _set_dropout_rng(self.model, step_rng(cfg.seed, it, DROPOUT_STREAM, self.rank))
+            batch_rng = step_rng(cfg.seed, it, 0, self.rank)          # rank r's own micro-batches
             batches = (self.data.get_batch("train", cfg.batch_size, self.block, batch_rng, device=cfg.device)
                        for _ in range(cfg.gradient_accumulation_steps))
             loss_sum = train_step(self.model, self.optimizer, batches, cfg.gradient_accumulation_steps,
@@ -573,7 +603,7 @@ class _Run:
         return it
 
     def evaluate_and_save(self, it):
-        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block)
+        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block, self.dp)
         if not all(math.isfinite(v) for v in losses.values()):
             self.diverged(losses["train"], it)
         rec = {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -590,14 +620,19 @@ class _Run:
 
     def log_step(self, step, loss_sum, lr):
         cfg = self.cfg
-        self.last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
+        if self.dp is not None:
+            self.last_loss = self.dp.global_loss            # the global batch's loss, the same on every rank
+        else:
+            self.last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
         if not math.isfinite(self.last_loss):
             self.diverged(self.last_loss, step)
         synchronize()
         dt = self.clock.seconds_per_iter()
         tps, mfu = self.tokens_per_iter / dt, self.flops_per_iter / dt / self.peak
+        norm = getattr(self.optimizer, "last_grad_norm", None)
+        norm = float(norm) if norm is not None and math.isfinite(float(norm)) else None
         self.log.record(kind="train", iter=step, loss=self.last_loss, lr=lr, ms_per_iter=dt * 1e3,
-                        tokens_per_s=tps, mfu=mfu)
+                        tokens_per_s=tps, mfu=mfu, grad_norm=norm)
         msg = (f"iter {step}/{cfg.max_iters}: loss {self.last_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
                f"{tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {dt * (cfg.max_iters - step):.0f}s")
         self.log.status(f"{_bar(step / cfg.max_iters)} {msg}" if self.log.tty else msg)
@@ -608,7 +643,12 @@ class _Run:
 
     def checkpoint(self, it, reason):
         cfg = self.cfg
-        save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, {
+        optimizer = self.optimizer
+        if self.dp is not None:
+            optimizer = self.dp.saved_optimizer(optimizer)   # collective (ZeRO-1 gathers its shards)
+            if not self.dp.comm.is_root:
+                return                                        # rank 0 alone writes
+        save_checkpoint(self.out, self.model, self.tokenizer, optimizer, {
             "iter": it, "best_val_loss": self.best_val, "config": dataclasses.asdict(cfg),
             "rng": {"scheme": "numpy default_rng([seed, iter, stream])", "seed": cfg.seed,
                     "streams": {"batches": 0, "eval": EVAL_STREAM, "dropout": DROPOUT_STREAM}},
@@ -683,10 +723,11 @@ def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, sc
         n_tokens += y.size
     if hooks.reduce_grads is not None:
         hooks.reduce_grads(optimizer.grad, n_tokens)
+    # the gradient norm before clipping is kept for the log line (`npgpt plot` draws it)
     if scaler is not None and scaler.enabled:
-        scaler.step(optimizer, lr, grad_clip)       # fp16: skips the step and halves the scale on inf/NaN
+        _, optimizer.last_grad_norm = scaler.step(optimizer, lr, grad_clip)   # fp16: skips the step on inf/NaN
     else:
-        optimizer.clip_grad_norm(grad_clip)
+        optimizer.last_grad_norm = optimizer.clip_grad_norm(grad_clip)
         optimizer.step(lr)
     return loss_sum
 

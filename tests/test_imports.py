@@ -19,11 +19,12 @@ FLOORS = [
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
     ("npgpt.model",),
-    ("npgpt.optim", "npgpt.replicas"),
+    ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
-     "npgpt.tokenizer.bench", "npgpt.serve"),
+     "npgpt.tokenizer.bench", "npgpt.serve",
+     "npgpt.reference", "npgpt.viz", "npgpt.data_parallel"),
     ("npgpt.cli",),
 ]
 
