@@ -47,7 +47,8 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
         return
     result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,
                          iters=iters, warmup=warmup, profile=profile, seed=seed,
-                         lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0))
+                         lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0),
+                         replicas=overrides.get("replicas", 1))
     if gen:
         result["generate"] = bench_generate(preset, overrides, block_size=block_size, device=device, seed=seed)
     if as_json:

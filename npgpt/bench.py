@@ -19,6 +19,9 @@ off) and groups them into op kinds; "other/Python" is whatever the ops and the o
 account for (the engine's own bookkeeping, gradient accumulation, the model's Python code).
 
 `bench_generate` times greedy decoding with and without the KV cache.
+
+`--set replicas=N` times the step with the batch split over N threads (`npgpt.replicas`), as
+`npgpt train --set replicas=N` runs it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from npgpt.generate import generate
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
 from npgpt.perf import gemm_peak_gflops, tune_malloc
+from npgpt.replicas import ThreadReplicas
 from npgpt.tensor import profiling
 from npgpt.train import TrainConfig, apply_overrides, parse_set_options
 
@@ -61,14 +65,15 @@ KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embe
 # ---- configuration -----------------------------------------------------------------------------
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 RUN_KEYS = ("preset", "batch_size", "device", "seed", "learning_rate", "grad_clip",
-            "zero_stage")                        # zero_stage: under mpiexec only (npgpt.data_parallel)
+            "zero_stage",                        # zero_stage: under mpiexec only (npgpt.data_parallel)
+            "replicas")                          # the batch split over threads (npgpt.replicas)
 
 
 def parse_overrides(pairs):
     """--set pairs -> {key: typed value}, with `npgpt train`'s key names and parser (npgpt.train).
 
     Model keys (n_layer, n_head, n_embd, block_size, dropout, bias) change the benchmarked model;
-    run keys (preset, batch_size, device, seed, learning_rate, grad_clip) the benchmark itself."""
+    run keys (preset, batch_size, device, seed, learning_rate, grad_clip, replicas) the benchmark itself."""
     raw = parse_set_options(pairs)
     for key in raw:
         if key not in MODEL_KEYS + RUN_KEYS:
@@ -129,7 +134,7 @@ class TrainStep:
     """
 
     def __init__(self, preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
-                 device="cpu", seed=0, lr=6e-4, grad_clip=1.0, n_batches=8):
+                 device="cpu", seed=0, lr=6e-4, grad_clip=1.0, n_batches=8, replicas=1):
         if int(batch_size) <= 0:
             raise NpgptError(f"--batch-size must be positive, got {batch_size}")
         tune_malloc()
@@ -145,20 +150,27 @@ class TrainStep:
         rng = np.random.default_rng(seed)
         self.batches = [tuple(to_device(rng.integers(0, cfg.vocab_size, (self.B, self.T)), self.device)
                               for _ in "xy") for _ in range(n_batches)]
+        self.replicas = None
+        if int(replicas) > 1:          # the batch split over threads (npgpt.replicas)
+            self.replicas = ThreadReplicas(self.model, int(replicas))
 
     @property
     def flops_per_iter(self):
         return self.model.flops_per_token(self.T) * self.B * self.T
 
     def __call__(self, i=0, prof=None):
-        """One iteration on batch i (mod the number of batches); returns the loss Tensor."""
+        """One iteration on batch i (mod the number of batches); returns the loss (a Tensor, or a
+        float with replicas)."""
         x, y = self.batches[i % len(self.batches)]
         t0 = prof.clock() if prof else 0.0
         self.opt.zero_grad()
         if prof:
             prof.seconds["optimizer"] += prof.clock() - t0
-        _, loss = self.model(x, y)
-        loss.backward()
+        if self.replicas is not None:
+            loss = self.replicas.forward_backward(x, y)
+        else:
+            _, loss = self.model(x, y)
+            loss.backward()
         if prof:
             t0 = prof.clock()
         self.opt.clip_grad_norm(self.grad_clip)
@@ -170,12 +182,12 @@ class TrainStep:
 
 def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
                 device="cpu", iters=20, warmup=3, profile=False, seed=0, lr=6e-4, grad_clip=1.0,
-                peak_gflops=None):
+                peak_gflops=None, replicas=1):
     """Time `iters` training iterations (see TrainStep) after `warmup` ones; returns a dict of
     the figures (see the module doc). peak_gflops: reuse a measured GEMM peak."""
     _check_counts(iters, warmup, batch_size)
     iters, warmup = int(iters), int(warmup)
-    step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
+    step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip, replicas=replicas)
     model, cfg, dev, B, T = step.model, step.config, step.device, step.B, step.T
 
     times, loss = [], None
@@ -186,7 +198,7 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
         synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    final_loss = float(loss.data)
+    final_loss = float(getattr(loss, "data", loss))
 
     if peak_gflops is None:
         peak_gflops = gemm_peak_gflops(xp_for(dev))
@@ -207,6 +219,7 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
         "mfu": flops_per_iter / med / 1e9 / peak_gflops,
         "final_loss": final_loss,
         "blas_threads": blas_threads(),
+        "replicas": int(replicas),
     }
 
     if profile:
@@ -236,7 +249,8 @@ def format_train(r):
         f"vocab {r['vocab_size']}, dropout {r['dropout']}), batch {r['batch_size']} x block {r['block_size']}, "
         f"device {r['device']}, {r['params']:,} parameters",
         f"one iteration = forward + backward + clip_grad_norm + AdamW step; {r['iters']} timed after "
-        f"{r['warmup']} warm-up",
+        f"{r['warmup']} warm-up" + (f"; the batch split over {r['replicas']} threads (replicas)"
+                                    if r.get("replicas", 1) > 1 else ""),
         f"ms/iter     median {r['ms_median']:.2f}   min {r['ms_min']:.2f}   max {r['ms_max']:.2f}",
         f"tokens/s    {r['tokens_per_s']:,.0f}",
         f"GFLOP/s     {r['gflops']:.1f}   ({r['flops_formula']})",

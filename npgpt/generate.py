@@ -38,6 +38,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
+from npgpt.ops.reduce import softmax_array
 from npgpt.safeio import finite
 from npgpt.tensor import no_grad
 
@@ -122,8 +123,7 @@ class Penalties:
 
 
 def softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return softmax_array(x, axis=-1)
 
 
 def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):

@@ -47,7 +47,7 @@ from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, re
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
 from npgpt.safeio import Bool, Int, check, check_finite_tensors, load_safetensors
-from npgpt.tensor import Tensor
+from npgpt.tensor import Tensor, is_grad_enabled
 
 BITS = (8, 4)
 QMAX = {8: 127, 4: 7}
@@ -121,6 +121,47 @@ def decode_weight(stored, scales, n_rows, bits):
     return dequantize(q, scales)
 
 
+# Columns per dequantised block: a (768, 256) float32 block is 768 KB, so it is written and then read
+# by the matmul while it is still in cache. Decoding one token through GPT-2's (768, 3072) c_fc
+# (batch 1) measured 0.33 ms this way against 0.55 ms converting the whole weight first (float32
+# weights: 0.06 ms from cache); for the (768, 50257) head shape, 22.6 ms against 53.7 ms, where the
+# float32 GEMV reading 154 MB from memory took 24.0 ms (one thread, this 2-core EPYC).
+QUANT_BLOCK_COLS = 256
+
+
+def quantized_matmul(x2, stored, scales, n_in, bits):
+    """x2 (N, in) float32 @ dequantize(stored) (in, out) -> (N, out) float32, NumPy only.
+
+    The weight is dequantised `QUANT_BLOCK_COLS` columns at a time into one reused buffer, straight
+    before the matmul that reads it, so no full float copy of the weight is ever built.
+    QuantizedLinear.forward's dequantise-then-multiply is the reference it is tested against.
+    """
+    N, n_out = x2.shape[0], stored.shape[1]
+    n_groups = scales.shape[0]
+    y = np.empty((N, n_out), dtype=np.float32)
+    cols = QUANT_BLOCK_COLS
+    flat = np.empty(n_in * cols, dtype=np.float32)
+    if bits == 4:
+        nib = np.empty((stored.shape[0], cols), dtype=np.uint8)
+    for j in range(0, n_out, cols):
+        k = min(cols, n_out - j)
+        w = flat[:n_in * k].reshape(n_in, k)                          # (in, k), contiguous
+        if bits == 4:                                                 # rows 2i low nibble, 2i+1 high
+            blk, nb = stored[:, j:j + k], nib[:, :k]
+            np.bitwise_and(blk, 0x0F, out=nb)
+            np.subtract(nb[:(n_in + 1) // 2], np.float32(8), out=w[0::2])   # in float32
+            np.right_shift(blk, 4, out=nb)
+            np.subtract(nb[:n_in // 2], np.float32(8), out=w[1::2])
+        else:
+            np.copyto(w, stored[:, j:j + k], casting="unsafe")         # int8 -> float32
+        if n_groups > 1:
+            w.reshape(n_groups, n_in // n_groups, k)[...] *= scales[:, None, j:j + k]
+        np.matmul(x2, w, out=y[:, j:j + k])
+    if n_groups == 1:
+        y *= scales[0]                                                # x @ (q s) = (x @ q) s
+    return y
+
+
 # ---- the module --------------------------------------------------------------------------------
 class QuantizedLinear(Module):
     """y = x @ dequantize(qweight, scales) + bias: a drop-in for npgpt.nn.Linear in inference.
@@ -153,6 +194,17 @@ class QuantizedLinear(Module):
             self.qweight, self.scales = to_device(self.qweight, dev), to_device(self.scales, dev)
             if self.bias is not None:
                 self.bias = Tensor(to_device(self.bias.data, dev))
+        if xp is np and x.dtype == np.float32 and not (x.requires_grad and is_grad_enabled()):
+            # inference on the CPU: dequantise in cache-sized blocks straight into the matmul
+            x2 = x.data.reshape(-1, self.n_in)
+            y = quantized_matmul(x2, self.qweight, self.scales, self.n_in, self.bits)
+            if self.bias is not None:
+                y += self.bias.data
+            return Tensor(y.reshape(x.shape[:-1] + (self.n_out,)))
+        return self.forward_reference(x)
+
+    def forward_reference(self, x):
+        """Dequantise the whole weight, then multiply (and the path that carries a gradient)."""
         if self.scales.shape[0] == 1:
             # one scale per output column: x @ (q * s) = (x @ q) * s, so scale the (small) output
             # instead of the whole weight, one pass over the weight fewer per call

@@ -64,6 +64,7 @@ from npgpt.ops.distill import check_distill_args
 from npgpt.optim import get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import DynamicLossScaler, Precision, use_precision
+from npgpt.replicas import training_plugin as replicas_plugin
 from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
 from npgpt.tensor import no_grad
 
@@ -93,6 +94,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
+    replicas: int = 1                    # CPU: split each micro-batch over this many threads (npgpt.replicas)
     max_iters: int = 2000
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -136,7 +138,7 @@ class TrainConfig:
         if not 0 <= self.sft_val_fraction < 1:
             raise NpgptError(f"sft_val_fraction must be in [0, 1), got {self.sft_val_fraction}")
         positive = ["max_iters", "batch_size", "learning_rate", "eval_interval", "eval_iters", "log_interval",
-                    "gradient_accumulation_steps"]
+                    "gradient_accumulation_steps", "replicas"]
         for name in positive:
             v = getattr(self, name)
             if v is None or v <= 0:
@@ -543,6 +545,7 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
         hooks = Hooks()
         for plugin in plugins:
             plugin(model, src, cfg, hooks)
+        replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
         if cfg.teacher and hooks.loss_fn is model_loss:
             raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
         if cfg.lora_rank is not None and hooks.save_model is None:

@@ -19,7 +19,7 @@ FLOORS = [
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
     ("npgpt.model",),
-    ("npgpt.optim", "npgpt.distributed"),
+    ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",

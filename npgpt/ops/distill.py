@@ -22,6 +22,7 @@ from __future__ import annotations
 from npgpt.backend import get_xp
 from npgpt.errors import NpgptError
 from npgpt.ops.nn import cross_entropy
+from npgpt.ops.reduce import log_softmax_array
 from npgpt.tensor import Function, Tensor
 
 
@@ -37,10 +38,8 @@ class DistillKL(Function):
         V = student.shape[-1]
         s = student.reshape(-1, V) / T                        # (N, V)
         t = self.teacher.reshape(-1, V).astype(student.dtype) / T
-        log_q = s - s.max(axis=1, keepdims=True)              # log_softmax, shifted for stability
-        log_q -= xp.log(xp.exp(log_q).sum(axis=1, keepdims=True))
-        log_p = t - t.max(axis=1, keepdims=True)
-        log_p -= xp.log(xp.exp(log_p).sum(axis=1, keepdims=True))
+        log_q = log_softmax_array(s, axis=1, out=s)           # s is our own temporary
+        log_p = log_softmax_array(t, axis=1, out=t)           # so is t (a new array, / T)
         p = xp.exp(log_p)
         kl = (p * (log_p - log_q)).sum(axis=1)                # (N,)
         valid = xp.ones(kl.shape, dtype=bool) if self.ignore is None else ~self.ignore.reshape(-1)

@@ -7,6 +7,10 @@ Beside each fused op sits `*_reference`, the same maths composed from primitive 
 check the two against each other and against finite differences.
 
 Shapes: B batch, T time, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
+
+Path: LayerNorm, GELU, attention and cross-entropy each decide once, in forward, whether the fused
+GPU kernels of `cuda_kernels` serve them (`self.kernel = _ck.use_kernels(...)`), and backward follows
+that record (`if self.kernel:`), so the two passes never take different paths.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from npgpt.ops import cuda_kernels as _ck
 from npgpt.ops import softmax as _softmax
 from npgpt.ops import where as _where
 from npgpt.ops.parallel import for_row_blocks
+from npgpt.ops.reduce import softmax_array
 from npgpt.tensor import Function, Tensor
 
 GELU_K = math.sqrt(2.0 / math.pi)   # a Python float: multiplying float32 by it stays float32
@@ -77,7 +82,8 @@ class LayerNorm(Function):
         xp = get_xp(x)
         C = x.shape[-1]
         x2 = x.reshape(-1, C)                                 # (N, C)
-        if _ck.use_kernels(x, w, b):                          # GPU: one fused kernel
+        self.kernel = _ck.use_kernels(x, w, b)
+        if self.kernel:                                       # GPU: one fused kernel
             y, mean, rstd = _ck.layernorm_forward(x, w, b, self.eps)
             self.save(x2, w, mean.reshape(-1, 1), rstd.reshape(-1, 1))
             return y
@@ -101,7 +107,7 @@ class LayerNorm(Function):
 
     def backward(self, dout):
         x2, w, mean, rstd = self.saved
-        if _ck.use_kernels(dout, x2):                         # GPU: dx kernel + column-sum kernel
+        if self.kernel:                                       # GPU: dx kernel + column-sum kernel
             dx, dw, db = _ck.layernorm_backward(dout.reshape(x2.shape), x2, w, mean, rstd)
             return dx.reshape(dout.shape), dw, db
         xp = get_xp(dout)
@@ -151,41 +157,54 @@ class GELU(Function):
     """GPT-2's tanh approximation: y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
 
     Row kernels over blocks of rows (see `for_row_blocks`), every pass in place in the block.
+    By default backward recomputes tanh from x instead of keeping it (as PyTorch and the GPU kernel
+    do): one tanh pass more per block, and one activation of the MLP's width (4C) less to keep,
+    100 MB per layer at shakespeare-char size (B 64, T 256), 600 MB of the step's peak.
+    `keep_tanh = True` keeps it (the reference the tests compare with).
     """
+    keep_tanh = False
+
+    @staticmethod
+    def _tanh_into(xp, xr, tr):
+        xp.multiply(xr, xr, out=tr)
+        tr *= 0.044715 * GELU_K
+        tr += GELU_K
+        tr *= xr
+        xp.tanh(tr, out=tr)                                   # t = tanh(k (x + 0.044715 x^3))
+        return tr
+
     def forward(self, x):
         xp = get_xp(x)
         x2 = x.reshape(-1, x.shape[-1])
-        if _ck.use_kernels(x):                                # GPU: one elementwise kernel
+        self.kernel = _ck.use_kernels(x)
+        if self.kernel:                                       # GPU: one elementwise kernel
             self.save(x2, None)                               # backward recomputes tanh
             return _ck.gelu_forward(x)
-        t = xp.empty(x2.shape, dtype=x.dtype)
+        t = xp.empty(x2.shape, dtype=x.dtype) if self.keep_tanh else None
         y = xp.empty(x2.shape, dtype=x.dtype)
 
         def rows(r):
-            xr, tr, yr = x2[r], t[r], y[r]
-            xp.multiply(xr, xr, out=tr)
-            tr *= 0.044715 * GELU_K
-            tr += GELU_K
-            tr *= xr
-            xp.tanh(tr, out=tr)                               # t = tanh(k (x + 0.044715 x^3))
+            xr, yr = x2[r], y[r]
+            tr = self._tanh_into(xp, xr, t[r] if t is not None else xp.empty(xr.shape, dtype=xr.dtype))
             xp.add(tr, 1.0, out=yr)
             yr *= xr
             yr *= 0.5
 
         for_row_blocks(x2.shape[0], x2.shape[1], rows, xp)
-        self.save(x2, t)
+        self.save(x2, t)                                      # t None: backward recomputes it
         return y.reshape(x.shape)
 
     def backward(self, dout):
         x2, t = self.saved
-        if t is None:                                         # the fused GPU forward ran
+        if self.kernel:                                       # GPU: recomputes tanh in the kernel
             return _ck.gelu_backward(dout.reshape(x2.shape), x2).reshape(dout.shape)
         xp = get_xp(dout)
         d2 = dout.reshape(x2.shape)
         dx = xp.empty(x2.shape, dtype=dout.dtype)
 
         def rows(r):
-            xr, tr, du = x2[r], t[r], dx[r]
+            xr, du = x2[r], dx[r]
+            tr = t[r] if t is not None else self._tanh_into(xp, xr, xp.empty(xr.shape, dtype=xr.dtype))
             # forward: y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3)
             #   =>  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
             xp.multiply(xr, xr, out=du)
@@ -213,22 +232,30 @@ def gelu_reference(x):
 
 
 # ---- causal self-attention ---------------------------------------------------------------------
-_mask_cache = {}
+_masks = {}   # (dtype, array module) -> the one (N, N) causal mask kept for it
 
 
 def causal_bias(Tq, Tk, dtype, xp=np):
     """(Tq, Tk) additive mask: 0 where query i may see key j (j <= i + Tk - Tq), -inf elsewhere.
 
-    Built once per shape and kept: the queries are the last Tq of Tk positions (Tq < Tk when a
-    KV cache supplies earlier keys).
+    The queries are the last Tq of Tk positions (Tq < Tk when a KV cache supplies earlier keys), so
+    the mask is rows Tk - Tq .. Tk of one square (N, N) causal mask, cut as a view. One square mask
+    is kept per (dtype, array module), grown to the next power of two when a longer sequence asks
+    (so at most 4 N^2 bytes for float32, however many prompt lengths a chat session sees).
     """
-    key = (Tq, Tk, np.dtype(dtype).str, xp.__name__)
-    bias = _mask_cache.get(key)
-    if bias is None:
-        allowed = np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
-        bias = xp.asarray(np.where(allowed, 0.0, -np.inf).astype(dtype))
-        _mask_cache[key] = bias
-    return bias
+    key = (np.dtype(dtype).str, xp.__name__)
+    full = _masks.get(key)
+    if full is None or full.shape[0] < Tk:
+        n = max(64, 1 << (int(Tk) - 1).bit_length())
+        full = xp.asarray(np.triu(np.full((n, n), -np.inf, dtype=dtype), k=1))
+        _masks[key] = full
+    return full[Tk - Tq:Tk, :Tk]
+
+
+def causal_bias_reference(Tq, Tk, dtype):
+    """The same mask built directly (for the tests)."""
+    allowed = np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+    return np.where(allowed, 0.0, -np.inf).astype(dtype)
 
 
 def attention_probs(q, k, key_mask=None):
@@ -242,10 +269,7 @@ def attention_probs(q, k, key_mask=None):
     if key_mask is not None:
         # finite, not -inf: a padding query that sees only padding keys stays finite (not NaN)
         att = xp.where(key_mask[:, None, None, :], att, att.dtype.type(-1e30))
-    att -= att.max(axis=-1, keepdims=True)                    # stable softmax, in place
-    xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
-    return att
+    return softmax_array(att, out=att)
 
 
 def split_heads(qkv, n_head):
@@ -276,18 +300,24 @@ class CausalSelfAttention(Function):
             raise ValueError(f"attention: qkv width {C3} is not 3 * n_head ({nh}) * head size")
         hs = C3 // (3 * nh)
         q, k, v = split_heads(qkv, nh)                        # (B, nh, T, hs) each
-        att = xp.empty((B, nh, T, T), dtype=qkv.dtype)
         keep = None
         if self.dropout > 0:   # drawn here, in order, so a seeded run is the same however it is split
-            keep = dropout_mask(att.shape, self.dropout, self.rng, xp, att.dtype)
+            keep = dropout_mask((B, nh, T, T), self.dropout, self.rng, xp, qkv.dtype)
         y = xp.empty((B, T, nh, hs), dtype=qkv.dtype)
         y_heads = y.transpose(0, 2, 1, 3)                     # (B, nh, T, hs) view of y
-        bias = causal_bias(T, T, att.dtype, xp)
-        fused = _ck.use_kernels(qkv)
+        bias = causal_bias(T, T, qkv.dtype, xp)
+        self.kernel = fused = _ck.use_kernels(qkv)
+        # Recompute: keep only each score row's log-sum-exp (B, nh, T, 1) and rebuild the
+        # probabilities in backward from q and k (as flash attention does), instead of keeping the
+        # (B, nh, T, T) probabilities: at shakespeare-char size that is 100 MB less per layer,
+        # 600 MB of the step's peak, for one more (b, nh, T, T) matmul per block in backward.
+        self.recompute = recompute = self.recompute_scores and keep is None and not fused
+        att = None if recompute else xp.empty((B, nh, T, T), dtype=qkv.dtype)
+        lse = xp.empty((B, nh, T, 1), dtype=qkv.dtype) if recompute else None
         mm = _precision.matmul
 
         def rows(r):                                          # sequences r
-            a = att[r]
+            a = att[r] if att is not None else xp.empty((r.stop - r.start, nh, T, T), dtype=qkv.dtype)
             if fused:                                         # GPU: scale, mask, softmax in one kernel
                 mm(q[r], k[r].swapaxes(-1, -2), out=a)
                 _ck.causal_softmax_forward(a, 1.0 / math.sqrt(hs), out=a)
@@ -295,17 +325,19 @@ class CausalSelfAttention(Function):
                 # Scale q (T/hs times smaller than the scores) instead of the (b, nh, T, T) scores.
                 mm(q[r] * (1.0 / math.sqrt(hs)), k[r].swapaxes(-1, -2), out=a)
                 a += bias
-                a -= a.max(axis=-1, keepdims=True)            # stable softmax, in place
-                xp.exp(a, out=a)
-                a /= a.sum(axis=-1, keepdims=True)
+                _, m, log_sum = softmax_array(a, out=a, return_stats=True)
+                if recompute:
+                    xp.add(m, log_sum, out=lse[r])            # logsumexp of each score row
             mm(a * keep[r] if keep is not None else a, v[r], out=y_heads[r])
 
         for_row_blocks(B, nh * T * T, rows, xp, threaded=False)
-        self.save(qkv, att, keep)
+        self.save(qkv, lse if recompute else att, keep)
         return y.reshape(B, T, C3 // 3)
 
+    recompute_scores = True    # False keeps the probabilities (the reference the tests compare with)
+
     def backward(self, dout):
-        qkv, att, keep = self.saved
+        qkv, att, keep = self.saved                           # att: the lse (B, nh, T, 1) if recompute
         xp = get_xp(dout)
         B, T, C3 = qkv.shape
         nh, hs = self.n_head, C3 // (3 * self.n_head)
@@ -314,11 +346,20 @@ class CausalSelfAttention(Function):
         dqkv = xp.empty((B, T, 3, nh, hs), dtype=qkv.dtype)
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         scale = 1.0 / math.sqrt(hs)
-        fused = _ck.use_kernels(att)
+        fused = self.kernel
         mm = _precision.matmul
 
+        bias = causal_bias(T, T, qkv.dtype, xp) if self.recompute else None
+
         def rows(r):                                          # sequences r
-            a = att[r]
+            if self.recompute:
+                # forward: att = exp(s - logsumexp(s)), s = (q / sqrt(hs)) k^T + mask
+                a = mm(q[r] * scale, k[r].swapaxes(-1, -2))   # (b, nh, T, T)
+                a += bias
+                a -= att[r]
+                xp.exp(a, out=a)                              # masked entries: exp(-inf) = 0
+            else:
+                a = att[r]
             a_d = a * keep[r] if keep is not None else a
             # forward: y = att_d @ v  =>  dv = att_d^T @ dy, datt_d = dy @ v^T
             mm(a_d.swapaxes(-1, -2), dy[r], out=dv[r])
@@ -371,25 +412,23 @@ class CrossEntropy(Function):
         t = self.targets.reshape(-1)                          # (N,)
         if t.shape[0] != z.shape[0]:
             raise ValueError(f"cross_entropy: logits {logits.shape} and targets {self.targets.shape} do not match")
-        if _ck.use_kernels(z):                                # GPU: loss and gradient in one kernel
+        self.kernel = _ck.use_kernels(z)
+        if self.kernel:                                       # GPU: loss and gradient in one kernel
             loss, _, dz = _ck.cross_entropy_forward_backward(z, t, self.ignore_index)
             self.save(dz, None, None, None)                   # dz = (softmax - onehot) / n_valid
             return loss
         valid = t != self.ignore_index
         safe_t = xp.where(valid, t, 0)
-        probs = z - z.max(axis=1, keepdims=True)              # (N, V) shifted logits
-        picked = xp.take_along_axis(probs, safe_t[:, None], axis=1)[:, 0]
-        xp.exp(probs, out=probs)
-        total = probs.sum(axis=1)                             # (N,)
-        nll = xp.log(total) - picked                          # (N,) = logsumexp - logit[target]
-        probs /= total[:, None]                               # softmax, kept for backward
+        probs, m, log_sum = softmax_array(z, axis=1, return_stats=True)   # (N, V), kept for backward
+        picked = xp.take_along_axis(z, safe_t[:, None], axis=1) - m       # (N, 1) shifted target logit
+        nll = (log_sum - picked)[:, 0]                        # (N,) = logsumexp - logit[target]
         n = xp.maximum(valid.sum(), 1).astype(logits.dtype)   # 1 when all are ignored: loss 0, not NaN
         self.save(probs, safe_t, valid, n)
         return (nll * valid).sum() / n
 
     def backward(self, dout):
         probs, t, valid, n = self.saved
-        if t is None:                                         # fused forward saved the gradient
+        if self.kernel:                                       # the forward kernel saved the gradient
             return (probs * dout).reshape(self.logits_shape)
         xp = get_xp(probs)
         # forward: loss = mean_valid (logsumexp(z) - z[target])  =>  dz = (softmax(z) - onehot) / n

