@@ -111,6 +111,15 @@ def test_split_rows_cover_everything_once(split_everything):
     assert (seen == 1).all() and starts == sorted(starts)
 
 
+def test_split_everything_really_uses_two_threads(split_everything):
+    # The fixture lowers MIN_PARALLEL_ELEMS; for_row_blocks must read it at call time, or every
+    # row-block test here would run on one thread and never exercise the sharing of blocks.
+    import threading
+    idents = set()
+    parallel.for_row_blocks(37, 3, lambda r: idents.add(threading.get_ident()))
+    assert len(idents) == 2
+
+
 def test_layer_norm_row_blocks(split_everything):
     same(N.layer_norm, N.layer_norm_reference, rnd(0, 3, 7, 5), rnd(1, 5), rnd(2, 5))
 

@@ -69,13 +69,16 @@ def _get_pool():
     return _pool
 
 
-def for_row_blocks(n_rows, row_elems, kernel, xp=np, threaded=True, min_parallel=MIN_PARALLEL_ELEMS):
+def for_row_blocks(n_rows, row_elems, kernel, xp=np, threaded=True, min_parallel=None):
     """Run kernel(rows) over slices covering range(n_rows); returns the list of kernel results
     in row order (for partial sums). row_elems: values per row, to size the blocks.
 
     threaded=False keeps the cache-sized blocks but runs them one after another on the calling
     thread (for kernels whose matmuls BLAS already spreads over the cores). min_parallel: the
-    size from which threads are used (lower it for work that does not follow a matmul)."""
+    size from which threads are used (lower it for work that does not follow a matmul; None: the
+    module's MIN_PARALLEL_ELEMS, read at call time so a test or a tuning script can change it)."""
+    if min_parallel is None:
+        min_parallel = MIN_PARALLEL_ELEMS
     total = n_rows * row_elems
     if xp is not np or n_rows < 2 or total < 2 * BLOCK_ELEMS:   # small: it fits the cache as it is
         return [kernel(slice(0, n_rows))]
