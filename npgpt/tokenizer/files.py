@@ -173,13 +173,7 @@ def read_vocab_json(path) -> dict[str, int]:
         raise NpgptError(f"{path} must be a JSON object mapping token strings to integer ids; {restore}")
     if not vocab:
         raise NpgptError(f"{path} holds no tokens; {restore}")
-    bad = next((k for k, v in vocab.items() if not 0 <= v < len(vocab)), None)
-    if bad is not None:
-        raise NpgptError(f"{path}: token {bad[:40]!r} has id {vocab[bad]}, outside 0..{len(vocab) - 1} (ids must be "
-                         f"below the number of entries); {restore}")
-    if len(set(vocab.values())) != len(vocab):
-        raise NpgptError(f"{path}: two tokens share an id; {restore}")
-    return vocab
+    return _check_dense_ids(path, vocab, "id", restore)
 
 
 def read_merges_txt(path) -> list[tuple[str, str]]:
@@ -239,13 +233,20 @@ def read_tiktoken_ranks(path) -> dict[bytes, int]:
         ranks[token] = rank
     if not ranks:
         raise NpgptError(f"{path} holds no tokens; give a tiktoken rank file (like cl100k_base.tiktoken)")
-    bad = next((t for t, r in ranks.items() if not 0 <= r < len(ranks)), None)
+    return _check_dense_ids(path, ranks, "rank", "the file is corrupt")
+
+
+def _check_dense_ids(path, table: dict, what: str, fix: str) -> dict:
+    """token -> id (vocab.json) or rank (tiktoken): every number below the entry count and none
+    shared, so the ids are exactly 0..n-1 and an embedding of n rows covers them (a stranger's file
+    naming id 10**9 must not size an allocation)."""
+    bad = next((t for t, i in table.items() if not 0 <= i < len(table)), None)
     if bad is not None:
-        raise NpgptError(f"{path}: token {bad[:20]!r} has rank {ranks[bad]}, outside 0..{len(ranks) - 1} (ranks "
-                         f"must be below the number of entries); the file is corrupt")
-    if len(set(ranks.values())) != len(ranks):
-        raise NpgptError(f"{path}: two tokens share a rank; the file is corrupt")
-    return ranks
+        raise NpgptError(f"{path}: token {bad[:40]!r} has {what} {table[bad]}, outside 0..{len(table) - 1} "
+                         f"({what}s must be below the number of entries); {fix}")
+    if len(set(table.values())) != len(table):
+        raise NpgptError(f"{path}: two tokens share a{'n' if what == 'id' else ''} {what}; {fix}")
+    return table
 
 
 def format_tiktoken_ranks(tokens: list[tuple[bytes, int]]) -> str:
