@@ -32,7 +32,6 @@ each checkpoint; `distill_from_teacher` makes the loss alpha * KD(teacher) + (1 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -51,6 +50,7 @@ from npgpt.model import GPT, read_hf_config, records_quantization
 from npgpt.ops.distill import mixed_loss
 from npgpt.quant import QuantizedLinear, check_scheme, linear_layers, load_model, save_quantized
 from npgpt.tensor import no_grad
+from npgpt.safeio import read_json_object
 
 PRUNE_MASK_FILE = "prune_mask.safetensors"
 # Files of a checkpoint folder that belong to the training run, not to the model: not copied.
@@ -405,7 +405,7 @@ def trim_checkpoint(checkpoint, out, mlp_keep=1.0, drop_layers=(), **kw):
 def _save_float(model, out_dir, record):
     """save_pretrained, plus a record of what was done under config.json's "npgpt" key."""
     model.save_pretrained(out_dir)
-    hf = json.loads((Path(out_dir) / "config.json").read_text())
+    hf = read_json_object(Path(out_dir) / "config.json", "config.json")
     hf.setdefault("npgpt", {}).update(record)
     atomic_write_json(Path(out_dir) / "config.json", hf)
 

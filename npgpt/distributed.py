@@ -258,7 +258,7 @@ class MPIComm(Communicator):
         return [float(v) for v in a]
 
     def broadcast_object(self, obj, root=0):
-        """As JSON text in a byte buffer (mpi4py's lowercase bcast would pickle; npgpt never does)."""
+        """As JSON text in a byte buffer (mpi4py's lowercase bcast serialises arbitrary Python objects; npgpt sends only JSON)."""
         data = json.dumps(obj).encode("utf-8") if self.rank == root else b""
         size = np.array([len(data)], dtype=np.int64)
         with self.watchdog.waiting("broadcast"):

@@ -38,7 +38,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
-from npgpt.ops.reduce import softmax_array
+from npgpt.ops.reduce import log_softmax_array, softmax_array
 from npgpt.safeio import finite
 from npgpt.tensor import no_grad
 
@@ -334,8 +334,7 @@ def cut_at_stop(text, stop):
 
 
 def log_softmax(x):
-    z = x - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return log_softmax_array(x, axis=-1)
 
 
 def beam_search(model, ids, max_new_tokens, num_beams=4, length_penalty=1.0, eot_id=None):

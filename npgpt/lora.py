@@ -27,7 +27,6 @@ MLP's) or one regular expression matched against the whole module name, as in PE
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from npgpt.model import read_hf_config
 from npgpt.nn import Linear, Module, Parameter
 from npgpt.ops.nn import dropout, linear
 from npgpt.quant import QuantizedLinear, linear_layers, load_model
-from npgpt.safeio import load_safetensors
+from npgpt.safeio import load_safetensors, read_json_object
 from npgpt.tensor import Function, Tensor
 
 CONFIG_FILE = "adapter_config.json"
@@ -366,14 +365,11 @@ def read_adapter(folder):
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise NpgptError(f"{cfg_path} is missing: an adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        raw_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NpgptError(f"{cfg_path} is not valid JSON ({e})") from None
+    raw_cfg = read_json_object(cfg_path, "adapter config")
     config = LoRAConfig.from_peft(raw_cfg, str(cfg_path))
     wpath = folder / WEIGHTS_FILE
     if not wpath.is_file():
-        extra = " (adapter_model.bin is a pickle and is not read: save with safe_serialization=True)" \
+        extra = " (adapter_model.bin, PyTorch's own format, is not read: save with safe_serialization=True)" \
             if (folder / "adapter_model.bin").exists() else ""
         raise NpgptError(f"{wpath} is missing{extra}")
     raw = load_safetensors(wpath, upcast=True)        # bf16 adapters (PEFT trained in bf16) widen to float32

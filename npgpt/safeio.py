@@ -198,6 +198,18 @@ def read_json(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES, max_dep
     return parse_json(read_limited(path, what, max_bytes), str(path), max_depth, allow_infinity)
 
 
+def read_jsonl(path, what: str = "file", max_bytes: int = MAX_JSON_BYTES):
+    """[(where, record)] of a JSON Lines file: one value per non-blank line, each under the JSON
+    limits above; `where` ("PATH line N") names the line for the caller's own checks."""
+    path = Path(path)
+    try:
+        lines = read_limited(path, what, max_bytes).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise NpgptError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+    return [(f"{path} line {n}", parse_json(line, f"{path} line {n}"))
+            for n, line in enumerate(lines, 1) if line.strip()]
+
+
 def read_json_object(path, what: str = "file", **limits) -> dict:
     """`read_json`, which must give an object (`{...}`)."""
     obj = read_json(path, what, **limits)

@@ -62,6 +62,7 @@ from npgpt.errors import NpgptError
 from npgpt.evaluate import load_model_and_tokenizer
 from npgpt.generate import Penalties, draw, log_softmax, sampling_probs, top_tokens
 from npgpt.sft import CHAT_TOKENS, render_chat
+from npgpt.safeio import parse_json
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
@@ -647,9 +648,9 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+            body = parse_json(raw, "the request body")    # depth / number limits: a nested body is a 400
+        except NpgptError as e:
+            raise ApiError(400, str(e)) from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         app = self.app

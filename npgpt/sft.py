@@ -30,7 +30,7 @@ from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
 from npgpt.model import GPTConfig, read_hf_config
-from npgpt.safeio import parse_json, read_limited
+from npgpt.safeio import read_jsonl
 
 ROLES = ("system", "user", "assistant")
 MAX_SFT_BYTES = 1 << 30
@@ -42,15 +42,7 @@ def read_records(path):
     p = Path(path)
     if not p.exists():
         raise NpgptError(f"SFT file {p} does not exist")
-    try:
-        lines = read_limited(p, "SFT file", max_bytes=MAX_SFT_BYTES).decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise NpgptError(f"SFT file {p} is not UTF-8 text (byte {e.start})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        records.append(validate_record(parse_json(line, f"{p} line {n}"), f"{p} line {n}"))
+    records = [validate_record(rec, where) for where, rec in read_jsonl(p, "SFT file", max_bytes=MAX_SFT_BYTES)]
     if not records:
         raise NpgptError(f"SFT file {p} holds no records")
     return records

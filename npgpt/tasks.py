@@ -30,7 +30,10 @@ from npgpt.backend import asnumpy, get_xp
 from npgpt.errors import NpgptError
 from npgpt.evaluate import load_model_and_tokenizer
 from npgpt.fileio import atomic_write_text
+from npgpt.safeio import read_jsonl
 from npgpt.tensor import no_grad
+
+MAX_TASK_BYTES = 1 << 30      # a task file is data the user brings: generous, but bounded
 
 
 def read_task(path):
@@ -38,19 +41,8 @@ def read_task(path):
     p = Path(path)
     if not p.is_file():
         raise NpgptError(f"task file {p} does not exist")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise NpgptError(f"task file {p} is not UTF-8 text (byte {e.start})") from None
     items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{p} line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NpgptError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, rec in read_jsonl(p, "task file", max_bytes=MAX_TASK_BYTES):
         if not isinstance(rec, dict):
             raise NpgptError(f"{where}: expected a JSON object with ctx, endings and label")
         ctx, endings, label = rec.get("ctx"), rec.get("endings"), rec.get("label")

@@ -17,13 +17,13 @@ val loss, learning rate, tokens/s and gradient norm over steps. matplotlib is op
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_bytes
+from npgpt.safeio import parse_json
 
 
 # ---- the autograd graph ------------------------------------------------------------------------
@@ -188,9 +188,9 @@ def read_metrics(run) -> dict:
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
-                rec = json.loads(line)
+                rec = parse_json(line, f"{path}")  # npgpt's JSON limits: a stranger's file too
                 it = int(rec["iter"])              # also fails for a line that is not a JSON object
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (NpgptError, ValueError, KeyError, TypeError, IndexError):
                 skipped += 1
                 continue
 

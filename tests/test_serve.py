@@ -240,7 +240,7 @@ def test_api_key(chat_server):
 
 def test_bad_requests_never_take_the_server_down(plain_server):
     for body, status in ((b"{bad json", 400), (b"[1, 2]", 400), (b"\xff\xfe", 400), (b"", 400),
-                         (b'{"prompt": 5}', 400)):
+                         (b'{"prompt": 5}', 400), (b"[" * 1900 + b"]" * 1900, 400)):   # nested: a 400, not a 500
         s, _, data = raw(plain_server, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
         assert s == status, body
         assert_error_body(data)
