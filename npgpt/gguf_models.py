@@ -29,12 +29,14 @@ import numpy as np
 from npgpt.errors import NpgptError
 from npgpt.gguf import GGUFFile, quantize, write_gguf
 from npgpt.model import GPT, GPTConfig
+from npgpt.quant import QuantizedEmbedding, QuantizedLinear, linear_layers
 from npgpt.tokenizer.bpe import BPETokenizer, PATTERNS
+from npgpt.tensor import Tensor
 from npgpt.tokenizer.files import bytes_to_gpt2_string, gpt2_string_to_bytes
 
-EXPORT_TYPES = ("f32", "f16", "q8_0")
+EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")     # the CLI offers the first three
 # llama.cpp's general.file_type (llama_ftype) of a file whose large weights are all of one type
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}
 # ggml token types (llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -86,7 +88,7 @@ def gpt2_config(g: GGUFFile) -> GPTConfig:
         raise NpgptError(f"{g.path}: {e}") from None
 
 
-def gpt2_from_gguf(g: GGUFFile, device="cpu", **overrides):
+def gpt2_from_gguf(g: GGUFFile, device="cpu", keep_quantized=False, **overrides):
     config = gpt2_config(g)
     names = gpt2_names(config)
     shapes = config.param_shapes()
@@ -95,14 +97,30 @@ def gpt2_from_gguf(g: GGUFFile, device="cpu", **overrides):
     if head is not None:
         expected["output.weight"] = shapes["transformer.wte.weight"]
     check_tensors(g, expected)
+    kept = {}                                     # layer name -> QuantizedLinear
+    if keep_quantized:
+        for ours, theirs, t in names:
+            q = kept_linear(g, theirs) if t else None
+            if q is not None:
+                kept[ours[:-len(".weight")]] = q
     state = {}
     for ours, theirs, t in names:
-        w = g.dequantize(theirs)
-        state[ours] = np.ascontiguousarray(w.T) if t else w
-    if head is not None and not np.array_equal(g.dequantize("output.weight"), state["transformer.wte.weight"]):
+        if ours[:-len(".weight")] not in kept:
+            w = g.dequantize(theirs)
+            state[ours] = np.ascontiguousarray(w.T) if t else w
+    if head is not None and not np.array_equal(g.dequantize("output.weight"), g.dequantize("token_embd.weight")):
         raise NpgptError(f"{g.path}: output.weight differs from token_embd.weight; npgpt's GPT-2 ties them")
     model = GPT(replace(config, **overrides), device="cpu")
+    for name, owner, attr, _ in linear_layers(model):
+        q = kept.get(name)
+        if q is not None:
+            bias = state.pop(f"{name}.bias", None)
+            q.bias = None if bias is None else Tensor(bias)
+            setattr(owner, attr, q)
     model.load_state_dict(state)
+    if kept:
+        model.quantization = {"bits": 8 if all(q.bits == 8 for q in kept.values()) else 4, "group_size": 32,
+                              "embedding": False, "source": "gguf"}
     model.eval()
     return model.to(device) if str(device) != "cpu" else model
 
@@ -133,6 +151,60 @@ def gpt2_tensors(model):
 ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors)}
 
 
+# ---- weights kept quantised ------------------------------------------------------------------------
+KEEP_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
+
+def _f16_field(blocks, start):
+    """(rows, n_blocks, bytes) blocks -> (rows, n_blocks) float32 of the float16 at byte `start`."""
+    return np.ascontiguousarray(blocks[:, :, start:start + 2]).view("<f2")[..., 0].astype(np.float32)
+
+
+def quantized_linear_from_blocks(blocks, type_name, bias=None, where="tensor"):
+    """A QuantizedLinear (npgpt's (in, out) layout, one scale per 32 input rows) holding exactly the
+    values of ggml blocks (rows = out, n_blocks, bytes) of Q8_0, Q4_0 or Q4_1: the integers are moved,
+    not re-rounded, and the float16 scales (and Q4_1's minimums) widen to float32 exactly."""
+    n_out, nb = blocks.shape[:2]
+    n_in = nb * 32
+    d = _f16_field(blocks, 0)                                        # (out, nb)
+    if type_name == "Q8_0":
+        q = blocks[:, :, 2:34].view(np.int8).reshape(n_out, n_in)
+        stored, bits, mins = np.ascontiguousarray(q.T), 8, None
+    else:
+        off = 2 if type_name == "Q4_0" else 4
+        qs = blocks[:, :, off:off + 16]                              # value j low nibble, j + 16 high
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n_out, n_in).T   # (in, out) 0..15
+        # npgpt packs rows 2i / 2i+1 into one byte's low / high nibble and reads a nibble n as n - 8:
+        # Q4_0's (n - 8) * d exactly; Q4_1 keeps n and adds its minimum (QuantizedLinear's mins)
+        stored, bits = np.ascontiguousarray(q[0::2] | (q[1::2] << 4)), 4
+        mins = np.ascontiguousarray(_f16_field(blocks, 2).T) if type_name == "Q4_1" else None
+    scales = np.ascontiguousarray(d.T)                               # (nb, out)
+    for a in (scales, mins):
+        if a is not None and not np.isfinite(a).all():
+            raise NpgptError(f"{where} holds NaN or infinite scales; refusing a broken model")
+    return QuantizedLinear(stored, scales, n_in, bits, bias, mins=mins)
+
+
+def kept_linear(g: GGUFFile, name, bias=None, rows=None):
+    """A QuantizedLinear from GGUF tensor `name` when its type can be kept quantised, else None.
+    `rows`: an optional permutation of the output rows (llama.cpp's Q/K order undone)."""
+    t = g.tensor(name)
+    if t.type not in KEEP_TYPES or len(t.shape) != 2:
+        return None
+    blocks = g.blocks(name)
+    if rows is not None:
+        blocks = blocks[rows]
+    return quantized_linear_from_blocks(blocks, t.type, bias, where=f"{g.path}: tensor {name}")
+
+
+def kept_embedding(g: GGUFFile, name):
+    """A QuantizedEmbedding from a Q8_0 (V, C) token table (other types: None)."""
+    t = g.tensor(name)
+    if t.type != "Q8_0":
+        return None
+    return QuantizedEmbedding(kept_linear(g, name))
+
+
 # ---- shared checks -------------------------------------------------------------------------------
 def check_tensors(g: GGUFFile, expected: dict):
     """NpgptError unless the file holds exactly the tensors `expected` ({GGUF name: NumPy shape})."""
@@ -155,10 +227,12 @@ def open_gguf(path) -> GGUFFile:
     return g
 
 
-def load_gguf_model(path, device="cpu", **overrides):
-    """The model in a GGUF file, float32, in eval mode (see the module docstring)."""
+def load_gguf_model(path, device="cpu", keep_quantized=False, **overrides):
+    """The model in a GGUF file, in eval mode. By default every weight is dequantised to float32;
+    keep_quantized=True keeps Q8_0 / Q4_0 / Q4_1 linear weights (and a Q8_0 tied embedding, for the
+    Llama family) in npgpt's quantised layers instead."""
     g = open_gguf(path)
-    return ARCHS[g.architecture][0](g, device=device, **overrides)
+    return ARCHS[g.architecture][0](g, device=device, keep_quantized=keep_quantized, **overrides)
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------
@@ -268,7 +342,7 @@ def export_gguf(model, tok, path, type_name="f32", name=None):
     tensors = []
     for gname, w in tensors_fn(model):
         t = type_name.upper()
-        if w.ndim < 2 or (t == "Q8_0" and w.shape[-1] % 32):
+        if w.ndim < 2 or (t.startswith("Q") and w.shape[-1] % 32):
             t = "F32"
         tensors.append((gname, w.shape, t, quantize(w, t)))
     write_gguf(path, meta, tensors)

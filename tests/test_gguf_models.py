@@ -99,3 +99,25 @@ def test_mismatched_tensors_are_refused(tmp_path):
     write_gguf(tmp_path / "a.gguf", {**meta, "general.architecture": "mamba"}, [])
     with pytest.raises(NpgptError, match="architecture 'mamba' is not supported"):
         load_gguf_model(tmp_path / "a.gguf")
+
+
+@pytest.mark.parametrize("type_name", ["q8_0", "q4_0", "q4_1"])
+def test_keep_quantized_computes_what_the_dequantised_model_does(bpe_run, tmp_path, type_name):
+    from npgpt.quant import QuantizedLinear
+    model, tok, _ = load_model_and_tokenizer(bpe_run / "run")
+    out = export_gguf(model, tok, tmp_path / f"m.{type_name}.gguf", type_name)
+    flt = load_gguf_model(out)
+    kept = load_gguf_model(out, keep_quantized=True)
+    layers = [m for m in kept.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 4 and all((m.mins is not None) == (type_name == "q4_1") for m in layers)
+    # the kept layer holds exactly the dequantised weight
+    np.testing.assert_array_equal(kept.transformer.h[0].mlp.c_fc.dequantized(),
+                                  flt.transformer.h[0].mlp.c_fc.weight.data)
+    idx = np.array([tok.encode("the quick brown fox")[:16]])
+    a, _ = flt(idx)
+    b, _ = kept(idx)
+    np.testing.assert_allclose(a.data, b.data, rtol=1e-4, atol=1e-4)
+    ref = kept.transformer.h[0].mlp.c_fc
+    x = np.random.default_rng(0).normal(size=(3, ref.n_in)).astype(np.float32)
+    from npgpt.tensor import Tensor
+    np.testing.assert_allclose(ref(Tensor(x)).data, ref.forward_reference(Tensor(x)).data, rtol=1e-5, atol=1e-5)
