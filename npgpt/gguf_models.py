@@ -148,8 +148,6 @@ def gpt2_tensors(model):
     return out
 
 
-ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors)}
-
 
 # ---- weights kept quantised ------------------------------------------------------------------------
 KEEP_TYPES = ("Q8_0", "Q4_0", "Q4_1")
@@ -203,6 +201,10 @@ def kept_embedding(g: GGUFFile, name):
     if t.type != "Q8_0":
         return None
     return QuantizedEmbedding(kept_linear(g, name))
+
+
+# general.architecture -> (read, metadata to write, tensors to write)
+ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors)}
 
 
 # ---- shared checks -------------------------------------------------------------------------------
