@@ -10,12 +10,17 @@ CPU in one process (same global batch). Prints one line per check and exits 1 on
 Without CuPy or a GPU it says so and exits 0 (nothing to check).
 """
 
+import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+# --help prints this page; the check takes no options (it writes nothing)
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 
 def main():
