@@ -14,7 +14,7 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio", "npgpt.safeio"),
+    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
@@ -23,7 +23,8 @@ FLOORS = [
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.training",),
     ("npgpt.train", "npgpt.generate"),
-    ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench", "npgpt.evaluate",
+    ("npgpt.quant", "npgpt.gguf_models", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench",
+     "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
      "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.lora", "npgpt.tasks"),
     ("npgpt.cli",),
