@@ -1,4 +1,4 @@
-"""The device check of the NCCL path (npgpt.distributed.NCCLComm): run it where a GPU is lent.
+"""The device check of the NCCL path (npgpt.distributed.comm.NCCLComm): run it where a GPU is lent.
 
     python examples/nccl_check.py                 # one GPU: a 1-rank NCCL communicator
     mpiexec -n 2 python examples/nccl_check.py    # two GPUs on one machine: real NCCL sums
@@ -25,8 +25,8 @@ argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescrip
 
 def main():
     from npgpt.backend import gpu_available
-    from npgpt.distributed import (SingleProcess, ZeroAdamW, for_device, get_communicator, loss_weight,
-                                   reduce_gradients, shard_bounds)
+    from npgpt.distributed.comm import SingleProcess, for_device, get_communicator, loss_weight, shard_bounds
+    from npgpt.distributed.zero import ZeroAdamW, reduce_gradients
     if not gpu_available():
         print("no usable GPU (CuPy missing or no device): nothing to check")
         return 0
