@@ -172,19 +172,46 @@ def test_chat_cli_uses_the_models_template(hf_folder, chatml_tok):
     assert r.output.count("bot> ") == 1
 
 
-def test_finetune_lora_sft_with_the_models_template(hf_folder, tmp_path):
+@pytest.fixture(scope="module")
+def finetuned(hf_folder, tmp_path_factory):
+    """`npgpt finetune --init-from <HF folder> --lora-rank 8 --sft chat.jsonl`: (run output, run folder)."""
+    d = tmp_path_factory.mktemp("hfft")
     recs = [{"messages": [{"role": "user", "content": f"the {w}"}, {"role": "assistant", "content": f"a {w} dog"}]}
             for w in ("fox", "quick", "lazy", "brown", "jolly", "zebras")]
-    f = tmp_path / "chat.jsonl"
+    f = d / "chat.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in recs) + "\n")
     r = CliRunner().invoke(cli, ["finetune", "--init-from", str(hf_folder), "--lora-rank", "8", "--sft", str(f),
-                                 "--out", str(tmp_path / "ft"), "--max-iters", "4", "--eval-interval", "2",
+                                 "--out", str(d / "ft"), "--max-iters", "4", "--eval-interval", "2",
                                  "--batch-size", "2", "--set", "eval_iters=1"])
     assert r.exit_code == 0, r.output
-    assert "SFT: 6 records" in r.output and "embedding rows" not in r.output   # no npgpt chat tokens added
-    r = CliRunner().invoke(cli, ["chat", "--checkpoint", str(tmp_path / "ft"), "--max-new-tokens", "3"],
+    return r.output, d / "ft"
+
+
+def test_finetune_lora_sft_with_the_models_template(finetuned):
+    output, folder = finetuned
+    assert "SFT: 6 records" in output and "embedding rows" not in output   # no npgpt chat tokens added
+    assert (folder / "ckpt" / "adapter_model.safetensors").is_file()
+    r = CliRunner().invoke(cli, ["chat", "--checkpoint", str(folder), "--max-new-tokens", "3"],
                            input="the fox\n/quit\n")
     assert r.exit_code == 0, r.output
+
+
+def test_serve_chat_uses_the_models_template(finetuned):
+    openai = pytest.importorskip("openai")
+    from serve_helpers import LiveServer, greedy_reference
+    _, folder = finetuned
+    tok = load(folder / "ckpt")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the lazy dog"}]
+    server = LiveServer(folder)
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="ft", messages=msgs, max_tokens=12, temperature=0)
+    finally:
+        assert server.stop() == 0
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(ids)
+    ref, _, _ = greedy_reference(folder, ids, 12, set(tok.chat_stop_ids()))
+    assert r.choices[0].message.content == tok.decode(ref)
 
 
 def test_hostile_template_in_a_folder_is_one_clear_error(hf_folder, tmp_path, monkeypatch):
