@@ -457,6 +457,9 @@ class HFTokenizer(BPETokenizer):
             text = unicodedata.normalize(form, text)
         return text
 
+    def normalize_text(self, text: str) -> str:
+        return self._normalize(text)
+
     def _split(self, text: str) -> list[str]:
         pieces = [text]
         for step in self._steps:
