@@ -269,18 +269,24 @@ class ChatSession:
         from npgpt.sft import chat_stop_ids
         self.messages.append({"role": "user", "content": text})
         stops = chat_stop_ids(self.tok)
-        out = []
+        out, shown = [], 0
         for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=stops[0],
                                      **self.sampling):
             for s in steps:
                 if s.token in stops:
                     break
                 out.append(s.token)
-                yield self.tok.decode([s.token])
+                text = self.tok.decode(out)    # whole reply: a character split over tokens prints whole
+                if not text.endswith("\ufffd"):
+                    yield text[shown:]
+                    shown = len(text)
             else:
                 continue
             break
-        self.messages.append({"role": "assistant", "content": self.tok.decode(out)})
+        text = self.tok.decode(out)
+        if len(text) > shown:
+            yield text[shown:]
+        self.messages.append({"role": "assistant", "content": text})
 
 
 COMMANDS = [sample, chat]
