@@ -129,16 +129,17 @@ def load_run(path, adapter=None, device="cpu", **overrides) -> Loaded:
     folder, hf, fmt = resolve(path)
     read_tokenizer = fmt.tokenizer or folder_tokenizer
     if fmt.tokenizer is None and not tk.is_tokenizer_dir(folder):    # before the weights: fail fast
-        raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
+        raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
     model = _load(folder, hf, fmt, adapter, device, overrides)
     state = read_run_state(folder) if folder.is_dir() else None
     return Loaded(model, read_tokenizer(folder), folder, state)
 
 
 def folder_tokenizer(folder):
-    """The tokenizer saved beside a model (npgpt's tokenizer_npgpt.json, or GPT-2's vocab.json + merges.txt)."""
+    """The tokenizer saved beside a model (npgpt's tokenizer_npgpt.json, Hugging Face's tokenizer.json, or
+    GPT-2's vocab.json + merges.txt)."""
     if not tk.is_tokenizer_dir(folder):
-        raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
+        raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
     return tk.load(folder)
 
 
