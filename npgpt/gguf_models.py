@@ -19,7 +19,7 @@ Reading checks the hyper-parameters in the metadata, then that exactly the expec
 present with exactly the expected shapes, before any tensor is dequantised (npgpt.gguf has already
 checked the file's structure). By default every weight is dequantised to float32 (the fastest
 decoding in NumPy); `keep_quantized=True` moves Q8_0 / Q4_0 / Q4_1 blocks into npgpt's quantised
-layers unchanged (npgpt.quant: int8 or packed 4-bit with one float32 scale, and for Q4_1 a minimum,
+layers unchanged (npgpt.layers: int8 or packed 4-bit with one float32 scale, and for Q4_1 a minimum,
 per 32 values) and keeps a tied Q8_0 embedding as a QuantizedEmbedding.
 
 The tokenizer (npgpt.tokenizer.gguf) and the chat template travel in the same file; `export_gguf`
@@ -37,7 +37,7 @@ from npgpt.errors import NpgptError
 from npgpt.gguf import GGUFFile, quantize, write_gguf
 from npgpt.llama import Llama, LlamaConfig
 from npgpt.model import GPT, GPTConfig
-from npgpt.quant import QuantizedEmbedding, QuantizedLinear, linear_layers
+from npgpt.layers import QuantizedEmbedding, QuantizedLinear, linear_layers
 from npgpt.tokenizer.gguf import load_gguf_tokenizer, tokenizer_from_gguf, tokenizer_metadata  # noqa: F401
 from npgpt.tensor import Tensor
 
@@ -418,7 +418,7 @@ def export_gguf(model, tok, path, type_name="f32", name=None):
     32-value blocks, under q8_0) stay float32, as llama.cpp's converter keeps them."""
     if type_name not in EXPORT_TYPES:
         raise NpgptError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {type_name!r}")
-    if getattr(model, "lora", None) or getattr(model, "quantization", None):
+    if model.lora or model.quantization:
         raise NpgptError("export a merged float model: merge the LoRA adapter first (npgpt merge), and load "
                          "quantised models in float")
     arch = model_architecture(model)

@@ -82,7 +82,7 @@ def test_greedy_answers(model, tok, question, answer):
 
 def test_loss_on_a_fixed_text_and_kept_quantized_equal(gguf_path, model, tok):
     from npgpt.gguf_models import load_gguf_model
-    from npgpt.quant import QuantizedEmbedding
+    from npgpt.layers import QuantizedEmbedding
     ids = tok.encode(TEXT)
     x, y = np.array([ids[:-1]]), np.array([ids[1:]])
     loss = float(model(x, y)[1].data)
