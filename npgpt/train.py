@@ -53,8 +53,8 @@ import numpy as np
 
 from npgpt import tokenizer as tk
 from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
-from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
-                              save_tensors, verify_checkpoint)
+from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
+                              load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import current, for_device, local_rank0_first
 from npgpt.distributed.data_parallel import DataParallel
@@ -62,14 +62,14 @@ from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.llama import build_model as new_model
-from npgpt.llama import ARCHS, from_pretrained, preset_config
-from npgpt.model import read_hf_config, records_quantization
+from npgpt.llama import ARCHS, preset_config
+from npgpt.loading import from_pretrained
 from npgpt.ops.distill import check_distill_args
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
-from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
+from npgpt.safeio import read_json, read_toml, run_lock
 from npgpt.tensor import no_grad
 from npgpt.training.scaler import DynamicLossScaler
 
@@ -333,21 +333,16 @@ def _open_data(cfg: TrainConfig, log, comm):
     return data
 
 
-def build_model(cfg: TrainConfig, data, log, load_model=None):
-    """The model to train: resumed, initialised from a folder, or new from the preset + overrides.
-
-    load_model(folder, dropout=...): how a folder becomes a model; by default GPT.from_pretrained,
-    float folders only. A caller's loader may read more (npgpt.lora.load_model_folder: quantised
-    bases and LoRA runs' adapter folders); its plugins then decide what of the model trains."""
+def build_model(cfg: TrainConfig, data, log):
+    """The model to train: resumed, initialised from a folder (npgpt.loading reads any model folder:
+    GPT-2, Llama, quantised, a LoRA run's adapter with its base), or new from the preset + overrides."""
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        if load_model is None:
-            if records_quantization(read_hf_config(src)):
-                raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
-            model = from_pretrained(src, dropout=cfg.dropout)
-        else:
-            model = load_model(src, dropout=cfg.dropout)
+        model = from_pretrained(src, dropout=cfg.dropout)
+        if model.quantization and cfg.lora_rank is None:        # its linear layers hold no Parameters
+            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise "
+                             f"afterwards, or train LoRA adapters on it with --lora-rank R")
         if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
@@ -409,19 +404,13 @@ def save_checkpoint(out, model, tokenizer, optimizer, state, save_files=(), save
         atomic_write_json(tmp / "state.json", state)
 
 
-STATE_FIELDS = {"iter": Int(lo=0), "best_val_loss": Float(default=float("inf"), allow_inf=True),
-                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None),
-                "tokens_per_iter": Int(lo=1, default=None), "ranks": Int(lo=1, default=None)}
-
-
 def read_state(ckpt) -> dict:
     """A checkpoint's state.json, checked: types of every field (the run's config too) and iter <=
     max_iters. NpgptError naming the file and field; the config comes back as a TrainConfig."""
-    p = Path(ckpt) / "state.json"
-    if not p.is_file():
+    p = Path(ckpt) / STATE_FILE
+    state = read_run_state(ckpt)
+    if state is None:
         raise NpgptError(f"{p} is missing; the folder is a model, not a training run's checkpoint")
-    # Infinity: best_val_loss before the first evaluation (npgpt has always written it so)
-    state = check(read_json_object(p, "training state", allow_infinity=True), STATE_FIELDS, str(p))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         config = apply_overrides(TrainConfig(), {k: v for k, v in state["config"].items() if k in known}).validate()
@@ -533,14 +522,13 @@ class Hooks:
     save_model: Callable | None = None
 
 
-def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_model=None) -> TrainResult:
+def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
     batch_source: optional object with get_batch / tokenizer / vocab_size (SFT data plugs in here).
     plugins: callables plugin(model, src, cfg, hooks), run once the model is built (src: the folder it
     came from, or None), that fill in `hooks` (see Hooks); npgpt.compress.TRAINING_PLUGINS adds
     distillation (--teacher) and keeping pruned weights at zero.
-    load_model: how --init-from / --resume folders load (see build_model).
     Parameters with requires_grad off (a LoRA base) get no gradient buffer and no optimizer state.
     """
     cfg = config.validate()
@@ -559,14 +547,14 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
     with lock:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model)
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
         data = batch_source or _open_data(cfg, log, comm)
-        model, src = build_model(cfg, data, log, load_model)
+        model, src = build_model(cfg, data, log)
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":
@@ -579,8 +567,7 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
         if cfg.teacher and hooks.loss_fn is model_loss:
             raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
         if cfg.lora_rank is not None and hooks.save_model is None:
-            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin, with load_model="
-                             "npgpt.lora.load_model_folder)")
+            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin)")
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
         optimizer = build_optimizer(trainable, comm, cfg)
         dp = None
