@@ -370,7 +370,7 @@ def quantize_checkpoint(checkpoint, out, bits=8, group_size=None, embedding=Fals
     def transform(model, out_dir):
         save_quantized(model, out_dir, bits, group_size, embedding)
         what = "linear weights" + (" and the token embedding" if embedding else "")
-        per = f"groups of {group_size} input rows" if group_size else "output channel"
+        per = f"group of {group_size} input rows" if group_size else "output channel"
         return [f"{what} stored as {bits}-bit integers with one float32 scale per {per}"]
     return _compress(checkpoint, out, transform, **kw)
 
@@ -443,6 +443,10 @@ def distill_from_teacher(model, src, cfg, hooks):
         return
     teacher = load_teacher(cfg.teacher, model, cfg.device)
     alpha, temperature = cfg.distill_alpha, cfg.distill_temperature
+    if not cfg.quiet:
+        print(f"distillation: teacher {find_checkpoint(cfg.teacher)} ({teacher.num_params():,} parameters); the step "
+              f"loss is {alpha:g} x KL(teacher || student) at temperature {temperature:g} + {1 - alpha:g} x "
+              f"cross-entropy on the data")
 
     def loss_fn(model, x, y):
         logits, _ = model(x, y)

@@ -344,8 +344,6 @@ def lora_config(cfg):
     return LoRAConfig.from_targets_option(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
-def _quantized_size(layer):
-    return layer.n_in * layer.n_out if isinstance(layer, QuantizedLinear) else 0
 
 
 def lora_plugin(model, src, cfg, hooks):
@@ -375,7 +373,7 @@ def lora_plugin(model, src, cfg, hooks):
     hooks.save_model = lambda folder: save_adapter(model, folder)
     n_train = sum(p.size for p in model.parameters() if p.requires_grad)
     layers = lora_layers(model)
-    n_base = model.num_params() - n_train + sum(_quantized_size(lin.base) for _, lin in layers)
+    n_base = model.num_params()        # the config's count: the base's weights, float or quantised
     if not cfg.quiet:
         print(f"LoRA: r={layers[0][1].r}, alpha={model.lora.alpha:g}, {len(layers)} adapted layers, "
               f"{n_train:,} trainable parameters ({100 * n_train / max(n_base, 1):.2f}% of the base's "

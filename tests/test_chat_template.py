@@ -273,9 +273,9 @@ def family_folder(request, tmp_path_factory):
 
 def test_family_folder_chats_with_its_template(family_folder):
     from npgpt.cli.sample import ChatSession
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     name, d = family_folder
-    model, tok, _ = load_model_and_tokenizer(d)
+    model, tok = load_run(d)[:2]
     assert type(model).__name__ == "Llama" and tok.chat_template == FAMILIES[name][0]
     session = ChatSession(model, tok, max_new_tokens=4, temperature=0.0)
     session.messages.append({"role": "user", "content": "the fox"})
