@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
+
 # Direct flags for the common config keys: (flag, config key, type, help).
 COMMON_FLAGS = [
     ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
@@ -137,7 +139,8 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
-def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter):
+@keep_quantized_option
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, keep_quantized):
     """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
@@ -154,7 +157,8 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
         return
     if out_file:
         raise click.UsageError("--out goes with --task (per-item results)")
-    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter)
+    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter,
+                 keep_quantized=keep_quantized)
     if as_json:
         click.echo(json.dumps(r))
     else:
