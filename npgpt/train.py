@@ -61,7 +61,7 @@ from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
-from npgpt.optim import get_lr
+from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import DynamicLossScaler, Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
@@ -69,6 +69,7 @@ from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, re
 from npgpt.tensor import no_grad
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -106,6 +107,12 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     zero_stage: int = 0                  # 1: shard AdamW's moments over the ranks (mpiexec -n N; ZeRO-1)
+    optimizer: str = "adamw"             # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02                # Muon's peak lr (follows the same schedule as learning_rate)
+    muon_momentum: float = 0.95
+    nesterov: bool = True                # Muon's Nesterov momentum
+    ns_steps: int = 5                    # Newton-Schulz iterations per Muon update
+    muon_weight_decay: float = 0.0       # decoupled weight decay of the Muon matrices
     # evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 20
@@ -151,6 +158,12 @@ class TrainConfig:
             raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
         if self.zero_stage not in (0, 1):
             raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
+        if self.optimizer not in OPTIMIZERS:
+            raise NpgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
+            raise NpgptError("need muon_lr > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0")
+        if not 1 <= self.ns_steps <= 20:
+            raise NpgptError(f"ns_steps must be in [1, 20], got {self.ns_steps}")
         if not 0 <= self.dropout < 1:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -414,6 +427,10 @@ def _load_resume_state(out, optimizer):
     if (ckpt / "optimizer.safetensors").exists():
         if state["optimizer"] is None:
             raise NpgptError(f"{ckpt / 'state.json'}: field 'optimizer' is missing; cannot resume")
+        saved, mine = state["optimizer"].get("type", "AdamW"), "Muon" if isinstance(optimizer, Muon) else "AdamW"
+        if saved != mine:
+            raise NpgptError(f"{ckpt} was trained with {saved}, this run asks for {mine}; resume with "
+                             f"--set optimizer={str(saved).lower()} or start a new run")
         optimizer.load_state_dict(load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
     return state
 
@@ -552,8 +569,7 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
             raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin, with load_model="
                              "npgpt.lora.load_model_folder)")
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
-        optimizer = make_optimizer(trainable, comm, cfg.zero_stage, lr=cfg.learning_rate,
-                                   betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(trainable, comm, cfg)
         dp = None
         if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
             dp = DataParallel(comm)
@@ -570,6 +586,17 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
             log(f"interrupted at step {it}: checkpoint saved in {out / 'ckpt'}")
             raise Interrupted(out)
         return TrainResult(out, it, run.best_val, run.last_loss, run.history)
+
+
+def build_optimizer(named_params, comm, cfg: TrainConfig):
+    """The run's optimizer: AdamW (ZeroAdamW with zero_stage=1), or Muon + AdamW (optimizer=muon)."""
+    common = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        if cfg.zero_stage == 1 and comm.world_size > 1:
+            raise NpgptError("zero_stage=1 with optimizer=muon is not available yet; use zero_stage=0")
+        return Muon(named_params, **common, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                    nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, muon_weight_decay=cfg.muon_weight_decay)
+    return make_optimizer(named_params, comm, cfg.zero_stage, **common)
 
 
 class _Run:
@@ -770,7 +797,7 @@ def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
     base = read_state(find_checkpoint(out))["config"]
     types = _field_types()
-    for fixed in ("n_layer", "n_head", "n_embd", "preset", "bias"):
+    for fixed in ("n_layer", "n_head", "n_embd", "preset", "bias", "optimizer"):
         # compared as the field's type: `--set n_layer=1` equals a saved 1
         if fixed in overrides and _coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")

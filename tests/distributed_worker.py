@@ -222,6 +222,30 @@ def case_train_equiv(comm, data_dir, tmp):
 CASES["train_equiv"] = lambda c: case_train_equiv(c, sys.argv[3], sys.argv[4])
 
 
+def case_muon_equiv(comm, data_dir, tmp):
+    """Muon: N ranks x B (one all-reduce of the flat gradients) vs one process x N*B, same sequences."""
+    from pathlib import Path
+
+    from npgpt.distributed import SingleProcess, current, set_current
+    n, B = comm.world_size, 2
+    tmp = Path(tmp)
+    res, flat = train_tiny(data_dir, tmp / f"muon{n}", B, source_rows=n * B, optimizer="muon", learning_rate=1e-2)
+    out = {"ranks_differ": max_diff_to_root(comm, flat), "history": res.history, "iters": res.iters}
+    if comm.rank == 0:
+        mine = current()
+        set_current(SingleProcess())
+        try:
+            _, flat1 = train_tiny(data_dir, tmp / "muon-one", n * B, source_rows=n * B, optimizer="muon",
+                                  learning_rate=1e-2)
+        finally:
+            set_current(mine)
+        out.update(one_vs_ranks=float(np.abs(flat1 - flat).max()), moved=float(np.abs(flat1).max()))
+    return out
+
+
+CASES["muon_equiv"] = lambda c: case_muon_equiv(c, sys.argv[3], sys.argv[4])
+
+
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
     comm = get_communicator("cpu")
