@@ -24,7 +24,7 @@ FLOORS = [
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.gguf_models", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
-     "npgpt.reference", "npgpt.viz", "npgpt.data_parallel", "npgpt.lora", "npgpt.tasks"),
+     "npgpt.reference", "npgpt.viz", "npgpt.data_parallel", "npgpt.lora", "npgpt.tasks", "npgpt.exercises"),
     ("npgpt.cli",),
 ]
 
