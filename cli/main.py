@@ -9,7 +9,7 @@ import os
 import click
 
 from npgpt import __version__
-from npgpt.cli import bench, compress, exercise, export, inspect, lora, plot, prepare, sample, serve, train
+from npgpt.cli import bench, compress, exercise, export, interpret, lora, plot, prepare, sample, serve, train
 from npgpt.errors import NpgptError
 
 
@@ -40,15 +40,15 @@ def cli(trust_pattern):
             lambda: os.environ.pop(TRUST_PATTERN_ENV) if old is None else os.environ.update({TRUST_PATTERN_ENV: old}))
 
 
-for _topic in (prepare, train, sample, inspect, bench, compress, serve, plot, lora, export, exercise):   # each defines plain click commands
+for _topic in (prepare, train, sample, interpret, bench, compress, serve, plot, lora, export, exercise):   # each defines plain click commands
     for _cmd in _topic.COMMANDS:
         cli.add_command(_cmd)
 
 
 def main():
-    from npgpt.distributed import is_launched    # reads the environment only: no mpi4py import
-    if is_launched():                            # mpiexec -n N npgpt ...: one voice for N ranks
-        from npgpt.data_parallel import run_cli  # only under a launcher: it imports mpi4py
+    from npgpt.distributed.comm import is_launched        # reads the environment only: no mpi4py import
+    if is_launched():                                     # mpiexec -n N npgpt ...: one voice for N ranks
+        from npgpt.distributed.launcher import run_cli    # only under a launcher: it imports mpi4py
         raise SystemExit(run_cli(cli))
     cli()
 

@@ -43,6 +43,7 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.checkpoint import atomic_write_json, save_tensors
 from npgpt.errors import NpgptError
+from npgpt.llama import from_pretrained
 from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, records_quantization, weights_header
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
@@ -444,4 +445,4 @@ def load_model(path, device="cpu", **overrides):
     hf = read_hf_config(path)
     if read_scheme(hf, str(path / "config.json")) is not None:
         return load_quantized(path, hf, device=device, **overrides)
-    return GPT.from_pretrained(path, device=device, **overrides)
+    return from_pretrained(path, device=device, **overrides)
