@@ -31,8 +31,8 @@ def run(script, *args, fast=True, timeout=600):
     return r.stdout
 
 
-def test_all_fourteen_lessons_are_there():
-    assert [p.name[:2] for p in LESSONS] == [f"{i:02d}" for i in range(1, 15)]
+def test_all_lessons_are_there_in_order():
+    assert [p.name[:2] for p in LESSONS] == [f"{i:02d}" for i in range(1, 16)]
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
@@ -40,6 +40,22 @@ def test_lesson_runs_fast_and_its_checks_hold(lesson, tmp_path):
     out = run(lesson, "--out", str(tmp_path))
     if lesson.name.startswith("01"):
         assert (tmp_path / "01_graph.dot").read_text().startswith("digraph")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    pictures = sorted(tmp_path.glob(f"{lesson.name[:2]}_*.png"))      # every lesson's --out draws its picture
+    assert pictures and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures), out[-2000:]
+
+
+def test_from_scratch_says_where_a_partial_engine_stops(tmp_path):
+    """A learner's engine typed up to step 1 passes step 1 and is told what step 2 needs."""
+    engine = (ROOT / "examples" / "learn" / "scratch_engine.py").read_text()
+    mine = tmp_path / "my_engine.py"
+    mine.write_text(engine[:engine.index("    # ---- step 2 ----")])
+    out = run(ROOT / "examples" / "learn" / "15_from_scratch.py", "--engine", str(mine))
+    assert "step 1: the engine's values and gradients equal npgpt's" in out
+    assert "step 2 needs something your engine does not have yet" in out and "passes steps 1-1" in out
 
 
 @pytest.mark.parametrize("app", APPS)

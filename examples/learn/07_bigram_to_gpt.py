@@ -11,16 +11,19 @@ and scored on the same held-out windows (the last 10% of the text), in nats per 
   1. bigram        a (V, V) table of logits, row x = the scores of every next character after x.
                    Trained by gradient descent, it learns the counts (the optimum of the
                    log-likelihood IS the normalised counts).
-  2. one head      token embeddings (V, C), one causal self-attention head over them, a linear
-                   head (C, V) to logits. Each position can now read every earlier character,
-                   but only as a weighted average of their values: no order, and no direct copy
-                   of its own character except by attending to itself.
+  2. + one head    the bigram's logits plus a correction from one causal self-attention head:
+                   token embeddings (V, C), the head, a linear map (C, V) added to the table's row
+                   (rungs 2-4 start from rung 1's trained table and learn the correction).
+                   Each position can now read every earlier character, as a weighted average of
+                   their values (no order: positions come at rung 7).
   3. multi-head    4 heads of C/4 each, then c_proj: several things looked up at once (the
                    previous character, the start of the word, ...) for the same cost.
   4. + MLP         after attention, a per-position MLP (C -> 4C -> GELU -> C): computation on
                    what attention gathered.
-  5. + residual    x + attn(x), then x + mlp(x): the token's own embedding flows past the
-                   branches untouched, and gradients reach the embeddings through the identity.
+  5. + residual    x = wte[idx];  x = x + attn(x);  x = x + mlp(x);  logits = x @ lm_head. The
+                   bigram table retires: the residual stream itself carries the current character
+                   past the branches to the head (the table was a shortcut doing that one job),
+                   and gradients reach the embeddings through the identity.
   6. + LayerNorm   pre-LN (x + attn(ln_1(x)), x + mlp(ln_2(x))) and a final ln_f: every branch
                    and the head see unit-variance inputs whatever the stream's scale.
   7. + positional  learned position embeddings wpe added to the token embeddings: attention
@@ -55,9 +58,9 @@ from npgpt.tensor import no_grad  # noqa: E402
 # name -> which parts are on; every rung adds one part to the rung above it
 RUNGS = {
     "1. bigram": dict(bigram=True),
-    "2. one head": dict(n_head=1),
-    "3. multi-head": dict(n_head=4),
-    "4. + MLP": dict(n_head=4, mlp=True),
+    "2. + one head": dict(bigram=True, n_head=1),
+    "3. multi-head": dict(bigram=True, n_head=4),
+    "4. + MLP": dict(bigram=True, n_head=4, mlp=True),
     "5. + residual": dict(n_head=4, mlp=True, residual=True),
     "6. + LayerNorm": dict(n_head=4, mlp=True, residual=True, layernorm=True),
     "7. + positional": dict(n_head=4, mlp=True, residual=True, layernorm=True, positional=True),
@@ -87,11 +90,11 @@ class Rung(Module):
     """A rung of the ladder: a GPT with parts switched off (weights drawn in GPT's order, so the
     all-on rung with tied=True is npgpt.GPT from the same seed)."""
 
-    def __init__(self, V, block, C, n_head=1, bigram=False, mlp=False, residual=False, layernorm=False,
+    def __init__(self, V, block, C, n_head=0, bigram=False, mlp=False, residual=False, layernorm=False,
                  positional=False, n_layer=1, tied=False, seed=0):
         rng = np.random.default_rng(seed)
-        self.bigram = Embedding(V, V, rng=rng) if bigram else None
-        if bigram:
+        self.bigram = Embedding(V, V, rng=rng) if bigram else None     # (V, V): logits after each token
+        if not n_head:
             return
         cfg = GPTConfig(vocab_size=V, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=C)
         resid_std = 0.02 / math.sqrt(2 * n_layer)
@@ -102,9 +105,8 @@ class Rung(Module):
         self.lm_head = None if tied else Linear(C, V, bias=False, rng=rng)
 
     def forward(self, idx, targets=None):                        # (B, T) ids -> (B, T, V) logits, loss
-        if self.bigram:
-            logits = self.bigram(idx)                            # row of the current character
-        else:
+        logits = self.bigram(idx) if self.bigram else None       # the row of the current character
+        if getattr(self, "h", None):
             x = self.wte(idx)                                    # (B, T, C)
             if self.wpe:
                 x = x + self.wpe.weight[:idx.shape[1]]
@@ -112,7 +114,8 @@ class Rung(Module):
                 x = blk(x)
             if self.ln_f:
                 x = self.ln_f(x)
-            logits = self.lm_head(x) if self.lm_head else linear(x, self.wte.weight.T)
+            head = self.lm_head(x) if self.lm_head else linear(x, self.wte.weight.T)
+            logits = head if logits is None else logits + head
         return logits, (cross_entropy(logits, targets) if targets is not None else None)
 
     def num_params(self):
@@ -171,11 +174,15 @@ def main(argv=None):
     for label, make in models:
         title(label)
         model = make()
+        if label != "1. bigram" and getattr(model, "bigram", None) is not None:
+            model.bigram.weight.data[...] = table        # rungs 2-4 start from rung 1's table: they add to it
         t0 = time.perf_counter()
-        lr = 0.1 if label == "1. bigram" else 3e-3           # a lookup table has no depth: big steps are safe
+        lr = 0.1 if label == "1. bigram" else 3e-3           # a lookup table alone has no depth: big steps are safe
         curves[label] = train_lm(model, train_ids, steps, block, batch_size=batch_size, lr=lr,
                                  log_every=max(1, steps // 3), weight_decay=0.0 if label == "1. bigram" else 0.1)
         losses[label] = held_out(model)
+        if label == "1. bigram":
+            table = model.bigram.weight.data.copy()
         sizes[label] = sum(p.size for p in model.parameters())
         print(f"{sizes[label]:,} parameters, {time.perf_counter() - t0:.0f}s: held-out loss {losses[label]:.3f}")
 
