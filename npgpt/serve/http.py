@@ -34,7 +34,7 @@ from npgpt.evaluate import load_model_and_tokenizer
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.protocol import ApiError, Params
-from npgpt.sft import CHAT_TOKENS, render_chat
+from npgpt.sft import CHAT_TOKENS, chat_stop_ids, has_model_template, is_chat_model, render_chat
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ class App:
                  max_body=1 << 20):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
-        self.has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
+        self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
         self.engine = Engine(model, tok, max_batch, max_queue)
         self.created = int(time.time())
         self.inflight = 0
@@ -112,9 +112,14 @@ class App:
                 raise ApiError(400, f"unsupported message role {m.get('role')!r} or non-text content; "
                                     f"use system, user or assistant with text", "messages")
             clean.append({"role": role, "content": content})
-        ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
-        # a reply ends at <|end|>; any other turn marker ends it too
-        stop_ids = [self.tok.special_tokens[t] for t in CHAT_TOKENS] + [self.tok.eot_id]
+        try:
+            ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
+        except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
+            raise ApiError(400, str(e), "messages") from None
+        # npgpt's template: a reply ends at <|end|>, any other turn marker ends it too; a model's own
+        # template: at its end-of-turn token or the tokenizer's EOS
+        stop_ids = (chat_stop_ids(self.tok) if has_model_template(self.tok)
+                    else [self.tok.special_tokens[t] for t in CHAT_TOKENS] + [self.tok.eot_id])
         return self._request("chat", [ids], params, stop_ids, [""])
 
     def _request(self, kind, prompts, params, stop_ids, texts):
