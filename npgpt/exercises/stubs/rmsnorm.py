@@ -11,8 +11,8 @@ Contract
     backward(dy, cache)                                -> (dx, dw)
 
 To derive: compare with LayerNorm's backward (exercise layernorm): one term fewer, because there is
-no mean. Every entry of a row moves r. The check compares with RMSNorm composed from npgpt's
-primitives (x * (mean(x*x) + eps) ** -0.5 * w) and its autograd gradients.
+no mean. Every entry of a row moves r. The check compares with npgpt's fused RMSNorm (the Llama
+family's, npgpt/ops/llama.py).
 """
 
 import numpy as np
