@@ -30,7 +30,7 @@ from npgpt.errors import NpgptError
 from npgpt.gguf import GGUFFile, quantize, write_gguf
 from npgpt.llama import Llama, LlamaConfig
 from npgpt.model import GPT, GPTConfig
-from npgpt.quant import QuantizedEmbedding, QuantizedLinear, linear_layers
+from npgpt.layers import QuantizedEmbedding, QuantizedLinear, linear_layers
 from npgpt.tokenizer.base import EOT
 from npgpt.tokenizer.bpe import GPT2_PATTERN, PATTERNS, BPETokenizer
 from npgpt.tokenizer.hf import PRE_TOKENIZERS, AddedToken, HFTokenizer
@@ -566,7 +566,7 @@ def export_gguf(model, tok, path, type_name="f32", name=None):
     32-value blocks, under q8_0) stay float32, as llama.cpp's converter keeps them."""
     if type_name not in EXPORT_TYPES:
         raise NpgptError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {type_name!r}")
-    if getattr(model, "lora", None) or getattr(model, "quantization", None):
+    if model.lora or model.quantization:
         raise NpgptError("export a merged float model: merge the LoRA adapter first (npgpt merge), and load "
                          "quantised models in float")
     arch = model_architecture(model)

@@ -33,6 +33,7 @@ from npgpt import tokenizer as tk
 from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
+from npgpt.llama import LlamaConfig, is_llama_config
 from npgpt.model import GPTConfig, read_hf_config
 from npgpt.safeio import read_jsonl
 
@@ -181,7 +182,8 @@ class SFTData:
         if not tk.is_tokenizer_dir(src):
             raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
         tok = tk.load(src)
-        n_pos = GPTConfig.from_hf(read_hf_config(src)).block_size
+        hf = read_hf_config(src)
+        n_pos = (LlamaConfig if is_llama_config(hf) else GPTConfig).from_hf(hf).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)
         T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)
@@ -190,8 +192,9 @@ class SFTData:
                          seed=cfg.seed, path=cfg.sft)
         if not cfg.quiet:
             n_tr, n_va = len(data.rows["train"][0]), len(data.rows["val"][0])
-            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val), block_size {T}; "
-                  f"{data.truncated} truncated", file=stream)
+            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val) in rows of {T} tokens"
+                  + ("" if cfg.block_size else ", the longest record's length")
+                  + f" (the model's context is {n_pos}); {data.truncated} truncated", file=stream)
         return data
 
     @property
