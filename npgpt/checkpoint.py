@@ -244,7 +244,8 @@ def verify_checkpoint(folder) -> bool:
 # ---- a run's state.json --------------------------------------------------------------------------------
 STATE_FILE = "state.json"
 STATE_FIELDS = {"iter": Int(lo=0), "best_val_loss": Float(default=float("inf"), allow_inf=True),
-                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None)}
+                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None),
+                "tokens_per_iter": Int(lo=1, default=None), "ranks": Int(lo=1, default=None)}
 
 
 def read_run_state(ckpt) -> dict | None:

@@ -213,11 +213,12 @@ def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
     return best
 
 
-def val_tokens(data, tok, max_tokens=None):
+def val_tokens(data, tok, max_tokens=None, model_dir="MODEL"):
     """The val split of prepared data folder `data`, checked against the model's tokenizer."""
     td = TokenData(data)
     if td.tokenizer().fingerprint() != tok.fingerprint():
-        raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model")
+        raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {model_dir}; "
+                         f"prepare it with the model's own: `npgpt prepare --tokenizer-from {model_dir}`")
     tokens = np.asarray(td.split("val"))
     return tokens[:max_tokens] if max_tokens else tokens
 
@@ -309,7 +310,7 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     transform(model, out_dir) writes the model files into out_dir and returns notes for the report.
     """
     model, tok, ckpt = open_source(checkpoint)
-    tokens = val_tokens(data, tok, max_eval_tokens) if data is not None else None
+    tokens = val_tokens(data, tok, max_eval_tokens, ckpt) if data is not None else None
     out = prepare_out(ckpt, out, force)
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)
@@ -329,7 +330,7 @@ def quantize_checkpoint(checkpoint, out, bits=8, group_size=None, embedding=Fals
     def transform(model, out_dir):
         save_quantized(model, out_dir, bits, group_size, embedding)
         what = "linear weights" + (" and the token embedding" if embedding else "")
-        per = f"groups of {group_size} input rows" if group_size else "output channel"
+        per = f"group of {group_size} input rows" if group_size else "output channel"
         return [f"{what} stored as {bits}-bit integers with one float32 scale per {per}"]
     return _compress(checkpoint, out, transform, **kw)
 

@@ -63,7 +63,8 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", strid
     else:
         td = TokenData(data)
         if td.tokenizer().fingerprint() != tok.fingerprint():
-            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}")
+            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}; "
+                             f"prepare it with the model's own: `npgpt prepare --tokenizer-from {ckpt}`")
         tokens = np.asarray(td.split(split))
         if len(tokens) < 2:
             raise NpgptError(f"the {split} split of {data} holds {len(tokens)} tokens, nothing to evaluate; prepare "

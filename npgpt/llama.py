@@ -389,7 +389,7 @@ class Llama(CausalLM):
     @property
     def anchor(self):
         # the final norm's scale: present even when the embedding is kept quantised (a GGUF loaded with
-        # keep_quantized holds an npgpt.quant.QuantizedEmbedding, which has no float table)
+        # keep_quantized holds an npgpt.layers.QuantizedEmbedding, which has no float table)
         return self.model.norm.weight
 
     @property

@@ -99,9 +99,14 @@ class TrainResult:
 class Interrupted(Exception):
     """Raised after Ctrl-C once a checkpoint is saved; the CLI exits with status 130."""
 
-    def __init__(self, out):
-        super().__init__(f"interrupted: checkpoint saved in {out}; continue with --resume")
+    def __init__(self, out, step=None):
+        at = f" at step {step}" if step is not None else ""
+        super().__init__(f"interrupted{at}: checkpoint saved in {out}; continue with --resume")
         self.out = out
+
+
+def _plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def step_rng(seed, it, stream=0, rank=0):
@@ -384,8 +389,8 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
             it = run.loop(interrupted)
         if interrupted():
             run.checkpoint(it, "interrupt")
-            log(f"interrupted at step {it}: checkpoint saved in {out / 'ckpt'}")
-            raise Interrupted(out)
+            log.record(kind="interrupt", iter=it)          # the CLI prints the one line about it
+            raise Interrupted(out, it)
         return TrainResult(out, it, run.best_val, run.last_loss, run.history)
 
 
@@ -413,14 +418,16 @@ class _Run:
         if cfg.resume:
             state = _load_resume_state(out, optimizer)
             self.start, self.best_val = state["iter"], state["best_val_loss"]
+            self.resumed_tokens = (state.get("tokens_per_iter"), state.get("ranks"))
             if self.start > cfg.max_iters:
                 raise NpgptError(f"the checkpoint is at step {self.start}, beyond --max-iters {cfg.max_iters}; "
                                  f"give a larger --max-iters to continue it")
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
-        log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
-            f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else ""))
+        log(f"model: {_plural(mcfg.n_layer, 'layer')}, {_plural(mcfg.n_head, 'head')}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
+            f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else "")
+            + (f"; training rows of {block} tokens" if block != mcfg.block_size else ""))
         log(optimizer.describe())
         if cfg.resume:
             log(f"resuming from step {self.start} (best val loss {self.best_val:.4f})")
@@ -429,8 +436,19 @@ class _Run:
         self.flops_per_iter = self.model.flops_per_token(self.block) * self.tokens_per_iter
         ranks = self.dp.comm.world_size if self.dp is not None else 1   # each rank measures its share
         self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9 * ranks   # the run's precision
-        self.log(f"tokens per iteration: {self.tokens_per_iter:,}; training {self.cfg.max_iters} iterations "
-                 f"on {self.cfg.device}")
+        cfg = self.cfg
+        shape = (f" ({ranks} ranks x batch {cfg.batch_size} x {self.block} tokens"
+                 + (f" x {cfg.gradient_accumulation_steps} micro-steps" if cfg.gradient_accumulation_steps > 1 else "")
+                 + ")") if ranks > 1 else ""
+        where = f"{ranks} ranks, each on {cfg.device}" if ranks > 1 else cfg.device
+        self.log(f"tokens per iteration: {self.tokens_per_iter:,}{shape}; training {cfg.max_iters} iterations on {where}")
+        before, before_ranks = getattr(self, "resumed_tokens", (None, None))
+        if before is not None and before != self.tokens_per_iter:
+            # the schedule counts steps, so each remaining step now sees a different number of tokens
+            self.log(f"note: this run took {before:,} tokens per iteration"
+                     + (f" on {_plural(before_ranks, 'rank')}" if before_ranks else "")
+                     + f"; it now takes {self.tokens_per_iter:,}. The learning-rate schedule counts steps; to keep "
+                     f"the global batch, set --batch-size so that ranks x batch x accumulation matches")
 
     def loop(self, interrupted):
         """eval/checkpoint -> one optimizer step over the micro-batches -> log; returns the last step."""
@@ -488,7 +506,9 @@ class _Run:
         self.log.record(kind="train", iter=step, loss=self.last_loss, lr=lr, ms_per_iter=dt * 1e3,
                         tokens_per_s=tps, mfu=mfu, grad_norm=norm)
         msg = (f"iter {step}/{cfg.max_iters}: loss {self.last_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
-               f"{tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {dt * (cfg.max_iters - step):.0f}s")
+               f"{tps:,.0f} tok/s, ETA {dt * (cfg.max_iters - step):.0f}s")
+        # MFU stays in metrics.jsonl only: its peak is measured once at start, and on a busy machine
+        # that reading is low, so a per-step "MFU 228%" would mislead (npgpt bench measures it properly)
         self.log.status(f"{_bar(step / cfg.max_iters)} {msg}" if self.log.tty else msg)
 
     def diverged(self, loss, step):
@@ -509,6 +529,7 @@ class _Run:
             "data": {"path": str(Path(self.data.path).resolve()) if self.data.path else "",
                      "next_batch_iter": it},
             "reason": reason, "loss_scaler": self.scaler.state_dict(),
+            "tokens_per_iter": self.tokens_per_iter, "ranks": self.dp.comm.world_size if self.dp is not None else 1,
         }, self.hooks.save_files, self.hooks.save_model)
 
 

@@ -185,9 +185,14 @@ def test_serve_with_adapter_equals_library(tmp_path):
                                                                  "max_tokens": 16, "temperature": 0}),
                      headers={"Content-Type": "application/json"})
         resp = json.loads(conn.getresponse().read())
+        conn.request("GET", "/v1/models")
+        models = json.loads(conn.getresponse().read())
         conn.close()
     finally:
         assert server.stop() == 0
+    # the server says the adapter is on, and its model id shows it
+    assert any("LoRA adapter" in line and "r=4" in line for line in server.lines), server.lines
+    assert models["data"][0]["id"] == "plain+ad"
     cut = [t for t in want]
     if tok.eot_id in cut:
         cut = cut[:cut.index(tok.eot_id)]

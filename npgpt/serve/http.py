@@ -280,7 +280,7 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
         try:
-            body = parse_json(raw, "the request body")    # depth / number limits: a nested body is a 400
+            body = parse_json(raw, "the request body", sent=True)    # depth / number limits: a nested body is a 400
         except NpgptError as e:
             raise ApiError(400, str(e)) from None
         if not isinstance(body, dict):
@@ -438,6 +438,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
     if model_name is None:
         ckpt = Path(ckpt).resolve()
         model_name = ckpt.parent.name if ckpt.name == "ckpt" else ckpt.name
+        if adapter is not None:                  # the id says the adapter is on: base+adapter
+            a = Path(adapter).resolve()
+            model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
     app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body)
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
@@ -450,6 +453,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     h, p = httpd.server_address[:2]
+    if adapter is not None and model.lora is not None:
+        ready(f"npgpt serve: LoRA adapter {adapter} loaded (r={model.lora.r}, alpha={model.lora.alpha:g}, "
+              f"targets {t if isinstance(t := model.lora.targets, str) else ','.join(t)}), unmerged over the base")
     ready(f"npgpt serve: {model_name} on http://{h}:{p}/ (chat page at /, API at /v1; "
           f"{'API key required' if api_key else 'no API key'}); Ctrl-C or SIGTERM stops")
     try:

@@ -25,7 +25,6 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp
 from npgpt.checkpoint import is_model_dir, load_tensors, save_tensors
 from npgpt.errors import NpgptError
-from npgpt.layers import QuantizedLinear
 from npgpt.loading import from_pretrained
 from npgpt.lora import apply_lora, has_lora, lora_layers, save_adapter
 from npgpt.model import read_hf_config
@@ -103,6 +102,10 @@ def distill_from_teacher(model, src, cfg, hooks):
         return
     teacher = load_teacher(cfg.teacher, model, cfg.device)
     alpha, temperature = cfg.distill_alpha, cfg.distill_temperature
+    if not cfg.quiet:
+        print(f"distillation: teacher {cfg.teacher} ({teacher.num_params():,} parameters); the step "
+              f"loss is {alpha:g} x KL(teacher || student) at temperature {temperature:g} + {1 - alpha:g} x "
+              f"cross-entropy on the data")
 
     def loss_fn(model, x, y):
         logits, _ = model(x, y)
@@ -113,10 +116,6 @@ def distill_from_teacher(model, src, cfg, hooks):
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------
-def _quantized_size(layer):
-    return layer.n_in * layer.n_out if isinstance(layer, QuantizedLinear) else 0
-
-
 def lora_plugin(model, src, cfg, hooks):
     """Training plugin for `lora_rank` (`npgpt finetune --lora-rank R`).
 
@@ -144,7 +143,7 @@ def lora_plugin(model, src, cfg, hooks):
     hooks.save_model = lambda folder: save_adapter(model, folder)
     n_train = sum(p.size for p in model.parameters() if p.requires_grad)
     layers = lora_layers(model)
-    n_base = model.num_params() - n_train + sum(_quantized_size(lin.base) for _, lin in layers)
+    n_base = model.num_params()        # the config's count: the base's weights, float or quantised
     if not cfg.quiet:
         print(f"LoRA: r={layers[0][1].r}, alpha={model.lora.alpha:g}, {len(layers)} adapted layers, "
               f"{n_train:,} trainable parameters ({100 * n_train / max(n_base, 1):.2f}% of the base's "
