@@ -170,13 +170,16 @@ def has_checkpoint(run_dir) -> bool:
 
 
 def find_checkpoint(path) -> Path:
-    """The checkpoint folder for `path`: a run folder, its `ckpt` folder, or any model folder.
+    """The checkpoint folder for `path`: a run folder, its `ckpt` folder, or any model folder (or a .gguf
+    file, returned as is).
 
     A model folder (config.json + model.safetensors, e.g. a Hugging Face GPT-2 download) is returned
     as is. For a run folder whose save crashed between the two renames (`ckpt.old` but no `ckpt`),
     `ckpt.old` is renamed back to `ckpt` and returned.
     """
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":     # a GGUF file is a model of its own
+        return path
     if not path.exists() and not (path.name == CKPT_DIR and path.parent.is_dir()):
         raise NpgptError(f"no checkpoint in {path}: the folder does not exist (check the path, or train one "
                          f"with `npgpt train --out {path}`)")
