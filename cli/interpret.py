@@ -27,7 +27,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
     """Show which earlier tokens each token of PROMPT attends to most (or, with --logit-lens, what
     each layer would predict)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.interpret import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
                                save_logit_lens_png, select, shade_matrix, token_labels)
     if top_k <= 0:
@@ -37,7 +37,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
             import matplotlib  # noqa: F401  (fail before the model loads, not after)
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
-    model, tok, _ = load_model_and_tokenizer(checkpoint)
+    model, tok = load_run(checkpoint)[:2]
     ids = tok.encode_prompt(prompt)
     if lens:
         probs = logit_lens(model, ids)

@@ -74,7 +74,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
            logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args, generate_stream
     max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
@@ -86,7 +86,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok, _ = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok = load_run(checkpoint, adapter=adapter, device=device)[:2]
     ids = encode_prompt(tok, prompt or "")
     controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
@@ -155,7 +155,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
                     device, controls, num_beams, length_penalty, draft, num_draft):
     """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import beam_search, speculative_stream
     if num_beams != 1 and draft is not None:
         raise NpgptError("give --num-beams or --draft, not both")
@@ -168,7 +168,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
         toks = beam_search(model, ids, max_new_tokens, num_beams, length_penalty, eot_id=tok.eot_id)
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok, _ = load_model_and_tokenizer(draft, device)
+        dmodel, dtok = load_run(draft, device=device)[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -206,12 +206,12 @@ def _piece(tok, t):
 def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (its own chat template, or npgpt's after `finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args
     from npgpt.sft import is_chat_model
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")

@@ -161,8 +161,8 @@ def test_saved_folder_keeps_tokenizer_and_template(hf_folder, chatml_tok):
 
 def test_chat_cli_uses_the_models_template(hf_folder, chatml_tok):
     from npgpt.cli.sample import ChatSession
-    from npgpt.evaluate import load_model_and_tokenizer
-    model, tok, _ = load_model_and_tokenizer(hf_folder)
+    from npgpt.loading import load_run
+    model, tok = load_run(hf_folder)[:2]
     session = ChatSession(model, tok, system="Be brief.", max_new_tokens=4, temperature=0.0)
     session.messages.append({"role": "user", "content": "the fox"})
     assert session._prompt_ids() == tok.apply_chat_template(session.messages, add_generation_prompt=True)
@@ -273,9 +273,9 @@ def family_folder(request, tmp_path_factory):
 
 def test_family_folder_chats_with_its_template(family_folder):
     from npgpt.cli.sample import ChatSession
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     name, d = family_folder
-    model, tok, _ = load_model_and_tokenizer(d)
+    model, tok = load_run(d)[:2]
     assert type(model).__name__ == "Llama" and tok.chat_template == FAMILIES[name][0]
     session = ChatSession(model, tok, max_new_tokens=4, temperature=0.0)
     session.messages.append({"role": "user", "content": "the fox"})

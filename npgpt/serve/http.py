@@ -30,7 +30,7 @@ from pathlib import Path
 from queue import Empty
 
 from npgpt.errors import NpgptError
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.protocol import ApiError, Params
@@ -433,7 +433,7 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
     model.eval()
     if model_name is None:
         ckpt = Path(ckpt).resolve()
