@@ -49,11 +49,26 @@ def control_options(fn):
     return fn
 
 
-def encode_prompt(tok, text):
-    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
+def encode_prompt(tok, text, allow_special=False, option="--prompt"):
+    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so);
+    `allow_special` (the CLI's --allow-special) reads every special token's string as its id."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    return tok.encode_prompt(text)
+    if allow_special:
+        return tok.encode(text, allowed_special="all")
+    try:
+        return tok.encode_prompt(text)
+    except NpgptError:
+        found = sorted((text.find(s), s) for s in tok.special_tokens if s in text)
+        if not found:
+            raise
+        raise NpgptError(f"{option} contains the special token {found[0][1]!r}; add --allow-special to read it as "
+                         f"that token, or leave it out") from None
+
+
+def allow_special_option(fn):
+    return click.option("--allow-special", is_flag=True,
+                        help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")(fn)
 
 
 @click.command()
@@ -67,17 +82,17 @@ def encode_prompt(tok, text):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_special_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, max_new_tokens,
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special, max_new_tokens,
            temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
            logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args, generate_stream
-    max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+    check_sampling_args(1 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed, list(stop))
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -87,7 +102,9 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
     model, tok = load_run(checkpoint, adapter=adapter, device=device)[:2]
-    ids = encode_prompt(tok, prompt or "")
+    ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
+    if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
+        max_new_tokens = max(1, model.config.block_size - max(len(ids), 1))
     controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
     if num_beams != 1 or draft is not None:

@@ -54,3 +54,47 @@ def test_resume_with_another_batch_says_tokens_per_iteration_changed(base, tmp_p
     assert r.exit_code == 0, r.output
     note = [line for line in r.output.splitlines() if line.startswith("note: this run took")]
     assert len(note) == 1 and "it now takes" in note[0], r.output
+
+
+def test_sample_defaults_to_the_contexts_remaining_room(base):
+    d, _ = base
+    r = run("sample", "--checkpoint", d / "base", "--prompt", "the ", "--seed", 1, "--no-stream")
+    assert r.exit_code == 0, r.output
+    from npgpt.loading import load_run
+    model, tok = load_run(d / "base")[:2]
+    text = r.stdout.rstrip("\n")                       # the timing line goes to stderr
+    assert text.startswith("the ")
+    n_new = len(tok.encode_plain(text)) - len(tok.encode_plain("the "))
+    assert n_new == model.config.block_size - 4          # 16-token context, 4-token prompt: 12 new tokens
+
+
+def test_special_tokens_in_a_prompt_get_a_cli_hint(base):
+    d, _ = base
+    r = run("sample", "--checkpoint", d / "base", "--prompt", "the <|endoftext|>", "--max-new-tokens", 2)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "--prompt contains the special token '<|endoftext|>'; add --allow-special" in r.output, r.output
+    assert "allowed_special" not in r.output
+    r = run("sample", "--checkpoint", d / "base", "--prompt", "the <|endoftext|>", "--max-new-tokens", 2,
+            "--allow-special")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_bad_request_body_is_not_called_a_damaged_file():
+    from npgpt.errors import NpgptError
+    from npgpt.safeio import parse_json
+    for body in (b"{", b'{"a": 1, "a": 2}', b"\xff"):
+        with pytest.raises(NpgptError) as e:
+            parse_json(body, "the request body", sent=True)
+        assert "damaged" not in str(e.value) and "send valid JSON" in str(e.value)
+    with pytest.raises(NpgptError, match="damaged"):
+        parse_json(b"{", "config.json")                  # a file on disk is still called damaged
+
+
+def test_gpu_errors_name_the_device_as_the_user_wrote_it():
+    from npgpt.backend import gpu_available, parse_device, require_gpu
+    from npgpt.errors import NpgptError
+    if gpu_available():
+        pytest.skip("a GPU is usable here: the error path cannot be reached")
+    with pytest.raises(NpgptError, match=r"^--device gpu "):
+        require_gpu(parse_device("gpu"))
+    assert parse_device("gpu") == parse_device("cuda:0")

@@ -280,7 +280,7 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
         try:
-            body = parse_json(raw, "the request body")    # depth / number limits: a nested body is a 400
+            body = parse_json(raw, "the request body", sent=True)    # depth / number limits: a nested body is a 400
         except NpgptError as e:
             raise ApiError(400, str(e)) from None
         if not isinstance(body, dict):
