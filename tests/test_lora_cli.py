@@ -163,12 +163,12 @@ def test_serve_with_adapter_equals_library(tmp_path):
 
     from serve_helpers import LiveServer, model_folder
 
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import generate
     from npgpt.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 
     folder = model_folder(tmp_path / "plain", chat=False, block=64, n_embd=32, seed=5)
-    model, tok, _ = load_model_and_tokenizer(folder)
+    model, tok = load_run(folder)[:2]
     ids = tok.encode("the quick")
     base_out = generate(model, ids, 16, temperature=0)
     apply_lora(model, LoRAConfig(r=4, alpha=8))
