@@ -63,6 +63,7 @@ from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.gguf_models import is_gguf
+from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
 from npgpt.llama import preset_config
 from npgpt.loading import from_pretrained
@@ -350,8 +351,10 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
         raise NpgptError(f"{cfg.out} is a fine-tuning run on {cfg.sft}; continue it with `npgpt finetune --resume "
                          f"--out {cfg.out}`" if cfg.resume else "an --sft run needs its SFT data: use `npgpt finetune --sft`")
     # paths stored absolute in state.json, so --resume from another directory finds the same files
+    # (an hf:ORG/NAME model reference names the same model from anywhere)
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
-                                      for k in ("data", "init_from", "sft", "teacher") if getattr(cfg, k)})
+                                      for k in ("data", "init_from", "sft", "teacher")
+                                      if getattr(cfg, k) and not is_hub_ref(getattr(cfg, k))})
     comm, device = for_device(current(), cfg.device)  # mpiexec -n N: this rank's GPU and NCCL; else as is
     cfg = dataclasses.replace(cfg, device=device) if device != cfg.device else cfg
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable

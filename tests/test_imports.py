@@ -14,7 +14,7 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf"),
+    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf", "npgpt.hub"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
