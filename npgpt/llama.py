@@ -552,6 +552,23 @@ def weight_files(path) -> list:
     return headers
 
 
+def check_shapes(config: LlamaConfig, found: dict, expected: dict, where, f) -> None:
+    """NpgptError unless the tensors `found` ({name: shape}, from headers) are exactly `expected`:
+    the layer count first (naming config.json's field), then missing, unexpected and mis-shaped names."""
+    n_layers = len({k.split(".")[2] for k in found if k.startswith("model.layers.")})
+    if n_layers != config.n_layer:
+        raise NpgptError(f"{where}: num_hidden_layers is {config.n_layer} but the weights hold {n_layers} layers; "
+                         f"the folder does not match its config.json")
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k])} (expected {tuple(v)})" for k, v in expected.items()
+             if k in found and tuple(found[k]) != tuple(v)]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + wrong[:3]
+    if problems:
+        raise NpgptError(f"{f}: {'; '.join(problems)}; the weights do not match config.json")
+
+
 def load_llama_tensors(path, config: LlamaConfig) -> dict:
     """{npgpt name: float32 array (npgpt's (in, out) layout)} from a Llama/Qwen2 folder; every header
     is checked against `config` (names, shapes, floating dtypes) before a tensor is read."""
@@ -571,18 +588,7 @@ def load_llama_tensors(path, config: LlamaConfig) -> dict:
     if tied_extra:                                  # tied: transformers ignores a stored head, and so do we
         del found["lm_head.weight"]
     expected = config.hf_shapes()
-    n_layers = len({k.split(".")[2] for k in found if k.startswith("model.layers.")})
-    if n_layers != config.n_layer:
-        raise NpgptError(f"{where}: num_hidden_layers is {config.n_layer} but the weights hold {n_layers} layers; "
-                         f"the folder does not match its config.json")
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    wrong = [f"{k} {tuple(found[k][1])} (expected {tuple(v)})" for k, v in expected.items()
-             if k in found and tuple(found[k][1]) != tuple(v)]
-    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-               ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + wrong[:3]
-    if problems:
-        raise NpgptError(f"{cfg_file}: {'; '.join(problems)}; the weights do not match config.json")
+    check_shapes(config, {k: shape for k, (_, shape) in found.items()}, expected, where, cfg_file)
     state = {}
     for h in headers:
         names = {k for k in h.tensors if k in expected}
@@ -593,6 +599,11 @@ def load_llama_tensors(path, config: LlamaConfig) -> dict:
             state[key] = np.ascontiguousarray(a.T) if _is_linear_weight(key) else a
         check_finite_tensors({k: state[k] for k in names}, h.path)
     return state
+
+
+def config_from_hf(hf: dict, where="config.json"):
+    """The model config of a config.json dict, of either family (GPTConfig or LlamaConfig)."""
+    return LlamaConfig.from_hf(hf, where) if is_llama_config(hf) else GPTConfig.from_hf(hf, where)
 
 
 def is_llama_config(hf: dict) -> bool:
@@ -634,10 +645,13 @@ def from_pretrained(path, device="cpu", **overrides):
     return GPT.from_pretrained(path, device=device, **overrides)
 
 
-def build_model(config, seed=0, device="cpu"):
-    """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig)."""
-    return (Llama if isinstance(config, LlamaConfig) else GPT)(config, seed=seed, device=device)
+def build_model(config, seed=0, device="cpu", init=True):
+    """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig). init=False
+    leaves a Llama's weights unset (np.empty), for a model about to be loaded."""
+    if isinstance(config, LlamaConfig):
+        return Llama(config, seed=seed, device=device, init=init)
+    return GPT(config, seed=seed, device=device)
 
 
-__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "from_pretrained", "is_llama_config",
+__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "from_pretrained", "config_from_hf", "is_llama_config",
            "load_llama_tensors", "model_type_of"]

@@ -35,7 +35,7 @@ so only one layer's float weight exists at a time. The quantised embedding is de
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +43,9 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.checkpoint import atomic_write_json, save_tensors
 from npgpt.errors import NpgptError
-from npgpt.llama import from_pretrained
-from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, records_quantization, weights_header
+from npgpt.llama import build_model, config_from_hf, from_pretrained
+from npgpt.llama import check_shapes as check_llama_shapes
+from npgpt.model import check_config_matches, read_hf_config, records_quantization, weights_header
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
 from npgpt.safeio import Bool, Int, check, check_finite_tensors, load_safetensors
@@ -289,16 +290,44 @@ class QuantizedEmbedding(Module):
 
 # ---- which weights -----------------------------------------------------------------------------
 LINEAR_PATHS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LLAMA_LINEAR_PATHS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps what quantisation, pruning, trimming and LoRA touch."""
+    blocks: str                 # attribute path of the block list, also its name prefix
+    linear_paths: tuple         # the linear layers inside one block
+    embedding: str              # the token embedding's module name
+
+
+FAMILIES = {"gpt": Family("transformer.h", LINEAR_PATHS, "transformer.wte"),
+            "llama": Family("model.layers", LLAMA_LINEAR_PATHS, "model.embed_tokens")}
+
+
+def family(model_or_config) -> Family:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return FAMILIES[cfg.arch]
+
+
+def blocks_of(model):
+    """The model's list of blocks (GPT's transformer.h, Llama's model.layers)."""
+    owner = model
+    for part in family(model).blocks.split("."):
+        owner = getattr(owner, part)
+    return owner
 
 
 def linear_layers(model):
     """[(module name, owner module, attribute, layer)] for every linear layer of the blocks, in order."""
+    fam = family(model)
     out = []
-    for i, block in enumerate(model.transformer.h):
-        for path in LINEAR_PATHS:
+    for i, block in enumerate(blocks_of(model)):
+        for path in fam.linear_paths:
             owner_name, attr = path.split(".")
             owner = getattr(block, owner_name)
-            out.append((f"transformer.h.{i}.{path}", owner, attr, getattr(owner, attr)))
+            out.append((f"{fam.blocks}.{i}.{path}", owner, attr, getattr(owner, attr)))
     return out
 
 
@@ -314,7 +343,7 @@ def quantize_model(model, bits=8, group_size=None, embedding=False):
         if not isinstance(lin, QuantizedLinear):
             setattr(owner, attr, QuantizedLinear.from_linear(lin, bits, group_size))
     if embedding:
-        wte = model.transformer.wte.weight
+        wte = model.input_embedding
         stored, scales = encode_weight(asnumpy(wte.data).T, bits, group_size)
         w = decode_weight(stored, scales, wte.shape[1], bits).T
         wte.data[...] = get_xp(wte.data).asarray(w)
@@ -336,11 +365,12 @@ def quantized_tensors(model, bits=8, group_size=None, embedding=False):
         tensors[f"{name}.scales"] = np.ascontiguousarray(asnumpy(q.scales))
         if q.bias is not None:
             tensors[f"{name}.bias"] = np.ascontiguousarray(asnumpy(q.bias.data))
+    emb = family(model).embedding
     for name, p in model.named_parameters():
-        if name == "transformer.wte.weight" and embedding:
+        if name == f"{emb}.weight" and embedding:
             stored, scales = encode_weight(asnumpy(p.data).T, bits, group_size)
-            tensors["transformer.wte.qweight"] = np.ascontiguousarray(stored)
-            tensors["transformer.wte.scales"] = scales
+            tensors[f"{emb}.qweight"] = np.ascontiguousarray(stored)
+            tensors[f"{emb}.scales"] = scales
         elif name not in quantized and name not in tensors:
             tensors[name] = np.ascontiguousarray(asnumpy(p.data))
     return tensors
@@ -382,18 +412,20 @@ def quantized_shapes(config, scheme):
         shapes[f"{name}.scales"] = (1 if g is None else n_in // g, n_out)
         dtypes[f"{name}.qweight"], dtypes[f"{name}.scales"] = ("U8" if bits == 4 else "I8"), "F32"
 
+    fam = family(config)
+    layers = {p.rsplit(".", 1)[-1] for p in fam.linear_paths}
     for key, shape in list(shapes.items()):
-        if key.endswith(".weight") and key.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc"):
+        if key.startswith(fam.blocks + ".") and key.endswith(".weight") and key.rsplit(".", 2)[-2] in layers:
             del shapes[key]
             swap(key[:-len(".weight")], *shape)
     if scheme["embedding"]:
-        V, C = shapes.pop("transformer.wte.weight")
-        swap("transformer.wte", C, V)
+        V, C = shapes.pop(f"{fam.embedding}.weight")
+        swap(fam.embedding, C, V)
     return shapes, dtypes
 
 
 def load_quantized(path, hf=None, device="cpu", **overrides):
-    """A GPT from a quantised folder (written by save_quantized), in eval mode, linear layers quantised.
+    """A model (GPT or Llama) from a quantised folder (written by save_quantized), in eval mode, linear layers quantised.
 
     `hf` is the parsed config.json when the caller (load_model) has read it already;
     `overrides` replace config fields as from_pretrained's do (e.g. dropout).
@@ -405,26 +437,30 @@ def load_quantized(path, hf=None, device="cpu", **overrides):
     if scheme is None:
         raise NpgptError(f"{path / 'config.json'} records no npgpt.quantization; load it with GPT.from_pretrained")
     f = path / QUANT_FILE
-    config = GPTConfig.from_hf(hf, str(path / "config.json"))
+    config = config_from_hf(hf, str(path / "config.json"))
     bits = scheme["bits"]
     header = weights_header(path)
     # every shape and dtype checked against config.json before anything is allocated
-    check_config_matches(config, header.shapes(), path / "config.json", f,
-                         lambda: quantized_shapes(config, scheme)[0])
+    if config.arch == "llama":
+        check_llama_shapes(config, header.shapes(), quantized_shapes(config, scheme)[0], path / "config.json", f)
+    else:
+        check_config_matches(config, header.shapes(), path / "config.json", f,
+                             lambda: quantized_shapes(config, scheme)[0])
     for key, dtype in quantized_shapes(config, scheme)[1].items():
         if header.tensors[key].dtype != dtype:
             raise NpgptError(f"{f}: tensor {key} is {header.tensors[key].dtype}, expected {dtype}; the folder "
                              f"does not match its config.json")
     raw = load_safetensors(f, header)
     check_finite_tensors(raw, f)
-    model = GPT(replace(config, **overrides), device="cpu")
+    model = build_model(replace(config, **overrides), init=False)
     for name, owner, attr, lin in linear_layers(model):
         bias = raw.pop(f"{name}.bias") if lin.bias is not None else None
         setattr(owner, attr, QuantizedLinear(raw.pop(f"{name}.qweight"), raw.pop(f"{name}.scales"),
                                              lin.weight.shape[0], bits, bias))
     if scheme["embedding"]:
-        stored, scales = raw.pop("transformer.wte.qweight"), raw.pop("transformer.wte.scales")
-        raw["transformer.wte.weight"] = decode_weight(stored, scales, config.n_embd, bits).T
+        emb = family(config).embedding
+        stored, scales = raw.pop(f"{emb}.qweight"), raw.pop(f"{emb}.scales")
+        raw[f"{emb}.weight"] = decode_weight(stored, scales, config.n_embd, bits).T
     model.load_state_dict({k: v.astype(np.float32, copy=False) for k, v in raw.items()})
     model.quantization = scheme
     model.eval()
@@ -434,7 +470,7 @@ def load_quantized(path, hf=None, device="cpu", **overrides):
 
 # ---- the one loader ------------------------------------------------------------------------------
 def load_model(path, device="cpu", **overrides):
-    """A model from any model folder: quantised (save_quantized) or float (npgpt or Hugging Face GPT-2).
+    """A model from any model folder: quantised (save_quantized) or float (npgpt, Hugging Face GPT-2, Llama, Qwen2).
 
     The one place that decides how a folder loads, so npgpt.model never needs to know about
     quantisation. In eval mode, as GPT.from_pretrained; `overrides` replace config fields (e.g. dropout).

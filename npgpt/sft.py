@@ -29,7 +29,8 @@ from npgpt import tokenizer as tk
 from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
-from npgpt.model import GPTConfig, read_hf_config
+from npgpt.llama import config_from_hf
+from npgpt.model import read_hf_config
 from npgpt.safeio import read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -154,7 +155,7 @@ class SFTData:
         if not tk.is_tokenizer_dir(src):
             raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
         tok = tk.load(src)
-        n_pos = GPTConfig.from_hf(read_hf_config(src)).block_size
+        n_pos = config_from_hf(read_hf_config(src)).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)
         T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)

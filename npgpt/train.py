@@ -159,6 +159,8 @@ class TrainConfig:
                 raise NpgptError(f"{name} must be positive, got {v}")
         if self.min_lr < 0 or self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
+        if self.preset.startswith("llama-"):
+            self.arch = "llama"                         # llama-baby is baby with arch=llama
         if self.arch not in ARCHS:
             raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.zero_stage not in (0, 1):
@@ -622,7 +624,8 @@ class _Run:
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
-        log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
+        heads = f"{mcfg.n_head} heads" + (f" ({mcfg.n_kv_head} key/value)" if mcfg.n_kv_head != mcfg.n_head else "")
+        log(f"model: {mcfg.arch}, {mcfg.n_layer} layers, {heads}, n_embd {mcfg.n_embd}, block {block}, "
             f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else ""))
         log(optimizer.describe())
         if cfg.resume:
