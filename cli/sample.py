@@ -198,23 +198,23 @@ def _piece(tok, t):
 
 
 @click.command()
-@click.option("--checkpoint", required=True, type=click.Path(), help="An SFT (chat) model folder.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A chat model: one with its own chat template (Hugging Face, GGUF), or fine-tuned with --sft.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
 def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
-    """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
+    """Talk to a chat model (its own chat template, or npgpt's after `finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import check_sampling_args
-    from npgpt.sft import CHAT_TOKENS
+    from npgpt.sft import is_chat_model
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
     model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
-    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
-    if missing:
-        raise NpgptError(f"{ckpt} is not a chat model (its tokenizer lacks {', '.join(missing)}); "
-                         f"fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
+    if not is_chat_model(tok):
+        raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
+                         f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
     session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     click.echo("chat: type a message; /reset starts over, /quit leaves.")
@@ -240,7 +240,7 @@ def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p,
 
 
 class ChatSession:
-    """A conversation in the chat template; history is cropped (oldest turns first) to fit."""
+    """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit."""
 
     def __init__(self, model, tok, system=None, max_new_tokens=256, **sampling):
         self.model, self.tok, self.system = model, tok, system
@@ -266,13 +266,14 @@ class ChatSession:
         """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
+        from npgpt.sft import chat_stop_ids
         self.messages.append({"role": "user", "content": text})
-        end = self.tok.special_tokens["<|end|>"]
+        stops = chat_stop_ids(self.tok)
         out = []
-        for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=end,
+        for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=stops[0],
                                      **self.sampling):
             for s in steps:
-                if s.token in (end, self.tok.eot_id):
+                if s.token in stops:
                     break
                 out.append(s.token)
                 yield self.tok.decode([s.token])

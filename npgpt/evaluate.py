@@ -39,7 +39,7 @@ def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
     ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):
-        raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
+        raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
     model = load_model_folder(ckpt, device=device)      # a LoRA run's folder brings its base along
     if adapter:
         load_adapter(model, adapter)

@@ -28,9 +28,12 @@ import numpy as np
 
 from npgpt.errors import NpgptError
 from npgpt.gguf import GGUFFile, quantize, write_gguf
+from npgpt.llama import Llama, LlamaConfig
 from npgpt.model import GPT, GPTConfig
 from npgpt.quant import QuantizedEmbedding, QuantizedLinear, linear_layers
-from npgpt.tokenizer.bpe import BPETokenizer, PATTERNS
+from npgpt.tokenizer.base import EOT
+from npgpt.tokenizer.bpe import GPT2_PATTERN, PATTERNS, BPETokenizer
+from npgpt.tokenizer.hf import PRE_TOKENIZERS, AddedToken, HFTokenizer
 from npgpt.tensor import Tensor
 from npgpt.tokenizer.files import bytes_to_gpt2_string, gpt2_string_to_bytes
 
@@ -148,7 +151,164 @@ def gpt2_tensors(model):
     return out
 
 
-ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors)}
+
+# ---- Llama family (llama, qwen2) ---------------------------------------------------------------
+LLAMA_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+LLAMA_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def llama_names(config):
+    """[(npgpt parameter name, GGUF tensor name, transpose?)] of every parameter of a Llama."""
+    out = [("model.embed_tokens.weight", "token_embd.weight", False)]
+    for i in range(config.n_layer):
+        for ours, theirs in LLAMA_NORMS.items():
+            out.append((f"model.layers.{i}.{ours}.weight", f"blk.{i}.{theirs}.weight", False))
+        for ours, theirs in LLAMA_LINEAR.items():
+            out.append((f"model.layers.{i}.{ours}.weight", f"blk.{i}.{theirs}.weight", True))
+            if config.qkv_bias and theirs in ("attn_q", "attn_k", "attn_v"):
+                out.append((f"model.layers.{i}.{ours}.bias", f"blk.{i}.{theirs}.bias", False))
+    out.append(("model.norm.weight", "output_norm.weight", False))
+    if not config.tie_word_embeddings:
+        out.append(("lm_head.weight", "output.weight", False))
+    return out
+
+
+def rope_rows(n_rows, n_head):
+    """llama.cpp's row order of a Llama q/k weight: within each head, the rotary pairs (i, i + hs/2) of
+    Hugging Face's rotate-half layout become neighbours (2i, 2i+1), the interleaved layout ggml's RoPE
+    reads. Returns `perm` with gguf_rows = hf_rows[perm]; hf_rows = gguf_rows[argsort(perm)]."""
+    hs = n_rows // n_head
+    return np.arange(n_rows).reshape(n_head, 2, hs // 2).swapaxes(1, 2).reshape(-1)
+
+
+def llama_config(g: GGUFFile):
+    a = g.architecture
+    n_embd = g.require(f"{a}.embedding_length", int)
+    n_head = g.require(f"{a}.attention.head_count", int)
+    emb = g.tensor("token_embd.weight")
+    if len(emb.shape) != 2 or emb.shape[1] != n_embd:
+        raise NpgptError(f"{g.path}: token_embd.weight has shape {emb.shape}, expected (vocab, {n_embd})")
+    if "rope_freqs.weight" in g.tensors:
+        raise NpgptError(f"{g.path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
+    scaling = g.get(f"{a}.rope.scaling.type", "none", str)
+    if scaling not in ("none", "linear"):
+        raise NpgptError(f"{g.path}: RoPE scaling {scaling!r} is not supported (none or linear)")
+    rope_scaling = None
+    if scaling == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(g.require(f"{a}.rope.scaling.factor", float))}
+    head_dim = g.get(f"{a}.attention.key_length", None, int)
+    if head_dim is not None and head_dim * n_head == n_embd:
+        head_dim = None
+    try:
+        cfg = LlamaConfig(vocab_size=emb.shape[0], block_size=g.require(f"{a}.context_length", int),
+                          n_layer=g.require(f"{a}.block_count", int), n_head=n_head,
+                          n_kv_head=g.get(f"{a}.attention.head_count_kv", n_head, int), n_embd=n_embd,
+                          n_inner=g.require(f"{a}.feed_forward_length", int), head_dim=head_dim,
+                          rms_norm_eps=float(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5, float)),
+                          rope_theta=float(g.get(f"{a}.rope.freq_base", 10000.0, float)), rope_scaling=rope_scaling,
+                          tie_word_embeddings="output.weight" not in g.tensors, qkv_bias=a == "qwen2",
+                          model_type="qwen2" if a == "qwen2" else "llama")
+    except NpgptError as e:
+        raise NpgptError(f"{g.path}: {e}") from None
+    rope_dim = g.get(f"{a}.rope.dimension_count", cfg.head_size, int)
+    if rope_dim != cfg.head_size:
+        raise NpgptError(f"{g.path}: partial rotary embeddings (rope.dimension_count {rope_dim} of head size "
+                         f"{cfg.head_size}) are not supported")
+    return cfg
+
+
+def _llama_rows(config, arch, theirs):
+    """The permutation that undoes llama.cpp's q/k row order (Llama only: Qwen2 keeps Hugging Face's)."""
+    if arch != "llama":
+        return None
+    if theirs.endswith("attn_q.weight"):
+        return np.argsort(rope_rows(config.n_head * config.head_size, config.n_head))
+    if theirs.endswith("attn_k.weight"):
+        return np.argsort(rope_rows(config.n_kv_head * config.head_size, config.n_kv_head))
+    return None
+
+
+def llama_from_gguf(g: GGUFFile, device="cpu", keep_quantized=False, **overrides):
+    config = llama_config(g)
+    arch = g.architecture
+    names = llama_names(config)
+    shapes = config.param_shapes()
+    check_tensors(g, {theirs: (shapes[ours][::-1] if t else shapes[ours]) for ours, theirs, t in names})
+    model = Llama(replace(config, **overrides), init=False)
+    kept = {}
+    if keep_quantized:
+        for ours, theirs, t in names:
+            q = kept_linear(g, theirs, rows=_llama_rows(config, arch, theirs)) if t else None
+            if q is not None:
+                kept[ours[:-len(".weight")]] = q
+    state = {}
+    for ours, theirs, t in names:
+        if ours[:-len(".weight")] in kept:
+            continue
+        w = g.dequantize(theirs)
+        rows = _llama_rows(config, arch, theirs)
+        if rows is not None:
+            w = w[rows]
+        state[ours] = np.ascontiguousarray(w.T) if t else w
+    for layer, q in kept.items():
+        owner_name, attr = layer.rsplit(".", 1)
+        owner = model.get_submodule(owner_name) if hasattr(model, "get_submodule") else _submodule(model, owner_name)
+        bias = state.pop(f"{layer}.bias", None)
+        q.bias = None if bias is None else Tensor(bias)
+        setattr(owner, attr, q)
+    emb = kept_embedding(g, "token_embd.weight") if keep_quantized and config.tie_word_embeddings else None
+    if emb is not None:
+        state.pop("model.embed_tokens.weight")
+        model.model.embed_tokens = emb
+    model.load_state_dict(state)
+    if kept:
+        model.quantization = {"bits": 8 if all(q.bits == 8 for q in kept.values()) else 4, "group_size": 32,
+                              "embedding": emb is not None, "source": "gguf"}
+    model.eval()
+    return model.to(device) if str(device) != "cpu" else model
+
+
+def _submodule(model, dotted):
+    m = model
+    for part in dotted.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def llama_metadata(config):
+    a = "qwen2" if config.model_type == "qwen2" else "llama"
+    meta = {f"{a}.context_length": config.block_size, f"{a}.embedding_length": config.n_embd,
+            f"{a}.feed_forward_length": config.n_inner, f"{a}.block_count": config.n_layer,
+            f"{a}.attention.head_count": config.n_head, f"{a}.attention.head_count_kv": config.n_kv_head,
+            f"{a}.rope.freq_base": float(config.rope_theta), f"{a}.rope.dimension_count": config.head_size,
+            f"{a}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+            f"{a}.attention.key_length": config.head_size, f"{a}.attention.value_length": config.head_size,
+            f"{a}.vocab_size": config.vocab_size}
+    rs = config.rope_scaling
+    if rs is not None:
+        if rs["rope_type"] != "linear":
+            raise NpgptError(f"RoPE scaling {rs['rope_type']!r} has no GGUF form here (linear scaling exports)")
+        meta[f"{a}.rope.scaling.type"] = "linear"
+        meta[f"{a}.rope.scaling.factor"] = float(rs["factor"])
+    return meta
+
+
+def llama_tensors(model):
+    cfg = model.config
+    arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
+    params = {name: np.asarray(p.data, dtype=np.float32) for name, p in model.named_parameters()}
+    out = []
+    for ours, theirs, t in llama_names(cfg):
+        w = params[ours]
+        if t:
+            w = w.T                                                  # (out, in)
+            rows = _llama_rows(cfg, arch, theirs)
+            if rows is not None:                                     # Hugging Face -> llama.cpp order
+                w = w[np.argsort(rows)]
+        out.append((theirs, np.ascontiguousarray(w)))
+    return out
 
 
 # ---- weights kept quantised ------------------------------------------------------------------------
@@ -205,6 +365,11 @@ def kept_embedding(g: GGUFFile, name):
     return QuantizedEmbedding(kept_linear(g, name))
 
 
+# general.architecture -> (read, metadata to write, tensors to write)
+ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors), "llama": (llama_from_gguf, llama_metadata, llama_tensors),
+         "qwen2": (llama_from_gguf, llama_metadata, llama_tensors)}
+
+
 # ---- shared checks -------------------------------------------------------------------------------
 def check_tensors(g: GGUFFile, expected: dict):
     """NpgptError unless the file holds exactly the tensors `expected` ({GGUF name: NumPy shape})."""
@@ -236,8 +401,105 @@ def load_gguf_model(path, device="cpu", keep_quantized=False, **overrides):
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------
-# npgpt's split patterns -> llama.cpp's pre-tokenizer names
-PRE_NAMES = {"gpt2": "gpt-2"}
+def _isolated(pattern):
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+# llama.cpp's `default` BPE pre-tokenizer: four regexes, each cutting the pieces the one before left
+LLAMA_CPP_DEFAULT = {"type": "Sequence", "pretokenizers": [
+    _isolated(r"[\p{P}\$\+<=>\^~\|]+"),
+    _isolated(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"),
+    _isolated(r"\p{N}+"), _isolated(r"[0-9][0-9][0-9]"),
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> npgpt.tokenizer.hf's (or a spec)
+PRE_SPECS = {"gpt-2": "gpt2", "llama-bpe": "llama3", "llama3": "llama3", "qwen2": "qwen2", "smollm": "smollm",
+             "default": LLAMA_CPP_DEFAULT}
+# and back, for writing
+PRE_NAMES = {"gpt2": "gpt-2", "llama3": "llama-bpe", "qwen2": "qwen2", "smollm": "smollm"}
+
+
+def tokenizer_from_gguf(g: GGUFFile) -> HFTokenizer:
+    """The byte-level BPE tokenizer in a GGUF file's tokenizer.* metadata: tokens (ids are positions),
+    token types (control -> special added tokens, user-defined -> added tokens), merges, the
+    pre-tokenizer by name, bos/eos/padding ids, add_bos_token and the chat template."""
+    where = f"{g.path}: tokenizer"
+    model = g.require("tokenizer.ggml.model", str)
+    if model != "gpt2":
+        kind = {"llama": "a SentencePiece (llama) tokenizer", "bert": "a WordPiece (bert) tokenizer"}.get(
+            model, f"tokenizer model {model!r}")
+        raise NpgptError(f"{g.path} holds {kind}; npgpt reads byte-level BPE tokenizers (tokenizer.ggml.model "
+                         f"'gpt2': GPT-2, Llama 3, Qwen2, SmolLM2) only")
+    pre = g.get("tokenizer.ggml.pre", "default", str)
+    spec = PRE_SPECS.get(pre)
+    if spec is None:
+        raise NpgptError(f"{g.path}: pre-tokenizer {pre!r} is not supported (npgpt knows "
+                         f"{', '.join(sorted(PRE_SPECS))})")
+    tokens = g.require("tokenizer.ggml.tokens", list)
+    n = len(tokens)
+    types = g.get("tokenizer.ggml.token_type", None, list)
+    if types is not None and len(types) != n:
+        raise NpgptError(f"{where}: {len(types)} token types for {n} tokens")
+    vocab, extra, added = {}, {}, []
+    for i, s in enumerate(tokens):
+        kind = NORMAL if types is None else int(types[i])
+        if kind in (CONTROL, USER_DEFINED):
+            added.append(AddedToken(i, s, special=kind == CONTROL))
+            continue
+        b = gpt2_string_to_bytes(s)
+        if b is None or b in vocab:
+            extra[s] = i                      # decodable by its UTF-8, never produced by merges
+        else:
+            vocab[b] = i
+    merges = []
+    for rank, m in enumerate(g.get("tokenizer.ggml.merges", [], list)):
+        parts = m.split(" ") if isinstance(m, str) else []
+        pair = tuple(gpt2_string_to_bytes(p) for p in parts) if len(parts) == 2 and all(parts) else None
+        if pair is None or None in pair:
+            raise NpgptError(f"{where}: merge {rank} {m!r:.40} is not two tokens in GPT-2's byte alphabet")
+        merges.append(pair)
+
+    def name(key):
+        i = g.get(key, None, int)
+        if i is None:
+            return None
+        if not 0 <= i < n:
+            raise NpgptError(f"{where}: {key} {i} is not a token id (0..{n - 1})")
+        return tokens[i]
+
+    bos = name("tokenizer.ggml.bos_token_id")
+    post = None
+    if g.get("tokenizer.ggml.add_bos_token", False, bool) and bos is not None:
+        bos_id = g.get("tokenizer.ggml.bos_token_id", kind=int)
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    try:
+        # the split regexes come from PRE_SPECS above, not from the file: they need no --trust-pattern
+        return HFTokenizer(vocab, merges, added, pre_tokenizer=spec, post_processor=post, bos_token=bos,
+                           eos_token=name("tokenizer.ggml.eos_token_id"),
+                           pad_token=name("tokenizer.ggml.padding_token_id"),
+                           chat_template=g.get("tokenizer.chat_template", None, str), trust_pattern=True,
+                           where=str(g.path), extra_vocab=extra)
+    except NpgptError as e:
+        msg = str(e)
+        raise NpgptError(msg if str(g.path) in msg else f"{where}: {msg}") from None
+
+
+def load_gguf_tokenizer(path) -> HFTokenizer:
+    return tokenizer_from_gguf(GGUFFile(path))
+
+
+def _pre_name(tok):
+    if isinstance(tok, HFTokenizer):
+        spec = tok.pre_tokenizer_spec
+        found = next((PRE_NAMES[k] for k, v in PRE_TOKENIZERS.items() if v == spec and k in PRE_NAMES), None)
+        if found is None and spec == LLAMA_CPP_DEFAULT:
+            found = "default"
+        return found
+    pattern = PATTERNS.get(tok.pattern, tok.pattern)
+    return "gpt-2" if pattern == GPT2_PATTERN else None
 
 
 def tokenizer_metadata(tok):
@@ -245,17 +507,24 @@ def tokenizer_metadata(tok):
     if not isinstance(tok, BPETokenizer):
         raise NpgptError(f"a {getattr(tok, 'kind', type(tok).__name__)} tokenizer has no GGUF form (llama.cpp reads "
                          f"byte-level BPE tokenizers); train the model with --tokenizer bpe to export it")
-    pattern = PATTERNS.get(tok.pattern, tok.pattern)
-    pre = next((PRE_NAMES[k] for k, v in PATTERNS.items() if v == pattern and k in PRE_NAMES), None)
+    pre = _pre_name(tok)
     if pre is None:
-        raise NpgptError("this tokenizer's split pattern has no llama.cpp pre-tokenizer name (gpt-2 is "
-                         "supported); export a model with GPT-2's pattern")
+        raise NpgptError("this tokenizer's pre-tokenizer has no llama.cpp name (gpt-2, llama-bpe, qwen2 and "
+                         "smollm are written); export a model with one of those")
     specials = {i: s for s, i in tok.special_tokens.items()}
+    added = {t.id: t for t in getattr(tok, "added_tokens", ())}
+    extra = {i: s for s, i in getattr(tok, "extra_vocab", {}).items()}
     tokens, types = [], []
     for i in range(tok.vocab_size):
-        if i in specials:
+        if i in added:
+            tokens.append(added[i].content)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
+        elif i in specials:
             tokens.append(specials[i])
             types.append(CONTROL)
+        elif i in extra:
+            tokens.append(extra[i])
+            types.append(NORMAL)
         elif tok._id_to_bytes[i] is None:                        # a gap in the ids
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
@@ -266,60 +535,27 @@ def tokenizer_metadata(tok):
               for a, b in tok.merges]
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.merges": merges}
-    eot = tok.special_tokens.get("<|endoftext|>")
-    if eot is not None:
-        meta.update({"tokenizer.ggml.bos_token_id": eot, "tokenizer.ggml.eos_token_id": eot})
-    meta["tokenizer.ggml.add_bos_token"] = False
+    ids = {"bos": getattr(tok, "bos_id", None), "eos": tok.eot_id if (EOT in tok.special_tokens or
+                                                                      getattr(tok, "eos_token", None)) else None,
+           "padding": None if getattr(tok, "pad_token", None) is None else tok.token_id(tok.pad_token)}
+    if ids["bos"] is None and ids["eos"] is not None and not isinstance(tok, HFTokenizer):
+        ids["bos"] = ids["eos"]                                  # GPT-2: <|endoftext|> both ways
+    for key, value in ids.items():
+        if value is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = int(value)
+    meta["tokenizer.ggml.add_bos_token"] = bool(getattr(tok, "add_bos", False))
     template = getattr(tok, "chat_template", None)
     if template:
         meta["tokenizer.chat_template"] = template
     return meta
 
 
-def tokenizer_from_gguf(g: GGUFFile):
-    """The byte-level BPE tokenizer in a GGUF file's tokenizer.ggml.* metadata."""
-    model = g.require("tokenizer.ggml.model", str)
-    if model != "gpt2":
-        raise NpgptError(f"{g.path}: tokenizer model {model!r} is not read (npgpt reads byte-level BPE, 'gpt2')")
-    pre = g.get("tokenizer.ggml.pre", "default", str)
-    pattern = {v: k for k, v in PRE_NAMES.items()}.get(pre)
-    if pattern is None:
-        raise NpgptError(f"{g.path}: pre-tokenizer {pre!r} is not supported")
-    tokens = g.require("tokenizer.ggml.tokens", list)
-    types = g.get("tokenizer.ggml.token_type", None, list)
-    if types is not None and len(types) != len(tokens):
-        raise NpgptError(f"{g.path}: {len(types)} token types for {len(tokens)} tokens")
-    vocab, specials = {}, {}
-    for i, s in enumerate(tokens):
-        kind = NORMAL if types is None else int(types[i])
-        b = gpt2_string_to_bytes(s) if kind in (NORMAL, BYTE) else None
-        if kind in (CONTROL, USER_DEFINED):
-            specials[s] = i
-        elif b is not None:
-            vocab[b] = i
-    merges = []
-    for m in g.get("tokenizer.ggml.merges", [], list):
-        parts = m.split(" ") if isinstance(m, str) else None
-        pair = None if parts is None or len(parts) != 2 else tuple(gpt2_string_to_bytes(p) for p in parts)
-        if pair is None or None in pair:
-            raise NpgptError(f"{g.path}: merge {m!r:.40} is not two tokens in GPT-2's byte alphabet")
-        merges.append(pair)
-    try:
-        tok = BPETokenizer(vocab, merges, specials, pattern=pattern)
-    except NpgptError as e:
-        raise NpgptError(f"{g.path}: {e}") from None
-    tok.chat_template = g.get("tokenizer.chat_template", None, str)
-    return tok
-
-
-def load_gguf_tokenizer(path):
-    return tokenizer_from_gguf(GGUFFile(path))
-
-
 # ---- writing -------------------------------------------------------------------------------------
 def model_architecture(model):
     if isinstance(model, GPT):
         return "gpt2"
+    if isinstance(model, Llama):
+        return "qwen2" if model.config.model_type == "qwen2" else "llama"
     raise NpgptError(f"cannot export a {type(model).__name__} to GGUF")
 
 

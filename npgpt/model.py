@@ -231,8 +231,14 @@ class CausalLM(Module):
         raise NotImplementedError
 
     @property
+    def anchor(self):
+        """A float parameter every model of the family has, on the model's device in its dtype: what
+        device, dtype and array module are read from (the embedding, unless it is kept quantised)."""
+        return self.input_embedding
+
+    @property
     def device(self):
-        return self.input_embedding.device
+        return self.anchor.device
 
     def lm_loss(self, logits, targets, ignore_index=-1):
         """Mean cross-entropy of logits (B, T, V) against targets (B, T) (None: no loss)."""
@@ -249,7 +255,7 @@ class CausalLM(Module):
 
     def _as_device_ints(self, a):
         a = a.data if isinstance(a, Tensor) else a
-        xp = get_xp(self.input_embedding.data)
+        xp = get_xp(self.anchor.data)
         if get_xp(a) is not xp:
             a = to_device(np.asarray(a), self.device)
         return xp.asarray(a)

@@ -182,6 +182,14 @@ class Embedding(Module):
     def forward(self, ids):
         return embedding(self.weight, ids)
 
+    def lookup(self, ids):
+        """Rows of the table as a plain array (cached inference: no graph)."""
+        return self.weight.data[ids]
+
+    def logits(self, x):
+        """x (..., dim) Tensor -> (..., num): the table as a tied output head."""
+        return linear(x, self.weight.T)
+
 
 class LayerNorm(Module):
     """LayerNorm over the last axis with a learned scale (1) and shift (0; None without bias, as nanoGPT's)."""

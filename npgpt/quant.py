@@ -269,9 +269,15 @@ class QuantizedEmbedding(Module):
     def shape(self):
         return (self.head.n_out, self.head.n_in)              # (V, C), as the float table's
 
+    def forward(self, idx):
+        """idx (B, T) ints (array or Tensor) -> (B, T, C) Tensor; no gradient reaches the table."""
+        return Tensor(self.lookup(idx.data if isinstance(idx, Tensor) else idx))
+
     def lookup(self, idx):
         """idx (...) int -> (..., C) float32 rows."""
         h = self.head
+        if get_xp(h.qweight) is not get_xp(idx):              # follow the ids to their device, once
+            h.to_device_of(Tensor(idx))
         xp = get_xp(h.qweight)
         ids = xp.asarray(idx).reshape(-1)
         n_groups = h.scales.shape[0]

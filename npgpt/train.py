@@ -22,8 +22,8 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
 trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
 too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
 
-Under `mpiexec -n N` (npgpt.distributed.current() has N ranks) the trainer fills the loss and
-gradient hooks with npgpt.distributed.DataParallel (count-weighted loss, one gradient reduction
+Under `mpiexec -n N` (npgpt.distributed.comm.current() has N ranks) the trainer fills the loss and
+gradient hooks with npgpt.distributed.data_parallel.DataParallel (count-weighted loss, one gradient reduction
 per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
 training").
 
@@ -56,7 +56,9 @@ from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
 from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
                               save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
-from npgpt.distributed import DataParallel, current, for_device, local_rank0_first, make_optimizer
+from npgpt.distributed.comm import current, for_device, local_rank0_first
+from npgpt.distributed.data_parallel import DataParallel
+from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.llama import build_model as new_model
@@ -65,10 +67,11 @@ from npgpt.model import read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
-from npgpt.precision import DynamicLossScaler, Precision, use_precision
+from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
 from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
 from npgpt.tensor import no_grad
+from npgpt.training.scaler import DynamicLossScaler
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
 OPTIMIZERS = ("adamw", "muon")

@@ -40,6 +40,7 @@ Saved format (`save(folder)`)
 from __future__ import annotations
 
 import heapq
+import os
 import json
 import warnings
 from collections import Counter
@@ -69,11 +70,36 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # punctuation character, and trailing whitespace at the end of the text stays one pre-token.
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
                 r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+# Llama 3's and Qwen2's, exactly as their tokenizer.json files spell them: GPT-4's split written without
+# possessive quantifiers; Llama 3 keeps numbers in groups of up to three digits, Qwen2 splits every digit.
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                  r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                 r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
-# In both patterns a letter followed by whitespace always ends a pre-token, and which pre-tokens come
+# In all these patterns a letter followed by whitespace always ends a pre-token, and which pre-tokens come
 # before it does not depend on the text after it: a stream can be cut there without changing a thing.
 _LAST_SAFE_CUT = regex.compile(r"\p{L}(?=\s)", regex.REVERSE)
+
+TRUST_PATTERN_ENV = "NPGPT_TRUST_PATTERN"     # set by `npgpt --trust-pattern`
+
+
+def check_pattern(pattern, where, trust_pattern=None) -> str:
+    """`pattern` if it is a named one (gpt2, gpt4, llama3, qwen2, or their regex spelled out); any other
+    regex read from a file needs the user's opt-in, since a catastrophic one would hang every encode."""
+    if not isinstance(pattern, str):
+        raise NpgptError(f"{where}: field 'pattern' must be a string, got {type(pattern).__name__}")
+    if pattern in PATTERNS or pattern in PATTERNS.values():
+        return pattern
+    if trust_pattern is None:
+        trust_pattern = os.environ.get(TRUST_PATTERN_ENV, "") not in ("", "0")
+    if not trust_pattern:
+        raise NpgptError(f"{where} asks for its own split pattern {pattern[:40]!r}; a regex from a file can hang "
+                         f"npgpt, so only the named ones ({', '.join(PATTERNS)}) load by default. If you trained this tokenizer with "
+                         f"that pattern, run `npgpt --trust-pattern ...` (or load(path, trust_pattern=True))")
+    return pattern
+
 
 _CACHE_LIMIT = 1_000_000   # cached pre-tokens; past this the cache starts over (memory stays bounded)
 
@@ -272,6 +298,10 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE tokenizer; see the module docstring."""
 
     kind = "bpe"
+    # A trained or GPT-2 vocabulary holds all 256 byte tokens. Real models' may not: SmolLM2's lacks 21
+    # bytes that never occur in its UTF-8 training text (0xC0, 0xC1, 0xF5-0xFF, a few controls);
+    # the tokenizers library and llama.cpp then drop such a byte, and so does a tokenizer that sets this.
+    partial_bytes = False
 
     def __init__(self, vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]],
                  special_tokens: dict[str, int] | None = None, pattern: str = "gpt2"):
@@ -298,10 +328,10 @@ class BPETokenizer(Tokenizer):
             self._id_to_bytes[token_id] = name.encode("utf-8")
 
         missing = [b for b in range(256) if bytes([b]) not in vocab]
-        if missing:
+        if missing and not self.partial_bytes:
             raise NpgptError(f"the vocabulary lacks the byte token for 0x{missing[0]:02x} (and "
                              f"{len(missing) - 1} more); a byte-level BPE needs all 256")
-        self._byte_ids = [vocab[bytes([b])] for b in range(256)]
+        self._byte_ids = [vocab.get(bytes([b])) for b in range(256)]
 
         self._merges: dict[tuple[int, int], tuple[int, int]] = {}
         for rank, (left, right) in enumerate(merges):
@@ -405,12 +435,21 @@ class BPETokenizer(Tokenizer):
         """The merges as pairs of token ids, in rank order."""
         return sorted(self._merges, key=lambda pair: self._merges[pair][0])
 
-    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+    def _byte_tokens(self, piece: str) -> list[int]:
+        """The byte tokens of a pre-token; bytes the vocabulary lacks are dropped (see partial_bytes)."""
         byte_ids = self._byte_ids
-        return tuple(_apply_merges([byte_ids[b] for b in piece.encode("utf-8")], self._merges))
+        ids = [byte_ids[b] for b in piece.encode("utf-8")]
+        return [i for i in ids if i is not None] if self.partial_bytes else ids
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        return tuple(_apply_merges(self._byte_tokens(piece), self._merges))
+
+    def _split(self, text: str) -> list[str]:
+        """Pre-tokens of `text` (the Hugging Face tokenizer.json reader splits in several steps)."""
+        return self._pattern.findall(text)
 
     def _encode_ordinary(self, text: str, offset: int) -> list[int]:
-        pieces = self._pattern.findall(text)
+        pieces = self._split(text)
         cache = self._cache
         # Once a long text is under way nearly every pre-token is cached: try one pass of lookups
         # first. It saves the pass that collects new pre-tokens, 14% of encoding 4.5 MB of Shakespeare
@@ -428,9 +467,8 @@ class BPETokenizer(Tokenizer):
 
     def _reference_encode(self, text: str) -> list[int]:
         """Encode ordinary text without the cache or the heap (for tests)."""
-        byte_ids = self._byte_ids
-        return [token for piece in self._pattern.findall(text)
-                for token in _reference_merge([byte_ids[b] for b in piece.encode("utf-8")], self._merges)]
+        return [token for piece in self._split(text)
+                for token in _reference_merge(self._byte_tokens(piece), self._merges)]
 
     def _safe_cut(self, text: str) -> int:
         return safe_cut(text)
