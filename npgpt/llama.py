@@ -169,7 +169,8 @@ class LlamaConfig:
                         "max_position_embeddings": Int(lo=1, hi=1 << 24, default=2048),
                         "rms_norm_eps": Float(0, 1, default=1e-6, lo_open=True),
                         "rope_theta": Float(0, default=10000.0, lo_open=True),
-                        "rope_scaling": Obj(default=None), "tie_word_embeddings": Bool(default=False),
+                        "rope_scaling": Obj(default=None), "rope_parameters": Obj(default=None),
+                        "tie_word_embeddings": Bool(default=False),
                         "hidden_act": Str(default="silu", max_len=40),
                         "attention_bias": Bool(default=False), "mlp_bias": Bool(default=False),
                         "attention_dropout": Float(0, 1, default=0.0, hi_open=True),
@@ -182,14 +183,19 @@ class LlamaConfig:
             raise NpgptError(f"{where}: attention_bias true (biases on q, k, v and o_proj) is not supported")
         if kind == "qwen2" and f["use_sliding_window"]:
             raise NpgptError(f"{where}: use_sliding_window true is not supported; npgpt attends over the whole context")
+        theta, scaling, scaling_where = f["rope_theta"], f["rope_scaling"], f"{where}: rope_scaling"
+        if f["rope_parameters"] is not None:      # transformers 5 writes theta and scaling as one object
+            scaling, scaling_where = f["rope_parameters"], f"{where}: rope_parameters"
+            theta = check(scaling, {"rope_theta": Float(0, default=theta, lo_open=True)}, where,
+                          prefix="rope_parameters.")["rope_theta"]
         head_dim = f["head_dim"] if kind == "llama" else None
         if head_dim is not None and head_dim * f["num_attention_heads"] == f["hidden_size"]:
             head_dim = None                                  # the default: not recorded separately
         return cls(vocab_size=f["vocab_size"], block_size=f["max_position_embeddings"], n_layer=f["num_hidden_layers"],
                    n_head=f["num_attention_heads"], n_kv_head=f["num_key_value_heads"] or f["num_attention_heads"],
                    n_embd=f["hidden_size"], n_inner=f["intermediate_size"], head_dim=head_dim,
-                   rms_norm_eps=f["rms_norm_eps"], rope_theta=f["rope_theta"],
-                   rope_scaling=check_rope_scaling(f["rope_scaling"], f"{where}: rope_scaling"),
+                   rms_norm_eps=f["rms_norm_eps"], rope_theta=theta,
+                   rope_scaling=check_rope_scaling(scaling, scaling_where),
                    tie_word_embeddings=f["tie_word_embeddings"], qkv_bias=kind == "qwen2",
                    dropout=f["attention_dropout"], model_type=kind)
 
@@ -231,7 +237,7 @@ def check_rope_scaling(value, where):
         return None
     if not isinstance(value, dict):
         raise NpgptError(f"{where} must be an object {{...}} or null")
-    kind = value.get("rope_type", value.get("type"))
+    kind = value.get("rope_type", value.get("type", "default"))
     if kind == "default":
         return None
     if kind not in _ROPE_FIELDS:
