@@ -136,7 +136,7 @@ class LoRAConfig:
         # fan_in_fan_out is not read: PEFT forces it to true on GPT-2's Conv1D whatever the file says,
         # and the stored lora_A (r, in) / lora_B (out, r) are laid out the same either way
         targets = cfg.get("target_modules") or None
-        if not isinstance(targets, (str, list)):
+        if targets is not None and not isinstance(targets, (str, list)):
             raise NpgptError(f"{where}: target_modules must be a list of names or a regular expression")
         try:
             pats = {}

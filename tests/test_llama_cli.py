@@ -116,7 +116,7 @@ def test_info_and_inspect(d):
 
 
 def test_logit_lens_last_row_is_the_models_own_prediction(d):
-    from npgpt.inspect import logit_lens
+    from npgpt.interpret import logit_lens
     model, tok = from_pretrained(d / "llama"), load_tokenizer(d / "llama")
     ids = tok.encode("the lazy")
     probs = logit_lens(model, ids)
