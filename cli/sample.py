@@ -7,6 +7,7 @@ import time
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
 from npgpt.errors import NpgptError
 
 
@@ -49,11 +50,26 @@ def control_options(fn):
     return fn
 
 
-def encode_prompt(tok, text):
-    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
+def encode_prompt(tok, text, allow_special=False, option="--prompt"):
+    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so);
+    `allow_special` (the CLI's --allow-special) reads every special token's string as its id."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    return tok.encode_prompt(text)
+    if allow_special:
+        return tok.encode(text, allowed_special="all")
+    try:
+        return tok.encode_prompt(text)
+    except NpgptError:
+        found = sorted((text.find(s), s) for s in tok.special_tokens if s in text)
+        if not found:
+            raise
+        raise NpgptError(f"{option} contains the special token {found[0][1]!r}; add --allow-special to read it as "
+                         f"that token, or leave it out") from None
+
+
+def allow_special_option(fn):
+    return click.option("--allow-special", is_flag=True,
+                        help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")(fn)
 
 
 @click.command()
@@ -67,17 +83,19 @@ def encode_prompt(tok, text):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_special_option
+@keep_quantized_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, max_new_tokens,
-           temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
-           logit_bias, num_beams, length_penalty, draft, num_draft):
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special,
+           keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device, presence_penalty,
+           frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.gguf_models import load_options
+    from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args, generate_stream
-    max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+    check_sampling_args(1 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed, list(stop))
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -86,8 +104,10 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok, _ = load_model_and_tokenizer(checkpoint, device, adapter)
-    ids = encode_prompt(tok, prompt or "")
+    model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
+    ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
+    if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
+        max_new_tokens = max(1, model.config.block_size - max(len(ids), 1))
     controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
     if num_beams != 1 or draft is not None:
@@ -155,7 +175,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
                     device, controls, num_beams, length_penalty, draft, num_draft):
     """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import beam_search, speculative_stream
     if num_beams != 1 and draft is not None:
         raise NpgptError("give --num-beams or --draft, not both")
@@ -168,7 +188,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
         toks = beam_search(model, ids, max_new_tokens, num_beams, length_penalty, eot_id=tok.eot_id)
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok, _ = load_model_and_tokenizer(draft, device)
+        dmodel, dtok = load_run(draft, device=device)[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -202,16 +222,18 @@ def _piece(tok, t):
               help="A chat model: one with its own chat template (Hugging Face, GGUF), or fine-tuned with --sft.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@keep_quantized_option
 @sampling_options
-def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
+def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (its own chat template, or npgpt's after `finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.gguf_models import load_options
+    from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args
     from npgpt.sft import is_chat_model
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
@@ -269,18 +291,24 @@ class ChatSession:
         from npgpt.sft import chat_stop_ids
         self.messages.append({"role": "user", "content": text})
         stops = chat_stop_ids(self.tok)
-        out = []
+        out, shown = [], 0
         for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=stops[0],
                                      **self.sampling):
             for s in steps:
                 if s.token in stops:
                     break
                 out.append(s.token)
-                yield self.tok.decode([s.token])
+                text = self.tok.decode(out)    # whole reply: a character split over tokens prints whole
+                if not text.endswith("\ufffd"):
+                    yield text[shown:]
+                    shown = len(text)
             else:
                 continue
             break
-        self.messages.append({"role": "assistant", "content": self.tok.decode(out)})
+        text = self.tok.decode(out)
+        if len(text) > shown:
+            yield text[shown:]
+        self.messages.append({"role": "assistant", "content": text})
 
 
 COMMANDS = [sample, chat]

@@ -37,6 +37,8 @@ with tempfile.TemporaryDirectory() as d:
         text_hf = theirs.apply_chat_template(messages, tokenize=False, **kwargs)
         text_np = ChatTemplate(template).render(messages, **kwargs, **SPECIAL_NAMES)
         ids_hf = theirs.apply_chat_template(messages, tokenize=True, **kwargs)
+        if not isinstance(ids_hf, list):          # transformers 5 returns {"input_ids": ..., ...} by default
+            ids_hf = ids_hf["input_ids"]
         ids_np = tok.apply_chat_template(messages, **kwargs)
         good = text_hf == expected and text_np == expected and list(ids_hf) == ids_np
         ok &= good

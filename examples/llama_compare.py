@@ -7,7 +7,7 @@ greedy decoding with the KV cache, and the export back to transformers.
 For each case a random model is built with transformers (float32, eager attention): weights drawn
 N(0, 0.1) so the layers are far from linear, RMSNorm scales N(1, 0.2) and q/k/v biases N(0, 0.2) so a
 missed scale or bias shows. It is saved with `save_pretrained` (safetensors) and loaded with
-`npgpt.llama.from_pretrained`; both then run the same batch (B 2, T 12): logits, the mean
+`npgpt.from_pretrained`; both then run the same batch (B 2, T 12): logits, the mean
 cross-entropy of the next tokens, and loss.backward(). Errors are relative, max |npgpt - hf| / max |hf|,
 over the logits, the loss, and per parameter gradient (the table shows the worst parameter).
 "greedy" compares 16 tokens of KV-cached greedy decoding (transformers' generate against
@@ -76,7 +76,7 @@ def rel(a, b):
 
 def compare(name, kind, extra, seed=0, B=2, T=12, new_tokens=16):
     from npgpt.generate import generate
-    from npgpt.llama import from_pretrained
+    from npgpt.loading import from_pretrained
     hf = hf_model(kind, extra, seed)
     idx = np.random.default_rng(seed).integers(0, SIZES["vocab_size"], size=(B, T + 1))
     with tempfile.TemporaryDirectory() as d:

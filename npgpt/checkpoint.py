@@ -37,7 +37,8 @@ from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.fileio import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                           fsync_dir, write_error)
-from npgpt.safeio import (Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
+from npgpt.hub import is_hub_ref, snapshot
+from npgpt.safeio import (Float, Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
                           write_safetensors)
 
 CKPT_DIR = "ckpt"
@@ -173,9 +174,12 @@ def find_checkpoint(path) -> Path:
     """The checkpoint folder for `path`: a run folder, its `ckpt` folder, or any model folder.
 
     A model folder (config.json + model.safetensors, e.g. a Hugging Face GPT-2 download) is returned
-    as is. For a run folder whose save crashed between the two renames (`ckpt.old` but no `ckpt`),
+    as is; `hf:ORG/NAME[@REVISION]` is fetched into huggingface_hub's cache (npgpt.hub) and its
+    snapshot folder returned. For a run folder whose save crashed between the two renames (`ckpt.old` but no `ckpt`),
     `ckpt.old` is renamed back to `ckpt` and returned.
     """
+    if is_hub_ref(path):                       # hf:ORG/NAME[@REVISION]: its snapshot in huggingface_hub's cache
+        return find_checkpoint(snapshot(path))
     path = Path(path)
     if not path.exists() and not (path.name == CKPT_DIR and path.parent.is_dir()):
         raise NpgptError(f"no checkpoint in {path}: the folder does not exist (check the path, or train one "
@@ -239,3 +243,20 @@ def verify_checkpoint(folder) -> bool:
             raise NpgptError(f"checkpoint file {p} is truncated or modified since it was saved ({detail}); "
                              f"restore it or save the checkpoint again")
     return True
+
+
+# ---- a run's state.json --------------------------------------------------------------------------------
+STATE_FILE = "state.json"
+STATE_FIELDS = {"iter": Int(lo=0), "best_val_loss": Float(default=float("inf"), allow_inf=True),
+                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None),
+                "tokens_per_iter": Int(lo=1, default=None), "ranks": Int(lo=1, default=None)}
+
+
+def read_run_state(ckpt) -> dict | None:
+    """A checkpoint's state.json with the types of its fields checked (its `config` a plain dict; the
+    trainer checks it as a config), or None when the folder has none (a model folder, not a run's)."""
+    p = Path(ckpt) / STATE_FILE
+    if not p.is_file():
+        return None
+    # Infinity: best_val_loss before the first evaluation (npgpt has always written it so)
+    return check(read_json_object(p, "training state", allow_infinity=True), STATE_FIELDS, str(p))

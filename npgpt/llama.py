@@ -75,6 +75,8 @@ class LlamaConfig:
         self.rope_scaling = check_rope_scaling(self.rope_scaling, "model config: rope_scaling")
 
     arch = "llama"
+    blocks_name = "model.layers"         # where the family keeps its blocks, and its token embedding
+    embedding_name = "model.embed_tokens"
 
     @property
     def head_size(self):
@@ -395,7 +397,7 @@ class Llama(CausalLM):
     @property
     def anchor(self):
         # the final norm's scale: present even when the embedding is kept quantised (a GGUF loaded with
-        # keep_quantized holds an npgpt.quant.QuantizedEmbedding, which has no float table)
+        # keep_quantized holds an npgpt.layers.QuantizedEmbedding, which has no float table)
         return self.model.norm.weight
 
     @property
@@ -430,7 +432,7 @@ class Llama(CausalLM):
 
     def hidden_states(self, idx):
         """The residual stream after the embedding and after each layer, [(B, T, C) Tensor] * (n_layer + 1),
-        for interpretability (npgpt.inspect's logit lens reads each through model.norm and the head)."""
+        for interpretability (npgpt.interpret's logit lens reads each through model.norm and the head)."""
         idx = self._check_ids(idx)
         cos, sin = self.rope_tables(get_xp(idx).arange(idx.shape[1]))
         out = [self.model.embed_tokens(idx)]
@@ -655,16 +657,6 @@ def preset_config(preset, arch="gpt", **overrides):
     return LlamaConfig.from_gpt(gpt)
 
 
-def from_pretrained(path, device="cpu", **overrides):
-    """A float model folder of either family: GPT-2 (npgpt's own or transformers') or a
-    LlamaForCausalLM / Qwen2ForCausalLM, decided by config.json. (Quantised folders load through
-    npgpt.quant.load_model, which calls this for float ones.)"""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and is_llama_config(read_hf_config(path)):
-        return Llama.from_pretrained(path, device=device, **overrides)
-    return GPT.from_pretrained(path, device=device, **overrides)
-
-
 def build_model(config, seed=0, device="cpu", init=True):
     """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig). init=False
     leaves a Llama's weights unset (np.empty), for a model about to be loaded."""
@@ -673,5 +665,5 @@ def build_model(config, seed=0, device="cpu", init=True):
     return GPT(config, seed=seed, device=device)
 
 
-__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "from_pretrained", "config_from_hf", "is_llama_config",
+__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "config_from_hf", "is_llama_config",
            "load_llama_tensors", "model_type_of"]

@@ -191,8 +191,9 @@ class SFTData:
                          seed=cfg.seed, path=cfg.sft)
         if not cfg.quiet:
             n_tr, n_va = len(data.rows["train"][0]), len(data.rows["val"][0])
-            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val), block_size {T}; "
-                  f"{data.truncated} truncated", file=stream)
+            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val) in rows of {T} tokens"
+                  + ("" if cfg.block_size else ", the longest record's length")
+                  + f" (the model's context is {n_pos}); {data.truncated} truncated", file=stream)
         return data
 
     @property

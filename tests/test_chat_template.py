@@ -161,8 +161,8 @@ def test_saved_folder_keeps_tokenizer_and_template(hf_folder, chatml_tok):
 
 def test_chat_cli_uses_the_models_template(hf_folder, chatml_tok):
     from npgpt.cli.sample import ChatSession
-    from npgpt.evaluate import load_model_and_tokenizer
-    model, tok, _ = load_model_and_tokenizer(hf_folder)
+    from npgpt.loading import load_run
+    model, tok = load_run(hf_folder)[:2]
     session = ChatSession(model, tok, system="Be brief.", max_new_tokens=4, temperature=0.0)
     session.messages.append({"role": "user", "content": "the fox"})
     assert session._prompt_ids() == tok.apply_chat_template(session.messages, add_generation_prompt=True)
@@ -242,3 +242,80 @@ def test_masks_match_on_random_conversations(chatml_tok):
         expected = "".join(a + "<|im_end|>\n" for _, a in turns)
         assert all(a + "<|im_end|>" in learned for _, a in turns) and len(learned) <= len(expected) + 2 * len(turns) * 4
     check()
+
+
+# ------------------------------------------------- Llama 3, Qwen2 and SmolLM2-style folders end to end
+
+FAMILIES = {
+    # tokenizer: template, added tokens, EOS, BOS, pre-tokenizer, normalizer, BOS post-processor; model
+    "llama3": (LLAMA3, LLAMA3_SPECIALS, "<|eot_id|>", "<|begin_of_text|>", "llama3", None, True, {}),
+    "qwen2": (QWEN2, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", None, "qwen2",
+              {"type": "NFC"}, False, {"qkv_bias": True, "model_type": "qwen2"}),
+    "smollm2": (CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", "<|im_start|>", "smollm",
+                None, False, {"tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_folder(request, tmp_path_factory):
+    """A tiny Llama-architecture folder with the family's tokenizer.json, tokenizer_config.json and template."""
+    from npgpt.llama import Llama, LlamaConfig
+    template, specials, eos, bos, pre, norm, add_bos, model_kw = FAMILIES[request.param]
+    tok = hf_chat_tokenizer(template, specials=specials, eos=eos, bos=bos, pre_tokenizer=pre, normalizer=norm,
+                            add_bos=add_bos)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
+                      n_inner=64, **model_kw)
+    d = tmp_path_factory.mktemp(request.param) / request.param
+    Llama(cfg).save_pretrained(d)
+    tok.save(d)
+    return request.param, d
+
+
+def test_family_folder_chats_with_its_template(family_folder):
+    from npgpt.cli.sample import ChatSession
+    from npgpt.loading import load_run
+    name, d = family_folder
+    model, tok = load_run(d)[:2]
+    assert type(model).__name__ == "Llama" and tok.chat_template == FAMILIES[name][0]
+    session = ChatSession(model, tok, max_new_tokens=4, temperature=0.0)
+    session.messages.append({"role": "user", "content": "the fox"})
+    prompt = session._prompt_ids()
+    assert prompt == tok.apply_chat_template(session.messages, add_generation_prompt=True)
+    assert tok.decode(prompt).endswith({"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n"}
+                                       .get(name, "<|im_start|>assistant\n"))
+    assert tok.chat_stop_ids()[0] == tok.special_tokens["<|eot_id|>" if name == "llama3" else "<|im_end|>"]
+    r = CliRunner().invoke(cli, ["chat", "--checkpoint", str(d), "--max-new-tokens", "4", "--seed", "0"],
+                           input="the fox\n/quit\n")
+    assert r.exit_code == 0 and r.output.count("bot> ") == 1, r.output
+
+
+def test_family_folder_sft_then_serve(family_folder, tmp_path):
+    name, d = family_folder
+    tok = load(d)
+    recs = [{"messages": [{"role": "user", "content": f"the {w}"}, {"role": "assistant", "content": f"a {w} dog"}]}
+            for w in ("fox", "quick", "lazy", "brown")]
+    data = SFTData.build(tok, recs, block_size=127, val_fraction=0)
+    end = "<|eot_id|>" if name == "llama3" else "<|im_end|>\n"
+    learned = sorted(tok.decode([t for t in row if t >= 0]) for row in data.rows["train"][1])
+    assert learned == sorted(f"a {w} dog{end}" for w in ("fox", "quick", "lazy", "brown"))
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps(x) for x in recs) + "\n")
+    r = CliRunner().invoke(cli, ["finetune", "--init-from", str(d), "--sft", str(f), "--out", str(tmp_path / "ft"),
+                                 "--max-iters", "3", "--eval-interval", "3", "--batch-size", "2",
+                                 "--set", "eval_iters=1"])
+    assert r.exit_code == 0, r.output
+    assert "SFT: 4 records" in r.output and "embedding rows" not in r.output
+    if name != "llama3":
+        return                                   # one server start is enough for the suite's time
+    openai = pytest.importorskip("openai")
+    from serve_helpers import LiveServer, greedy_reference
+    msgs = [{"role": "user", "content": "the lazy dog"}]
+    server = LiveServer(tmp_path / "ft")
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        reply = c.chat.completions.create(model="ft", messages=msgs, max_tokens=8, temperature=0)
+    finally:
+        assert server.stop() == 0
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
+    ref, _, _ = greedy_reference(tmp_path / "ft", ids, 8, set(tok.chat_stop_ids()))
+    assert reply.usage.prompt_tokens == len(ids) and reply.choices[0].message.content == tok.decode(ref)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from helpers import TINY, corpus
 from npgpt.cli.main import cli
 from npgpt.errors import NpgptError
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.gguf import GGUFFile, quantize, write_gguf
 from npgpt.gguf_models import export_gguf, load_gguf_model, load_gguf_tokenizer
 
@@ -32,7 +32,7 @@ def bpe_run(tmp_path_factory):
 
 @pytest.mark.parametrize("type_name, tol", [("f32", 0), ("f16", 2e-2), ("q8_0", 5e-2)])
 def test_export_round_trips_logits_and_tokens(bpe_run, tmp_path, type_name, tol):
-    model, tok, _ = load_model_and_tokenizer(bpe_run / "run")
+    model, tok = load_run(bpe_run / "run")[:2]
     out = tmp_path / f"m.{type_name}.gguf"
     _ok(["export", "--checkpoint", str(bpe_run / "run"), "--gguf", str(out), "--type", type_name])
     back = load_gguf_model(out)
@@ -103,8 +103,8 @@ def test_mismatched_tensors_are_refused(tmp_path):
 
 @pytest.mark.parametrize("type_name", ["q8_0", "q4_0", "q4_1"])
 def test_keep_quantized_computes_what_the_dequantised_model_does(bpe_run, tmp_path, type_name):
-    from npgpt.quant import QuantizedLinear
-    model, tok, _ = load_model_and_tokenizer(bpe_run / "run")
+    from npgpt.layers import QuantizedLinear
+    model, tok = load_run(bpe_run / "run")[:2]
     out = export_gguf(model, tok, tmp_path / f"m.{type_name}.gguf", type_name)
     flt = load_gguf_model(out)
     kept = load_gguf_model(out, keep_quantized=True)
@@ -187,7 +187,7 @@ def test_llama_q_k_rows_are_in_llama_cpp_order(bpe_run, tmp_path):
 
 
 def test_llama_keep_quantized_holds_the_embedding_as_int8(bpe_run, tmp_path):
-    from npgpt.quant import QuantizedEmbedding, QuantizedLinear
+    from npgpt.layers import QuantizedEmbedding, QuantizedLinear
     tok = hf_tokenizer(bpe_run / "data")
     model = tiny_llama(tok.vocab_size)
     out = export_gguf(model, tok, tmp_path / "l.gguf", "q8_0")
@@ -216,3 +216,21 @@ def test_unsupported_tokenizers_and_pre_tokenizers_are_named(tmp_path):
         write_gguf(tmp_path / "t.gguf", {**base, **meta}, [("x", w.shape, "F32", quantize(w, "F32"))])
         with pytest.raises(NpgptError, match=match):
             load_gguf_tokenizer(tmp_path / "t.gguf")
+
+
+def test_keep_quantized_flag_is_for_gguf_files_only(bpe_run):
+    r = CliRunner().invoke(cli, ["sample", "--checkpoint", str(bpe_run / "run"), "--keep-quantized",
+                                 "--max-new-tokens", "2"])
+    assert r.exit_code == 1 and "--keep-quantized applies to .gguf files" in r.output
+
+
+def test_from_pretrained_and_tokenizer_load_accept_gguf(bpe_run, tmp_path):
+    import npgpt
+    from npgpt.tokenizer import load
+    out = tmp_path / "m.gguf"
+    _ok(["export", "--checkpoint", str(bpe_run / "run"), "--gguf", str(out), "--type", "q8_0"])
+    kept = npgpt.from_pretrained(out, keep_quantized=True)
+    assert kept.quantization["source"] == "gguf"
+    assert load(out).vocab_size == kept.config.vocab_size
+    r = _ok(["eval", "--checkpoint", str(out), "--input", str(bpe_run / "corpus.txt"), "--keep-quantized", "--json"])
+    assert '"loss"' in r.output

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 
 from npgpt.cli.main import cli
 from npgpt.generate import beam_search, generate
-from npgpt.llama import Llama, LlamaConfig, from_pretrained
+from npgpt.llama import Llama, LlamaConfig
+from npgpt.loading import from_pretrained
 from npgpt.sft import ensure_chat_tokens
 from npgpt.tokenizer import CharTokenizer
 from npgpt.tokenizer import load as load_tokenizer
@@ -129,8 +130,8 @@ def test_logit_lens_last_row_is_the_models_own_prediction(d):
 def test_quantize_prune_trim(d):
     ok(run("quantize", "--checkpoint", d / "qwen", "--out", d / "q8", "--embedding"))
     ok(run("quantize", "--checkpoint", d / "llama", "--out", d / "q4", "--bits", 4, "--group-size", 16))
-    from npgpt.quant import QuantizedLinear, load_model
-    q = load_model(d / "q4")
+    from npgpt.layers import QuantizedLinear
+    q = from_pretrained(d / "q4")
     assert isinstance(q.model.layers[0].self_attn.k_proj, QuantizedLinear) and q.config.n_kv_head == 2
     assert text(run("sample", "--checkpoint", d / "q8", *GREEDY))
     ok(run("prune", "--checkpoint", d / "llama", "--out", d / "pruned", "--sparsity", 0.5))

@@ -304,8 +304,9 @@ class Tokenizer:
                             **kwargs):
         """Render `messages` with the model's chat template, as transformers' apply_chat_template does.
 
-        tokenize=False returns the text; tokenize=True (the default) its ids, special-token strings
-        becoming their ids (the template writes them). `continue_final_message` leaves the last
+        tokenize=False returns the text; tokenize=True (the default) its ids as a list (transformers
+        4's default; transformers 5 wraps them in a dict), special-token strings becoming their ids
+        (the template writes them). `continue_final_message` leaves the last
         message open for the model to continue. `return_assistant_tokens_mask` returns
         {"input_ids": ids, "assistant_masks": [0/1 per token]} marking what assistant messages add
         ({% generation %} blocks when the template has them, else found prefix by prefix).
