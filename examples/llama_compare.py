@@ -12,7 +12,8 @@ cross-entropy of the next tokens, and loss.backward(). Errors are relative, max 
 over the logits, the loss, and per parameter gradient (the table shows the worst parameter).
 "greedy" compares 16 tokens of KV-cached greedy decoding (transformers' generate against
 npgpt.generate). "export" saves the npgpt model with npgpt's save_pretrained, loads that folder with
-transformers' AutoModelForCausalLM and compares its logits with npgpt's.
+transformers' AutoModelForCausalLM and compares its logits with npgpt's. Last, transformers' own
+sharded saves in bfloat16 and float16 (model.safetensors.index.json) load in npgpt.
 
 PyTorch and transformers are not dependencies of npgpt: without them this script says so and
 exits with status 0.
@@ -119,6 +120,28 @@ def compare(name, kind, extra, seed=0, B=2, T=12, new_tokens=16):
             "export": rel(back_logits, ours(idx[:, :-1])[0].data), "export_arch": arch}
 
 
+def sharded_half(kind="llama", seed=3, T=12):
+    """transformers' own sharded save in bfloat16 and float16 (max_shard_size 40KB), loaded by npgpt:
+    its logits against the same rounded weights run by transformers in float32."""
+    from npgpt.loading import from_pretrained
+    out = {}
+    idx = np.random.default_rng(seed).integers(0, SIZES["vocab_size"], size=(1, T))
+    for dtype in (torch.bfloat16, torch.float16):
+        hf = hf_model(kind, dict(num_key_value_heads=2), seed).to(dtype)
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d, max_shard_size="40KB")
+            shards = len([f for f in os.listdir(d) if f.endswith(".safetensors")])
+            ours = from_pretrained(d).eval()
+        # a fresh float32 model holding the rounded weights (hf.float() would keep RoPE's inv_freq buffer
+        # rounded to 16 bits too, which npgpt computes in float64)
+        ref = hf_model(kind, dict(num_key_value_heads=2), seed).eval()
+        ref.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+        with torch.no_grad():
+            want = ref(input_ids=torch.tensor(idx)).logits.numpy()
+        out[str(dtype).split(".")[-1]] = (shards, rel(ours(idx)[0].data, want))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="Print one JSON object per case.")
@@ -141,6 +164,12 @@ def main(argv=None):
     for r in rows:
         print(f"{r['case']:<38} {r['logits']:8.1e} {r['loss']:8.1e} {r['grads']:9.1e} ({r['n_params']:2d} tensors) "
               f"{'same' if r['greedy_equal'] else 'DIFFER':>8} {r['export']:8.1e}")
+    for dtype, (shards, err) in sharded_half().items():
+        print(f"transformers' {dtype} save in {shards} shards, loaded by npgpt: logits {err:.1e} against the same "
+              f"rounded weights in transformers (float32)")
+        if err > 1e-5:
+            rows.append({"case": f"sharded {dtype}", "logits": err, "loss": 0, "grads": 0, "export": 0,
+                         "greedy_equal": True})
     bad = [r["case"] for r in rows if max(r["logits"], r["loss"], r["grads"], r["export"]) > 1e-5 or not r["greedy_equal"]]
     print("all within 1e-5, greedy tokens identical" if not bad else f"outside 1e-5 or greedy differs: {', '.join(bad)}")
     return 1 if bad else 0
