@@ -76,6 +76,13 @@ def ensure_chat_tokens(tok):
     return {t: tok.special_tokens[t] for t in CHAT_TOKENS}
 
 
+def chat_stop_ids(tok) -> list[int]:
+    """The tokens that end an assistant's reply: every role token of the template (<|system|>,
+    <|user|>, <|assistant|>, <|end|>) and end-of-text. A reply stops at any of them, so a model
+    that starts the next turn without closing its own still stops there."""
+    return [tok.special_tokens[t] for t in CHAT_TOKENS if t in tok.special_tokens] + [tok.eot_id]
+
+
 def render_chat(tok, messages, add_generation_prompt=False):
     """(ids, loss_mask) for a conversation in the chat template; mask marks assistant tokens."""
     sp = ensure_chat_tokens(tok)

@@ -18,7 +18,7 @@ FLOORS = [
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
-    ("npgpt.model",),
+    ("npgpt.model", "npgpt.sampling"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
     ("npgpt.train", "npgpt.generate"),

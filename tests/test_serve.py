@@ -12,7 +12,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from npgpt.generate import log_softmax  # noqa: E402
+from npgpt.sampling import log_softmax  # noqa: E402
 from npgpt.sft import CHAT_TOKENS, render_chat  # noqa: E402
 
 from serve_helpers import LiveServer, eot_bias, greedy_reference, model_folder, wait_until  # noqa: E402

@@ -277,7 +277,8 @@ def test_attention_scales():
 
 # ---- --show-probs: the model's and the sampling probability, beside the text ---------------------
 def test_steps_carry_the_sampling_probability():
-    from npgpt.generate import generate_stream, sampling_probs
+    from npgpt.generate import generate_stream
+    from npgpt.sampling import sampling_probs
     m = GPT(TINY, seed=6).eval()
     prompt = [1, 2, 3]
     first = next(generate_stream(m, prompt, 1, temperature=0.7, top_k=3, seed=0))[0]
