@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,22 @@ def _import_cupy():
         except Exception as e:  # ImportError, or a broken CUDA install raising anything
             _cupy_error = e
     return _cupy
+
+
+@contextmanager
+def substitute_cupy(module):
+    """Test seam: within the block, npgpt takes `module` for cupy (`cupy_module()`, `get_xp`,
+    `is_gpu_array`, ...). The test suite passes tests/cuda_emu's emulated cupy, so the wrappers
+    of npgpt.ops.cuda_kernels run unmodified with their raw kernels compiled by g++ on the CPU.
+    Process-wide while the block runs (not for use beside other threads); the previous module,
+    or the failure to import one, is back afterwards."""
+    global _cupy, _cupy_error
+    prev = _cupy, _cupy_error
+    _cupy, _cupy_error = module, None
+    try:
+        yield module
+    finally:
+        _cupy, _cupy_error = prev
 
 
 @dataclass(frozen=True)
@@ -158,11 +175,6 @@ def seed_everything(seed: int):
             _cupy.random.seed(seed % 2**32)
         except Exception:  # no GPU: nothing to seed
             pass
-
-
-def rng(seed: int | None = None) -> np.random.Generator:
-    """A NumPy Generator. npgpt draws all randomness on the host, so CPU and GPU runs match."""
-    return np.random.default_rng(seed)
 
 
 def synchronize(a=None):

@@ -47,9 +47,20 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
+    arch = "gpt"
+
     @property
     def hidden(self):
         return self.n_inner or 4 * self.n_embd
+
+    @property
+    def n_kv_head(self):
+        """Key/value heads (the KV cache's); GPT-2 has one per query head."""
+        return self.n_head
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
 
     def num_params(self, non_embedding=False):
         """The model's parameter count, from the config alone (the one count: GPT.num_params, `npgpt
@@ -207,48 +218,46 @@ class Transformer(Module):
 
 
 # ---- the model ---------------------------------------------------------------------------------
-class GPT(Module):
-    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head."""
+class CausalLM(Module):
+    """What every model family shares: token-id checks at the boundary and the language-model loss.
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
-        self.config = config
-        # "reference": forward runs on the composed reference ops (npgpt.reference), for study
-        self.ops = check_ops(ops)
-        self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
-        self.transformer = Transformer(config, self.rng)
-        if str(device) != "cpu":
-            self.to(device)
+    A family (GPT here, npgpt.llama.Llama) sets `config` and `rng`, names its token embedding
+    (`input_embedding`), and offers forward(idx, targets) -> (logits, loss), forward_cached,
+    new_cache, num_params, flops_per_token, resize_token_embeddings, save_pretrained and
+    from_pretrained, so the trainer, generate, serve and the tools take either."""
 
-    # ---- training forward -------------------------------------------------------------------
-    def forward(self, idx, targets=None, ignore_index=-1):
-        """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
+    ops = "fused"   # "reference": forward runs on the composed reference ops (npgpt.reference)
+
+    def __call__(self, *args, **kwargs):
         if self.ops == "reference" and not REFERENCE_OPS.get():
             with reference_ops():
-                return self.forward(idx, targets, ignore_index)
-        idx = self._check_ids(idx)
-        B, T = idx.shape
-        tr = self.transformer
-        x = tr.wte(idx) + tr.wpe.weight[:T]                          # (B, T, C)
-        x = dropout(x, self.config.dropout, self.rng, self.training)
-        for block in tr.h:
-            x = block(x)
-        x = tr.ln_f(x)
-        logits = linear(x, tr.wte.weight.T)                          # (B, T, V), tied LM head
-        loss = None
-        if targets is not None:
-            targets = self._as_device_ints(targets)
-            if targets.shape != (B, T):
-                raise NpgptError(f"targets shape {targets.shape} must equal idx shape {(B, T)}")
-            bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
-            if bad.any():                 # a negative id would wrap around and index from the end
-                raise NpgptError(f"target id {int(targets[bad].ravel()[0])} is out of range for vocab_size "
-                                 f"{self.config.vocab_size} (only {ignore_index} marks a position to ignore)")
-            loss = cross_entropy(logits, targets, ignore_index=ignore_index)
-        return logits, loss
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    @property
+    def input_embedding(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def device(self):
+        return self.input_embedding.device
+
+    def lm_loss(self, logits, targets, ignore_index=-1):
+        """Mean cross-entropy of logits (B, T, V) against targets (B, T) (None: no loss)."""
+        if targets is None:
+            return None
+        targets = self._as_device_ints(targets)
+        if targets.shape != logits.shape[:2]:
+            raise NpgptError(f"targets shape {targets.shape} must equal idx shape {logits.shape[:2]}")
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
+        if bad.any():                 # a negative id would wrap around and index from the end
+            raise NpgptError(f"target id {int(targets[bad].ravel()[0])} is out of range for vocab_size "
+                             f"{self.config.vocab_size} (only {ignore_index} marks a position to ignore)")
+        return cross_entropy(logits, targets, ignore_index=ignore_index)
 
     def _as_device_ints(self, a):
         a = a.data if isinstance(a, Tensor) else a
-        xp = get_xp(self.transformer.wte.weight.data)
+        xp = get_xp(self.input_embedding.data)
         if get_xp(a) is not xp:
             a = to_device(np.asarray(a), self.device)
         return xp.asarray(a)
@@ -270,9 +279,35 @@ class GPT(Module):
                 raise NpgptError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
         return idx
 
+
+class GPT(CausalLM):
+    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
+        self.config = config
+        self.ops = check_ops(ops)
+        self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
+        self.transformer = Transformer(config, self.rng)
+        if str(device) != "cpu":
+            self.to(device)
+
+    # ---- training forward -------------------------------------------------------------------
+    def forward(self, idx, targets=None, ignore_index=-1):
+        """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
+        idx = self._check_ids(idx)
+        T = idx.shape[1]
+        tr = self.transformer
+        x = tr.wte(idx) + tr.wpe.weight[:T]                          # (B, T, C)
+        x = dropout(x, self.config.dropout, self.rng, self.training)
+        for block in tr.h:
+            x = block(x)
+        x = tr.ln_f(x)
+        logits = linear(x, tr.wte.weight.T)                          # (B, T, V), tied LM head
+        return logits, self.lm_loss(logits, targets, ignore_index)
+
     @property
-    def device(self):
-        return self.transformer.wte.weight.device
+    def input_embedding(self):
+        return self.transformer.wte.weight
 
     def resize_token_embeddings(self, vocab_size):
         """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as
@@ -463,7 +498,8 @@ def load_gpt2_tensors(path, config: GPTConfig | None = None):
 class KVCache:
     """Per-layer keys and values for cached decoding.
 
-    k, v: (n_layer, B, nh, block_size, hs), filled up to `length`. `pad` (B,) counts left-padding
+    k, v: (n_layer, B, nkv, block_size, hs), filled up to `length` (nkv: the config's key/value
+    heads, n_head for GPT-2, fewer under grouped-query attention). `pad` (B,) counts left-padding
     tokens per row (batched prompts of different lengths): padded keys are masked out and
     positions count from each row's first real token.
     """
@@ -475,7 +511,7 @@ class KVCache:
     def __post_init__(self):
         xp = get_xp(self.like)
         c = self.config
-        shape = (c.n_layer, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        shape = (c.n_layer, self.batch_size, c.n_kv_head, c.block_size, c.head_size)
         self.k = xp.zeros(shape, dtype=self.like.dtype)
         self.v = xp.zeros(shape, dtype=self.like.dtype)
         self.pad = xp.zeros(self.batch_size, dtype=np.int64)

@@ -26,6 +26,12 @@ Everything runs in the parameters' dtype (float32): scalars are Python floats, w
 CuPy treat as "weak" and never promote an array to float64.
 
 The schedule `get_lr` is nanoGPT's: linear warmup, cosine decay to `min_lr`, then `min_lr`.
+
+`Muon` (Keller Jordan 2024, the modded-nanogpt speedrun's optimizer) sits beside AdamW: the hidden
+matrices of the transformer blocks take momentum, then the momentum's update orthogonalised by a few
+Newton-Schulz iterations (`newton_schulz`, `muon_update`); everything else (embeddings, an untied
+head, norms, biases) takes AdamW's arithmetic. Both groups live in one flat buffer, hidden matrices
+first, so gradient accumulation, clipping and data-parallel reduction see one array as with AdamW.
 """
 
 from __future__ import annotations
@@ -353,3 +359,191 @@ class AdamW:
             v[s.start:s.stop] = np.asarray(tensors[f"exp_avg_sq.{s.name}"]).reshape(-1)
         # Hyperparameters stay as constructed: the caller's config (the checkpoint's, on resume) rules.
         return m, v, step
+
+
+# ---- Muon -----------------------------------------------------------------------------------------
+# The quintic's coefficients from Keller Jordan's Muon: chosen to push small singular values up fast
+# (slope a = 3.4445 at 0) rather than to converge to exactly 1.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# The band (documented, and checked by tests/test_muon.py): after 5 steps, every singular value s of
+# G / ||G||_F with s >= NS_BAND_FLOOR lands in [NS_BAND_LO, NS_BAND_HI]; none ever exceeds NS_BAND_HI.
+NS_BAND_LO, NS_BAND_HI, NS_BAND_FLOOR = 0.68, 1.21, 3e-3
+
+
+def newton_schulz(G, steps: int = 5, eps: float = 1e-7):
+    """Approximately orthogonalise G: with G = U S V^T, return about U V^T.  (m, n) -> (m, n), G's dtype
+
+    X = G / ||G||_F puts every singular value in [0, 1]; each step applies the odd quintic
+    p(X) = a X + b (X X^T) X + c (X X^T)^2 X, which leaves U and V alone and maps each singular
+    value s to p(s) = a s + b s^3 + c s^5. Iterated, p drives every s that is not tiny into the band
+    [NS_BAND_LO, NS_BAND_HI] around 1 (it is not an exact orthogonaliser: a tighter fit to 1 costs
+    more steps, and Muon does not need it). The Gram matrix is taken on the short side, so the
+    matmuls cost O(min(m, n)^2 max(m, n)).
+    """
+    xp = get_xp(G)
+    a, b, c = NS_COEFFS
+    X = G / (xp.linalg.norm(G) + eps)                    # Frobenius norm >= spectral norm: s <= 1
+    transposed = X.shape[0] > X.shape[1]
+    if transposed:
+        X = X.T                                          # (short, long)
+    for _ in range(steps):
+        A = X @ X.T                                      # (short, short)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+def muon_update(p, g, buf, lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                weight_decay: float = 0.0):
+    """One Muon step of one matrix, in place on p (in, out) and its momentum buffer buf (same shape).
+
+        buf <- momentum buf + (1 - momentum) g
+        u   <- (1 - momentum) g + momentum buf        (Nesterov; plain: u = buf)
+        p   <- p (1 - lr wd) - lr sqrt(max(1, out / in)) newton_schulz(u)
+
+    npgpt's Linear stores weights (in, out), so `out / in` is shape[1] / shape[0]: the scale of
+    Keller Jordan's reference (rows / cols of PyTorch's (out, in) weight), which keeps the update's
+    RMS per element comparable across shapes.
+    """
+    buf *= momentum
+    buf += (1.0 - momentum) * g
+    u = (1.0 - momentum) * g + momentum * buf if nesterov else buf
+    o = newton_schulz(u, ns_steps)
+    scale = math.sqrt(max(1.0, p.shape[1] / p.shape[0]))
+    if weight_decay:
+        p *= 1.0 - lr * weight_decay
+    p -= (lr * scale) * o
+
+
+# Names that mark a 2-D parameter as a lookup table or the output head, which Muon leaves to AdamW:
+# GPT-2's wte / wpe / lm_head, Llama's embed_tokens / lm_head; LoRA's low-rank adapters too.
+_ADAMW_MATRIX_NAMES = ("wte", "wpe", "embed_tokens", "lm_head", "lora_")
+
+
+def muon_groups(named_params):
+    """Split (name, param) pairs into (muon, adamw): the hidden matrices of the blocks -> Muon; the
+    embeddings, the head, norms and biases -> AdamW. A parameter is hidden when it is 2-D and its
+    name contains none of _ADAMW_MATRIX_NAMES (by shape and by name: an embedding is 2-D too)."""
+    muon, adamw = [], []
+    for name, p in named_params:
+        hidden = p.data.ndim == 2 and not any(k in name for k in _ADAMW_MATRIX_NAMES)
+        (muon if hidden else adamw).append((name, p))
+    return muon, adamw
+
+
+class Muon(AdamW):
+    """Muon for the hidden matrices, AdamW for the rest, over one flat buffer (see the module doc).
+
+    flat = [ Muon matrices | AdamW decayed (embeddings, head) | AdamW non-decayed (norms, biases) ]
+
+    The AdamW part runs AdamW's own update on flat[n_muon:] (betas, eps, weight_decay, `lr`); the
+    Muon part runs `muon_update` on each matrix with `muon_lr`, following the same schedule: a step
+    given lr uses muon_lr * lr / self.lr. Clipping (inherited) scales all gradients by one global
+    norm before either update; for the Muon matrices that changes only how much this step's gradient
+    weighs in the momentum, since Newton-Schulz normalises the update's size.
+    Checkpoints hold `momentum.{name}` per Muon matrix and AdamW's two moments per other parameter.
+    """
+
+    def __init__(self, named_params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, muon_lr=0.02,
+                 muon_momentum=0.95, nesterov=True, ns_steps=5, muon_weight_decay=0.0):
+        named = list(named_params)
+        if not (muon_lr > 0 and 0.0 <= muon_momentum < 1.0 and muon_weight_decay >= 0):
+            raise NpgptError(f"Muon needs muon_lr > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0 "
+                             f"(got {muon_lr}, {muon_momentum}, {muon_weight_decay})")
+        if not (isinstance(ns_steps, int) and 1 <= ns_steps <= 20):
+            raise NpgptError(f"ns_steps must be an integer in [1, 20], got {ns_steps!r}")
+        muon, adamw = muon_groups(named)
+        # AdamW's layout puts >= 2-D tensors first in the order given, so the Muon matrices lead.
+        self.n_muon = sum(int(p.data.size) for _, p in muon)
+        super().__init__(muon + adamw, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.muon_lr, self.muon_momentum = float(muon_lr), float(muon_momentum)
+        self.nesterov, self.ns_steps, self.muon_weight_decay = bool(nesterov), ns_steps, float(muon_weight_decay)
+        self.muon_slots, self.adam_slots = self.slots[:len(muon)], self.slots[len(muon):]
+        self.momentum = self.xp.zeros(self.n_muon, dtype=self.dtype)   # (n_muon,) Muon's momentum buffers
+
+    def _moments(self, n):
+        """AdamW's moments for its part of the flat buffer only (flat[n_muon:])."""
+        return super()._moments(n - self.n_muon)
+
+    def describe(self) -> str:
+        n_adam = self.flat.size - self.n_muon
+        return (f"Muon: {len(self.muon_slots)} hidden matrices with {self.n_muon:,} parameters (muon_lr "
+                f"{self.muon_lr:g}, momentum {self.muon_momentum:g}{', Nesterov' if self.nesterov else ''}, "
+                f"{self.ns_steps} Newton-Schulz steps); AdamW: {len(self.adam_slots)} other tensors with "
+                f"{n_adam:,} parameters (embeddings, head, norms, biases)")
+
+    def muon_lr_at(self, lr: float) -> float:
+        """Muon's learning rate when AdamW's is `lr`: the same schedule, scaled to muon_lr."""
+        return self.muon_lr * (lr / self.lr) if self.lr > 0 else self.muon_lr
+
+    def step(self, lr: float | None = None):
+        """One Muon step of every hidden matrix, then one AdamW step (adamw_update) of the rest."""
+        lr = self.lr if lr is None else float(lr)
+        flat, grad, n = self.flat, self.grad, self.n_muon    # reading the buffers checks the views
+        self._step_muon(self.muon_slots, lr)
+        self.t += 1                                          # counted even with no AdamW parameter
+        if flat.size > n:
+            n_decay = min(max(self.n_decay - n, 0), flat.size - n)
+            self._update(flat[n:], grad[n:], self.exp_avg, self.exp_avg_sq, n_decay, lr)
+
+    def _step_muon(self, slots, lr):
+        mlr = self.muon_lr_at(lr)
+        for s in slots:
+            buf = self.momentum[s.start:s.stop].reshape(s.shape)
+            muon_update(s.data_view, s.grad_view, buf, mlr, self.muon_momentum, self.nesterov, self.ns_steps,
+                        self.muon_weight_decay)
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self):
+        """(tensors, meta): momentum.{name} per Muon matrix, exp_avg / exp_avg_sq.{name} per AdamW tensor."""
+        buf, m, v = asnumpy(self.momentum), asnumpy(self.exp_avg), asnumpy(self.exp_avg_sq)
+        tensors, off = {}, self.n_muon
+        for s in self.muon_slots:
+            tensors[f"momentum.{s.name}"] = np.ascontiguousarray(buf[s.start:s.stop].reshape(s.shape))
+        for s in self.adam_slots:
+            tensors[f"exp_avg.{s.name}"] = np.ascontiguousarray(m[s.start - off:s.stop - off].reshape(s.shape))
+            tensors[f"exp_avg_sq.{s.name}"] = np.ascontiguousarray(v[s.start - off:s.stop - off].reshape(s.shape))
+        meta = {"type": "Muon", "step": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "muon_lr": self.muon_lr, "muon_momentum": self.muon_momentum,
+                "nesterov": self.nesterov, "ns_steps": self.ns_steps, "muon_weight_decay": self.muon_weight_decay,
+                "dtype": str(self.dtype), "muon": [s.name for s in self.muon_slots],
+                "adamw": [s.name for s in self.adam_slots]}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict):
+        """Restore momentum, moments and step from `state_dict()` output (same parameter names and shapes)."""
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
+        if meta.get("type", "AdamW") != "Muon":
+            raise NpgptError(f"the checkpoint's optimizer is {meta.get('type', 'AdamW')}, not Muon; resume with "
+                             f"--set optimizer=adamw (or start a new run)")
+        step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
+        check_finite_tensors(tensors, "optimizer.safetensors")
+        expected = {f"momentum.{s.name}": s for s in self.muon_slots}
+        expected.update({f"{kind}.{s.name}": s for s in self.adam_slots for kind in ("exp_avg", "exp_avg_sq")})
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
+                             f"it belongs to a different model or parameter grouping (use --init-from instead of --resume)")
+        unexpected = sorted(set(tensors) - set(expected))
+        if unexpected:
+            raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
+                             f"it belongs to a different model (use --init-from instead of --resume)")
+        for key, s in expected.items():
+            if tuple(tensors[key].shape) != s.shape:
+                raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
+                                 f"has {s.shape}; it belongs to a different model")
+        off = self.n_muon
+        buf = np.empty(self.n_muon, dtype=self.dtype)
+        m = np.empty(self.flat.size - off, dtype=self.dtype)
+        v = np.empty(self.flat.size - off, dtype=self.dtype)
+        for s in self.muon_slots:
+            buf[s.start:s.stop] = np.asarray(tensors[f"momentum.{s.name}"]).reshape(-1)
+        for s in self.adam_slots:
+            m[s.start - off:s.stop - off] = np.asarray(tensors[f"exp_avg.{s.name}"]).reshape(-1)
+            v[s.start - off:s.stop - off] = np.asarray(tensors[f"exp_avg_sq.{s.name}"]).reshape(-1)
+        self.momentum[...] = self.xp.asarray(buf)
+        self.exp_avg[...] = self.xp.asarray(m)
+        self.exp_avg_sq[...] = self.xp.asarray(v)
+        self.t = step

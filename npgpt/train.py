@@ -22,8 +22,8 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
 trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
 too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
 
-Under `mpiexec -n N` (npgpt.distributed.current() has N ranks) the trainer fills the loss and
-gradient hooks with npgpt.distributed.DataParallel (count-weighted loss, one gradient reduction
+Under `mpiexec -n N` (npgpt.distributed.comm.current() has N ranks) the trainer fills the loss and
+gradient hooks with npgpt.distributed.data_parallel.DataParallel (count-weighted loss, one gradient reduction
 per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
 training").
 
@@ -56,19 +56,25 @@ from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
 from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
                               save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
-from npgpt.distributed import DataParallel, current, for_device, local_rank0_first, make_optimizer
+from npgpt.distributed.comm import current, for_device, local_rank0_first
+from npgpt.distributed.data_parallel import DataParallel
+from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
-from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
+from npgpt.llama import build_model as new_model
+from npgpt.llama import ARCHS, from_pretrained, preset_config
+from npgpt.model import read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
-from npgpt.optim import get_lr
+from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
-from npgpt.precision import DynamicLossScaler, Precision, use_precision
+from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
 from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
 from npgpt.tensor import no_grad
+from npgpt.training.scaler import DynamicLossScaler
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -84,7 +90,8 @@ class TrainConfig:
     precision: str = "fp32"              # matmuls: fp32, tf32 or fp16 (fp16 adds dynamic loss scaling)
     seed: int = 1337
     # model (ignored with init_from / resume, which bring their own)
-    preset: str = "baby"
+    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-shakespeare-char)
+    arch: str = "gpt"                    # model family of a new model: gpt (GPT-2) or llama (npgpt.llama)
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
@@ -106,6 +113,12 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     zero_stage: int = 0                  # 1: shard AdamW's moments over the ranks (mpiexec -n N; ZeRO-1)
+    optimizer: str = "adamw"             # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02                # Muon's peak lr (follows the same schedule as learning_rate)
+    muon_momentum: float = 0.95
+    nesterov: bool = True                # Muon's Nesterov momentum
+    ns_steps: int = 5                    # Newton-Schulz iterations per Muon update
+    muon_weight_decay: float = 0.0       # decoupled weight decay of the Muon matrices
     # evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 20
@@ -149,8 +162,16 @@ class TrainConfig:
                 raise NpgptError(f"{name} must be positive, got {v}")
         if self.min_lr < 0 or self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
+        if self.arch not in ARCHS:
+            raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.zero_stage not in (0, 1):
             raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
+        if self.optimizer not in OPTIMIZERS:
+            raise NpgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
+            raise NpgptError("need muon_lr > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0")
+        if not 1 <= self.ns_steps <= 20:
+            raise NpgptError(f"ns_steps must be in [1, 20], got {self.ns_steps}")
         if not 0 <= self.dropout < 1:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -319,7 +340,7 @@ def build_model(cfg: TrainConfig, data, log, load_model=None):
         if load_model is None:
             if records_quantization(read_hf_config(src)):
                 raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
-            model = GPT.from_pretrained(src, dropout=cfg.dropout)
+            model = from_pretrained(src, dropout=cfg.dropout)
         else:
             model = load_model(src, dropout=cfg.dropout)
         if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
@@ -330,10 +351,9 @@ def build_model(cfg: TrainConfig, data, log, load_model=None):
         if model.config.vocab_size < vocab:
             raise NpgptError(f"the data's vocabulary ({vocab}) is larger than the model's ({model.config.vocab_size})")
         return model, src
-    base = GPTConfig.preset(cfg.preset)
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
-    mcfg = dataclasses.replace(base, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
-    return GPT(mcfg, seed=cfg.seed), None
+    mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
+    return new_model(mcfg, seed=cfg.seed), None
 
 
 def _check_same_tokenizer(model_dir, data):
@@ -414,6 +434,10 @@ def _load_resume_state(out, optimizer):
     if (ckpt / "optimizer.safetensors").exists():
         if state["optimizer"] is None:
             raise NpgptError(f"{ckpt / 'state.json'}: field 'optimizer' is missing; cannot resume")
+        saved, mine = state["optimizer"].get("type", "AdamW"), "Muon" if isinstance(optimizer, Muon) else "AdamW"
+        if saved != mine:
+            raise NpgptError(f"{ckpt} was trained with {saved}, this run asks for {mine}; resume with "
+                             f"--set optimizer={str(saved).lower()} or start a new run")
         optimizer.load_state_dict(load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
     return state
 
@@ -552,8 +576,7 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
             raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin, with load_model="
                              "npgpt.lora.load_model_folder)")
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
-        optimizer = make_optimizer(trainable, comm, cfg.zero_stage, lr=cfg.learning_rate,
-                                   betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(trainable, comm, cfg)
         dp = None
         if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
             dp = DataParallel(comm)
@@ -570,6 +593,17 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
             log(f"interrupted at step {it}: checkpoint saved in {out / 'ckpt'}")
             raise Interrupted(out)
         return TrainResult(out, it, run.best_val, run.last_loss, run.history)
+
+
+def build_optimizer(named_params, comm, cfg: TrainConfig):
+    """The run's optimizer: AdamW (ZeroAdamW with zero_stage=1), or Muon + AdamW (optimizer=muon)."""
+    common = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        if cfg.zero_stage == 1 and comm.world_size > 1:
+            raise NpgptError("zero_stage=1 with optimizer=muon is not available yet; use zero_stage=0")
+        return Muon(named_params, **common, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                    nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, muon_weight_decay=cfg.muon_weight_decay)
+    return make_optimizer(named_params, comm, cfg.zero_stage, **common)
 
 
 class _Run:
@@ -770,7 +804,7 @@ def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
     base = read_state(find_checkpoint(out))["config"]
     types = _field_types()
-    for fixed in ("n_layer", "n_head", "n_embd", "preset", "bias"):
+    for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer"):
         # compared as the field's type: `--set n_layer=1` equals a saved 1
         if fixed in overrides and _coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")
