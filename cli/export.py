@@ -20,7 +20,7 @@ from npgpt.errors import NpgptError
 def export(checkpoint, out, type_name, adapter, force):
     """Write a GPT-2 or Llama-family model with its tokenizer and chat template to a GGUF file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.gguf_models import export_gguf
     from npgpt.lora import merge_lora
 
@@ -33,7 +33,7 @@ def export(checkpoint, out, type_name, adapter, force):
         raise NpgptError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--gguf must differ from --checkpoint")
-    model, tok, _ = load_model_and_tokenizer(checkpoint, adapter=adapter)
+    model, tok = load_run(checkpoint, adapter=adapter)[:2]
     if adapter:
         merge_lora(model)
     export_gguf(model, tok, out, type_name)

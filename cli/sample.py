@@ -49,11 +49,26 @@ def control_options(fn):
     return fn
 
 
-def encode_prompt(tok, text):
-    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
+def encode_prompt(tok, text, allow_special=False, option="--prompt"):
+    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so);
+    `allow_special` (the CLI's --allow-special) reads every special token's string as its id."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    return tok.encode_prompt(text)
+    if allow_special:
+        return tok.encode(text, allowed_special="all")
+    try:
+        return tok.encode_prompt(text)
+    except NpgptError:
+        found = sorted((text.find(s), s) for s in tok.special_tokens if s in text)
+        if not found:
+            raise
+        raise NpgptError(f"{option} contains the special token {found[0][1]!r}; add --allow-special to read it as "
+                         f"that token, or leave it out") from None
+
+
+def allow_special_option(fn):
+    return click.option("--allow-special", is_flag=True,
+                        help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")(fn)
 
 
 def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
@@ -76,18 +91,20 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_special_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, max_new_tokens,
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special, max_new_tokens,
            temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
            logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
     from npgpt.generate import generate_stream
-    params = sampling_params(200 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed,
-                             stop=tuple(stop), presence_penalty=presence_penalty,
-                             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty)
+    from npgpt.loading import load_run
+    # checked before loading (the default length is known only after): one SamplingParams, as everywhere
+    params = sampling_params(max_new_tokens, temperature, top_k, top_p, seed, stop=tuple(stop),
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             repetition_penalty=repetition_penalty)
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -96,8 +113,10 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok, _ = load_model_and_tokenizer(checkpoint, device, adapter)
-    ids = encode_prompt(tok, prompt or "")
+    model, tok = load_run(checkpoint, adapter=adapter, device=device)[:2]
+    ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
+    if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
+        params = params.replace(max_new_tokens=max(1, model.config.block_size - max(len(ids), 1)))
     params = params.replace(logit_bias=parse_logit_bias(tok, logit_bias) or {})
     if num_beams != 1 or draft is not None:
         return _sample_special(model, tok, ids, prompt, num_samples, params, device, num_beams, length_penalty,
@@ -158,7 +177,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, params, device, num_be
                     num_draft):
     """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import beam_search, speculative_stream
     from npgpt.sampling import Detokenizer
     if num_beams != 1 and draft is not None:
@@ -175,7 +194,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, params, device, num_be
         text += detok.flush()
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok, _ = load_model_and_tokenizer(draft, device)
+        dmodel, dtok = load_run(draft, device=device)[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -197,21 +216,21 @@ def _piece(tok, t):
 
 
 @click.command()
-@click.option("--checkpoint", required=True, type=click.Path(), help="An SFT (chat) model folder.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A chat model: one with its own chat template (Hugging Face, GGUF), or fine-tuned with --sft.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
 def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
-    """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
+    """Talk to a chat model (its own chat template, or npgpt's after `finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
-    from npgpt.sft import CHAT_TOKENS
+    from npgpt.loading import load_run
+    from npgpt.sft import is_chat_model
     params = sampling_params(256 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
-    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
-    if missing:
-        raise NpgptError(f"{ckpt} is not a chat model (its tokenizer lacks {', '.join(missing)}); "
-                         f"fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    if not is_chat_model(tok):
+        raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
+                         f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
     session = ChatSession(model, tok, system=system, params=params)
     click.echo("chat: type a message; /reset starts over, /quit leaves.")
     while True:
@@ -236,7 +255,7 @@ def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p,
 
 
 class ChatSession:
-    """A conversation in the chat template; history is cropped (oldest turns first) to fit.
+    """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit.
 
     A reply ends at any of the template's role tokens (npgpt.sft.chat_stop_ids), not only at
     <|end|>: a model that skips <|end|> and starts the next turn's <|user|> stops there too.

@@ -66,12 +66,10 @@ def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import TRAINING_PLUGINS
-    from npgpt.lora import load_model_folder, lora_plugin
+    from npgpt.lora import lora_plugin
     from npgpt.train import Interrupted, train
     try:
-        # a LoRA run loads int8 bases and its own adapter folders, and the plugin adds the adapters
-        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS + (lora_plugin,),
-                       load_model=load_model_folder if cfg.lora_rank is not None else None)
+        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS + (lora_plugin,))
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)

@@ -14,7 +14,7 @@ import os
 import random
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,9 +61,15 @@ class Device:
 
     kind: str
     index: int = 0
+    given: str = field(default="", compare=False)   # as the user spelled it ("gpu"), for messages
 
     def __str__(self):
         return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def option(self):
+        """How error messages name it: the user's own words (`--device gpu`), else the canonical form."""
+        return self.given or str(self)
 
     @property
     def is_gpu(self):
@@ -80,7 +86,7 @@ def parse_device(device: str | Device | None = None) -> Device:
     if s == "cpu":
         return Device("cpu")
     if s in ("gpu", "cuda"):
-        return Device("cuda", 0)
+        return Device("cuda", 0, given=str(device).strip())
     m = re.fullmatch(r"(?:cuda|gpu):(\d+)", s)
     if m:
         return Device("cuda", int(m.group(1)))
@@ -91,14 +97,14 @@ def require_gpu(device: Device):
     """Return cupy after checking that `device`'s GPU is usable; else a clear NpgptError."""
     cp = _import_cupy()
     if cp is None:
-        raise NpgptError(f"--device {device} needs CuPy, which is not usable here ({_cupy_error.__class__.__name__}): {GPU_HINT}")
+        raise NpgptError(f"--device {device.option} needs CuPy, which is not usable here ({_cupy_error.__class__.__name__}): {GPU_HINT}")
     try:
         n = cp.cuda.runtime.getDeviceCount()
     except Exception as e:
-        raise NpgptError(f"--device {device}: CuPy found no usable CUDA GPU ({str(e).splitlines()[0][:120]}); "
+        raise NpgptError(f"--device {device.option}: CuPy found no usable CUDA GPU ({str(e).splitlines()[0][:120]}); "
                          f"check the NVIDIA driver, or use --device cpu") from None
     if device.index >= n:
-        raise NpgptError(f"--device {device}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+        raise NpgptError(f"--device {device.option}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
     return cp
 
 

@@ -44,11 +44,13 @@ from npgpt.backend import asnumpy, get_xp, synchronize
 from npgpt.checkpoint import atomic_write_json, find_checkpoint, load_tensors, save_tensors, write_manifest
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
-from npgpt.evaluate import load_model_and_tokenizer, token_loss
+from npgpt.evaluate import token_loss
+from npgpt.loading import from_pretrained, load_run
 from npgpt.generate import generate
 from npgpt.model import GPT, read_hf_config, records_quantization
 from npgpt.ops.distill import mixed_loss
-from npgpt.quant import QuantizedLinear, check_scheme, linear_layers, load_model, save_quantized
+from npgpt.layers import QuantizedLinear, check_scheme, linear_layers
+from npgpt.quant import save_quantized
 from npgpt.tensor import no_grad
 from npgpt.safeio import read_json_object
 
@@ -252,11 +254,12 @@ def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
     return best
 
 
-def val_tokens(data, tok, max_tokens=None):
+def val_tokens(data, tok, max_tokens=None, model_dir="MODEL"):
     """The val split of prepared data folder `data`, checked against the model's tokenizer."""
     td = TokenData(data)
     if td.tokenizer().fingerprint() != tok.fingerprint():
-        raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model")
+        raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {model_dir}; "
+                         f"prepare it with the model's own: `npgpt prepare --tokenizer-from {model_dir}`")
     tokens = np.asarray(td.split("val"))
     return tokens[:max_tokens] if max_tokens else tokens
 
@@ -310,7 +313,7 @@ def open_source(checkpoint):
     ckpt = find_checkpoint(checkpoint)
     if records_quantization(read_hf_config(ckpt)):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
-    model, tok, ckpt = load_model_and_tokenizer(ckpt)
+    model, tok, ckpt = load_run(ckpt)[:3]
     return model, tok, ckpt
 
 
@@ -348,13 +351,13 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     transform(model, out_dir) writes the model files into out_dir and returns notes for the report.
     """
     model, tok, ckpt = open_source(checkpoint)
-    tokens = val_tokens(data, tok, max_eval_tokens) if data is not None else None
+    tokens = val_tokens(data, tok, max_eval_tokens, ckpt) if data is not None else None
     out = prepare_out(ckpt, out, force)
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)
     notes = list(transform(model, out) or [])
     finish_out(ckpt, out)
-    after_model = load_model(out)
+    after_model = from_pretrained(out)
     after = measure(after_model, out, tokens, sample_tokens, start)
     if tokens is None:
         notes.append("val loss skipped: pass --data DIR (a prepared data folder) to measure it")
@@ -368,7 +371,7 @@ def quantize_checkpoint(checkpoint, out, bits=8, group_size=None, embedding=Fals
     def transform(model, out_dir):
         save_quantized(model, out_dir, bits, group_size, embedding)
         what = "linear weights" + (" and the token embedding" if embedding else "")
-        per = f"groups of {group_size} input rows" if group_size else "output channel"
+        per = f"group of {group_size} input rows" if group_size else "output channel"
         return [f"{what} stored as {bits}-bit integers with one float32 scale per {per}"]
     return _compress(checkpoint, out, transform, **kw)
 
@@ -415,7 +418,7 @@ def load_teacher(path, student, device="cpu"):
     """The teacher for `npgpt finetune --teacher DIR`: loaded in eval mode and checked against the
     student (same vocabulary, a context at least as long), so their logits compare position by position."""
     ckpt = find_checkpoint(path)
-    teacher = load_model(ckpt, device=device)      # quantised folders load too
+    teacher = from_pretrained(ckpt, device=device)      # quantised folders load too
     s, t = student.config, teacher.config
     if t.vocab_size != s.vocab_size:
         raise NpgptError(f"--teacher {ckpt} has vocab_size {t.vocab_size}, the student {s.vocab_size}; "
@@ -441,6 +444,10 @@ def distill_from_teacher(model, src, cfg, hooks):
         return
     teacher = load_teacher(cfg.teacher, model, cfg.device)
     alpha, temperature = cfg.distill_alpha, cfg.distill_temperature
+    if not cfg.quiet:
+        print(f"distillation: teacher {find_checkpoint(cfg.teacher)} ({teacher.num_params():,} parameters); the step "
+              f"loss is {alpha:g} x KL(teacher || student) at temperature {temperature:g} + {1 - alpha:g} x "
+              f"cross-entropy on the data")
 
     def loss_fn(model, x, y):
         logits, _ = model(x, y)

@@ -53,8 +53,8 @@ import numpy as np
 
 from npgpt import tokenizer as tk
 from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
-from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
-                              save_tensors, verify_checkpoint)
+from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
+                              load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import current, for_device, local_rank0_first
 from npgpt.distributed.data_parallel import DataParallel
@@ -62,14 +62,14 @@ from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.llama import build_model as new_model
-from npgpt.llama import ARCHS, from_pretrained, preset_config
-from npgpt.model import read_hf_config, records_quantization
+from npgpt.llama import ARCHS, preset_config
+from npgpt.loading import from_pretrained
 from npgpt.ops.distill import check_distill_args
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
-from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
+from npgpt.safeio import read_json, read_toml, run_lock
 from npgpt.tensor import no_grad
 from npgpt.training.scaler import DynamicLossScaler
 
@@ -287,9 +287,14 @@ class TrainResult:
 class Interrupted(Exception):
     """Raised after Ctrl-C once a checkpoint is saved; the CLI exits with status 130."""
 
-    def __init__(self, out):
-        super().__init__(f"interrupted: checkpoint saved in {out}; continue with --resume")
+    def __init__(self, out, step=None):
+        at = f" at step {step}" if step is not None else ""
+        super().__init__(f"interrupted{at}: checkpoint saved in {out}; continue with --resume")
         self.out = out
+
+
+def _plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def step_rng(seed, it, stream=0, rank=0):
@@ -328,21 +333,16 @@ def _open_data(cfg: TrainConfig, log, comm):
     return data
 
 
-def build_model(cfg: TrainConfig, data, log, load_model=None):
-    """The model to train: resumed, initialised from a folder, or new from the preset + overrides.
-
-    load_model(folder, dropout=...): how a folder becomes a model; by default GPT.from_pretrained,
-    float folders only. A caller's loader may read more (npgpt.lora.load_model_folder: quantised
-    bases and LoRA runs' adapter folders); its plugins then decide what of the model trains."""
+def build_model(cfg: TrainConfig, data, log):
+    """The model to train: resumed, initialised from a folder (npgpt.loading reads any model folder:
+    GPT-2, Llama, quantised, a LoRA run's adapter with its base), or new from the preset + overrides."""
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        if load_model is None:
-            if records_quantization(read_hf_config(src)):
-                raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
-            model = from_pretrained(src, dropout=cfg.dropout)
-        else:
-            model = load_model(src, dropout=cfg.dropout)
+        model = from_pretrained(src, dropout=cfg.dropout)
+        if model.quantization and cfg.lora_rank is None:        # its linear layers hold no Parameters
+            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise "
+                             f"afterwards, or train LoRA adapters on it with --lora-rank R")
         if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
@@ -404,18 +404,13 @@ def save_checkpoint(out, model, tokenizer, optimizer, state, save_files=(), save
         atomic_write_json(tmp / "state.json", state)
 
 
-STATE_FIELDS = {"iter": Int(lo=0), "best_val_loss": Float(default=float("inf"), allow_inf=True),
-                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None)}
-
-
 def read_state(ckpt) -> dict:
     """A checkpoint's state.json, checked: types of every field (the run's config too) and iter <=
     max_iters. NpgptError naming the file and field; the config comes back as a TrainConfig."""
-    p = Path(ckpt) / "state.json"
-    if not p.is_file():
+    p = Path(ckpt) / STATE_FILE
+    state = read_run_state(ckpt)
+    if state is None:
         raise NpgptError(f"{p} is missing; the folder is a model, not a training run's checkpoint")
-    # Infinity: best_val_loss before the first evaluation (npgpt has always written it so)
-    state = check(read_json_object(p, "training state", allow_infinity=True), STATE_FIELDS, str(p))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         config = apply_overrides(TrainConfig(), {k: v for k, v in state["config"].items() if k in known}).validate()
@@ -527,14 +522,13 @@ class Hooks:
     save_model: Callable | None = None
 
 
-def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_model=None) -> TrainResult:
+def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
     batch_source: optional object with get_batch / tokenizer / vocab_size (SFT data plugs in here).
     plugins: callables plugin(model, src, cfg, hooks), run once the model is built (src: the folder it
     came from, or None), that fill in `hooks` (see Hooks); npgpt.compress.TRAINING_PLUGINS adds
     distillation (--teacher) and keeping pruned weights at zero.
-    load_model: how --init-from / --resume folders load (see build_model).
     Parameters with requires_grad off (a LoRA base) get no gradient buffer and no optimizer state.
     """
     cfg = config.validate()
@@ -553,14 +547,14 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=(), load_
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
     with lock:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model)
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
         data = batch_source or _open_data(cfg, log, comm)
-        model, src = build_model(cfg, data, log, load_model)
+        model, src = build_model(cfg, data, log)
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":
@@ -573,8 +567,7 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
         if cfg.teacher and hooks.loss_fn is model_loss:
             raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
         if cfg.lora_rank is not None and hooks.save_model is None:
-            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin, with load_model="
-                             "npgpt.lora.load_model_folder)")
+            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin)")
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
         optimizer = build_optimizer(trainable, comm, cfg)
         dp = None
@@ -590,8 +583,8 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
             it = run.loop(interrupted)
         if interrupted():
             run.checkpoint(it, "interrupt")
-            log(f"interrupted at step {it}: checkpoint saved in {out / 'ckpt'}")
-            raise Interrupted(out)
+            log.record(kind="interrupt", iter=it)          # the CLI prints the one line about it
+            raise Interrupted(out, it)
         return TrainResult(out, it, run.best_val, run.last_loss, run.history)
 
 
@@ -619,14 +612,16 @@ class _Run:
         if cfg.resume:
             state = _load_resume_state(out, optimizer)
             self.start, self.best_val = state["iter"], state["best_val_loss"]
+            self.resumed_tokens = (state.get("tokens_per_iter"), state.get("ranks"))
             if self.start > cfg.max_iters:
                 raise NpgptError(f"the checkpoint is at step {self.start}, beyond --max-iters {cfg.max_iters}; "
                                  f"give a larger --max-iters to continue it")
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
-        log(f"model: {mcfg.n_layer} layers, {mcfg.n_head} heads, n_embd {mcfg.n_embd}, block {block}, "
-            f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else ""))
+        log(f"model: {_plural(mcfg.n_layer, 'layer')}, {_plural(mcfg.n_head, 'head')}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
+            f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else "")
+            + (f"; training rows of {block} tokens" if block != mcfg.block_size else ""))
         log(optimizer.describe())
         if cfg.resume:
             log(f"resuming from step {self.start} (best val loss {self.best_val:.4f})")
@@ -635,8 +630,19 @@ class _Run:
         self.flops_per_iter = self.model.flops_per_token(self.block) * self.tokens_per_iter
         ranks = self.dp.comm.world_size if self.dp is not None else 1   # each rank measures its share
         self.peak = gemm_peak_gflops(xp, precision=self.cfg.precision) * 1e9 * ranks   # the run's precision
-        self.log(f"tokens per iteration: {self.tokens_per_iter:,}; training {self.cfg.max_iters} iterations "
-                 f"on {self.cfg.device}")
+        cfg = self.cfg
+        shape = (f" ({ranks} ranks x batch {cfg.batch_size} x {self.block} tokens"
+                 + (f" x {cfg.gradient_accumulation_steps} micro-steps" if cfg.gradient_accumulation_steps > 1 else "")
+                 + ")") if ranks > 1 else ""
+        where = f"{ranks} ranks, each on {cfg.device}" if ranks > 1 else cfg.device
+        self.log(f"tokens per iteration: {self.tokens_per_iter:,}{shape}; training {cfg.max_iters} iterations on {where}")
+        before, before_ranks = getattr(self, "resumed_tokens", (None, None))
+        if before is not None and before != self.tokens_per_iter:
+            # the schedule counts steps, so each remaining step now sees a different number of tokens
+            self.log(f"note: this run took {before:,} tokens per iteration"
+                     + (f" on {_plural(before_ranks, 'rank')}" if before_ranks else "")
+                     + f"; it now takes {self.tokens_per_iter:,}. The learning-rate schedule counts steps; to keep "
+                     f"the global batch, set --batch-size so that ranks x batch x accumulation matches")
 
     def loop(self, interrupted):
         """eval/checkpoint -> one optimizer step over the micro-batches -> log; returns the last step."""
@@ -695,7 +701,9 @@ class _Run:
         self.log.record(kind="train", iter=step, loss=self.last_loss, lr=lr, ms_per_iter=dt * 1e3,
                         tokens_per_s=tps, mfu=mfu, grad_norm=norm)
         msg = (f"iter {step}/{cfg.max_iters}: loss {self.last_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
-               f"{tps:,.0f} tok/s, MFU {mfu * 100:.1f}%, ETA {dt * (cfg.max_iters - step):.0f}s")
+               f"{tps:,.0f} tok/s, ETA {dt * (cfg.max_iters - step):.0f}s")
+        # MFU stays in metrics.jsonl only: its peak is measured once at start, and on a busy machine
+        # that reading is low, so a per-step "MFU 228%" would mislead (npgpt bench measures it properly)
         self.log.status(f"{_bar(step / cfg.max_iters)} {msg}" if self.log.tty else msg)
 
     def diverged(self, loss, step):
@@ -716,6 +724,7 @@ class _Run:
             "data": {"path": str(Path(self.data.path).resolve()) if getattr(self.data, "path", "") else "",
                      "next_batch_iter": it},
             "reason": reason, "loss_scaler": self.scaler.state_dict(),
+            "tokens_per_iter": self.tokens_per_iter, "ranks": self.dp.comm.world_size if self.dp is not None else 1,
         }, self.hooks.save_files, self.hooks.save_model)
 
 
