@@ -233,7 +233,6 @@ class AdamW:
         self.lr, self.betas = float(lr), (float(b1), float(b2))
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.t = 0                    # number of steps taken (the t of the bias corrections)
-        self.last_grad_norm = None    # the norm before clipping of the last step (the trainer logs it)
         self.params = FlatParams(named)
         self.xp, self.dtype = self.params.xp, self.params.dtype
         n = self.params.size

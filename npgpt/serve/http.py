@@ -30,6 +30,7 @@ from pathlib import Path
 from queue import Empty
 
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
@@ -419,7 +420,8 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
-          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None):
+          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
+          keep_quantized=False):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
@@ -428,7 +430,8 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device,
+                                **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:
         ckpt = Path(ckpt).resolve()
