@@ -192,8 +192,9 @@ def test_the_floor_rule_itself(module, imported, ok):
 
 def test_every_package_and_its_data_is_in_pyproject():
     """A wheel holds only the packages pyproject.toml lists (an editable install hides a missing one):
-    every folder of npgpt/ and cli/ with an __init__.py is listed, and every non-Python file inside
-    a package is matched by its package-data."""
+    every folder of npgpt/ and cli/ with an __init__.py is listed, and every other file inside a
+    package (data, or Python files in a folder that is not a package, like exercise stubs) is matched
+    by its package-data."""
     tomllib = pytest.importorskip("tomllib")
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     dirs = {name: ROOT / path for name, path in setup["package-dir"].items()}
@@ -214,8 +215,10 @@ def test_every_package_and_its_data_is_in_pyproject():
         base = folder(package)
         subpackages = [folder(p) for p in listed if p.startswith(package + ".")]
         for path in base.rglob("*"):
-            if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts
+            if (not path.is_file() or path.suffix == ".pyc" or "__pycache__" in path.parts
                     or any(sub in path.parents for sub in subpackages)):
+                continue
+            if path.suffix == ".py" and path.parent == base:     # a module of the package itself
                 continue
             rel = path.relative_to(base)
             if not any(rel.match(pattern) for pattern in data.get(package, [])):
