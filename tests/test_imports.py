@@ -224,3 +224,16 @@ def test_every_package_and_its_data_is_in_pyproject():
             if not any(rel.match(pattern) for pattern in data.get(package, [])):
                 unlisted.append(f"{package}: {rel}")
     assert not unlisted, f"files a wheel would leave out (add them to package-data): {unlisted}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name with a leading underscore belongs to its module: another module that needs it needs it
+    public (bench.check_counts, backend.cupy_module)."""
+    bad = []
+    for path, module, _ in source_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("npgpt"):
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {a.name} from {node.module}"
+                        for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+    assert not bad, "private names imported across modules:\n" + "\n".join(bad)
