@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
+
 # Direct flags for the common config keys: (flag, config key, type, help).
 COMMON_FLAGS = [
     ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
@@ -104,6 +106,8 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
               help="Train LoRA adapters of rank R only (base frozen; saved in PEFT's format). --init-from may be int8.")
 @click.option("--lora-alpha", "lora_alpha", type=float, default=None, help="LoRA scale alpha (update x alpha/R); default 2R.")
 @click.option("--lora-dropout", "lora_dropout", type=float, default=None, help="Dropout on the adapters' input (default 0).")
+@click.option("--keep-quantized", "keep_quantized", is_flag=True, default=None,
+              help="--init-from a .gguf file: keep its Q8_0 / Q4_0 / Q4_1 weights quantised (train LoRA adapters on them).")
 @click.option("--lora-targets", "lora_targets", default=None,
               help="Comma-separated layers to adapt (PEFT's suffix rule): default c_attn,c_proj,c_fc.")
 def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
@@ -136,7 +140,8 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
-def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter):
+@keep_quantized_option
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, keep_quantized):
     """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
@@ -153,7 +158,8 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
         return
     if out_file:
         raise click.UsageError("--out goes with --task (per-item results)")
-    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter)
+    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter,
+                 keep_quantized=keep_quantized)
     if as_json:
         click.echo(json.dumps(r))
     else:

@@ -14,11 +14,11 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf"),
+    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf", "npgpt.hub"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
-    ("npgpt.model", "npgpt.llama"),
+    ("npgpt.model", "npgpt.llama", "npgpt.sampling"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint", "npgpt.lora", "npgpt.gguf_models"),
     ("npgpt.loading",),
