@@ -146,3 +146,65 @@ def test_replica_threads_run_in_a_copy_of_the_trainers_context():
     assert any(name.startswith("npgpt-replica") for name, _ in seen), seen
     assert {p for _, p in seen} == {"tf32"}
     assert P.current().name == "fp32"
+
+
+def test_serve_engine_thread_and_no_grad_reference_ops_in_another_thread_at_the_same_time(tmp_path):
+    """The engine runs in a copy of the context it was started in (here: tf32) and sees neither
+    the no_grad, the reference switch nor the fp16 of a thread that holds them while it serves;
+    that thread keeps its own modes, and the served text is the same as with nobody else around."""
+    from serve_helpers import model_folder
+
+    from npgpt.loading import load_run
+    from npgpt.ops.nn import REFERENCE_OPS
+    from npgpt.serve.http import App
+
+    model, tok = load_run(model_folder(tmp_path / "m", chat=False))[:2]
+    seen = []
+    real = model.forward_cached
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, is_grad_enabled(), REFERENCE_OPS.get(), P.current().name))
+        return real(*args, **kwargs)
+
+    model.forward_cached = recording
+
+    def serve_one(app):
+        req = app.completion_request({"prompt": "the", "max_tokens": 12, "temperature": 0})
+        app.engine.submit(req)
+        text = ""
+        while True:
+            event = req.events.get(timeout=120)
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "delta":
+                text += event[2]
+            if event[0] == "finish":
+                return text
+
+    app = App(model, tok, "m")
+    with P.use_precision("tf32"):
+        app.engine.start()                       # the engine keeps the context it was started in
+    assert P.current().name == "fp32"
+    inside, served, other = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        with no_grad(), reference_ops(), P.use_precision("fp16"):
+            inside.set()
+            served.wait(120)                     # hold the modes while the engine serves
+            other["modes"] = _modes()
+
+    try:
+        alone = serve_one(app)
+        t = threading.Thread(target=other_thread)
+        t.start()
+        assert inside.wait(30)
+        seen.clear()
+        during = serve_one(app)
+        served.set()
+        t.join(60)
+    finally:
+        served.set()
+        app.engine.stop(grace=1)
+    assert during == alone and len(during) > 0
+    assert {(g, r, p) for name, g, r, p in seen if name == "npgpt-engine"} == {(True, False, "tf32")}, seen
+    assert other["modes"] == {"grad": False, "graph": False, "precision": "fp16", "op": None}
