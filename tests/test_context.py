@@ -4,6 +4,7 @@ thread running at the same time, and threads npgpt starts (row blocks, replicas)
 their starter's context."""
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,15 +18,13 @@ from npgpt.replicas import ThreadReplicas
 from npgpt.tensor import Tensor, is_grad_enabled, no_grad, profiling
 
 
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def clock(self):
-        return 0.0
-
-    def record(self, fn, phase, seconds):
-        self.calls.append((fn.name, phase))
+def run_together(*targets):
+    """Run each target on its own thread at the same time; wait for all of them."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
 
 
 def _modes():
@@ -42,7 +41,8 @@ PLAIN = {"grad": True, "graph": True, "precision": "fp32", "op": "Linear"}
 
 def test_modes_set_in_one_thread_are_not_seen_by_another_running_at_the_same_time():
     inside, entered, checked = {}, threading.Event(), threading.Event()
-    rec = Recorder()
+    calls = []
+    rec = SimpleNamespace(clock=lambda: 0.0, record=lambda fn, phase, seconds: calls.append((fn.name, phase)))
     seen = {}
 
     def setter():
@@ -57,15 +57,11 @@ def test_modes_set_in_one_thread_are_not_seen_by_another_running_at_the_same_tim
         seen["watcher"] = _modes()
         checked.set()
 
-    threads = [threading.Thread(target=setter), threading.Thread(target=watcher)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(setter, watcher)
     assert inside["setter"] == {"grad": False, "graph": False, "precision": "fp16", "op": None}
     assert seen["watcher"] == PLAIN                # neither no_grad, fp16 nor the profiler leaked
     assert inside["after"] == PLAIN                # and the setter's own thread is restored
-    assert rec.calls == [("Linear", "forward")]    # only the setter's op was profiled
+    assert calls == [("Linear", "forward")]        # only the setter's op was profiled
 
 
 def test_reference_switch_and_no_grad_in_two_threads_at_once():
@@ -84,11 +80,7 @@ def test_reference_switch_and_no_grad_in_two_threads_at_once():
             got["no_grad"] = _modes()
             barrier.wait()
 
-    threads = [threading.Thread(target=reference_thread), threading.Thread(target=no_grad_thread)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(reference_thread, no_grad_thread)
     assert got["reference"] == {**PLAIN, "op": "MatMul"}       # reference, with a graph
     assert got["no_grad"] == {**PLAIN, "graph": False, "grad": False, "op": None}   # fused, no graph
 
