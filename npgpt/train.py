@@ -447,7 +447,8 @@ class _Run:
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
-        log(f"model: {_plural(mcfg.n_layer, 'layer')}, {_plural(mcfg.n_head, 'head')}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
+        heads = _plural(mcfg.n_head, 'head') + (f" ({mcfg.n_kv_head} key/value)" if mcfg.n_kv_head != mcfg.n_head else "")
+        log(f"model: {mcfg.arch}, {_plural(mcfg.n_layer, 'layer')}, {heads}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
             f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else "")
             + (f"; training rows of {block} tokens" if block != mcfg.block_size else ""))
         log(optimizer.describe())
