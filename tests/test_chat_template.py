@@ -37,8 +37,9 @@ def test_environment_is_transformers_one():
         render("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(NpgptError, match="sandbox forbids"):
         render("{{ messages.append(1) }}")                                      # immutable sandbox
-    with pytest.raises(NpgptError, match="not valid Jinja"):
-        ChatTemplate("{% for %}")
+    for broken in ("{% for %}", "{% break %}", "{% continue %}", "{{ " * 3000):   # fuzzing found the 2nd
+        with pytest.raises(NpgptError, match="not valid Jinja"):
+            ChatTemplate(broken)
     assert render("{{ bos_token }}|{{ tools is none }}", bos_token="<s>") == "<s>|True"
 
 
