@@ -24,10 +24,9 @@ Every command reports the model before and after (`measure`, `format_report`): s
 parameters and non-zero parameters, validation loss / perplexity when data is given, and greedy
 sampling speed with the KV cache.
 
-Training plugins (npgpt.train.Hooks; `TRAINING_PLUGINS`, which the CLI passes to `train`):
-`keep_pruned_zeros` re-applies a pruned model's masks after every optimizer step and saves them with
-each checkpoint; `distill_from_teacher` makes the loss alpha * KD(teacher) + (1 - alpha) * CE for
-`npgpt finetune --teacher DIR`. The trainer never imports this module.
+Fine-tuning a pruned model keeps its pruned weights at zero, and `npgpt finetune --teacher DIR`
+distils: both are the trainer's standard plugins (npgpt.training.plugins, which also reads and
+writes the mask files). The trainer never imports this module.
 """
 
 from __future__ import annotations
@@ -41,20 +40,20 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp, synchronize
-from npgpt.checkpoint import atomic_write_json, find_checkpoint, load_tensors, save_tensors, write_manifest
+from npgpt.checkpoint import atomic_write_json, find_checkpoint, write_manifest
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import is_gguf
 from npgpt.evaluate import token_loss
 from npgpt.loading import from_pretrained, load_run
 from npgpt.generate import generate
-from npgpt.model import GPT, read_hf_config, records_quantization
-from npgpt.ops.distill import mixed_loss
+from npgpt.llama import build_model
+from npgpt.model import read_hf_config, records_quantization
 from npgpt.layers import QuantizedLinear, check_scheme, linear_layers
 from npgpt.quant import save_quantized
-from npgpt.tensor import no_grad
 from npgpt.safeio import read_json_object
+from npgpt.training.plugins import PRUNE_MASK_FILE, apply_prune_masks, save_prune_masks
 
-PRUNE_MASK_FILE = "prune_mask.safetensors"
 # Files of a checkpoint folder that belong to the training run, not to the model: not copied.
 RUN_FILES = ("optimizer.safetensors", "state.json", "manifest.json")
 MODEL_FILES = ("config.json", "model.safetensors", PRUNE_MASK_FILE)
@@ -117,50 +116,22 @@ def prune_model(model, sparsity, scope="global"):
     return masks
 
 
-def save_prune_masks(folder, masks):
-    save_tensors(Path(folder) / PRUNE_MASK_FILE, {k: np.asarray(asnumpy(m), dtype=bool) for k, m in masks.items()})
-
-
-def load_prune_masks(folder):
-    """{parameter name: bool keep-mask} from `folder/prune_mask.safetensors`; {} when there is none."""
-    f = Path(folder) / PRUNE_MASK_FILE
-    if not f.is_file():
-        return {}
-    return {k: v.astype(bool, copy=False) for k, v in load_tensors(f).items()}
-
-
-def apply_prune_masks(model, masks):
-    """Zero the pruned entries (mask False) of each masked parameter's data and gradient, in place.
-
-    In place because the optimizer's parameters are views into its flat buffer. Call it after each
-    optimizer step: AdamW's moments and weight decay would otherwise move pruned weights off zero.
-    Masks are moved to the parameters' device once (the dict is updated with the device copies).
-    """
-    if not masks:
-        return model
-    params = dict(model.named_parameters())
-    for name, m in masks.items():
-        p = params.get(name)
-        if p is None:
-            raise NpgptError(f"prune mask for {name}, which the model does not have; the mask file belongs to another model")
-        if tuple(m.shape) != tuple(p.shape):
-            raise NpgptError(f"prune mask for {name} has shape {tuple(m.shape)}, the weight {tuple(p.shape)}; "
-                             f"the mask file belongs to another model")
-        xp = get_xp(p.data)
-        if get_xp(m) is not xp:
-            m = masks[name] = xp.asarray(m)
-        p.data *= m                                  # bool -> 0/1 in the weight's dtype
-        if p.grad is not None:
-            p.grad *= m
-    return model
-
-
 # ---- trimming ----------------------------------------------------------------------------------
-def mlp_importance(block):
-    """(hidden,) importance of each MLP unit: ||c_fc.weight[:, j]|| * ||c_proj.weight[j, :]||."""
-    w_in = asnumpy(block.mlp.c_fc.weight.data).astype(np.float64)      # (C, H)
-    w_out = asnumpy(block.mlp.c_proj.weight.data).astype(np.float64)   # (H, C)
-    return np.linalg.norm(w_in, axis=0) * np.linalg.norm(w_out, axis=1)
+# (layers reading the residual stream, layer writing it back) of each family's MLP; a Llama unit j
+# computes silu(x . gate[:, j]) * (x . up[:, j]), so it reads through two columns
+MLP_READ = {"gpt": ("c_fc",), "llama": ("gate_proj", "up_proj")}
+MLP_WRITE = {"gpt": "c_proj", "llama": "down_proj"}
+
+
+def mlp_importance(block, arch="gpt"):
+    """(hidden,) importance of each MLP unit: the norms of the columns that read it (GPT-2's c_fc;
+    Llama's gate_proj and up_proj) times the norm of the row that writes it (c_proj; down_proj)."""
+    w_out = asnumpy(getattr(block.mlp, MLP_WRITE[arch]).weight.data).astype(np.float64)   # (H, C)
+    score = np.linalg.norm(w_out, axis=1)
+    for name in MLP_READ[arch]:
+        w_in = asnumpy(getattr(block.mlp, name).weight.data).astype(np.float64)         # (C, H)
+        score = score * np.linalg.norm(w_in, axis=0)
+    return score
 
 
 def parse_layers(text):
@@ -195,30 +166,35 @@ def check_trim(config, mlp_keep, drop_layers):
 
 
 def trim_model(model, mlp_keep=1.0, drop_layers=()):
-    """A new, smaller GPT: the most important round(mlp_keep * hidden) MLP units of each block kept
+    """A new, smaller model (GPT or Llama): the most important round(mlp_keep * hidden) MLP units of each block kept
     (original order, so mlp_keep=1 reproduces the model exactly) and the `drop_layers` blocks removed."""
     cfg = model.config
     linear_weights(model)                               # refuses a quantised model
     n_keep, drop = check_trim(cfg, mlp_keep, drop_layers)
     kept_layers = [i for i in range(cfg.n_layer) if i not in drop]
     new_cfg = replace(cfg, n_layer=len(kept_layers), n_inner=cfg.n_inner if n_keep == cfg.hidden else n_keep)
+    arch, prefix = cfg.arch, cfg.blocks_name          # transformer.h, model.layers
+    reads = tuple(f"mlp.{n}" for n in MLP_READ[arch])
+    blocks = model
+    for part in prefix.split("."):
+        blocks = getattr(blocks, part)
     state = {}
     for name, a in model.state_dict().items():
-        if not name.startswith("transformer.h."):
+        if not name.startswith(prefix + "."):
             state[name] = asnumpy(a)
     for new_i, old_i in enumerate(kept_layers):
-        block = model.transformer.h[old_i]
-        units = np.sort(np.argsort(-mlp_importance(block), kind="stable")[:n_keep])
-        for name, p in block.named_parameters(prefix=f"transformer.h.{new_i}."):
+        block = blocks[old_i]
+        units = np.sort(np.argsort(-mlp_importance(block, arch), kind="stable")[:n_keep])
+        for name, p in block.named_parameters(prefix=f"{prefix}.{new_i}."):
             a = asnumpy(p.data)
-            if name.endswith("mlp.c_fc.weight"):
+            if name.endswith(tuple(f"{r}.weight" for r in reads)):
                 a = a[:, units]
-            elif name.endswith("mlp.c_fc.bias"):
+            elif name.endswith(tuple(f"{r}.bias" for r in reads)):
                 a = a[units]
-            elif name.endswith("mlp.c_proj.weight"):
+            elif name.endswith(f"mlp.{MLP_WRITE[arch]}.weight"):
                 a = a[units, :]
             state[name] = a
-    new = GPT(new_cfg)
+    new = build_model(new_cfg)
     new.load_state_dict(state)
     return new.train(model.training)
 
@@ -276,7 +252,8 @@ def val_loss(model, tokens):
 def measure(model, folder, tokens=None, sample_tokens=64, start_id=0):
     """The report's row for one model: size of model.safetensors, parameters, loss, speed."""
     total, nonzero = count_params(model)
-    row = {"size_bytes": (Path(folder) / "model.safetensors").stat().st_size,
+    weights = Path(folder) if is_gguf(folder) else Path(folder) / "model.safetensors"
+    row = {"size_bytes": weights.stat().st_size,
            "params": total, "nonzero_params": nonzero,
            "val_loss": None, "perplexity": None, "tokens_per_s": None}
     if tokens is not None:
@@ -311,7 +288,7 @@ def format_report(before, after, notes=()):
 def open_source(checkpoint):
     """(model, tokenizer, checkpoint folder) for a float (not quantised) model folder or run folder."""
     ckpt = find_checkpoint(checkpoint)
-    if records_quantization(read_hf_config(ckpt)):
+    if not is_gguf(ckpt) and records_quantization(read_hf_config(ckpt)):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
     model, tok, ckpt = load_run(ckpt)[:3]
     return model, tok, ckpt
@@ -333,8 +310,13 @@ def prepare_out(src, out, force=False):
     return out
 
 
-def finish_out(src, out):
-    """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest."""
+def finish_out(src, out, tok=None):
+    """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest. A GGUF
+    source holds its tokenizer inside: `tok` is saved instead (tokenizer.json and its chat template)."""
+    if is_gguf(src):
+        tok.save(out)
+        write_manifest(out)
+        return
     for f in Path(src).iterdir():
         if f.is_file() and f.name not in RUN_FILES + MODEL_FILES:
             shutil.copy2(f, Path(out) / f.name)
@@ -356,7 +338,7 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)
     notes = list(transform(model, out) or [])
-    finish_out(ckpt, out)
+    finish_out(ckpt, out, tok)
     after_model = from_pretrained(out)
     after = measure(after_model, out, tokens, sample_tokens, start)
     if tokens is None:
@@ -411,50 +393,3 @@ def _save_float(model, out_dir, record):
     hf = read_json_object(Path(out_dir) / "config.json", "config.json")
     hf.setdefault("npgpt", {}).update(record)
     atomic_write_json(Path(out_dir) / "config.json", hf)
-
-
-# ---- distillation --------------------------------------------------------------------------------
-def load_teacher(path, student, device="cpu"):
-    """The teacher for `npgpt finetune --teacher DIR`: loaded in eval mode and checked against the
-    student (same vocabulary, a context at least as long), so their logits compare position by position."""
-    ckpt = find_checkpoint(path)
-    teacher = from_pretrained(ckpt, device=device)      # quantised folders load too
-    s, t = student.config, teacher.config
-    if t.vocab_size != s.vocab_size:
-        raise NpgptError(f"--teacher {ckpt} has vocab_size {t.vocab_size}, the student {s.vocab_size}; "
-                         f"distillation needs the same tokenizer")
-    if t.block_size < s.block_size:
-        raise NpgptError(f"--teacher {ckpt} has block_size {t.block_size}, shorter than the student's {s.block_size}")
-    return teacher.eval()
-
-
-# ---- plugins for the trainer (npgpt.train.Hooks) -------------------------------------------------------
-def keep_pruned_zeros(model, src, cfg, hooks):
-    """Training plugin: a model that came from `npgpt prune` keeps its pruned weights at zero (the
-    masks are applied after every optimizer step) and its checkpoints carry the masks on."""
-    masks = load_prune_masks(src) if src else {}
-    if masks:
-        hooks.after_step.append(lambda model, it: apply_prune_masks(model, masks))
-        hooks.save_files.append(lambda folder: save_prune_masks(folder, masks))
-
-
-def distill_from_teacher(model, src, cfg, hooks):
-    """Training plugin for `--teacher DIR`: the loss becomes alpha * KD(teacher) + (1 - alpha) * CE."""
-    if not cfg.teacher:
-        return
-    teacher = load_teacher(cfg.teacher, model, cfg.device)
-    alpha, temperature = cfg.distill_alpha, cfg.distill_temperature
-    if not cfg.quiet:
-        print(f"distillation: teacher {find_checkpoint(cfg.teacher)} ({teacher.num_params():,} parameters); the step "
-              f"loss is {alpha:g} x KL(teacher || student) at temperature {temperature:g} + {1 - alpha:g} x "
-              f"cross-entropy on the data")
-
-    def loss_fn(model, x, y):
-        logits, _ = model(x, y)
-        with no_grad():
-            t_logits, _ = teacher(x)
-        return mixed_loss(logits, t_logits, y, alpha, temperature)
-    hooks.loss_fn = loss_fn
-
-
-TRAINING_PLUGINS = (keep_pruned_zeros, distill_from_teacher)
