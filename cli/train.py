@@ -106,6 +106,8 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
               help="Train LoRA adapters of rank R only (base frozen; saved in PEFT's format). --init-from may be int8.")
 @click.option("--lora-alpha", "lora_alpha", type=float, default=None, help="LoRA scale alpha (update x alpha/R); default 2R.")
 @click.option("--lora-dropout", "lora_dropout", type=float, default=None, help="Dropout on the adapters' input (default 0).")
+@click.option("--keep-quantized", "keep_quantized", is_flag=True, default=None,
+              help="--init-from a .gguf file: keep its Q8_0 / Q4_0 / Q4_1 weights quantised (train LoRA adapters on them).")
 @click.option("--lora-targets", "lora_targets", default=None,
               help="Comma-separated layers to adapt (PEFT's suffix rule): default c_attn,c_proj,c_fc.")
 def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):

@@ -43,6 +43,7 @@ from npgpt.backend import asnumpy, get_xp, synchronize
 from npgpt.checkpoint import atomic_write_json, find_checkpoint, write_manifest
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import is_gguf
 from npgpt.evaluate import token_loss
 from npgpt.loading import from_pretrained, load_run
 from npgpt.generate import generate
@@ -235,7 +236,8 @@ def val_loss(model, tokens):
 def measure(model, folder, tokens=None, sample_tokens=64, start_id=0):
     """The report's row for one model: size of model.safetensors, parameters, loss, speed."""
     total, nonzero = count_params(model)
-    row = {"size_bytes": (Path(folder) / "model.safetensors").stat().st_size,
+    weights = Path(folder) if is_gguf(folder) else Path(folder) / "model.safetensors"
+    row = {"size_bytes": weights.stat().st_size,
            "params": total, "nonzero_params": nonzero,
            "val_loss": None, "perplexity": None, "tokens_per_s": None}
     if tokens is not None:
@@ -270,7 +272,7 @@ def format_report(before, after, notes=()):
 def open_source(checkpoint):
     """(model, tokenizer, checkpoint folder) for a float (not quantised) model folder or run folder."""
     ckpt = find_checkpoint(checkpoint)
-    if records_quantization(read_hf_config(ckpt)):
+    if not is_gguf(ckpt) and records_quantization(read_hf_config(ckpt)):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
     model, tok, ckpt = load_run(ckpt)[:3]
     return model, tok, ckpt
@@ -292,8 +294,13 @@ def prepare_out(src, out, force=False):
     return out
 
 
-def finish_out(src, out):
-    """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest."""
+def finish_out(src, out, tok=None):
+    """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest. A GGUF
+    source holds its tokenizer inside: `tok` is saved instead (tokenizer.json and its chat template)."""
+    if is_gguf(src):
+        tok.save(out)
+        write_manifest(out)
+        return
     for f in Path(src).iterdir():
         if f.is_file() and f.name not in RUN_FILES + MODEL_FILES:
             shutil.copy2(f, Path(out) / f.name)
@@ -315,7 +322,7 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)
     notes = list(transform(model, out) or [])
-    finish_out(ckpt, out)
+    finish_out(ckpt, out, tok)
     after_model = from_pretrained(out)
     after = measure(after_model, out, tokens, sample_tokens, start)
     if tokens is None:

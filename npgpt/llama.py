@@ -354,7 +354,7 @@ class LMHead(Module):
     """The output projection, (V, C) as Hugging Face's lm_head (logits = x @ weight.T)."""
 
     def __init__(self, vocab_size, dim, rng):
-        self.weight = Parameter(rng.normal(0.0, 0.02, size=(vocab_size, dim)).astype(np.float32))
+        self.weight = Parameter(rng.normal(0.0, 0.02, size=(vocab_size, dim)).astype(np.float32, copy=False))
 
 
 class _NoInit:

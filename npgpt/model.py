@@ -21,8 +21,8 @@ from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
-from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear,
-                          split_heads)
+from npgpt.ops.nn import (REFERENCE_OPS, attention_probs, causal_self_attention, check_ops, cross_entropy,
+                          dropout, gelu, linear, reference_ops, split_heads)
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, check, check_finite_tensors, check_value,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
@@ -231,6 +231,14 @@ class CausalLM(Module):
     lora = None                          # the LoRAConfig of its adapters (npgpt.lora.apply_lora); None: none
     lora_base: str | None = None         # the base folder a LoRA model was trained from (adapter_config.json)
 
+    ops = "fused"   # "reference": forward runs on the composed reference ops (npgpt.reference)
+
+    def __call__(self, *args, **kwargs):
+        if self.ops == "reference" and not REFERENCE_OPS.get():
+            with reference_ops():
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     @property
     def input_embedding(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -286,8 +294,9 @@ class CausalLM(Module):
 class GPT(CausalLM):
     """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu"):
+    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
         self.config = config
+        self.ops = check_ops(ops)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
         self.transformer = Transformer(config, self.rng)
         if str(device) != "cpu":

@@ -62,6 +62,7 @@ from npgpt.distributed.data_parallel import DataParallel
 from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
+from npgpt.gguf_models import is_gguf
 from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
 from npgpt.llama import preset_config
@@ -152,7 +153,10 @@ def build_model(cfg: TrainConfig, data, log):
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        model = from_pretrained(src, dropout=cfg.dropout)       # a quantised one trains LoRA adapters only
+        kept = {"keep_quantized": True} if cfg.keep_quantized and not cfg.resume else {}
+        if kept and not is_gguf(src):
+            raise NpgptError(f"keep_quantized applies to --init-from a .gguf file, and {src} is not one")
+        model = from_pretrained(src, dropout=cfg.dropout, **kept)   # a quantised one trains LoRA adapters only
         if not data.grow_vocab:                         # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and data.grow_vocab:
@@ -167,7 +171,7 @@ def build_model(cfg: TrainConfig, data, log):
 
 
 def _check_same_tokenizer(model_dir, data):
-    if not tk.is_tokenizer_dir(model_dir):
+    if not tk.is_tokenizer_dir(model_dir) and not is_gguf(model_dir):
         raise NpgptError(f"{model_dir} has no tokenizer files; a model folder needs its tokenizer to fine-tune on prepared data")
     mine = tk.load(model_dir).fingerprint()
     theirs = data.tokenizer().fingerprint()

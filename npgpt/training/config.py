@@ -51,7 +51,8 @@ class RunSettings:
     """Where the run reads and writes, on what, and how often it evaluates, logs and saves."""
     data: str | None = None              # a folder made by `npgpt prepare` (None: built-in pydoc corpus)
     out: str = "out"                     # run folder: checkpoint in OUT/ckpt, metrics in OUT/metrics.jsonl
-    init_from: str | None = None         # start from a model folder (npgpt checkpoint or HF GPT-2)
+    init_from: str | None = None         # start from a model folder (npgpt checkpoint or HF GPT-2) or a .gguf file
+    keep_quantized: bool = False         # init_from a .gguf file: keep Q8_0 / Q4_0 / Q4_1 weights quantised (LoRA)
     resume: bool = False                 # continue the run in `out` exactly where it stopped
     force: bool = False                  # overwrite a checkpoint already in `out`
     device: str = "cpu"

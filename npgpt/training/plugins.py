@@ -173,7 +173,7 @@ def lora_plugin(model, src, cfg, hooks):
     if src is None:
         raise NpgptError("LoRA fine-tunes a pretrained model: give --init-from DIR (a model folder, float or int8)")
     if not has_lora(model):
-        if is_model_dir(src) and int(read_hf_config(src).get("vocab_size", 0)) < model.config.vocab_size:
+        if Path(src).is_dir() and is_model_dir(src) and int(read_hf_config(src).get("vocab_size", 0)) < model.config.vocab_size:
             raise NpgptError(f"the data needs {model.config.vocab_size - int(read_hf_config(src)['vocab_size'])} "
                              f"new tokens (the chat template's special tokens?), but LoRA keeps the base's "
                              f"embedding frozen; use prompt/completion records, or a base whose tokenizer "
