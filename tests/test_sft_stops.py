@@ -1,10 +1,10 @@
-"""After the README's chat SFT, a model stops: the closing token of each answer is weighted in the SFT
-loss (npgpt.training.plugins.weight_end_of_turn), and chat stops on any token of the template."""
+"""After the README's chat SFT, a model stops: the embedding rows of the chat template's new tokens
+learn faster (npgpt.training.plugins.boost_new_token_rows), and chat stops on any token of the template.
+Without the boost (sft_new_token_lr=1) the same run's greedy reply rambles past its answer."""
 
 import json
 import random
 
-import numpy as np
 import pytest
 
 from npgpt.cli.train import FINETUNE_DEFAULTS
@@ -13,32 +13,14 @@ from npgpt.generate import generate_stream
 from npgpt.loading import load_run
 from npgpt.sft import SFTData, chat_stop_ids, render_chat
 from npgpt.train import TrainConfig, train
-from npgpt.training.plugins import closing_targets, end_weighted_loss
 
 NAMES = ["anna", "bob", "carl", "dora", "eve", "fred", "gina", "hugo", "iris", "jack"]
 COLOURS = ["red", "blue", "green", "black", "white", "pink", "grey", "brown"]
 
 
-def test_end_weighted_loss_matches_a_weighted_mean():
-    from npgpt import GPT, GPTConfig
-    m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
-    x = np.random.default_rng(0).integers(0, 11, (2, 8))
-    y = np.array([[-1, -1, 3, 4, 5, -1, -1, -1], [-1, 2, -1, -1, 7, 8, 9, 1]])
-    assert closing_targets(y).astype(int).tolist() == [[0, 0, 0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0, 1]]
-    logits = np.asarray(m(x)[0].data, dtype=np.float64)
-    lp = logits - logits.max(-1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(lp, np.where(y >= 0, y, 0)[..., None], -1)[..., 0]
-    for w in (1.0, 5.0, 0.5):
-        weights = np.where(closing_targets(y), w, 1.0) * (y >= 0)
-        got = float(end_weighted_loss(w)(m, x, y).data)
-        assert abs(got - (weights * nll).sum() / weights.sum()) < 1e-5
-
-
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """A tiny character model pretrained for 300 steps, then the README's chat SFT (finetune's
-    defaults) on 40 records."""
+def base(tmp_path_factory):
+    """A tiny character model pretrained for 300 steps, and 40 chat records."""
     w = tmp_path_factory.mktemp("sft-stops")
     rng = random.Random(0)
     recs = []
@@ -52,10 +34,15 @@ def chat_model(tmp_path_factory):
     prepare([str(w / "t.txt")], str(w / "data"), tokenizer="char", force=True)
     train(TrainConfig(data=str(w / "data"), out=str(w / "base"), max_iters=300, n_layer=2, n_head=2, n_embd=64,
                       block_size=64, eval_interval=300, learning_rate=3e-3, quiet=True))
-    cfg = TrainConfig(**{**FINETUNE_DEFAULTS, "out": str(w / "chat")}, init_from=str(w / "base"),
-                      sft=str(w / "chat.jsonl"), quiet=True)
+    return w
+
+
+def chat_sft(w, name, **settings):
+    """The README's chat SFT (finetune's defaults) of the base on the records."""
+    cfg = TrainConfig(**{**FINETUNE_DEFAULTS, "out": str(w / name)}, init_from=str(w / "base"),
+                      sft=str(w / "chat.jsonl"), quiet=True, **settings)
     train(cfg, batch_source=SFTData.for_training(cfg))
-    return load_run(w / "chat")[:2]
+    return load_run(w / name)[:2]
 
 
 def _reply(model, tok, question, max_new=40, **sampling):
@@ -72,10 +59,18 @@ def _reply(model, tok, question, max_new=40, **sampling):
 
 
 @pytest.mark.slow
-def test_chat_sft_learns_to_stop(chat_model):
-    model, tok = chat_model
+def test_chat_sft_learns_to_stop(base):
+    model, tok = chat_sft(base, "chat")
     for n in ("anna", "hugo", "eve"):
         text, ended = _reply(model, tok, f"what colour does {n} like?", temperature=0)
         assert ended, text                                  # greedy replies end with the end-of-turn token
     ended = [_reply(model, tok, "what colour does bob like?", temperature=0.8, seed=s)[1] for s in range(10)]
     assert sum(ended) >= 8, ended
+
+
+@pytest.mark.slow
+def test_without_the_boost_the_same_sft_seldom_stops(base):
+    """The control: the new rows at the base learning rate; the count above is not reached."""
+    model, tok = chat_sft(base, "chat-plain", sft_new_token_lr=1.0)
+    ended = [_reply(model, tok, "what colour does bob like?", temperature=0.8, seed=s)[1] for s in range(10)]
+    assert sum(ended) < 8, ended

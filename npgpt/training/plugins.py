@@ -7,9 +7,9 @@ model came from, or None) and fills the trainer's Hooks (npgpt.train.Hooks):
     keep_pruned_zeros      a model from `npgpt prune` keeps its pruned weights at zero: the masks
                            (prune_mask.safetensors) are applied after every optimizer step and saved
                            with each checkpoint
-    weight_end_of_turn     `sft` (chat or prompt/completion records): the loss on the token that closes
-                           each answer (the end-of-turn or end-of-text token) counts `sft_end_weight`
-                           times, so a short fine-tune learns to stop (distillation's loss replaces it)
+    boost_new_token_rows   `sft`: embedding rows added for the chat template's new special tokens
+                           learn `sft_new_token_lr` times faster than the rest, so a short
+                           fine-tune learns its end-of-turn token and chat stops
     distill_from_teacher   `teacher`: the loss becomes alpha * KD(teacher) + (1 - alpha) * CE
     lora_plugin            `lora_rank`: adapters on the frozen base, checkpoints hold the adapters only
                            (PEFT's layout); without it, a quantised model is refused (nothing to train)
@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp
-from npgpt.checkpoint import is_model_dir, load_tensors, save_tensors
+from npgpt.checkpoint import find_checkpoint, is_model_dir, load_tensors, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.loading import from_pretrained
 from npgpt.lora import apply_lora, has_lora, lora_layers, save_adapter
 from npgpt.model import read_hf_config
-from npgpt.ops.nn import cross_entropy
 from npgpt.ops.distill import mixed_loss
 from npgpt.tensor import no_grad
 
@@ -120,39 +119,41 @@ def distill_from_teacher(model, src, cfg, hooks):
 
 
 # ---- SFT: learning to stop ------------------------------------------------------------------------
-def closing_targets(y):
-    """(B, T) bool: the last answer target of each span (y >= 0 there and not at the next position).
-
-    An SFT row's answer targets run up to and including the token that closes the answer (the
-    template's end-of-turn token, or end-of-text), so the last target of each run is that token."""
-    xp = get_xp(y)
-    valid = y >= 0
-    nxt = xp.concatenate([valid[:, 1:], xp.zeros_like(valid[:, :1])], axis=1)
-    return valid & ~nxt
+def _base_vocab(init_from):
+    """The vocabulary size of the model a fine-tune started from, or None where it can't be read."""
+    try:
+        folder = find_checkpoint(init_from)
+        return int(read_hf_config(folder)["vocab_size"]) if is_model_dir(folder) else None
+    except (NpgptError, KeyError, TypeError, ValueError, OSError):
+        return None
 
 
-def end_weighted_loss(weight):
-    """loss_fn(model, x, y): cross-entropy with the closing targets counted `weight` times, i.e.
-    (sum of all target losses + (weight - 1) * sum of closing ones) / (n + (weight - 1) * n_closing),
-    built from two means of the existing cross-entropy op (the second over the closing rows only)."""
-    def loss_fn(model, x, y):
-        logits, loss = model(x, y)
-        xp = get_xp(y)
-        close = closing_targets(y)
-        n_all, n_close = int((y >= 0).sum()), int(close.sum())
-        if n_close == 0 or weight == 1:
-            return loss
-        extra = cross_entropy(logits, xp.where(close, y, -1))     # mean over the closing targets
-        total = n_all + (weight - 1) * n_close
-        return loss * (n_all / total) + extra * ((weight - 1) * n_close / total)
-    return loss_fn
+def boost_new_token_rows(model, src, cfg, hooks):
+    """Training plugin for SFT runs that added special tokens (npgpt's chat template on a model that
+    lacked it): their embedding rows start as the mean row and, at fine-tuning's small learning rate,
+    would hardly move in a few hundred steps, so the model gives its end-of-turn token little
+    probability and rambles. After every optimizer step each new row moves sft_new_token_lr times as
+    far as the optimizer moved it (the same as that learning rate for those rows alone).
 
+    The rows are counted from the base model (`init_from`), so a resumed run boosts the same rows and
+    the step before a resume is the weights saved with it: resume stays exact."""
+    k = cfg.sft_new_token_lr
+    if not cfg.sft or k == 1 or not cfg.init_from:
+        return
+    first = _base_vocab(cfg.init_from)
+    weight = model.input_embedding
+    if first is None or first >= weight.shape[0] or not weight.requires_grad:
+        return
+    xp = get_xp(weight.data)
+    before = [xp.array(weight.data[first:])]                # (n_new, C): the rows after the last step
 
-def weight_end_of_turn(model, src, cfg, hooks):
-    """Training plugin for SFT runs: see end_weighted_loss. A model that seldom gives its end-of-turn
-    token probability rambles on in chat; weighting the closing token teaches it to stop."""
-    if cfg.sft and cfg.sft_end_weight != 1:
-        hooks.loss_fn = end_weighted_loss(cfg.sft_end_weight)
+    def after_step(model, it):
+        rows = weight.data[first:]
+        rows[...] = before[0] + k * (rows - before[0])      # in place: the optimizer holds views
+        before[0] = xp.array(rows)
+    hooks.after_step.append(after_step)
+    if not cfg.quiet:
+        print(f"SFT: {weight.shape[0] - first} new token rows (the chat template's) learn {k:g}x faster")
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------
@@ -190,4 +191,4 @@ def lora_plugin(model, src, cfg, hooks):
               f"{n_base:,}); base frozen" + (f", {model.quantization['bits']}-bit" if quantised else ""))
 
 
-PLUGINS = (keep_pruned_zeros, weight_end_of_turn, distill_from_teacher, lora_plugin)
+PLUGINS = (keep_pruned_zeros, boost_new_token_rows, distill_from_teacher, lora_plugin)
