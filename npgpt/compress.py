@@ -47,7 +47,8 @@ from npgpt.gguf_models import is_gguf
 from npgpt.evaluate import token_loss
 from npgpt.loading import from_pretrained, load_run
 from npgpt.generate import generate
-from npgpt.model import GPT, read_hf_config, records_quantization
+from npgpt.llama import build_model
+from npgpt.model import read_hf_config, records_quantization
 from npgpt.layers import QuantizedLinear, check_scheme, linear_layers
 from npgpt.quant import save_quantized
 from npgpt.safeio import read_json_object
@@ -116,11 +117,21 @@ def prune_model(model, sparsity, scope="global"):
 
 
 # ---- trimming ----------------------------------------------------------------------------------
-def mlp_importance(block):
-    """(hidden,) importance of each MLP unit: ||c_fc.weight[:, j]|| * ||c_proj.weight[j, :]||."""
-    w_in = asnumpy(block.mlp.c_fc.weight.data).astype(np.float64)      # (C, H)
-    w_out = asnumpy(block.mlp.c_proj.weight.data).astype(np.float64)   # (H, C)
-    return np.linalg.norm(w_in, axis=0) * np.linalg.norm(w_out, axis=1)
+# (layers reading the residual stream, layer writing it back) of each family's MLP; a Llama unit j
+# computes silu(x . gate[:, j]) * (x . up[:, j]), so it reads through two columns
+MLP_READ = {"gpt": ("c_fc",), "llama": ("gate_proj", "up_proj")}
+MLP_WRITE = {"gpt": "c_proj", "llama": "down_proj"}
+
+
+def mlp_importance(block, arch="gpt"):
+    """(hidden,) importance of each MLP unit: the norms of the columns that read it (GPT-2's c_fc;
+    Llama's gate_proj and up_proj) times the norm of the row that writes it (c_proj; down_proj)."""
+    w_out = asnumpy(getattr(block.mlp, MLP_WRITE[arch]).weight.data).astype(np.float64)   # (H, C)
+    score = np.linalg.norm(w_out, axis=1)
+    for name in MLP_READ[arch]:
+        w_in = asnumpy(getattr(block.mlp, name).weight.data).astype(np.float64)         # (C, H)
+        score = score * np.linalg.norm(w_in, axis=0)
+    return score
 
 
 def parse_layers(text):
@@ -155,30 +166,35 @@ def check_trim(config, mlp_keep, drop_layers):
 
 
 def trim_model(model, mlp_keep=1.0, drop_layers=()):
-    """A new, smaller GPT: the most important round(mlp_keep * hidden) MLP units of each block kept
+    """A new, smaller model (GPT or Llama): the most important round(mlp_keep * hidden) MLP units of each block kept
     (original order, so mlp_keep=1 reproduces the model exactly) and the `drop_layers` blocks removed."""
     cfg = model.config
     linear_weights(model)                               # refuses a quantised model
     n_keep, drop = check_trim(cfg, mlp_keep, drop_layers)
     kept_layers = [i for i in range(cfg.n_layer) if i not in drop]
     new_cfg = replace(cfg, n_layer=len(kept_layers), n_inner=cfg.n_inner if n_keep == cfg.hidden else n_keep)
+    arch, prefix = cfg.arch, cfg.blocks_name          # transformer.h, model.layers
+    reads = tuple(f"mlp.{n}" for n in MLP_READ[arch])
+    blocks = model
+    for part in prefix.split("."):
+        blocks = getattr(blocks, part)
     state = {}
     for name, a in model.state_dict().items():
-        if not name.startswith("transformer.h."):
+        if not name.startswith(prefix + "."):
             state[name] = asnumpy(a)
     for new_i, old_i in enumerate(kept_layers):
-        block = model.transformer.h[old_i]
-        units = np.sort(np.argsort(-mlp_importance(block), kind="stable")[:n_keep])
-        for name, p in block.named_parameters(prefix=f"transformer.h.{new_i}."):
+        block = blocks[old_i]
+        units = np.sort(np.argsort(-mlp_importance(block, arch), kind="stable")[:n_keep])
+        for name, p in block.named_parameters(prefix=f"{prefix}.{new_i}."):
             a = asnumpy(p.data)
-            if name.endswith("mlp.c_fc.weight"):
+            if name.endswith(tuple(f"{r}.weight" for r in reads)):
                 a = a[:, units]
-            elif name.endswith("mlp.c_fc.bias"):
+            elif name.endswith(tuple(f"{r}.bias" for r in reads)):
                 a = a[units]
-            elif name.endswith("mlp.c_proj.weight"):
+            elif name.endswith(f"mlp.{MLP_WRITE[arch]}.weight"):
                 a = a[units, :]
             state[name] = a
-    new = GPT(new_cfg)
+    new = build_model(new_cfg)
     new.load_state_dict(state)
     return new.train(model.training)
 

@@ -48,6 +48,8 @@ class GPTConfig:
             raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
     arch = "gpt"
+    blocks_name = "transformer.h"        # where the family keeps its blocks, and its token embedding
+    embedding_name = "transformer.wte"
 
     @property
     def hidden(self):
@@ -319,6 +321,20 @@ class GPT(CausalLM):
     @property
     def input_embedding(self):
         return self.transformer.wte.weight
+
+    def hidden_states(self, idx):
+        """The residual stream after the embeddings and after each block, [(B, T, C) Tensor] * (n_layer + 1),
+        for interpretability (npgpt.inspect's logit lens reads each through `final_logits`)."""
+        idx = self._check_ids(idx)
+        tr = self.transformer
+        out = [tr.wte(idx) + tr.wpe.weight[:idx.shape[1]]]
+        for block in tr.h:
+            out.append(block(out[-1]))
+        return out
+
+    def final_logits(self, x):
+        """Logits of residual-stream states x (..., C): the final LayerNorm, then the tied head."""
+        return linear(self.transformer.ln_f(x), self.transformer.wte.weight.T)
 
     def resize_token_embeddings(self, vocab_size):
         """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as

@@ -34,8 +34,8 @@ from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
 from npgpt.gguf_models import gguf_context_length, is_gguf
-from npgpt.llama import LlamaConfig, is_llama_config
-from npgpt.model import GPTConfig, read_hf_config
+from npgpt.llama import config_from_hf
+from npgpt.model import read_hf_config
 from npgpt.safeio import read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -189,8 +189,7 @@ class SFTData:
             if not tk.is_tokenizer_dir(src):
                 raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
             tok = tk.load(src)
-            hf = read_hf_config(src)
-            n_pos = (LlamaConfig if is_llama_config(hf) else GPTConfig).from_hf(hf).block_size
+            n_pos = config_from_hf(read_hf_config(src)).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)
         T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)

@@ -179,7 +179,7 @@ def lora_plugin(model, src, cfg, hooks):
                              f"new tokens (the chat template's special tokens?), but LoRA keeps the base's "
                              f"embedding frozen; use prompt/completion records, or a base whose tokenizer "
                              f"already has them (one fine-tuned with --sft)")
-        apply_lora(model, cfg.lora_config(), seed=cfg.seed)
+        apply_lora(model, cfg.lora_config(model.config.arch), seed=cfg.seed)
         model.lora_base = str(Path(src).resolve())
     hooks.save_model = lambda folder: save_adapter(model, folder)
     n_train = sum(p.size for p in model.parameters() if p.requires_grad)
