@@ -13,7 +13,7 @@ a message when they are missing. Three checks:
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +22,9 @@ import numpy as np
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("gguf", help="the GGUF file to compare (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    a = ap.parse_args()
     try:
         import torch
         import transformers
@@ -33,7 +36,7 @@ def main():
     from npgpt.llama import Llama, LlamaConfig
     from npgpt.tokenizer import load
 
-    path = Path(sys.argv[1]).resolve()
+    path = Path(a.gguf).resolve()
     torch.set_num_threads(1)
     tok = load(path)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
