@@ -37,9 +37,9 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
         batch_size = overrides.get("batch_size", DEFAULT_BATCH_SIZE)
     device = overrides.get("device", device)
     seed = overrides.get("seed", 0)
-    from npgpt.distributed import current       # the job's communicator (set under mpiexec)
+    from npgpt.distributed.comm import current  # the job's communicator (set under mpiexec)
     if current().world_size > 1:                # mpiexec -n N npgpt bench: --batch-size is per rank
-        from npgpt.data_parallel import bench_data_parallel, format_bench   # only for launched jobs
+        from npgpt.distributed.launcher import bench_data_parallel, format_bench   # only for launched jobs
         result = bench_data_parallel(preset, overrides, batch_size, block_size, device, iters, warmup, seed=seed,
                                      lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0),
                                      zero_stage=overrides.get("zero_stage", 0))

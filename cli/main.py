@@ -9,7 +9,7 @@ import os
 import click
 
 from npgpt import __version__
-from npgpt.cli import bench, compress, inspect, lora, plot, prepare, sample, serve, train
+from npgpt.cli import bench, compress, export, interpret, lora, plot, prepare, sample, serve, train
 from npgpt.errors import NpgptError
 
 
@@ -28,27 +28,27 @@ class NpgptGroup(click.Group):
 @click.group(cls=NpgptGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="npgpt")
 @click.option("--trust-pattern", is_flag=True,
-              help="Load tokenizers whose split regex is not gpt2/gpt4 (only for tokenizers you trained yourself).")
+              help="Load tokenizers whose split regex is not a named one (gpt2, gpt4, llama3, qwen2); only for tokenizers you trust.")
 def cli(trust_pattern):
     """npgpt: train, sample and study a GPT written with NumPy and CuPy."""
     if trust_pattern:            # read by npgpt.tokenizer.load; restored when the command ends
         # imported here, not at the top: `npgpt --help` does not load the tokenizers
-        from npgpt.tokenizer.loader import TRUST_PATTERN_ENV
+        from npgpt.tokenizer.bpe import TRUST_PATTERN_ENV
         old = os.environ.get(TRUST_PATTERN_ENV)
         os.environ[TRUST_PATTERN_ENV] = "1"
         click.get_current_context().call_on_close(
             lambda: os.environ.pop(TRUST_PATTERN_ENV) if old is None else os.environ.update({TRUST_PATTERN_ENV: old}))
 
 
-for _topic in (prepare, train, sample, inspect, bench, compress, serve, plot, lora):   # each defines plain click commands
+for _topic in (prepare, train, sample, interpret, bench, compress, serve, plot, lora, export):   # each defines plain click commands
     for _cmd in _topic.COMMANDS:
         cli.add_command(_cmd)
 
 
 def main():
-    from npgpt.distributed import is_launched    # reads the environment only: no mpi4py import
-    if is_launched():                            # mpiexec -n N npgpt ...: one voice for N ranks
-        from npgpt.data_parallel import run_cli  # only under a launcher: it imports mpi4py
+    from npgpt.distributed.comm import is_launched        # reads the environment only: no mpi4py import
+    if is_launched():                                     # mpiexec -n N npgpt ...: one voice for N ranks
+        from npgpt.distributed.launcher import run_cli    # only under a launcher: it imports mpi4py
         raise SystemExit(run_cli(cli))
     cli()
 

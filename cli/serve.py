@@ -1,4 +1,4 @@
-"""`npgpt serve`: an OpenAI-compatible server for a model folder; a thin wrapper over npgpt.serve."""
+"""`npgpt serve`: an OpenAI-compatible server for a model folder; a thin wrapper over npgpt.serve.http."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
           verbose, adapter):
     """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.serve import serve as run
+    from npgpt.serve.http import serve as run
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,

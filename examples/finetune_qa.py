@@ -1,6 +1,8 @@
 """Walkthrough: teach a small GPT to answer questions with supervised fine-tuning (SFT).
 
-    python examples/finetune_qa.py            # a few minutes on a laptop CPU (4 on 2 busy cores)
+    python examples/finetune_qa.py [--out qa-example]   # a few minutes on a laptop CPU (4 on 2 busy cores)
+
+Everything it writes (data, the base model, the chat model) goes under --out.
 
 1. Write a tiny Q&A data set ourselves: "what is A plus B?" for digits A, B, as chat records.
 2. Pretrain a small character-level base model on plain text that contains the same facts
@@ -16,8 +18,10 @@ The same from the command line:
     npgpt chat --checkpoint out-qa-chat
 """
 
+import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 from npgpt.data import prepare
@@ -26,8 +30,16 @@ from npgpt.sft import SFTData
 from npgpt.train import TrainConfig, train
 from npgpt.cli.sample import ChatSession
 
-work = Path("qa-example")
-work.mkdir(exist_ok=True)
+args = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+args.add_argument("--out", default="qa-example", help="folder for everything this writes (default: qa-example)")
+work = Path(args.parse_args().out)
+if work.exists() and not work.is_dir():
+    sys.exit(f"error: --out {work} is a file; give a folder")
+try:
+    work.mkdir(parents=True, exist_ok=True)
+except OSError as e:
+    sys.exit(f"error: cannot create --out {work} ({e.strerror}); choose another folder")
 
 # 1. The data: 100 facts, 80 for training, 20 held out to see whether it generalises.
 facts = [(a, b) for a in range(10) for b in range(10)]

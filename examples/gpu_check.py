@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from npgpt import precision as P  # noqa: E402
 from npgpt.ops import cuda_kernels as K  # noqa: E402
+from npgpt.training.scaler import DynamicLossScaler  # noqa: E402
 
 # Dense datasheet peaks of an H100/H200 SXM (TFLOP/s), used for MFU only when a GEMM wasn't measured.
 DATASHEET_TFLOPS = {"fp32": 67.0, "tf32": 494.7, "fp16": 989.4}
@@ -524,7 +525,7 @@ def check_train(c):
 def train_one(c, step, preset, B, T, name, iters, warmup):
     calls = P.matmul_calls
     with P.use_precision(name):
-        run = npgpt_step(step, P.DynamicLossScaler() if name == "fp16" else None)
+        run = npgpt_step(step, DynamicLossScaler() if name == "fp16" else None)
         run(0)
         if name != "fp32" and P.matmul_calls == calls:
             c.row("train", f"{preset} B{B}x{T} {name}", "n/a", "n/a: precision not wired into the model")

@@ -7,10 +7,14 @@ environment:  pip install torch transformers && pip install -e . && python examp
 2. transformers -> npgpt: a random GPT2LMHeadModel saved by transformers loads with GPT.from_pretrained.
 """
 
+import argparse
 import sys
 import tempfile
 
 import numpy as np
+
+# --help prints this page; the check takes no options (it writes only to a temporary folder)
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 try:
     import torch

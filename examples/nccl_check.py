@@ -1,4 +1,4 @@
-"""The device check of the NCCL path (npgpt.distributed.NCCLComm): run it where a GPU is lent.
+"""The device check of the NCCL path (npgpt.distributed.comm.NCCLComm): run it where a GPU is lent.
 
     python examples/nccl_check.py                 # one GPU: a 1-rank NCCL communicator
     mpiexec -n 2 python examples/nccl_check.py    # two GPUs on one machine: real NCCL sums
@@ -10,6 +10,7 @@ CPU in one process (same global batch). Prints one line per check and exits 1 on
 Without CuPy or a GPU it says so and exits 0 (nothing to check).
 """
 
+import argparse
 import os
 import sys
 
@@ -18,10 +19,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+# --help prints this page; the check takes no options (it writes nothing)
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+
 def main():
     from npgpt.backend import gpu_available
-    from npgpt.distributed import (SingleProcess, ZeroAdamW, for_device, get_communicator, loss_weight,
-                                   reduce_gradients, shard_bounds)
+    from npgpt.distributed.comm import SingleProcess, for_device, get_communicator, loss_weight, shard_bounds
+    from npgpt.distributed.zero import ZeroAdamW, reduce_gradients
     if not gpu_available():
         print("no usable GPU (CuPy missing or no device): nothing to check")
         return 0

@@ -314,10 +314,6 @@ def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeat
 
 
 def main():
-    if torch is None:
-        print("PyTorch is not installed: nothing to compare against (npgpt itself never needs it). "
-              "Run this script with a Python that has torch, e.g. /work/venvs/torch/bin/python.")
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="baby", choices=[*SIZES, "all"],
                     help="baby (4/4/128, T 64, B 12), shakespeare-char (6/6/384, T 256, B 64), "
@@ -334,6 +330,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32, help="--decode: new tokens per prompt")
     ap.add_argument("--rss-of", choices=["torch", "npgpt", "replicas"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if torch is None:
+        print("PyTorch is not installed: nothing to compare against (npgpt itself never needs it). "
+              "Run this script with a Python that has torch (pip install torch in a separate venv).")
+        return 0
     torch.set_num_threads(args.threads)
     if args.rss_of:
         measure_rss(args.rss_of, args.size, args.threads)

@@ -12,12 +12,12 @@ Reading order for study (README's "Learn" section has the same list, with the le
      8. tokenizer/             characters and byte-level BPE                             lesson 09
      9. train.py               the training loop as a function                           lesson 08
     10. generate.py            sampling, the KV cache, batching                          lessons 10, 13
-    11. sft.py, quant.py, compress.py, ops/distill.py, inspect.py, viz.py                lessons 11-14
+    11. sft.py, quant.py, compress.py, ops/distill.py, interpret.py, viz.py              lessons 11-14
 
 Skip on a first read: backend.py (NumPy/CuPy plumbing), ops/parallel.py and the row-block
 kernels inside ops/nn.py (speed), ops/cuda_kernels.py and precision.py (GPU), model.py's
-forward_cached and the Hugging Face loading (until lesson 13), data.py, checkpoint.py, bench.py,
-perf.py, cli/. `npgpt.reference.reference_ops()` runs the model on the readable reference ops.
+forward_cached and the Hugging Face loading (until lesson 13), data.py, checkpoint.py, safeio/,
+training/, distributed/ (several processes), serve/ (the HTTP server), bench.py, perf.py, cli/. `npgpt.reference.reference_ops()` runs the model on the readable reference ops.
 """
 
 __version__ = "0.1.0"

@@ -160,11 +160,6 @@ def seed_everything(seed: int):
             pass
 
 
-def rng(seed: int | None = None) -> np.random.Generator:
-    """A NumPy Generator. npgpt draws all randomness on the host, so CPU and GPU runs match."""
-    return np.random.default_rng(seed)
-
-
 def synchronize(a=None):
     """Wait for queued GPU work (a no-op on the CPU). Use only at timing and log points."""
     # The current stream, not the null stream: work queued on a non-default stream (CuPy's

@@ -65,7 +65,7 @@ KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embe
 # ---- configuration -----------------------------------------------------------------------------
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 RUN_KEYS = ("preset", "batch_size", "device", "seed", "learning_rate", "grad_clip",
-            "zero_stage",                        # zero_stage: under mpiexec only (npgpt.data_parallel)
+            "zero_stage",                        # zero_stage: under mpiexec only (npgpt.distributed.launcher)
             "replicas")                          # the batch split over threads (npgpt.replicas)
 
 
@@ -95,7 +95,8 @@ def make_config(preset=DEFAULT_PRESET, overrides=None, block_size=None):
     return GPTConfig.preset(preset, **overrides)
 
 
-def _check_counts(iters, warmup, batch_size):
+def check_counts(iters, warmup, batch_size):
+    """A clear NpgptError for a non-positive --iters or --batch-size or a negative --warmup."""
     if int(iters) <= 0:
         raise NpgptError(f"--iters must be positive, got {iters}")
     if int(warmup) < 0:
@@ -185,7 +186,7 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
                 peak_gflops=None, replicas=1):
     """Time `iters` training iterations (see TrainStep) after `warmup` ones; returns a dict of
     the figures (see the module doc). peak_gflops: reuse a measured GEMM peak."""
-    _check_counts(iters, warmup, batch_size)
+    check_counts(iters, warmup, batch_size)
     iters, warmup = int(iters), int(warmup)
     step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip, replicas=replicas)
     model, cfg, dev, B, T = step.model, step.config, step.device, step.B, step.T

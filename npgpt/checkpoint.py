@@ -143,10 +143,15 @@ def _swap_in(run_dir: Path, tmp: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+SHARD_INDEX = "model.safetensors.index.json"     # a Hugging Face model split into shards
+
+
 def is_model_dir(path) -> bool:
-    """True for a folder holding a model: config.json and model.safetensors (npgpt or Hugging Face)."""
+    """True for a folder holding a model: config.json and model.safetensors (npgpt or Hugging Face),
+    or config.json and a shard index (a large Hugging Face model)."""
     path = Path(path)
-    return all((path / name).is_file() for name in MODEL_FILES)
+    return all((path / name).is_file() for name in MODEL_FILES) or \
+        ((path / "config.json").is_file() and (path / SHARD_INDEX).is_file())
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")   # a LoRA run's checkpoint (npgpt.lora)

@@ -17,6 +17,7 @@ from npgpt.backend import asnumpy
 from npgpt.checkpoint import find_checkpoint, verify_checkpoint
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import is_gguf, load_gguf_model, load_gguf_tokenizer
 from npgpt.lora import adapter_summary, load_adapter, load_model_folder
 from npgpt.model import GPTConfig, read_hf_config
 from npgpt.ops.nn import cross_entropy
@@ -29,6 +30,11 @@ def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
     """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder.
 
     adapter: a LoRA adapter folder (PEFT layout, see npgpt.lora) applied on top, unmerged."""
+    if is_gguf(checkpoint):                             # one file: weights, tokenizer, chat template
+        model = load_gguf_model(checkpoint, device=device)
+        if adapter:
+            load_adapter(model, adapter)
+        return model, load_gguf_tokenizer(checkpoint), Path(checkpoint)
     ckpt = find_checkpoint(checkpoint)
     verify_checkpoint(ckpt)
     if not tk.is_tokenizer_dir(ckpt):

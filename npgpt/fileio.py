@@ -6,6 +6,13 @@ full disk leaves either the old file or the whole new one, never a part, and the
 power cut. `write_files_atomically` does the same for a set of files that belong together (a
 tokenizer's files): all of them are in place, or none is replaced.
 
+Before writing, the target is looked at (`_resolve_target`): a new name or a regular file is replaced
+atomically and keeps the permissions it had (a new file gets the ones the umask allows, as `open`
+would give it); a character device or a FIFO (`/dev/stdout`, `/dev/null`, a pipe) is written
+through, never renamed over; a symbolic link is followed when it leads to a regular file in the
+same folder; anything else (a folder, a socket, a block device, a link out of the folder) is
+refused with one line, so npgpt never turns a device or a link into a plain file.
+
 This module sits just above `backend` (it needs only `errors`), so `model.save_pretrained` can use
 it as well as `checkpoint`, `data` and `tokenizer`.
 """
@@ -14,7 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,18 +62,72 @@ def _remove_quietly(path) -> None:
         pass
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so briefly and under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _resolve_target(path: Path) -> tuple[str, Path]:
+    """("file", where to replace atomically) or ("stream", what to write through); refuse the rest."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "file", path
+    except OSError as e:
+        raise write_error(path, e) from None
+    if stat.S_ISREG(st.st_mode):
+        return "file", path
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return "stream", path
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            real = path.resolve(strict=True)
+            rst = os.stat(real)
+        except (OSError, RuntimeError):
+            raise NpgptError(f"{path} is a broken or looping symbolic link; remove it or write elsewhere") from None
+        if stat.S_ISCHR(rst.st_mode) or stat.S_ISFIFO(rst.st_mode):
+            return "stream", path                # /dev/stdout, /dev/fd/N, a link to a pipe
+        if stat.S_ISREG(rst.st_mode) and real.parent == path.parent.resolve():
+            return "file", real                  # replace the file the link names; the link stays
+        raise NpgptError(f"{path} is a symbolic link to {real}, outside its folder; npgpt does not write "
+                         "through it: remove the link or give the real path")
+    kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file, character device or FIFO"
+    raise NpgptError(f"{path} is {kind}; npgpt will not replace it: give a file path")
+
+
 def _temp_next_to(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        # mkstemp makes the file 0600: give the result the mode the file had, or the umask's.
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o666 & ~current_umask()
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path` for the caller to write; on success fsync it, move it
-    onto `path` and fsync the folder. On any error the temporary file is removed."""
-    path = Path(path)
+    onto `path` and fsync the folder. On any error the temporary file is removed. A character device
+    or FIFO target is written through instead (see the module docstring)."""
+    kind, path = _resolve_target(Path(path))
+    if kind == "stream":
+        try:
+            yield path                           # the caller opens and writes the device itself
+        except OSError as e:
+            raise write_error(path, e) from None
+        return
     try:
         tmp = _temp_next_to(path)
     except OSError as e:
@@ -117,7 +180,10 @@ def write_files_atomically(folder, files: dict[str, str]) -> None:
     written: list[tuple[Path, Path]] = []
     try:
         for name, text in files.items():
-            final = folder / name
+            kind, final = _resolve_target(folder / name)
+            if kind == "stream":
+                raise NpgptError(f"{final} is a device or FIFO, not a file; these files are written "
+                                 "together: give a folder without it")
             tmp = _temp_next_to(final)
             written.append((tmp, final))
             tmp.write_bytes(text.encode("utf-8"))

@@ -44,7 +44,7 @@ from npgpt.nn import Linear, Module, Parameter
 from npgpt.ops.nn import dropout, linear
 from npgpt.quant import QuantizedLinear, linear_layers, load_model
 from npgpt.safeio import load_safetensors, read_json_object
-from npgpt.tensor import Function, Tensor
+from npgpt.tensor import Function
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -225,12 +225,8 @@ class LoRALinear(Module):
 
     def _follow(self, x):
         """Move the quantised base to the input's device (as QuantizedLinear.forward does)."""
-        q = self.base
-        if get_xp(q.qweight) is not get_xp(x.data):
-            dev = x.device
-            q.qweight, q.scales = to_device(q.qweight, dev), to_device(q.scales, dev)
-            if q.bias is not None:
-                q.bias = Tensor(to_device(q.bias.data, dev))
+        if get_xp(self.base.qweight) is not get_xp(x.data):
+            self.base.to_device_of(x)
 
     def delta(self):
         """The (in, out) weight update s A B, as a plain array."""

@@ -20,7 +20,8 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
-from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
+from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
+from npgpt.ops.llama import gqa_attention, rope, rope_inv_freq, rope_tables
 from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear, relu2,
                           softcap, split_heads)
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value,
@@ -67,9 +68,20 @@ class GPTConfig:
         and an untied head is GPT-2's tie_word_embeddings=false); {} when transformers can load it."""
         return {k: v for k, v in self.switches().items() if k not in ("zero_init_proj", "untie_head")}
 
+    arch = "gpt"
+
     @property
     def hidden(self):
         return self.n_inner or 4 * self.n_embd
+
+    @property
+    def n_kv_head(self):
+        """Key/value heads (the KV cache's); GPT-2 has one per query head."""
+        return self.n_head
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
 
     def num_params(self, non_embedding=False):
         """The model's parameter count, from the config alone (the one count: GPT.num_params, `npgpt
@@ -296,67 +308,38 @@ class Transformer(Module):
 
 
 # ---- the model ---------------------------------------------------------------------------------
-class GPT(Module):
-    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head.
+class CausalLM(Module):
+    """What every model family shares: token-id checks at the boundary and the language-model loss.
 
-    The recipe switches of GPTConfig change four places: positions (wpe, or rotary q/k in each
-    attention), attention (qk_norm), the MLP's activation, and the head (untied lm_head.weight,
-    soft-capped logits); zero_init_proj changes only the starting weights."""
+    A family (GPT here, npgpt.llama.Llama) sets `config` and `rng`, names its token embedding
+    (`input_embedding`), and offers forward(idx, targets) -> (logits, loss), forward_cached,
+    new_cache, num_params, flops_per_token, resize_token_embeddings, save_pretrained and
+    from_pretrained, so the trainer, generate, serve and the tools take either."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu"):
-        self.config = config
-        self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
-        self.transformer = Transformer(config, self.rng)
-        self.lm_head = None
-        if config.untie_head:                     # (V, C) like wte, so the head is linear(x, lm_head.T)
-            std = 0.0 if config.zero_init_proj else 0.02
-            self.lm_head = Embedding(config.vocab_size, config.n_embd, rng=self.rng, std=std)
-        self._inv_freq = rope_inv_freq(config.n_embd // config.n_head, config.rope_theta) \
-            if config.pos == "rope" else None
-        if str(device) != "cpu":
-            self.to(device)
+    @property
+    def input_embedding(self):  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    # ---- training forward -------------------------------------------------------------------
-    def forward(self, idx, targets=None, ignore_index=-1):
-        """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
-        idx = self._check_ids(idx)
-        B, T = idx.shape
-        tr = self.transformer
-        x = tr.wte(idx)                                              # (B, T, C)
-        rope_cs = None
-        if tr.wpe is not None:
-            x = x + tr.wpe.weight[:T]
-        else:
-            rope_cs = self._rope_tables(get_xp(idx).arange(T))      # (T, hs/2) each
-        x = dropout(x, self.config.dropout, self.rng, self.training)
-        for block in tr.h:
-            x = block(x, rope_cs)
-        logits = self._head(tr.ln_f(x))                              # (B, T, V)
-        loss = None
-        if targets is not None:
-            targets = self._as_device_ints(targets)
-            if targets.shape != (B, T):
-                raise NpgptError(f"targets shape {targets.shape} must equal idx shape {(B, T)}")
-            bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
-            if bad.any():                 # a negative id would wrap around and index from the end
-                raise NpgptError(f"target id {int(targets[bad].ravel()[0])} is out of range for vocab_size "
-                                 f"{self.config.vocab_size} (only {ignore_index} marks a position to ignore)")
-            loss = cross_entropy(logits, targets, ignore_index=ignore_index)
-        return logits, loss
+    @property
+    def device(self):
+        return self.input_embedding.device
 
-    def _head(self, x):
-        """Final hidden states (B, T, C) Tensor -> logits (B, T, V): tied (wte^T) or lm_head, then the soft-cap."""
-        w = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
-        logits = linear(x, w.T)
-        return softcap(logits, self.config.logit_softcap) if self.config.logit_softcap > 0 else logits
-
-    def _rope_tables(self, positions):
-        """(cos, sin) of the rotation at `positions` (int array (T,) or (B, T)) in the weights' dtype."""
-        return rope_tables(positions, self._inv_freq, dtype=self.transformer.wte.weight.dtype)
+    def lm_loss(self, logits, targets, ignore_index=-1):
+        """Mean cross-entropy of logits (B, T, V) against targets (B, T) (None: no loss)."""
+        if targets is None:
+            return None
+        targets = self._as_device_ints(targets)
+        if targets.shape != logits.shape[:2]:
+            raise NpgptError(f"targets shape {targets.shape} must equal idx shape {logits.shape[:2]}")
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= self.config.vocab_size))
+        if bad.any():                 # a negative id would wrap around and index from the end
+            raise NpgptError(f"target id {int(targets[bad].ravel()[0])} is out of range for vocab_size "
+                             f"{self.config.vocab_size} (only {ignore_index} marks a position to ignore)")
+        return cross_entropy(logits, targets, ignore_index=ignore_index)
 
     def _as_device_ints(self, a):
         a = a.data if isinstance(a, Tensor) else a
-        xp = get_xp(self.transformer.wte.weight.data)
+        xp = get_xp(self.input_embedding.data)
         if get_xp(a) is not xp:
             a = to_device(np.asarray(a), self.device)
         return xp.asarray(a)
@@ -378,9 +361,57 @@ class GPT(Module):
                 raise NpgptError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
         return idx
 
+
+class GPT(CausalLM):
+    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head.
+
+    The recipe switches of GPTConfig change four places: positions (wpe, or rotary q/k in each
+    attention), attention (qk_norm), the MLP's activation, and the head (untied lm_head.weight,
+    soft-capped logits); zero_init_proj changes only the starting weights."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu"):
+        self.config = config
+        self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
+        self.transformer = Transformer(config, self.rng)
+        self.lm_head = None
+        if config.untie_head:                     # (V, C) like wte, so the head is linear(x, lm_head.T)
+            std = 0.0 if config.zero_init_proj else 0.02
+            self.lm_head = Embedding(config.vocab_size, config.n_embd, rng=self.rng, std=std)
+        self._inv_freq = rope_inv_freq(config.head_size, config.rope_theta) if config.pos == "rope" else None
+        if str(device) != "cpu":
+            self.to(device)
+
+    # ---- training forward -------------------------------------------------------------------
+    def forward(self, idx, targets=None, ignore_index=-1):
+        """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
+        idx = self._check_ids(idx)
+        T = idx.shape[1]
+        tr = self.transformer
+        x = tr.wte(idx)                                              # (B, T, C)
+        rope_cs = None
+        if tr.wpe is not None:
+            x = x + tr.wpe.weight[:T]
+        else:
+            rope_cs = self._rope_tables(get_xp(idx).arange(T))      # (T, hs/2) each
+        x = dropout(x, self.config.dropout, self.rng, self.training)
+        for block in tr.h:
+            x = block(x, rope_cs)
+        logits = self._head(tr.ln_f(x))                              # (B, T, V)
+        return logits, self.lm_loss(logits, targets, ignore_index)
+
+    def _head(self, x):
+        """Final hidden states (B, T, C) Tensor -> logits (B, T, V): tied (wte^T) or lm_head, then the soft-cap."""
+        w = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
+        logits = linear(x, w.T)
+        return softcap(logits, self.config.logit_softcap) if self.config.logit_softcap > 0 else logits
+
+    def _rope_tables(self, positions):
+        """(cos, sin) of the rotation at `positions` (int array (T,) or (B, T)) in the weights' dtype."""
+        return rope_tables(positions, self._inv_freq, dtype=self.transformer.wte.weight.dtype)
+
     @property
-    def device(self):
-        return self.transformer.wte.weight.device
+    def input_embedding(self):
+        return self.transformer.wte.weight
 
     def resize_token_embeddings(self, vocab_size):
         """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as
@@ -580,7 +611,8 @@ def load_gpt2_tensors(path, config: GPTConfig | None = None):
 class KVCache:
     """Per-layer keys and values for cached decoding.
 
-    k, v: (n_layer, B, nh, block_size, hs), filled up to `length`. `pad` (B,) counts left-padding
+    k, v: (n_layer, B, nkv, block_size, hs), filled up to `length` (nkv: the config's key/value
+    heads, n_head for GPT-2, fewer under grouped-query attention). `pad` (B,) counts left-padding
     tokens per row (batched prompts of different lengths): padded keys are masked out and
     positions count from each row's first real token.
     """
@@ -592,7 +624,7 @@ class KVCache:
     def __post_init__(self):
         xp = get_xp(self.like)
         c = self.config
-        shape = (c.n_layer, self.batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        shape = (c.n_layer, self.batch_size, c.n_kv_head, c.block_size, c.head_size)
         self.k = xp.zeros(shape, dtype=self.like.dtype)
         self.v = xp.zeros(shape, dtype=self.like.dtype)
         self.pad = xp.zeros(self.batch_size, dtype=np.int64)

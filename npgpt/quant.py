@@ -43,6 +43,7 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.checkpoint import atomic_write_json, save_tensors
 from npgpt.errors import NpgptError
+from npgpt.llama import from_pretrained
 from npgpt.model import GPT, GPTConfig, check_config_matches, read_hf_config, records_quantization, weights_header
 from npgpt.nn import Module
 from npgpt.ops.nn import linear
@@ -129,8 +130,10 @@ def decode_weight(stored, scales, n_rows, bits):
 QUANT_BLOCK_COLS = 256
 
 
-def quantized_matmul(x2, stored, scales, n_in, bits):
+def quantized_matmul(x2, stored, scales, n_in, bits, mins=None):
     """x2 (N, in) float32 @ dequantize(stored) (in, out) -> (N, out) float32, NumPy only.
+
+    With `mins` (n_groups, out), the 4-bit-with-minimum scheme: w = nibble * scale + min.
 
     The weight is dequantised `QUANT_BLOCK_COLS` columns at a time into one reused buffer, straight
     before the matmul that reads it, so no full float copy of the weight is ever built.
@@ -143,21 +146,26 @@ def quantized_matmul(x2, stored, scales, n_in, bits):
     flat = np.empty(n_in * cols, dtype=np.float32)
     if bits == 4:
         nib = np.empty((stored.shape[0], cols), dtype=np.uint8)
+    shift = np.float32(0 if mins is not None else 8)                  # with a minimum, nibbles are 0..15
+    per_group = n_groups > 1 or mins is not None
     for j in range(0, n_out, cols):
         k = min(cols, n_out - j)
         w = flat[:n_in * k].reshape(n_in, k)                          # (in, k), contiguous
         if bits == 4:                                                 # rows 2i low nibble, 2i+1 high
             blk, nb = stored[:, j:j + k], nib[:, :k]
             np.bitwise_and(blk, 0x0F, out=nb)
-            np.subtract(nb[:(n_in + 1) // 2], np.float32(8), out=w[0::2])   # in float32
+            np.subtract(nb[:(n_in + 1) // 2], shift, out=w[0::2])    # in float32
             np.right_shift(blk, 4, out=nb)
-            np.subtract(nb[:n_in // 2], np.float32(8), out=w[1::2])
+            np.subtract(nb[:n_in // 2], shift, out=w[1::2])
         else:
             np.copyto(w, stored[:, j:j + k], casting="unsafe")         # int8 -> float32
-        if n_groups > 1:
-            w.reshape(n_groups, n_in // n_groups, k)[...] *= scales[:, None, j:j + k]
+        if per_group:
+            g = w.reshape(n_groups, n_in // n_groups, k)
+            g *= scales[:, None, j:j + k]
+            if mins is not None:
+                g += mins[:, None, j:j + k]
         np.matmul(x2, w, out=y[:, j:j + k])
-    if n_groups == 1:
+    if not per_group:
         y *= scales[0]                                                # x @ (q s) = (x @ q) s
     return y
 
@@ -172,10 +180,13 @@ class QuantizedLinear(Module):
     plus one layer's float weight: less memory, paid for with that conversion on every call. No gradient flows into the weight; one still flows to the input.
     """
 
-    def __init__(self, stored, scales, n_in, bits, bias=None):
-        self.qweight, self.scales = stored, scales
+    def __init__(self, stored, scales, n_in, bits, bias=None, mins=None):
+        self.qweight, self.scales, self.mins = stored, scales, mins
         self.n_in, self.n_out, self.bits = n_in, scales.shape[1], bits
         self.bias = None if bias is None else Tensor(bias)
+        if mins is not None and (bits != 4 or mins.shape != scales.shape):
+            raise NpgptError(f"a minimum per group goes with 4-bit weights and one scale per group "
+                             f"(got {bits} bits, mins {mins.shape}, scales {scales.shape})")
 
     @classmethod
     def from_linear(cls, lin, bits=8, group_size=None):
@@ -185,27 +196,50 @@ class QuantizedLinear(Module):
 
     def dequantized(self):
         """The (in, out) float32 weight this layer computes with."""
-        return decode_weight(self.qweight, self.scales, self.n_in, self.bits)
+        if self.mins is None:
+            return decode_weight(self.qweight, self.scales, self.n_in, self.bits)
+        # 4 bits with a minimum (llama.cpp's Q4_1): w = nibble * scale + min, nibble 0..15
+        n_groups = self.scales.shape[0]
+        q = (unpack_int4(self.qweight, self.n_in) + np.int8(8)).astype(np.float32)
+        w = q.reshape(n_groups, self.n_in // n_groups, self.n_out)
+        w *= self.scales[:, None, :]
+        w += self.mins[:, None, :]
+        return w.reshape(self.n_in, self.n_out)
+
+    def arrays(self):
+        """{name: array} of what this layer stores (moved together between devices)."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.mins is not None:
+            out["mins"] = self.mins
+        return out
+
+    def nbytes(self):
+        return sum(a.nbytes for a in self.arrays().values()) + (0 if self.bias is None else self.bias.data.nbytes)
 
     def forward(self, x):
         xp = get_xp(x.data)
         if get_xp(self.qweight) is not xp:        # follow the input to its device, once
-            dev = x.device
-            self.qweight, self.scales = to_device(self.qweight, dev), to_device(self.scales, dev)
-            if self.bias is not None:
-                self.bias = Tensor(to_device(self.bias.data, dev))
+            self.to_device_of(x)
         if xp is np and x.dtype == np.float32 and not (x.requires_grad and is_grad_enabled()):
             # inference on the CPU: dequantise in cache-sized blocks straight into the matmul
             x2 = x.data.reshape(-1, self.n_in)
-            y = quantized_matmul(x2, self.qweight, self.scales, self.n_in, self.bits)
+            y = quantized_matmul(x2, self.qweight, self.scales, self.n_in, self.bits, self.mins)
             if self.bias is not None:
                 y += self.bias.data
             return Tensor(y.reshape(x.shape[:-1] + (self.n_out,)))
         return self.forward_reference(x)
 
+    def to_device_of(self, x):
+        """Move the stored arrays (and bias) to x's device."""
+        dev = x.device
+        for name, a in self.arrays().items():
+            setattr(self, name, to_device(a, dev))
+        if self.bias is not None:
+            self.bias = Tensor(to_device(self.bias.data, dev))
+
     def forward_reference(self, x):
         """Dequantise the whole weight, then multiply (and the path that carries a gradient)."""
-        if self.scales.shape[0] == 1:
+        if self.scales.shape[0] == 1 and self.mins is None:
             # one scale per output column: x @ (q * s) = (x @ q) * s, so scale the (small) output
             # instead of the whole weight, one pass over the weight fewer per call
             q = unpack_int4(self.qweight, self.n_in) if self.bits == 4 else self.qweight
@@ -213,6 +247,44 @@ class QuantizedLinear(Module):
             return y + self.bias if self.bias is not None else y
         w = Tensor(self.dequantized())
         return linear(x, w, self.bias) if self.bias is not None else linear(x, w)
+
+
+class QuantizedEmbedding(Module):
+    """A token embedding kept as int8 (one float32 scale per group of values along n_embd), also used
+    as the tied LM head: a drop-in for a model's (V, C) embedding when its weights stay quantised.
+
+    `head` is the QuantizedLinear (in=C, out=V) of the LM head, logits = x @ head: each token's vector
+    is one of its output columns, so a lookup gathers columns and scales them; nothing the size of
+    the float table is ever built (at batch 1, 576 values per token instead of the 113 MB table of
+    SmolLM2).
+    """
+
+    def __init__(self, head: QuantizedLinear):
+        if head.bits != 8 or head.mins is not None:
+            raise NpgptError("a quantised embedding is stored at 8 bits")
+        self.head = head
+
+    @property
+    def shape(self):
+        return (self.head.n_out, self.head.n_in)              # (V, C), as the float table's
+
+    def lookup(self, idx):
+        """idx (...) int -> (..., C) float32 rows."""
+        h = self.head
+        xp = get_xp(h.qweight)
+        ids = xp.asarray(idx).reshape(-1)
+        n_groups = h.scales.shape[0]
+        q = h.qweight[:, ids].astype(np.float32)                   # (C, N)
+        q = q.reshape(n_groups, h.n_in // n_groups, -1) * h.scales[:, None, ids]
+        return q.reshape(h.n_in, -1).T.reshape(tuple(idx.shape) + (h.n_in,))
+
+    def logits(self, x):
+        """x (..., C) Tensor -> (..., V) Tensor (gradient to x only)."""
+        return self.head(x)
+
+    def dequantized(self):
+        """The (V, C) float32 table."""
+        return self.head.dequantized().T
 
 
 # ---- which weights -----------------------------------------------------------------------------
@@ -373,4 +445,4 @@ def load_model(path, device="cpu", **overrides):
     hf = read_hf_config(path)
     if read_scheme(hf, str(path / "config.json")) is not None:
         return load_quantized(path, hf, device=device, **overrides)
-    return GPT.from_pretrained(path, device=device, **overrides)
+    return from_pretrained(path, device=device, **overrides)

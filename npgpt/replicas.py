@@ -22,7 +22,7 @@ order, tested in tests/test_replicas.py).
 BLAS threads are set to one inside the threaded section through `threadpoolctl` (a dependency for
 this: it knows every BLAS that NumPy wheels ship, OpenBLAS, MKL, BLIS, Accelerate, where ctypes would
 need a guess per library), and restored after; the row-parallel passes of `npgpt.ops.parallel` stay
-on their calling thread there. `count_targets` and `loss_weight` come from `npgpt.distributed`, so
+on their calling thread there. `count_targets` and `loss_weight` come from `npgpt.distributed.comm`, so
 the threads here and the MPI ranks there weight slices with the same code.
 """
 
@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from npgpt.distributed import count_targets, loss_weight   # the MPI path's own: both weight alike
+from npgpt.distributed.comm import count_targets, loss_weight   # the MPI path's own: both weight alike
 from npgpt.ops import parallel
 from npgpt.tensor import Tensor
 

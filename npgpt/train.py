@@ -22,8 +22,8 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
 trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
 too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
 
-Under `mpiexec -n N` (npgpt.distributed.current() has N ranks) the trainer fills the loss and
-gradient hooks with npgpt.distributed.DataParallel (count-weighted loss, one gradient reduction
+Under `mpiexec -n N` (npgpt.distributed.comm.current() has N ranks) the trainer fills the loss and
+gradient hooks with npgpt.distributed.data_parallel.DataParallel (count-weighted loss, one gradient reduction
 per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
 training").
 
@@ -56,17 +56,22 @@ from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
 from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint, load_tensors,
                               save_tensors, verify_checkpoint)
 from npgpt.data import TokenData, ensure_builtin_dataset
-from npgpt.distributed import DataParallel, current, for_device, local_rank0_first, make_optimizer
+from npgpt.distributed.comm import current, for_device, local_rank0_first
+from npgpt.distributed.data_parallel import DataParallel
+from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
-from npgpt.model import GPT, GPTConfig, read_hf_config, records_quantization
+from npgpt.llama import build_model as new_model
+from npgpt.llama import ARCHS, from_pretrained, preset_config
+from npgpt.model import read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
-from npgpt.precision import DynamicLossScaler, Precision, use_precision
+from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
 from npgpt.safeio import Float, Int, Obj, check, read_json, read_json_object, read_toml, run_lock
 from npgpt.tensor import no_grad
+from npgpt.training.scaler import DynamicLossScaler
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
 OPTIMIZERS = ("adamw", "muon")
@@ -85,7 +90,8 @@ class TrainConfig:
     precision: str = "fp32"              # matmuls: fp32, tf32 or fp16 (fp16 adds dynamic loss scaling)
     seed: int = 1337
     # model (ignored with init_from / resume, which bring their own)
-    preset: str = "baby"
+    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-shakespeare-char)
+    arch: str = "gpt"                    # model family of a new model: gpt (GPT-2) or llama (npgpt.llama)
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
@@ -156,6 +162,8 @@ class TrainConfig:
                 raise NpgptError(f"{name} must be positive, got {v}")
         if self.min_lr < 0 or self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
+        if self.arch not in ARCHS:
+            raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.zero_stage not in (0, 1):
             raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
         if self.optimizer not in OPTIMIZERS:
@@ -332,7 +340,7 @@ def build_model(cfg: TrainConfig, data, log, load_model=None):
         if load_model is None:
             if records_quantization(read_hf_config(src)):
                 raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise afterwards")
-            model = GPT.from_pretrained(src, dropout=cfg.dropout)
+            model = from_pretrained(src, dropout=cfg.dropout)
         else:
             model = load_model(src, dropout=cfg.dropout)
         if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
@@ -343,10 +351,9 @@ def build_model(cfg: TrainConfig, data, log, load_model=None):
         if model.config.vocab_size < vocab:
             raise NpgptError(f"the data's vocabulary ({vocab}) is larger than the model's ({model.config.vocab_size})")
         return model, src
-    base = GPTConfig.preset(cfg.preset)
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
-    mcfg = dataclasses.replace(base, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
-    return GPT(mcfg, seed=cfg.seed), None
+    mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
+    return new_model(mcfg, seed=cfg.seed), None
 
 
 def _check_same_tokenizer(model_dir, data):
@@ -797,7 +804,7 @@ def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
     base = read_state(find_checkpoint(out))["config"]
     types = _field_types()
-    for fixed in ("n_layer", "n_head", "n_embd", "preset", "bias", "optimizer"):
+    for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer"):
         # compared as the field's type: `--set n_layer=1` equals a saved 1
         if fixed in overrides and _coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")

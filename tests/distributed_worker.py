@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 
-from npgpt.distributed import (ZeroAdamW, count_targets, get_communicator, global_count, loss_weight,
-                               reduce_gradients, set_current, shard_bounds)
+from npgpt.distributed.comm import count_targets, get_communicator, global_count, loss_weight, set_current, shard_bounds
+from npgpt.distributed.zero import ZeroAdamW, reduce_gradients
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
 
@@ -113,7 +113,7 @@ def run_steps(comm, zero, steps, B, sharded_batch=True, world=None):
 
 def case_steps(comm):
     """K steps: N ranks x B (plain all-reduce and ZeRO-1) vs one process with batch N*B."""
-    from npgpt.distributed import SingleProcess
+    from npgpt.distributed.comm import SingleProcess
     K, B = 4, 2
     _, plain = run_steps(comm, False, K, B)
     _, zero = run_steps(comm, True, K, B)
@@ -198,7 +198,7 @@ def case_train_equiv(comm, data_dir, tmp):
     """N ranks x B with count weighting vs one process x N*B on the same sequences (trainer level)."""
     from pathlib import Path
 
-    from npgpt.distributed import SingleProcess, current, set_current
+    from npgpt.distributed.comm import SingleProcess, current, set_current
     n, B = comm.world_size, 2
     tmp = Path(tmp)
     res, flat = train_tiny(data_dir, tmp / f"dp{n}", B, source_rows=n * B)
@@ -226,7 +226,7 @@ def case_muon_equiv(comm, data_dir, tmp):
     """Muon: N ranks x B (one all-reduce of the flat gradients) vs one process x N*B, same sequences."""
     from pathlib import Path
 
-    from npgpt.distributed import SingleProcess, current, set_current
+    from npgpt.distributed.comm import SingleProcess, current, set_current
     n, B = comm.world_size, 2
     tmp = Path(tmp)
     res, flat = train_tiny(data_dir, tmp / f"muon{n}", B, source_rows=n * B, optimizer="muon", learning_rate=1e-2)
@@ -249,7 +249,7 @@ CASES["muon_equiv"] = lambda c: case_muon_equiv(c, sys.argv[3], sys.argv[4])
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
     comm = get_communicator("cpu")
-    set_current(comm)                      # what `mpiexec -n N npgpt ...` does (npgpt.data_parallel.run_cli)
+    set_current(comm)                      # what `mpiexec -n N npgpt ...` does (npgpt.distributed.launcher.run_cli)
     result = CASES[case](comm)
     if comm.rank == 0:
         with open(out, "w") as f:

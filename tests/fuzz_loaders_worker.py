@@ -340,7 +340,50 @@ def target_meta(pristine):
     return mutated_json(text), case
 
 
-TARGETS = {"config": target_config, "safetensors": target_safetensors, "state": target_state,
+def mutated_gguf(raw: bytes):
+    """A mutation of a GGUF file: a length, count, dimension or offset field overwritten with a hostile
+    number, header bytes flipped, or the file cut short."""
+    header_end = min(len(raw), 4096)
+
+    @st.composite
+    def build(draw):
+        how = draw(st.sampled_from(["u64", "u64", "u32", "flip", "truncate"]))
+        data = bytearray(raw)
+        if how in ("u64", "u32"):
+            n = 8 if how == "u64" else 4
+            j = draw(st.integers(4, header_end - n))
+            value = draw(st.one_of(st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1]),
+                                   st.integers(0, 2**(8 * n) - 1)))
+            data[j:j + n] = value.to_bytes(n, "little")
+            return bytes(data)
+        if how == "truncate":
+            return raw[:draw(st.integers(0, len(raw) - 1))]
+        for _ in range(draw(st.integers(1, 4))):
+            j = draw(st.integers(0, header_end - 1))
+            data[j] ^= draw(st.integers(1, 255))
+        return bytes(data)
+    return build()
+
+
+def target_gguf(pristine):
+    from npgpt.gguf_models import export_gguf
+    from npgpt.model import GPT, GPTConfig
+    from npgpt.tokenizer import load
+
+    tok = load(pristine / "bpe")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    raw = export_gguf(model, tok, work / "m.gguf", "q8_0").read_bytes()
+
+    def case(data):
+        path = Path(tempfile.mkdtemp(prefix="fuzz-")) / "m.gguf"
+        path.write_bytes(data)
+        _run(["sample", "--checkpoint", str(path), "--prompt", "the", "--max-new-tokens", "2", "--seed", "0",
+              "--no-stream"])
+    return mutated_gguf(raw), case
+
+
+TARGETS = {"gguf": target_gguf, "config": target_config, "safetensors": target_safetensors, "state": target_state,
            "manifest": target_manifest, "bpe_files": target_bpe_files, "tokenizer_meta": target_tokenizer_meta,
            "tiktoken": target_tiktoken, "sft": target_sft, "meta": target_meta}
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from npgpt.distributed import (NCCLComm, SingleProcess, ZeroAdamW, count_targets, launch_info, loss_weight,
-                               make_optimizer, reduce_gradients, shard_bounds)
+from npgpt.distributed.comm import NCCLComm, SingleProcess, count_targets, launch_info, loss_weight, shard_bounds
+from npgpt.distributed.zero import ZeroAdamW, make_optimizer, reduce_gradients
 from npgpt.errors import NpgptError
 
 HERE = Path(__file__).parent
@@ -354,7 +354,7 @@ def test_nccl_comm_shards_and_padding_on_thread_ranks(n):
 def test_data_parallel_plug_composes_with_earlier_hooks():
     """The loss an earlier plugin set passes through unchanged (only counted), and an earlier
     reduce_grads (thread replicas summing in-process) runs before the ranks' reduction."""
-    from npgpt.distributed import DataParallel
+    from npgpt.distributed.data_parallel import DataParallel
     from npgpt.model import GPT, GPTConfig
     from npgpt.optim import AdamW
     from npgpt.train import Hooks

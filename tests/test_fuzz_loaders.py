@@ -22,7 +22,7 @@ from npgpt.cli.main import cli
 
 WORKER = Path(__file__).with_name("fuzz_loaders_worker.py")
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
-TARGETS = ["config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta", "tiktoken", "sft", "meta"]
+TARGETS = ["gguf", "config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta", "tiktoken", "sft", "meta"]
 
 
 def _ok(args):

@@ -14,17 +14,19 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio", "npgpt.safeio"),
+    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck"),
-    ("npgpt.model",),
+    ("npgpt.model", "npgpt.llama"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
+    ("npgpt.training",),
     ("npgpt.train", "npgpt.generate"),
-    ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.inspect", "npgpt.bench", "npgpt.evaluate",
+    ("npgpt.quant", "npgpt.gguf_models", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench",
+     "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
-     "npgpt.reference", "npgpt.viz", "npgpt.data_parallel", "npgpt.lora", "npgpt.tasks"),
+     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.lora", "npgpt.tasks"),
     ("npgpt.cli",),
 ]
 
@@ -167,6 +169,45 @@ def test_imports_inside_functions_say_why():
     ("npgpt.tensor", "npgpt.backend", True),
     ("npgpt.cli.train", "npgpt.train", True),
     ("npgpt.tokenizer.bpe", "npgpt.tokenizer.files", True),
+    ("npgpt.distributed.comm", "npgpt.distributed.launcher", False),
+    ("npgpt.distributed.launcher", "npgpt.bench", True),
+    ("npgpt.train", "npgpt.training.scaler", True),
+    ("npgpt.training.scaler", "npgpt.train", False),
+    ("npgpt.precision", "npgpt.training", False),
+    ("npgpt.serve.engine", "npgpt.serve.protocol", True),
 ])
 def test_the_floor_rule_itself(module, imported, ok):
     assert (floor_of(imported) <= floor_of(module)) == ok
+
+
+def test_every_package_and_its_data_is_in_pyproject():
+    """A wheel holds only the packages pyproject.toml lists (an editable install hides a missing one):
+    every folder of npgpt/ and cli/ with an __init__.py is listed, and every non-Python file inside
+    a package is matched by its package-data."""
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    dirs = {name: ROOT / path for name, path in setup["package-dir"].items()}
+
+    def folder(package):
+        head = max((n for n in dirs if package == n or package.startswith(n + ".")), key=len)
+        return dirs[head].joinpath(*package[len(head):].split(".")[1:])
+
+    listed = set(setup["packages"])
+    found = {"npgpt." + ".".join(p.parent.relative_to(PACKAGE).parts) if p.parent != PACKAGE else "npgpt"
+             for p in PACKAGE.rglob("__init__.py")}
+    found |= {".".join(("npgpt", "cli") + p.parent.relative_to(CLI).parts) for p in CLI.rglob("__init__.py")}
+    assert found - listed == set(), f"packages missing from pyproject.toml: {sorted(found - listed)}"
+    assert listed - found == set(), f"pyproject.toml lists packages that do not exist: {sorted(listed - found)}"
+    data = setup.get("package-data", {})
+    unlisted = []
+    for package in sorted(listed):
+        base = folder(package)
+        subpackages = [folder(p) for p in listed if p.startswith(package + ".")]
+        for path in base.rglob("*"):
+            if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts
+                    or any(sub in path.parents for sub in subpackages)):
+                continue
+            rel = path.relative_to(base)
+            if not any(rel.match(pattern) for pattern in data.get(package, [])):
+                unlisted.append(f"{package}: {rel}")
+    assert not unlisted, f"files a wheel would leave out (add them to package-data): {unlisted}"

@@ -18,7 +18,7 @@ from npgpt.cli.main import cli
 
 from helpers import TINY, corpus
 
-pytest.importorskip("npgpt.distributed")
+pytest.importorskip("npgpt.distributed.comm")
 pytest.importorskip("mpi4py")
 HERE = Path(__file__).parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec") if (Path(sys.executable).parent / "mpiexec").exists() \

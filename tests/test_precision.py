@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from npgpt import precision as P
+from npgpt.training.scaler import DynamicLossScaler
 from npgpt.backend import gpu_available
 from npgpt.errors import NpgptError
 from npgpt.optim import AdamW
@@ -160,7 +161,7 @@ def _opt():
 
 
 def test_scaler_scales_loss_and_unscales_grads():
-    s = P.DynamicLossScaler(init_scale=1024.0)
+    s = DynamicLossScaler(init_scale=1024.0)
     assert s.scale_loss(np.float32(2.0)) == 2048.0
     g = np.full(3, 2048.0, np.float32)
     s.unscale_(g)
@@ -173,7 +174,7 @@ def test_scaler_scales_loss_and_unscales_grads():
 def test_scaler_step_matches_unscaled_step():
     opt, ref = _opt(), _opt()
     g = np.random.default_rng(8).standard_normal(opt.grad.size).astype(np.float32)
-    s = P.DynamicLossScaler(init_scale=256.0)
+    s = DynamicLossScaler(init_scale=256.0)
     opt.grad[...] = g * 256.0
     stepped, norm = s.step(opt, lr=1e-2, grad_clip=1.0)
     ref.grad[...] = g
@@ -191,7 +192,7 @@ def test_scaler_step_reads_the_gradient_norm_once(monkeypatch):
     calls = []
     real = opt.grad_norm
     monkeypatch.setattr(opt, "grad_norm", lambda: calls.append(1) or real())
-    stepped, norm = P.DynamicLossScaler(init_scale=512.0).step(opt, lr=1e-2, grad_clip=0.5)
+    stepped, norm = DynamicLossScaler(init_scale=512.0).step(opt, lr=1e-2, grad_clip=0.5)
     assert stepped and len(calls) == 1
     # and the clipped, unscaled gradient really has the clip norm
     assert math.isclose(float(np.sqrt(np.dot(opt.grad, opt.grad))), 0.5, rel_tol=1e-4)
@@ -201,7 +202,7 @@ def test_scaler_step_reads_the_gradient_norm_once(monkeypatch):
 def test_scaler_skips_step_and_backs_off_on_overflow(bad):
     opt = _opt()
     before = opt.flat.copy()
-    s = P.DynamicLossScaler(init_scale=2.0 ** 16)
+    s = DynamicLossScaler(init_scale=2.0 ** 16)
     s.good_steps = 5
     opt.grad[...] = 1.0
     opt.grad[3] = bad
@@ -213,7 +214,7 @@ def test_scaler_skips_step_and_backs_off_on_overflow(bad):
 
 
 def test_scaler_grows_after_interval_and_respects_bounds():
-    s = P.DynamicLossScaler(init_scale=4.0, growth_interval=3, min_scale=2.0, max_scale=16.0)
+    s = DynamicLossScaler(init_scale=4.0, growth_interval=3, min_scale=2.0, max_scale=16.0)
     for _ in range(3):
         s.update(False)
     assert s.scale == 8.0 and s.good_steps == 0
@@ -224,27 +225,27 @@ def test_scaler_grows_after_interval_and_respects_bounds():
     s.update(True)
     s.update(True)
     assert s.scale == 2.0                                       # floored at min_scale
-    assert P.DynamicLossScaler().growth_interval == 2000
+    assert DynamicLossScaler().growth_interval == 2000
 
 
 def test_scaler_state_dict_round_trip_and_validation():
-    s = P.DynamicLossScaler(init_scale=512.0)
+    s = DynamicLossScaler(init_scale=512.0)
     s.update(True)
     s.update(False)
-    t = P.DynamicLossScaler().load_state_dict(s.state_dict())
+    t = DynamicLossScaler().load_state_dict(s.state_dict())
     assert (t.scale, t.good_steps, t.skipped_steps) == (256.0, 1, 1)
     import json
     json.dumps(s.state_dict())                                  # fits a checkpoint's state.json
     with pytest.raises(NpgptError):
-        P.DynamicLossScaler().load_state_dict({"scale": -1.0, "good_steps": 0})
+        DynamicLossScaler().load_state_dict({"scale": -1.0, "good_steps": 0})
     with pytest.raises(NpgptError):
-        P.DynamicLossScaler().load_state_dict({})
+        DynamicLossScaler().load_state_dict({})
     with pytest.raises(NpgptError):
-        P.DynamicLossScaler(backoff_factor=1.5)
+        DynamicLossScaler(backoff_factor=1.5)
 
 
 def test_disabled_scaler_is_a_pass_through():
-    s = P.DynamicLossScaler(enabled=False)
+    s = DynamicLossScaler(enabled=False)
     assert s.scale == 1.0 and s.scale_loss(3.0) == 3.0
     s.update(True)
     assert s.scale == 1.0 and s.skipped_steps == 0

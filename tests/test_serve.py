@@ -389,19 +389,20 @@ def test_serve_cli_errors(tmp_path):
 
 def test_a_crashing_request_fails_alone(tmp_path, monkeypatch):
     """A request whose generation raises gets a 500 error body; the engine and server go on."""
-    import npgpt.serve as srv
+    import npgpt.serve.engine as engine
     from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.serve.http import App, make_server
     folder = model_folder(tmp_path / "m", chat=False)
     model, tok, _ = load_model_and_tokenizer(folder)
-    real = srv.sampling_probs
+    real = engine.sampling_probs
 
     def flaky(logits, temperature=1.0, top_k=None, top_p=None):
         if temperature == 0.123:
             raise RuntimeError("boom")
         return real(logits, temperature, top_k, top_p)
-    monkeypatch.setattr(srv, "sampling_probs", flaky)
-    app = srv.App(model, tok, "m")
-    httpd = srv.make_server(app, port=0)
+    monkeypatch.setattr(engine, "sampling_probs", flaky)
+    app = App(model, tok, "m")
+    httpd = make_server(app, port=0)
     app.engine.start()
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
 

@@ -93,3 +93,43 @@ def test_chat_page_streams_and_colours_tokens(tmp_path, browser):
         assert tokens[0].value_of_css_property("background-color") in ("rgba(0, 0, 0, 0)", "transparent")
     finally:
         assert server.stop() == 0
+
+
+def test_chat_page_fits_a_small_context(tmp_path, browser):
+    """The quick start's model has a 64-token context: the page's default request must fit it, a long
+    conversation drops its oldest turns (and says so), no reply bubble is left empty, and the hover
+    list of alternatives is ordered by probability."""
+    folder = model_folder(tmp_path / "ctx64", chat=True, block=64)
+    server = LiveServer(folder)
+    try:
+        b = browser
+        b.get(server.url + "/")
+        wait = WebDriverWait(b, 60)
+        wait.until(lambda d: "(chat)" in d.find_element(By.ID, "model").text)
+        assert int(b.find_element(By.ID, "max_tokens").get_attribute("value")) <= 32   # capped from 128
+        messages = ["tell me about the quick brown fox", "and about the lazy dog", "and the wizards", "jolly"]
+        for n, m in enumerate(messages, 1):
+            b.find_element(By.ID, "input").send_keys(m + "\n")
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant[data-state=done]")) == n)
+        assert not b.find_elements(By.CSS_SELECTOR, ".msg.error"), b.find_element(By.ID, "log").text
+        bubbles = b.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        assert len(bubbles) == 4 and all(x.text.strip() for x in bubbles)
+        notes = [x.text for x in b.find_elements(By.CSS_SELECTOR, ".note")]
+        assert notes and all("dropped to fit the model's 64-token context" in t for t in notes)
+        # the message box sits at the bottom of the window, below the conversation
+        box = b.find_element(By.ID, "input").rect
+        assert box["y"] + box["height"] > 0.8 * b.execute_script("return window.innerHeight")
+        # alternatives: most likely first
+        tokens = b.find_elements(By.CSS_SELECTOR, "span.tok")
+        assert tokens
+        for t in tokens[:10]:
+            tip = t.get_attribute("data-tip").splitlines()
+            ps = [float(line.split()[0]) for line in tip[2:]]
+            assert len(ps) >= 2 and ps == sorted(ps, reverse=True), tip
+        # the API key box shows its whole hint
+        key = b.find_element(By.ID, "key")
+        assert b.execute_script("const k = arguments[0]; const c = document.createElement('canvas').getContext('2d');"
+                                "c.font = getComputedStyle(k).font; return c.measureText(k.placeholder).width < k.clientWidth;",
+                                key)
+    finally:
+        assert server.stop() == 0

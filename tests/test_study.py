@@ -194,7 +194,7 @@ def test_plot_text_charts_and_errors(tmp_path, monkeypatch):
 
 # ---- inspect: logit lens and the attention grid -------------------------------------------------
 def test_logit_lens_last_layer_is_the_models_prediction():
-    from npgpt.inspect import logit_lens
+    from npgpt.interpret import logit_lens
     m = GPT(TINY, seed=4).eval()
     x = ids(5, B=1)[0]
     probs = logit_lens(m, x)
@@ -234,7 +234,7 @@ def test_inspect_logit_lens_and_grid_png(tmp_path):
 
 
 def test_attention_scales():
-    from npgpt.inspect import scaled_maps
+    from npgpt.interpret import scaled_maps
     att = np.array([[1.0, 0.0], [0.9, 0.1]])
     assert np.array_equal(scaled_maps(att, "linear")[0], att)
     np.testing.assert_allclose(scaled_maps(att, "log")[0], [[0.0, -3.0], [np.log10(0.9), -1.0]])

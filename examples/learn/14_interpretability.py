@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lesson_kit import check, have_matplotlib, parse, pretrained, title  # noqa: E402
 
 from npgpt.generate import generate_stream  # noqa: E402
-from npgpt.inspect import (attention_maps, format_logit_lens, logit_lens, save_attention_grid_png,  # noqa: E402
+from npgpt.interpret import (attention_maps, format_logit_lens, logit_lens, save_attention_grid_png,  # noqa: E402
                            save_logit_lens_png, token_labels)
 
 

@@ -228,18 +228,21 @@ class Tokenizer:
             pattern = self._special_regex_cache[names] = alternation(names)
         return pattern
 
+    def _refuse_specials(self, text: str, disallowed: frozenset) -> None:
+        found = self._special_regex(disallowed).search(text)
+        if found:
+            raise NpgptError(
+                f"text contains the special token {found.group()!r} at position {found.start()}; pass "
+                f"allowed_special={{{found.group()!r}}} to encode it as its id, or "
+                f"disallowed_special=() to encode it as plain text")
+
     def encode(self, text: str, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
         """Ids of `text`; see the module docstring for how special-token strings are treated."""
         if not isinstance(text, str):
             raise NpgptError(f"encode expects a str, got {type(text).__name__}")
         allowed, disallowed = self._resolve_specials(allowed_special, disallowed_special)
         if disallowed:
-            found = self._special_regex(disallowed).search(text)
-            if found:
-                raise NpgptError(
-                    f"text contains the special token {found.group()!r} at position {found.start()}; pass "
-                    f"allowed_special={{{found.group()!r}}} to encode it as its id, or "
-                    f"disallowed_special=() to encode it as plain text")
+            self._refuse_specials(text, disallowed)
         if not allowed:
             return self._encode_ordinary(text, 0)
         ids: list[int] = []

@@ -40,6 +40,7 @@ Saved format (`save(folder)`)
 from __future__ import annotations
 
 import heapq
+import os
 import json
 import warnings
 from collections import Counter
@@ -69,11 +70,36 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # punctuation character, and trailing whitespace at the end of the text stays one pre-token.
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
                 r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+# Llama 3's and Qwen2's, exactly as their tokenizer.json files spell them: GPT-4's split written without
+# possessive quantifiers; Llama 3 keeps numbers in groups of up to three digits, Qwen2 splits every digit.
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                  r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                 r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
-# In both patterns a letter followed by whitespace always ends a pre-token, and which pre-tokens come
+# In all these patterns a letter followed by whitespace always ends a pre-token, and which pre-tokens come
 # before it does not depend on the text after it: a stream can be cut there without changing a thing.
 _LAST_SAFE_CUT = regex.compile(r"\p{L}(?=\s)", regex.REVERSE)
+
+TRUST_PATTERN_ENV = "NPGPT_TRUST_PATTERN"     # set by `npgpt --trust-pattern`
+
+
+def check_pattern(pattern, where, trust_pattern=None) -> str:
+    """`pattern` if it is a named one (gpt2, gpt4, llama3, qwen2, or their regex spelled out); any other
+    regex read from a file needs the user's opt-in, since a catastrophic one would hang every encode."""
+    if not isinstance(pattern, str):
+        raise NpgptError(f"{where}: field 'pattern' must be a string, got {type(pattern).__name__}")
+    if pattern in PATTERNS or pattern in PATTERNS.values():
+        return pattern
+    if trust_pattern is None:
+        trust_pattern = os.environ.get(TRUST_PATTERN_ENV, "") not in ("", "0")
+    if not trust_pattern:
+        raise NpgptError(f"{where} asks for its own split pattern {pattern[:40]!r}; a regex from a file can hang "
+                         f"npgpt, so only the named ones ({', '.join(PATTERNS)}) load by default. If you trained this tokenizer with "
+                         f"that pattern, run `npgpt --trust-pattern ...` (or load(path, trust_pattern=True))")
+    return pattern
+
 
 _CACHE_LIMIT = 1_000_000   # cached pre-tokens; past this the cache starts over (memory stays bounded)
 
@@ -409,8 +435,12 @@ class BPETokenizer(Tokenizer):
         byte_ids = self._byte_ids
         return tuple(_apply_merges([byte_ids[b] for b in piece.encode("utf-8")], self._merges))
 
+    def _split(self, text: str) -> list[str]:
+        """Pre-tokens of `text` (the Hugging Face tokenizer.json reader splits in several steps)."""
+        return self._pattern.findall(text)
+
     def _encode_ordinary(self, text: str, offset: int) -> list[int]:
-        pieces = self._pattern.findall(text)
+        pieces = self._split(text)
         cache = self._cache
         # Once a long text is under way nearly every pre-token is cached: try one pass of lookups
         # first. It saves the pass that collects new pre-tokens, 14% of encoding 4.5 MB of Shakespeare
@@ -429,7 +459,7 @@ class BPETokenizer(Tokenizer):
     def _reference_encode(self, text: str) -> list[int]:
         """Encode ordinary text without the cache or the heap (for tests)."""
         byte_ids = self._byte_ids
-        return [token for piece in self._pattern.findall(text)
+        return [token for piece in self._split(text)
                 for token in _reference_merge([byte_ids[b] for b in piece.encode("utf-8")], self._merges)]
 
     def _safe_cut(self, text: str) -> int:

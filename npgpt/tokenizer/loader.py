@@ -5,30 +5,35 @@ A tokenizer folder is one of:
     tokenizer_npgpt.json (kind "char")                  a CharTokenizer saved by npgpt
     tokenizer_npgpt.json (kind "bpe") + vocab.json      a BPETokenizer saved by npgpt
         + merges.txt
+    tokenizer.json (+ tokenizer_config.json)            a Hugging Face tokenizer (npgpt.tokenizer.hf):
+                                                        its own split, added tokens, BOS and chat
+                                                        template; preferred over vocab.json + merges.txt
+                                                        (Qwen2 folders hold both, and those two files do
+                                                        not say how to split)
     vocab.json + merges.txt                             a GPT-2 / Hugging Face byte-level BPE folder:
                                                         GPT-2's split pattern is assumed, and vocab
                                                         entries that no merge makes (`<|endoftext|>`)
                                                         are its special tokens
 
-Other files in the folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json) are ignored.
+Other files in the folder (special_tokens_map.json, ...) are ignored.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from npgpt.errors import NpgptError
 from npgpt.safeio import read_json_object
 from npgpt.tokenizer.base import FORMAT_VERSION, META_FILE, Tokenizer
-from npgpt.tokenizer.bpe import PATTERNS, BPETokenizer
+from npgpt.tokenizer.bpe import BPETokenizer, check_pattern
 from npgpt.tokenizer.char import CharTokenizer
+from npgpt.tokenizer.hf import TOKENIZER_JSON, HFTokenizer
 
 
 def is_tokenizer_dir(path) -> bool:
     """Whether `path` is a folder `load` can read (judged by which files are present)."""
     path = Path(path)
-    return path.is_dir() and ((path / META_FILE).is_file()
+    return path.is_dir() and ((path / META_FILE).is_file() or (path / TOKENIZER_JSON).is_file()
                               or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))
 
 
@@ -41,29 +46,11 @@ def _read_meta(meta_path: Path) -> dict:
     return meta
 
 
-TRUST_PATTERN_ENV = "NPGPT_TRUST_PATTERN"     # set by `npgpt --trust-pattern`
-
-
-def check_pattern(pattern, where, trust_pattern=None) -> str:
-    """`pattern` if it is a named one (gpt2, gpt4, or their regex spelled out); any other regex read from
-    a file needs the user's opt-in, since a catastrophic one would hang every encode."""
-    if not isinstance(pattern, str):
-        raise NpgptError(f"{where}: field 'pattern' must be a string, got {type(pattern).__name__}")
-    if pattern in PATTERNS or pattern in PATTERNS.values():
-        return pattern
-    if trust_pattern is None:
-        trust_pattern = os.environ.get(TRUST_PATTERN_ENV, "") not in ("", "0")
-    if not trust_pattern:
-        raise NpgptError(f"{where} asks for its own split pattern {pattern[:40]!r}; a regex from a file can hang "
-                         f"npgpt, so only 'gpt2' and 'gpt4' load by default. If you trained this tokenizer with "
-                         f"that pattern, run `npgpt --trust-pattern ...` (or load(path, trust_pattern=True))")
-    return pattern
-
-
 def load(path, trust_pattern: bool | None = None) -> Tokenizer:
-    """Load the tokenizer saved in folder `path` (npgpt char or BPE, or a GPT-2 / HF folder).
+    """Load the tokenizer saved in folder `path` (npgpt char or BPE, a Hugging Face tokenizer.json, or a
+    GPT-2 folder).
 
-    A BPE split pattern other than gpt2/gpt4 loads only with `trust_pattern` (default: the
+    A BPE split pattern other than the named ones (gpt2, gpt4, llama3, qwen2) loads only with `trust_pattern` (default: the
     NPGPT_TRUST_PATTERN environment variable, which `npgpt --trust-pattern` sets)."""
     path = Path(path)
     if not path.exists():
@@ -85,7 +72,9 @@ def load(path, trust_pattern: bool | None = None) -> Tokenizer:
             return BPETokenizer.from_gpt2_files(path, pattern=pattern, special_tokens=specials)
         raise NpgptError(f"{meta_path} names an unknown tokenizer kind {kind!r} (expected 'char' or 'bpe'); "
                          f"re-save the tokenizer")
+    if (path / TOKENIZER_JSON).is_file():
+        return HFTokenizer.from_folder(path, trust_pattern)
     if (path / "vocab.json").exists() or (path / "merges.txt").exists():
         return BPETokenizer.from_gpt2_files(path)
-    raise NpgptError(f"{path} holds no tokenizer: expected {META_FILE}, or vocab.json + merges.txt; "
+    raise NpgptError(f"{path} holds no tokenizer: expected {META_FILE}, {TOKENIZER_JSON}, or vocab.json + merges.txt; "
                      f"train one or copy a GPT-2 tokenizer folder there")

@@ -1,6 +1,6 @@
 """`mpiexec -n N npgpt ...`: the command line under a launcher, and data-parallel benchmarks.
-(The trainer's data-parallel plug, the communicators and ZeRO-1 live one floor down, in
-npgpt.distributed.)
+(The trainer's data-parallel plug, the communicators and ZeRO-1 live floors down, in
+npgpt.distributed's other modules.)
 
 Under a launcher every rank runs the same `npgpt` command. `train`, `finetune` and `bench` run
 data-parallel; any other command (prepare, sample, eval, ...) runs on rank 0 alone, the other ranks
@@ -31,9 +31,10 @@ import traceback
 import numpy as np
 
 from npgpt.backend import synchronize, to_device, xp_for
-from npgpt.bench import FLOPS_FORMULA, TrainStep, _check_counts, blas_threads, format_train
-from npgpt.distributed import (Communicator, MPIComm, SingleProcess, current, for_device, launch_info, loss_weight,
-                               make_optimizer, reduce_gradients, set_current)
+from npgpt.bench import FLOPS_FORMULA, TrainStep, blas_threads, check_counts, format_train
+from npgpt.distributed.comm import (Communicator, MPIComm, SingleProcess, current, for_device, launch_info,
+                                    loss_weight, set_current)
+from npgpt.distributed.zero import make_optimizer, reduce_gradients
 from npgpt.errors import NpgptError
 from npgpt.perf import gemm_peak_gflops
 
@@ -154,7 +155,7 @@ def bench_data_parallel(preset, overrides=None, batch_size=6, block_size=None, d
     The global batch is N * batch_size. Returns bench_train's figures for the global batch, plus
     the time spent in the gradient collective."""
     comm, device = for_device(comm or current(), device)     # GPUs: this rank's GPU, NCCL
-    _check_counts(iters, warmup, batch_size)
+    check_counts(iters, warmup, batch_size)
     step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
     model, cfg, B, T = step.model, step.config, step.B, step.T
     opt = make_optimizer(model.named_parameters(), comm, zero_stage, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from npgpt.errors import NpgptError
-from npgpt.inspect import SHADES, attention_maps, format_top, select, shade_matrix, top_attended
+from npgpt.interpret import SHADES, attention_maps, format_top, select, shade_matrix, top_attended
 from npgpt.model import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -120,7 +120,7 @@ def test_png_without_matplotlib_names_the_extra(model_dir, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)        # import matplotlib -> ImportError
     r = _cli(["inspect", "--checkpoint", str(model_dir), "--prompt", "ab", "--png", str(tmp_path / "a.png")])
     assert r.exit_code == 1 and "pip install 'npgpt[plot]'" in r.output and "Traceback" not in r.output
-    from npgpt.inspect import save_heatmap_png
+    from npgpt.interpret import save_heatmap_png
     with pytest.raises(NpgptError, match=r"npgpt\[plot\]"):
         save_heatmap_png([(0, np.eye(2))], ["a", "b"], tmp_path / "b.png")
     assert not (tmp_path / "a.png").exists()

@@ -1,18 +1,5 @@
-"""Data parallelism on a real engine: communicators (one process, MPI, NCCL), the count-weighted
-loss, gradient reduction, and AdamW with sharded state (ZeRO stage 1).
-
-N copies of the model each take their own micro-batches, and after the last backward of a step
-the N flat gradient buffers are summed, so every copy applies the same update:
-
-    rank r:  grad_r = d loss_r / d params, loss_r its token mean  (backward, into the flat buffer)
-             grad_r *= n_r / N     (its non-ignored targets over the GLOBAL batch's: loss_weight)
-    all:     grad   = allreduce_sum(grad_r)                      (one collective per step)
-             clip(grad, global norm); AdamW step                 (identical on every rank)
-
-Weighting each rank by its share of the global batch's target tokens (not 1/N) makes the loss the
-mean over all non-ignored targets of the global batch, exactly what one process would compute on
-the concatenated batch -- SFT masks give ranks different counts, and a mean of per-rank means
-would weight a rank's few answer tokens as much as another's many.
+"""Communicators: the collectives data parallelism needs (one process, MPI, NCCL), who this process is
+in a launched job, and the count-weighted loss every data-parallel path shares.
 
 A `Communicator` is the only thing the training code talks to. Every buffer is a 1-D contiguous
 float32 array (NumPy, or CuPy for NCCL), reduced in place, so the flat gradient buffer of
@@ -26,12 +13,9 @@ float32 array (NumPy, or CuPy for NCCL), reduced in place, so the flat gradient 
 `launch_info()` reads rank / world size / local rank from the launcher's environment (MPICH's
 Hydra, Open MPI, Slurm) without importing mpi4py, so a one-process run never imports it.
 
-ZeRO stage 1 (`ZeroAdamW`, Rajbhandari et al. 2020): the flat buffers are cut into N contiguous
-shards (`shard_bounds`); a step reduce-scatters the gradients (rank r receives the sum of shard r
-only), clips with the global norm (an all-reduce of N partial sums of squares), updates its shard
-of the weights with its shard of the moments, and all-gathers the weights. The same bytes move as
-in one all-reduce (reduce-scatter + all-gather IS a ring all-reduce) and each rank keeps 1/N of
-the Adam moments. Checkpoints gather the moments, so they hold the full state and resume on any N.
+The count-weighted loss (`count_targets`, `loss_weight`): rank r backpropagates its token-mean loss
+times n_r / N (its non-ignored targets over the global batch's), so the summed gradient is that of
+the mean over all targets of the global batch (see npgpt.distributed.data_parallel).
 """
 
 from __future__ import annotations
@@ -39,19 +23,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
-from npgpt.backend import _import_cupy, asnumpy, get_xp, parse_device, require_gpu
+from npgpt.backend import cupy_module, get_xp, parse_device, require_gpu
+from npgpt.distributed.watchdog import Watchdog
 from npgpt.errors import NpgptError
-from npgpt.optim import AdamW
 
 MPI_HINT = "install the MPI extra: pip install 'npgpt[mpi]' (mpi4py and MPICH from PyPI wheels)"
-DEFAULT_TIMEOUT_S = 300.0     # a collective waiting longer than this ends the job (NPGPT_DIST_TIMEOUT)
-
 
 # ---- who am I: the launcher's environment ------------------------------------------------------------
 # (rank, world size, local rank) variables of the launchers we know, in the order we trust them.
@@ -299,9 +279,7 @@ class NCCLComm(Communicator):
 
     def __init__(self, mpi: MPIComm | Communicator, nccl=None, cupy=None):
         if cupy is None:
-            cupy = _import_cupy()
-            if cupy is None:
-                raise NpgptError("NCCL needs CuPy: pip install 'npgpt[gpu]'")
+            cupy = cupy_module()                           # a clear NpgptError when CuPy is not usable
         if nccl is None:
             try:
                 from cupy.cuda import nccl   # CuPy's NCCL binding, only for GPU jobs
@@ -424,57 +402,6 @@ def for_device(comm: Communicator, device: str, force_nccl=False) -> tuple[Commu
     return NCCLComm(comm), str(dev)
 
 
-# ---- the watchdog ------------------------------------------------------------------------------------
-class Watchdog:
-    """Ends this process when one collective has waited longer than `timeout_s`, or when its
-    launcher has gone (the parent process changed): a peer that was killed, crashed or hangs must
-    not leave the other ranks blocked forever. The launcher then sees this rank vanish and ends the
-    rest. timeout_s: None reads $NPGPT_DIST_TIMEOUT (default 300 s); 0 disables the timeout.
-    """
-
-    def __init__(self, timeout_s=None, poll_s=1.0):
-        if timeout_s is None:
-            try:
-                timeout_s = float(os.environ.get("NPGPT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-            except ValueError:
-                raise NpgptError("NPGPT_DIST_TIMEOUT must be a number of seconds") from None
-        self.timeout_s, self.poll_s = float(timeout_s), poll_s
-        self.parent = os.getppid()
-        self._since, self._what = None, ""
-        self._thread = None
-
-    @contextmanager
-    def waiting(self, what):
-        """Mark the enclosed block as a collective wait (cheap: two assignments)."""
-        if self._thread is None:
-            self._start()
-        self._since, self._what = time.monotonic(), what
-        try:
-            yield
-        finally:
-            self._since = None
-
-    def _start(self):
-        self._thread = threading.Thread(target=self._run, name="npgpt-dist-watchdog", daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while True:
-            time.sleep(self.poll_s)
-            since = self._since
-            if os.getppid() != self.parent:
-                self._end("the launcher has gone")
-            if since is not None and self.timeout_s > 0 and time.monotonic() - since > self.timeout_s:
-                self._end(f"waited more than {self.timeout_s:.0f} s in a collective ({self._what}): another rank "
-                          f"has stopped or hangs (NPGPT_DIST_TIMEOUT sets the limit)")
-
-    def _end(self, why):
-        try:
-            print(f"Error: {why}; ending the job", file=sys.stderr, flush=True)
-        finally:
-            os._exit(1)
-
-
 # ---- the count-weighted loss and the gradient reduction ------------------------------------------------
 def count_targets(y, ignore_index=-1) -> int:
     """Number of targets that count (not `ignore_index`) in a batch of target ids."""
@@ -494,251 +421,6 @@ def loss_weight(local_tokens, global_tokens) -> float:
 
     A rank (or a whole step) with no target that counts contributes 0, never NaN."""
     return float(local_tokens) / float(global_tokens) if global_tokens > 0 else 0.0
-
-
-def reduce_gradients(comm: Communicator, optimizer):
-    """Sum the flat gradient buffers of all ranks in place (each already weighted by loss_weight).
-
-    ZeroAdamW reduce-scatters instead (it needs only its shard). Call once per optimizer step,
-    after the last micro-batch's backward and before clipping."""
-    if comm.world_size == 1:
-        return
-    if isinstance(optimizer, ZeroAdamW):
-        optimizer.reduce_scatter_grads()
-    else:
-        comm.allreduce_sum(optimizer.grad)
-
-
-# ---- ZeRO stage 1 ------------------------------------------------------------------------------------
-class ZeroAdamW(AdamW):
-    """AdamW whose moments are sharded over the ranks (ZeRO stage 1); see the module doc.
-
-    The full parameters and gradients stay on every rank (forward and backward need them); this
-    rank owns flat[lo:hi] and keeps exp_avg / exp_avg_sq for that slice only, so the optimizer
-    state per rank is 2 * ceil(n / N) values instead of 2n. The update arithmetic is AdamW's own,
-    applied to the shard; weights are identical on every rank after the all-gather.
-
-    state_dict / load_state_dict are collective (every rank must call them): the checkpoint holds
-    the full moments, in exactly AdamW's format.
-    """
-
-    def __init__(self, named_params, comm: Communicator, **kwargs):
-        super().__init__(named_params, **kwargs)
-        self.comm = comm
-        n = self.flat.size
-        self.lo, self.hi = comm.shard(n)
-        xp, k = self.xp, self.hi - self.lo
-        # Replace the full moments with this rank's shard (the full ones are freed here).
-        self.exp_avg = xp.zeros(k, dtype=self.dtype)
-        self.exp_avg_sq = xp.zeros(k, dtype=self.dtype)
-        self._scratch = xp.empty(k, dtype=self.dtype)
-        self._grads_reduced = False
-
-    def optimizer_bytes(self) -> int:
-        """Bytes of optimizer state (the two moments) this rank holds."""
-        return int(self.exp_avg.nbytes + self.exp_avg_sq.nbytes)
-
-    def describe(self) -> str:
-        n = self.flat.size
-        return (super().describe() + f"; ZeRO-1 over {self.comm.world_size} ranks: this rank holds "
-                f"{self.hi - self.lo:,} of {n:,} moment values ({self.optimizer_bytes() / 2**20:.2f} MiB)")
-
-    def reduce_scatter_grads(self):
-        """grad[lo:hi] <- the sum over ranks of grad[lo:hi] (the rest of grad is stale after this)."""
-        self._sync_views()
-        self.comm.reduce_scatter_sum(self.grad)
-        self._grads_reduced = True
-
-    def grad_norm(self):
-        """The global L2 norm: this shard's sum of squares, all-reduced (ranks agree bit for bit)."""
-        self._sync_views()
-        g = self.grad[self.lo:self.hi]
-        local = float(self.xp.dot(g, g)) if g.size else 0.0
-        return self.xp.asarray(np.sqrt(self.comm.allreduce_scalars([local])[0]), dtype=self.dtype)
-
-    def clip_grad_norm(self, max_norm: float):
-        norm = self.grad_norm()
-        if max_norm is not None and max_norm > 0 and float(norm) > max_norm:
-            self.grad[self.lo:self.hi] *= max_norm / (float(norm) + 1e-6)
-        return norm
-
-    @contextmanager
-    def _on_shard(self):
-        """Make AdamW's update see only this rank's slice of the flat buffers."""
-        saved = self.flat, self.grad, self.n_decay, self._sync_views
-        self.flat, self.grad = saved[0][self.lo:self.hi], saved[1][self.lo:self.hi]
-        self.n_decay = min(max(saved[2] - self.lo, 0), self.hi - self.lo)
-        self._sync_views = lambda: None
-        try:
-            yield
-        finally:
-            self.flat, self.grad, self.n_decay = saved[:3]
-            del self._sync_views                            # back to the class's method
-
-    def step(self, lr=None):
-        """Update this rank's shard (AdamW's arithmetic), then all-gather the weights."""
-        self._sync_views()
-        if not self._grads_reduced and self.comm.world_size > 1:
-            raise RuntimeError("ZeroAdamW.step before reduce_scatter_grads: the gradients are not summed")
-        if self.hi > self.lo:
-            with self._on_shard():
-                AdamW.step(self, lr)
-        else:
-            self.t += 1                                     # an empty shard still counts the step
-        self.comm.allgather(self.flat)
-        self._grads_reduced = False
-
-    def _full(self, shard):
-        full = self.xp.zeros(self.flat.size, dtype=self.dtype)
-        full[self.lo:self.hi] = shard
-        return self.comm.allgather(full)
-
-    def state_dict(self):
-        """Collective: the full moments (gathered from every rank) in AdamW's format."""
-        saved = self.exp_avg, self.exp_avg_sq
-        self.exp_avg, self.exp_avg_sq = self._full(saved[0]), self._full(saved[1])
-        try:
-            return AdamW.state_dict(self)
-        finally:
-            self.exp_avg, self.exp_avg_sq = saved
-
-    def load_state_dict(self, tensors, meta):
-        """Restore from a full AdamW state (any number of ranks wrote it); keep this rank's shard."""
-        n = self.flat.size
-        self.exp_avg, self.exp_avg_sq = self.xp.zeros(n, self.dtype), self.xp.zeros(n, self.dtype)
-        try:
-            AdamW.load_state_dict(self, tensors, meta)
-        finally:
-            self.exp_avg = self.exp_avg[self.lo:self.hi].copy()
-            self.exp_avg_sq = self.exp_avg_sq[self.lo:self.hi].copy()
-
-
-def make_optimizer(named_params, comm: Communicator, zero_stage: int = 0, **kwargs) -> AdamW:
-    """AdamW, or ZeroAdamW for zero_stage=1 on more than one rank."""
-    if zero_stage not in (0, 1):
-        raise NpgptError(f"zero_stage must be 0 or 1, got {zero_stage}")
-    if zero_stage == 1:
-        return ZeroAdamW(named_params, comm, **kwargs)
-    return AdamW(named_params, **kwargs)
-
-
-def broadcast_parameters(comm: Communicator, optimizer):
-    """Make every rank start from rank 0's weights (and moments): one broadcast of each flat buffer."""
-    if comm.world_size == 1:
-        return
-    optimizer._sync_views()
-    comm.broadcast(optimizer.flat, root=0)
-    if not isinstance(optimizer, ZeroAdamW):
-        comm.broadcast(optimizer.exp_avg, root=0)
-        comm.broadcast(optimizer.exp_avg_sq, root=0)
-    optimizer.t = int(comm.broadcast_object(optimizer.t, root=0))
-
-
-# ---- the trainer plug ------------------------------------------------------------------------------
-class DataParallel:
-    """Makes `npgpt.train.train` data-parallel over `comm` (filled into the trainer's Hooks).
-
-    After the last micro-batch's backward the flat buffer of rank r holds g_r, the gradient of its
-    loss as one process defines it (the mean over its M micro-batches of each one's token-mean
-    loss). reduce_grads then weights g_r by n_r / N -- rank r's non-ignored targets over the global
-    batch's, from one small all-reduce of [n_r, sum of n L, stop flag] -- and sums over ranks:
-
-        grad = sum_r (n_r / N) g_r                  (in the flat buffer, before clipping)
-
-    With one micro-batch per step (or equal counts in a rank's micro-batches) this is exactly the
-    gradient of the mean over all non-ignored targets of the global batch; a rank with few answer
-    tokens (SFT masks) weighs less, where 1/N would over-weight it. The loss hook only observes
-    (counts targets, sums n * loss for the log), so whatever loss earlier plugins set (distillation,
-    in-process thread replicas) passes through unchanged, and a reduce_grads already
-    in the hooks (replicas summing their threads) runs first. The same all-reduce gives the step's
-    global loss (the log line and the NaN check, identical on every rank) and agrees on Ctrl-C.
-    """
-
-    def __init__(self, comm: Communicator):
-        self.comm = comm
-        self.optimizer = None                     # set by install()
-        self.local_stop = lambda: False           # the trainer's Ctrl-C flag
-        self.stop_agreed = False
-        self.global_loss = float("nan")
-        self._tokens, self._loss_num = 0, 0.0
-
-    @property
-    def rank(self):
-        return self.comm.rank
-
-    def wrap_loss(self, loss_fn):
-        """loss_fn(model, x, y) -> the same loss; counts the micro-batch's targets on the way."""
-        def counted(model, x, y):
-            loss = loss_fn(model, x, y)
-            n = count_targets(y)
-            self._tokens += n
-            self._loss_num = self._loss_num + loss.data * n      # stays on the device until reduce_grads
-            return loss
-        return counted
-
-    def reduce_grads(self, flat_grad, n_tokens=None):
-        """After the last micro-batch, before clipping: weight by targets, sum over ranks, agree."""
-        mine = self._tokens
-        tokens, loss_num, stop = self.comm.allreduce_scalars(
-            [mine, float(asnumpy(self._loss_num)), 1.0 if self.local_stop() else 0.0])
-        self._tokens, self._loss_num = 0, 0.0
-        self.stop_agreed = self.stop_agreed or stop > 0
-        self.global_loss = loss_num / tokens if tokens > 0 else 0.0
-        flat_grad *= loss_weight(mine, tokens)                   # n_r / N (0 when nothing counts)
-        reduce_gradients(self.comm, self.optimizer)
-
-    def interrupted(self):
-        """Ctrl-C as agreed by all ranks at the last gradient reduction (identical everywhere)."""
-        return self.stop_agreed
-
-    def eval_losses(self, model, batches):
-        """Shared evaluation: rank r computes the batches i with i % N == r of the same sequence of
-        batches one process would draw; returns the mean over all of them (one all-reduce)."""
-        total = 0.0
-        count = 0
-        for i, (x, y) in enumerate(batches):
-            count += 1
-            if i % self.comm.world_size == self.comm.rank:
-                total += float(asnumpy(model(x, y)[1].data))
-        return self.comm.allreduce_scalars([total])[0] / max(count, 1)
-
-    def optimizer_state(self, optimizer):
-        """Collective (ZeRO-1 gathers its shards): the full optimizer state, for rank 0 to save."""
-        return optimizer.state_dict()
-
-    def install(self, hooks, optimizer):
-        """Plug into the trainer's Hooks, after the other plugins (their reduce_grads runs first),
-        and its optimizer."""
-        hooks.loss_fn = self.wrap_loss(hooks.loss_fn)
-        previous = hooks.reduce_grads
-
-        def reduce_grads(flat_grad, n_tokens):
-            if previous is not None:
-                previous(flat_grad, n_tokens)                   # e.g. thread replicas sum in-process first
-            self.reduce_grads(flat_grad, n_tokens)
-
-        hooks.reduce_grads = reduce_grads
-        self.optimizer = optimizer
-        optimizer._sync_views()
-        self.comm.broadcast(optimizer.flat, root=0)         # every rank starts from rank 0's weights
-
-    def agree_on(self, local_stop):
-        """The trainer's Ctrl-C flag -> the flag all ranks agreed on (see reduce_grads)."""
-        self.local_stop = local_stop
-        return self.interrupted
-
-    def saved_optimizer(self, optimizer):
-        """Collective: an object whose state_dict() is the optimizer's full state, for rank 0 to save
-        (ZeroAdamW gathers its shards; every rank must call this at the same point)."""
-        return _SavedOptimizer(optimizer.state_dict())
-
-
-class _SavedOptimizer:
-    def __init__(self, state):
-        self._state = state
-
-    def state_dict(self):
-        return self._state
 
 
 def local_rank0_first(comm: Communicator, fn):

@@ -1,11 +1,6 @@
-"""Reading untrusted files: one safe reader per file kind, small schemas, paths, locks, tensors.
+"""Reading untrusted JSON and TOML: size, depth and number limits, small schemas, paths inside a folder.
 
-Every file npgpt reads from disk may come from a stranger (a downloaded model folder, a shared data
-folder), so nothing in one is trusted before it is checked. This module is the one place that does
-the checking; loaders above it (model, tokenizer, checkpoint, data, SFT) call it and add what only
-they know (a config must match the tensors present, an id must be below the vocabulary size).
-
-JSON (`read_json`, `parse_json`)
+JSON (`read_json`, `read_jsonl`, `parse_json`)
     Size limit before reading, nesting-depth limit before parsing (Python's parser recurses), at most
     `MAX_INT_DIGITS` digits in an integer, no NaN/Infinity constants and no float that overflows to
     infinity (`1e999`), no duplicate keys. Any violation is an `NpgptError` naming the file.
@@ -14,23 +9,11 @@ Schemas (`Int`, `Float`, `Str`, `Bool`, `Obj`, `List`, `check`)
     `check(obj, {"step": Int(lo=0), "lr": Float(lo=0)}, where)` returns the checked values; an error
     names the file and the field (`state.json: field 'step' must be ...`). A bool is never an int.
 
+Numbers (`finite`)
+    NaN and infinity are refused in options.
+
 Paths (`inside`)
     `inside(folder, name)` is `folder/name` when it resolves (symlinks followed) inside `folder`.
-
-Run folder locks (`run_lock`)
-    An OS advisory lock (`flock`) on `FOLDER/.npgpt.lock`, held by train/finetune/prepare for their
-    whole life; a second writer fails at once with the holder's PID. The lock goes with the process,
-    so a crash or kill -9 never leaves a stale lock behind.
-
-safetensors (`read_safetensors_header`, `load_safetensors`)
-    The 8-byte header length and the JSON header are read and checked against the file size (dtypes,
-    shapes, offsets inside the data area and not overlapping, bytes = elements x itemsize) before a
-    single array is allocated, so a header cannot make npgpt allocate more than the file holds.
-    Tensors are then read with NumPy; BF16 and F16 are upcast to float32 (bfloat16 is the top half of
-    a float32, so the upcast is a 16-bit shift).
-
-Numbers (`finite`, `check_finite_tensors`)
-    NaN and infinity are refused in options and in loaded weights.
 
 TOML (`read_toml`)
     `tomllib` under the same size limit, then the same depth/finite checks as JSON.
@@ -43,26 +26,20 @@ import math
 import os
 import re
 import stat
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import save_file
 
 from npgpt.errors import NpgptError
-from npgpt.fileio import atomic_path, write_error
 
 MAX_JSON_BYTES = 64 << 20          # GPT-2's vocab.json is 1 MB; tokenizer.json files run to ~20 MB
 MAX_DEPTH = 64                     # no npgpt or Hugging Face file nests deeper than a handful
 MAX_INT_DIGITS = 40                # 128-bit PCG64 state words have 39 digits
-MAX_HEADER_BYTES = 100 << 20       # the safetensors library's own limit
-LOCK_FILE = ".npgpt.lock"
 
 
 # ----------------------------------------------------------------------------------------- JSON
 
-def _short(value, n=60) -> str:
+def short(value, n=60) -> str:
     text = repr(value)
     return text if len(text) <= n else text[:n - 3] + "..."
 
@@ -141,7 +118,7 @@ def _no_duplicates(pairs):
         seen = set()
         for k, _ in pairs:
             if k in seen:
-                raise ValueError(f"the key {_short(k)} appears twice")
+                raise ValueError(f"the key {short(k)} appears twice")
             seen.add(k)
     return obj
 
@@ -284,7 +261,7 @@ class Int(Spec):
         if value is None and self.none_ok:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"must be an integer, got {_short(value)}")
+            raise ValueError(f"must be an integer, got {short(value)}")
         value = int(value)
         if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
             raise ValueError(f"must be {_range(self.lo, self.hi)}, got {value}")
@@ -300,7 +277,7 @@ class Float(Spec):
 
     def convert(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise ValueError(f"must be a number, got {_short(value)}")
+            raise ValueError(f"must be a number, got {short(value)}")
         try:
             value = float(value)
         except OverflowError:
@@ -323,9 +300,9 @@ class Str(Spec):
 
     def convert(self, value):
         if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {_short(value)}")
+            raise ValueError(f"must be a string, got {short(value)}")
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"must be one of {', '.join(map(repr, self.choices))}, got {_short(value)}")
+            raise ValueError(f"must be one of {', '.join(map(repr, self.choices))}, got {short(value)}")
         if self.max_len is not None and len(value) > self.max_len:
             raise ValueError(f"must be at most {self.max_len} characters")
         return value
@@ -334,7 +311,7 @@ class Str(Spec):
 class Bool(Spec):
     def convert(self, value):
         if not isinstance(value, bool):
-            raise ValueError(f"must be true or false, got {_short(value)}")
+            raise ValueError(f"must be true or false, got {short(value)}")
         return value
 
 
@@ -349,7 +326,7 @@ class Obj(Spec):
         if value is None and self.default is None:
             return None
         if not isinstance(value, dict):
-            raise ValueError(f"must be an object {{...}}, got {_short(value)}")
+            raise ValueError(f"must be an object {{...}}, got {short(value)}")
         return value
 
 
@@ -362,7 +339,7 @@ class List(Spec):
 
     def convert(self, value):
         if not isinstance(value, list):
-            raise ValueError(f"must be a list [...], got {_short(value)}")
+            raise ValueError(f"must be a list [...], got {short(value)}")
         if self.max_len is not None and len(value) > self.max_len:
             raise ValueError(f"must have at most {self.max_len} entries, got {len(value)}")
         if self.item is None:
@@ -429,7 +406,7 @@ def inside(folder, name, what: str = "file") -> Path:
     """`folder / name`, provided it resolves (symlinks followed) inside `folder`; NpgptError otherwise."""
     folder = Path(folder)
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise NpgptError(f"{folder}: {what} name {_short(name)} is not a file name")
+        raise NpgptError(f"{folder}: {what} name {short(name)} is not a file name")
     rel = Path(name)
     if rel.is_absolute() or rel.drive:
         raise NpgptError(f"{folder}: {what} {name!r} is an absolute path; files must stay inside the folder")
@@ -441,222 +418,3 @@ def inside(folder, name, what: str = "file") -> Path:
     if target != root and root not in target.parents:
         raise NpgptError(f"{folder}: {what} {name!r} points outside the folder; it is refused")
     return folder / rel
-
-
-# ----------------------------------------------------------------------------- run folder lock
-
-@contextmanager
-def run_lock(folder, command: str = "npgpt"):
-    """Hold an exclusive OS lock on `folder` (created if needed) for the life of the block.
-
-    A second holder, in this or another process, fails at once with an NpgptError naming the first
-    holder's PID. The lock file is removed on release (checked by inode on taking it, so a file
-    removed meanwhile is never trusted). Where `fcntl` does not exist (Windows) the block runs unlocked.
-    """
-    try:
-        import fcntl
-    except ImportError:                    # pragma: no cover - Windows
-        yield None
-        return
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NpgptError(f"{folder} is a file; give a folder")
-    path = folder / LOCK_FILE
-    for _ in range(20):
-        fd = _open_lock_file(folder, path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise NpgptError(f"{folder} is in use by {holder}; wait for it to finish or choose another folder") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except OSError:
-            same = False
-        if same:
-            break
-        os.close(fd)                        # the holder removed the file as we opened it: take a fresh one
-    else:                                   # pragma: no cover - needs a lock race twenty times over
-        raise NpgptError(f"cannot take the lock {path}; try again")
-    try:
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} npgpt {command}\n".encode(), 0)
-        except OSError:
-            pass                            # the lock holds even if its note cannot be written
-        yield path
-    finally:
-        try:
-            os.unlink(path)                 # still locked: nobody can take this inode meanwhile
-        except OSError:
-            pass
-        os.close(fd)                        # closing releases the lock
-
-
-def _open_lock_file(folder: Path, path: Path) -> int:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise NpgptError(f"{folder} is not writable ({e.strerror or e}); choose another folder") from None
-
-
-def _lock_holder(fd: int) -> str:
-    try:
-        note = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-    except OSError:
-        note = []
-    who = f"PID {note[0]}" if note and note[0].isdigit() else "another process"
-    return who + (f" ({' '.join(note[1:])})" if len(note) > 1 else "")
-
-
-# -------------------------------------------------------------------------------- safetensors
-
-# dtype name -> NumPy dtype of the stored bytes (little-endian); BF16 is read as raw uint16.
-SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-    "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-MAX_DIMS = 8
-
-
-class TensorInfo:
-    """One header entry: dtype name, shape, byte range within the data area."""
-    __slots__ = ("dtype", "shape", "start", "end")
-
-    def __init__(self, dtype, shape, start, end):
-        self.dtype, self.shape, self.start, self.end = dtype, shape, start, end
-
-    def __repr__(self):
-        return f"TensorInfo({self.dtype}, {self.shape}, [{self.start}, {self.end}))"
-
-
-class SafetensorsHeader:
-    """A checked safetensors header: `tensors` {name: TensorInfo}, `metadata` {str: str}, data offset."""
-
-    def __init__(self, path, tensors, metadata, data_start):
-        self.path, self.tensors, self.metadata, self.data_start = path, tensors, metadata, data_start
-
-    def shapes(self) -> dict[str, tuple]:
-        return {name: t.shape for name, t in self.tensors.items()}
-
-
-def read_safetensors_header(path, max_header: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
-    """Read and check a safetensors file's header against its size; allocates no tensor."""
-    path = Path(path)
-    bad = f"{path} is truncated or corrupt"
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise NpgptError(f"{bad} ({size} bytes, too short for a safetensors header); it cannot be loaded")
-            n = int.from_bytes(prefix, "little")
-            if n > max_header or n > size - 8:
-                raise NpgptError(f"{bad} (header length {n} exceeds the file's {size} bytes or the "
-                                 f"{max_header:,}-byte limit); it cannot be loaded")
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise NpgptError(f"{path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise NpgptError(f"{path} is a folder, not a safetensors file") from None
-    except OSError as e:
-        raise NpgptError(f"cannot read {path} ({e.strerror or e})") from None
-    header = parse_json(raw.rstrip(b" "), f"{path} (safetensors header)", max_depth=4)
-    if not isinstance(header, dict):
-        raise NpgptError(f"{bad} (the header is not a JSON object); it cannot be loaded")
-    data_len = size - 8 - n
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
-        raise NpgptError(f"{bad} (__metadata__ must map strings to strings); it cannot be loaded")
-    tensors = {}
-    for name, entry in header.items():
-        tensors[name] = _check_entry(name, entry, data_len, f"{bad} (tensor {_short(name, 50)}")
-    spans = sorted((t.start, t.end, name) for name, t in tensors.items() if t.end > t.start)
-    for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise NpgptError(f"{bad} (tensors {_short(a, 40)} and {_short(b, 40)} overlap); it cannot be loaded")
-    return SafetensorsHeader(path, tensors, metadata, 8 + n)
-
-
-def _check_entry(name, entry, data_len, bad) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise NpgptError(f"{bad}: entry is not an object); it cannot be loaded")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
-        raise NpgptError(f"{bad}: dtype {_short(dtype)} is not one npgpt reads); it cannot be loaded")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise NpgptError(f"{bad}: shape {_short(shape)} is not a list of sizes); it cannot be loaded")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_len):
-        raise NpgptError(f"{bad}: data_offsets {_short(offsets)} fall outside the file's {data_len} data "
-                         f"bytes); it cannot be loaded")
-    count = math.prod(shape)
-    if count * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize != offsets[1] - offsets[0]:
-        raise NpgptError(f"{bad}: shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} "
-                         f"bytes); it cannot be loaded")
-    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32: bfloat16 is the high half of a float32."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
-
-
-def load_safetensors(path, header: SafetensorsHeader | None = None, upcast: bool = True,
-                     names=None) -> dict[str, np.ndarray]:
-    """`{name: array}` from a safetensors file, its header checked first (see `read_safetensors_header`).
-
-    With `upcast`, F16 and BF16 tensors come back as float32 (F64 stays F64). `names` limits the read
-    to some tensors. Arrays are fresh, writable and C-contiguous.
-    """
-    header = header or read_safetensors_header(path)
-    out = {}
-    try:
-        with open(header.path, "rb") as f:
-            for name, t in header.tensors.items():
-                if names is not None and name not in names:
-                    continue
-                f.seek(header.data_start + t.start)
-                buf = f.read(t.end - t.start)
-                if len(buf) != t.end - t.start:
-                    raise NpgptError(f"{header.path} is truncated (tensor {_short(name, 50)} ends past the file's "
-                                     f"end); it cannot be loaded")
-                arr = np.frombuffer(buf, dtype=SAFETENSORS_DTYPES[t.dtype]).reshape(t.shape)
-                if t.dtype == "BF16":
-                    arr = bf16_to_f32(arr) if upcast else arr.copy()
-                elif t.dtype == "F16" and upcast:
-                    arr = arr.astype(np.float32)
-                else:
-                    arr = arr.astype(arr.dtype.newbyteorder("="), copy=True)
-                out[name] = arr
-    except OSError as e:
-        raise NpgptError(f"cannot read {header.path} ({e.strerror or e})") from None
-    return out
-
-
-def check_finite_tensors(tensors: dict, where) -> None:
-    """NpgptError naming the first floating tensor in `tensors` that holds NaN or infinity."""
-    for name, arr in tensors.items():
-        a = np.asarray(arr)
-        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
-            bad = "NaN" if np.isnan(a).any() else "infinity"
-            raise NpgptError(f"{where}: tensor {name} holds {bad}; the weights are damaged (a diverged run "
-                             f"or a corrupt file) and are not loaded")
-
-
-def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write `{name: host array}` as a safetensors file, atomically (npgpt.fileio), with the writer's own
-    errors (a full disk, a file-size limit: not OSErrors) turned into one line; the old file stays."""
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as e:
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise write_error(path, OSError(reason)) from None

@@ -28,7 +28,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
     each layer would predict)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import load_model_and_tokenizer
-    from npgpt.inspect import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
+    from npgpt.interpret import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
                                save_logit_lens_png, select, shade_matrix, token_labels)
     if top_k <= 0:
         raise NpgptError(f"--top must be positive, got {top_k}")

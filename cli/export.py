@@ -1,0 +1,44 @@
+"""`npgpt export --gguf`: a model and its tokenizer as one GGUF file for llama.cpp, ollama, LM Studio."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from npgpt.errors import NpgptError
+
+
+@click.command()
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="Run folder, model folder or .gguf file to export.")
+@click.option("--gguf", "out", required=True, type=click.Path(), help="The GGUF file to write.")
+@click.option("--type", "type_name", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True,
+              help="Storage of the 2-D weights (norms and biases stay f32).")
+@click.option("--adapter", type=click.Path(), default=None, help="Merge this LoRA adapter folder in first.")
+@click.option("--force", is_flag=True, help="Overwrite --gguf if it exists.")
+def export(checkpoint, out, type_name, adapter, force):
+    """Write a GPT-2 or Llama-family model with its tokenizer and chat template to a GGUF file."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.gguf_models import export_gguf
+    from npgpt.lora import merge_lora
+
+    out = Path(out)
+    if not out.name.lower().endswith(".gguf"):
+        raise NpgptError(f"--gguf {out}: the file name must end in .gguf")
+    if out.is_dir():
+        raise NpgptError(f"--gguf {out} is a folder; give a file name ending in .gguf")
+    if out.exists() and not force:
+        raise NpgptError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and out.resolve() == Path(checkpoint).resolve():
+        raise NpgptError("--gguf must differ from --checkpoint")
+    model, tok, _ = load_model_and_tokenizer(checkpoint, adapter=adapter)
+    if adapter:
+        merge_lora(model)
+    export_gguf(model, tok, out, type_name)
+    size = out.stat().st_size
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB, {type_name}); try it:  npgpt sample --checkpoint {out}")
+
+
+COMMANDS = [export]

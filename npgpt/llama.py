@@ -1,0 +1,632 @@
+"""The Llama family: LlamaConfig, the decoder layer, Llama, cached inference, Hugging Face folders.
+
+The second model family beside GPT-2 (npgpt.model). Every small model people use now (SmolLM2,
+Qwen2.5, Llama 3.2, TinyLlama, Mistral) is this decoder; it differs from GPT-2 in four ops
+(npgpt.ops.llama):
+
+    GPT-2                               Llama
+    LayerNorm (scale + shift)           RMSNorm (scale only)
+    learned position table (wpe)        rotary embeddings on q and k (RoPE, no table)
+    MLP: c_proj(gelu(c_fc(x)))          SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))
+    nh key/value heads                  nkv <= nh key/value heads, shared by groups of queries (GQA)
+
+Reading order: LlamaConfig -> LlamaAttention -> LlamaMLP -> LlamaDecoderLayer -> Llama.forward.
+Parameter names are Hugging Face's own (`model.layers.0.self_attn.q_proj.weight`, `model.norm.weight`,
+`lm_head.weight`), so PEFT's target names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+down_proj) name our layers too. Linear weights are kept (in, out) as all of npgpt's are (x @ w);
+a Hugging Face folder stores them (out, in), so `from_pretrained` / `save_pretrained` transpose at
+the boundary. Qwen2 is the same decoder with biases on q, k and v (`qkv_bias`).
+
+The KV cache (npgpt.model.KVCache) holds only the nkv key/value heads: (n_layer, B, nkv, T, hs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from npgpt.backend import asnumpy, get_xp
+from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_json
+from npgpt.model import PRESETS as GPT_PRESETS
+from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
+from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
+from npgpt.ops.llama import _ungroup, gqa_attention, gqa_probs, rope, rope_inv_freq, rope_tables, swiglu
+from npgpt.ops.nn import dropout, linear
+from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value, inside,
+                          load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
+from npgpt.tensor import Tensor, no_grad
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    block_size: int = 2048            # the longest context (max_position_embeddings)
+    n_layer: int = 22                 # num_hidden_layers
+    n_head: int = 32                  # num_attention_heads
+    n_kv_head: int = 4                # num_key_value_heads: 1 is multi-query, n_head is multi-head
+    n_embd: int = 2048                # hidden_size
+    n_inner: int = 5632               # intermediate_size, the SwiGLU width
+    head_dim: int | None = None       # None: n_embd // n_head
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...} or None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False            # biases on q_proj, k_proj, v_proj (Qwen2 has them)
+    dropout: float = 0.0              # on attention weights and on each residual branch (training only)
+    model_type: str = "llama"         # "llama" or "qwen2": which Hugging Face class save_pretrained names
+
+    def __post_init__(self):
+        # every field checked by type and range: a config may come from a stranger's config.json
+        for name, spec in _CONFIG_SPECS.items():
+            setattr(self, name, check_value(getattr(self, name), spec, f"model config: {name}"))
+        if self.n_head % self.n_kv_head:
+            raise NpgptError(f"model config: n_head ({self.n_head}) must be a multiple of n_kv_head "
+                             f"(num_key_value_heads, {self.n_kv_head})")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_size % 2:
+            raise NpgptError(f"model config: the head size ({self.head_size}) must be even for rotary embeddings")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, "model config: rope_scaling")
+
+    arch = "llama"
+
+    @property
+    def head_size(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def hidden(self):
+        return self.n_inner
+
+    def num_params(self, non_embedding=False):
+        """The model's parameter count from the config alone. non_embedding=True leaves out the token
+        embedding (Llama has no position table; an untied head still counts, as it is a matmul)."""
+        C, H, hs = self.n_embd, self.n_inner, self.head_size
+        q, kv = self.n_head * hs, self.n_kv_head * hs
+        attn = C * q + 2 * C * kv + q * C + (q + 2 * kv) * int(self.qkv_bias)
+        layer = attn + 3 * C * H + 2 * C
+        emb = self.vocab_size * C
+        head = 0 if self.tie_word_embeddings else self.vocab_size * C
+        n = emb + self.n_layer * layer + C + head
+        return n - emb if non_embedding else n
+
+    def param_shapes(self) -> dict[str, tuple]:
+        """{parameter name: shape} of the Llama this config builds (npgpt's (in, out) layout), without
+        building it. `hf_shapes()` gives the same in a Hugging Face file's (out, in) layout."""
+        V, C, H, hs = self.vocab_size, self.n_embd, self.n_inner, self.head_size
+        q, kv = self.n_head * hs, self.n_kv_head * hs
+        shapes = {"model.embed_tokens.weight": (V, C)}
+        for i in range(self.n_layer):
+            b = f"model.layers.{i}."
+            for name, (n_in, n_out) in (("self_attn.q_proj", (C, q)), ("self_attn.k_proj", (C, kv)),
+                                        ("self_attn.v_proj", (C, kv)), ("self_attn.o_proj", (q, C)),
+                                        ("mlp.gate_proj", (C, H)), ("mlp.up_proj", (C, H)),
+                                        ("mlp.down_proj", (H, C))):
+                shapes[f"{b}{name}.weight"] = (n_in, n_out)
+                if self.qkv_bias and name[-6:] in ("q_proj", "k_proj", "v_proj"):
+                    shapes[f"{b}{name}.bias"] = (n_out,)
+            shapes[f"{b}input_layernorm.weight"] = (C,)
+            shapes[f"{b}post_attention_layernorm.weight"] = (C,)
+        shapes["model.norm.weight"] = (C,)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (V, C)
+        return shapes
+
+    def hf_shapes(self) -> dict[str, tuple]:
+        """param_shapes as a Hugging Face file holds them: linear weights (out, in)."""
+        return {k: (s[::-1] if _is_linear_weight(k) else s) for k, s in self.param_shapes().items()}
+
+    @classmethod
+    def from_gpt(cls, gpt: GPTConfig, **overrides):
+        """The Llama of a GPT preset's sizes (`--set arch=llama`): same vocabulary, context, layers,
+        heads and width; half as many key/value heads as query heads (when n_head is even); a SwiGLU
+        width of 8/3 n_embd rounded up to a multiple of 32 (the parameters of a 4 n_embd GELU MLP,
+        as the Llama paper chose); tied embeddings, as small models (SmolLM2) have them."""
+        n_kv = gpt.n_head // 2 if gpt.n_head % 2 == 0 else gpt.n_head
+        width = gpt.n_inner or -(-8 * gpt.n_embd // 3 // 32) * 32
+        fields = dict(vocab_size=gpt.vocab_size, block_size=gpt.block_size, n_layer=gpt.n_layer, n_head=gpt.n_head,
+                      n_kv_head=n_kv, n_embd=gpt.n_embd, n_inner=width, dropout=gpt.dropout,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+        return cls(**{**fields, **overrides})
+
+    # ---- Hugging Face config.json ------------------------------------------------------------
+    def to_hf(self):
+        arch = {v: k for k, v in ARCHITECTURES.items()}[self.model_type]
+        hf = {"architectures": [arch], "model_type": self.model_type,
+              "vocab_size": self.vocab_size, "hidden_size": self.n_embd, "intermediate_size": self.n_inner,
+              "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+              "num_key_value_heads": self.n_kv_head, "max_position_embeddings": self.block_size,
+              "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+              "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu", "attention_dropout": self.dropout,
+              "initializer_range": 0.02, "torch_dtype": "float32", "use_cache": True}
+        if self.model_type == "llama":
+            hf.update(attention_bias=False, mlp_bias=False, head_dim=self.head_size, pretraining_tp=1)
+            if self.qkv_bias:
+                raise NpgptError("a Llama folder cannot hold q/k/v biases without an o_proj bias; "
+                                 "save this model with model_type 'qwen2'")
+        else:
+            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layer)
+            if self.head_dim is not None and self.head_dim != self.n_embd // self.n_head:
+                raise NpgptError("a Qwen2 folder cannot record a head size other than hidden_size / num_attention_heads")
+        return hf
+
+    @classmethod
+    def from_hf(cls, cfg: dict, where="config.json"):
+        """A LlamaConfig from a LlamaForCausalLM or Qwen2ForCausalLM config.json dict; NpgptError
+        naming the field when a value is wrong or asks for something npgpt does not implement."""
+        kind = model_type_of(cfg, where)
+        size = Int(lo=1, hi=1 << 24)
+        f = check(cfg, {"vocab_size": size, "hidden_size": size, "intermediate_size": size,
+                        "num_hidden_layers": Int(lo=1, hi=4096), "num_attention_heads": Int(lo=1, hi=4096),
+                        "num_key_value_heads": Int(lo=1, hi=4096, default=None, none_ok=True),
+                        "head_dim": Int(lo=2, hi=1 << 16, default=None, none_ok=True),
+                        "max_position_embeddings": Int(lo=1, hi=1 << 24, default=2048),
+                        "rms_norm_eps": Float(0, 1, default=1e-6, lo_open=True),
+                        "rope_theta": Float(0, default=10000.0, lo_open=True),
+                        "rope_scaling": Obj(default=None), "tie_word_embeddings": Bool(default=False),
+                        "hidden_act": Str(default="silu", max_len=40),
+                        "attention_bias": Bool(default=False), "mlp_bias": Bool(default=False),
+                        "attention_dropout": Float(0, 1, default=0.0, hi_open=True),
+                        "use_sliding_window": Bool(default=False)}, where)
+        if f["hidden_act"] != "silu":
+            raise NpgptError(f"{where}: hidden_act {f['hidden_act']!r} is not supported; npgpt's Llama uses SwiGLU (silu)")
+        if f["mlp_bias"]:
+            raise NpgptError(f"{where}: mlp_bias true is not supported (Llama's MLP has no biases)")
+        if kind == "llama" and f["attention_bias"]:
+            raise NpgptError(f"{where}: attention_bias true (biases on q, k, v and o_proj) is not supported")
+        if kind == "qwen2" and f["use_sliding_window"]:
+            raise NpgptError(f"{where}: use_sliding_window true is not supported; npgpt attends over the whole context")
+        head_dim = f["head_dim"] if kind == "llama" else None
+        if head_dim is not None and head_dim * f["num_attention_heads"] == f["hidden_size"]:
+            head_dim = None                                  # the default: not recorded separately
+        return cls(vocab_size=f["vocab_size"], block_size=f["max_position_embeddings"], n_layer=f["num_hidden_layers"],
+                   n_head=f["num_attention_heads"], n_kv_head=f["num_key_value_heads"] or f["num_attention_heads"],
+                   n_embd=f["hidden_size"], n_inner=f["intermediate_size"], head_dim=head_dim,
+                   rms_norm_eps=f["rms_norm_eps"], rope_theta=f["rope_theta"],
+                   rope_scaling=check_rope_scaling(f["rope_scaling"], f"{where}: rope_scaling"),
+                   tie_word_embeddings=f["tie_word_embeddings"], qkv_bias=kind == "qwen2",
+                   dropout=f["attention_dropout"], model_type=kind)
+
+
+_CONFIG_SPECS = {"vocab_size": Int(lo=1), "block_size": Int(lo=1), "n_layer": Int(lo=1), "n_head": Int(lo=1),
+                 "n_kv_head": Int(lo=1), "n_embd": Int(lo=1), "n_inner": Int(lo=1),
+                 "head_dim": Int(lo=2, none_ok=True), "rms_norm_eps": Float(0, lo_open=True),
+                 "rope_theta": Float(0, lo_open=True), "tie_word_embeddings": Bool(), "qkv_bias": Bool(),
+                 "dropout": Float(0, 1, hi_open=True), "model_type": Str(choices=("llama", "qwen2"))}
+
+
+def model_type_of(cfg: dict, where="config.json") -> str:
+    """'llama' or 'qwen2' from a config.json dict's architectures (or model_type); a clear error
+    naming any other architecture."""
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs):
+        known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+        if known:
+            return known[0]
+        raise NpgptError(f"{where}: architecture {', '.join(archs)[:80]} is not supported; npgpt loads "
+                         f"GPT2LMHeadModel, LlamaForCausalLM and Qwen2ForCausalLM")
+    kind = cfg.get("model_type")
+    if kind in ("llama", "qwen2"):
+        return kind
+    raise NpgptError(f"{where}: model_type {str(kind)[:40]!r} is not a Llama-family model")
+
+
+_ROPE_FIELDS = {
+    "linear": {"factor": Float(1, 1e6)},
+    "llama3": {"factor": Float(1, 1e6), "low_freq_factor": Float(0, 1e6, lo_open=True),
+               "high_freq_factor": Float(0, 1e6, lo_open=True), "original_max_position_embeddings": Int(lo=1)},
+}
+
+
+def check_rope_scaling(value, where):
+    """A rope_scaling dict reduced to what npgpt uses ({"rope_type", factors...}), or None for plain RoPE.
+    Hugging Face writes the kind as "rope_type" (older files: "type")."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise NpgptError(f"{where} must be an object {{...}} or null")
+    kind = value.get("rope_type", value.get("type"))
+    if kind == "default":
+        return None
+    if kind not in _ROPE_FIELDS:
+        raise NpgptError(f"{where}: rope type {str(kind)[:40]!r} is not supported; npgpt implements "
+                         f"'linear' and 'llama3' (and plain RoPE)")
+    f = check(value, _ROPE_FIELDS[kind], where)
+    if kind == "llama3" and not f["high_freq_factor"] > f["low_freq_factor"]:
+        raise NpgptError(f"{where}: high_freq_factor must be greater than low_freq_factor")
+    return {"rope_type": kind, **f}
+
+
+def _is_linear_weight(name):
+    return name.endswith("_proj.weight")
+
+
+PRESETS = {"llama-" + name: LlamaConfig.from_gpt(GPT_PRESETS[name]) for name in ("baby", "shakespeare-char")}
+
+
+# ---- the blocks --------------------------------------------------------------------------------
+class LlamaAttention(Module):
+    """q, k, v projections (q/k/v biases for Qwen2), RoPE on q and k, grouped-query attention, o_proj."""
+
+    def __init__(self, cfg: LlamaConfig, rng, resid_std):
+        self.n_head, self.n_kv_head, self.head_size, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.head_size, cfg.dropout
+        q, kv = cfg.n_head * cfg.head_size, cfg.n_kv_head * cfg.head_size
+        self.q_proj = Linear(cfg.n_embd, q, bias=cfg.qkv_bias, rng=rng)
+        self.k_proj = Linear(cfg.n_embd, kv, bias=cfg.qkv_bias, rng=rng)
+        self.v_proj = Linear(cfg.n_embd, kv, bias=cfg.qkv_bias, rng=rng)
+        self.o_proj = Linear(q, cfg.n_embd, bias=False, rng=rng, std=resid_std)
+        self.rng = None                                      # the model's dropout generator, set by Llama
+
+    def forward(self, x, cos, sin):                          # (B, T, C) -> (B, T, C)
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        p = self.dropout if self.training else 0.0
+        q = rope(self.q_proj(x).reshape(B, T, nh, hs), cos, sin)          # (B, T, nh, hs)
+        k = rope(self.k_proj(x).reshape(B, T, nkv, hs), cos, sin)         # (B, T, nkv, hs)
+        v = self.v_proj(x).reshape(B, T, nkv, hs)
+        y = gqa_attention(q, k, v, dropout=p, rng=self.rng)               # (B, T, nh hs)
+        return dropout(self.o_proj(y), p, self.rng, self.training)
+
+    def forward_cached(self, x, k_cache, v_cache, p0, cos, sin, key_mask=None):
+        """Inference on plain arrays: new positions x (B, Tn, C) attend to the cached keys/values.
+
+        k_cache, v_cache: this layer's (B, nkv, block_size, hs) buffers; the new (rotated) keys and
+        values are written at p0:p0+Tn. cos, sin: the new positions' tables. Returns (y (B, Tn, C),
+        attention probabilities (B, nh, Tn, Tk))."""
+        B, Tn, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        xt = Tensor(x)
+        q = rope(self.q_proj(xt).reshape(B, Tn, nh, hs), cos, sin).data
+        k = rope(self.k_proj(xt).reshape(B, Tn, nkv, hs), cos, sin).data
+        v = self.v_proj(xt).data.reshape(B, Tn, nkv, hs)
+        k_cache[:, :, p0:p0 + Tn] = k.transpose(0, 2, 1, 3)
+        v_cache[:, :, p0:p0 + Tn] = v.transpose(0, 2, 1, 3)
+        Tk = p0 + Tn
+        att = gqa_probs(q.transpose(0, 2, 1, 3), k_cache[:, :, :Tk], key_mask)   # (B, nh, Tn, Tk)
+        y = att.reshape(B, nkv, nh // nkv * Tn, Tk) @ v_cache[:, :, :Tk]        # (B, nkv, g Tn, hs)
+        y = _ungroup(y, Tn).reshape(B, Tn, nh * hs)
+        return self.o_proj(Tensor(y)).data, att
+
+
+class LlamaMLP(Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, cfg: LlamaConfig, rng, resid_std):
+        self.dropout = cfg.dropout
+        self.gate_proj = Linear(cfg.n_embd, cfg.n_inner, bias=False, rng=rng)
+        self.up_proj = Linear(cfg.n_embd, cfg.n_inner, bias=False, rng=rng)
+        self.down_proj = Linear(cfg.n_inner, cfg.n_embd, bias=False, rng=rng, std=resid_std)
+        self.rng = None
+
+    def forward(self, x):                                    # (B, T, C) -> (B, T, C)
+        y = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return dropout(y, self.dropout, self.rng, self.training)
+
+
+class LlamaDecoderLayer(Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)), with RMSNorms."""
+
+    def __init__(self, cfg: LlamaConfig, rng, resid_std):
+        self.self_attn = LlamaAttention(cfg, rng, resid_std)
+        self.mlp = LlamaMLP(cfg, rng, resid_std)
+        self.input_layernorm = RMSNorm(cfg.n_embd, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, eps=cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, k_cache, v_cache, p0, cos, sin, key_mask=None):
+        """forward on plain arrays with this layer's KV cache (see LlamaAttention.forward_cached)."""
+        y, att = self.self_attn.forward_cached(self.input_layernorm(Tensor(x)).data, k_cache, v_cache, p0,
+                                               cos, sin, key_mask)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(Tensor(x))).data, att
+
+
+class LlamaModel(Module):
+    def __init__(self, cfg: LlamaConfig, rng):
+        # N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 n_layer) (as GPT-2's init)
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.n_embd, rng=rng)
+        self.layers = ModuleList(LlamaDecoderLayer(cfg, rng, resid_std) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, eps=cfg.rms_norm_eps)
+
+
+class LMHead(Module):
+    """The output projection, (V, C) as Hugging Face's lm_head (logits = x @ weight.T)."""
+
+    def __init__(self, vocab_size, dim, rng):
+        self.weight = Parameter(rng.normal(0.0, 0.02, size=(vocab_size, dim)).astype(np.float32))
+
+
+class _NoInit:
+    """Stands in for a Generator while a model is built only to be loaded: np.empty, no draws."""
+
+    def normal(self, loc, scale, size):
+        return np.empty(size, dtype=np.float32)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+class Llama(CausalLM):
+    """A Llama-family decoder: token embedding, n_layer pre-norm decoder layers (RMSNorm, RoPE, GQA,
+    SwiGLU), final RMSNorm, LM head (tied to the embedding or its own)."""
+
+    def __init__(self, config: LlamaConfig, seed: int = 0, device="cpu", init=True):
+        self.config = config
+        self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
+        init_rng = self.rng if init else _NoInit()
+        self.model = LlamaModel(config, init_rng)
+        self.lm_head = None if config.tie_word_embeddings else LMHead(config.vocab_size, config.n_embd, init_rng)
+        for m in self.modules():
+            if isinstance(m, (LlamaAttention, LlamaMLP)):
+                m.rng = self.rng
+        self._inv_freq = rope_inv_freq(config.head_size, config.rope_theta, config.rope_scaling)
+        if str(device) != "cpu":
+            self.to(device)
+
+    @property
+    def input_embedding(self):
+        return self.model.embed_tokens.weight
+
+    @property
+    def output_weight(self):
+        """The (V, C) LM head: lm_head.weight, or the embedding when tied."""
+        return self.input_embedding if self.lm_head is None else self.lm_head.weight
+
+    def rope_tables(self, positions):
+        """cos, sin (..., hs/2) in the model's dtype for integer positions (...) on the model's device."""
+        return rope_tables(positions, self._inv_freq, self.input_embedding.dtype)
+
+    # ---- training forward -------------------------------------------------------------------
+    def forward(self, idx, targets=None, ignore_index=-1):
+        """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
+        idx = self._check_ids(idx)
+        T = idx.shape[1]
+        m = self.model
+        x = m.embed_tokens(idx)                                      # (B, T, C)
+        x = dropout(x, self.config.dropout, self.rng, self.training)
+        cos, sin = self.rope_tables(get_xp(idx).arange(T))          # (T, hs/2)
+        for layer in m.layers:
+            x = layer(x, cos, sin)
+        x = m.norm(x)
+        logits = linear(x, self.output_weight.T)                     # (B, T, V)
+        return logits, self.lm_loss(logits, targets, ignore_index)
+
+    def hidden_states(self, idx):
+        """The residual stream after the embedding and after each layer, [(B, T, C) Tensor] * (n_layer + 1),
+        for interpretability (npgpt.inspect's logit lens reads each through model.norm and the head)."""
+        idx = self._check_ids(idx)
+        cos, sin = self.rope_tables(get_xp(idx).arange(idx.shape[1]))
+        out = [self.model.embed_tokens(idx)]
+        for layer in self.model.layers:
+            out.append(layer(out[-1], cos, sin))
+        return out
+
+    def final_logits(self, x):
+        """Logits of residual-stream states x (..., C): the final RMSNorm, then the head."""
+        return linear(self.model.norm(x), self.output_weight.T)
+
+    def resize_token_embeddings(self, vocab_size):
+        """Grow the embedding (and an untied head) to vocab_size rows; new rows start at the mean row."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise NpgptError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        for p in ([self.input_embedding] + ([self.lm_head.weight] if self.lm_head is not None else [])):
+            xp = get_xp(p.data)
+            extra = xp.broadcast_to(p.data.mean(axis=0, keepdims=True), (vocab_size - old, p.shape[1]))
+            p.data = xp.concatenate([p.data, extra]).astype(p.dtype)
+            p.grad = None
+        self.config = replace(self.config, vocab_size=vocab_size)
+        return self
+
+    # ---- sizes ---------------------------------------------------------------------------------
+    def num_params(self, non_embedding=False):
+        """Parameter count (LlamaConfig.num_params); non_embedding=True leaves out the token embedding."""
+        return self.config.num_params(non_embedding)
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token, 6 N + 12 n_layer nh hs T (the PaLM paper's estimate, appendix B)."""
+        cfg = self.config
+        T = T or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+
+    # ---- cached inference ----------------------------------------------------------------------
+    def new_cache(self, batch_size):
+        return KVCache(self.config, batch_size, self.input_embedding.data)
+
+    @no_grad()
+    def forward_cached(self, idx, cache, return_attention=False):
+        """Run new tokens idx (B, Tn) through the model, reading and extending `cache` (only the nkv
+        key/value heads are cached). Same contract as GPT.forward_cached: logits (B, Tn, V) as a plain
+        array (and per-layer attention (B, nh, Tn, Tk) when asked)."""
+        idx = self._check_ids(idx)
+        B, Tn = idx.shape
+        p0 = cache.length
+        if p0 + Tn > self.config.block_size:
+            raise NpgptError(f"KV cache overflow: {p0} cached + {Tn} new tokens > block_size "
+                             f"{self.config.block_size}; rebuild the cache from the last tokens")
+        xp = get_xp(cache.k)
+        key_mask = None
+        if cache.padded:   # left-padded rows: positions count from each row's first real token
+            pos = xp.maximum(xp.arange(p0, p0 + Tn)[None, :] - cache.pad[:, None], 0)   # (B, Tn)
+            key_mask = xp.arange(p0 + Tn)[None, :] >= cache.pad[:, None]               # (B, Tk)
+        else:
+            pos = xp.arange(p0, p0 + Tn)                                                 # (Tn,)
+        cos, sin = self.rope_tables(pos)
+        x = self.input_embedding.data[idx]                                              # (B, Tn, C)
+        maps = []
+        for i, layer in enumerate(self.model.layers):
+            x, att = layer.forward_cached(x, cache.k[i], cache.v[i], p0, cos, sin, key_mask)
+            if return_attention:
+                maps.append(att)
+        cache.length = p0 + Tn
+        x = self.model.norm(Tensor(x)).data
+        logits = x @ self.output_weight.data.T                                          # (B, Tn, V)
+        return (logits, maps) if return_attention else logits
+
+    # ---- Hugging Face folders ------------------------------------------------------------------
+    def hf_state_dict(self):
+        """{Hugging Face name: host array} in a Hugging Face file's layout (linear weights (out, in))."""
+        out = {}
+        for name, p in self.named_parameters():
+            a = asnumpy(p.data)
+            out[name] = np.ascontiguousarray(a.T if _is_linear_weight(name) else a)
+        return out
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors: a folder transformers loads as LlamaForCausalLM (or
+        Qwen2ForCausalLM), with Hugging Face's names and (out, in) linear weights."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / "model.safetensors", self.hf_state_dict(), metadata={"format": "pt"})
+        atomic_write_json(path / "config.json", self.config.to_hf())
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", **overrides):
+        """Load a LlamaForCausalLM / Qwen2ForCausalLM folder (model.safetensors, or shards listed in
+        model.safetensors.index.json; float32, float16 or bfloat16, upcast to float32).
+
+        config.json is checked against every safetensors header (names, shapes, dtypes) before any
+        weight is allocated; NaN or infinite weights are an error. Eval mode, as transformers."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NpgptError(f"model folder {path} does not exist")
+        hf = read_hf_config(path)
+        config = LlamaConfig.from_hf(hf, str(path / "config.json"))
+        state = load_llama_tensors(path, config)
+        model = cls(replace(config, **overrides), init=False)
+        model.load_state_dict(state)
+        model.eval()
+        return model.to(device) if str(device) != "cpu" else model
+
+
+# ---- reading Hugging Face weights ----------------------------------------------------------------
+INDEX_FILE = "model.safetensors.index.json"
+IGNORED_KEYS = ("rotary_emb.inv_freq",)          # a buffer older transformers saved with the weights
+MAX_SHARDS = 10000
+
+
+def weight_files(path) -> list:
+    """The checked headers of a folder's weights: model.safetensors, or the shards that
+    model.safetensors.index.json names (each kept inside the folder), with {tensor: shard} checked
+    against the shards' own headers."""
+    path = Path(path)
+    single, index = path / "model.safetensors", path / INDEX_FILE
+    if single.is_file():
+        return [read_safetensors_header(single)]
+    if not index.is_file():
+        extra = " (PyTorch .bin files are pickles and are not read: re-save with safe_serialization=True)" \
+            if any(path.glob("pytorch_model*.bin")) else ""
+        raise NpgptError(f"{path} holds neither model.safetensors nor {INDEX_FILE}{extra}")
+    f = check(read_json_object(index, "safetensors index"), {"weight_map": Obj()}, str(index))
+    weight_map = f["weight_map"]
+    shards = sorted(set(weight_map.values()), key=str)
+    if not weight_map or len(shards) > MAX_SHARDS or not all(isinstance(s, str) for s in shards):
+        raise NpgptError(f"{index}: weight_map must map tensor names to at most {MAX_SHARDS} shard file names")
+    headers = [read_safetensors_header(inside(path, s, "shard")) for s in shards]
+    for s, h in zip(shards, headers):
+        claimed = {k for k, v in weight_map.items() if v == s and not k.endswith(IGNORED_KEYS)}
+        held = {k for k in h.tensors if not k.endswith(IGNORED_KEYS)}
+        if claimed != held:
+            odd = sorted(claimed ^ held)[:2]
+            raise NpgptError(f"{index}: the weight_map disagrees with shard {s} (e.g. {', '.join(odd)}); "
+                             f"the folder is damaged")
+    return headers
+
+
+def load_llama_tensors(path, config: LlamaConfig) -> dict:
+    """{npgpt name: float32 array (npgpt's (in, out) layout)} from a Llama/Qwen2 folder; every header
+    is checked against `config` (names, shapes, floating dtypes) before a tensor is read."""
+    headers = weight_files(path)
+    where, cfg_file = Path(path) / "config.json", Path(path)
+    found = {}
+    for h in headers:
+        for key, info in h.tensors.items():
+            if key.endswith(IGNORED_KEYS):
+                continue
+            if key in found:
+                raise NpgptError(f"{h.path}: tensor {key} appears in two shards; the folder is damaged")
+            if info.dtype not in FLOAT_DTYPES:
+                raise NpgptError(f"{h.path}: tensor {key} has dtype {info.dtype}; expected floating point weights")
+            found[key] = (h, info.shape)
+    tied_extra = config.tie_word_embeddings and "lm_head.weight" in found
+    if tied_extra:                                  # tied: transformers ignores a stored head, and so do we
+        del found["lm_head.weight"]
+    expected = config.hf_shapes()
+    n_layers = len({k.split(".")[2] for k in found if k.startswith("model.layers.")})
+    if n_layers != config.n_layer:
+        raise NpgptError(f"{where}: num_hidden_layers is {config.n_layer} but the weights hold {n_layers} layers; "
+                         f"the folder does not match its config.json")
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k][1])} (expected {tuple(v)})" for k, v in expected.items()
+             if k in found and tuple(found[k][1]) != tuple(v)]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + wrong[:3]
+    if problems:
+        raise NpgptError(f"{cfg_file}: {'; '.join(problems)}; the weights do not match config.json")
+    state = {}
+    for h in headers:
+        names = {k for k in h.tensors if k in expected}
+        if not names:
+            continue
+        for key, a in load_safetensors(h.path, h, names=names).items():
+            a = a.astype(np.float32, copy=False)
+            state[key] = np.ascontiguousarray(a.T) if _is_linear_weight(key) else a
+        check_finite_tensors({k: state[k] for k in names}, h.path)
+    return state
+
+
+def is_llama_config(hf: dict) -> bool:
+    """True when a config.json dict describes a Llama-family model (architectures or model_type)."""
+    archs = hf.get("architectures")
+    if isinstance(archs, list) and any(a in ARCHITECTURES for a in archs if isinstance(a, str)):
+        return True
+    return hf.get("model_type") in ("llama", "qwen2")
+
+
+# ---- choosing the family --------------------------------------------------------------------------
+ARCHS = ("gpt", "llama")
+
+
+def preset_config(preset, arch="gpt", **overrides):
+    """The model config of a preset name ("baby", "llama-baby", ...) and an architecture, with
+    `overrides` (n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias) applied to the GPT
+    sizes first: `preset_config("baby", "llama")` is `preset_config("llama-baby")`."""
+    if arch not in ARCHS:
+        raise NpgptError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if preset.startswith("llama-") and preset[6:] in GPT_PRESETS:
+        preset, arch = preset[6:], "llama"
+    elif preset not in GPT_PRESETS:
+        raise NpgptError(f"unknown preset {preset!r}: choose one of {', '.join(list(GPT_PRESETS) + list(PRESETS))}")
+    bias = overrides.pop("bias", None)
+    gpt = replace(GPT_PRESETS[preset], **overrides)
+    if arch == "gpt":
+        return gpt if bias is None else replace(gpt, bias=bias)
+    return LlamaConfig.from_gpt(gpt)
+
+
+def from_pretrained(path, device="cpu", **overrides):
+    """A float model folder of either family: GPT-2 (npgpt's own or transformers') or a
+    LlamaForCausalLM / Qwen2ForCausalLM, decided by config.json. (Quantised folders load through
+    npgpt.quant.load_model, which calls this for float ones.)"""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and is_llama_config(read_hf_config(path)):
+        return Llama.from_pretrained(path, device=device, **overrides)
+    return GPT.from_pretrained(path, device=device, **overrides)
+
+
+def build_model(config, seed=0, device="cpu"):
+    """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig)."""
+    return (Llama if isinstance(config, LlamaConfig) else GPT)(config, seed=seed, device=device)
+
+
+__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "from_pretrained", "is_llama_config",
+           "load_llama_tensors", "model_type_of"]

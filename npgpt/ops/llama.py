@@ -1,0 +1,326 @@
+"""Fused ops of the Llama family: RMSNorm, rotary position embeddings, SwiGLU and grouped-query
+causal attention.
+
+A Llama block differs from a GPT-2 block in four places, one op each:
+
+    RMSNorm       y = x / rms(x) * w                   (no mean subtracted, no shift)
+    RoPE          q, k turned by a position-dependent angle per channel pair (no position table)
+    SwiGLU        down(silu(gate(x)) * up(x))           (a gated MLP, three matrices)
+    GQA           groups of query heads share one key/value head (num_key_value_heads)
+
+Each is one Function with forward directly above a hand-written backward, and a composed
+`*_reference` from primitive ops below it; tests/test_llama_ops.py checks the two against each
+other and every gradient against finite differences (float64). The conventions are Hugging
+Face's (`modeling_llama.py`), so weights from a Llama or Qwen2 folder run unchanged: RoPE turns
+the pair (x_i, x_{i + hs/2}) ("rotate_half"), and query head h reads key/value head h // (nh / nkv).
+
+Shapes: B batch, T time, C channels, nh query heads, nkv key/value heads, hs head size, H MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from npgpt.backend import get_xp
+from npgpt.ops import concatenate as _concatenate
+from npgpt.ops import softmax as _softmax
+from npgpt.ops import where as _where
+from npgpt.ops.nn import causal_bias, dropout_mask
+from npgpt.ops.reduce import softmax_array
+from npgpt.tensor import Function
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------
+class RMSNorm(Function):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last axis.  x: (..., C), w: (C,) -> (..., C).
+
+    Root-mean-square normalisation (Zhang & Sennrich 2019): LayerNorm without the mean and the
+    shift. Forward keeps x and the per-row rstd (N, 1), not the normalised tensor (as llm.c's
+    LayerNorm keeps its statistics)."""
+    def forward(self, x, w):
+        xp = get_xp(x)
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)                                 # (N, C)
+        ms = xp.einsum("ij,ij->i", x2, x2)[:, None] / C       # (N, 1) mean of squares, no x*x temporary
+        rstd = 1.0 / xp.sqrt(ms + self.eps)                   # (N, 1)
+        y = x2 * rstd
+        y *= w
+        self.save(x2, w, rstd)
+        return y.reshape(x.shape)
+
+    def backward(self, dout):
+        x2, w, rstd = self.saved
+        xp = get_xp(dout)
+        C = x2.shape[1]
+        d2 = dout.reshape(x2.shape)                           # (N, C)
+        xhat = x2 * rstd
+        # forward: y = xhat * w  =>  dw = sum_rows dy * xhat, dxhat = dy * w
+        dw = xp.einsum("ij,ij->j", d2, xhat)
+        dxhat = d2 * w
+        # forward: xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2)  =>
+        #   dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+        proj = xp.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
+        xhat *= proj
+        dxhat -= xhat
+        dxhat *= rstd
+        return dxhat.reshape(dout.shape), dw
+
+
+def rms_norm(x, w, eps=1e-6):
+    return RMSNorm.apply(x, w, eps=eps)
+
+
+def rms_norm_reference(x, w, eps=1e-6):
+    return x / ((x * x).mean(axis=-1, keepdims=True) + eps).sqrt() * w
+
+
+# ---- rotary position embeddings ----------------------------------------------------------------
+def rope_inv_freq(head_dim, theta=10000.0, scaling=None):
+    """The rotation speed of each channel pair: (hs/2,) float64, theta^(-2i/hs), adjusted by
+    `scaling` (a validated rope_scaling dict, or None):
+
+      {"rope_type": "linear", "factor": f}      positions divided by f (all speeds / f)
+      {"rope_type": "llama3", "factor": f, "low_freq_factor": lo, "high_freq_factor": hi,
+       "original_max_position_embeddings": n}   Llama 3.1's: slow channels (wavelength > n / lo)
+                                                / f, fast ones (< n / hi) kept, the band between
+                                                blended smoothly
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        n = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > n / lo, inv / f, inv)
+        smooth = (n / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= n / hi) & (wavelen <= n / lo)
+        return np.where(medium, blended, scaled)
+    return inv
+
+
+def rope_tables(positions, inv_freq, dtype=np.float32):
+    """cos and sin of every (position, channel pair) angle: positions (...) int (NumPy or CuPy)
+    and inv_freq (hs/2,) -> two arrays (..., hs/2) of `dtype`, on the positions' device. The
+    angles are formed in float64, so a position in the tens of thousands keeps its precision."""
+    xp = get_xp(positions)
+    angles = xp.asarray(positions, dtype=np.float64)[..., None] * xp.asarray(inv_freq)
+    return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
+
+
+def _per_head(t):
+    """cos/sin (T, h) or (B, T, h) -> a view that broadcasts over (B, T, n, h)."""
+    return t[:, None, :] if t.ndim == 2 else t[:, :, None, :]
+
+
+class Rope(Function):
+    """Rotary position embedding (Su et al. 2021) in Hugging Face's half-split layout.
+
+    x: (B, T, n, hs); cos, sin (options, from rope_tables): (T, hs/2), or (B, T, hs/2) when each
+    row has its own positions -> (B, T, n, hs). For i < hs/2 the pair (x_i, x_{i+hs/2}) turns by
+    the angle whose cos and sin are given. A rotation's inverse is its transpose, so backward turns
+    the gradient back by the same angle; nothing is saved."""
+    def forward(self, x):
+        xp = get_xp(x)
+        h = x.shape[-1] // 2
+        c, s = _per_head(self.cos), _per_head(self.sin)
+        x1, x2 = x[..., :h], x[..., h:]
+        y = xp.empty_like(x)
+        xp.multiply(x1, c, out=y[..., :h])
+        y[..., :h] -= x2 * s                                  # y1 = x1 cos - x2 sin
+        xp.multiply(x2, c, out=y[..., h:])
+        y[..., h:] += x1 * s                                  # y2 = x2 cos + x1 sin
+        return y
+
+    def backward(self, dout):
+        xp = get_xp(dout)
+        h = dout.shape[-1] // 2
+        c, s = _per_head(self.cos), _per_head(self.sin)
+        d1, d2 = dout[..., :h], dout[..., h:]
+        # forward: [y1; y2] = [[cos, -sin], [sin, cos]] [x1; x2]  =>  dx = the transpose times dy
+        dx = xp.empty_like(dout)
+        xp.multiply(d1, c, out=dx[..., :h])
+        dx[..., :h] += d2 * s                                 # dx1 = dy1 cos + dy2 sin
+        xp.multiply(d2, c, out=dx[..., h:])
+        dx[..., h:] -= d1 * s                                 # dx2 = dy2 cos - dy1 sin
+        return dx
+
+
+def rope(x, cos, sin):
+    if x.shape[-1] % 2:
+        raise ValueError(f"rope: head size {x.shape[-1]} must be even")
+    if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1] // 2 or cos.shape[-2] != x.shape[1]:
+        raise ValueError(f"rope: tables {cos.shape} do not fit x {x.shape} (want (T, hs/2) or (B, T, hs/2))")
+    return Rope.apply(x, cos=cos, sin=sin)
+
+
+def rope_reference(x, cos, sin):
+    """The same rotation composed from slices, products and a concatenation (HF's rotate_half)."""
+    h = x.shape[-1] // 2
+    c, s = _per_head(cos), _per_head(sin)
+    x1, x2 = x[..., :h], x[..., h:]
+    return _concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+# ---- SwiGLU ------------------------------------------------------------------------------------
+def _sigmoid(xp, g):
+    return 0.5 * (xp.tanh(0.5 * g) + 1.0)                     # no exp overflow for large |g|
+
+
+class SwiGLU(Function):
+    """y = silu(g) * u = g * sigmoid(g) * u (Shazeer 2020).  g, u: (..., H) -> (..., H).
+
+    g and u are the gate_proj and up_proj outputs; backward recomputes sigmoid(g) from g instead
+    of keeping it (one (N, H) activation less per layer)."""
+    def forward(self, g, u):
+        xp = get_xp(g)
+        y = _sigmoid(xp, g)
+        y *= g
+        y *= u
+        self.save(g, u)
+        return y
+
+    def backward(self, dout):
+        g, u = self.saved
+        xp = get_xp(dout)
+        s = _sigmoid(xp, g)
+        silu = g * s
+        du = dout * silu                                      # forward: y = silu(g) u
+        # d silu/dg = s + g s (1 - s) = s (1 + g (1 - s))
+        dg = 1.0 - s
+        dg *= g
+        dg += 1.0
+        dg *= s
+        dg *= u
+        dg *= dout
+        return dg, du
+
+
+def swiglu(g, u):
+    if g.shape != u.shape:
+        raise ValueError(f"swiglu: gate {g.shape} and up {u.shape} differ")
+    return SwiGLU.apply(g, u)
+
+
+def swiglu_reference(g, u):
+    return g * g.sigmoid() * u
+
+
+# ---- grouped-query causal attention ------------------------------------------------------------
+def _group_queries(q, nkv, scale):
+    """q (B, T, nh, hs) -> scaled queries (B, nkv, g T, hs): the g heads that share a key/value
+    head stacked one after another along the rows, so one matmul against that head's keys serves
+    the whole group and K/V are never repeated."""
+    xp = get_xp(q)
+    B, T, nh, hs = q.shape
+    g = nh // nkv
+    out = xp.empty((B, nkv, g, T, hs), dtype=q.dtype)
+    out[...] = q.reshape(B, T, nkv, g, hs).transpose(0, 2, 3, 1, 4)
+    out *= scale
+    return out.reshape(B, nkv, g * T, hs)
+
+
+def _ungroup(y, T):
+    """(B, nkv, g T, hs) -> (B, T, nkv g, hs), the inverse of _group_queries' layout."""
+    B, nkv, gT, hs = y.shape
+    return y.reshape(B, nkv, gT // T, T, hs).transpose(0, 3, 1, 2, 4).reshape(B, T, -1, hs)
+
+
+def gqa_probs(q, k, key_mask=None):
+    """Softmax of the scaled, causally masked scores of grouped queries (plain arrays, for cached
+    inference).  q: (B, nh, Tq, hs), k: (B, nkv, Tk, hs) (the queries are the last Tq of Tk
+    positions) -> (B, nh, Tq, Tk). key_mask (B, Tk) bool marks real (non-padding) keys."""
+    xp = get_xp(q)
+    B, nh, Tq, hs = q.shape
+    nkv, Tk = k.shape[1], k.shape[2]
+    qg = q.reshape(B, nkv, (nh // nkv) * Tq, hs)              # a view: heads of a group are adjacent
+    att = (qg * (1.0 / math.sqrt(hs))) @ k.swapaxes(-1, -2)   # (B, nkv, g Tq, Tk)
+    att5 = att.reshape(B, nkv, nh // nkv, Tq, Tk)
+    att5 += causal_bias(Tq, Tk, att.dtype, xp)
+    if key_mask is not None:
+        # finite, not -inf: a padding query that sees only padding keys stays finite (not NaN)
+        att5[...] = xp.where(key_mask[:, None, None, None, :], att5, att.dtype.type(-1e30))
+    return softmax_array(att, out=att).reshape(B, nh, Tq, Tk)
+
+
+class GroupedQueryAttention(Function):
+    """Causal attention in which each group of nh / nkv query heads shares one key/value head
+    (Ainslie et al. 2023; nkv = nh is multi-head attention, nkv = 1 multi-query).
+
+    q: (B, T, nh, hs), k, v: (B, T, nkv, hs) -> (B, T, nh * hs). Options: dropout (probability on
+    the attention weights), rng. Query head h reads key/value head h // (nh / nkv). The g = nh / nkv
+    queries of a group are stacked along the rows, (B, nkv, g T, hs), so each score matmul and each
+    gradient matmul runs against the nkv heads as they are: the gradient of a shared key or value
+    head sums over its group inside the matmul, and no repeated K/V is ever formed."""
+    def forward(self, q, k, v):
+        xp = get_xp(q)
+        B, T, nh, hs = q.shape
+        nkv = k.shape[2]
+        if k.shape != (B, T, nkv, hs) or v.shape != k.shape or nh % nkv:
+            raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit grouped-query "
+                             f"attention (nh a multiple of nkv, same B, T, hs)")
+        g = nh // nkv
+        qg = _group_queries(q, nkv, 1.0 / math.sqrt(hs))      # (B, nkv, g T, hs), scaled
+        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # (B, nkv, T, hs) views
+        att = qg @ kh.swapaxes(-1, -2)                        # (B, nkv, g T, T)
+        att.reshape(B, nkv, g, T, T)[...] += causal_bias(T, T, att.dtype, xp)
+        softmax_array(att, out=att)
+        keep = None
+        if self.dropout > 0:
+            keep = dropout_mask(att.shape, self.dropout, self.rng, xp, att.dtype)
+        y = (att * keep if keep is not None else att) @ vh    # (B, nkv, g T, hs)
+        self.save(qg, kh, vh, att, keep)
+        return _ungroup(y, T).reshape(B, T, nh * hs)
+
+    def backward(self, dout):
+        qg, kh, vh, att, keep = self.saved
+        xp = get_xp(dout)
+        B, nkv, gT, hs = qg.shape
+        T = kh.shape[2]
+        # dout (B, T, nh hs) -> the grouped layout (B, nkv, g T, hs) of y
+        dy = xp.empty((B, nkv, gT // T, T, hs), dtype=dout.dtype)
+        dy[...] = dout.reshape(B, T, nkv, gT // T, hs).transpose(0, 2, 3, 1, 4)
+        dy = dy.reshape(B, nkv, gT, hs)
+        a_d = att * keep if keep is not None else att
+        # forward: y = att_d @ v  =>  dv = att_d^T @ dy (summing the group's rows), datt_d = dy @ v^T
+        dv = a_d.swapaxes(-1, -2) @ dy                        # (B, nkv, T, hs)
+        d = dy @ vh.swapaxes(-1, -2)                          # (B, nkv, g T, T)
+        if keep is not None:
+            d *= keep                                         # forward: att_d = att * keep
+        # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
+        d -= (d * att).sum(axis=-1, keepdims=True)
+        d *= att                                              # masked entries have att = 0
+        # forward: s = qg k^T with qg = q / sqrt(hs)  =>  dqg = ds @ k, dk = ds^T @ qg
+        dq = d @ kh
+        dq *= 1.0 / math.sqrt(hs)
+        dk = d.swapaxes(-1, -2) @ qg                          # (B, nkv, T, hs)
+        return (xp.ascontiguousarray(_ungroup(dq, T)), xp.ascontiguousarray(dk.transpose(0, 2, 1, 3)),
+                xp.ascontiguousarray(dv.transpose(0, 2, 1, 3)))
+
+
+def gqa_attention(q, k, v, dropout=0.0, rng=None):
+    return GroupedQueryAttention.apply(q, k, v, dropout=dropout, rng=rng)
+
+
+def gqa_attention_reference(q, k, v):
+    """The same attention from primitive ops, the plain way: K/V repeated to every query head."""
+    B, T, nh, hs = q.shape
+    g = nh // k.shape[2]
+    rep = np.arange(nh) // g                                  # query head h reads kv head h // g
+    qh = q.permute(0, 2, 1, 3)                                # (B, nh, T, hs)
+    kh = k[:, :, rep].permute(0, 2, 1, 3)                     # (B, nh, T, hs), repeated
+    vh = v[:, :, rep].permute(0, 2, 1, 3)
+    scores = (qh @ kh.permute(0, 1, 3, 2)) * (1.0 / math.sqrt(hs))   # (B, nh, T, T)
+    allowed = np.tril(np.ones((T, T), dtype=bool))
+    scores = _where(allowed, scores, -1e30)
+    y = _softmax(scores, axis=-1) @ vh                        # (B, nh, T, hs)
+    return y.permute(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+__all__ = ["RMSNorm", "Rope", "SwiGLU", "GroupedQueryAttention", "rms_norm", "rms_norm_reference",
+           "rope", "rope_reference", "rope_inv_freq", "rope_tables", "swiglu", "swiglu_reference",
+           "gqa_attention", "gqa_attention_reference", "gqa_probs"]

@@ -1,0 +1,94 @@
+"""The request types and errors of the OpenAI API as npgpt serves it: `ApiError` (answered with
+OpenAI's error body) and `Params`, a request's validated generation settings. Every field of a body
+is checked here before anything is allocated for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from npgpt.errors import NpgptError
+from npgpt.generate import Penalties
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOPS = 4
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status, message, param=None, code=None, type_="invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
+
+    def body(self):
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request parsing ---------------------------------------------------------------------------
+def _number(body, key, default, lo=None, hi=None, integer=False, lo_open=False):
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()) \
+            or not math.isfinite(v):
+        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
+    v = int(v) if integer else float(v)
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}]" if hi is not None else f">{'' if lo_open else '='} {lo}"
+        raise ApiError(400, f"'{key}' must be in {rng}, got {v}", key)
+    return v
+
+
+class Params:
+    """Validated generation settings shared by the n choices of one prompt."""
+
+    def __init__(self, body, vocab_size, limits, chat):
+        self.max_tokens = _number(body, "max_completion_tokens" if chat and body.get("max_tokens") is None
+                                  else "max_tokens", None, 1, None, integer=True)
+        if self.max_tokens is not None and self.max_tokens > limits["max_tokens"]:
+            raise ApiError(400, f"max_tokens is {self.max_tokens}; this server allows at most "
+                                f"{limits['max_tokens']}", "max_tokens")
+        self.temperature = _number(body, "temperature", 1.0, 0, 2)
+        self.top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
+        self.top_k = _number(body, "top_k", None, 1, None, integer=True)        # an extension, as vLLM
+        self.n = _number(body, "n", 1, 1, limits["max_batch"], integer=True)
+        self.seed = _number(body, "seed", None, integer=True)
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS
+                                 or not all(isinstance(s, str) and s for s in stop)):
+            raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty strings", "stop")
+        self.stop = stop or []
+        self.stream = body.get("stream", False)
+        if not isinstance(self.stream, bool):
+            raise ApiError(400, "'stream' must be a boolean", "stream")
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+        self.include_usage = bool(opts.get("include_usage", False))
+        if chat:
+            lp = body.get("logprobs", False)
+            if lp is not None and not isinstance(lp, bool):
+                raise ApiError(400, "'logprobs' must be a boolean", "logprobs")
+            top = _number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
+            if top and not lp:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            self.logprobs = top if lp else None
+        else:
+            self.logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+        bias = body.get("logit_bias")
+        if bias is not None and not isinstance(bias, dict):
+            raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+        parsed = {}
+        for k, b in (bias or {}).items():
+            if not str(k).isdigit() or isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ApiError(400, f"logit_bias: expected token id -> number, got {k!r}: {b!r}", "logit_bias")
+            parsed[int(k)] = float(b)
+        self.penalties = Penalties(_number(body, "presence_penalty", 0.0), _number(body, "frequency_penalty", 0.0),
+                                   _number(body, "repetition_penalty", 1.0), parsed or None)
+        try:
+            self.penalties.check(vocab_size)
+        except NpgptError as e:
+            raise ApiError(400, str(e), str(e).split(" ")[0].split(":")[0]) from None
