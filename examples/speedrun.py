@@ -144,9 +144,10 @@ def mean_loss(model, batches):
 
 def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=print):
     """Train `variant` with `seed` until the quick evaluation reads <= target; the run's record."""
-    from npgpt.distributed import SingleProcess
-    from npgpt.train import TrainConfig, build_model, build_optimizer, lr_at, step_rng, train_step
-    over = {**BASELINE, **VARIANTS[variant]}
+    from npgpt.distributed.comm import SingleProcess
+    from npgpt.train import TrainConfig, build_model, build_optimizer, lr_at, preset_defaults, step_rng, train_step
+    # the baseline's settings, then what the variant's preset brings (modern-baby: Muon), then the variant's own
+    over = {**BASELINE, **preset_defaults(VARIANTS[variant].get("preset")), **VARIANTS[variant]}
     if max_iters:
         over["max_iters"] = max_iters
     cfg = TrainConfig(data=str(data.path), out=tempfile.gettempdir(), seed=seed, quiet=True, **over).validate()
@@ -285,8 +286,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     if args.fast:
-        args.target, args.seeds, args.single_seeds = 3.3, 2, 2
-        args.max_iters, args.quick_batches, args.confirm_batches = args.max_iters or 30, 2, 4
+        args.target, args.seeds, args.single_seeds = 3.6, 2, 2
+        args.max_iters, args.quick_batches, args.confirm_batches = args.max_iters or 15, 2, 4
         if args.variants == ap.get_default("variants"):
             args.variants = "baseline,full"
     if not args.report:

@@ -22,8 +22,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
-from npgpt.ops.nn import linear
-from npgpt.tensor import Tensor, no_grad
+from npgpt.tensor import no_grad
 from npgpt.viz import save_figure
 
 SHADES = " .:-=+*#%@"
@@ -193,7 +192,7 @@ def logit_lens(model, ids):
     """What the model would predict if it stopped after each layer (nostalgebraist's 'logit lens').
 
     The residual stream after the embeddings and after every block goes through the final
-    LayerNorm and the tied unembedding, exactly as the last block's output does. Returns
+    LayerNorm and the unembedding (model.head), exactly as the last block's output does. Returns
     probs (n_layer + 1, T, V): row 0 is the embeddings alone, row L the full model (whose
     distribution is the model's own prediction, bit for bit the forward's softmax).
     """
@@ -208,15 +207,14 @@ def logit_lens(model, ids):
     try:
         with no_grad():
             tr = model.transformer
-            T = ids.shape[1]
-            x = tr.wte(Tensor(ids)) + tr.wpe.weight[:T]                     # (1, T, C)
+            x, rope_cs = model.embed(ids)                                   # (1, T, C)
             streams = [x]
             for block in tr.h:
-                x = block(x)
+                x = block(x, rope_cs)
                 streams.append(x)
             out = []
             for x in streams:
-                logits = asnumpy(linear(tr.ln_f(x), tr.wte.weight.T).data)[0].astype(np.float64)  # (T, V)
+                logits = asnumpy(model.head(tr.ln_f(x)).data)[0].astype(np.float64)   # (T, V)
                 e = np.exp(logits - logits.max(axis=-1, keepdims=True))
                 out.append(e / e.sum(axis=-1, keepdims=True))
     finally:

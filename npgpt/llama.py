@@ -610,6 +610,9 @@ def preset_config(preset, arch="gpt", **overrides):
     gpt = replace(GPT_PRESETS[preset], **overrides)
     if arch == "gpt":
         return gpt if bias is None else replace(gpt, bias=bias)
+    if gpt.switches():
+        raise NpgptError(f"the recipe switches {', '.join(gpt.switches())} are GPT options; the llama family "
+                         f"has rotary positions and RMSNorm already: train arch=llama without them")
     return LlamaConfig.from_gpt(gpt)
 
 

@@ -63,6 +63,16 @@ class GPTConfig:
         """The recipe switches set away from GPT-2's defaults, {name: value} ({} for a GPT-2 model)."""
         return {k: getattr(self, k) for k, v in RECIPE_DEFAULTS.items() if getattr(self, k) != v}
 
+    def check_exportable(self, target: str) -> None:
+        """NpgptError unless `target` ("transformers" or "GGUF") can hold this model: a model with
+        recipe switches GPT-2 cannot represent stays an npgpt folder (save_pretrained writes one)."""
+        allowed = ("zero_init_proj", "untie_head") if target == "transformers" else ("zero_init_proj",)
+        bad = {k: v for k, v in self.switches().items() if k not in allowed}
+        if bad:
+            names = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NpgptError(f"cannot export to {target}: this model uses npgpt's recipe switches ({names}), which "
+                             f"GPT-2 cannot represent; it stays an npgpt folder (load it with npgpt)")
+
     def gpt2_incompatible(self) -> dict:
         """The switches a GPT-2 checkpoint cannot represent (zero_init_proj only changes the start,
         and an untied head is GPT-2's tie_word_embeddings=false); {} when transformers can load it."""
@@ -385,21 +395,25 @@ class GPT(CausalLM):
     def forward(self, idx, targets=None, ignore_index=-1):
         """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
         idx = self._check_ids(idx)
-        T = idx.shape[1]
         tr = self.transformer
-        x = tr.wte(idx)                                              # (B, T, C)
-        rope_cs = None
-        if tr.wpe is not None:
-            x = x + tr.wpe.weight[:T]
-        else:
-            rope_cs = self._rope_tables(get_xp(idx).arange(T))      # (T, hs/2) each
+        x, rope_cs = self.embed(idx)                                 # (B, T, C)
         x = dropout(x, self.config.dropout, self.rng, self.training)
         for block in tr.h:
             x = block(x, rope_cs)
-        logits = self._head(tr.ln_f(x))                              # (B, T, V)
+        logits = self.head(tr.ln_f(x))                               # (B, T, V)
         return logits, self.lm_loss(logits, targets, ignore_index)
 
-    def _head(self, x):
+    def embed(self, idx):
+        """Token ids (B, T) -> (the residual stream's start (B, T, C) Tensor, rope tables or None):
+        wte plus wpe (GPT-2), or wte alone and the (cos, sin) tables the blocks rotate q, k by."""
+        T = idx.shape[1]
+        tr = self.transformer
+        x = tr.wte(idx)
+        if tr.wpe is not None:
+            return x + tr.wpe.weight[:T], None
+        return x, self._rope_tables(get_xp(x.data).arange(T))          # (T, hs/2) each
+
+    def head(self, x):
         """Final hidden states (B, T, C) Tensor -> logits (B, T, V): tied (wte^T) or lm_head, then the soft-cap."""
         w = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
         logits = linear(x, w.T)
@@ -482,7 +496,7 @@ class GPT(CausalLM):
             if return_attention:
                 maps.append(att)
         cache.length = p0 + Tn
-        logits = self._head(tr.ln_f(Tensor(x))).data                      # (B, Tn, V)
+        logits = self.head(tr.ln_f(Tensor(x))).data                       # (B, Tn, V)
         return (logits, maps) if return_attention else logits
 
     # ---- Hugging Face folders ------------------------------------------------------------------
@@ -593,7 +607,8 @@ def load_gpt2_tensors(path, config: GPTConfig | None = None):
             raise NpgptError(f"{f}: tensor {key} has dtype {info.dtype}; expected floating point weights")
         keys[_npgpt_name(key)] = key
     shapes = {name: header.tensors[key].shape for name, key in keys.items()}
-    head = shapes.pop("lm_head.weight", None)
+    untied = config is not None and config.untie_head       # lm_head.weight is a parameter of its own
+    head = None if untied else shapes.pop("lm_head.weight", None)
     if head is not None and head != shapes.get("transformer.wte.weight"):
         raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
     if config is not None:
@@ -601,7 +616,7 @@ def load_gpt2_tensors(path, config: GPTConfig | None = None):
     raw = load_safetensors(f, header, names=set(keys.values()))
     state = {name: raw.pop(key).astype(np.float32, copy=False) for name, key in keys.items()}
     check_finite_tensors(state, f)
-    head = state.pop("lm_head.weight", None)
+    head = None if untied else state.pop("lm_head.weight", None)
     if head is not None and not np.array_equal(head, state.get("transformer.wte.weight")):
         raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
     return state

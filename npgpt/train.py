@@ -58,13 +58,14 @@ from npgpt.checkpoint import (atomic_write_json, checkpoint_writer, find_checkpo
 from npgpt.data import TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import current, for_device, local_rank0_first
 from npgpt.distributed.data_parallel import DataParallel
-from npgpt.distributed.zero import make_optimizer
+from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.llama import build_model as new_model
 from npgpt.llama import ARCHS, from_pretrained, preset_config
 from npgpt.model import read_hf_config, records_quantization
 from npgpt.ops.distill import check_distill_args
+from npgpt.model import RECIPE_DEFAULTS
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import Precision, use_precision
@@ -75,6 +76,19 @@ from npgpt.training.scaler import DynamicLossScaler
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
 OPTIMIZERS = ("adamw", "muon")
+
+# Training settings that come with a model preset (below the command's defaults' users: --config, --set
+# and flags still win). The modern presets train with Muon, as the modded-nanogpt speedrun does.
+TRAIN_PRESETS = {
+    "modern-baby": {"optimizer": "muon", "muon_lr": 0.02, "learning_rate": 2e-3, "warmup_iters": 50,
+                    "max_iters": 1200},
+    "modern-shakespeare": {"optimizer": "muon", "muon_lr": 0.02, "learning_rate": 1e-3, "dropout": 0.2},
+}
+
+
+def preset_defaults(preset) -> dict:
+    """The training settings a preset brings ({} for most: only the modern-* presets have some)."""
+    return dict(TRAIN_PRESETS.get(str(preset), {}))
 
 
 @dataclass
@@ -97,7 +111,14 @@ class TrainConfig:
     n_embd: int | None = None
     block_size: int | None = None        # context length; defaults to the preset's
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool | None = None             # biases in Linear / LayerNorm; None: the preset's (true for GPT-2's sizes)
+    # recipe switches of a new GPT (npgpt.model.GPTConfig); None: the preset's (modern-* turn them all on)
+    pos: str | None = None               # learned (GPT-2's table) or rope
+    qk_norm: bool | None = None          # RMSNorm on each head's queries and keys
+    mlp_act: str | None = None           # gelu or relu2
+    zero_init_proj: bool | None = None   # residual projections (and an untied head) start at zero
+    untie_head: bool | None = None       # a separate output head instead of wte's transpose
+    logit_softcap: float | None = None   # > 0: logits = cap tanh(logits / cap); 0: off
     # optimisation
     batch_size: int = 12
     gradient_accumulation_steps: int = 1
@@ -137,6 +158,12 @@ class TrainConfig:
     lora_dropout: float = 0.0            # dropout on the adapters' input
     lora_targets: str | None = None      # comma-separated layer names; default c_attn,c_proj,c_fc
 
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> "TrainConfig":
+        """The config `npgpt train --preset PRESET` builds: the preset's training settings
+        (TRAIN_PRESETS: the modern ones bring Muon), then `overrides`."""
+        return apply_overrides(cls(), {**preset_defaults(preset), "preset": preset, **overrides}).validate()
+
     def validate(self):
         for f in dataclasses.fields(self):                 # NaN / inf never reach a comparison below
             v = getattr(self, f.name)
@@ -166,6 +193,10 @@ class TrainConfig:
             raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.zero_stage not in (0, 1):
             raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
+        if self.pos not in (None, "learned", "rope") or self.mlp_act not in (None, "gelu", "relu2"):
+            raise NpgptError(f"pos must be learned or rope and mlp_act gelu or relu2 (got {self.pos}, {self.mlp_act})")
+        if self.logit_softcap is not None and not 0 <= self.logit_softcap <= 1e4:
+            raise NpgptError(f"logit_softcap must be in [0, 10000] (0: off), got {self.logit_softcap}")
         if self.optimizer not in OPTIMIZERS:
             raise NpgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
@@ -352,6 +383,7 @@ def build_model(cfg: TrainConfig, data, log, load_model=None):
             raise NpgptError(f"the data's vocabulary ({vocab}) is larger than the model's ({model.config.vocab_size})")
         return model, src
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
+    over.update({k: getattr(cfg, k) for k in RECIPE_DEFAULTS if getattr(cfg, k) is not None})
     mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
     return new_model(mcfg, seed=cfg.seed), None
 
@@ -596,13 +628,13 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, load_model=None)
 
 
 def build_optimizer(named_params, comm, cfg: TrainConfig):
-    """The run's optimizer: AdamW (ZeroAdamW with zero_stage=1), or Muon + AdamW (optimizer=muon)."""
+    """The run's optimizer: AdamW (ZeroAdamW with zero_stage=1), or Muon + AdamW (optimizer=muon;
+    ZeroMuon with zero_stage=1)."""
     common = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "muon":
-        if cfg.zero_stage == 1 and comm.world_size > 1:
-            raise NpgptError("zero_stage=1 with optimizer=muon is not available yet; use zero_stage=0")
-        return Muon(named_params, **common, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
-                    nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, muon_weight_decay=cfg.muon_weight_decay)
+    if cfg.optimizer == "muon":          # zero_stage=1: whole matrices per rank (Newton-Schulz needs them)
+        return make_muon(named_params, comm, cfg.zero_stage, **common, muon_lr=cfg.muon_lr,
+                         muon_momentum=cfg.muon_momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                         muon_weight_decay=cfg.muon_weight_decay)
     return make_optimizer(named_params, comm, cfg.zero_stage, **common)
 
 
@@ -804,7 +836,7 @@ def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
     base = read_state(find_checkpoint(out))["config"]
     types = _field_types()
-    for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer"):
+    for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer", *RECIPE_DEFAULTS):
         # compared as the field's type: `--set n_layer=1` equals a saved 1
         if fixed in overrides and _coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")
