@@ -275,6 +275,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--seeds", type=int, default=5, help="seeds for baseline and full (default 5)")
     ap.add_argument("--single-seeds", type=int, default=3, help="seeds for each single change (default 3)")
+    ap.add_argument("--seed-offset", type=int, default=0,
+                    help="run seeds K, K+1, ... (several processes can share one results.jsonl)")
     ap.add_argument("--target", type=float, default=TARGET)
     ap.add_argument("--max-iters", type=int, default=None, help="cap on steps per run (default: the variant's)")
     ap.add_argument("--quick-batches", type=int, default=16, help="validation batches of the stopping check")
@@ -308,7 +310,7 @@ def main(argv=None):
         done = {(r["variant"], r["seed"]) for r in read_records(results) if r["target"] == args.target}
         for v in variants:
             n = args.seeds if v in ("baseline", "full") else args.single_seeds
-            for seed in range(n):
+            for seed in range(args.seed_offset, args.seed_offset + n):
                 if (v, seed) in done:
                     continue
                 rec = run_one(data, v, seed, args.target, quick, confirm, args.max_iters)
