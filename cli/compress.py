@@ -52,7 +52,7 @@ def quantize(checkpoint, out, data, eval_tokens, sample_tokens, force, bits, gro
     """Weight-only quantisation of every linear weight to int8 or int4 with float32 scales."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.compress import quantize_checkpoint
-    from npgpt.quant import check_scheme
+    from npgpt.layers import check_scheme
     check_scheme(bits, group_size)
     _run(quantize_checkpoint, checkpoint, out, data, eval_tokens, sample_tokens, force,
          bits=bits, group_size=group_size, embedding=embedding)

@@ -25,7 +25,7 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
     (--gguf), or as a transformers folder (--hf). A model with npgpt's recipe switches (rope,
     qk_norm, relu2, soft-capping) is refused: neither format can hold it."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.gguf_models import export_gguf
     from npgpt.lora import merge_lora
 
@@ -42,7 +42,7 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
         raise NpgptError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--gguf must differ from --checkpoint")
-    model, tok, _ = load_model_and_tokenizer(checkpoint, adapter=adapter)
+    model, tok = load_run(checkpoint, adapter=adapter)[:2]
     if adapter:
         merge_lora(model)
     export_gguf(model, tok, out, type_name)

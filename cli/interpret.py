@@ -23,11 +23,14 @@ MATRIX_MAX_TOKENS = 48     # wider shaded matrices wrap in a terminal; the top-k
 @click.option("--logit-lens", "lens", is_flag=True,
               help="Instead of attention: per layer, the token ln_f + unembedding would predict from "
                    "that layer's residual stream.")
-def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
+@click.option("--allow-special", is_flag=True,
+              help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")
+def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens, allow_special):
     """Show which earlier tokens each token of PROMPT attends to most (or, with --logit-lens, what
     each layer would predict)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.cli.sample import encode_prompt
+    from npgpt.loading import load_run
     from npgpt.interpret import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
                                save_logit_lens_png, select, shade_matrix, token_labels)
     if top_k <= 0:
@@ -37,8 +40,8 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens):
             import matplotlib  # noqa: F401  (fail before the model loads, not after)
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
-    model, tok, _ = load_model_and_tokenizer(checkpoint)
-    ids = tok.encode_prompt(prompt)
+    model, tok = load_run(checkpoint)[:2]
+    ids = encode_prompt(tok, prompt, allow_special)
     if lens:
         probs = logit_lens(model, ids)
         labels = token_labels(tok, ids, width=8)

@@ -18,7 +18,7 @@ def merge(checkpoint, adapter, out, force):
     """Merge a LoRA adapter into its base: W' = W + (alpha/r) A B, saved as a plain GPT-2 folder."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.checkpoint import find_checkpoint
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.lora import merge_lora
 
     out = Path(out)
@@ -29,9 +29,9 @@ def merge(checkpoint, adapter, out, force):
     base = find_checkpoint(checkpoint)
     if out.exists() and out.resolve() in (base.resolve(), Path(adapter).resolve()):
         raise NpgptError("--out must be a new folder, not the base or the adapter folder")
-    model, tok, _ = load_model_and_tokenizer(base, adapter=adapter)
+    model, tok = load_run(base, adapter=adapter)[:2]
     n = sum(1 for _ in model.modules() if hasattr(_, "lora_A"))
-    was_quantised = bool(getattr(model, "quantization", None))
+    was_quantised = bool(model.quantization)
     merge_lora(model)
     model.save_pretrained(out)
     tok.save(out)

@@ -49,11 +49,26 @@ def control_options(fn):
     return fn
 
 
-def encode_prompt(tok, text):
-    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so)."""
+def encode_prompt(tok, text, allow_special=False, option="--prompt"):
+    """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so);
+    `allow_special` (the CLI's --allow-special) reads every special token's string as its id."""
     if not text:
         return []          # empty prompt: generation starts from end-of-text
-    return tok.encode_prompt(text)
+    if allow_special:
+        return tok.encode(text, allowed_special="all")
+    try:
+        return tok.encode_prompt(text)
+    except NpgptError:
+        found = sorted((text.find(s), s) for s in tok.special_tokens if s in text)
+        if not found:
+            raise
+        raise NpgptError(f"{option} contains the special token {found[0][1]!r}; add --allow-special to read it as "
+                         f"that token, or leave it out") from None
+
+
+def allow_special_option(fn):
+    return click.option("--allow-special", is_flag=True,
+                        help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")(fn)
 
 
 @click.command()
@@ -67,17 +82,17 @@ def encode_prompt(tok, text):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_special_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, max_new_tokens,
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special, max_new_tokens,
            temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
            logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args, generate_stream
-    max_new_tokens = 200 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+    check_sampling_args(1 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed, list(stop))
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -86,8 +101,10 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok, _ = load_model_and_tokenizer(checkpoint, device, adapter)
-    ids = encode_prompt(tok, prompt or "")
+    model, tok = load_run(checkpoint, adapter=adapter, device=device)[:2]
+    ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
+    if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
+        max_new_tokens = max(1, model.config.block_size - max(len(ids), 1))
     controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                     repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
     if num_beams != 1 or draft is not None:
@@ -155,7 +172,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
                     device, controls, num_beams, length_penalty, draft, num_draft):
     """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import beam_search, speculative_stream
     if num_beams != 1 and draft is not None:
         raise NpgptError("give --num-beams or --draft, not both")
@@ -168,7 +185,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, 
         toks = beam_search(model, ids, max_new_tokens, num_beams, length_penalty, eot_id=tok.eot_id)
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok, _ = load_model_and_tokenizer(draft, device)
+        dmodel, dtok = load_run(draft, device=device)[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -198,23 +215,23 @@ def _piece(tok, t):
 
 
 @click.command()
-@click.option("--checkpoint", required=True, type=click.Path(), help="An SFT (chat) model folder.")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A chat model: one with its own chat template (Hugging Face, GGUF), or fine-tuned with --sft.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @sampling_options
 def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
-    """Talk to a chat model (fine-tuned with `npgpt finetune --sft`). /reset clears, /quit leaves."""
+    """Talk to a chat model (its own chat template, or npgpt's after `finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args
-    from npgpt.sft import CHAT_TOKENS
+    from npgpt.sft import is_chat_model
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
-    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
-    if missing:
-        raise NpgptError(f"{ckpt} is not a chat model (its tokenizer lacks {', '.join(missing)}); "
-                         f"fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    if not is_chat_model(tok):
+        raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
+                         f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
     session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     click.echo("chat: type a message; /reset starts over, /quit leaves.")
@@ -240,7 +257,7 @@ def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p,
 
 
 class ChatSession:
-    """A conversation in the chat template; history is cropped (oldest turns first) to fit."""
+    """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit."""
 
     def __init__(self, model, tok, system=None, max_new_tokens=256, **sampling):
         self.model, self.tok, self.system = model, tok, system
@@ -266,20 +283,27 @@ class ChatSession:
         """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
+        from npgpt.sft import chat_stop_ids
         self.messages.append({"role": "user", "content": text})
-        end = self.tok.special_tokens["<|end|>"]
-        out = []
-        for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=end,
+        stops = chat_stop_ids(self.tok)
+        out, shown = [], 0
+        for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=stops[0],
                                      **self.sampling):
             for s in steps:
-                if s.token in (end, self.tok.eot_id):
+                if s.token in stops:
                     break
                 out.append(s.token)
-                yield self.tok.decode([s.token])
+                text = self.tok.decode(out)    # whole reply: a character split over tokens prints whole
+                if not text.endswith("\ufffd"):
+                    yield text[shown:]
+                    shown = len(text)
             else:
                 continue
             break
-        self.messages.append({"role": "assistant", "content": self.tok.decode(out)})
+        text = self.tok.decode(out)
+        if len(text) > shown:
+            yield text[shown:]
+        self.messages.append({"role": "assistant", "content": text})
 
 
 COMMANDS = [sample, chat]

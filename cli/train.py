@@ -43,8 +43,9 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
     With --resume the base is the saved run's config instead, and only what the user gave applies.
     """
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.train import (TrainConfig, apply_overrides, config_for_resume, load_config_file, parse_set_options,
-                             preset_defaults)
+    from npgpt.train import config_for_resume
+    from npgpt.training.config import (TrainConfig, apply_overrides, load_config_file, parse_set_options,
+                                       preset_defaults)
     user = {}
     if config_file:
         user.update(load_config_file(config_file))
@@ -67,13 +68,9 @@ NEXT_STEP = "npgpt sample --checkpoint {out}   # add --prompt TEXT to start from
 def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.compress import TRAINING_PLUGINS
-    from npgpt.lora import load_model_folder, lora_plugin
     from npgpt.train import Interrupted, train
     try:
-        # a LoRA run loads int8 bases and its own adapter folders, and the plugin adds the adapters
-        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS + (lora_plugin,),
-                       load_model=load_model_folder if cfg.lora_rank is not None else None)
+        result = train(cfg, batch_source=batch_source)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)

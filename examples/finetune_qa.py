@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from npgpt.data import prepare
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.sft import SFTData
 from npgpt.train import TrainConfig, train
 from npgpt.cli.sample import ChatSession
@@ -63,7 +63,7 @@ cfg = TrainConfig(init_from=str(work / "base"), sft=str(work / "qa.jsonl"), out=
 train(cfg, batch_source=SFTData.for_training(cfg))
 
 # 4. Ask.
-model, tok, _ = load_model_and_tokenizer(work / "chat")
+model, tok = load_run(work / "chat")[:2]
 chat = ChatSession(model, tok, max_new_tokens=24, temperature=0)
 for a, b in train_facts[:3] + held_out[:3]:
     chat.reset()

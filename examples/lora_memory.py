@@ -42,7 +42,8 @@ def child(shape, mode, rank, steps, batch_size, block_size):
     from npgpt.lora import LoRAConfig, apply_lora, trainable_parameters
     from npgpt.model import GPT, GPTConfig
     from npgpt.optim import AdamW
-    from npgpt.quant import QuantizedLinear, linear_layers, quantize_model
+    from npgpt.layers import QuantizedLinear, linear_layers
+    from npgpt.quant import quantize_model
 
     cfg = GPTConfig(**SHAPES[shape])
     model = GPT(cfg, seed=0)

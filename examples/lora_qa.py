@@ -20,11 +20,9 @@ import random
 import time
 from pathlib import Path
 
-from npgpt.compress import TRAINING_PLUGINS
 from npgpt.data import prepare
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.generate import generate
-from npgpt.lora import load_model_folder, lora_plugin
 from npgpt.sft import SFTData
 from npgpt.tasks import evaluate_task
 from npgpt.train import TrainConfig, train
@@ -93,9 +91,8 @@ def main():
         t0 = time.perf_counter()
         if extra is not None:
             cfg = TrainConfig(**common, **extra)
-            train(cfg, batch_source=SFTData.for_training(cfg), plugins=TRAINING_PLUGINS + (lora_plugin,),
-                  load_model=load_model_folder if cfg.lora_rank is not None else None)   # as npgpt finetune does
-        model, tok, _ = load_model_and_tokenizer(work / "base" if extra is None else extra["out"])
+            train(cfg, batch_source=SFTData.for_training(cfg))   # as npgpt finetune does
+        model, tok = load_run(work / "base" if extra is None else extra["out"])[:2]
         trainable = sum(p.size for p in model.parameters() if p.requires_grad)   # a LoRA model: adapters only
         row = {"run": name, "trainable": trainable if extra else 0,
                "seen": exact_match(model, tok, train_facts), "held_out": exact_match(model, tok, held_out),

@@ -19,7 +19,7 @@ names, line breaks and English-looking words. The `shakespeare-char` preset (6/6
 import argparse
 
 from npgpt.data import prepare
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.generate import generate
 from npgpt.train import TrainConfig, train
 
@@ -47,7 +47,7 @@ def main():
     print(f"best val loss {result.best_val_loss:.4f}")
 
     # 3. Sample from the saved checkpoint (greedy would loop; a little temperature reads better).
-    model, tok, _ = load_model_and_tokenizer(args.out)
+    model, tok = load_run(args.out)[:2]
     ids = generate(model, tok.encode("ROMEO:"), 300, temperature=0.8, top_k=40, seed=0)
     print("ROMEO:" + tok.decode(ids))
 

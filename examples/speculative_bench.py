@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.generate import generate, speculative_stream
 
 
@@ -28,8 +28,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", default="The |def |import |In the ")
     args = ap.parse_args()
-    model, tok, _ = load_model_and_tokenizer(args.checkpoint)
-    draft, _, _ = load_model_and_tokenizer(args.draft)
+    model, tok = load_run(args.checkpoint)[:2]
+    draft = load_run(args.draft).model
     prompts = [tok.encode(p) for p in args.prompts.split("|")]
     print(f"target {model.num_params():,} params ({model.config.n_layer} layers), draft {draft.num_params():,} "
           f"({draft.config.n_layer} layers); {args.tokens} tokens x {len(prompts)} prompts, median of {args.repeats}")

@@ -145,7 +145,8 @@ def mean_loss(model, batches):
 def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=print):
     """Train `variant` with `seed` until the quick evaluation reads <= target; the run's record."""
     from npgpt.distributed.comm import SingleProcess
-    from npgpt.train import TrainConfig, build_model, build_optimizer, lr_at, preset_defaults, step_rng, train_step
+    from npgpt.train import TrainConfig, build_model, build_optimizer, lr_at, step_rng, train_step
+    from npgpt.training.config import preset_defaults
     # the baseline's settings, then what the variant's preset brings (modern-baby: Muon), then the variant's own
     over = {**BASELINE, **preset_defaults(VARIANTS[variant].get("preset")), **VARIANTS[variant]}
     if max_iters:

@@ -232,8 +232,10 @@ def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeat
     'before' figure, the dequantise-then-multiply reference). Sides alternate, best of `repeats`."""
     import tempfile
 
-    from npgpt import quant as Q
+    from npgpt import layers as Q
     from npgpt.generate import generate
+    from npgpt.loading import from_pretrained
+    from npgpt.quant import save_quantized
     from npgpt.model import GPT, GPTConfig
     try:
         from transformers import GPT2LMHeadModel
@@ -251,8 +253,8 @@ def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeat
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         hf = GPT2LMHeadModel.from_pretrained(tmp).eval() if GPT2LMHeadModel else None
-        Q.save_quantized(model, tmp + "/q8", bits=8)
-        q8 = Q.load_model(tmp + "/q8")
+        save_quantized(model, tmp + "/q8", bits=8)
+        q8 = from_pretrained(tmp + "/q8")
 
     def ours(m, ids, n):
         return lambda: generate(m, ids.tolist(), n, temperature=0)

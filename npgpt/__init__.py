@@ -17,7 +17,13 @@ Reading order for study (README's "Learn" section has the same list, with the le
 Skip on a first read: backend.py (NumPy/CuPy plumbing), ops/parallel.py and the row-block
 kernels inside ops/nn.py (speed), ops/cuda_kernels.py and precision.py (GPU), model.py's
 forward_cached and the Hugging Face loading (until lesson 13), data.py, checkpoint.py, safeio/,
-training/, distributed/ (several processes), serve/ (the HTTP server), bench.py, perf.py, cli/. `npgpt.reference.reference_ops()` runs the model on the readable reference ops.
+training/, distributed/ (several processes), serve/ (the HTTP server), bench.py, perf.py, cli/.
+`npgpt.reference.reference_ops()` runs the model on the readable reference ops.
+
+Loading a model has one answer, npgpt/loading.py:
+
+    model = npgpt.from_pretrained("out")              # a run, checkpoint, model folder or .gguf file
+    model, tok, folder, state = npgpt.load_run("out")  # with its tokenizer and the run's state.json
 """
 
 __version__ = "0.1.0"
@@ -27,3 +33,12 @@ from npgpt import ops  # noqa: E402,F401  (binds operators onto Tensor)
 from npgpt.gradcheck import gradcheck  # noqa: E402
 from npgpt.tensor import Function, Tensor, no_grad  # noqa: E402
 from npgpt.model import GPT, GPTConfig  # noqa: E402
+
+
+def __getattr__(name):
+    """`npgpt.from_pretrained` and `npgpt.load_run`, imported on first use: the loader pulls in the
+    tokenizers, GGUF and LoRA readers, which `import npgpt` alone does not need."""
+    if name in ("from_pretrained", "load_run"):
+        from npgpt import loading  # lazily: keeps `import npgpt` light
+        return getattr(loading, name)
+    raise AttributeError(f"module 'npgpt' has no attribute {name!r}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import random
 import re
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,15 +39,37 @@ def _import_cupy():
     return _cupy
 
 
+@contextmanager
+def substitute_cupy(module):
+    """Test seam: within the block, npgpt takes `module` for cupy (`cupy_module()`, `get_xp`,
+    `is_gpu_array`, ...). The test suite passes tests/cuda_emu's emulated cupy, so the wrappers
+    of npgpt.ops.cuda_kernels run unmodified with their raw kernels compiled by g++ on the CPU.
+    Process-wide while the block runs (not for use beside other threads); the previous module,
+    or the failure to import one, is back afterwards."""
+    global _cupy, _cupy_error
+    prev = _cupy, _cupy_error
+    _cupy, _cupy_error = module, None
+    try:
+        yield module
+    finally:
+        _cupy, _cupy_error = prev
+
+
 @dataclass(frozen=True)
 class Device:
     """A parsed device: kind 'cpu' or 'cuda', and the GPU index."""
 
     kind: str
     index: int = 0
+    given: str = field(default="", compare=False)   # as the user spelled it ("gpu"), for messages
 
     def __str__(self):
         return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def option(self):
+        """How error messages name it: the user's own words (`--device gpu`), else the canonical form."""
+        return self.given or str(self)
 
     @property
     def is_gpu(self):
@@ -63,7 +86,7 @@ def parse_device(device: str | Device | None = None) -> Device:
     if s == "cpu":
         return Device("cpu")
     if s in ("gpu", "cuda"):
-        return Device("cuda", 0)
+        return Device("cuda", 0, given=str(device).strip())
     m = re.fullmatch(r"(?:cuda|gpu):(\d+)", s)
     if m:
         return Device("cuda", int(m.group(1)))
@@ -74,14 +97,14 @@ def require_gpu(device: Device):
     """Return cupy after checking that `device`'s GPU is usable; else a clear NpgptError."""
     cp = _import_cupy()
     if cp is None:
-        raise NpgptError(f"--device {device} needs CuPy, which is not usable here ({_cupy_error.__class__.__name__}): {GPU_HINT}")
+        raise NpgptError(f"--device {device.option} needs CuPy, which is not usable here ({_cupy_error.__class__.__name__}): {GPU_HINT}")
     try:
         n = cp.cuda.runtime.getDeviceCount()
     except Exception as e:
-        raise NpgptError(f"--device {device}: CuPy found no usable CUDA GPU ({str(e).splitlines()[0][:120]}); "
+        raise NpgptError(f"--device {device.option}: CuPy found no usable CUDA GPU ({str(e).splitlines()[0][:120]}); "
                          f"check the NVIDIA driver, or use --device cpu") from None
     if device.index >= n:
-        raise NpgptError(f"--device {device}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
+        raise NpgptError(f"--device {device.option}: only {n} GPU(s) visible (cuda:0..cuda:{n - 1})")
     return cp
 
 

@@ -37,7 +37,7 @@ from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.fileio import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                           fsync_dir, write_error)
-from npgpt.safeio import (Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
+from npgpt.safeio import (Float, Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
                           write_safetensors)
 
 CKPT_DIR = "ckpt"
@@ -239,3 +239,20 @@ def verify_checkpoint(folder) -> bool:
             raise NpgptError(f"checkpoint file {p} is truncated or modified since it was saved ({detail}); "
                              f"restore it or save the checkpoint again")
     return True
+
+
+# ---- a run's state.json --------------------------------------------------------------------------------
+STATE_FILE = "state.json"
+STATE_FIELDS = {"iter": Int(lo=0), "best_val_loss": Float(default=float("inf"), allow_inf=True),
+                "config": Obj(), "optimizer": Obj(default=None), "loss_scaler": Obj(default=None),
+                "tokens_per_iter": Int(lo=1, default=None), "ranks": Int(lo=1, default=None)}
+
+
+def read_run_state(ckpt) -> dict | None:
+    """A checkpoint's state.json with the types of its fields checked (its `config` a plain dict; the
+    trainer checks it as a config), or None when the folder has none (a model folder, not a run's)."""
+    p = Path(ckpt) / STATE_FILE
+    if not p.is_file():
+        return None
+    # Infinity: best_val_loss before the first evaluation (npgpt has always written it so)
+    return check(read_json_object(p, "training state", allow_infinity=True), STATE_FIELDS, str(p))

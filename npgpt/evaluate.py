@@ -14,35 +14,15 @@ import numpy as np
 
 from npgpt import tokenizer as tk
 from npgpt.backend import asnumpy
-from npgpt.checkpoint import find_checkpoint, verify_checkpoint
+from npgpt.checkpoint import find_checkpoint
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
-from npgpt.gguf_models import is_gguf, load_gguf_model, load_gguf_tokenizer
-from npgpt.lora import adapter_summary, load_adapter, load_model_folder
+from npgpt.loading import load_run
+from npgpt.lora import adapter_summary
 from npgpt.model import GPTConfig, read_hf_config
-from npgpt.ops.nn import cross_entropy
 from npgpt.tensor import no_grad
 from npgpt.tokenizer import read_text_checked
 from npgpt.train import read_state
-
-
-def load_model_and_tokenizer(checkpoint, device="cpu", adapter=None):
-    """(model, tokenizer, folder) from a run folder, its ckpt folder, or a GPT-2 folder.
-
-    adapter: a LoRA adapter folder (PEFT layout, see npgpt.lora) applied on top, unmerged."""
-    if is_gguf(checkpoint):                             # one file: weights, tokenizer, chat template
-        model = load_gguf_model(checkpoint, device=device)
-        if adapter:
-            load_adapter(model, adapter)
-        return model, load_gguf_tokenizer(checkpoint), Path(checkpoint)
-    ckpt = find_checkpoint(checkpoint)
-    verify_checkpoint(ckpt)
-    if not tk.is_tokenizer_dir(ckpt):
-        raise NpgptError(f"{ckpt} has no tokenizer files (tokenizer_npgpt.json or vocab.json + merges.txt)")
-    model = load_model_folder(ckpt, device=device)      # a LoRA run's folder brings its base along
-    if adapter:
-        load_adapter(model, adapter)
-    return model, tk.load(ckpt), ckpt
 
 
 def token_loss(model, tokens, batch_size=8, device="cpu"):
@@ -71,7 +51,7 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", strid
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
@@ -83,7 +63,8 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", strid
     else:
         td = TokenData(data)
         if td.tokenizer().fingerprint() != tok.fingerprint():
-            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}")
+            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}; "
+                             f"prepare it with the model's own: `npgpt prepare --tokenizer-from {ckpt}`")
         tokens = np.asarray(td.split(split))
         if len(tokens) < 2:
             raise NpgptError(f"the {split} split of {data} holds {len(tokens)} tokens, nothing to evaluate; prepare "

@@ -5,18 +5,25 @@ architecture (a table, `ARCHS`, one entry per `general.architecture`):
 
     gpt2    token_embd, position_embd, blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up,
             ffn_down}.{weight,bias}, output_norm, output (a copy of token_embd: GPT-2 ties them)
+    llama   token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
+    qwen2   ffn_up, ffn_down}.weight (qwen2: attn_{q,k,v}.bias too), output_norm, output (absent
+            when tied); {arch}.* hyper-parameters (heads, kv heads, RoPE base, RMSNorm epsilon)
 
 A linear weight is stored as PyTorch's nn.Linear keeps it, (out, in), with the 32-value quantisation
-blocks running along `in`; GPT-2's Conv1D weights, (in, out) in npgpt, are transposed on the way.
+blocks running along `in`; npgpt keeps (in, out), so it is transposed on the way. llama.cpp's Llama
+graph applies RoPE to neighbouring pairs (2i, 2i+1), Hugging Face's to (i, i + hs/2): its converter
+reorders the rows of each head of attn_q / attn_k, and this module undoes that on reading and redoes
+it on writing (Qwen2 keeps Hugging Face's order: llama.cpp runs it with the other RoPE layout).
 
 Reading checks the hyper-parameters in the metadata, then that exactly the expected tensors are
 present with exactly the expected shapes, before any tensor is dequantised (npgpt.gguf has already
-checked the file's structure).
+checked the file's structure). By default every weight is dequantised to float32 (the fastest
+decoding in NumPy); `keep_quantized=True` moves Q8_0 / Q4_0 / Q4_1 blocks into npgpt's quantised
+layers unchanged (npgpt.layers: int8 or packed 4-bit with one float32 scale, and for Q4_1 a minimum,
+per 32 values) and keeps a tied Q8_0 embedding as a QuantizedEmbedding.
 
-Tokenizers: `tokenizer_metadata(tok)` writes the `tokenizer.ggml.*` keys llama.cpp reads (model
-"gpt2" = byte-level BPE: tokens spelled in GPT-2's byte alphabet, merges as "left right", token
-types, bos/eos, the pre-tokenizer name) and the chat template. A character-level tokenizer has no
-GGUF form and is refused.
+The tokenizer (npgpt.tokenizer.gguf) and the chat template travel in the same file; `export_gguf`
+writes a model and its tokenizer for llama.cpp, ollama and transformers' GGUF loader.
 """
 
 from __future__ import annotations
@@ -28,17 +35,15 @@ import numpy as np
 
 from npgpt.errors import NpgptError
 from npgpt.gguf import GGUFFile, quantize, write_gguf
+from npgpt.llama import Llama, LlamaConfig
 from npgpt.model import GPT, GPTConfig
-from npgpt.quant import QuantizedEmbedding, QuantizedLinear, linear_layers
-from npgpt.tokenizer.bpe import BPETokenizer, PATTERNS
+from npgpt.layers import QuantizedEmbedding, QuantizedLinear, linear_layers
+from npgpt.tokenizer.gguf import load_gguf_tokenizer, tokenizer_from_gguf, tokenizer_metadata  # noqa: F401
 from npgpt.tensor import Tensor
-from npgpt.tokenizer.files import bytes_to_gpt2_string, gpt2_string_to_bytes
 
 EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")     # the CLI offers the first three
 # llama.cpp's general.file_type (llama_ftype) of a file whose large weights are all of one type
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}
-# ggml token types (llama_token_type)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def is_gguf(path) -> bool:
@@ -148,7 +153,164 @@ def gpt2_tensors(model):
     return out
 
 
-ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors)}
+
+# ---- Llama family (llama, qwen2) ---------------------------------------------------------------
+LLAMA_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                "mlp.down_proj": "ffn_down"}
+LLAMA_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def llama_names(config):
+    """[(npgpt parameter name, GGUF tensor name, transpose?)] of every parameter of a Llama."""
+    out = [("model.embed_tokens.weight", "token_embd.weight", False)]
+    for i in range(config.n_layer):
+        for ours, theirs in LLAMA_NORMS.items():
+            out.append((f"model.layers.{i}.{ours}.weight", f"blk.{i}.{theirs}.weight", False))
+        for ours, theirs in LLAMA_LINEAR.items():
+            out.append((f"model.layers.{i}.{ours}.weight", f"blk.{i}.{theirs}.weight", True))
+            if config.qkv_bias and theirs in ("attn_q", "attn_k", "attn_v"):
+                out.append((f"model.layers.{i}.{ours}.bias", f"blk.{i}.{theirs}.bias", False))
+    out.append(("model.norm.weight", "output_norm.weight", False))
+    if not config.tie_word_embeddings:
+        out.append(("lm_head.weight", "output.weight", False))
+    return out
+
+
+def rope_rows(n_rows, n_head):
+    """llama.cpp's row order of a Llama q/k weight: within each head, the rotary pairs (i, i + hs/2) of
+    Hugging Face's rotate-half layout become neighbours (2i, 2i+1), the interleaved layout ggml's RoPE
+    reads. Returns `perm` with gguf_rows = hf_rows[perm]; hf_rows = gguf_rows[argsort(perm)]."""
+    hs = n_rows // n_head
+    return np.arange(n_rows).reshape(n_head, 2, hs // 2).swapaxes(1, 2).reshape(-1)
+
+
+def llama_config(g: GGUFFile):
+    a = g.architecture
+    n_embd = g.require(f"{a}.embedding_length", int)
+    n_head = g.require(f"{a}.attention.head_count", int)
+    emb = g.tensor("token_embd.weight")
+    if len(emb.shape) != 2 or emb.shape[1] != n_embd:
+        raise NpgptError(f"{g.path}: token_embd.weight has shape {emb.shape}, expected (vocab, {n_embd})")
+    if "rope_freqs.weight" in g.tensors:
+        raise NpgptError(f"{g.path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
+    scaling = g.get(f"{a}.rope.scaling.type", "none", str)
+    if scaling not in ("none", "linear"):
+        raise NpgptError(f"{g.path}: RoPE scaling {scaling!r} is not supported (none or linear)")
+    rope_scaling = None
+    if scaling == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(g.require(f"{a}.rope.scaling.factor", float))}
+    head_dim = g.get(f"{a}.attention.key_length", None, int)
+    if head_dim is not None and head_dim * n_head == n_embd:
+        head_dim = None
+    try:
+        cfg = LlamaConfig(vocab_size=emb.shape[0], block_size=g.require(f"{a}.context_length", int),
+                          n_layer=g.require(f"{a}.block_count", int), n_head=n_head,
+                          n_kv_head=g.get(f"{a}.attention.head_count_kv", n_head, int), n_embd=n_embd,
+                          n_inner=g.require(f"{a}.feed_forward_length", int), head_dim=head_dim,
+                          rms_norm_eps=float(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5, float)),
+                          rope_theta=float(g.get(f"{a}.rope.freq_base", 10000.0, float)), rope_scaling=rope_scaling,
+                          tie_word_embeddings="output.weight" not in g.tensors, qkv_bias=a == "qwen2",
+                          model_type="qwen2" if a == "qwen2" else "llama")
+    except NpgptError as e:
+        raise NpgptError(f"{g.path}: {e}") from None
+    rope_dim = g.get(f"{a}.rope.dimension_count", cfg.head_size, int)
+    if rope_dim != cfg.head_size:
+        raise NpgptError(f"{g.path}: partial rotary embeddings (rope.dimension_count {rope_dim} of head size "
+                         f"{cfg.head_size}) are not supported")
+    return cfg
+
+
+def _llama_rows(config, arch, theirs):
+    """The permutation that undoes llama.cpp's q/k row order (Llama only: Qwen2 keeps Hugging Face's)."""
+    if arch != "llama":
+        return None
+    if theirs.endswith("attn_q.weight"):
+        return np.argsort(rope_rows(config.n_head * config.head_size, config.n_head))
+    if theirs.endswith("attn_k.weight"):
+        return np.argsort(rope_rows(config.n_kv_head * config.head_size, config.n_kv_head))
+    return None
+
+
+def llama_from_gguf(g: GGUFFile, device="cpu", keep_quantized=False, **overrides):
+    config = llama_config(g)
+    arch = g.architecture
+    names = llama_names(config)
+    shapes = config.param_shapes()
+    check_tensors(g, {theirs: (shapes[ours][::-1] if t else shapes[ours]) for ours, theirs, t in names})
+    model = Llama(replace(config, **overrides), init=False)
+    kept = {}
+    if keep_quantized:
+        for ours, theirs, t in names:
+            q = kept_linear(g, theirs, rows=_llama_rows(config, arch, theirs)) if t else None
+            if q is not None:
+                kept[ours[:-len(".weight")]] = q
+    state = {}
+    for ours, theirs, t in names:
+        if ours[:-len(".weight")] in kept:
+            continue
+        w = g.dequantize(theirs)
+        rows = _llama_rows(config, arch, theirs)
+        if rows is not None:
+            w = w[rows]
+        state[ours] = np.ascontiguousarray(w.T) if t else w
+    for layer, q in kept.items():
+        owner_name, attr = layer.rsplit(".", 1)
+        owner = model.get_submodule(owner_name) if hasattr(model, "get_submodule") else _submodule(model, owner_name)
+        bias = state.pop(f"{layer}.bias", None)
+        q.bias = None if bias is None else Tensor(bias)
+        setattr(owner, attr, q)
+    emb = kept_embedding(g, "token_embd.weight") if keep_quantized and config.tie_word_embeddings else None
+    if emb is not None:
+        state.pop("model.embed_tokens.weight")
+        model.model.embed_tokens = emb
+    model.load_state_dict(state)
+    if kept:
+        model.quantization = {"bits": 8 if all(q.bits == 8 for q in kept.values()) else 4, "group_size": 32,
+                              "embedding": emb is not None, "source": "gguf"}
+    model.eval()
+    return model.to(device) if str(device) != "cpu" else model
+
+
+def _submodule(model, dotted):
+    m = model
+    for part in dotted.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def llama_metadata(config):
+    a = "qwen2" if config.model_type == "qwen2" else "llama"
+    meta = {f"{a}.context_length": config.block_size, f"{a}.embedding_length": config.n_embd,
+            f"{a}.feed_forward_length": config.n_inner, f"{a}.block_count": config.n_layer,
+            f"{a}.attention.head_count": config.n_head, f"{a}.attention.head_count_kv": config.n_kv_head,
+            f"{a}.rope.freq_base": float(config.rope_theta), f"{a}.rope.dimension_count": config.head_size,
+            f"{a}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+            f"{a}.attention.key_length": config.head_size, f"{a}.attention.value_length": config.head_size,
+            f"{a}.vocab_size": config.vocab_size}
+    rs = config.rope_scaling
+    if rs is not None:
+        if rs["rope_type"] != "linear":
+            raise NpgptError(f"RoPE scaling {rs['rope_type']!r} has no GGUF form here (linear scaling exports)")
+        meta[f"{a}.rope.scaling.type"] = "linear"
+        meta[f"{a}.rope.scaling.factor"] = float(rs["factor"])
+    return meta
+
+
+def llama_tensors(model):
+    cfg = model.config
+    arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
+    params = {name: np.asarray(p.data, dtype=np.float32) for name, p in model.named_parameters()}
+    out = []
+    for ours, theirs, t in llama_names(cfg):
+        w = params[ours]
+        if t:
+            w = w.T                                                  # (out, in)
+            rows = _llama_rows(cfg, arch, theirs)
+            if rows is not None:                                     # Hugging Face -> llama.cpp order
+                w = w[np.argsort(rows)]
+        out.append((theirs, np.ascontiguousarray(w)))
+    return out
 
 
 # ---- weights kept quantised ------------------------------------------------------------------------
@@ -205,6 +367,11 @@ def kept_embedding(g: GGUFFile, name):
     return QuantizedEmbedding(kept_linear(g, name))
 
 
+# general.architecture -> (read, metadata to write, tensors to write)
+ARCHS = {"gpt2": (gpt2_from_gguf, gpt2_metadata, gpt2_tensors), "llama": (llama_from_gguf, llama_metadata, llama_tensors),
+         "qwen2": (llama_from_gguf, llama_metadata, llama_tensors)}
+
+
 # ---- shared checks -------------------------------------------------------------------------------
 def check_tensors(g: GGUFFile, expected: dict):
     """NpgptError unless the file holds exactly the tensors `expected` ({GGUF name: NumPy shape})."""
@@ -235,91 +402,12 @@ def load_gguf_model(path, device="cpu", keep_quantized=False, **overrides):
     return ARCHS[g.architecture][0](g, device=device, keep_quantized=keep_quantized, **overrides)
 
 
-# ---- tokenizers ----------------------------------------------------------------------------------
-# npgpt's split patterns -> llama.cpp's pre-tokenizer names
-PRE_NAMES = {"gpt2": "gpt-2"}
-
-
-def tokenizer_metadata(tok):
-    """The tokenizer.* keys of a GGUF file for a byte-level BPE tokenizer (NpgptError for others)."""
-    if not isinstance(tok, BPETokenizer):
-        raise NpgptError(f"a {getattr(tok, 'kind', type(tok).__name__)} tokenizer has no GGUF form (llama.cpp reads "
-                         f"byte-level BPE tokenizers); train the model with --tokenizer bpe to export it")
-    pattern = PATTERNS.get(tok.pattern, tok.pattern)
-    pre = next((PRE_NAMES[k] for k, v in PATTERNS.items() if v == pattern and k in PRE_NAMES), None)
-    if pre is None:
-        raise NpgptError("this tokenizer's split pattern has no llama.cpp pre-tokenizer name (gpt-2 is "
-                         "supported); export a model with GPT-2's pattern")
-    specials = {i: s for s, i in tok.special_tokens.items()}
-    tokens, types = [], []
-    for i in range(tok.vocab_size):
-        if i in specials:
-            tokens.append(specials[i])
-            types.append(CONTROL)
-        elif tok._id_to_bytes[i] is None:                        # a gap in the ids
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-        else:
-            tokens.append(bytes_to_gpt2_string(tok._id_to_bytes[i]))
-            types.append(NORMAL)
-    merges = [f"{bytes_to_gpt2_string(tok._id_to_bytes[a])} {bytes_to_gpt2_string(tok._id_to_bytes[b])}"
-              for a, b in tok.merges]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.merges": merges}
-    eot = tok.special_tokens.get("<|endoftext|>")
-    if eot is not None:
-        meta.update({"tokenizer.ggml.bos_token_id": eot, "tokenizer.ggml.eos_token_id": eot})
-    meta["tokenizer.ggml.add_bos_token"] = False
-    template = getattr(tok, "chat_template", None)
-    if template:
-        meta["tokenizer.chat_template"] = template
-    return meta
-
-
-def tokenizer_from_gguf(g: GGUFFile):
-    """The byte-level BPE tokenizer in a GGUF file's tokenizer.ggml.* metadata."""
-    model = g.require("tokenizer.ggml.model", str)
-    if model != "gpt2":
-        raise NpgptError(f"{g.path}: tokenizer model {model!r} is not read (npgpt reads byte-level BPE, 'gpt2')")
-    pre = g.get("tokenizer.ggml.pre", "default", str)
-    pattern = {v: k for k, v in PRE_NAMES.items()}.get(pre)
-    if pattern is None:
-        raise NpgptError(f"{g.path}: pre-tokenizer {pre!r} is not supported")
-    tokens = g.require("tokenizer.ggml.tokens", list)
-    types = g.get("tokenizer.ggml.token_type", None, list)
-    if types is not None and len(types) != len(tokens):
-        raise NpgptError(f"{g.path}: {len(types)} token types for {len(tokens)} tokens")
-    vocab, specials = {}, {}
-    for i, s in enumerate(tokens):
-        kind = NORMAL if types is None else int(types[i])
-        b = gpt2_string_to_bytes(s) if kind in (NORMAL, BYTE) else None
-        if kind in (CONTROL, USER_DEFINED):
-            specials[s] = i
-        elif b is not None:
-            vocab[b] = i
-    merges = []
-    for m in g.get("tokenizer.ggml.merges", [], list):
-        parts = m.split(" ") if isinstance(m, str) else None
-        pair = None if parts is None or len(parts) != 2 else tuple(gpt2_string_to_bytes(p) for p in parts)
-        if pair is None or None in pair:
-            raise NpgptError(f"{g.path}: merge {m!r:.40} is not two tokens in GPT-2's byte alphabet")
-        merges.append(pair)
-    try:
-        tok = BPETokenizer(vocab, merges, specials, pattern=pattern)
-    except NpgptError as e:
-        raise NpgptError(f"{g.path}: {e}") from None
-    tok.chat_template = g.get("tokenizer.chat_template", None, str)
-    return tok
-
-
-def load_gguf_tokenizer(path):
-    return tokenizer_from_gguf(GGUFFile(path))
-
-
 # ---- writing -------------------------------------------------------------------------------------
 def model_architecture(model):
     if isinstance(model, GPT):
         return "gpt2"
+    if isinstance(model, Llama):
+        return "qwen2" if model.config.model_type == "qwen2" else "llama"
     raise NpgptError(f"cannot export a {type(model).__name__} to GGUF")
 
 
@@ -330,7 +418,7 @@ def export_gguf(model, tok, path, type_name="f32", name=None):
     32-value blocks, under q8_0) stay float32, as llama.cpp's converter keeps them."""
     if type_name not in EXPORT_TYPES:
         raise NpgptError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {type_name!r}")
-    if getattr(model, "lora", None) or getattr(model, "quantization", None):
+    if model.lora or model.quantization:
         raise NpgptError("export a merged float model: merge the LoRA adapter first (npgpt merge), and load "
                          "quantised models in float")
     arch = model_architecture(model)

@@ -376,13 +376,26 @@ class Llama(CausalLM):
         return self.model.embed_tokens.weight
 
     @property
+    def anchor(self):
+        # the final norm's scale: present even when the embedding is kept quantised (a GGUF loaded with
+        # keep_quantized holds an npgpt.layers.QuantizedEmbedding, which has no float table)
+        return self.model.norm.weight
+
+    @property
     def output_weight(self):
         """The (V, C) LM head: lm_head.weight, or the embedding when tied."""
         return self.input_embedding if self.lm_head is None else self.lm_head.weight
 
+    def head(self, x):
+        """Logits of final-norm states x (..., C) Tensor -> (..., V): lm_head, or the tied embedding
+        (through the embedding module, so a quantised table serves as the head without a float copy)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.logits(x)
+        return linear(x, self.lm_head.weight.T)
+
     def rope_tables(self, positions):
         """cos, sin (..., hs/2) in the model's dtype for integer positions (...) on the model's device."""
-        return rope_tables(positions, self._inv_freq, self.input_embedding.dtype)
+        return rope_tables(positions, self._inv_freq, self.anchor.dtype)
 
     # ---- training forward -------------------------------------------------------------------
     def forward(self, idx, targets=None, ignore_index=-1):
@@ -395,13 +408,12 @@ class Llama(CausalLM):
         cos, sin = self.rope_tables(get_xp(idx).arange(T))          # (T, hs/2)
         for layer in m.layers:
             x = layer(x, cos, sin)
-        x = m.norm(x)
-        logits = linear(x, self.output_weight.T)                     # (B, T, V)
+        logits = self.head(m.norm(x))                                # (B, T, V)
         return logits, self.lm_loss(logits, targets, ignore_index)
 
     def hidden_states(self, idx):
         """The residual stream after the embedding and after each layer, [(B, T, C) Tensor] * (n_layer + 1),
-        for interpretability (npgpt.inspect's logit lens reads each through model.norm and the head)."""
+        for interpretability (npgpt.interpret's logit lens reads each through model.norm and the head)."""
         idx = self._check_ids(idx)
         cos, sin = self.rope_tables(get_xp(idx).arange(idx.shape[1]))
         out = [self.model.embed_tokens(idx)]
@@ -411,13 +423,16 @@ class Llama(CausalLM):
 
     def final_logits(self, x):
         """Logits of residual-stream states x (..., C): the final RMSNorm, then the head."""
-        return linear(self.model.norm(x), self.output_weight.T)
+        return self.head(self.model.norm(x))
 
     def resize_token_embeddings(self, vocab_size):
         """Grow the embedding (and an untied head) to vocab_size rows; new rows start at the mean row."""
         old = self.config.vocab_size
         if vocab_size < old:
             raise NpgptError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        if not isinstance(self.model.embed_tokens, Embedding):
+            raise NpgptError("this model's embedding is kept quantised; load it without --keep-quantized to grow "
+                             "its vocabulary")
         for p in ([self.input_embedding] + ([self.lm_head.weight] if self.lm_head is not None else [])):
             xp = get_xp(p.data)
             extra = xp.broadcast_to(p.data.mean(axis=0, keepdims=True), (vocab_size - old, p.shape[1]))
@@ -439,7 +454,7 @@ class Llama(CausalLM):
 
     # ---- cached inference ----------------------------------------------------------------------
     def new_cache(self, batch_size):
-        return KVCache(self.config, batch_size, self.input_embedding.data)
+        return KVCache(self.config, batch_size, self.anchor.data)
 
     @no_grad()
     def forward_cached(self, idx, cache, return_attention=False):
@@ -460,15 +475,14 @@ class Llama(CausalLM):
         else:
             pos = xp.arange(p0, p0 + Tn)                                                 # (Tn,)
         cos, sin = self.rope_tables(pos)
-        x = self.input_embedding.data[idx]                                              # (B, Tn, C)
+        x = self.model.embed_tokens.lookup(idx)                                         # (B, Tn, C)
         maps = []
         for i, layer in enumerate(self.model.layers):
             x, att = layer.forward_cached(x, cache.k[i], cache.v[i], p0, cos, sin, key_mask)
             if return_attention:
                 maps.append(att)
         cache.length = p0 + Tn
-        x = self.model.norm(Tensor(x)).data
-        logits = x @ self.output_weight.data.T                                          # (B, Tn, V)
+        logits = self.head(self.model.norm(Tensor(x))).data                             # (B, Tn, V)
         return (logits, maps) if return_attention else logits
 
     # ---- Hugging Face folders ------------------------------------------------------------------
@@ -616,20 +630,10 @@ def preset_config(preset, arch="gpt", **overrides):
     return LlamaConfig.from_gpt(gpt)
 
 
-def from_pretrained(path, device="cpu", **overrides):
-    """A float model folder of either family: GPT-2 (npgpt's own or transformers') or a
-    LlamaForCausalLM / Qwen2ForCausalLM, decided by config.json. (Quantised folders load through
-    npgpt.quant.load_model, which calls this for float ones.)"""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and is_llama_config(read_hf_config(path)):
-        return Llama.from_pretrained(path, device=device, **overrides)
-    return GPT.from_pretrained(path, device=device, **overrides)
-
-
 def build_model(config, seed=0, device="cpu"):
     """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig)."""
     return (Llama if isinstance(config, LlamaConfig) else GPT)(config, seed=seed, device=device)
 
 
-__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "from_pretrained", "is_llama_config",
+__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "is_llama_config",
            "load_llama_tensors", "model_type_of"]

@@ -9,8 +9,9 @@ the base does; only A and B train, the base weights get no gradient and no optim
 drawn as PEFT draws it, kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)). Merging
 folds the update into the weight, W' = W + s A B, and leaves a plain GPT-2.
 
-The base may be an npgpt int8/int4 `QuantizedLinear` (npgpt/quant.py): it stays quantised in
-memory and `QuantBaseLinear` dequantises one layer's weight in the forward and again in the
+The layer itself, `LoRALinear`, lives on the layer floor (npgpt/layers.py); this module applies,
+merges, saves and reads a model's adapters. The base may be an npgpt int8/int4 `QuantizedLinear`:
+it stays quantised in memory and `npgpt.layers.QuantBaseLinear` dequantises one layer's weight in the forward and again in the
 backward, so the graph never holds a float copy of every layer (the QLoRA recipe, with npgpt's
 own quantisation).
 
@@ -34,17 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt import precision as _precision
 from npgpt.backend import asnumpy, get_xp, to_device
-from npgpt.checkpoint import find_checkpoint, is_model_dir, save_tensors
+from npgpt.checkpoint import is_model_dir, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
-from npgpt.model import read_hf_config
-from npgpt.nn import Linear, Module, Parameter
-from npgpt.ops.nn import dropout, linear
-from npgpt.quant import QuantizedLinear, linear_layers, load_model
+from npgpt.layers import LoRALinear, QuantizedLinear, float_linear, linear_layers
 from npgpt.safeio import load_safetensors, read_json_object
-from npgpt.tensor import Function
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -156,92 +152,6 @@ def _pattern_value(patterns, name, default):
     return default
 
 
-# ---- the layer ---------------------------------------------------------------------------------
-class QuantBaseLinear(Function):
-    """y = x @ dequant(q) + b for a frozen QuantizedLinear: the gradient flows to x only.
-
-    x: (..., Cin) -> (..., Cout). Saves no float weight: backward dequantises the layer again, so
-    training memory keeps the int8/int4 base plus one layer's float weight at a time.
-    """
-    def forward(self, x):
-        w = self.layer.dequantized()                                   # (Cin, Cout), freed after
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _precision.matmul(x2, w)
-        if self.layer.bias is not None:
-            y += self.layer.bias.data
-        self.in_shape = x.shape
-        return y.reshape(x.shape[:-1] + (w.shape[1],))
-
-    def backward(self, dout):
-        # forward: y = x @ w + b  =>  dx = dy @ w^T  (w frozen: no dw, no db)
-        w = self.layer.dequantized()
-        d2 = dout.reshape(-1, dout.shape[-1])
-        return _precision.matmul(d2, w.T).reshape(self.in_shape)
-
-
-class LoRALinear(Module):
-    """A frozen base linear layer (Linear or QuantizedLinear) plus a trainable low-rank update.
-
-    The base's own parameters keep their names (`...c_attn.weight`, `...c_attn.bias`), so the
-    model still saves and loads as GPT-2; the adapters are `...c_attn.lora_A` (in, r) and
-    `...c_attn.lora_B` (r, out).
-    """
-
-    def __init__(self, base, r, scaling, dropout_p=0.0, rng=None):
-        rng = rng or np.random.default_rng()
-        self.base = base
-        self.r, self.scaling, self.dropout = int(r), float(scaling), float(dropout_p)
-        n_in, n_out = (base.n_in, base.n_out) if isinstance(base, QuantizedLinear) else base.weight.shape
-        self.n_in, self.n_out = n_in, n_out
-        like = base.scales if isinstance(base, QuantizedLinear) else base.weight.data
-        xp = get_xp(like)
-        bound = 1.0 / math.sqrt(n_in)                                 # kaiming_uniform(a=sqrt(5)), as PEFT
-        a = rng.uniform(-bound, bound, size=(n_in, self.r)).astype(np.float32)
-        dtype = np.float32 if isinstance(base, QuantizedLinear) else base.weight.dtype
-        self.lora_A = Parameter(xp.asarray(a, dtype=dtype))                      # (in, r)
-        self.lora_B = Parameter(xp.zeros((self.r, n_out), dtype=dtype))          # (r, out)
-        self.rng = rng
-        for p in self.base_parameters():
-            p.requires_grad = False
-
-    def _children(self):
-        # the base's parameters appear under this module's name, then the adapters
-        if isinstance(self.base, Module):
-            yield from self.base._children()
-        yield "lora_A", self.lora_A
-        yield "lora_B", self.lora_B
-
-    def base_parameters(self):
-        return [v for _, v in self.base._children() if isinstance(v, Parameter)]
-
-    def forward(self, x):                                             # (..., in) -> (..., out)
-        if isinstance(self.base, QuantizedLinear):
-            self._follow(x)
-            y = QuantBaseLinear.apply(x, layer=self.base)
-        else:
-            y = self.base(x)
-        h = dropout(x, self.dropout, self.rng, self.training) if self.dropout else x
-        return y + linear(linear(h, self.lora_A), self.lora_B) * self.scaling
-
-    def _follow(self, x):
-        """Move the quantised base to the input's device (as QuantizedLinear.forward does)."""
-        if get_xp(self.base.qweight) is not get_xp(x.data):
-            self.base.to_device_of(x)
-
-    def delta(self):
-        """The (in, out) weight update s A B, as a plain array."""
-        return (self.lora_A.data @ self.lora_B.data) * self.scaling
-
-    def merged(self):
-        """A plain Linear holding W + s A B (a quantised base is dequantised first)."""
-        if isinstance(self.base, QuantizedLinear):
-            w = self.base.dequantized()
-            b = None if self.base.bias is None else self.base.bias.data
-        else:
-            w, b = self.base.weight.data, None if self.base.bias is None else self.base.bias.data
-        return _float_linear((w + self.delta()).astype(w.dtype), b)
-
-
 # ---- a model's adapters ------------------------------------------------------------------------
 def lora_layers(model):
     """[(module name, LoRALinear)] of a model, in block order."""
@@ -303,21 +213,12 @@ def merge_lora(model):
         if isinstance(lin, LoRALinear):
             setattr(owner, attr, lin.merged())
         elif isinstance(lin, QuantizedLinear):
-            setattr(owner, attr, _float_linear(lin.dequantized(), None if lin.bias is None else lin.bias.data))
+            setattr(owner, attr, float_linear(lin.dequantized(), None if lin.bias is None else lin.bias.data))
     for p in model.parameters():
         p.requires_grad = True
     model.lora = None
-    if getattr(model, "quantization", None):
-        model.quantization = None
+    model.quantization = None
     return model
-
-
-def _float_linear(w, b):
-    """A plain Linear holding weight w (in, out) and bias b (or None), without a random init."""
-    out = Linear.__new__(Linear)
-    out.weight = Parameter(w)
-    out.bias = None if b is None else Parameter(b.copy())
-    return out
 
 
 # ---- PEFT folders ------------------------------------------------------------------------------
@@ -332,12 +233,12 @@ def adapter_tensors(model):
 
 def save_adapter(model, folder, base_model=None):
     """Write adapter_config.json + adapter_model.safetensors (PEFT's layout) into `folder`."""
-    cfg = getattr(model, "lora", None)
+    cfg = model.lora
     if cfg is None or not has_lora(model):
         raise NpgptError("the model has no LoRA adapters to save")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base_model = base_model or getattr(model, "lora_base", None)    # set by build_lora_model
+    base_model = base_model or model.lora_base            # set by the LoRA plugin and the loader
     save_tensors(folder / WEIGHTS_FILE, adapter_tensors(model), metadata={"format": "pt"})
     atomic_write_json(folder / CONFIG_FILE, cfg.to_peft(None if base_model is None else str(base_model)))
 
@@ -432,64 +333,3 @@ def load_adapter(model, folder):
         lin.lora_A.data[...] = xp.asarray(a, dtype=lin.lora_A.dtype)
         lin.lora_B.data[...] = xp.asarray(b, dtype=lin.lora_B.dtype)
     return config
-
-
-# ---- training and loading through the rest of npgpt ---------------------------------------------
-def lora_config(cfg):
-    """The LoRAConfig of a TrainConfig with lora_rank set (validated)."""
-    if cfg.lora_rank is None:
-        return None
-    return LoRAConfig.from_targets_option(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-
-
-def _quantized_size(layer):
-    return layer.n_in * layer.n_out if isinstance(layer, QuantizedLinear) else 0
-
-
-def load_model_folder(ckpt, device="cpu", **overrides):
-    """A GPT from a model folder, or from a LoRA run's adapter folder (its recorded base + the adapter)."""
-    ckpt = Path(ckpt)
-    if is_model_dir(ckpt) or not is_adapter_dir(ckpt):
-        return load_model(ckpt, device=device, **overrides)
-    base = read_adapter(ckpt)[2].get("base_model_name_or_path")
-    if not isinstance(base, str) or not Path(base).is_dir():
-        raise NpgptError(f"{ckpt} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
-                         f"give the base with --checkpoint BASE --adapter {ckpt}")
-    model = load_model(find_checkpoint(base), device=device, **overrides)
-    load_adapter(model, ckpt)
-    model.lora_base = base
-    return model
-
-
-def lora_plugin(model, src, cfg, hooks):
-    """The trainer plugin (npgpt.train's `plugins`) of `npgpt finetune --lora-rank R`.
-
-    Adds adapters to the freshly loaded base (or, on --resume, finds them already loaded from the
-    run's adapter folder by `load_model_folder`), freezes the base, and makes checkpoints hold the
-    adapters only, in PEFT's layout. Without lora_rank it only refuses a quantised model, which
-    full fine-tuning cannot train.
-    """
-    quantised = bool(getattr(model, "quantization", None))
-    if cfg.lora_rank is None:
-        if quantised:
-            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise "
-                             f"afterwards, or train LoRA adapters on it with --lora-rank R")
-        return
-    if src is None:
-        raise NpgptError("LoRA fine-tunes a pretrained model: give --init-from DIR (a model folder, float or int8)")
-    if not has_lora(model):
-        if is_model_dir(src) and int(read_hf_config(src).get("vocab_size", 0)) < model.config.vocab_size:
-            raise NpgptError(f"the data needs {model.config.vocab_size - int(read_hf_config(src)['vocab_size'])} "
-                             f"new tokens (the chat template's special tokens?), but LoRA keeps the base's "
-                             f"embedding frozen; use prompt/completion records, or a base whose tokenizer "
-                             f"already has them (one fine-tuned with --sft)")
-        apply_lora(model, lora_config(cfg), seed=cfg.seed)
-        model.lora_base = str(Path(src).resolve())
-    hooks.save_model = lambda folder: save_adapter(model, folder)
-    n_train = sum(p.size for p in model.parameters() if p.requires_grad)
-    layers = lora_layers(model)
-    n_base = model.num_params() - n_train + sum(_quantized_size(lin.base) for _, lin in layers)
-    if not cfg.quiet:
-        print(f"LoRA: r={layers[0][1].r}, alpha={model.lora.alpha:g}, {len(layers)} adapted layers, "
-              f"{n_train:,} trainable parameters ({100 * n_train / max(n_base, 1):.2f}% of the base's "
-              f"{n_base:,}); base frozen" + (f", {model.quantization['bits']}-bit" if quantised else ""))

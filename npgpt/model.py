@@ -4,7 +4,7 @@ Reading order: GPTConfig -> CausalSelfAttention -> MLP -> Block -> GPT.forward. 
 are GPT-2's own (`transformer.h.0.attn.c_attn.weight`, weights stored (in, out) as GPT-2's
 Conv1D), so `model.save_pretrained(dir)` writes a folder that Hugging Face transformers loads as a
 `GPT2LMHeadModel`, and `GPT.from_pretrained(dir)` reads one that transformers wrote. A quantised
-folder is refused here: `npgpt.quant.load_model(dir)` is the one loader that decides between the two.
+folder is refused here: `npgpt.from_pretrained(dir)` (npgpt/loading.py) is the one loader that decides.
 `GPTConfig.num_params` is the one parameter count. Cached inference is one `forward_cached` per
 class (attention, block), so `GPT.forward_cached` is a loop like `GPT.forward`.
 """
@@ -326,13 +326,24 @@ class CausalLM(Module):
     new_cache, num_params, flops_per_token, resize_token_embeddings, save_pretrained and
     from_pretrained, so the trainer, generate, serve and the tools take either."""
 
+    # What quantising or adapting a model records on it (declared, so every reader finds them set):
+    quantization: dict | None = None     # {"bits", "group_size", "embedding"} (npgpt.quant, npgpt.loading)
+    lora = None                          # the LoRAConfig of its adapters (npgpt.lora.apply_lora); None: none
+    lora_base: str | None = None         # the base folder a LoRA model was trained from (adapter_config.json)
+
     @property
     def input_embedding(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
+    def anchor(self):
+        """A float parameter every model of the family has, on the model's device in its dtype: what
+        device, dtype and array module are read from (the embedding, unless it is kept quantised)."""
+        return self.input_embedding
+
+    @property
     def device(self):
-        return self.input_embedding.device
+        return self.anchor.device
 
     def lm_loss(self, logits, targets, ignore_index=-1):
         """Mean cross-entropy of logits (B, T, V) against targets (B, T) (None: no loss)."""
@@ -349,7 +360,7 @@ class CausalLM(Module):
 
     def _as_device_ints(self, a):
         a = a.data if isinstance(a, Tensor) else a
-        xp = get_xp(self.input_embedding.data)
+        xp = get_xp(self.anchor.data)
         if get_xp(a) is not xp:
             a = to_device(np.asarray(a), self.device)
         return xp.asarray(a)
@@ -521,7 +532,7 @@ class GPT(CausalLM):
         hf = read_hf_config(path)
         cfg_path = path / "config.json"
         if records_quantization(hf):
-            raise NpgptError(f"{path} holds a quantised model; load it with npgpt.quant.load_model")
+            raise NpgptError(f"{path} holds a quantised model; load it with npgpt.from_pretrained")
         config = GPTConfig.from_hf(hf, str(cfg_path))
         state = load_gpt2_tensors(path, config)
         model = cls(replace(config, **overrides), device="cpu")
@@ -531,7 +542,7 @@ class GPT(CausalLM):
 
 
 def records_quantization(hf: dict) -> bool:
-    """True when a config.json dict records a quantised folder (loaded by npgpt.quant.load_model)."""
+    """True when a config.json dict records a quantised folder (loaded by npgpt.loading.load_quantized)."""
     section = hf.get("npgpt") or {}
     if not isinstance(section, dict):
         raise NpgptError(f"config.json: field 'npgpt' must be an object {{...}}, got {type(section).__name__}")

@@ -66,11 +66,16 @@ class Module:
         return [p for _, p in self.named_parameters()]
 
     def modules(self):
-        stack, out = [self], []
+        return [m for _, m in self.named_modules()]
+
+    def named_modules(self, prefix=""):
+        """(dotted name, Module) pairs of this module ("" names it) and every module below, in order."""
+        stack, out = [(prefix, self)], []
         while stack:
-            m = stack.pop()
-            out.append(m)
-            stack.extend(reversed([v for _, v in m._children() if isinstance(v, Module)]))
+            name, m = stack.pop()
+            out.append((name, m))
+            stack.extend(reversed([(f"{name}.{n}" if name else n, v) for n, v in m._children()
+                                   if isinstance(v, Module)]))
         return out
 
     def train(self, mode=True):
@@ -182,6 +187,14 @@ class Embedding(Module):
 
     def forward(self, ids):
         return embedding(self.weight, ids)
+
+    def lookup(self, ids):
+        """Rows of the table as a plain array (cached inference: no graph)."""
+        return self.weight.data[ids]
+
+    def logits(self, x):
+        """x (..., dim) Tensor -> (..., num): the table as a tied output head."""
+        return linear(x, self.weight.T)
 
 
 class RMSNorm(Module):

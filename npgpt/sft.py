@@ -6,13 +6,17 @@ Two record shapes are accepted, one JSON object per line:
     {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}
 
 Prompt/completion records become plain text: prompt tokens, completion tokens, end-of-text.
-Chat records use npgpt's chat template, built from special tokens that are added to the model's
-tokenizer (and rows added to its embedding) when it lacks them:
+Chat records use the model's own chat template when its tokenizer has one (a Hugging Face or GGUF
+model: Jinja, see npgpt.tokenizer.chat_template); the assistant tokens are what each assistant
+message adds to the rendered text ({% generation %} blocks when the template has them), which
+includes the template's end-of-turn marker. npgpt-trained models use npgpt's own template, built
+from special tokens that are added to the tokenizer (and rows added to the embedding) when missing:
 
     <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|><|endoftext|>
 
 The loss counts only completion / assistant tokens, including the closing <|end|> (or
-end-of-text) so the model learns to stop; every other target is -1, the model's ignore_index.
+end-of-text, or the model template's end-of-turn token) so the model learns to stop; every other
+target is -1, the model's ignore_index.
 Each record is its own row, right-padded to block_size (no packing, so records never attend to
 each other). Records longer than block_size + 1 tokens are truncated and counted, or rejected
 under `strict`.
@@ -29,6 +33,7 @@ from npgpt import tokenizer as tk
 from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
+from npgpt.llama import LlamaConfig, is_llama_config
 from npgpt.model import GPTConfig, read_hf_config
 from npgpt.safeio import read_jsonl
 
@@ -76,8 +81,31 @@ def ensure_chat_tokens(tok):
     return {t: tok.special_tokens[t] for t in CHAT_TOKENS}
 
 
+def has_model_template(tok) -> bool:
+    """Whether `tok` came with the model's own chat template (else npgpt's format is used)."""
+    return tok.chat_template is not None
+
+
+def is_chat_model(tok) -> bool:
+    """Whether the model can chat: its own template, or npgpt's chat tokens from `finetune --sft`."""
+    return has_model_template(tok) or all(t in tok.special_tokens for t in CHAT_TOKENS)
+
+
+def chat_stop_ids(tok) -> list[int]:
+    """Token ids that end an assistant turn in the format `render_chat` uses."""
+    if has_model_template(tok):
+        return tok.chat_stop_ids()
+    return [tok.special_tokens[t] for t in CHAT_TOKENS if t in tok.special_tokens] + [tok.eot_id]
+
+
 def render_chat(tok, messages, add_generation_prompt=False):
-    """(ids, loss_mask) for a conversation in the chat template; mask marks assistant tokens."""
+    """(ids, loss_mask) for a conversation: the model's own chat template when it has one, else npgpt's;
+    mask marks assistant tokens."""
+    if has_model_template(tok):
+        if add_generation_prompt:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+            return ids, [False] * len(ids)
+        return tok.chat_ids_and_mask(messages)
     sp = ensure_chat_tokens(tok)
     ids, mask = [], []
     for m in messages:
@@ -154,7 +182,8 @@ class SFTData:
         if not tk.is_tokenizer_dir(src):
             raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
         tok = tk.load(src)
-        n_pos = GPTConfig.from_hf(read_hf_config(src)).block_size
+        hf = read_hf_config(src)
+        n_pos = (LlamaConfig if is_llama_config(hf) else GPTConfig).from_hf(hf).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)
         T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)
@@ -163,8 +192,9 @@ class SFTData:
                          seed=cfg.seed, path=cfg.sft)
         if not cfg.quiet:
             n_tr, n_va = len(data.rows["train"][0]), len(data.rows["val"][0])
-            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val), block_size {T}; "
-                  f"{data.truncated} truncated", file=stream)
+            print(f"SFT: {len(records)} records ({n_tr} train, {n_va} val) in rows of {T} tokens"
+                  + ("" if cfg.block_size else ", the longest record's length")
+                  + f" (the model's context is {n_pos}); {data.truncated} truncated", file=stream)
         return data
 
     @property

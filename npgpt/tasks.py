@@ -28,7 +28,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy, get_xp
 from npgpt.errors import NpgptError
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.fileio import atomic_write_text
 from npgpt.safeio import read_jsonl
 from npgpt.tensor import no_grad
@@ -128,7 +128,7 @@ def evaluate_task(model, tok, items, progress=None):
 def run_task(checkpoint, task, out=None, device="cpu", adapter=None):
     """Load a model (with an optional LoRA adapter), score a task file, write per-item JSONL to `out`."""
     items = read_task(task)
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
     r = evaluate_task(model, tok, items)
     if out:
         atomic_write_text(out, "".join(json.dumps(rec) + "\n" for rec in r["results"]))

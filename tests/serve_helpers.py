@@ -84,9 +84,9 @@ def wait_until(cond, timeout=10.0):
 
 def greedy_reference(folder, prompt_ids, max_tokens, stop_ids, **controls):
     """What the library's generate gives for the same request (the server must agree)."""
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.generate import generate
-    model, tok, _ = load_model_and_tokenizer(folder)
+    model, tok = load_run(folder)[:2]
     out = []
     for t in generate(model, prompt_ids, max_tokens, temperature=0, **controls):
         if t in stop_ids:

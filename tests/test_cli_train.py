@@ -132,6 +132,7 @@ def test_ctrl_c_saves_and_exits_130(prepared, tmp_path):
     rest = p.communicate(timeout=60)[0]
     assert p.returncode == 130, rest
     assert "checkpoint saved" in rest and "--resume" in rest
+    assert sum("interrupted" in line for line in rest.splitlines()) == 1, rest     # said once
     state = json.loads((out / "ckpt" / "state.json").read_text())
     assert state["reason"] == "interrupt" and state["iter"] > 0
     r = run("train", "--out", out, "--resume", "--max-iters", state["iter"] + 2)

@@ -9,15 +9,18 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npgpt.compress import (apply_prune_masks, count_params, format_report, load_prune_masks, magnitude_masks,
-                            mlp_importance, prune_checkpoint, prune_model, quantize_checkpoint, save_prune_masks,
-                            trim_checkpoint, trim_model)
+from npgpt.compress import (count_params, format_report, magnitude_masks, mlp_importance, prune_checkpoint,
+                            prune_model, quantize_checkpoint, trim_checkpoint, trim_model)
 from npgpt.errors import NpgptError
 from npgpt.model import GPT, GPTConfig
 from npgpt.nn import Linear
-from npgpt.quant import (QuantizedLinear, decode_weight, dequantize, encode_weight, load_model, load_quantized, pack_int4,
-                         quantize, quantize_model, save_quantized, unpack_int4)
+from npgpt.layers import (QuantizedLinear, decode_weight, dequantize, encode_weight, pack_int4, quantize,
+                          unpack_int4)
+from npgpt.loading import from_pretrained as load_model
+from npgpt.loading import load_quantized
+from npgpt.quant import quantize_model, save_quantized
 from npgpt.tensor import Tensor, no_grad
+from npgpt.training.plugins import apply_prune_masks, load_prune_masks, save_prune_masks
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 TEXT = "abcd efghi"          # 10 distinct characters (space included) + <|endoftext|> = 11 tokens
@@ -158,7 +161,7 @@ def test_quantized_file_is_smaller_and_integer(tmp_path):
 
 
 def test_load_model_reads_quantized_folder(tmp_path):
-    """The one loader (quant.load_model) reads quantised and float folders; model.py refuses to guess."""
+    """The one loader (npgpt.from_pretrained) reads quantised and float folders; model.py refuses to guess."""
     save_quantized(tiny(), tmp_path / "q", 8)
     m = load_model(tmp_path / "q")
     assert isinstance(m.transformer.h[1].mlp.c_proj, QuantizedLinear)
@@ -291,8 +294,8 @@ def test_trim_checkpoint_folder_loads_with_smaller_n_inner(model_dir, tmp_path):
     r = trim_checkpoint(model_dir, out, mlp_keep=0.5, drop_layers=[0], sample_tokens=4)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["n_inner"] == 32 and cfg["n_layer"] == 1
-    from npgpt.evaluate import load_model_and_tokenizer
-    m, tok, _ = load_model_and_tokenizer(out)
+    from npgpt.loading import load_run
+    m, tok = load_run(out)[:2]
     assert m.config.hidden == 32 and tok.vocab_size == TINY.vocab_size
     assert r["after"]["params"] < r["before"]["params"] and r["after"]["size_bytes"] < r["before"]["size_bytes"]
     assert not (out / "optimizer.safetensors").exists() and (out / "tokenizer_npgpt.json").exists()

@@ -79,7 +79,7 @@ def test_fused_ops_record_their_path():
 @settings(max_examples=25, deadline=None)
 @given(seeds, st.sampled_from([8, 4]), st.sampled_from([None, 2, 3]), st.integers(1, 3), st.integers(1, 600))
 def test_blocked_quantized_matmul_matches_dequantize_then_multiply(seed, bits, group, n_rows, n_out):
-    from npgpt import quant as Q
+    from npgpt import layers as Q
     n_in = 6 if group else 7                                 # odd: the int4 packing pads a row
     rng = np.random.default_rng(seed)
     stored, scales = Q.encode_weight(rng.standard_normal((n_in, n_out)).astype(np.float32), bits, group)
@@ -91,7 +91,7 @@ def test_blocked_quantized_matmul_matches_dequantize_then_multiply(seed, bits, g
 
 def test_quantized_linear_fast_and_reference_paths_agree():
     from npgpt import no_grad
-    from npgpt import quant as Q
+    from npgpt import layers as Q
     from npgpt.nn import Linear
     lin = Linear(8, 700, rng=np.random.default_rng(0))
     for bits, group in [(8, None), (4, 4)]:

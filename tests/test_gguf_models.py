@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from helpers import TINY, corpus
 from npgpt.cli.main import cli
 from npgpt.errors import NpgptError
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.gguf import GGUFFile, quantize, write_gguf
 from npgpt.gguf_models import export_gguf, load_gguf_model, load_gguf_tokenizer
 
@@ -32,7 +32,7 @@ def bpe_run(tmp_path_factory):
 
 @pytest.mark.parametrize("type_name, tol", [("f32", 0), ("f16", 2e-2), ("q8_0", 5e-2)])
 def test_export_round_trips_logits_and_tokens(bpe_run, tmp_path, type_name, tol):
-    model, tok, _ = load_model_and_tokenizer(bpe_run / "run")
+    model, tok = load_run(bpe_run / "run")[:2]
     out = tmp_path / f"m.{type_name}.gguf"
     _ok(["export", "--checkpoint", str(bpe_run / "run"), "--gguf", str(out), "--type", type_name])
     back = load_gguf_model(out)
@@ -103,8 +103,8 @@ def test_mismatched_tensors_are_refused(tmp_path):
 
 @pytest.mark.parametrize("type_name", ["q8_0", "q4_0", "q4_1"])
 def test_keep_quantized_computes_what_the_dequantised_model_does(bpe_run, tmp_path, type_name):
-    from npgpt.quant import QuantizedLinear
-    model, tok, _ = load_model_and_tokenizer(bpe_run / "run")
+    from npgpt.layers import QuantizedLinear
+    model, tok = load_run(bpe_run / "run")[:2]
     out = export_gguf(model, tok, tmp_path / f"m.{type_name}.gguf", type_name)
     flt = load_gguf_model(out)
     kept = load_gguf_model(out, keep_quantized=True)
@@ -121,3 +121,98 @@ def test_keep_quantized_computes_what_the_dequantised_model_does(bpe_run, tmp_pa
     x = np.random.default_rng(0).normal(size=(3, ref.n_in)).astype(np.float32)
     from npgpt.tensor import Tensor
     np.testing.assert_allclose(ref(Tensor(x)).data, ref.forward_reference(Tensor(x)).data, rtol=1e-5, atol=1e-5)
+
+
+# ---- the Llama family --------------------------------------------------------------------------------
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hf_tokenizer(bpe_folder, pre="smollm"):
+    """An HFTokenizer (SmolLM2's pipeline) from a trained npgpt BPE folder, plus ChatML tokens."""
+    from npgpt.tokenizer import load
+    from npgpt.tokenizer.hf import AddedToken, HFTokenizer
+    tok = load(bpe_folder)
+    vocab = {tok.token_bytes(i): i for i in range(tok.vocab_size) if i not in tok.special_tokens.values()}
+    table = {i: tok.token_bytes(i) for i in range(tok.vocab_size)}
+    merges = [(table[a], table[b]) for a, b in tok.merges]
+    n = tok.vocab_size
+    added = [AddedToken(i, s) for s, i in tok.special_tokens.items()] + \
+            [AddedToken(n, "<|im_start|>"), AddedToken(n + 1, "<|im_end|>")]
+    return HFTokenizer(vocab, merges, added, pre_tokenizer=pre, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                       chat_template=CHATML)
+
+
+def tiny_llama(vocab_size, **kw):
+    from npgpt.llama import Llama, LlamaConfig
+    fields = dict(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, n_inner=96,
+                  tie_word_embeddings=True, rope_theta=500.0)
+    cfg = LlamaConfig(**{**fields, **kw})
+    return Llama(cfg, seed=3)
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": False}, {"qkv_bias": True, "model_type": "qwen2"}])
+def test_llama_round_trips_exactly_in_f32(bpe_run, tmp_path, kw):
+    tok = hf_tokenizer(bpe_run / "data")
+    model = tiny_llama(tok.vocab_size, **kw)
+    if kw.get("qkv_bias"):                                   # non-zero biases, so a wrong mapping shows
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.data[...] = np.linspace(-1, 1, layer.self_attn.q_proj.bias.shape[0])
+    out = export_gguf(model, tok, tmp_path / "l.gguf", "f32")
+    g = GGUFFile(out)
+    assert g.architecture == ("qwen2" if kw.get("qkv_bias") else "llama")
+    assert ("output.weight" in g.tensors) == (kw.get("tie_word_embeddings") is False)
+    back = load_gguf_model(out)
+    idx = np.array([tok.encode("the quick brown fox jumps over the lazy dog")[:20]])
+    np.testing.assert_array_equal(model(idx)[0].data, back(idx)[0].data)
+    tok2 = load_gguf_tokenizer(out)
+    text = "<|im_start|>user\nseven wizards 2024 hex<|im_end|>"
+    assert tok2.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    assert tok2.chat_template == CHATML and tok2.eos_token == "<|im_end|>" and tok2.bos_token == "<|im_start|>"
+    assert g.metadata["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_llama_q_k_rows_are_in_llama_cpp_order(bpe_run, tmp_path):
+    tok = hf_tokenizer(bpe_run / "data")
+    model = tiny_llama(tok.vocab_size)
+    g = GGUFFile(export_gguf(model, tok, tmp_path / "l.gguf", "f32"))
+    # llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) on Hugging Face's (out, in) weight
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+    attn = model.model.layers[1].self_attn
+    np.testing.assert_array_equal(g.dequantize("blk.1.attn_q.weight"), permute(attn.q_proj.weight.data.T, 4))
+    np.testing.assert_array_equal(g.dequantize("blk.1.attn_k.weight"), permute(attn.k_proj.weight.data.T, 2))
+    np.testing.assert_array_equal(g.dequantize("blk.1.attn_v.weight"), attn.v_proj.weight.data.T)
+    assert g.metadata["llama.attention.head_count_kv"] == 2 and g.metadata["llama.rope.freq_base"] == 500.0
+
+
+def test_llama_keep_quantized_holds_the_embedding_as_int8(bpe_run, tmp_path):
+    from npgpt.layers import QuantizedEmbedding, QuantizedLinear
+    tok = hf_tokenizer(bpe_run / "data")
+    model = tiny_llama(tok.vocab_size)
+    out = export_gguf(model, tok, tmp_path / "l.gguf", "q8_0")
+    flt = load_gguf_model(out)
+    kept = load_gguf_model(out, keep_quantized=True)
+    assert isinstance(kept.model.embed_tokens, QuantizedEmbedding)
+    assert sum(isinstance(m, QuantizedLinear) for m in kept.modules()) == 2 * 7 + 1
+    np.testing.assert_array_equal(kept.model.embed_tokens.dequantized(), flt.model.embed_tokens.weight.data)
+    idx = np.array([tok.encode("the quick brown fox jumps")[:12]])
+    a, b = flt(idx)[0].data, kept(idx)[0].data
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    cache = kept.new_cache(1)
+    np.testing.assert_allclose(kept.forward_cached(idx, cache), b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(NpgptError, match="kept quantised"):
+        kept.resize_token_embeddings(tok.vocab_size + 1)
+
+
+def test_unsupported_tokenizers_and_pre_tokenizers_are_named(tmp_path):
+    w = np.zeros((4, 32), np.float32)
+    base = {"general.architecture": "llama", "tokenizer.ggml.tokens": ["a", "b", "c", "d"]}
+    for meta, match in [({"tokenizer.ggml.model": "llama"}, "SentencePiece"),
+                        ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-llm"},
+                         "pre-tokenizer 'deepseek-llm' is not supported"),
+                        ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+                          "tokenizer.ggml.eos_token_id": 9}, "eos_token_id 9 is not a token id")]:
+        write_gguf(tmp_path / "t.gguf", {**base, **meta}, [("x", w.shape, "F32", quantize(w, "F32"))])
+        with pytest.raises(NpgptError, match=match):
+            load_gguf_tokenizer(tmp_path / "t.gguf")

@@ -477,7 +477,7 @@ def test_resume_with_an_unchanged_model_setting_is_accepted(work):
 
 def test_chat_reply_containing_a_special_token_string(work):
     from npgpt.cli.sample import ChatSession
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     # byte-level BPE: any reply text can be encoded again, "<|end|>" spelled out included
     ok(run("prepare", "--input", work / "corpus.txt", "--out", work / "bpe", "--tokenizer", "bpe", "--vocab-size", 270))
     ok(run("train", "--data", work / "bpe", "--out", work / "brun", "--max-iters", 1, "--quiet", *TINY))
@@ -485,7 +485,7 @@ def test_chat_reply_containing_a_special_token_string(work):
     (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     ok(run("finetune", "--init-from", work / "brun", "--sft", work / "chat.jsonl", "--out", work / "chat",
            "--max-iters", 1, "--quiet", "--batch-size", 2, "--set", "eval_iters=1"))
-    model, tok, _ = load_model_and_tokenizer(work / "chat")
+    model, tok = load_run(work / "chat")[:2]
     s = ChatSession(model, tok, max_new_tokens=3, seed=0)
     s.messages += [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a <|end|> b <|user|>"}]
     from npgpt.sft import render_chat

@@ -17,16 +17,16 @@ FLOORS = [
     ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
-    ("npgpt.nn", "npgpt.gradcheck"),
+    ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
     ("npgpt.model", "npgpt.llama"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
-    ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint"),
+    ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint", "npgpt.lora", "npgpt.gguf_models"),
+    ("npgpt.loading",),
     ("npgpt.training",),
     ("npgpt.train", "npgpt.generate"),
-    ("npgpt.quant", "npgpt.gguf_models", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench",
-     "npgpt.evaluate",
+    ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench", "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
-     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.lora", "npgpt.tasks"),
+     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises"),
     ("npgpt.cli",),
 ]
 
@@ -175,6 +175,16 @@ def test_imports_inside_functions_say_why():
     ("npgpt.training.scaler", "npgpt.train", False),
     ("npgpt.precision", "npgpt.training", False),
     ("npgpt.serve.engine", "npgpt.serve.protocol", True),
+    ("npgpt.layers", "npgpt.model", False),
+    ("npgpt.model", "npgpt.layers", True),
+    ("npgpt.loading", "npgpt.train", False),
+    ("npgpt.train", "npgpt.loading", True),
+    ("npgpt.loading", "npgpt.quant", False),
+    ("npgpt.lora", "npgpt.loading", False),
+    ("npgpt.training.plugins", "npgpt.train", False),
+    ("npgpt.training.plugins", "npgpt.compress", False),
+    ("npgpt.train", "npgpt.training.plugins", True),
+    ("npgpt.training.plugins", "npgpt.loading", True),
 ])
 def test_the_floor_rule_itself(module, imported, ok):
     assert (floor_of(imported) <= floor_of(module)) == ok

@@ -15,7 +15,8 @@ from safetensors.numpy import save_file
 from npgpt import no_grad
 from npgpt.errors import NpgptError
 from npgpt.gradcheck import gradcheck_module
-from npgpt.llama import Llama, LlamaConfig, build_model, from_pretrained, preset_config
+from npgpt.llama import Llama, LlamaConfig, build_model, preset_config
+from npgpt.loading import from_pretrained
 from npgpt.model import GPT, GPTConfig
 
 

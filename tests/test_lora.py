@@ -8,11 +8,12 @@ import pytest
 from npgpt import GPT, GPTConfig, Tensor
 from npgpt.errors import NpgptError
 from npgpt.gradcheck import gradcheck
-from npgpt.lora import (LoRAConfig, LoRALinear, adapter_tensors, apply_lora, load_adapter, lora_layers, merge_lora,
-                        read_adapter, save_adapter, trainable_parameters)
+from npgpt.layers import LoRALinear, QuantizedLinear
+from npgpt.lora import (LoRAConfig, adapter_tensors, apply_lora, load_adapter, lora_layers, merge_lora, read_adapter,
+                        save_adapter, trainable_parameters)
 from npgpt.nn import Linear
 from npgpt.optim import AdamW
-from npgpt.quant import QuantizedLinear, quantize_model
+from npgpt.quant import quantize_model
 
 CFG = GPTConfig(vocab_size=40, block_size=12, n_layer=2, n_head=2, n_embd=16)
 

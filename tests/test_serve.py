@@ -126,12 +126,12 @@ def test_stream_ends_with_done(plain_server):
 
 
 def test_completion_logprobs(plain_server, plain_dir):
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     r = client(plain_server).completions.create(model="m", prompt="the", max_tokens=12, temperature=0, logprobs=3)
     ch = r.choices[0]
     lp = ch.logprobs
     assert "".join(lp.tokens) == ch.text and len(lp.tokens) == len(lp.token_logprobs) == 12
-    model, tok, _ = load_model_and_tokenizer(plain_dir)
+    model, tok = load_run(plain_dir)[:2]
     ids = tok.encode("the" + ch.text)
     ref = log_softmax(model.forward_cached(np.array([ids]), model.new_cache(1))[0].astype(np.float64))
     for i, (t, l, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
@@ -390,10 +390,10 @@ def test_serve_cli_errors(tmp_path):
 def test_a_crashing_request_fails_alone(tmp_path, monkeypatch):
     """A request whose generation raises gets a 500 error body; the engine and server go on."""
     import npgpt.serve.engine as engine
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.serve.http import App, make_server
     folder = model_folder(tmp_path / "m", chat=False)
-    model, tok, _ = load_model_and_tokenizer(folder)
+    model, tok = load_run(folder)[:2]
     real = engine.sampling_probs
 
     def flaky(logits, temperature=1.0, top_k=None, top_p=None):

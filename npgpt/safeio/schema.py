@@ -123,28 +123,35 @@ def _no_duplicates(pairs):
     return obj
 
 
-def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH, allow_infinity: bool = False):
+def parse_json(data: bytes | str, where: str, max_depth: int = MAX_DEPTH, allow_infinity: bool = False,
+               sent: bool = False):
     """Parse JSON text under the limits above; NpgptError naming `where` on any problem.
 
     `allow_infinity` accepts the constants Infinity/-Infinity (Python's json.dumps writes them for
-    float('inf'), e.g. a best loss not measured yet); NaN is refused always."""
+    float('inf'), e.g. a best loss not measured yet); NaN is refused always. `sent`: the text came
+    from a client (an HTTP body), so errors ask for valid JSON instead of calling a file damaged."""
+    def bad(problem):
+        return NpgptError(f"{where} is not valid JSON: {problem}; send valid JSON" if sent
+                          else f"{where} is damaged: {problem}")
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError as e:
-        raise NpgptError(f"{where} is not UTF-8 text (byte {e.start}); it is damaged or not JSON") from None
+        raise (bad(f"it is not UTF-8 text (byte {e.start})") if sent else
+               NpgptError(f"{where} is not UTF-8 text (byte {e.start}); it is damaged or not JSON")) from None
     if _json_depth(text) > max_depth:
-        raise NpgptError(f"{where} is damaged: it nests deeper than {max_depth} levels")
+        raise bad(f"it nests deeper than {max_depth} levels")
     try:
         obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_infinity_only if allow_infinity else _parse_constant,
                           object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise NpgptError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                         f"the file is damaged") from None
+        raise (bad(f"{e.msg} at line {e.lineno} column {e.colno}") if sent else
+               NpgptError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                          f"the file is damaged")) from None
     except (ValueError, RecursionError, OverflowError) as e:
-        raise NpgptError(f"{where} is damaged: {str(e)[:100] or type(e).__name__}") from None
+        raise bad(str(e)[:100] or type(e).__name__) from None
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
-        raise NpgptError(f"{where} is damaged: a string holds a lone surrogate (a \\udXXX escape), which is not text")
+        raise bad("a string holds a lone surrogate (a \\udXXX escape), which is not text")
     return obj
 
 

@@ -30,11 +30,11 @@ from pathlib import Path
 from queue import Empty
 
 from npgpt.errors import NpgptError
-from npgpt.evaluate import load_model_and_tokenizer
+from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.protocol import ApiError, Params
-from npgpt.sft import CHAT_TOKENS, render_chat
+from npgpt.sft import CHAT_TOKENS, chat_stop_ids, has_model_template, is_chat_model, render_chat
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ class App:
                  max_body=1 << 20):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
-        self.has_chat = all(t in tok.special_tokens for t in CHAT_TOKENS)
+        self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
         self.engine = Engine(model, tok, max_batch, max_queue)
         self.created = int(time.time())
         self.inflight = 0
@@ -112,9 +112,14 @@ class App:
                 raise ApiError(400, f"unsupported message role {m.get('role')!r} or non-text content; "
                                     f"use system, user or assistant with text", "messages")
             clean.append({"role": role, "content": content})
-        ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
-        # a reply ends at <|end|>; any other turn marker ends it too
-        stop_ids = [self.tok.special_tokens[t] for t in CHAT_TOKENS] + [self.tok.eot_id]
+        try:
+            ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
+        except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
+            raise ApiError(400, str(e), "messages") from None
+        # npgpt's template: a reply ends at <|end|>, any other turn marker ends it too; a model's own
+        # template: at its end-of-turn token or the tokenizer's EOS
+        stop_ids = (chat_stop_ids(self.tok) if has_model_template(self.tok)
+                    else [self.tok.special_tokens[t] for t in CHAT_TOKENS] + [self.tok.eot_id])
         return self._request("chat", [ids], params, stop_ids, [""])
 
     def _request(self, kind, prompts, params, stop_ids, texts):
@@ -275,7 +280,7 @@ class Handler(BaseHTTPRequestHandler):
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
         try:
-            body = parse_json(raw, "the request body")    # depth / number limits: a nested body is a 400
+            body = parse_json(raw, "the request body", sent=True)    # depth / number limits: a nested body is a 400
         except NpgptError as e:
             raise ApiError(400, str(e)) from None
         if not isinstance(body, dict):
@@ -428,11 +433,14 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_model_and_tokenizer(checkpoint, device, adapter)
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
     model.eval()
     if model_name is None:
         ckpt = Path(ckpt).resolve()
         model_name = ckpt.parent.name if ckpt.name == "ckpt" else ckpt.name
+        if adapter is not None:                  # the id says the adapter is on: base+adapter
+            a = Path(adapter).resolve()
+            model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
     app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body)
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
@@ -445,6 +453,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     h, p = httpd.server_address[:2]
+    if adapter is not None and model.lora is not None:
+        ready(f"npgpt serve: LoRA adapter {adapter} loaded (r={model.lora.r}, alpha={model.lora.alpha:g}, "
+              f"targets {t if isinstance(t := model.lora.targets, str) else ','.join(t)}), unmerged over the base")
     ready(f"npgpt serve: {model_name} on http://{h}:{p}/ (chat page at /, API at /v1; "
           f"{'API key required' if api_key else 'no API key'}); Ctrl-C or SIGTERM stops")
     try:

@@ -16,6 +16,10 @@ one id of their own. Following tiktoken, `encode` is strict about them by defaul
     encode(text, allowed_special="all")           every special string becomes its id
     encode(text, disallowed_special=())           special strings are encoded as ordinary text
 
+Chat templates: a tokenizer loaded with a model may carry the model's own Jinja `chat_template`
+(Hugging Face, GGUF); `apply_chat_template(messages)` renders it as transformers does (see
+`chat_template`). npgpt-trained tokenizers have none; npgpt.sft holds npgpt's own format.
+
 Subclasses provide `_encode_ordinary`, `decode`, `token_bytes`, `_append_special`, `_canonical` and
 `save`; everything else lives here.
 """
@@ -29,6 +33,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 import regex
 
 from npgpt.errors import NpgptError
+from npgpt.tokenizer.chat_template import ChatTemplate, assistant_spans, end_of_turn, token_mask
 from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES, iter_text_chunks
 
 EOT = "<|endoftext|>"
@@ -90,6 +95,10 @@ class Tokenizer:
     """Common behaviour of CharTokenizer and BPETokenizer."""
 
     kind: str = ""
+    chat_template: str | None = None   # the model's own Jinja chat template, when it came with one
+    bos_token: str | None = None       # names of special tokens the chat template may use
+    eos_token: str | None = None
+    pad_token: str | None = None
 
     def __init__(self, special_tokens: dict[str, int]):
         self.special_tokens: dict[str, int] = dict(special_tokens)
@@ -271,5 +280,88 @@ class Tokenizer:
         for piece in self.split_stream(chunks):
             yield self.encode(piece, allowed_special, disallowed_special)
 
+    # ------------------------------------------------------------------------- chat template
+
+    def normalize_text(self, text: str) -> str:
+        """`text` as the tokenizer's normalizer leaves it (none here; NFC for Qwen2's tokenizer.json)."""
+        return text
+
+    def _chat_template(self, chat_template: str | None) -> ChatTemplate:
+        source = self.chat_template if chat_template is None else chat_template
+        if source is None:
+            raise NpgptError("this tokenizer has no chat template (npgpt-trained models use npgpt's own chat "
+                             "format, npgpt.sft.render_chat); pass chat_template=... to use one")
+        return ChatTemplate(source)
+
+    def template_variables(self) -> dict:
+        """The special-token names a chat template sees (transformers passes its special_tokens_map)."""
+        return {name: getattr(self, name) for name in ("bos_token", "eos_token", "pad_token")
+                if getattr(self, name) is not None}
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
+                            tools=None, documents=None, continue_final_message: bool = False,
+                            return_assistant_tokens_mask: bool = False, chat_template: str | None = None,
+                            **kwargs):
+        """Render `messages` with the model's chat template, as transformers' apply_chat_template does.
+
+        tokenize=False returns the text; tokenize=True (the default) its ids as a list (transformers
+        4's default; transformers 5 wraps them in a dict), special-token strings becoming their ids
+        (the template writes them). `continue_final_message` leaves the last
+        message open for the model to continue. `return_assistant_tokens_mask` returns
+        {"input_ids": ids, "assistant_masks": [0/1 per token]} marking what assistant messages add
+        ({% generation %} blocks when the template has them, else found prefix by prefix).
+        """
+        if add_generation_prompt and continue_final_message:
+            raise NpgptError("add_generation_prompt and continue_final_message cannot both be set")
+        template = self._chat_template(chat_template)
+        variables = {**self.template_variables(), **kwargs, "tools": tools, "documents": documents}
+        if return_assistant_tokens_mask:
+            if not tokenize or add_generation_prompt or continue_final_message:
+                raise NpgptError("return_assistant_tokens_mask needs tokenize=True and a whole conversation")
+            ids, mask = self.chat_ids_and_mask(messages, template, variables)
+            return {"input_ids": ids, "assistant_masks": [int(m) for m in mask]}
+        text = template.render(messages, add_generation_prompt=add_generation_prompt, **variables)
+        if continue_final_message:
+            text = _cut_after_final_message(text, messages)
+        return self.encode(text, allowed_special="all") if tokenize else text
+
+    def chat_ids_and_mask(self, messages, template: ChatTemplate | None = None,
+                          variables: dict | None = None) -> tuple[list[int], list[bool]]:
+        """(ids, mask) of a whole conversation in the model's template; mask marks assistant tokens."""
+        template = template or self._chat_template(None)
+        variables = self.template_variables() if variables is None else variables
+        messages = [dict(m, content=self.normalize_text(m["content"]))
+                    if isinstance(m, dict) and isinstance(m.get("content"), str) else m for m in messages]
+        text, spans = assistant_spans(template, messages, variables)
+        ids = self.encode(text, allowed_special="all")
+        return ids, token_mask(self, text, ids, spans)
+
+    def chat_stop_ids(self) -> list[int]:
+        """Ids that end an assistant turn: the template's end-of-turn token, then the tokenizer's EOS."""
+        stops = []
+        if self.chat_template is not None:
+            name = end_of_turn(self._chat_template(None), self.special_tokens, self.template_variables())
+            if name is not None:
+                stops.append(self.special_tokens[name])
+        try:
+            stops.append(self.eot_id)
+        except NpgptError:
+            pass
+        return list(dict.fromkeys(stops))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, specials={len(self.special_tokens)})"
+
+
+def _cut_after_final_message(text: str, messages) -> str:
+    """`text` cut right after the last message's content (transformers' continue_final_message)."""
+    final = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+    if isinstance(final, list):            # [{"type": "text", "text": ...}, ...]
+        final = next((p.get("text") for p in reversed(final) if isinstance(p, dict) and "text" in p), None)
+    if not isinstance(final, str):
+        raise NpgptError("continue_final_message needs a last message with text content")
+    for needle in (final, final.strip()):
+        at = text.rfind(needle)
+        if needle and at >= 0:
+            return text[:at + len(needle)]
+    raise NpgptError("continue_final_message: the chat template does not write the last message's text as is")

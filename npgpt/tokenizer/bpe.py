@@ -298,6 +298,10 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE tokenizer; see the module docstring."""
 
     kind = "bpe"
+    # A trained or GPT-2 vocabulary holds all 256 byte tokens. Real models' may not: SmolLM2's lacks 21
+    # bytes that never occur in its UTF-8 training text (0xC0, 0xC1, 0xF5-0xFF, a few controls);
+    # the tokenizers library and llama.cpp then drop such a byte, and so does a tokenizer that sets this.
+    partial_bytes = False
 
     def __init__(self, vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]],
                  special_tokens: dict[str, int] | None = None, pattern: str = "gpt2"):
@@ -324,10 +328,10 @@ class BPETokenizer(Tokenizer):
             self._id_to_bytes[token_id] = name.encode("utf-8")
 
         missing = [b for b in range(256) if bytes([b]) not in vocab]
-        if missing:
+        if missing and not self.partial_bytes:
             raise NpgptError(f"the vocabulary lacks the byte token for 0x{missing[0]:02x} (and "
                              f"{len(missing) - 1} more); a byte-level BPE needs all 256")
-        self._byte_ids = [vocab[bytes([b])] for b in range(256)]
+        self._byte_ids = [vocab.get(bytes([b])) for b in range(256)]
 
         self._merges: dict[tuple[int, int], tuple[int, int]] = {}
         for rank, (left, right) in enumerate(merges):
@@ -431,9 +435,14 @@ class BPETokenizer(Tokenizer):
         """The merges as pairs of token ids, in rank order."""
         return sorted(self._merges, key=lambda pair: self._merges[pair][0])
 
-    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+    def _byte_tokens(self, piece: str) -> list[int]:
+        """The byte tokens of a pre-token; bytes the vocabulary lacks are dropped (see partial_bytes)."""
         byte_ids = self._byte_ids
-        return tuple(_apply_merges([byte_ids[b] for b in piece.encode("utf-8")], self._merges))
+        ids = [byte_ids[b] for b in piece.encode("utf-8")]
+        return [i for i in ids if i is not None] if self.partial_bytes else ids
+
+    def _encode_piece(self, piece: str) -> tuple[int, ...]:
+        return tuple(_apply_merges(self._byte_tokens(piece), self._merges))
 
     def _split(self, text: str) -> list[str]:
         """Pre-tokens of `text` (the Hugging Face tokenizer.json reader splits in several steps)."""
@@ -458,9 +467,8 @@ class BPETokenizer(Tokenizer):
 
     def _reference_encode(self, text: str) -> list[int]:
         """Encode ordinary text without the cache or the heap (for tests)."""
-        byte_ids = self._byte_ids
         return [token for piece in self._split(text)
-                for token in _reference_merge([byte_ids[b] for b in piece.encode("utf-8")], self._merges)]
+                for token in _reference_merge(self._byte_tokens(piece), self._merges)]
 
     def _safe_cut(self, text: str) -> int:
         return safe_cut(text)

