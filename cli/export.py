@@ -51,13 +51,13 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
 
 
 def _export_hf(checkpoint, folder, adapter, force):
-    from npgpt.evaluate import load_model_and_tokenizer
+    from npgpt.loading import load_run
     from npgpt.lora import merge_lora
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
         raise NpgptError(f"{folder} exists and is not an empty folder; pass --force to write into it")
     if folder.exists() and folder.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--hf must differ from --checkpoint")
-    model, tok, _ = load_model_and_tokenizer(checkpoint, adapter=adapter)
+    model, tok = load_run(checkpoint, adapter=adapter)[:2]
     if adapter:
         merge_lora(model)
     if hasattr(model.config, "check_exportable"):

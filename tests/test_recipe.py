@@ -182,6 +182,17 @@ def test_cli_modern_preset_trains_with_muon_samples_and_refuses_export(data_dir,
     assert hf["npgpt"]["recipe"] == {"pos": "rope", "mlp_act": "relu2"}
     r = run.invoke(cli, ["train", "--data", str(data_dir), "--out", str(tmp_path / "bad"), "--set", "pos=alibi"])
     assert r.exit_code != 0 and "pos must be learned or rope" in r.output
+    # a plain GPT-2 run exports to a transformers folder; --gguf and --hf together are refused
+    r = run.invoke(cli, ["train", "--data", str(data_dir), "--out", str(tmp_path / "plain"), "--max-iters", "1",
+                         "--eval-interval", "1", *TINY])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(cli, ["export", "--checkpoint", str(tmp_path / "plain"), "--hf", str(tmp_path / "hf-plain")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "hf-plain" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    assert GPT.from_pretrained(tmp_path / "hf-plain").config.switches() == {}
+    r = run.invoke(cli, ["export", "--checkpoint", str(tmp_path / "plain"), "--hf", str(tmp_path / "h2"),
+                         "--gguf", str(tmp_path / "x.gguf")])
+    assert r.exit_code != 0 and "exactly one of --gguf" in r.output
 
 
 def test_llama_family_refuses_gpt_switches():
