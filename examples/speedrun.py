@@ -142,8 +142,9 @@ def mean_loss(model, batches):
     return total / len(batches)
 
 
-def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=print):
-    """Train `variant` with `seed` until the quick evaluation reads <= target; the run's record."""
+def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=print, progress=None):
+    """Train `variant` with `seed` until the quick evaluation reads <= target; the run's record.
+    progress: a file to which every quick evaluation appends a line (a run cut short still shows its curve)."""
     from npgpt.distributed.comm import SingleProcess
     from npgpt.train import TrainConfig, build_model, build_optimizer, lr_at, step_rng, train_step
     from npgpt.training.config import preset_defaults
@@ -163,6 +164,11 @@ def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=pri
         if it == next_eval or it == cfg.max_iters:
             val = mean_loss(model, quick)
             curve.append((it, round(val, 5)))
+            if progress is not None:
+                with open(progress, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"variant": variant, "seed": seed, "step": it, "val": round(val, 5),
+                                        "train_cpu_s": round(train_cpu, 2), "train_wall_s": round(train_wall, 2),
+                                        "load": round(os.getloadavg()[0], 2)}) + "\n")
             if val <= target:
                 reached = it
                 break
@@ -314,7 +320,7 @@ def main(argv=None):
             for seed in range(args.seed_offset, args.seed_offset + n):
                 if (v, seed) in done:
                     continue
-                rec = run_one(data, v, seed, args.target, quick, confirm, args.max_iters)
+                rec = run_one(data, v, seed, args.target, quick, confirm, args.max_iters, progress=out / "progress.jsonl")
                 with open(results, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
     stats = summarise(read_records(results), args.target)
