@@ -17,9 +17,11 @@ from npgpt.backend import asnumpy
 from npgpt.checkpoint import find_checkpoint
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.lora import adapter_summary
-from npgpt.model import GPTConfig, read_hf_config
+from npgpt.llama import config_from_hf
+from npgpt.model import read_hf_config
 from npgpt.tensor import no_grad
 from npgpt.tokenizer import read_text_checked
 from npgpt.train import read_state
@@ -47,11 +49,12 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
     return total, count
 
 
-def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None):
+def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None,
+             keep_quantized=False):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
@@ -132,7 +135,7 @@ def info(path):
     lora = adapter_summary(ckpt)                       # a LoRA run: its config.json is the base's
     cfg_dir = Path(lora["base"]) if lora else ckpt
     hf = read_hf_config(cfg_dir)
-    cfg = GPTConfig.from_hf(hf, str(cfg_dir / "config.json"))
+    cfg = config_from_hf(hf, str(cfg_dir / "config.json"))
     state = read_state(ckpt) if (ckpt / "state.json").exists() else {}
     tok = None
     if tk.is_tokenizer_dir(ckpt):
@@ -142,8 +145,10 @@ def info(path):
         except NpgptError as e:
             tok = {"error": str(e)}
     files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir()) if f.is_file()}
-    return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_layer",
-                                                                        "n_head", "n_embd", "n_inner")},
+    keys = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "n_inner") if cfg.arch == "gpt" else \
+        ("model_type", "vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "hidden_size", "intermediate_size")
+    return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in keys},
             "parameters": cfg.num_params(), "step": state.get("iter"),
             "best_val_loss": state["best_val_loss"] if math.isfinite(state.get("best_val_loss", math.inf)) else None,
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),

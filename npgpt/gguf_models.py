@@ -51,6 +51,16 @@ def is_gguf(path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+def load_options(path, keep_quantized=False) -> dict:
+    """The loader options (npgpt.from_pretrained / load_run overrides) of a --keep-quantized flag."""
+    if not keep_quantized:
+        return {}
+    if not is_gguf(path):
+        raise NpgptError(f"--keep-quantized applies to .gguf files, and {path} is not one; a model folder keeps "
+                         f"quantised weights after `npgpt quantize`")
+    return {"keep_quantized": True}
+
+
 # ---- GPT-2 ---------------------------------------------------------------------------------------
 GPT2_LINEAR = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
                "mlp.c_proj": "ffn_down"}
@@ -384,6 +394,15 @@ def check_tensors(g: GGUFFile, expected: dict):
     if problems:
         raise NpgptError(f"{g.path}: {'; '.join(problems)}; the tensors do not match the model its metadata "
                          f"describes")
+
+
+def gguf_context_length(path) -> int:
+    """The context length a GGUF file's metadata gives its model ({arch}.context_length)."""
+    g = open_gguf(path)
+    n = g.require(f"{g.architecture}.context_length", int)
+    if n < 1:
+        raise NpgptError(f"{path}: {g.architecture}.context_length must be positive, got {n}")
+    return n
 
 
 def open_gguf(path) -> GGUFFile:

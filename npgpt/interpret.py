@@ -196,7 +196,8 @@ def logit_lens(model, ids):
     """What the model would predict if it stopped after each layer (nostalgebraist's 'logit lens').
 
     The residual stream after the embeddings and after every block goes through the final
-    LayerNorm and the unembedding (model.head), exactly as the last block's output does. Returns
+    norm (GPT-2's LayerNorm, Llama's RMSNorm) and the unembedding, exactly as the last block's
+    output does (`model.hidden_states`, `model.final_logits`). Returns
     probs (n_layer + 1, T, V): row 0 is the embeddings alone, row L the full model (whose
     distribution is the model's own prediction, bit for bit the forward's softmax).
     """
@@ -210,15 +211,9 @@ def logit_lens(model, ids):
     model.eval()
     try:
         with no_grad():
-            tr = model.transformer
-            x, rope_cs = model.embed(ids)                                   # (1, T, C)
-            streams = [x]
-            for block in tr.h:
-                x = block(x, rope_cs)
-                streams.append(x)
             out = []
-            for x in streams:
-                logits = asnumpy(model.head(tr.ln_f(x)).data)[0].astype(np.float64)   # (T, V)
+            for x in model.hidden_states(ids):                               # (1, T, C) each
+                logits = asnumpy(model.final_logits(x).data)[0].astype(np.float64)              # (T, V)
                 e = np.exp(logits - logits.max(axis=-1, keepdims=True))
                 out.append(e / e.sum(axis=-1, keepdims=True))
     finally:

@@ -22,8 +22,8 @@ from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
 from npgpt.ops.llama import gqa_attention, rope, rope_inv_freq, rope_tables
-from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear, relu2,
-                          softcap, split_heads)
+from npgpt.ops.nn import (REFERENCE_OPS, attention_probs, causal_self_attention, check_ops, cross_entropy,
+                          dropout, gelu, linear, reference_ops, relu2, softcap, split_heads)
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
@@ -79,6 +79,8 @@ class GPTConfig:
         return {k: v for k, v in self.switches().items() if k not in ("zero_init_proj", "untie_head")}
 
     arch = "gpt"
+    blocks_name = "transformer.h"        # where the family keeps its blocks, and its token embedding
+    embedding_name = "transformer.wte"
 
     @property
     def hidden(self):
@@ -331,6 +333,14 @@ class CausalLM(Module):
     lora = None                          # the LoRAConfig of its adapters (npgpt.lora.apply_lora); None: none
     lora_base: str | None = None         # the base folder a LoRA model was trained from (adapter_config.json)
 
+    ops = "fused"   # "reference": forward runs on the composed reference ops (npgpt.reference)
+
+    def __call__(self, *args, **kwargs):
+        if self.ops == "reference" and not REFERENCE_OPS.get():
+            with reference_ops():
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     @property
     def input_embedding(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -390,8 +400,9 @@ class GPT(CausalLM):
     attention), attention (qk_norm), the MLP's activation, and the head (untied lm_head.weight,
     soft-capped logits); zero_init_proj changes only the starting weights."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu"):
+    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
         self.config = config
+        self.ops = check_ops(ops)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
         self.transformer = Transformer(config, self.rng)
         self.lm_head = None
@@ -437,6 +448,20 @@ class GPT(CausalLM):
     @property
     def input_embedding(self):
         return self.transformer.wte.weight
+
+    def hidden_states(self, idx):
+        """The residual stream after the embeddings and after each block, [(B, T, C) Tensor] * (n_layer + 1),
+        for interpretability (npgpt.inspect's logit lens reads each through `final_logits`)."""
+        idx = self._check_ids(idx)
+        x, rope_cs = self.embed(idx)
+        out = [x]
+        for block in self.transformer.h:
+            out.append(block(out[-1], rope_cs))
+        return out
+
+    def final_logits(self, x):
+        """Logits of residual-stream states x (..., C): the final LayerNorm, then the head (self.head)."""
+        return self.head(self.transformer.ln_f(x))
 
     def resize_token_embeddings(self, vocab_size):
         """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as

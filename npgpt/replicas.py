@@ -28,6 +28,7 @@ the threads here and the MPI ranks there weight slices with the same code.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -143,7 +144,10 @@ class ThreadReplicas:
             shadow.train(model.training)
             self._seed_shadow(k, shadow)
             forwards.append(Future())
-            self._pending.append(self._pool.submit(run, k, shadow, pairs, forwards[-1]))
+            # in a copy of the caller's context: the replica sees the caller's precision, grad mode
+            # and profiler, and its own settings stay in its thread
+            ctx = contextvars.copy_context()
+            self._pending.append(self._pool.submit(ctx.run, run, k, shadow, pairs, forwards[-1]))
         loss0 = self.base_loss(model, x[:bounds[1]], y[:bounds[1]])
         rest = sum(f.result() for f in forwards) / total if total else 0.0
         # value: the whole batch's token mean; gradient: slice 0's, weighted n_0 / N (the shadows'

@@ -62,6 +62,8 @@ from npgpt.distributed.data_parallel import DataParallel
 from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
+from npgpt.gguf_models import is_gguf
+from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
 from npgpt.llama import preset_config
 from npgpt.loading import from_pretrained
@@ -152,7 +154,10 @@ def build_model(cfg: TrainConfig, data, log):
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        model = from_pretrained(src, dropout=cfg.dropout)       # a quantised one trains LoRA adapters only
+        kept = {"keep_quantized": True} if cfg.keep_quantized and not cfg.resume else {}
+        if kept and not is_gguf(src):
+            raise NpgptError(f"keep_quantized applies to --init-from a .gguf file, and {src} is not one")
+        model = from_pretrained(src, dropout=cfg.dropout, **kept)   # a quantised one trains LoRA adapters only
         if not data.grow_vocab:                         # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and data.grow_vocab:
@@ -168,7 +173,7 @@ def build_model(cfg: TrainConfig, data, log):
 
 
 def _check_same_tokenizer(model_dir, data):
-    if not tk.is_tokenizer_dir(model_dir):
+    if not tk.is_tokenizer_dir(model_dir) and not is_gguf(model_dir):
         raise NpgptError(f"{model_dir} has no tokenizer files; a model folder needs its tokenizer to fine-tune on prepared data")
     mine = tk.load(model_dir).fingerprint()
     theirs = data.tokenizer().fingerprint()
@@ -348,8 +353,10 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
         raise NpgptError(f"{cfg.out} is a fine-tuning run on {cfg.sft}; continue it with `npgpt finetune --resume "
                          f"--out {cfg.out}`" if cfg.resume else "an --sft run needs its SFT data: use `npgpt finetune --sft`")
     # paths stored absolute in state.json, so --resume from another directory finds the same files
+    # (an hf:ORG/NAME model reference names the same model from anywhere)
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
-                                      for k in ("data", "init_from", "sft", "teacher") if getattr(cfg, k)})
+                                      for k in ("data", "init_from", "sft", "teacher")
+                                      if getattr(cfg, k) and not is_hub_ref(getattr(cfg, k))})
     comm, device = for_device(current(), cfg.device)  # mpiexec -n N: this rank's GPU and NCCL; else as is
     cfg = dataclasses.replace(cfg, device=device) if device != cfg.device else cfg
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
@@ -427,7 +434,8 @@ class _Run:
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
-        log(f"model: {_plural(mcfg.n_layer, 'layer')}, {_plural(mcfg.n_head, 'head')}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
+        heads = _plural(mcfg.n_head, 'head') + (f" ({mcfg.n_kv_head} key/value)" if mcfg.n_kv_head != mcfg.n_head else "")
+        log(f"model: {mcfg.arch}, {_plural(mcfg.n_layer, 'layer')}, {heads}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
             f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else "")
             + (f"; training rows of {block} tokens" if block != mcfg.block_size else ""))
         log(optimizer.describe())

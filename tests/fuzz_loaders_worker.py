@@ -383,7 +383,47 @@ def target_gguf(pristine):
     return mutated_gguf(raw), case
 
 
-TARGETS = {"gguf": target_gguf, "config": target_config, "safetensors": target_safetensors, "state": target_state,
+def target_llama_config(pristine):
+    """config.json of a Llama folder (LlamaForCausalLM, grouped-query attention)."""
+    text = (pristine / "llama" / "ckpt" / "config.json").read_text()
+
+    def case(data):
+        folder = _fresh(pristine / "llama", "ckpt")
+        (folder / "config.json").write_bytes(data)
+        (folder / "manifest.json").unlink()
+        _run(["info", str(folder)])
+        _sample(folder)
+    return mutated_json(text), case
+
+
+def _sharded_llama(pristine) -> Path:
+    """The Llama folder with its weights split over two shards and model.safetensors.index.json."""
+    from safetensors.numpy import load_file, save_file
+    folder = _fresh(pristine / "llama", "ckpt")
+    (folder / "manifest.json").unlink()
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    weight_map = {}
+    for i, part in enumerate((sorted(tensors)[::2], sorted(tensors)[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def target_llama_index(pristine):
+    """model.safetensors.index.json of a sharded Llama folder (shard names, the weight map)."""
+    text = (_sharded_llama(pristine) / "model.safetensors.index.json").read_text()
+
+    def case(data):
+        folder = _sharded_llama(pristine)
+        (folder / "model.safetensors.index.json").write_bytes(data)
+        _sample(folder)
+    return mutated_json(text), case
+
+
+TARGETS = {"gguf": target_gguf, "llama_config": target_llama_config, "llama_index": target_llama_index, "config": target_config, "safetensors": target_safetensors, "state": target_state,
            "manifest": target_manifest, "bpe_files": target_bpe_files, "tokenizer_meta": target_tokenizer_meta,
            "tiktoken": target_tiktoken, "sft": target_sft, "meta": target_meta}
 

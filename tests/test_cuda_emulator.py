@@ -18,7 +18,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cuda_emu import FakeCupy, KernelError, LaunchError, compile_kernel, compiler_problem
+from cuda_emu import FakeCupy, KernelError, LaunchError, compile_all, compile_kernel, compiler_problem
 from npgpt import Tensor, precision
 from npgpt.backend import substitute_cupy
 from npgpt.ops import cuda_kernels as K
@@ -27,6 +27,12 @@ from npgpt.ops import nn as N
 pytestmark = pytest.mark.skipif(compiler_problem() is not None, reason=str(compiler_problem()))
 
 EMU = FakeCupy(seed=2024)      # one emulated cupy for the module: each kernel compiles once
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built_kernels():
+    """Build the six kernels up front, one g++ per CPU, before the tests launch them one by one."""
+    compile_all((K.raw_source(n), "npgpt_" + n, None) for n in K.RAW_SOURCES)
 
 
 @contextlib.contextmanager
@@ -413,6 +419,7 @@ extern "C" __global__ void spin(volatile int* flag) {
 def test_every_kernel_runs_clean_under_the_sanitizers(sanitize):
     """All six kernels through their wrappers (in place where they can be) with no race reported by
     ThreadSanitizer and no out-of-bounds access by AddressSanitizer (each array its own malloc)."""
+    compile_all((K.raw_source(n), "npgpt_" + n, sanitize) for n in K.RAW_SOURCES)
     cp = FakeCupy(seed=5, sanitize=sanitize)
     x, w, s, dp, z = rnd(80, 5, 150), rnd(81, 150), rnd(82, 2, 5, 150), rnd(83, 2, 5, 150), rnd(84, 4, 300)
     with emulated(cp):

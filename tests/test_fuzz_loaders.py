@@ -1,6 +1,6 @@
 """Fuzz the loaders: mutated model, checkpoint, tokenizer, data and SFT files fail with one clean line.
 
-Valid folders are made once through the CLI (a tiny char-level run, a BPE tokenizer, a tiktoken
+Valid folders are made once through the CLI (tiny char-level GPT-2 and Llama runs, a BPE tokenizer, a tiktoken
 file, SFT records); then, for each file kind, tests/fuzz_loaders_worker.py runs in a subprocess
 under an address-space limit and checks MAX_EXAMPLES hypothesis mutations of that file: the command
 reading it must exit 0 or print one `Error:` line, never raise, run out of memory or hang. The
@@ -22,7 +22,7 @@ from npgpt.cli.main import cli
 
 WORKER = Path(__file__).with_name("fuzz_loaders_worker.py")
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
-TARGETS = ["gguf", "config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta", "tiktoken", "sft", "meta"]
+TARGETS = ["gguf", "llama_config", "llama_index", "config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta", "tiktoken", "sft", "meta"]
 
 
 def _ok(args):
@@ -37,6 +37,8 @@ def pristine(tmp_path_factory):
     (root / "corpus.txt").write_text(corpus(800))
     _ok(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "char"])
     _ok(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--max-iters", "2", "--quiet", *TINY])
+    _ok(["train", "--data", str(root / "data"), "--out", str(root / "llama"), "--preset", "llama-baby", "--max-iters",
+         "2", "--quiet", *TINY])
     _ok(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "bpe"), "--tokenizer", "bpe",
          "--vocab-size", "300"])
     from npgpt.tokenizer import load

@@ -18,8 +18,6 @@ the same new weights, bit for bit what one process computes.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from npgpt.distributed.comm import Communicator
@@ -45,24 +43,23 @@ class ZeroAdamW(AdamW):
 
     The full parameters and gradients stay on every rank (forward and backward need them); this
     rank owns flat[lo:hi] and keeps exp_avg / exp_avg_sq for that slice only, so the optimizer
-    state per rank is 2 * ceil(n / N) values instead of 2n. The update arithmetic is AdamW's own,
-    applied to the shard; weights are identical on every rank after the all-gather.
+    state per rank is 2 * ceil(n / N) values instead of 2n. The update is AdamW's own
+    (`npgpt.optim.adamw_update`, or its GPU kernel) called on the shard; weights are identical on
+    every rank after the all-gather.
 
     state_dict / load_state_dict are collective (every rank must call them): the checkpoint holds
     the full moments, in exactly AdamW's format.
     """
 
     def __init__(self, named_params, comm: Communicator, **kwargs):
-        super().__init__(named_params, **kwargs)
         self.comm = comm
-        n = self.flat.size
-        self.lo, self.hi = comm.shard(n)
-        xp, k = self.xp, self.hi - self.lo
-        # Replace the full moments with this rank's shard (the full ones are freed here).
-        self.exp_avg = xp.zeros(k, dtype=self.dtype)
-        self.exp_avg_sq = xp.zeros(k, dtype=self.dtype)
-        self._scratch = xp.empty(k, dtype=self.dtype)
         self._grads_reduced = False
+        super().__init__(named_params, **kwargs)
+
+    def _moments(self, n):
+        """Only this rank's shard of the moments (and of the scratch buffer, sized from them)."""
+        self.lo, self.hi = self.comm.shard(n)
+        return super()._moments(self.hi - self.lo)
 
     def optimizer_bytes(self) -> int:
         """Bytes of optimizer state (the two moments) this rank holds."""
@@ -75,13 +72,11 @@ class ZeroAdamW(AdamW):
 
     def reduce_scatter_grads(self):
         """grad[lo:hi] <- the sum over ranks of grad[lo:hi] (the rest of grad is stale after this)."""
-        self._sync_views()
         self.comm.reduce_scatter_sum(self.grad)
         self._grads_reduced = True
 
     def grad_norm(self):
         """The global L2 norm: this shard's sum of squares, all-reduced (ranks agree bit for bit)."""
-        self._sync_views()
         g = self.grad[self.lo:self.hi]
         local = float(self.xp.dot(g, g)) if g.size else 0.0
         return self.xp.asarray(np.sqrt(self.comm.allreduce_scalars([local])[0]), dtype=self.dtype)
@@ -92,30 +87,16 @@ class ZeroAdamW(AdamW):
             self.grad[self.lo:self.hi] *= max_norm / (float(norm) + 1e-6)
         return norm
 
-    @contextmanager
-    def _on_shard(self):
-        """Make AdamW's update see only this rank's slice of the flat buffers."""
-        saved = self.flat, self.grad, self.n_decay, self._sync_views
-        self.flat, self.grad = saved[0][self.lo:self.hi], saved[1][self.lo:self.hi]
-        self.n_decay = min(max(saved[2] - self.lo, 0), self.hi - self.lo)
-        self._sync_views = lambda: None
-        try:
-            yield
-        finally:
-            self.flat, self.grad, self.n_decay = saved[:3]
-            del self._sync_views                            # back to the class's method
-
     def step(self, lr=None):
-        """Update this rank's shard (AdamW's arithmetic), then all-gather the weights."""
-        self._sync_views()
+        """Update this rank's shard (AdamW's update on flat[lo:hi]), then all-gather the weights."""
         if not self._grads_reduced and self.comm.world_size > 1:
             raise RuntimeError("ZeroAdamW.step before reduce_scatter_grads: the gradients are not summed")
-        if self.hi > self.lo:
-            with self._on_shard():
-                AdamW.step(self, lr)
-        else:
-            self.t += 1                                     # an empty shard still counts the step
-        self.comm.allgather(self.flat)
+        self.t += 1                                         # an empty shard still counts the step
+        flat, lo, hi = self.flat, self.lo, self.hi
+        if hi > lo:
+            n_decay = min(max(self.n_decay - lo, 0), hi - lo)   # the decayed part of the shard
+            self._update(flat[lo:hi], self.grad[lo:hi], self.exp_avg, self.exp_avg_sq, n_decay, lr)
+        self.comm.allgather(flat)
         self._grads_reduced = False
 
     def _full(self, shard):
@@ -125,22 +106,13 @@ class ZeroAdamW(AdamW):
 
     def state_dict(self):
         """Collective: the full moments (gathered from every rank) in AdamW's format."""
-        saved = self.exp_avg, self.exp_avg_sq
-        self.exp_avg, self.exp_avg_sq = self._full(saved[0]), self._full(saved[1])
-        try:
-            return AdamW.state_dict(self)
-        finally:
-            self.exp_avg, self.exp_avg_sq = saved
+        return self._state(self._full(self.exp_avg), self._full(self.exp_avg_sq))
 
     def load_state_dict(self, tensors, meta):
         """Restore from a full AdamW state (any number of ranks wrote it); keep this rank's shard."""
-        n = self.flat.size
-        self.exp_avg, self.exp_avg_sq = self.xp.zeros(n, self.dtype), self.xp.zeros(n, self.dtype)
-        try:
-            AdamW.load_state_dict(self, tensors, meta)
-        finally:
-            self.exp_avg = self.exp_avg[self.lo:self.hi].copy()
-            self.exp_avg_sq = self.exp_avg_sq[self.lo:self.hi].copy()
+        m, v, self.t = self._read_state(tensors, meta)
+        self.exp_avg[...] = self.xp.asarray(m[self.lo:self.hi])
+        self.exp_avg_sq[...] = self.xp.asarray(v[self.lo:self.hi])
 
 
 def assign_whole_tensors(sizes, world_size) -> list[int]:
@@ -164,21 +136,20 @@ class ZeroMuon(Muon):
     """
 
     def __init__(self, named_params, comm: Communicator, **kwargs):
+        self.comm = comm                                          # _moments (called by AdamW) reads it
         super().__init__(named_params, **kwargs)
-        self.comm = comm
-        xp, dtype = self.xp, self.dtype
         owner = assign_whole_tensors([s.stop - s.start for s in self.muon_slots], comm.world_size)
         self.owned = [s for s, r in zip(self.muon_slots, owner) if r == comm.rank]
         self._offsets, off = {}, 0
         for s in self.owned:
             self._offsets[s.name] = off
             off += s.stop - s.start
-        self.momentum = xp.zeros(off, dtype=dtype)                # (owned,) this rank's matrices only
-        n_adam = self.flat.size - self.n_muon
-        self.alo, self.ahi = comm.shard(n_adam)                   # this rank's range of the AdamW part
-        k = self.ahi - self.alo
-        self.exp_avg, self.exp_avg_sq = xp.zeros(k, dtype=dtype), xp.zeros(k, dtype=dtype)
-        self._scratch = xp.empty(k, dtype=dtype)
+        self.momentum = self.xp.zeros(off, dtype=self.dtype)      # (owned,) this rank's matrices only
+
+    def _moments(self, n):
+        """AdamW's moments for this rank's range [alo, ahi) of the AdamW part (flat[n_muon:]) only."""
+        self.alo, self.ahi = self.comm.shard(n - self.n_muon)
+        return AdamW._moments(self, self.ahi - self.alo)
 
     def optimizer_bytes(self) -> int:
         return int(self.momentum.nbytes + self.exp_avg.nbytes + self.exp_avg_sq.nbytes)
@@ -195,17 +166,20 @@ class ZeroMuon(Muon):
 
     def step(self, lr=None):
         """Update the matrices and the AdamW range this rank owns, then share the new weights."""
-        self._sync_views()
         lr = self.lr if lr is None else float(lr)
+        flat, grad = self.flat, self.grad                      # reading the buffers checks the views
         self._step_muon(self.owned, lr)
-        self._step_adamw(lr, self.n_muon + self.alo, self.n_muon + self.ahi)
-        mine = self.xp.zeros(self.flat.size, dtype=self.dtype)
-        for s in self.owned:
-            mine[s.start:s.stop] = self.flat[s.start:s.stop]
+        self.t += 1
         lo, hi = self.n_muon + self.alo, self.n_muon + self.ahi
-        mine[lo:hi] = self.flat[lo:hi]
+        if hi > lo:
+            n_decay = min(max(self.n_decay - lo, 0), hi - lo)
+            self._update(flat[lo:hi], grad[lo:hi], self.exp_avg, self.exp_avg_sq, n_decay, lr)
+        mine = self.xp.zeros(flat.size, dtype=self.dtype)
+        for s in self.owned:
+            mine[s.start:s.stop] = flat[s.start:s.stop]
+        mine[lo:hi] = flat[lo:hi]
         self.comm.allreduce_sum(mine)                           # each value written by one rank alone
-        self.flat[...] = mine
+        flat[...] = mine
 
     def _full(self, n, pieces):
         """Collective: a (n,) buffer in which each rank wrote its pieces [(start, values)], summed."""

@@ -7,9 +7,9 @@
 //   * one std::thread per CUDA thread of a block; the same threads run every block, one block at
 //     a time, blocks in an order shuffled by a seed (a kernel may not rely on block order);
 //   * __syncthreads() is a std::barrier over the block's threads;
-//   * __shfl_*_sync() and __syncwarp() are a std::barrier over the lanes of that warp only (lanes
-//     are threads with the same linear index / 32), so a shuffle inside `if (warp == 0)` works as
-//     on a GPU while the other warps go on;
+//   * __shfl_*_sync() and __syncwarp() are a std::barrier over the lanes of that warp only (a
+//     warp: the threads whose linear index / 32 is the same), so a shuffle inside `if (warp == 0)`
+//     works as on a GPU while the other warps go on;
 //   * __shared__ variables live in one linker section that is filled with 0xFF bytes (NaN as a
 //     float, -1 as an int) before each block: shared memory lives for one block and starts as
 //     garbage, as on a GPU.
@@ -40,7 +40,8 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
-// Shared variables: static storage in one section, refilled before each block (see cuda_emu::Block).
+// Shared variables: static storage in one section, refilled before each block (Block::poison_shared
+// in cuda_emu_runtime.cpp).
 #define __shared__ __attribute__((section("cuda_emu_shared"))) static
 
 struct uint3 { unsigned int x = 0, y = 0, z = 0; };

@@ -35,6 +35,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,11 @@ def compiler_problem() -> str | None:
 def cache_dir() -> Path:
     d = os.environ.get("NPGPT_CUDA_EMU_CACHE") or os.path.join(tempfile.gettempdir(), f"npgpt-cuda-emu-{os.getuid()}")
     path = Path(d)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:     # we run what is in there
+        raise CompileError(f"the kernel cache {path} is not yours alone (owner or permissions); "
+                           f"set NPGPT_CUDA_EMU_CACHE to a folder of your own")
     return path
 
 
@@ -214,22 +219,37 @@ def _cached(stem, key_parts, build):
     return path
 
 
-@functools.cache
-def compile_kernel(source: str, name: str, sanitize: str | None = None) -> "Kernel":
-    """Compile kernel `name` from a CUDA source string (cached) -> a launchable Kernel."""
+def _flags(sanitize):
     if sanitize not in SANITIZERS:
         raise ValueError(f"sanitize must be one of {sorted(k for k in SANITIZERS if k)} or None, got {sanitize!r}")
+    flags = ["-std=c++20", "-pthread", "-w", "-I", str(HEADER.parent)]
+    return flags + (["-O1", "-g", "-fno-omit-frame-pointer"] if sanitize else ["-O1"]) + SANITIZERS[sanitize]
+
+
+def _gxx():
     problem = compiler_problem()
     if problem:
         raise CompileError(problem)
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+@functools.cache
+def _runtime(sanitize):
+    """The runtime's object file for this sanitizer mode (built once, cached)."""
+    gxx, flags = _gxx(), _flags(sanitize)
+    return _cached(f"runtime{'-' + sanitize if sanitize else ''}.o",
+                   [HEADER.read_text(), " ".join(flags), _gxx_version(gxx), RUNTIME.read_text()],
+                   lambda out: _build(gxx, [*flags, "-c", str(RUNTIME), "-o", str(out)], "the emulator runtime"))
+
+
+@functools.cache
+def compile_kernel(source: str, name: str, sanitize: str | None = None) -> "Kernel":
+    """Compile kernel `name` from a CUDA source string (cached) -> a launchable Kernel."""
+    flags, gxx = _flags(sanitize), _gxx()
+    if re.search(r"extern\s+__shared__", source):
+        raise CompileError(f"{name}: dynamic shared memory (extern __shared__) is not emulated")
     params = parse_params(source, name)
-    gxx = shutil.which(os.environ.get("CXX", "g++"))
-    flags = ["-std=c++20", "-pthread", "-w", "-I", str(HEADER.parent)]
-    flags += (["-O1", "-g", "-fno-omit-frame-pointer"] if sanitize else ["-O1"]) + SANITIZERS[sanitize]
-    common = [HEADER.read_text(), " ".join(flags), _gxx_version(gxx)]
-    suffix = f"-{sanitize}" if sanitize else ""
-    runtime = _cached(f"runtime{suffix}.o", common + [RUNTIME.read_text()],
-                      lambda out: _build(gxx, [*flags, "-c", str(RUNTIME), "-o", str(out)], "the emulator runtime"))
+    runtime = _runtime(sanitize)
     program = program_source(source, name, params)
 
     def build(out):
@@ -237,8 +257,19 @@ def compile_kernel(source: str, name: str, sanitize: str | None = None) -> "Kern
         src.write_text(program)
         _build(gxx, [*flags, str(src), str(runtime), "-o", str(out)], name)
 
-    exe = _cached(f"{name}{suffix}", common + [program, str(runtime)], build)
+    key = [HEADER.read_text(), " ".join(flags), _gxx_version(gxx), program, runtime.name]
+    exe = _cached(f"{name}{'-' + sanitize if sanitize else ''}", key, build)
     return Kernel(name, params, exe, sanitize)
+
+
+def compile_all(jobs, workers=None):
+    """compile_kernel over (source, name, sanitize) jobs, several g++ at once (one per CPU):
+    warms the caches before tests launch the kernels one by one."""
+    jobs = list(jobs)
+    for sanitize in {j[2] for j in jobs}:
+        _runtime(sanitize)
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda j: compile_kernel(*j), jobs))
 
 
 # ---- launching -----------------------------------------------------------------------------------
@@ -338,6 +369,8 @@ class Kernel:
         err = proc.stderr.decode(errors="replace")
         if proc.returncode != 0 or "Sanitizer" in err:
             what = {86: "failed", 66: "raced (ThreadSanitizer)"}.get(proc.returncode, f"exited with status {proc.returncode}")
+            if proc.returncode in (-11, -7):    # SIGSEGV, SIGBUS
+                what = "crashed on an invalid address (rerun with sanitize='address' to see which access)"
             raise KernelError(f"{self.name} {what} (grid {grid}, block {block}, seed {seed}):\n{err[-6000:]}")
         out = proc.stdout
         if len(out) != len(data):
