@@ -258,6 +258,24 @@ def table(stats, target):
     return "\n".join(lines)
 
 
+def cut_short(progress_records, records):
+    """Markdown lines for runs that progress.jsonl shows but results.jsonl does not hold (cut short by
+    a deadline): the last quick evaluation each reached, with its step and CPU seconds."""
+    finished = {(r["variant"], r["seed"]) for r in records}
+    last = {}
+    for p in progress_records:
+        key = (p["variant"], p["seed"])
+        if key not in finished:
+            last[key] = p
+    if not last:
+        return ""
+    lines = ["| variant | seed | last quick eval at step | val loss there | CPU-s | wall s (load) |", "|---|---|---|---|---|---|"]
+    for (v, seed), p in sorted(last.items()):
+        lines.append(f"| {v} | {seed} | {p['step']} | {p['val']:.4f} | {p['train_cpu_s']:.0f} | "
+                     f"{p['train_wall_s']:.0f} ({p['load']:.0f}) |")
+    return "\n".join(lines)
+
+
 def read_records(path):
     path = Path(path)
     if not path.exists():
@@ -325,6 +343,9 @@ def main(argv=None):
                     f.write(json.dumps(rec) + "\n")
     stats = summarise(read_records(results), args.target)
     print(table(stats, args.target))
+    partial = cut_short(read_records(out / "progress.jsonl"), read_records(results))
+    if partial:
+        print("\nruns cut short (not in the statistics):\n" + partial)
     return stats
 
 
