@@ -34,7 +34,7 @@ from npgpt.fileio import atomic_write_json
 from npgpt.model import PRESETS as GPT_PRESETS
 from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
 from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter
-from npgpt.ops.llama import _ungroup, gqa_attention, gqa_probs, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
+from npgpt.ops.llama import ungroup_heads, gqa_attention, gqa_probs, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
 from npgpt.ops.nn import dropout, linear
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value, inside,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
@@ -309,7 +309,7 @@ class LlamaAttention(Module):
         Tk = p0 + Tn
         att = gqa_probs(q.transpose(0, 2, 1, 3), k_cache[:, :, :Tk], key_mask)   # (B, nh, Tn, Tk)
         y = att.reshape(B, nkv, nh // nkv * Tn, Tk) @ v_cache[:, :, :Tk]        # (B, nkv, g Tn, hs)
-        y = _ungroup(y, Tn).reshape(B, Tn, nh * hs)
+        y = ungroup_heads(y, Tn).reshape(B, Tn, nh * hs)
         return self.o_proj(Tensor(y)).data, att
 
 
