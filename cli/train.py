@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 
 # Direct flags for the common config keys: (flag, config key, type, help).
@@ -72,7 +73,7 @@ def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source)
+        result = train(cfg, batch_source=batch_source, comm=job("comm"))   # mpiexec: the job's communicator
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)

@@ -334,23 +334,8 @@ class AdamW:
 
     def _read_state(self, tensors: dict, meta: dict):
         """Check a saved state against this optimizer -> (full m, full v as host arrays, step)."""
-        if not isinstance(meta, dict) or "step" not in meta:
-            raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
-        step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
-        check_finite_tensors(tensors, "optimizer.safetensors")
         expected = {f"{kind}.{s.name}": s for s in self.slots for kind in ("exp_avg", "exp_avg_sq")}
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
-                             f"it belongs to a different model (use --init-from instead of --resume)")
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
-                             f"it belongs to a different model (use --init-from instead of --resume)")
-        for key, s in expected.items():
-            if tuple(tensors[key].shape) != s.shape:
-                raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
-                                 f"has {s.shape}; it belongs to a different model")
+        step = check_state(tensors, meta, expected)
         m = np.empty(self.params.size, dtype=self.dtype)
         v = np.empty(self.params.size, dtype=self.dtype)
         for s in self.slots:
@@ -358,6 +343,28 @@ class AdamW:
             v[s.start:s.stop] = np.asarray(tensors[f"exp_avg_sq.{s.name}"]).reshape(-1)
         # Hyperparameters stay as constructed: the caller's config (the checkpoint's, on resume) rules.
         return m, v, step
+
+
+def check_state(tensors: dict, meta: dict, expected: dict) -> int:
+    """A saved optimizer state (tensors, meta) checked against `expected` {tensor name: its slot}:
+    a step count, finite values, exactly the expected names, their shapes. Returns the step."""
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
+    step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
+    check_finite_tensors(tensors, "optimizer.safetensors")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; it belongs to a "
+                         f"different model or parameter grouping (use --init-from instead of --resume)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
+                         f"it belongs to a different model (use --init-from instead of --resume)")
+    for key, s in expected.items():
+        if tuple(tensors[key].shape) != s.shape:
+            raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
+                             f"has {s.shape}; it belongs to a different model")
+    return step
 
 
 # ---- Muon -----------------------------------------------------------------------------------------
@@ -515,27 +522,12 @@ class Muon(AdamW):
 
     def load_state_dict(self, tensors: dict, meta: dict):
         """Restore momentum, moments and step from `state_dict()` output (same parameter names and shapes)."""
-        if not isinstance(meta, dict) or "step" not in meta:
-            raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
-        if meta.get("type", "AdamW") != "Muon":
+        if isinstance(meta, dict) and meta.get("type", "AdamW") != "Muon":
             raise NpgptError(f"the checkpoint's optimizer is {meta.get('type', 'AdamW')}, not Muon; resume with "
                              f"--set optimizer=adamw (or start a new run)")
-        step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
-        check_finite_tensors(tensors, "optimizer.safetensors")
         expected = {f"momentum.{s.name}": s for s in self.muon_slots}
         expected.update({f"{kind}.{s.name}": s for s in self.adam_slots for kind in ("exp_avg", "exp_avg_sq")})
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
-                             f"it belongs to a different model or parameter grouping (use --init-from instead of --resume)")
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
-                             f"it belongs to a different model (use --init-from instead of --resume)")
-        for key, s in expected.items():
-            if tuple(tensors[key].shape) != s.shape:
-                raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
-                                 f"has {s.shape}; it belongs to a different model")
+        step = check_state(tensors, meta, expected)
         off = self.n_muon
         buf = np.empty(self.n_muon, dtype=self.dtype)
         m = np.empty(self.flat.size - off, dtype=self.dtype)

@@ -4,6 +4,7 @@ thread running at the same time, and threads npgpt starts (row blocks, replicas)
 their starter's context."""
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,15 +18,13 @@ from npgpt.replicas import ThreadReplicas
 from npgpt.tensor import Tensor, is_grad_enabled, no_grad, profiling
 
 
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def clock(self):
-        return 0.0
-
-    def record(self, fn, phase, seconds):
-        self.calls.append((fn.name, phase))
+def run_together(*targets):
+    """Run each target on its own thread at the same time; wait for all of them."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
 
 
 def _modes():
@@ -42,7 +41,8 @@ PLAIN = {"grad": True, "graph": True, "precision": "fp32", "op": "Linear"}
 
 def test_modes_set_in_one_thread_are_not_seen_by_another_running_at_the_same_time():
     inside, entered, checked = {}, threading.Event(), threading.Event()
-    rec = Recorder()
+    calls = []
+    rec = SimpleNamespace(clock=lambda: 0.0, record=lambda fn, phase, seconds: calls.append((fn.name, phase)))
     seen = {}
 
     def setter():
@@ -57,15 +57,11 @@ def test_modes_set_in_one_thread_are_not_seen_by_another_running_at_the_same_tim
         seen["watcher"] = _modes()
         checked.set()
 
-    threads = [threading.Thread(target=setter), threading.Thread(target=watcher)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(setter, watcher)
     assert inside["setter"] == {"grad": False, "graph": False, "precision": "fp16", "op": None}
     assert seen["watcher"] == PLAIN                # neither no_grad, fp16 nor the profiler leaked
     assert inside["after"] == PLAIN                # and the setter's own thread is restored
-    assert rec.calls == [("Linear", "forward")]    # only the setter's op was profiled
+    assert calls == [("Linear", "forward")]        # only the setter's op was profiled
 
 
 def test_reference_switch_and_no_grad_in_two_threads_at_once():
@@ -84,11 +80,7 @@ def test_reference_switch_and_no_grad_in_two_threads_at_once():
             got["no_grad"] = _modes()
             barrier.wait()
 
-    threads = [threading.Thread(target=reference_thread), threading.Thread(target=no_grad_thread)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(reference_thread, no_grad_thread)
     assert got["reference"] == {**PLAIN, "op": "MatMul"}       # reference, with a graph
     assert got["no_grad"] == {**PLAIN, "graph": False, "grad": False, "op": None}   # fused, no graph
 
@@ -146,3 +138,65 @@ def test_replica_threads_run_in_a_copy_of_the_trainers_context():
     assert any(name.startswith("npgpt-replica") for name, _ in seen), seen
     assert {p for _, p in seen} == {"tf32"}
     assert P.current().name == "fp32"
+
+
+def test_serve_engine_thread_and_no_grad_reference_ops_in_another_thread_at_the_same_time(tmp_path):
+    """The engine runs in a copy of the context it was started in (here: tf32) and sees neither
+    the no_grad, the reference switch nor the fp16 of a thread that holds them while it serves;
+    that thread keeps its own modes, and the served text is the same as with nobody else around."""
+    from serve_helpers import model_folder
+
+    from npgpt.loading import load_run
+    from npgpt.ops.nn import REFERENCE_OPS
+    from npgpt.serve.http import App
+
+    model, tok = load_run(model_folder(tmp_path / "m", chat=False))[:2]
+    seen = []
+    real = model.forward_cached
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, is_grad_enabled(), REFERENCE_OPS.get(), P.current().name))
+        return real(*args, **kwargs)
+
+    model.forward_cached = recording
+
+    def serve_one(app):
+        req = app.completion_request({"prompt": "the", "max_tokens": 12, "temperature": 0})
+        app.engine.submit(req)
+        text = ""
+        while True:
+            event = req.events.get(timeout=120)
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "delta":
+                text += event[2]
+            if event[0] == "finish":
+                return text
+
+    app = App(model, tok, "m")
+    with P.use_precision("tf32"):
+        app.engine.start()                       # the engine keeps the context it was started in
+    assert P.current().name == "fp32"
+    inside, served, other = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        with no_grad(), reference_ops(), P.use_precision("fp16"):
+            inside.set()
+            served.wait(120)                     # hold the modes while the engine serves
+            other["modes"] = _modes()
+
+    try:
+        alone = serve_one(app)
+        t = threading.Thread(target=other_thread)
+        t.start()
+        assert inside.wait(30)
+        seen.clear()
+        during = serve_one(app)
+        served.set()
+        t.join(60)
+    finally:
+        served.set()
+        app.engine.stop(grace=1)
+    assert during == alone and len(during) > 0
+    assert {(g, r, p) for name, g, r, p in seen if name == "npgpt-engine"} == {(True, False, "tf32")}, seen
+    assert other["modes"] == {"grad": False, "graph": False, "precision": "fp16", "op": None}

@@ -23,6 +23,7 @@ their smallest padding.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 import time
@@ -93,9 +94,14 @@ class Engine:
         self.cond = threading.Condition()
         self.accepting, self.running = True, True
         self.steps = self.peak = self.cancelled = 0        # counters shown by /v1/models
-        self.thread = threading.Thread(target=self._loop, name="npgpt-engine", daemon=True)
+        self.thread = None
 
     def start(self):
+        """Start the decoding thread, in a copy of the calling thread's context: it keeps the
+        precision (and grad / reference mode) in force here, and no `with` block another thread
+        enters later (a no_grad, reference_ops or use_precision) ever reaches it."""
+        ctx = contextvars.copy_context()
+        self.thread = threading.Thread(target=ctx.run, args=(self._loop,), name="npgpt-engine", daemon=True)
         self.thread.start()
         return self
 
@@ -129,7 +135,8 @@ class Engine:
         with self.cond:
             self.running = False
             self.cond.notify()
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
         for s in list(self.active):
             s.req.events.put(("error", ApiError(503, "the server shut down before this request finished",
                                                 code="server_shutting_down", type_="server_error")))
