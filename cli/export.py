@@ -58,6 +58,7 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
 
 
 def _export_hf(checkpoint, folder, adapter, force):
+    # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.loading import load_run
     from npgpt.lora import merge_lora
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
