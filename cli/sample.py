@@ -54,7 +54,8 @@ def encode_prompt(tok, text, allow_special=False, option="--prompt"):
     """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so);
     `allow_special` (the CLI's --allow-special) reads every special token's string as its id."""
     if not text:
-        return []          # empty prompt: generation starts from end-of-text
+        # empty prompt: generation starts from end-of-text, or from the BOS a tokenizer adds (Llama 3's)
+        return tok.encode_prompt("")
     if allow_special:
         return tok.encode(text, allowed_special="all")
     try:

@@ -264,7 +264,8 @@ def is_lora_run(folder, hf) -> bool:
 def load_lora_run(folder, hf=None, device="cpu", **overrides):
     """A LoRA run's checkpoint: the base model its adapter_config.json records, then the adapter."""
     base = read_adapter(folder)[2].get("base_model_name_or_path")
-    if not isinstance(base, str) or not Path(base).is_dir():
+    # the base is a model folder, or a GGUF file (fine-tuned with --init-from x.gguf)
+    if not isinstance(base, str) or not (Path(base).is_dir() or (is_gguf(base) and Path(base).is_file())):
         raise NpgptError(f"{folder} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
                          f"give the base with --checkpoint BASE --adapter {folder}")
     model = from_pretrained(base, device=device, **overrides)
