@@ -413,6 +413,23 @@ extern "C" __global__ void spin(volatile int* flag) {
     assert "no progress for 1 s" in str(e.value) and "1 thread(s) still running kernel code" in str(e.value)
 
 
+def test_printf_reaches_stderr_and_trap_fails_the_launch(capsys):
+    src = r'''
+extern "C" __global__ void talk(float* out, const int trap) {
+    if (threadIdx.x == 0) printf("block %d says hi\n", (int)blockIdx.x);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 2.0f;
+    if (trap && blockIdx.x == 1 && threadIdx.x == 3) __trap();
+}
+'''
+    with emulated() as cp:
+        out = cp.zeros(64, np.float32)
+        _launch(src, "talk", (2,), (32,), (out, np.int32(0)))
+        assert (out.get() == 2).all()                    # the printed text did not mix into the data
+        assert {"block 0 says hi", "block 1 says hi"} <= set(capsys.readouterr().err.splitlines())
+        with pytest.raises(KernelError, match=r"__trap\(\) called in block \(1,0,0\)"):
+            _launch(src, "talk", (2,), (32,), (out, np.int32(1)))
+
+
 # ---- sanitizer mode: a missing barrier is a race, an off-by-one read an overflow ------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("sanitize", ["thread", "address"])

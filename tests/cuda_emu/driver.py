@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -372,6 +373,8 @@ class Kernel:
             if proc.returncode in (-11, -7):    # SIGSEGV, SIGBUS
                 what = "crashed on an invalid address (rerun with sanitize='address' to see which access)"
             raise KernelError(f"{self.name} {what} (grid {grid}, block {block}, seed {seed}):\n{err[-6000:]}")
+        if err:                                   # a kernel's printf: shown with the test's output
+            sys.stderr.write(err)
         out = proc.stdout
         if len(out) != len(data):
             raise KernelError(f"{self.name}: the child returned {len(out)} bytes of {len(data)}")
