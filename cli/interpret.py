@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
 from npgpt.errors import NpgptError
 
 MATRIX_MAX_TOKENS = 48     # wider shaded matrices wrap in a terminal; the top-k list still shows
@@ -25,11 +26,13 @@ MATRIX_MAX_TOKENS = 48     # wider shaded matrices wrap in a terminal; the top-k
                    "that layer's residual stream.")
 @click.option("--allow-special", is_flag=True,
               help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")
-def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens, allow_special):
+@keep_quantized_option
+def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens, allow_special, keep_quantized):
     """Show which earlier tokens each token of PROMPT attends to most (or, with --logit-lens, what
     each layer would predict)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.cli.sample import encode_prompt
+    from npgpt.gguf_models import load_options
     from npgpt.loading import load_run
     from npgpt.interpret import (attention_maps, format_logit_lens, format_top, logit_lens, save_attention_grid_png,
                                save_logit_lens_png, select, shade_matrix, token_labels)
@@ -40,7 +43,7 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens, allow_spec
             import matplotlib  # noqa: F401  (fail before the model loads, not after)
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
-    model, tok = load_run(checkpoint)[:2]
+    model, tok = load_run(checkpoint, **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt, allow_special)
     if lens:
         probs = logit_lens(model, ids)

@@ -9,7 +9,7 @@ import os
 import click
 
 from npgpt import __version__
-from npgpt.cli import bench, compress, export, interpret, lora, plot, prepare, sample, serve, train
+from npgpt.cli import bench, compress, exercise, export, interpret, lora, plot, prepare, sample, serve, train
 from npgpt.errors import NpgptError
 
 
@@ -40,7 +40,7 @@ def cli(trust_pattern):
             lambda: os.environ.pop(TRUST_PATTERN_ENV) if old is None else os.environ.update({TRUST_PATTERN_ENV: old}))
 
 
-for _topic in (prepare, train, sample, interpret, bench, compress, serve, plot, lora, export):   # each defines plain click commands
+for _topic in (prepare, train, sample, interpret, bench, compress, serve, plot, lora, export, exercise):   # each defines plain click commands
     for _cmd in _topic.COMMANDS:
         cli.add_command(_cmd)
 

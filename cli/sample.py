@@ -7,6 +7,7 @@ import time
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
 from npgpt.errors import NpgptError
 
 
@@ -83,13 +84,15 @@ def allow_special_option(fn):
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @allow_special_option
+@keep_quantized_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special, max_new_tokens,
-           temperature, top_k, top_p, seed, device, presence_penalty, frequency_penalty, repetition_penalty,
-           logit_bias, num_beams, length_penalty, draft, num_draft):
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special,
+           keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device, presence_penalty,
+           frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.gguf_models import load_options
     from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args, generate_stream
     check_sampling_args(1 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed, list(stop))
@@ -101,7 +104,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok = load_run(checkpoint, adapter=adapter, device=device)[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
         max_new_tokens = max(1, model.config.block_size - max(len(ids), 1))
@@ -219,16 +222,18 @@ def _piece(tok, t):
               help="A chat model: one with its own chat template (Hugging Face, GGUF), or fine-tuned with --sft.")
 @click.option("--system", default=None, help="A system message to start every conversation with.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@keep_quantized_option
 @sampling_options
-def chat(checkpoint, system, adapter, max_new_tokens, temperature, top_k, top_p, seed, device):
+def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device):
     """Talk to a chat model (its own chat template, or npgpt's after `finetune --sft`). /reset clears, /quit leaves."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.gguf_models import load_options
     from npgpt.loading import load_run
     from npgpt.generate import check_sampling_args
     from npgpt.sft import is_chat_model
     max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")

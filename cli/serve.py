@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
+
 
 @click.command()
 @click.option("--checkpoint", required=True, type=click.Path(), help="Run folder or model folder to serve.")
@@ -26,8 +28,9 @@ import click
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
 @click.option("--verbose", is_flag=True, help="Log every HTTP request to stderr.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@keep_quantized_option
 def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
-          verbose, adapter):
+          verbose, adapter, keep_quantized):
     """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.serve.http import serve as run
@@ -35,7 +38,7 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
                  max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
-                 verbose=verbose, adapter=adapter, ready=lambda line: click.echo(line) or sys.stdout.flush()))
+                 verbose=verbose, adapter=adapter, keep_quantized=keep_quantized, ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 
 COMMANDS = [serve]

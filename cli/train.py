@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from npgpt.cli.export import keep_quantized_option
+
 # Direct flags for the common config keys: (flag, config key, type, help).
 COMMON_FLAGS = [
     ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
@@ -43,7 +45,8 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
     With --resume the base is the saved run's config instead, and only what the user gave applies.
     """
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.train import TrainConfig, apply_overrides, config_for_resume, load_config_file, parse_set_options
+    from npgpt.train import config_for_resume
+    from npgpt.training.config import TrainConfig, apply_overrides, load_config_file, parse_set_options
     user = {}
     if config_file:
         user.update(load_config_file(config_file))
@@ -65,11 +68,9 @@ NEXT_STEP = "npgpt sample --checkpoint {out}   # add --prompt TEXT to start from
 def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.compress import TRAINING_PLUGINS
-    from npgpt.lora import lora_plugin
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source, plugins=TRAINING_PLUGINS + (lora_plugin,))
+        result = train(cfg, batch_source=batch_source)
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -137,7 +138,8 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
-def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter):
+@keep_quantized_option
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, keep_quantized):
     """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
@@ -154,7 +156,8 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
         return
     if out_file:
         raise click.UsageError("--out goes with --task (per-item results)")
-    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter)
+    r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter,
+                 keep_quantized=keep_quantized)
     if as_json:
         click.echo(json.dumps(r))
     else:

@@ -20,11 +20,9 @@ import random
 import time
 from pathlib import Path
 
-from npgpt.compress import TRAINING_PLUGINS
 from npgpt.data import prepare
 from npgpt.loading import load_run
 from npgpt.generate import generate
-from npgpt.lora import lora_plugin
 from npgpt.sft import SFTData
 from npgpt.tasks import evaluate_task
 from npgpt.train import TrainConfig, train
@@ -93,7 +91,7 @@ def main():
         t0 = time.perf_counter()
         if extra is not None:
             cfg = TrainConfig(**common, **extra)
-            train(cfg, batch_source=SFTData.for_training(cfg), plugins=TRAINING_PLUGINS + (lora_plugin,))   # as npgpt finetune does
+            train(cfg, batch_source=SFTData.for_training(cfg))   # as npgpt finetune does
         model, tok = load_run(work / "base" if extra is None else extra["out"])[:2]
         trainable = sum(p.size for p in model.parameters() if p.requires_grad)   # a LoRA model: adapters only
         row = {"run": name, "trainable": trainable if extra else 0,

@@ -41,7 +41,7 @@ from npgpt.optim import AdamW
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.replicas import ThreadReplicas
 from npgpt.tensor import profiling
-from npgpt.train import TrainConfig, apply_overrides, parse_set_options
+from npgpt.training.config import TrainConfig, apply_overrides, parse_set_options
 
 DEFAULT_PRESET = "baby"
 DEFAULT_BATCH_SIZE = 12

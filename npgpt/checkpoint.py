@@ -37,6 +37,7 @@ from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.fileio import (atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
                           fsync_dir, write_error)
+from npgpt.hub import is_hub_ref, snapshot
 from npgpt.safeio import (Float, Int, Obj, Str, check, inside, load_safetensors, read_json_object, run_lock,
                           write_safetensors)
 
@@ -173,9 +174,12 @@ def find_checkpoint(path) -> Path:
     """The checkpoint folder for `path`: a run folder, its `ckpt` folder, or any model folder.
 
     A model folder (config.json + model.safetensors, e.g. a Hugging Face GPT-2 download) is returned
-    as is. For a run folder whose save crashed between the two renames (`ckpt.old` but no `ckpt`),
+    as is; `hf:ORG/NAME[@REVISION]` is fetched into huggingface_hub's cache (npgpt.hub) and its
+    snapshot folder returned. For a run folder whose save crashed between the two renames (`ckpt.old` but no `ckpt`),
     `ckpt.old` is renamed back to `ckpt` and returned.
     """
+    if is_hub_ref(path):                       # hf:ORG/NAME[@REVISION]: its snapshot in huggingface_hub's cache
+        return find_checkpoint(snapshot(path))
     path = Path(path)
     if not path.exists() and not (path.name == CKPT_DIR and path.parent.is_dir()):
         raise NpgptError(f"no checkpoint in {path}: the folder does not exist (check the path, or train one "

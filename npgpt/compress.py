@@ -24,10 +24,9 @@ Every command reports the model before and after (`measure`, `format_report`): s
 parameters and non-zero parameters, validation loss / perplexity when data is given, and greedy
 sampling speed with the KV cache.
 
-Training plugins (npgpt.train.Hooks; `TRAINING_PLUGINS`, which the CLI passes to `train`):
-`keep_pruned_zeros` re-applies a pruned model's masks after every optimizer step and saves them with
-each checkpoint; `distill_from_teacher` makes the loss alpha * KD(teacher) + (1 - alpha) * CE for
-`npgpt finetune --teacher DIR`. The trainer never imports this module.
+Fine-tuning a pruned model keeps its pruned weights at zero, and `npgpt finetune --teacher DIR`
+distils: both are the trainer's standard plugins (npgpt.training.plugins, which also reads and
+writes the mask files). The trainer never imports this module.
 """
 
 from __future__ import annotations
@@ -41,20 +40,18 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp, synchronize
-from npgpt.checkpoint import atomic_write_json, find_checkpoint, load_tensors, save_tensors, write_manifest
+from npgpt.checkpoint import atomic_write_json, find_checkpoint, write_manifest
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
 from npgpt.evaluate import token_loss
 from npgpt.loading import from_pretrained, load_run
 from npgpt.generate import generate
 from npgpt.model import GPT, read_hf_config, records_quantization
-from npgpt.ops.distill import mixed_loss
 from npgpt.layers import QuantizedLinear, check_scheme, linear_layers
 from npgpt.quant import save_quantized
-from npgpt.tensor import no_grad
 from npgpt.safeio import read_json_object
+from npgpt.training.plugins import PRUNE_MASK_FILE, apply_prune_masks, save_prune_masks
 
-PRUNE_MASK_FILE = "prune_mask.safetensors"
 # Files of a checkpoint folder that belong to the training run, not to the model: not copied.
 RUN_FILES = ("optimizer.safetensors", "state.json", "manifest.json")
 MODEL_FILES = ("config.json", "model.safetensors", PRUNE_MASK_FILE)
@@ -115,44 +112,6 @@ def prune_model(model, sparsity, scope="global"):
     masks = magnitude_masks(model, sparsity, scope)
     apply_prune_masks(model, masks)
     return masks
-
-
-def save_prune_masks(folder, masks):
-    save_tensors(Path(folder) / PRUNE_MASK_FILE, {k: np.asarray(asnumpy(m), dtype=bool) for k, m in masks.items()})
-
-
-def load_prune_masks(folder):
-    """{parameter name: bool keep-mask} from `folder/prune_mask.safetensors`; {} when there is none."""
-    f = Path(folder) / PRUNE_MASK_FILE
-    if not f.is_file():
-        return {}
-    return {k: v.astype(bool, copy=False) for k, v in load_tensors(f).items()}
-
-
-def apply_prune_masks(model, masks):
-    """Zero the pruned entries (mask False) of each masked parameter's data and gradient, in place.
-
-    In place because the optimizer's parameters are views into its flat buffer. Call it after each
-    optimizer step: AdamW's moments and weight decay would otherwise move pruned weights off zero.
-    Masks are moved to the parameters' device once (the dict is updated with the device copies).
-    """
-    if not masks:
-        return model
-    params = dict(model.named_parameters())
-    for name, m in masks.items():
-        p = params.get(name)
-        if p is None:
-            raise NpgptError(f"prune mask for {name}, which the model does not have; the mask file belongs to another model")
-        if tuple(m.shape) != tuple(p.shape):
-            raise NpgptError(f"prune mask for {name} has shape {tuple(m.shape)}, the weight {tuple(p.shape)}; "
-                             f"the mask file belongs to another model")
-        xp = get_xp(p.data)
-        if get_xp(m) is not xp:
-            m = masks[name] = xp.asarray(m)
-        p.data *= m                                  # bool -> 0/1 in the weight's dtype
-        if p.grad is not None:
-            p.grad *= m
-    return model
 
 
 # ---- trimming ----------------------------------------------------------------------------------
@@ -254,11 +213,12 @@ def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
     return best
 
 
-def val_tokens(data, tok, max_tokens=None):
+def val_tokens(data, tok, max_tokens=None, model_dir="MODEL"):
     """The val split of prepared data folder `data`, checked against the model's tokenizer."""
     td = TokenData(data)
     if td.tokenizer().fingerprint() != tok.fingerprint():
-        raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model")
+        raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {model_dir}; "
+                         f"prepare it with the model's own: `npgpt prepare --tokenizer-from {model_dir}`")
     tokens = np.asarray(td.split("val"))
     return tokens[:max_tokens] if max_tokens else tokens
 
@@ -350,7 +310,7 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     transform(model, out_dir) writes the model files into out_dir and returns notes for the report.
     """
     model, tok, ckpt = open_source(checkpoint)
-    tokens = val_tokens(data, tok, max_eval_tokens) if data is not None else None
+    tokens = val_tokens(data, tok, max_eval_tokens, ckpt) if data is not None else None
     out = prepare_out(ckpt, out, force)
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)
@@ -410,50 +370,3 @@ def _save_float(model, out_dir, record):
     hf = read_json_object(Path(out_dir) / "config.json", "config.json")
     hf.setdefault("npgpt", {}).update(record)
     atomic_write_json(Path(out_dir) / "config.json", hf)
-
-
-# ---- distillation --------------------------------------------------------------------------------
-def load_teacher(path, student, device="cpu"):
-    """The teacher for `npgpt finetune --teacher DIR`: loaded in eval mode and checked against the
-    student (same vocabulary, a context at least as long), so their logits compare position by position."""
-    ckpt = find_checkpoint(path)
-    teacher = from_pretrained(ckpt, device=device)      # quantised folders load too
-    s, t = student.config, teacher.config
-    if t.vocab_size != s.vocab_size:
-        raise NpgptError(f"--teacher {ckpt} has vocab_size {t.vocab_size}, the student {s.vocab_size}; "
-                         f"distillation needs the same tokenizer")
-    if t.block_size < s.block_size:
-        raise NpgptError(f"--teacher {ckpt} has block_size {t.block_size}, shorter than the student's {s.block_size}")
-    return teacher.eval()
-
-
-# ---- plugins for the trainer (npgpt.train.Hooks) -------------------------------------------------------
-def keep_pruned_zeros(model, src, cfg, hooks):
-    """Training plugin: a model that came from `npgpt prune` keeps its pruned weights at zero (the
-    masks are applied after every optimizer step) and its checkpoints carry the masks on."""
-    masks = load_prune_masks(src) if src else {}
-    if masks:
-        hooks.after_step.append(lambda model, it: apply_prune_masks(model, masks))
-        hooks.save_files.append(lambda folder: save_prune_masks(folder, masks))
-
-
-def distill_from_teacher(model, src, cfg, hooks):
-    """Training plugin for `--teacher DIR`: the loss becomes alpha * KD(teacher) + (1 - alpha) * CE."""
-    if not cfg.teacher:
-        return
-    teacher = load_teacher(cfg.teacher, model, cfg.device)
-    alpha, temperature = cfg.distill_alpha, cfg.distill_temperature
-    if not cfg.quiet:
-        print(f"distillation: teacher {find_checkpoint(cfg.teacher)} ({teacher.num_params():,} parameters); the step "
-              f"loss is {alpha:g} x KL(teacher || student) at temperature {temperature:g} + {1 - alpha:g} x "
-              f"cross-entropy on the data")
-
-    def loss_fn(model, x, y):
-        logits, _ = model(x, y)
-        with no_grad():
-            t_logits, _ = teacher(x)
-        return mixed_loss(logits, t_logits, y, alpha, temperature)
-    hooks.loss_fn = loss_fn
-
-
-TRAINING_PLUGINS = (keep_pruned_zeros, distill_from_teacher)

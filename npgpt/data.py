@@ -49,6 +49,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -473,12 +474,40 @@ def ensure_builtin_dataset(name: str = "pydoc", tokenizer: str = "char", vocab_s
 
 # ------------------------------------------------------------------------------------ batches
 
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the trainer reads batches from (npgpt.train.train's batch_source): TokenData here,
+    npgpt.sft.SFTData for fine-tuning records.
+
+    path         the folder or file it came from ("" when none), recorded in state.json
+    vocab_size   token ids are below this
+    block_size   the context its rows are cut to (SFT), or None: the trainer's / the model's
+    grow_vocab   True when the model may need new embedding rows for its special tokens (SFT)
+    get_batch(split, batch_size, block_size, rng, device=None) -> (x, y) int arrays (B, T)
+    tokenizer()                    the tokenizer saved with each checkpoint
+    check_split_sizes(block_size)  a clear error when a split is too short for one batch
+    """
+    path: object
+    vocab_size: int
+    block_size: int | None
+    grow_vocab: bool
+
+    def get_batch(self, split, batch_size, block_size, rng, device=None): ...
+
+    def tokenizer(self): ...
+
+    def check_split_sizes(self, block_size): ...
+
+
 class TokenData:
     """A prepared data folder: memory-mapped train/val tokens and random batches from them.
 
     device_tokens=True copies each split to the GPU on first use and gathers batches there (worth it
     when the split fits in GPU memory: only the B x (T+1) indices cross the bus per batch).
     """
+
+    block_size = None          # rows are cut at the trainer's block size (a BatchSource field)
+    grow_vocab = False         # the tokens were made by the model's own tokenizer
 
     def __init__(self, data_dir, device_tokens: bool = False):
         self.path = Path(data_dir)

@@ -17,6 +17,7 @@ from npgpt.backend import asnumpy
 from npgpt.checkpoint import find_checkpoint
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.lora import adapter_summary
 from npgpt.model import GPTConfig, read_hf_config
@@ -47,11 +48,12 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
     return total, count
 
 
-def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None):
+def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None,
+             keep_quantized=False):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
@@ -63,7 +65,8 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", strid
     else:
         td = TokenData(data)
         if td.tokenizer().fingerprint() != tok.fingerprint():
-            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}")
+            raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}; "
+                             f"prepare it with the model's own: `npgpt prepare --tokenizer-from {ckpt}`")
         tokens = np.asarray(td.split(split))
         if len(tokens) < 2:
             raise NpgptError(f"the {split} split of {data} holds {len(tokens)} tokens, nothing to evaluate; prepare "

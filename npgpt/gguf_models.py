@@ -51,6 +51,16 @@ def is_gguf(path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+def load_options(path, keep_quantized=False) -> dict:
+    """The loader options (npgpt.from_pretrained / load_run overrides) of a --keep-quantized flag."""
+    if not keep_quantized:
+        return {}
+    if not is_gguf(path):
+        raise NpgptError(f"--keep-quantized applies to .gguf files, and {path} is not one; a model folder keeps "
+                         f"quantised weights after `npgpt quantize`")
+    return {"keep_quantized": True}
+
+
 # ---- GPT-2 ---------------------------------------------------------------------------------------
 GPT2_LINEAR = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
                "mlp.c_proj": "ffn_down"}

@@ -121,8 +121,12 @@ def save_heatmap_png(selected, labels, path, title=""):
 
 # ---- a layer x head grid of attention maps ----------------------------------------------------
 SCALES = ("linear", "log", "row")
-CAPTION = ("rows: queries (the token doing the looking); columns: keys (the tokens it reads); "
-           "each row sums to 1. Grey: masked future positions, which a causal model cannot see.")
+CAPTION = ("rows: queries (the token doing the looking); columns: keys (the tokens it reads). "
+           "Grey: masked future positions, which a causal model cannot see.")
+SCALE_NOTES = {"linear": "Colour: the attention weight; each row's weights sum to 1.",
+               "log": "Colour: log10 of the weight (floor 1e-3); each row's weights sum to 1.",
+               "row": "Colour: each weight divided by its row's largest, so every row has one bright "
+                      "cell; the weights themselves sum to 1 per row, the colours do not."}
 
 
 def scaled_maps(att, scale="linear"):
@@ -184,7 +188,7 @@ def save_attention_grid_png(maps, labels, path, layers=None, heads=None, scale="
     axes[-1, 0].set_ylabel("query (token)", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=bar)
     fig.suptitle(title or f"attention, {scale} scale", fontsize=10)
-    fig.text(0.5, 0.0, CAPTION, ha="center", va="top", fontsize=7, wrap=True)
+    fig.text(0.5, 0.0, CAPTION + " " + SCALE_NOTES[scale], ha="center", va="top", fontsize=7, wrap=True)
     save_figure(plt, fig, path)
 
 

@@ -12,6 +12,8 @@ Which reader runs is decided by one table, FORMATS, tried in order. Each `Format
 its own -- matches(folder, hf), where hf is the folder's config.json as a dict (None when there is
 none, or when the path is a single file) -- and how to load one:
 
+    hub          hf:ORG/NAME[@REVISION]: fetched into huggingface_hub's cache (npgpt.hub), then read as
+                 the folder it is
     gguf         a .gguf file: weights, tokenizer and chat template in one (npgpt.gguf_models; keep_quantized=True
                  keeps Q8_0 / Q4_0 / Q4_1 weights in quantised layers)
     lora-run     an adapter folder with no model of its own: the recorded base, then the adapter
@@ -39,6 +41,7 @@ from npgpt import tokenizer as tk
 from npgpt.checkpoint import find_checkpoint, is_model_dir, read_run_state, verify_checkpoint
 from npgpt.errors import NpgptError
 from npgpt.gguf_models import is_gguf, load_gguf_model, load_gguf_tokenizer
+from npgpt.hub import is_hub_ref, snapshot
 from npgpt.layers import QuantizedLinear, check_scheme, decode_weight, linear_layers
 from npgpt.llama import Llama, is_llama_config
 from npgpt.lora import is_adapter_dir, load_adapter, read_adapter
@@ -272,6 +275,26 @@ def load_gguf(path, hf=None, device="cpu", **overrides):
     return load_gguf_model(path, device=device, **overrides)
 
 
+# ---- Hugging Face Hub references --------------------------------------------------------------------
+def is_hub(path, hf) -> bool:
+    return hf is None and is_hub_ref(path)
+
+
+def load_hub(ref, hf=None, device="cpu", **overrides):
+    return from_pretrained(snapshot(ref), device=device, **overrides)
+
+
+def hub_tokenizer(ref):
+    return load_run_tokenizer(snapshot(ref))
+
+
+def load_run_tokenizer(path):
+    """The tokenizer `load_run` would give for `path` (a folder or file of any format)."""
+    folder, _, fmt = resolve(path)
+    return (fmt.tokenizer or folder_tokenizer)(folder)
+
+
+register_format(Format("hub", "Hugging Face Hub models (hf:ORG/NAME[@REVISION])", is_hub, load_hub, hub_tokenizer))
 register_format(Format("gguf", "GGUF files (.gguf)", is_gguf_file, load_gguf, load_gguf_tokenizer))
 register_format(Format("lora-run", "LoRA run folders (adapter + recorded base)", is_lora_run, load_lora_run))
 register_format(Format("quantised", "quantised folders (npgpt quantize)", is_quantized, load_quantized))

@@ -40,7 +40,6 @@ from npgpt.checkpoint import is_model_dir, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
 from npgpt.layers import LoRALinear, QuantizedLinear, float_linear, linear_layers
-from npgpt.model import read_hf_config
 from npgpt.safeio import load_safetensors, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
@@ -334,47 +333,3 @@ def load_adapter(model, folder):
         lin.lora_A.data[...] = xp.asarray(a, dtype=lin.lora_A.dtype)
         lin.lora_B.data[...] = xp.asarray(b, dtype=lin.lora_B.dtype)
     return config
-
-
-# ---- training and loading through the rest of npgpt ---------------------------------------------
-def lora_config(cfg):
-    """The LoRAConfig of a TrainConfig with lora_rank set (validated)."""
-    if cfg.lora_rank is None:
-        return None
-    return LoRAConfig.from_targets_option(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-
-
-
-
-def lora_plugin(model, src, cfg, hooks):
-    """The trainer plugin (npgpt.train's `plugins`) of `npgpt finetune --lora-rank R`.
-
-    Adds adapters to the freshly loaded base (or, on --resume, finds them already loaded from the
-    run's adapter folder by npgpt.loading), freezes the base, and makes checkpoints hold the
-    adapters only, in PEFT's layout. Without lora_rank it only refuses a quantised model, which
-    full fine-tuning cannot train.
-    """
-    quantised = bool(model.quantization)
-    if cfg.lora_rank is None:
-        if quantised:
-            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise "
-                             f"afterwards, or train LoRA adapters on it with --lora-rank R")
-        return
-    if src is None:
-        raise NpgptError("LoRA fine-tunes a pretrained model: give --init-from DIR (a model folder, float or int8)")
-    if not has_lora(model):
-        if is_model_dir(src) and int(read_hf_config(src).get("vocab_size", 0)) < model.config.vocab_size:
-            raise NpgptError(f"the data needs {model.config.vocab_size - int(read_hf_config(src)['vocab_size'])} "
-                             f"new tokens (the chat template's special tokens?), but LoRA keeps the base's "
-                             f"embedding frozen; use prompt/completion records, or a base whose tokenizer "
-                             f"already has them (one fine-tuned with --sft)")
-        apply_lora(model, lora_config(cfg), seed=cfg.seed)
-        model.lora_base = str(Path(src).resolve())
-    hooks.save_model = lambda folder: save_adapter(model, folder)
-    n_train = sum(p.size for p in model.parameters() if p.requires_grad)
-    layers = lora_layers(model)
-    n_base = model.num_params()        # the config's count: the base's weights, float or quantised
-    if not cfg.quiet:
-        print(f"LoRA: r={layers[0][1].r}, alpha={model.lora.alpha:g}, {len(layers)} adapted layers, "
-              f"{n_train:,} trainable parameters ({100 * n_train / max(n_base, 1):.2f}% of the base's "
-              f"{n_base:,}); base frozen" + (f", {model.quantization['bits']}-bit" if quantised else ""))

@@ -10,7 +10,7 @@ itself. Inside
         loss.backward()
 
 every fused op that the model and its layers call is swapped for its reference, so the graph you can draw (`npgpt.viz.graph(loss)`) holds only primitives, and the
-gradients come from the chain rule on those primitives. `tests/test_reference.py` checks that both
+gradients come from the chain rule on those primitives. `tests/test_study.py` checks that both
 paths give the same logits, loss and gradients: the reference ops are the worked answer to "what
 does this fused backward compute?".
 

@@ -1,4 +1,4 @@
-"""Training: the typed config, the loop, evaluation, checkpoints and exact resume.
+"""Training: the loop, evaluation, checkpoints and exact resume (the config is npgpt.training.config).
 
 `train(config)` is the whole job `npgpt train` runs, importable and free of side effects at
 import time:
@@ -18,9 +18,10 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
         hooks.after_step.append(lambda model, it: ...)
     train(cfg, plugins=[my_plugin])
 
-`npgpt train` / `finetune` pass npgpt.compress.TRAINING_PLUGINS (distillation, pruning masks); the
-trainer itself imports nothing above its floor. Config keys and `--set key=value` parsing live here
-too (`parse_set_options`, `apply_overrides`), shared by train, finetune and bench.
+The standard plugins (npgpt.training.plugins: pruning masks, distillation, LoRA) sit one floor below
+and always run, so `train(cfg)` trains every config as it is; the trainer itself imports nothing above
+its floor. The config (TrainConfig, its sections and `--set key=value` parsing) is
+npgpt.training.config; batches come from a npgpt.data.BatchSource; train_step returns a StepStats.
 
 Under `mpiexec -n N` (npgpt.distributed.comm.current() has N ranks) the trainer fills the loss and
 gradient hooks with npgpt.distributed.data_parallel.DataParallel (count-weighted loss, one gradient reduction
@@ -52,218 +53,30 @@ from pathlib import Path
 import numpy as np
 
 from npgpt import tokenizer as tk
-from npgpt.backend import asnumpy, parse_device, synchronize, xp_for
+from npgpt.backend import asnumpy, synchronize, xp_for
 from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
                               load_tensors, read_run_state, save_tensors, verify_checkpoint)
-from npgpt.data import TokenData, ensure_builtin_dataset
+from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import current, for_device, local_rank0_first
 from npgpt.distributed.data_parallel import DataParallel
 from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
+from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
-from npgpt.llama import ARCHS, preset_config
+from npgpt.llama import preset_config
 from npgpt.loading import from_pretrained
-from npgpt.ops.distill import check_distill_args
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
-from npgpt.safeio import read_json, read_toml, run_lock
+from npgpt.safeio import run_lock
 from npgpt.tensor import no_grad
+from npgpt.training.config import TrainConfig, apply_overrides, coerce, field_types
+from npgpt.training.plugins import PLUGINS
 from npgpt.training.scaler import DynamicLossScaler
 
 EVAL_STREAM, DROPOUT_STREAM = 1, 2   # sub-streams of the per-step generator seeds
-OPTIMIZERS = ("adamw", "muon")
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a training run. Names follow nanoGPT's where one exists."""
-    # data and output
-    data: str | None = None              # a folder made by `npgpt prepare` (None: built-in pydoc corpus)
-    out: str = "out"                     # run folder: checkpoint in OUT/ckpt, metrics in OUT/metrics.jsonl
-    init_from: str | None = None         # start from a model folder (npgpt checkpoint or HF GPT-2)
-    resume: bool = False                 # continue the run in `out` exactly where it stopped
-    force: bool = False                  # overwrite a checkpoint already in `out`
-    device: str = "cpu"
-    precision: str = "fp32"              # matmuls: fp32, tf32 or fp16 (fp16 adds dynamic loss scaling)
-    seed: int = 1337
-    # model (ignored with init_from / resume, which bring their own)
-    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-shakespeare-char)
-    arch: str = "gpt"                    # model family of a new model: gpt (GPT-2) or llama (npgpt.llama)
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None        # context length; defaults to the preset's
-    dropout: float = 0.0
-    bias: bool = True
-    # optimisation
-    batch_size: int = 12
-    gradient_accumulation_steps: int = 1
-    replicas: int = 1                    # CPU: split each micro-batch over this many threads (npgpt.replicas)
-    max_iters: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None    # defaults to max_iters
-    decay_lr: bool = True
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    zero_stage: int = 0                  # 1: shard AdamW's moments over the ranks (mpiexec -n N; ZeRO-1)
-    optimizer: str = "adamw"             # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
-    muon_lr: float = 0.02                # Muon's peak lr (follows the same schedule as learning_rate)
-    muon_momentum: float = 0.95
-    nesterov: bool = True                # Muon's Nesterov momentum
-    ns_steps: int = 5                    # Newton-Schulz iterations per Muon update
-    muon_weight_decay: float = 0.0       # decoupled weight decay of the Muon matrices
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    always_save_checkpoint: bool = True
-    quiet: bool = False
-    # fine-tuning (npgpt finetune)
-    sft: str | None = None               # JSONL file of prompt/completion or chat records
-    sft_strict: bool = False             # error (not truncate) when a record is longer than block_size
-    sft_val_fraction: float = 0.1
-    teacher: str | None = None           # distil from this model folder (npgpt finetune --teacher)
-    distill_alpha: float = 0.5           # loss = alpha * KD + (1 - alpha) * cross-entropy
-    distill_temperature: float = 2.0
-    lora_rank: int | None = None         # train only LoRA adapters of this rank (npgpt.lora's plugin)
-    lora_alpha: float | None = None      # LoRA scale alpha / rank; default 2 * rank
-    lora_dropout: float = 0.0            # dropout on the adapters' input
-    lora_targets: str | None = None      # comma-separated layer names; default c_attn,c_proj,c_fc
-
-    def validate(self):
-        for f in dataclasses.fields(self):                 # NaN / inf never reach a comparison below
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise NpgptError(f"{f.name} must be a finite number, got {v}")
-        for name in ("data", "out", "init_from", "sft", "teacher"):
-            v = getattr(self, name)
-            if v is not None and (not v or "\x00" in v):
-                raise NpgptError(f"{name} must be a path, got {v!r}")
-        if self.seed < 0:
-            raise NpgptError(f"seed must be >= 0, got {self.seed}")
-        if not 0 <= self.sft_val_fraction < 1:
-            raise NpgptError(f"sft_val_fraction must be in [0, 1), got {self.sft_val_fraction}")
-        positive = ["max_iters", "batch_size", "learning_rate", "eval_interval", "eval_iters", "log_interval",
-                    "gradient_accumulation_steps", "replicas"]
-        for name in positive:
-            v = getattr(self, name)
-            if v is None or v <= 0:
-                raise NpgptError(f"{name} must be positive, got {v}")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "lr_decay_iters"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise NpgptError(f"{name} must be positive, got {v}")
-        if self.min_lr < 0 or self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
-        if self.arch not in ARCHS:
-            raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.zero_stage not in (0, 1):
-            raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
-        if self.optimizer not in OPTIMIZERS:
-            raise NpgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
-            raise NpgptError("need muon_lr > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0")
-        if not 1 <= self.ns_steps <= 20:
-            raise NpgptError(f"ns_steps must be in [1, 20], got {self.ns_steps}")
-        if not 0 <= self.dropout < 1:
-            raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise NpgptError("beta1 and beta2 must be in [0, 1)")
-        if self.teacher:
-            check_distill_args(self.distill_alpha, self.distill_temperature)
-        if self.lora_rank is not None and self.lora_rank <= 0:
-            raise NpgptError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise NpgptError(f"--lora-alpha must be positive, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise NpgptError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        parse_device(self.device)
-        Precision(self.precision)                       # a clear error for an unknown name
-        return self
-
-
-# ---- config from files and key=value overrides --------------------------------------------------
-def _field_types():
-    hints = {}
-    for f in dataclasses.fields(TrainConfig):
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        hints[f.name] = t
-    return hints
-
-
-def _coerce(key, value, type_name):
-    """Turn a string (from --set) or a JSON/TOML value into the field's type, or raise."""
-    base = type_name.replace(" | None", "").strip()
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in type_name):
-        if "None" in type_name:
-            return None
-        raise NpgptError(f"config key {key}: a value is required ({base})")
-    try:
-        if base == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                return value.lower() in ("true", "1", "yes", "on")
-            raise ValueError
-        if base == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
-        if base == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            if not math.isfinite(float(value)):
-                raise NpgptError(f"config key {key}: {value!r} is not a finite number")
-            return float(value)
-        if base == "str":
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    raise NpgptError(f"config key {key}: {value!r} is not a valid {base}")
-
-
-def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
-    """A copy of config with keys replaced, each checked against the field's type."""
-    types = _field_types()
-    unknown = [k for k in overrides if k not in types]
-    if unknown:
-        raise NpgptError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(types)}")
-    return dataclasses.replace(config, **{k: _coerce(k, v, types[k]) for k, v in overrides.items()})
-
-
-def parse_set_options(pairs) -> dict:
-    """['key=value', ...] -> {key: 'value'}."""
-    out = {}
-    for pair in pairs or ():
-        if "=" not in pair:
-            raise NpgptError(f"--set {pair!r}: expected key=value")
-        k, v = pair.split("=", 1)
-        out[k.strip().replace("-", "_")] = v.strip()
-    return out
-
-
-def load_config_file(path) -> dict:
-    """A JSON or TOML file of config keys (a [train] table in TOML is also accepted)."""
-    p = Path(path)
-    if not p.is_file():
-        raise NpgptError(f"config file {p} does not exist")
-    if p.suffix.lower() == ".toml":
-        data = read_toml(p)
-        data = data.get("train", data)
-    else:
-        data = read_json(p, "config file", max_bytes=1 << 20)
-    if not isinstance(data, dict):
-        raise NpgptError(f"config file {p} must hold an object of key: value pairs")
-    return data
 
 
 # ---- learning-rate schedule ----------------------------------------------------------------------
@@ -339,13 +152,10 @@ def build_model(cfg: TrainConfig, data, log):
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        model = from_pretrained(src, dropout=cfg.dropout)
-        if model.quantization and cfg.lora_rank is None:        # its linear layers hold no Parameters
-            raise NpgptError(f"{src} is quantised; fine-tune the float model it came from and quantise "
-                             f"afterwards, or train LoRA adapters on it with --lora-rank R")
-        if not getattr(data, "grow_vocab", False):      # resumed or fine-tuned: the data's tokenizer is the model's
+        model = from_pretrained(src, dropout=cfg.dropout)       # a quantised one trains LoRA adapters only
+        if not data.grow_vocab:                         # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
-        if model.config.vocab_size < vocab and getattr(data, "grow_vocab", False):
+        if model.config.vocab_size < vocab and data.grow_vocab:
             log(f"adding {vocab - model.config.vocab_size} embedding rows for new special tokens")
             model.resize_token_embeddings(vocab)
         if model.config.vocab_size < vocab:
@@ -522,13 +332,14 @@ class Hooks:
     save_model: Callable | None = None
 
 
-def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> TrainResult:
+def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = None, plugins=()) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
-    batch_source: optional object with get_batch / tokenizer / vocab_size (SFT data plugs in here).
-    plugins: callables plugin(model, src, cfg, hooks), run once the model is built (src: the folder it
-    came from, or None), that fill in `hooks` (see Hooks); npgpt.compress.TRAINING_PLUGINS adds
-    distillation (--teacher) and keeping pruned weights at zero.
+    batch_source: where batches come from (npgpt.data.BatchSource; SFT data plugs in here), default
+    the prepared data folder cfg.data. Every config trains as it is: the standard plugins
+    (npgpt.training.plugins: pruning masks, distillation, LoRA) always run, each doing nothing unless
+    its settings ask; `plugins` adds the caller's own, plugin(model, src, cfg, hooks), run after them
+    (src: the folder the model came from, or None), that fill in `hooks` (see Hooks).
     Parameters with requires_grad off (a LoRA base) get no gradient buffer and no optimizer state.
     """
     cfg = config.validate()
@@ -536,8 +347,10 @@ def train(config: TrainConfig, stream=None, batch_source=None, plugins=()) -> Tr
         raise NpgptError(f"{cfg.out} is a fine-tuning run on {cfg.sft}; continue it with `npgpt finetune --resume "
                          f"--out {cfg.out}`" if cfg.resume else "an --sft run needs its SFT data: use `npgpt finetune --sft`")
     # paths stored absolute in state.json, so --resume from another directory finds the same files
+    # (an hf:ORG/NAME model reference names the same model from anywhere)
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
-                                      for k in ("data", "init_from", "sft", "teacher") if getattr(cfg, k)})
+                                      for k in ("data", "init_from", "sft", "teacher")
+                                      if getattr(cfg, k) and not is_hub_ref(getattr(cfg, k))})
     comm, device = for_device(current(), cfg.device)  # mpiexec -n N: this rank's GPU and NCCL; else as is
     cfg = dataclasses.replace(cfg, device=device) if device != cfg.device else cfg
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
@@ -561,13 +374,9 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
             model.to(cfg.device)
         model.train()
         hooks = Hooks()
-        for plugin in plugins:
+        for plugin in (*PLUGINS, *plugins):             # the standard ones (pruning masks, distillation, LoRA)
             plugin(model, src, cfg, hooks)
         replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
-        if cfg.teacher and hooks.loss_fn is model_loss:
-            raise NpgptError("--teacher needs the distillation plugin (npgpt.compress.TRAINING_PLUGINS)")
-        if cfg.lora_rank is not None and hooks.save_model is None:
-            raise NpgptError("--lora-rank needs the LoRA plugin (npgpt.lora.lora_plugin)")
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
         optimizer = build_optimizer(trainable, comm, cfg)
         dp = None
@@ -660,13 +469,13 @@ class _Run:
             batch_rng = step_rng(cfg.seed, it, 0, self.rank)          # rank r's own micro-batches
             batches = (self.data.get_batch("train", cfg.batch_size, self.block, batch_rng, device=cfg.device)
                        for _ in range(cfg.gradient_accumulation_steps))
-            loss_sum = train_step(self.model, self.optimizer, batches, cfg.gradient_accumulation_steps,
-                                  cfg.grad_clip, lr, self.hooks, self.scaler)
+            stats = train_step(self.model, self.optimizer, batches, cfg.gradient_accumulation_steps,
+                               cfg.grad_clip, lr, self.hooks, self.scaler)
             for callback in self.hooks.after_step:
                 callback(self.model, it + 1)
             self.clock.tick()
             if (it + 1) % cfg.log_interval == 0 or it + 1 == cfg.max_iters:
-                self.log_step(it + 1, loss_sum, lr)
+                self.log_step(it + 1, stats, lr)
         return it
 
     def evaluate_and_save(self, it):
@@ -685,19 +494,18 @@ class _Run:
             self.checkpoint(it, "eval")
             self.log(f"saved checkpoint to {self.out / 'ckpt'}")
 
-    def log_step(self, step, loss_sum, lr):
+    def log_step(self, step, stats, lr):
         cfg = self.cfg
         if self.dp is not None:
             self.last_loss = self.dp.global_loss            # the global batch's loss, the same on every rank
         else:
-            self.last_loss = float(asnumpy(loss_sum)) / cfg.gradient_accumulation_steps   # sync point
+            self.last_loss = float(asnumpy(stats.loss)) / cfg.gradient_accumulation_steps   # sync point
         if not math.isfinite(self.last_loss):
             self.diverged(self.last_loss, step)
         synchronize()
         dt = self.clock.seconds_per_iter()
         tps, mfu = self.tokens_per_iter / dt, self.flops_per_iter / dt / self.peak
-        norm = getattr(self.optimizer, "last_grad_norm", None)
-        norm = float(norm) if norm is not None and math.isfinite(float(norm)) else None
+        norm = float(stats.grad_norm) if math.isfinite(float(stats.grad_norm)) else None
         self.log.record(kind="train", iter=step, loss=self.last_loss, lr=lr, ms_per_iter=dt * 1e3,
                         tokens_per_s=tps, mfu=mfu, grad_norm=norm)
         msg = (f"iter {step}/{cfg.max_iters}: loss {self.last_loss:.4f}, lr {lr:.2e}, {dt * 1e3:.1f} ms/iter, "
@@ -721,7 +529,7 @@ class _Run:
             "iter": it, "best_val_loss": self.best_val, "config": dataclasses.asdict(cfg),
             "rng": {"scheme": "numpy default_rng([seed, iter, stream])", "seed": cfg.seed,
                     "streams": {"batches": 0, "eval": EVAL_STREAM, "dropout": DROPOUT_STREAM}},
-            "data": {"path": str(Path(self.data.path).resolve()) if getattr(self.data, "path", "") else "",
+            "data": {"path": str(Path(self.data.path).resolve()) if self.data.path else "",
                      "next_batch_iter": it},
             "reason": reason, "loss_scaler": self.scaler.state_dict(),
             "tokens_per_iter": self.tokens_per_iter, "ranks": self.dp.comm.world_size if self.dp is not None else 1,
@@ -749,7 +557,7 @@ class _Clock:
 
 def _block_size(cfg, data, model):
     """The training context: --block-size, else the data's (SFT), else the model's; checked."""
-    block = cfg.block_size or getattr(data, "block_size", None) or model.config.block_size
+    block = cfg.block_size or data.block_size or model.config.block_size
     if block > model.config.block_size:
         raise NpgptError(f"block_size {block} is larger than the model's n_positions {model.config.block_size}")
     data.check_split_sizes(block)
@@ -771,8 +579,22 @@ def _catch_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, scaler=None):
-    """One optimizer step over `n_micro` micro-batches; returns the summed (unscaled) loss array.
+@dataclass
+class StepStats:
+    """What one optimizer step reports (train_step's result).
+
+    loss        the micro-batches' losses summed (unscaled; an array on the model's device, so reading
+                it is a sync point: divide by n_micro for the mean)
+    grad_norm   the gradient's global norm before clipping (`npgpt plot` draws it); inf on an fp16 overflow
+    skipped     True when the loss scaler skipped the update (fp16 overflow)
+    """
+    loss: object
+    grad_norm: object
+    skipped: bool = False
+
+
+def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, scaler=None) -> StepStats:
+    """One optimizer step over `n_micro` micro-batches; returns its StepStats.
 
         for each micro-batch: loss = hooks.loss_fn(model, x, y); backward(loss / n_micro)
         hooks.reduce_grads(flat_grad, n_tokens)       <- the data-parallel seam
@@ -793,13 +615,12 @@ def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, sc
         n_tokens += y.size
     if hooks.reduce_grads is not None:
         hooks.reduce_grads(optimizer.grad, n_tokens)
-    # the gradient norm before clipping is kept for the log line (`npgpt plot` draws it)
     if scaler is not None and scaler.enabled:
-        _, optimizer.last_grad_norm = scaler.step(optimizer, lr, grad_clip)   # fp16: skips the step on inf/NaN
-    else:
-        optimizer.last_grad_norm = optimizer.clip_grad_norm(grad_clip)
-        optimizer.step(lr)
-    return loss_sum
+        stepped, norm = scaler.step(optimizer, lr, grad_clip)       # fp16: skips the step on inf/NaN
+        return StepStats(loss_sum, norm, skipped=not stepped)
+    norm = optimizer.clip_grad_norm(grad_clip)
+    optimizer.step(lr)
+    return StepStats(loss_sum, norm)
 
 
 def _set_dropout_rng(model, rng):
@@ -812,9 +633,9 @@ def _set_dropout_rng(model, rng):
 def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
     base = read_state(find_checkpoint(out))["config"]
-    types = _field_types()
+    types = field_types()
     for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer"):
         # compared as the field's type: `--set n_layer=1` equals a saved 1
-        if fixed in overrides and _coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
+        if fixed in overrides and coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")
     return apply_overrides(base, {**overrides, "resume": True, "out": str(out), "force": False}).validate()

@@ -1,13 +1,19 @@
 """Pictures for study: the autograd graph of a tensor, and training curves from metrics.jsonl.
 
-    g = npgpt.viz.graph(loss)      # walk the recorded graph behind `loss` (before backward frees it)
+    g = npgpt.viz.graph(loss, names=model)   # walk the graph behind `loss` (before backward frees it)
     print(g)                       # text: one line per node, inputs indented under their op
+    loss.backward(); g.refresh()   # labels now carry every gradient backward left on the tensors
     g.to_dot()                     # Graphviz DOT source (render with `dot -Tpng`)
     g.save_png("graph.png")        # matplotlib drawing, layered from the inputs to the loss
 
-A node is a tensor (leaf: shape, and 'param' when it requires grad) or the Function that made a
-tensor (its class name, as `Tensor.grad_fn` shows). Edges run from inputs to the op that reads them
-to the tensor it makes, the direction of the forward pass; backward walks them in reverse.
+A node is a tensor or the Function that made a tensor (its class name, as `Tensor.grad_fn` shows).
+A tensor's label is micrograd's draw_dot level of detail: its name when known (pass `names`, a
+{id(tensor): name} dict or a Module, whose parameter names are used), its shape, its value (a
+scalar's value; an array's mean and std) and, once backward has run and `refresh()` is called, its
+gradient the same way (leaves always keep theirs; intermediates when `retain_grad()` was called).
+In the drawing each parameter or input sits in the column just left of the op that reads it.
+Edges run from inputs to the op that reads them to the tensor it makes, the direction of the
+forward pass; backward walks them in reverse.
 
 `read_metrics(run)` / `plot_runs(runs, png)` / `text_chart(...)` serve `npgpt plot`: train and
 val loss, learning rate, tokens/s and gradient norm over steps. matplotlib is optional
@@ -21,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_bytes
 from npgpt.safeio import parse_json
@@ -34,6 +41,16 @@ class Graph:
     nodes: dict = field(default_factory=dict)
     edges: list = field(default_factory=list)
     root: int = 0
+    tensors: dict = field(default_factory=dict, repr=False)   # {node id: Tensor} for refresh()
+    names: dict = field(default_factory=dict, repr=False)
+
+    def refresh(self):
+        """Relabel the tensor nodes from the tensors as they are now (call after backward: the
+        labels then show the gradients). Returns self."""
+        for n, x in self.tensors.items():
+            kind, _ = self.nodes[n]
+            self.nodes[n] = (kind, tensor_label(x, self.names))
+        return self
 
     def op_names(self):
         """The Function class names in the graph, with repeats (e.g. for counting op kinds)."""
@@ -49,7 +66,7 @@ class Graph:
             n, depth = stack.pop()
             kind, label = self.nodes[n]
             again = n in seen
-            lines.append("  " * depth + label + ("  (see above)" if again and parents.get(n) else ""))
+            lines.append("  " * depth + label.replace("\n", "  ") + ("  (see above)" if again and parents.get(n) else ""))
             if again:
                 continue
             seen.add(n)
@@ -63,7 +80,8 @@ class Graph:
                  "out": 'shape=ellipse, style=filled, fillcolor="#d8f0d8"'}
         lines = ["digraph autograd {", "  rankdir=LR;"]
         for n, (kind, label) in self.nodes.items():
-            lines.append(f'  n{n} [label="{label}", {style[kind]}];')
+            text = label.replace('"', "'").replace("\n", "\\n")
+            lines.append(f'  n{n} [label="{text}", {style[kind]}];')
         for s, d in self.edges:
             lines.append(f"  n{s} -> n{d};")
         lines.append("}")
@@ -74,9 +92,15 @@ class Graph:
         parents = {}
         for s, d in self.edges:
             parents.setdefault(d, []).append(s)
+        children = {}
+        for s, d in self.edges:
+            children.setdefault(s, []).append(d)
         depth = {}
         for n in self._topological():
             depth[n] = 1 + max((depth[p] for p in parents.get(n, [])), default=-1)
+        for n in depth:                               # an input sits just left of the op that reads it
+            if n not in parents and children.get(n):
+                depth[n] = max(0, min(depth[c] for c in children[n]) - 1)
         return depth
 
     def _topological(self):
@@ -98,16 +122,18 @@ class Graph:
     def save_png(self, path, title=""):
         """Draw the graph left (inputs) to right (output) with matplotlib; needs npgpt[plot]."""
         plt = _pyplot("drawing the graph")
+        lines = max(label.count("\n") + 1 for _, label in self.nodes.values())   # text lines per box
         depth = self.layers()
         columns = {}
         for n, d in sorted(depth.items(), key=lambda kv: kv[1]):
             columns.setdefault(d, []).append(n)
         pos = {}
+        step = 0.6 + 0.35 * lines
         for d, ns in columns.items():
             for i, n in enumerate(ns):
-                pos[n] = (d, -(i - (len(ns) - 1) / 2))
-        width = max(4.0, 1.8 * (max(columns) + 1))
-        height = max(2.5, 0.7 * max(len(v) for v in columns.values()) + 1)
+                pos[n] = (d, -step * (i - (len(ns) - 1) / 2))
+        width = max(4.0, 2.2 * (max(columns) + 1))
+        height = max(2.5, (0.45 + 0.25 * lines) * max(len(v) for v in columns.values()) + 1)
         fig, ax = plt.subplots(figsize=(width, height))
         colours = {"op": "#dde8f8", "leaf": "white", "param": "#f8e8c8", "out": "#d8f0d8"}
         for s, d in self.edges:
@@ -116,34 +142,46 @@ class Graph:
                         arrowprops=dict(arrowstyle="->", color="grey", lw=0.8))
         for n, (kind, label) in self.nodes.items():
             x, y = pos[n]
-            ax.text(x, y, label, ha="center", va="center", fontsize=7,
+            ax.text(x, y, label, ha="center", va="center", fontsize=6,
                     bbox=dict(boxstyle="round" if kind == "op" else "square", fc=colours[kind], ec="black", lw=0.5))
-        ax.set_xlim(-0.7, max(columns) + 0.7)
-        ax.set_ylim(min(p[1] for p in pos.values()) - 0.7, max(p[1] for p in pos.values()) + 0.7)
+        ax.set_xlim(-0.8, max(columns) + 0.8)
+        ax.set_ylim(min(p[1] for p in pos.values()) - step, max(p[1] for p in pos.values()) + step)
         ax.axis("off")
         ax.set_title(title or "autograd graph: inputs (left) -> ops (blue) -> output (green); "
                      "backward runs right to left", fontsize=8)
         save_figure(plt, fig, path, dpi=120)
 
 
+def _summary(a):
+    a = asnumpy(a)
+    if a.size == 1:
+        return f"{float(a.reshape(-1)[0]):.4g}"
+    return f"mean {float(a.mean()):.3g} std {float(a.std()):.3g}"
+
+
+def tensor_label(x, names):
+    """name (shape) = value, and its gradient when it has one (see the module docstring)."""
+    shape = "x".join(map(str, x.shape)) or "scalar"
+    grad = f"\ngrad {_summary(x.grad)}" if x.grad is not None else ""
+    if id(x) in names:
+        return f"{names[id(x)]} ({shape})\n= {_summary(x.data)}{grad}"
+    if x.size == 1:
+        return f"{_summary(x.data)}{grad}"
+    return f"({shape})\n{_summary(x.data)}{grad}"
+
+
 def graph(t, names=None) -> Graph:
     """The recorded graph behind tensor `t` (build it before `backward()`, which frees the graph).
 
-    names: optional {id(tensor): name} (e.g. from `{id(p): n for n, p in model.named_parameters()}`)
-    to label leaves by name instead of by shape.
+    names: optional {id(tensor): name}, or a Module (its parameters are labelled by their names,
+    e.g. `transformer.h.0.attn.c_attn.weight`), to label leaves by name instead of by shape.
     """
     if t._ctx is None and not t.requires_grad:
         raise NpgptError("this tensor has no graph: nothing that made it required grad")
-    names = names or {}
-    g = Graph(root=id(t))
-
-    def tensor_label(x):
-        shape = "x".join(map(str, x.shape)) or "scalar"
-        if id(x) in names:
-            return f"{names[id(x)]} ({shape})"
-        if x.size == 1:
-            return f"{float(x.data.reshape(-1)[0]):.4g}"
-        return f"({shape})"
+    if hasattr(names, "named_parameters"):
+        names = {id(p): n for n, p in names.named_parameters()}
+    names = dict(names or {})
+    g = Graph(root=id(t), names=names)
 
     stack = [t]
     while stack:
@@ -152,7 +190,8 @@ def graph(t, names=None) -> Graph:
             continue
         fn = x._ctx
         kind = "out" if x is t else ("param" if x.requires_grad and fn is None else "leaf")
-        g.nodes[id(x)] = (kind, tensor_label(x))
+        g.nodes[id(x)] = (kind, tensor_label(x, names))
+        g.tensors[id(x)] = x
         if fn is None:
             continue
         if fn.saved is None:

@@ -9,9 +9,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npgpt.compress import (apply_prune_masks, count_params, format_report, load_prune_masks, magnitude_masks,
-                            mlp_importance, prune_checkpoint, prune_model, quantize_checkpoint, save_prune_masks,
-                            trim_checkpoint, trim_model)
+from npgpt.compress import (count_params, format_report, magnitude_masks, mlp_importance, prune_checkpoint,
+                            prune_model, quantize_checkpoint, trim_checkpoint, trim_model)
 from npgpt.errors import NpgptError
 from npgpt.model import GPT, GPTConfig
 from npgpt.nn import Linear
@@ -21,6 +20,7 @@ from npgpt.loading import from_pretrained as load_model
 from npgpt.loading import load_quantized
 from npgpt.quant import quantize_model, save_quantized
 from npgpt.tensor import Tensor, no_grad
+from npgpt.training.plugins import apply_prune_masks, load_prune_masks, save_prune_masks
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 TEXT = "abcd efghi"          # 10 distinct characters (space included) + <|endoftext|> = 11 tokens

@@ -216,3 +216,21 @@ def test_unsupported_tokenizers_and_pre_tokenizers_are_named(tmp_path):
         write_gguf(tmp_path / "t.gguf", {**base, **meta}, [("x", w.shape, "F32", quantize(w, "F32"))])
         with pytest.raises(NpgptError, match=match):
             load_gguf_tokenizer(tmp_path / "t.gguf")
+
+
+def test_keep_quantized_flag_is_for_gguf_files_only(bpe_run):
+    r = CliRunner().invoke(cli, ["sample", "--checkpoint", str(bpe_run / "run"), "--keep-quantized",
+                                 "--max-new-tokens", "2"])
+    assert r.exit_code == 1 and "--keep-quantized applies to .gguf files" in r.output
+
+
+def test_from_pretrained_and_tokenizer_load_accept_gguf(bpe_run, tmp_path):
+    import npgpt
+    from npgpt.tokenizer import load
+    out = tmp_path / "m.gguf"
+    _ok(["export", "--checkpoint", str(bpe_run / "run"), "--gguf", str(out), "--type", "q8_0"])
+    kept = npgpt.from_pretrained(out, keep_quantized=True)
+    assert kept.quantization["source"] == "gguf"
+    assert load(out).vocab_size == kept.config.vocab_size
+    r = _ok(["eval", "--checkpoint", str(out), "--input", str(bpe_run / "corpus.txt"), "--keep-quantized", "--json"])
+    assert '"loss"' in r.output

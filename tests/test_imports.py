@@ -14,7 +14,7 @@ PACKAGE, CLI = ROOT / "npgpt", ROOT / "cli"        # cli/ installs as npgpt.cli
 
 FLOORS = [
     ("npgpt.errors", "npgpt.backend"),
-    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf"),
+    ("npgpt.fileio", "npgpt.safeio", "npgpt.gguf", "npgpt.hub"),
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
@@ -26,7 +26,7 @@ FLOORS = [
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench", "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
-     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks"),
+     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises"),
     ("npgpt.cli",),
 ]
 
@@ -181,6 +181,10 @@ def test_imports_inside_functions_say_why():
     ("npgpt.train", "npgpt.loading", True),
     ("npgpt.loading", "npgpt.quant", False),
     ("npgpt.lora", "npgpt.loading", False),
+    ("npgpt.training.plugins", "npgpt.train", False),
+    ("npgpt.training.plugins", "npgpt.compress", False),
+    ("npgpt.train", "npgpt.training.plugins", True),
+    ("npgpt.training.plugins", "npgpt.loading", True),
 ])
 def test_the_floor_rule_itself(module, imported, ok):
     assert (floor_of(imported) <= floor_of(module)) == ok

@@ -185,20 +185,28 @@ def test_serve_with_adapter_equals_library(tmp_path):
                                                                  "max_tokens": 16, "temperature": 0}),
                      headers={"Content-Type": "application/json"})
         resp = json.loads(conn.getresponse().read())
+        conn.request("GET", "/v1/models")
+        models = json.loads(conn.getresponse().read())
         conn.close()
     finally:
         assert server.stop() == 0
+    # the server says the adapter is on, and its model id shows it
+    assert any("LoRA adapter" in line and "r=4" in line for line in server.lines), server.lines
+    assert models["data"][0]["id"] == "plain+ad"
     cut = [t for t in want]
     if tok.eot_id in cut:
         cut = cut[:cut.index(tok.eot_id)]
     assert resp["choices"][0]["text"] == tok.decode(cut)
 
 
-def test_train_api_refuses_lora_without_its_plugin(base, tmp_path):
-    """train(cfg) with lora_rank but without the plugin must not silently fine-tune every weight."""
-    from npgpt.errors import NpgptError
+def test_train_api_trains_lora_adapters_alone(base, tmp_path):
+    """train(cfg) with lora_rank, no plugin passed: only the adapters train (never every weight), and
+    the checkpoint holds them alone."""
     from npgpt.train import TrainConfig, train
     cfg = TrainConfig(init_from=str(base / "base"), data=str(base / "data"), out=str(tmp_path / "z"), lora_rank=2,
-                      max_iters=1, block_size=16, batch_size=2, eval_iters=1, quiet=True)
-    with pytest.raises(NpgptError, match="LoRA plugin"):
-        train(cfg)
+                      max_iters=2, block_size=16, batch_size=2, eval_iters=1, eval_interval=2, quiet=True)
+    train(cfg)
+    ckpt = tmp_path / "z" / "ckpt"
+    assert not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 2
+    assert any(np.abs(a).max() > 0 for k, a in _adapter(ckpt).items() if "lora_B" in k)   # the adapters moved

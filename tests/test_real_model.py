@@ -106,3 +106,25 @@ def test_metadata_as_read(gguf_path):
     assert g.architecture == "llama" and g.metadata["tokenizer.ggml.pre"] == "smollm"
     assert {t.type for t in g.tensors.values()} == {"Q4_1", "Q8_0", "F32"}
     assert json.dumps(g.metadata["llama.block_count"]) == "30"
+
+
+def test_serve_kept_quantized_to_the_openai_client(gguf_path):
+    openai = pytest.importorskip("openai")
+    from serve_helpers import LiveServer
+    server = LiveServer(gguf_path, "--keep-quantized")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        name = client.models.list().data[0].id
+        r = client.chat.completions.create(model=name, temperature=0, max_tokens=12,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        assert server.stop() == 0
+
+
+def test_attention_maps_of_the_real_model(gguf_path):
+    from npgpt.cli.main import cli
+    r = CliRunner().invoke(cli, ["inspect", "--checkpoint", str(gguf_path), "--prompt", "The capital of France is",
+                                 "--layer", "29", "--keep-quantized"])
+    assert r.exit_code == 0, r.output
+    assert "layer 29, mean of 9 heads" in r.output and "France" in r.output

@@ -16,7 +16,7 @@ from npgpt import tokenizer as tk
 from npgpt.errors import NpgptError
 from npgpt.tokenizer.bpe import LLAMA3_PATTERN, QWEN2_PATTERN
 from npgpt.tokenizer.files import bytes_to_unicode
-from npgpt.tokenizer.hf import PRE_TOKENIZERS, HFTokenizer, split_by
+from npgpt.tokenizer.hf import PRE_TOKENIZERS, AddedToken, HFTokenizer, split_by
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
@@ -300,3 +300,18 @@ def test_a_byte_without_a_token_is_dropped_as_the_tokenizers_library_does(tmp_pa
     for text in ["banana", "a", "bcd a efg"]:
         assert ours.encode(text) == theirs.encode(text).ids
     assert ours.decode(ours.encode("banana")) == "bnn"
+
+
+def test_added_tokens_inside_the_id_range_survive_the_library(tmp_path):
+    """Built from parts as a GGUF file gives them (specials at ids 0..2, before the byte tokens): the
+    saved tokenizer.json must keep those ids when the tokenizers library reads it."""
+    vocab = {bytes([b]): b + 3 for b in range(256)}
+    merges = [(b"h", b"i")]
+    vocab[b"hi"] = 259
+    added = [AddedToken(0, "<|endoftext|>"), AddedToken(1, "<|im_start|>"), AddedToken(2, "<|im_end|>")]
+    tok = HFTokenizer(vocab, merges, added, pre_tokenizer="smollm", eos_token="<|im_end|>")
+    tok.save(tmp_path)
+    reread = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "<|im_start|>hi 12<|im_end|>"
+    assert reread.encode(text).ids == tok.encode(text, allowed_special="all") == [1, 259, 3 + 32, 3 + 49, 3 + 50, 2]
+    assert tk.load(tmp_path).fingerprint() == tok.fingerprint()

@@ -10,7 +10,8 @@ from npgpt.checkpoint import find_checkpoint
 from npgpt.data import TokenData, prepare
 from npgpt.errors import NpgptError
 from npgpt.optim import AdamW
-from npgpt.train import (TrainConfig, apply_overrides, load_config_file, parse_set_options, train,
+from npgpt.training.config import TrainConfig, apply_overrides, load_config_file, parse_set_options
+from npgpt.train import (train,
                          train_step)
 
 from helpers import corpus

@@ -1,12 +1,13 @@
 """The trainer's seams (npgpt.train.Hooks): loss function, gradient reduction, after-step callbacks,
-extra checkpoint files, and the plugins that fill them (npgpt.compress.TRAINING_PLUGINS)."""
+extra checkpoint files, and the plugins that fill them (npgpt.training.plugins, always on)."""
 
 import numpy as np
 import pytest
 
 from npgpt import GPT, GPTConfig
 from npgpt.checkpoint import find_checkpoint
-from npgpt.compress import apply_prune_masks, keep_pruned_zeros, load_prune_masks, prune_model, save_prune_masks
+from npgpt.compress import prune_model
+from npgpt.training.plugins import apply_prune_masks, load_prune_masks, save_prune_masks
 from npgpt.errors import NpgptError
 from npgpt.optim import AdamW
 from npgpt.train import Hooks, TrainConfig, model_loss, train, train_step
@@ -60,9 +61,17 @@ def test_plugins_fill_the_hooks(data_dir, tmp_path):
     assert (find_checkpoint(tmp_path / "run") / "extra.txt").read_text() == "hello"
 
 
-def test_teacher_without_the_distillation_plugin_is_an_error(data_dir, tmp_path):
-    with pytest.raises(NpgptError, match="distillation plugin"):
-        train(tiny(data_dir, tmp_path / "run", teacher=str(tmp_path)))
+def test_a_teacher_is_never_ignored(data_dir, tmp_path):
+    """train(cfg) with a teacher distils without the caller passing a plugin: the run differs from the
+    same run without it, and a teacher that is not a model is an error, not a silent plain run."""
+    train(tiny(data_dir, tmp_path / "base"))
+    base = str(find_checkpoint(tmp_path / "base"))
+    plain = train(tiny(data_dir, tmp_path / "plain", init_from=base))
+    taught = train(tiny(data_dir, tmp_path / "taught", init_from=base, teacher=base, distill_alpha=1.0,
+                        distill_temperature=4.0))
+    assert plain.last_train_loss != taught.last_train_loss
+    with pytest.raises(NpgptError, match="no checkpoint"):
+        train(tiny(data_dir, tmp_path / "run", init_from=base, teacher=str(tmp_path)))
 
 
 def test_pruned_weights_stay_zero_through_training(data_dir, tmp_path):
@@ -75,7 +84,7 @@ def test_pruned_weights_stay_zero_through_training(data_dir, tmp_path):
     for f in src.iterdir():
         if f.name.startswith("tokenizer"):
             (tmp_path / "pruned" / f.name).write_bytes(f.read_bytes())
-    train(tiny(data_dir, tmp_path / "ft", init_from=str(tmp_path / "pruned")), plugins=[keep_pruned_zeros])
+    train(tiny(data_dir, tmp_path / "ft", init_from=str(tmp_path / "pruned")))       # no plugin to pass
     ckpt = find_checkpoint(tmp_path / "ft")
     tuned = dict(GPT.from_pretrained(ckpt).named_parameters())
     saved = load_prune_masks(ckpt)

@@ -12,8 +12,8 @@ do not map word for word (English "fifteen" is one word, Chinese 十五 two char
 adds 零 where English says nothing). The answer is checkable exactly, and the data is generated,
 so 20% of the numbers 1..999 are held out: the model never sees them during training and must
 compose the rules. A character-level GPT of ~100k parameters learns it from scratch.
-What it cannot do: anything outside this tiny language (the 27 English words and 10 Chinese
-characters it has seen); it has no knowledge of English or Chinese beyond these patterns.
+What it cannot do: anything outside this tiny language (the 28 English words, one to nineteen,
+twenty to ninety and hundred, and the 12 Chinese characters 零 to 九, 十 and 百 it has seen); it has no knowledge of English or Chinese beyond these patterns.
 """
 
 import sys
@@ -69,6 +69,9 @@ def main(argv=None):
     args = parse(argv, __doc__, steps=400)
     assert [chinese(n) for n in (342, 105, 15, 110, 10, 300, 20)] == ["三百四十二", "一百零五", "十五", "一百一十",
                                                                     "十", "三百", "二十"]
+    words = {w for n in range(1, 1000) for w in english(n).replace("-", " ").split()}
+    chars = {c for n in range(1, 1000) for c in chinese(n)}
+    assert (len(words), len(chars)) == (28, 12), (len(words), len(chars))      # the docstring's counts
     rng = np.random.default_rng(args.seed)
     train_n, test_n = split(range(1, 1000), 200, rng)
     train, test = [pair(n) for n in train_n], [pair(n) for n in test_n]

@@ -49,19 +49,20 @@ def main(argv=None):
     print(f"e = a*b = {e.item()},  d = e+c = {d.item()},  L = d*f = {L.item()}")
     print("each result remembers the op that made it:", repr(L), "<- made by", L.grad_fn.name)
 
-    title("the graph (text); a PNG with --out")
+    title("the graph (text): values now, gradients after backward; a PNG with --out")
     g = graph(L, names={id(a): "a", id(b): "b", id(c): "c", id(f): "f"})
     print(g)
-    if args.out:
-        (Path(args.out) / "01_graph.dot").write_text(g.to_dot())
-        if have_matplotlib():
-            g.save_png(Path(args.out) / "01_graph.png", title="L = (a*b + c) * f")
-            print(f"wrote {args.out}/01_graph.png (and 01_graph.dot for Graphviz)")
 
     title("backward")
     for t in (d, e):
         t.retain_grad()               # keep gradients of intermediate results too, to print them
     L.backward()
+    g.refresh()                       # the graph's labels now carry every gradient, as micrograd's draw_dot
+    print(g)
+    if args.out and have_matplotlib():
+        g.save_png(Path(args.out) / "01_graph.png", title="L = (a*b + c) * f: values and gradients")
+        (Path(args.out) / "01_graph.dot").write_text(g.to_dot())
+        print(f"wrote {args.out}/01_graph.png with the gradients")
     hand = {"a": -2.0 * -3.0, "b": -2.0 * 2.0, "c": -2.0, "f": 4.0, "d": -2.0, "e": -2.0}
     got = {"a": a.grad, "b": b.grad, "c": c.grad, "f": f.grad, "d": d.grad, "e": e.grad}
     for k in hand:
@@ -90,6 +91,29 @@ def main(argv=None):
     y.backward()
     print(f"y = x * x at x = 3: dy/dx = {x.grad.item()} (each path gives x = 3; they add)")
     check(x.grad.item() == 6.0, "two paths add up to 2x")
+
+    title("a small model's graph, parameters by name beside the op that reads them")
+    from npgpt.nn import Linear, Module
+    from npgpt.ops.nn import cross_entropy, gelu
+
+    class TwoLayers(Module):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.fc, self.out = Linear(3, 4, rng=rng, std=0.5), Linear(4, 2, rng=rng, std=0.5)
+
+        def forward(self, x):
+            return self.out(gelu(self.fc(x)))
+    net = TwoLayers()
+    loss = cross_entropy(net(Tensor(np.random.default_rng(1).standard_normal((5, 3)))), np.array([0, 1, 1, 0, 1]))
+    g2 = graph(loss, names=net)
+    loss.backward()
+    g2.refresh()
+    print(g2)
+    check(any("fc.weight (3x4)" in label and "grad mean" in label for _, label in g2.nodes.values()),
+          "parameters appear by name with their values and gradients")
+    if args.out and have_matplotlib():
+        g2.save_png(Path(args.out) / "01_graph_model.png", title="a two-layer network: names, values, gradients")
+        print(f"wrote {args.out}/01_graph_model.png")
     return {"grads": {k: float(v) for k, v in got.items()}, "graph_ops": sorted(g.op_names())}
 
 

@@ -10,8 +10,11 @@ Entry by entry:  Y[n, o] = sum_i X[n, i] W[i, o] + b[o],  so
     dL/dW[i, o] = sum_n X[n, i] dY[n, o]     ->  dW = X.T @ dY      (I, N) @ (N, O) = (I, O)
     dL/db[o]    = sum_n dY[n, o]             ->  db = dY.sum(0)     (O,)
 
-The shortcut: there is only one way to multiply dY with W (or X) to get a result of dX's (or
-dW's) shape, so "match the shapes" finds the formula. The bias is broadcast: the same b[o] is
+The shortcut "match the shapes": when N, I and O all differ there is only one way to multiply dY
+with W (or X) to get a result of dX's (or dW's) shape, so the shapes find the formula. It fails
+for square weights: GPT-2's c_proj is C x C, and then dY @ W and dY @ W.T both have dX's shape
+(N, C); only one is right (the lesson shows the wrong one differs). So derive entry by entry, as
+above, and use the shapes as a check, not as the derivation. The bias is broadcast: the same b[o] is
 added to all N rows, so its gradient is the sum over the rows it was copied to. In general a
 broadcast input's gradient is summed over every axis broadcasting stretched (npgpt's one helper
 for that is `unbroadcast` in npgpt/ops/elementwise.py).
@@ -26,14 +29,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_kit import check, parse, title  # noqa: E402
+from lesson_kit import check, parse, picture, title  # noqa: E402
 
 import npgpt  # noqa: E402
 from npgpt import Tensor  # noqa: E402
 
 
 def main(argv=None):
-    parse(argv, __doc__)
+    args = parse(argv, __doc__)
     rng = np.random.default_rng(0)
     N, I, O = 4, 3, 5
     X, W, b = rng.standard_normal((N, I)), rng.standard_normal((I, O)), rng.standard_normal(O)
@@ -65,10 +68,32 @@ def main(argv=None):
     hand = np.einsum("bti,bto->io", A, dZ)
     check(np.allclose(Wt2.grad, hand), "dW = sum over (b, t) of outer(A[b, t], dZ[b, t])")
 
+    title("square weights: the shapes no longer decide (c_proj is C x C)")
+    C = 4
+    Xs, Ws, dYs = rng.standard_normal((N, C)), rng.standard_normal((C, C)), rng.standard_normal((N, C))
+    Xst, Wst = Tensor(Xs, requires_grad=True), Tensor(Ws, requires_grad=True)
+    (Xst @ Wst).backward(dYs)
+    right, wrong = dYs @ Ws.T, dYs @ Ws
+    print(f"dY @ W.T and dY @ W both have shape {right.shape}; max |autograd - dY @ W.T| = "
+          f"{np.abs(Xst.grad - right).max():.1e}, max |autograd - dY @ W| = {np.abs(Xst.grad - wrong).max():.2f}")
+    check(right.shape == wrong.shape and np.allclose(Xst.grad, right) and not np.allclose(Xst.grad, wrong),
+          "with a square W only the entry-by-entry derivation (dY @ W.T) is right")
+
     title("gradcheck: finite differences in float64 with a random upstream gradient")
     result = npgpt.gradcheck(lambda x, w, b: x @ w + b, X, W, b)
     print(result)
     check(bool(result), "gradcheck passes for x @ w + b")
+    def draw(fig):
+        panels = [("X (N, I)", X), ("dY (N, O)", dY), ("W (I, O)", W), ("dX = dY @ W.T (N, I)", dY @ W.T),
+                  ("dW = X.T @ dY (I, O)", X.T @ dY), ("db = dY.sum(0) (O,)", dY.sum(0, keepdims=True))]
+        for i, (name, a) in enumerate(panels):
+            ax = fig.add_subplot(2, 3, i + 1)
+            ax.imshow(a, cmap="coolwarm", vmin=-3, vmax=3)
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle("each gradient has its input's shape; dW sums one outer product per row", fontsize=9)
+    picture(args.out, "02_matmul_shapes.png", draw, size=(8, 4))
     return {"max_err": max(float(np.abs(a - h).max()) for a, h in formulas.values()), "gradcheck": result.errors}
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_kit import check, parse, title  # noqa: E402
+from lesson_kit import check, parse, picture, title  # noqa: E402
 
 import npgpt  # noqa: E402
 from npgpt import Tensor  # noqa: E402
@@ -57,7 +57,7 @@ def layernorm_backward_by_hand(dy, x, w, eps=1e-5):
 
 
 def main(argv=None):
-    parse(argv, __doc__)
+    args = parse(argv, __doc__)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8)) * 2 + 1
     w, b = rng.standard_normal(8), rng.standard_normal(8)
@@ -87,6 +87,19 @@ def main(argv=None):
     r = npgpt.gradcheck(lambda x, w, b: layer_norm(x, w, b), x, w, b)
     print(r)
     check(bool(r), "the fused LayerNorm passes gradcheck")
+
+    def draw(fig):
+        row = x[0, 0]
+        m, sd = row.mean(), row.std()
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        i = np.arange(len(row))
+        ax1.bar(i - 0.2, row, 0.4, label=f"x (mean {m:.2f}, std {sd:.2f})")
+        ax1.bar(i + 0.2, (row - m) / sd, 0.4, label="xhat (mean 0, std 1)")
+        ax1.legend(fontsize=7)
+        ax1.set_title("LayerNorm: one row, before and after", fontsize=9)
+        ax2.bar(i, dx[0, 0])
+        ax2.set_title(f"dx of that row: mean {dx[0, 0].mean():.0e}, no part along xhat", fontsize=9)
+    picture(args.out, "05_layernorm_row.png", draw, size=(9, 3.5))
     return results
 
 

@@ -10,10 +10,18 @@
    contain?) and a value v (what do I pass on if chosen), three linear maps of its vector
    (GPT-2's c_attn makes all three in one matmul). score(t, s) = q_t . k_s: high when token s
    has what token t looks for. out_t = sum_s softmax_s(score(t, s)) v_s.
-4. The 1/sqrt(hs) scale. If q and k have independent unit-variance entries, q . k is a sum of
-   hs such products: variance hs. Scores with std 8 (hs = 64) push softmax to near one-hot, so
-   a token sees one other token and the gradients through the others vanish. Dividing by
-   sqrt(hs) brings the variance back to 1. The lesson measures both.
+4. The 1/sqrt(hs) scale is about head size. q . k is a sum of hs products: if q's and k's
+   entries have variance s^2 each, the score has variance hs s^4, growing with the head size. At
+   initialisation s is small (c_attn's weights have std 0.02, so q's entries have std about
+   0.02 sqrt(C)) and the scores are near 0 with or without the scale (the lesson measures them in
+   a fresh GPT); training grows q and k, and then a head of size 256 would see scores 4x as spread
+   as a head of size 16 for the same entries. Dividing by sqrt(hs) makes the scores' spread
+   independent of hs: what a score of 2 means is the same in every head shape. Why that matters:
+   a softmax whose scores are spread far apart saturates (nearly one-hot), and a saturated
+   softmax's Jacobian, dp_i/ds_j = p_i ([i = j] - p_j), vanishes in EVERY entry (p_i ~ 0 or 1
+   makes each product ~ 0), so no gradient reaches the scores, q or k. The lesson measures, for
+   unit-variance q, k (s = 1) and head sizes 16, 64 and 256, the largest softmax weight and the
+   size of that Jacobian with and without the scale.
 5. Multi-head. Split C channels into nh heads of hs = C / nh; each head attends on its own
    (one head can look at the previous token, another at the start of the word), the heads' outputs
    are concatenated back to C and mixed by c_proj. Same cost as one wide head.
@@ -36,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_kit import check, parse, title  # noqa: E402
+from lesson_kit import check, parse, picture, title  # noqa: E402
 
 from npgpt import Tensor  # noqa: E402
 from npgpt.ops.nn import causal_self_attention, causal_self_attention_reference  # noqa: E402
@@ -62,7 +70,7 @@ def multi_head(x, w_attn, n_head):
 
 
 def main(argv=None):
-    parse(argv, __doc__)
+    args = parse(argv, __doc__)
     rng = np.random.default_rng(0)
     T, C = 6, 4
     x = rng.standard_normal((T, C))
@@ -75,17 +83,57 @@ def main(argv=None):
     print(np.round(W_soft, 2))
     check(np.allclose(W @ x, loop) and np.allclose(W_soft, W), "tril-average == masked softmax of zeros")
 
-    title("4. why divide by sqrt(hs)")
-    hs = 64
-    q, k = rng.standard_normal((1000, hs)), rng.standard_normal((1000, hs))
-    raw = (q * k).sum(1)
-    print(f"var(q.k) = {raw.var():.1f} (hs = {hs});  var(q.k / sqrt(hs)) = {(raw / 8).var():.2f}")
-    s_raw = rng.standard_normal((200, 16)) * math.sqrt(hs)         # 16 keys, scores with variance hs
-    peak_raw = softmax(s_raw).max(1).mean()
-    peak_scaled = softmax(s_raw / math.sqrt(hs)).max(1).mean()
-    print(f"mean largest softmax weight over 16 keys: unscaled {peak_raw:.2f}, scaled {peak_scaled:.2f}")
-    check(abs(raw.var() / hs - 1) < 0.2 and peak_raw > 0.8 > peak_scaled,
-          "unscaled scores have variance ~hs and make softmax nearly one-hot")
+    title("4. the scale at initialisation: a fresh GPT's scores are small either way")
+    from npgpt import GPT, GPTConfig
+    gpt = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=1, n_head=4, n_embd=64), seed=0)
+    h0 = gpt.transformer.h[0]
+    xe = gpt.transformer.wte.weight.data[rng.integers(0, 65, 32)] + gpt.transformer.wpe.weight.data[:32]
+    qkv0 = h0.attn.c_attn(h0.ln_1(Tensor(xe[None]))).data[0]               # (T, 3C)
+    q0, k0 = qkv0[:, :16], qkv0[:, 64:80]                                  # head 0, hs = 16
+    s0 = q0 @ k0.T
+    print(f"fresh GPT (C = 64, hs = 16): std of q's entries {q0.std():.3f}; scores q.k std {s0.std():.3f}, "
+          f"q.k / sqrt(16) std {(s0 / 4).std():.3f}: nothing saturates at init")
+    check(s0.std() < 0.5, "at initialisation the unscaled scores are already small")
+
+    title("4. why divide by sqrt(hs): saturation, with unit-variance q and k")
+    sat = {}
+    print(f"{'hs':>4} {'var(q.k)':>9} {'peak unscaled':>14} {'peak scaled':>12} {'|J| unscaled':>13} {'|J| scaled':>11}"
+          f" {'dead rows unscaled':>19} {'scaled':>7}")
+    for hs in (16, 64, 256):    # unit-variance entries: what training can reach, not the init
+        q, k = rng.standard_normal((400, 16, hs)), rng.standard_normal((400, 16, hs))   # 400 queries x 16 keys
+        raw = np.einsum("nd,nkd->nk", q[:, 0], k)                                       # (400, 16) scores
+        row = {}
+        for label, sc in (("unscaled", raw), ("scaled", raw / math.sqrt(hs))):
+            p = softmax(sc)
+            J = p[:, :, None] * (np.eye(16) - p[:, None, :])                            # (400, 16, 16) dp_i/ds_j
+            dead = float(np.mean(np.abs(J).max((1, 2)) < 0.01))                        # every entry < 0.01
+            row[label] = (float(p.max(1).mean()), float(np.sqrt((J ** 2).sum((1, 2))).mean()), dead)
+        sat[hs] = dict(var=float(raw.var()), **row)
+        print(f"{hs:4d} {raw.var():9.1f} {row['unscaled'][0]:14.2f} {row['scaled'][0]:12.2f} "
+              f"{row['unscaled'][1]:13.3f} {row['scaled'][1]:11.3f} {row['unscaled'][2]:19.0%} {row['scaled'][2]:7.0%}")
+    check(all(abs(sat[h]["var"] / h - 1) < 0.2 for h in sat), "var(q.k) ~ hs for unit-variance entries")
+    check(sat[256]["unscaled"][0] > 0.9 and sat[256]["unscaled"][1] < 0.4 * sat[256]["scaled"][1]
+          and sat[256]["unscaled"][2] > 0.2 and sat[256]["scaled"][2] == 0,
+          "hs = 256 unscaled: nearly one-hot; the Jacobian shrinks, and in many rows every entry is < 0.01")
+    spread = [sat[h]["scaled"][1] for h in sat]
+    check(max(spread) / min(spread) < 1.3, "scaled: the same softmax behaviour (Jacobian size) for every head size")
+    peak_raw, peak_scaled = sat[64]["unscaled"][0], sat[64]["scaled"][0]
+
+    def draw(fig):
+        hss = list(sat)
+        ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        for label, style in (("unscaled", "o-"), ("scaled", "s-")):
+            ax1.plot(hss, [sat[h][label][0] for h in hss], style, label=f"q.k {'/ sqrt(hs)' if label == 'scaled' else ''}")
+            ax2.plot(hss, [sat[h][label][1] for h in hss], style, label=label)
+        ax1.set(xscale="log", xlabel="head size hs", ylabel="mean largest softmax weight (16 keys)",
+                title="saturation")
+        ax2.set(xscale="log", xlabel="head size hs", ylabel="mean Frobenius norm of dp/ds",
+                title="the gradient through softmax")
+        for ax in (ax1, ax2):
+            ax.minorticks_off()
+            ax.set_xticks(hss, [str(h) for h in hss])
+            ax.legend(fontsize=7)
+    picture(args.out, "06_saturation.png", draw, size=(9, 3.5))
 
     title("5. multi-head attention by hand == npgpt's fused and reference ops")
     B, n_head, C = 2, 2, 8
@@ -104,7 +152,7 @@ def main(argv=None):
     out2 = causal_self_attention(Tensor(xb2 @ w_attn), n_head).data
     check(np.allclose(out2[:, :-1], fused[:, :-1]) and not np.allclose(out2[:, -1], fused[:, -1]),
           "output t depends on tokens 0..t only")
-    return {"var_raw": float(raw.var()), "peak_raw": float(peak_raw), "peak_scaled": float(peak_scaled)}
+    return {"saturation": sat, "peak_raw": float(peak_raw), "peak_scaled": float(peak_scaled)}
 
 
 if __name__ == "__main__":

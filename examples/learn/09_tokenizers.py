@@ -6,8 +6,16 @@ A model reads integers. Characters (npgpt's `char` tokenizer) give a small vocab
 sequences; byte-pair encoding (BPE, as GPT-2) starts from the 256 bytes and repeatedly merges the
 most frequent adjacent pair into a new token:
 
-    "the the then"  ->  bytes t,h,e,' ',t,h,e,' ',t,h,e,n
-    most frequent pair (t, h) -> new token 'th';  then ('th', e) -> 'the';  ...
+    "the the then"  ->  chunks 'the', ' the', ' then'  (the split is explained below)
+    pair counts: (t, h) 3, (h, e) 3, (' ', t) 2, (e, n) 1
+    a tie at 3: npgpt takes the pair with the smaller ids, (h, e) = (104, 101) before
+    (t, h) = (116, 104), so the first merge is (h, e) -> 'he';  then (t, 'he') -> 'the'
+    (count 3);  then (' ', 'the') -> ' the' (count 2);  ...
+
+The tie rule: the most frequent pair wins; among equally frequent pairs, the one whose
+(left id, right id) is smallest. Any fixed rule would do (GPT-2's original trainer and Hugging
+Face's break ties differently); what matters is that it is deterministic, so the same text always
+trains the same tokenizer. The lesson trains on "the the then" and checks these merges.
 
 Each merge shortens the encoded text; the vocabulary grows by one. Before counting pairs, the text
 is split into chunks by a regular expression (GPT-2's pattern keeps letters, digits, punctuation
@@ -24,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_kit import check, corpus, parse, title  # noqa: E402
+from lesson_kit import check, corpus, parse, picture, title  # noqa: E402
 
 from npgpt.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
 
@@ -38,6 +46,13 @@ def main(argv=None):
     text, name = corpus(args.text, args.fast)
     text = text[: 30_000 if args.fast else 300_000]
     n_bytes = len(text.encode("utf-8"))
+    title("the worked example: 'the the then' and the tie rule")
+    tiny = BPETokenizer.train("the the then", vocab_size=260, pattern="gpt2")   # 256 bytes + 3 merges + <|endoftext|>
+    first = [tiny.token_bytes(a) + b"+" + tiny.token_bytes(b) for a, b in tiny.merges]
+    print("merges:", ", ".join(m.decode() for m in first))
+    check(first == [b"h+e", b"t+he", b" +the"],
+          "(t, h) and (h, e) tie at 3; the smaller ids (h, e) merge first, then 'the', then ' the'")
+
     title(f"train BPE on {n_bytes:,} bytes of {name}")
     sizes = (300, 400) if args.fast else (300, 512, 1024)
     toks = {v: BPETokenizer.train(text, vocab_size=v, pattern="gpt2") for v in sizes}
@@ -67,6 +82,11 @@ def main(argv=None):
     ids = tok.encode(s)
     print(f"{len(s)} characters -> {len(ids)} tokens:", " | ".join(show(tok, t)[1:-1] for t in ids))
     check(tok.decode(ids) == s, "decode(encode(s)) == s, even for bytes never seen in training")
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        ax.bar(list(ratios), list(ratios.values()))
+        ax.set(ylabel="tokens per byte", title="BPE: more merges, fewer tokens per byte of text")
+    picture(args.out, "09_tokens_per_byte.png", draw)
     return {"ratios": ratios, "first_merge": show(tok, 256)}
 
 

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_kit import check, parse, title  # noqa: E402
+from lesson_kit import check, parse, picture, title  # noqa: E402
 
 from npgpt.generate import draw, sampling_probs  # noqa: E402
 
 
 def entropy(p):
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()) + 0.0      # + 0.0: a one-hot p gives -0.0, printed as "-0.00"
 
 
 def bar(p, width=40):
@@ -82,6 +82,17 @@ def main(argv=None):
     print("  freq: " + " ".join(f"{q:.3f}" for q in freq))
     check(np.abs(freq - p[0]).max() < 0.02 and freq[5:].sum() == 0,
           "frequencies within 0.02 of p; tokens cut by top-k are never drawn")
+
+    def distributions(fig):
+        rows = [("T = 0.5", dict(temperature=0.5)), ("T = 1", dict(temperature=1.0)), ("T = 2", dict(temperature=2.0)),
+                ("top-k = 3", dict(top_k=3)), ("top-p = 0.8", dict(top_p=0.8))]
+        for i, (label, kw) in enumerate(rows):
+            ax = fig.add_subplot(1, len(rows), i + 1)
+            ax.bar(names, sampling_probs(z, **kw)[0])
+            ax.set_ylim(0, 1)
+            ax.set_title(label, fontsize=9)
+        fig.suptitle("the distribution each setting samples from (the same 8 logits)", fontsize=9)
+    picture(args.out, "10_sampling_distributions.png", distributions, size=(11, 2.8))
     return out
 
 

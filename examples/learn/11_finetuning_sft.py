@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesson_kit import check, eval_loss, parse, pretrained, small_gpt, title, train_lm  # noqa: E402
+from lesson_kit import check, eval_loss, parse, picture, pretrained, small_gpt, title, train_lm  # noqa: E402
 
 from npgpt.ops.nn import cross_entropy  # noqa: E402
 from npgpt.sft import render_chat, render_record  # noqa: E402
@@ -53,15 +53,23 @@ def main(argv=None):
     code_train, code_val = code[:n], code[n:]
     steps = 30 if args.fast else 200
     before = eval_loss(model, code_val, block)
-    train_lm(model, code_train, steps, block, lr=1e-3, seed=1)       # smaller lr than pretraining
+    tuned_curve = train_lm(model, code_train, steps, block, lr=1e-3, seed=1)       # smaller lr than pretraining
     tuned = eval_loss(model, code_val, block)
     scratch = small_gpt(tok.vocab_size, args.fast, block=block, seed=7)
-    train_lm(scratch, code_train, steps, block, lr=3e-3, seed=1)
+    scratch_curve = train_lm(scratch, code_train, steps, block, lr=3e-3, seed=1)
     from_scratch = eval_loss(scratch, code_val, block)
     print(f"held-out code loss: pretrained on docs {before:.3f} -> fine-tuned {tuned:.3f}; "
           f"trained from scratch for the same {steps} steps: {from_scratch:.3f}")
     check(tuned < before, "fine-tuning on code lowers the loss on held-out code")
     check(tuned < from_scratch, "starting from pretrained weights beats starting from random ones")
+
+    def draw(fig):
+        ax = fig.add_subplot(1, 1, 1)
+        for label, curve in (("fine-tuned from the docs model", tuned_curve), ("from random weights", scratch_curve)):
+            ax.plot([s for s, _ in curve], [v for _, v in curve], label=label)
+        ax.set(xlabel="step", ylabel="training loss on code (nats/char)", title="a head start: pretrained vs scratch")
+        ax.legend(fontsize=7)
+    picture(args.out, "11_finetune_vs_scratch.png", draw)
 
     title("SFT: targets are -1 on the prompt")
     ids, mask = render_record(tok, {"prompt": "Q: two and two\nA:", "completion": " four"})

@@ -57,8 +57,8 @@ def main(argv=None):
             prev = float(np.mean([att[h, i, i - 1] for i in range(1, len(ids))]))
             first = float(np.mean(att[h, 1:, 0]))
             print(f"  layer {layer} head {h}: mean weight on the previous token {prev:.2f}, on the first token {first:.2f}")
-    check(all(np.allclose(a.sum(-1), 1, atol=1e-5) and np.all(np.triu(a[0], 1) == 0) for a in maps),
-          "rows sum to 1 and nothing attends to the future")
+    check(all(np.allclose(a.sum(-1), 1, atol=1e-5) and np.all(np.triu(a, 1) == 0) for a in maps),
+          "in every layer and head, rows sum to 1 and nothing attends to the future")
     if args.out and have_matplotlib():
         save_attention_grid_png(maps, labels, Path(args.out) / "14_attention.png", scale="row")
         print(f"wrote {args.out}/14_attention.png")

@@ -20,8 +20,9 @@ from npgpt.optim import AdamW, get_lr
 from npgpt.tensor import no_grad
 
 
-def parse(argv, doc, corpus=False):
-    """The lesson's flags: --fast (tiny sizes, seconds), --out DIR (pictures), [--text FILE]."""
+def parse(argv, doc, corpus=False, steps=None):
+    """The lesson's flags: --fast (tiny sizes, seconds), --out DIR (pictures), [--text FILE],
+    [--steps N] (when the lesson passes its default `steps`)."""
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     p.add_argument("--fast", action="store_true", help="tiny sizes, for CI (also NPGPT_FAST=1)")
     p.add_argument("--out", default=None, help="folder for pictures (PNG when matplotlib is installed)")
@@ -29,6 +30,8 @@ def parse(argv, doc, corpus=False):
         p.add_argument("--text", default=None,
                        help="a text file to train on, e.g. tiny Shakespeare's input.txt "
                             "(default: the Python docs that ship with CPython)")
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps}; fast mode: fewer)")
     args = p.parse_args(argv)
     args.fast = args.fast or os.environ.get("NPGPT_FAST") == "1"
     if args.out:
@@ -53,6 +56,25 @@ def have_matplotlib():
         return True
     except ImportError:
         return False
+
+
+def picture(out, name, draw, size=(7, 4)):
+    """Draw one figure with `draw(fig)` and write it to OUT/NAME (a PNG) when --out was given and
+    matplotlib is installed; print where it went. Returns the path, or None when nothing was drawn."""
+    if not out:
+        return None
+    if not have_matplotlib():
+        print(f"(--out: {name} needs matplotlib: pip install 'npgpt[plot]')")
+        return None
+    from npgpt.viz import _pyplot, save_figure
+    plt = _pyplot("a lesson's picture")
+    fig = plt.figure(figsize=size)
+    draw(fig)
+    fig.tight_layout()
+    path = Path(out) / name
+    save_figure(plt, fig, path)
+    print(f"wrote {path}")
+    return path
 
 
 def corpus(path=None, fast=False):
@@ -127,16 +149,42 @@ def pretrained(fast, text_path=None, steps=None, seed=0, log=True):
 
     Returns (model, tokenizer, train_ids, val_ids, block). Fast mode: 1 layer, 60 steps (seconds);
     otherwise 2 layers x 4 heads x 64 wide, 600 steps (a minute or two on a laptop CPU core).
+    The trained model is cached under the npgpt data folder (lessons/pretrained-<key>, the key a
+    hash of the text and the settings), so lessons 11-14 train it once between them; delete the
+    folder to train again.
     """
+    import hashlib
+    import shutil
+    import tempfile
+
+    from npgpt.data import npgpt_home
     from npgpt.tokenizer import CharTokenizer
     text, name = corpus(text_path, fast)
     tok = CharTokenizer.train(text)
     train_ids, val_ids = split_ids(tok, text)
     block = 64
-    model = small_gpt(tok.vocab_size, fast, block=block, seed=seed)
     steps = steps or (60 if fast else 600)
+    key = hashlib.sha256(f"{fast}|{steps}|{seed}|{block}|".encode() + text.encode("utf-8")).hexdigest()[:16]
+    folder = npgpt_home() / "lessons" / f"pretrained-{key}"
+    if (folder / "model.safetensors").is_file():
+        model = GPT.from_pretrained(folder)
+        if log:
+            print(f"the {model.num_params():,}-parameter GPT pretrained on {name} for {steps} steps, "
+                  f"from the cache {folder}")
+        return model, tok, train_ids, val_ids, block
+    model = small_gpt(tok.vocab_size, fast, block=block, seed=seed)
     if log:
         print(f"pretraining a {model.num_params():,}-parameter GPT on {name} for {steps} steps")
     train_lm(model, train_ids, steps, block, batch_size=16 if fast else 32, lr=3e-3, seed=seed,
              log_every=steps // 3 if log else 0)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)                   # write aside, then rename: a reader never sees half a model
+    try:
+        tmp.rename(folder)
+    except OSError:                              # another lesson cached it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        if log:
+            print(f"cached in {folder} (lessons 11-14 reuse it)")
     return model, tok, train_ids, val_ids, block

@@ -30,6 +30,7 @@ from pathlib import Path
 from queue import Empty
 
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
@@ -424,7 +425,8 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
-          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None):
+          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
+          keep_quantized=False):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
@@ -433,11 +435,15 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device)[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device,
+                                **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:
         ckpt = Path(ckpt).resolve()
         model_name = ckpt.parent.name if ckpt.name == "ckpt" else ckpt.name
+        if adapter is not None:                  # the id says the adapter is on: base+adapter
+            a = Path(adapter).resolve()
+            model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
     app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body)
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
@@ -450,6 +456,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     h, p = httpd.server_address[:2]
+    if adapter is not None and model.lora is not None:
+        ready(f"npgpt serve: LoRA adapter {adapter} loaded (r={model.lora.r}, alpha={model.lora.alpha:g}, "
+              f"targets {t if isinstance(t := model.lora.targets, str) else ','.join(t)}), unmerged over the base")
     ready(f"npgpt serve: {model_name} on http://{h}:{p}/ (chat page at /, API at /v1; "
           f"{'API key required' if api_key else 'no API key'}); Ctrl-C or SIGTERM stops")
     try:

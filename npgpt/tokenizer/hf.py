@@ -570,6 +570,10 @@ class HFTokenizer(BPETokenizer):
         """This tokenizer as a tokenizer.json object (the tokenizers library reads it back)."""
         vocab = {bytes_to_gpt2_string(token): token_id for token, token_id in self._model_vocab.items()}
         vocab.update(self.extra_vocab)
+        # An added token whose id falls inside the model's id range must be in the model's vocab too (as
+        # GPT-2's and SmolLM2's files have them), or the tokenizers library gives it a new id at the end.
+        top = max(vocab.values(), default=-1)
+        vocab.update({t.content: t.id for t in self.added_tokens if t.id < top and t.content not in vocab})
         table = self._id_to_bytes
         merges = [[bytes_to_gpt2_string(table[a]), bytes_to_gpt2_string(table[b])] for a, b in self.merges]
         return {

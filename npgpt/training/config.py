@@ -1,0 +1,294 @@
+"""The training run's settings: one flat TrainConfig, grouped in sections, each section checked once.
+
+Keys stay flat everywhere a user or a file sees them: on the command line (`--set lora_rank=8`,
+`--set arch=llama`, `--set optimizer=muon`), in config files and in a checkpoint's state.json, so every
+run ever saved still resumes. In the code they come in sections, one class each, which owns its keys
+and the one check of them:
+
+    RunSettings       data, out, init_from, resume, force, device, precision, seed; eval, log, checkpoints
+    ModelSettings     a new model's family and size: preset, arch, n_layer, n_head, n_embd, block_size,
+                      dropout, bias
+    OptimSettings     batch and schedule, AdamW's and Muon's hyper-parameters, clipping
+    ParallelSettings  replicas (threads), zero_stage (mpiexec ranks)
+    SFTSettings       sft, sft_strict, sft_val_fraction
+    DistillSettings   teacher, distill_alpha, distill_temperature
+    LoRASettings      lora_rank, lora_alpha, lora_dropout, lora_targets (checked by npgpt.lora.LoRAConfig,
+                      the one place LoRA's settings are checked)
+
+`TrainConfig` is all of them at once (a dataclass that inherits every section's fields);
+`cfg.section(LoRASettings)` gives one section's values on their own. `--set key=value` and config
+files are parsed here too (`parse_set_options`, `load_config_file`, `apply_overrides`), shared by
+train, finetune and bench.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from npgpt.backend import parse_device
+from npgpt.errors import NpgptError
+from npgpt.llama import ARCHS
+from npgpt.lora import LoRAConfig
+from npgpt.ops.distill import check_distill_args
+from npgpt.precision import Precision
+from npgpt.safeio import read_json, read_toml
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def _positive(cfg, names, optional=False):
+    for name in names:
+        v = getattr(cfg, name)
+        if (v is None and not optional) or (v is not None and v <= 0):
+            raise NpgptError(f"{name} must be positive, got {v}")
+
+
+@dataclass
+class RunSettings:
+    """Where the run reads and writes, on what, and how often it evaluates, logs and saves."""
+    data: str | None = None              # a folder made by `npgpt prepare` (None: built-in pydoc corpus)
+    out: str = "out"                     # run folder: checkpoint in OUT/ckpt, metrics in OUT/metrics.jsonl
+    init_from: str | None = None         # start from a model folder (npgpt checkpoint or HF GPT-2)
+    resume: bool = False                 # continue the run in `out` exactly where it stopped
+    force: bool = False                  # overwrite a checkpoint already in `out`
+    device: str = "cpu"
+    precision: str = "fp32"              # matmuls: fp32, tf32 or fp16 (fp16 adds dynamic loss scaling)
+    seed: int = 1337
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    always_save_checkpoint: bool = True
+    quiet: bool = False
+
+    def check(self):
+        for name in ("data", "out", "init_from"):
+            v = getattr(self, name)
+            if v is not None and (not v or "\x00" in v):
+                raise NpgptError(f"{name} must be a path, got {v!r}")
+        if self.seed < 0:
+            raise NpgptError(f"seed must be >= 0, got {self.seed}")
+        _positive(self, ("eval_interval", "eval_iters", "log_interval"))
+        parse_device(self.device)
+        Precision(self.precision)                       # a clear error for an unknown name
+
+
+@dataclass
+class ModelSettings:
+    """A new model's family and size (ignored with init_from / resume, which bring their own)."""
+    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-shakespeare-char)
+    arch: str = "gpt"                    # model family of a new model: gpt (GPT-2) or llama (npgpt.llama)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None        # context length; defaults to the preset's
+    dropout: float = 0.0
+    bias: bool = True
+
+    def check(self):
+        _positive(self, ("n_layer", "n_head", "n_embd", "block_size"), optional=True)
+        if self.arch not in ARCHS:
+            raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if not 0 <= self.dropout < 1:
+            raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class OptimSettings:
+    """The batch, the schedule and the optimizer's hyper-parameters."""
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None    # defaults to max_iters
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"             # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02                # Muon's peak lr (follows the same schedule as learning_rate)
+    muon_momentum: float = 0.95
+    nesterov: bool = True                # Muon's Nesterov momentum
+    ns_steps: int = 5                    # Newton-Schulz iterations per Muon update
+    muon_weight_decay: float = 0.0       # decoupled weight decay of the Muon matrices
+
+    def check(self):
+        _positive(self, ("max_iters", "batch_size", "learning_rate", "gradient_accumulation_steps"))
+        _positive(self, ("lr_decay_iters",), optional=True)
+        if self.min_lr < 0 or self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise NpgptError("min_lr, warmup_iters, weight_decay and grad_clip must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise NpgptError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (self.muon_lr > 0 and 0 <= self.muon_momentum < 1 and self.muon_weight_decay >= 0):
+            raise NpgptError("need muon_lr > 0, muon_momentum in [0, 1) and muon_weight_decay >= 0")
+        if not 1 <= self.ns_steps <= 20:
+            raise NpgptError(f"ns_steps must be in [1, 20], got {self.ns_steps}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise NpgptError("beta1 and beta2 must be in [0, 1)")
+
+
+@dataclass
+class ParallelSettings:
+    """Splitting the work: threads in this process, and ZeRO over mpiexec's ranks."""
+    replicas: int = 1                    # CPU: split each micro-batch over this many threads (npgpt.replicas)
+    zero_stage: int = 0                  # 1: shard AdamW's moments over the ranks (mpiexec -n N; ZeRO-1)
+
+    def check(self):
+        _positive(self, ("replicas",))
+        if self.zero_stage not in (0, 1):
+            raise NpgptError(f"zero_stage must be 0 or 1, got {self.zero_stage}")
+
+
+@dataclass
+class SFTSettings:
+    """Supervised fine-tuning records (npgpt finetune --sft)."""
+    sft: str | None = None               # JSONL file of prompt/completion or chat records
+    sft_strict: bool = False             # error (not truncate) when a record is longer than block_size
+    sft_val_fraction: float = 0.1
+
+    def check(self):
+        if self.sft is not None and (not self.sft or "\x00" in self.sft):
+            raise NpgptError(f"sft must be a path, got {self.sft!r}")
+        if not 0 <= self.sft_val_fraction < 1:
+            raise NpgptError(f"sft_val_fraction must be in [0, 1), got {self.sft_val_fraction}")
+
+
+@dataclass
+class DistillSettings:
+    """Distillation from a teacher model (npgpt finetune --teacher)."""
+    teacher: str | None = None           # distil from this model folder (npgpt finetune --teacher)
+    distill_alpha: float = 0.5           # loss = alpha * KD + (1 - alpha) * cross-entropy
+    distill_temperature: float = 2.0
+
+    def check(self):
+        if self.teacher is not None and (not self.teacher or "\x00" in self.teacher):
+            raise NpgptError(f"teacher must be a path, got {self.teacher!r}")
+        if self.teacher:
+            check_distill_args(self.distill_alpha, self.distill_temperature)
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapters on a frozen base (npgpt finetune --lora-rank R)."""
+    lora_rank: int | None = None         # train only LoRA adapters of this rank (npgpt.training.plugins)
+    lora_alpha: float | None = None      # LoRA scale alpha / rank; default 2 * rank
+    lora_dropout: float = 0.0            # dropout on the adapters' input
+    lora_targets: str | None = None      # comma-separated layer names; default c_attn,c_proj,c_fc
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters' LoRAConfig (checked there), or None without lora_rank."""
+        if self.lora_rank is None:
+            return None
+        return LoRAConfig.from_targets_option(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    def check(self):
+        # LoRAConfig checks every setting; without a rank the others are still checked (rank 1 stands in)
+        LoRAConfig.from_targets_option(1 if self.lora_rank is None else self.lora_rank, self.lora_alpha,
+                                       self.lora_dropout, self.lora_targets)
+
+
+SECTIONS = (RunSettings, ModelSettings, OptimSettings, ParallelSettings, SFTSettings, DistillSettings, LoRASettings)
+
+
+@dataclass
+class TrainConfig(LoRASettings, DistillSettings, SFTSettings, ParallelSettings, OptimSettings, ModelSettings,
+                  RunSettings):
+    """Every knob of a training run: the fields of all sections (RunSettings' first). Names follow
+    nanoGPT's where one exists."""
+
+    def validate(self):
+        """Check every section once (NaN / inf first, so none reaches a comparison); returns self."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise NpgptError(f"{f.name} must be a finite number, got {v}")
+        for section in SECTIONS:
+            section.check(self)
+        return self
+
+    def section(self, cls):
+        """One section's values as an instance of its class, e.g. cfg.section(LoRASettings)."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+
+# ---- config from files and key=value overrides --------------------------------------------------
+def field_types() -> dict:
+    """{key: type name} of every TrainConfig field (what --set and config files are checked against)."""
+    hints = {}
+    for f in dataclasses.fields(TrainConfig):
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        hints[f.name] = t
+    return hints
+
+
+def coerce(key, value, type_name):
+    """Turn a string (from --set) or a JSON/TOML value into the field's type, or raise."""
+    base = type_name.replace(" | None", "").strip()
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in type_name):
+        if "None" in type_name:
+            return None
+        raise NpgptError(f"config key {key}: a value is required ({base})")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            if not math.isfinite(float(value)):
+                raise NpgptError(f"config key {key}: {value!r} is not a finite number")
+            return float(value)
+        if base == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise NpgptError(f"config key {key}: {value!r} is not a valid {base}")
+
+
+def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """A copy of config with keys replaced, each checked against the field's type."""
+    types = field_types()
+    unknown = [k for k in overrides if k not in types]
+    if unknown:
+        raise NpgptError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(types)}")
+    return dataclasses.replace(config, **{k: coerce(k, v, types[k]) for k, v in overrides.items()})
+
+
+def parse_set_options(pairs) -> dict:
+    """['key=value', ...] -> {key: 'value'}."""
+    out = {}
+    for pair in pairs or ():
+        if "=" not in pair:
+            raise NpgptError(f"--set {pair!r}: expected key=value")
+        k, v = pair.split("=", 1)
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def load_config_file(path) -> dict:
+    """A JSON or TOML file of config keys (a [train] table in TOML is also accepted)."""
+    p = Path(path)
+    if not p.is_file():
+        raise NpgptError(f"config file {p} does not exist")
+    if p.suffix.lower() == ".toml":
+        data = read_toml(p)
+        data = data.get("train", data)
+    else:
+        data = read_json(p, "config file", max_bytes=1 << 20)
+    if not isinstance(data, dict):
+        raise NpgptError(f"config file {p} must hold an object of key: value pairs")
+    return data
