@@ -74,6 +74,16 @@ def test_every_raw_kernel_is_covered_by_the_emulator_tests():
     assert set(K.RAW_SOURCES) == COVERED
 
 
+def test_a_missing_or_old_compiler_is_a_clear_skip_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-gxx")
+    assert compiler_problem.__wrapped__() == "the CUDA emulator needs g++ >= 12 (C++20), and g++ is not on PATH"
+    old = tmp_path / "g++"
+    old.write_text("#!/bin/sh\necho 11.4.0\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("CXX", str(old))
+    assert "found g++ 11" in compiler_problem.__wrapped__()
+
+
 # ---- kernels == float64 references, through npgpt's wrappers -----------------------------------------
 # Shapes: rows not a multiple of anything, one column, columns beyond the threads of a block
 # (K._threads gives about C/4 threads), more rows than one chunk of the parameter-gradient kernel.
