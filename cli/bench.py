@@ -7,6 +7,7 @@ import json
 import click
 
 from npgpt.bench import DEFAULT_BATCH_SIZE, DEFAULT_PRESET
+from npgpt.cli import job
 
 
 @click.command()
@@ -37,12 +38,12 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
         batch_size = overrides.get("batch_size", DEFAULT_BATCH_SIZE)
     device = overrides.get("device", device)
     seed = overrides.get("seed", 0)
-    from npgpt.distributed.comm import current  # the job's communicator (set under mpiexec)
-    if current().world_size > 1:                # mpiexec -n N npgpt bench: --batch-size is per rank
+    comm = job("comm")                          # the job's communicator (mpiexec), or None
+    if comm is not None and comm.world_size > 1:   # mpiexec -n N npgpt bench: --batch-size is per rank
         from npgpt.distributed.launcher import bench_data_parallel, format_bench   # only for launched jobs
         result = bench_data_parallel(preset, overrides, batch_size, block_size, device, iters, warmup, seed=seed,
                                      lr=overrides.get("learning_rate", 6e-4), grad_clip=overrides.get("grad_clip", 1.0),
-                                     zero_stage=overrides.get("zero_stage", 0))
+                                     zero_stage=overrides.get("zero_stage", 0), comm=comm)
         click.echo(json.dumps(result) if as_json else format_bench(result))
         return
     result = bench_train(preset, overrides, batch_size=batch_size, block_size=block_size, device=device,

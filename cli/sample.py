@@ -54,7 +54,8 @@ def encode_prompt(tok, text, allow_special=False, option="--prompt"):
     """Prompt text -> ids: ordinary text (specials in it are errors only if the tokenizer says so);
     `allow_special` (the CLI's --allow-special) reads every special token's string as its id."""
     if not text:
-        return []          # empty prompt: generation starts from end-of-text
+        # empty prompt: generation starts from end-of-text, or from the BOS a tokenizer adds (Llama 3's)
+        return tok.encode_prompt("")
     if allow_special:
         return tok.encode(text, allowed_special="all")
     try:
@@ -70,6 +71,15 @@ def encode_prompt(tok, text, allow_special=False, option="--prompt"):
 def allow_special_option(fn):
     return click.option("--allow-special", is_flag=True,
                         help="Read special-token strings in the prompt (e.g. <|endoftext|>) as those tokens.")(fn)
+
+
+def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
+    """The flags -> the one npgpt.sampling.SamplingParams (checked there, as the library and the
+    server check theirs)."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.sampling import SamplingParams
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=1.0 if top_p is None else top_p, seed=seed, **more)
 
 
 @click.command()
@@ -92,10 +102,13 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
            frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.generate import generate_stream
     from npgpt.gguf_models import load_options
     from npgpt.loading import load_run
-    from npgpt.generate import check_sampling_args, generate_stream
-    check_sampling_args(1 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+    # checked before loading (the default length is known only after): one SamplingParams, as everywhere
+    params = sampling_params(max_new_tokens, temperature, top_k, top_p, seed, stop=tuple(stop),
+                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                             repetition_penalty=repetition_penalty)
     if num_samples <= 0:
         raise NpgptError(f"--num-samples must be positive, got {num_samples}")
     if prompt is not None and prompt_file is not None:
@@ -107,45 +120,38 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
     model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
-        max_new_tokens = max(1, model.config.block_size - max(len(ids), 1))
-    controls = dict(presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                    repetition_penalty=repetition_penalty, logit_bias=parse_logit_bias(tok, logit_bias))
+        params = params.replace(max_new_tokens=max(1, model.config.block_size - max(len(ids), 1)))
+    params = params.replace(logit_bias=parse_logit_bias(tok, logit_bias) or {})
     if num_beams != 1 or draft is not None:
-        return _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, temperature, top_k,
-                               top_p, seed, device, controls, num_beams, length_penalty, draft, num_draft)
+        return _sample_special(model, tok, ids, prompt, num_samples, params, device, num_beams, length_penalty,
+                               draft, num_draft)
     if stream is None:
         stream = sys.stdout.isatty() and num_samples == 1
     rows = [list(ids) for _ in range(num_samples)]
-    generated = [[] for _ in rows]
-    shown = 0                                  # characters of sample 0 already streamed
+    texts = ["" for _ in rows]
     t0, n_tokens = time.perf_counter(), 0
     if stream and not show_probs:
         click.echo(prompt or "", nl=False)
-    for steps in generate_stream(model, rows, max_new_tokens, temperature, top_k, top_p, seed,
-                                 stop=list(stop) or None, eot_id=tok.eot_id, tokenizer=tok, **controls):
+    for steps in generate_stream(model, rows, params=params, eot_id=tok.eot_id, tokenizer=tok):
         for s in steps:
             n_tokens += 1
-            generated[s.row].append(s.token)
             if show_probs:
                 alts = "  ".join(f"{_piece(tok, t)} {p:.3f}" for t, p in s.top)
-                before = repr(((prompt or "") + _body(tok, generated[s.row][:-1], ()))[-24:])
+                before = repr(((prompt or "") + texts[s.row])[-24:])
                 drawn = "-" if s.sampled is None else f"{s.sampled:.3f}"
                 click.echo(f"[{s.row}] {before:>26} + {_piece(tok, s.token):<6} model {s.prob:.3f}  "
                            f"sampled {drawn} | top-5: {alts}")
-            elif stream:
-                # decode the whole tail so multi-byte characters split over tokens print whole
-                text = _body(tok, generated[0], stop)
-                if not text.endswith("\ufffd"):
-                    click.echo(text[shown:], nl=False)
-                    shown = len(text)
+            elif stream and s.row == 0:
+                click.echo(s.text, nl=False)   # whole characters, stop strings held back until decided
+            texts[s.row] += s.text
     dt = time.perf_counter() - t0
     if stream and not show_probs:
-        click.echo(_body(tok, generated[0], stop)[shown:])
+        click.echo()
     else:
-        for i, toks in enumerate(generated):
+        for i, text in enumerate(texts):
             if num_samples > 1 or show_probs:
                 click.echo(f"--- sample {i + 1} ---")
-            click.echo((prompt or "") + _body(tok, toks, stop))
+            click.echo((prompt or "") + text)
     click.echo(f"({n_tokens} tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tokens/s)", err=True)
 
 
@@ -171,46 +177,42 @@ def parse_logit_bias(tok, pairs):
     return bias or None
 
 
-def _sample_special(model, tok, ids, prompt, num_samples, stop, max_new_tokens, temperature, top_k, top_p, seed,
-                    device, controls, num_beams, length_penalty, draft, num_draft):
+def _sample_special(model, tok, ids, prompt, num_samples, params, device, num_beams, length_penalty, draft,
+                    num_draft):
     """`npgpt sample` with --num-beams > 1 (beam search) or --draft (speculative decoding)."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.loading import load_run
     from npgpt.generate import beam_search, speculative_stream
+    from npgpt.sampling import Detokenizer
     if num_beams != 1 and draft is not None:
         raise NpgptError("give --num-beams or --draft, not both")
     if num_samples != 1:
         raise NpgptError("--num-beams and --draft decode one sample; drop --num-samples")
     t0 = time.perf_counter()
     if num_beams != 1:
-        if any(v for k, v in controls.items() if k != "repetition_penalty") or controls["repetition_penalty"] != 1:
+        if params.penalized:
             raise NpgptError("beam search does not take penalties or --logit-bias")
-        toks = beam_search(model, ids, max_new_tokens, num_beams, length_penalty, eot_id=tok.eot_id)
+        toks = beam_search(model, ids, params.max_new_tokens, num_beams, length_penalty, eot_id=tok.eot_id)
+        detok = Detokenizer(tok, params.stop, [tok.eot_id])
+        text = "".join(detok.add(t) for t in toks)
+        text += detok.flush()
         extra = f"{num_beams} beams"
     else:
         dmodel, dtok = load_run(draft, device=device)[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
-        stats, toks, t0 = {}, [], time.perf_counter()
-        for steps in speculative_stream(model, dmodel, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                                        stop=list(stop) or None, eot_id=tok.eot_id, tokenizer=tok,
-                                        num_draft=num_draft, stats=stats, **controls):
+        stats, toks, text, t0 = {}, [], "", time.perf_counter()
+        for steps in speculative_stream(model, dmodel, ids, params=params, eot_id=tok.eot_id, tokenizer=tok,
+                                        num_draft=num_draft, stats=stats):
             toks += [s.token for s in steps]
+            text += "".join(s.text for s in steps)
         rate = stats["accepted"] / max(stats["proposed"], 1)
         extra = (f"speculative: {stats['accepted']}/{stats['proposed']} drafted tokens accepted ({rate:.0%}), "
                  f"{len(toks) / max(stats['rounds'], 1):.2f} tokens per target forward")
     dt = time.perf_counter() - t0
-    click.echo((prompt or "") + _body(tok, toks, stop))
+    click.echo((prompt or "") + text)
     click.echo(f"({len(toks)} tokens in {dt:.2f}s, {len(toks) / max(dt, 1e-9):.1f} tokens/s; {extra})", err=True)
-
-
-def _body(tok, toks, stop):
-    """Generated text without the end-of-text token and anything from a stop string on."""
-    # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.generate import cut_at_stop
-    text = tok.decode([t for t in toks if t != tok.eot_id])
-    return cut_at_stop(text, list(stop)) if stop else text
 
 
 def _piece(tok, t):
@@ -229,16 +231,13 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.gguf_models import load_options
     from npgpt.loading import load_run
-    from npgpt.generate import check_sampling_args
     from npgpt.sft import is_chat_model
-    max_new_tokens = 256 if max_new_tokens is None else max_new_tokens
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, seed)
+    params = sampling_params(256 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed)
     model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
-    session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    session = ChatSession(model, tok, system=system, params=params)
     click.echo("chat: type a message; /reset starts over, /quit leaves.")
     while True:
         try:
@@ -262,11 +261,25 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
 
 
 class ChatSession:
-    """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit."""
+    """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit.
 
-    def __init__(self, model, tok, system=None, max_new_tokens=256, **sampling):
+    A reply ends at any of the template's role tokens (npgpt.sft.chat_stop_ids), not only at
+    <|end|>: a model that skips <|end|> and starts the next turn's <|user|> stops there too.
+    params: a SamplingParams, or its settings as keywords (temperature=0, seed=1, ...);
+    max_new_tokens applies where params leave it open.
+    """
+
+    def __init__(self, model, tok, system=None, params=None, max_new_tokens=256, **settings):
+        # imported when the command runs: `npgpt --help` does not load every command's modules
+        from npgpt.sampling import SamplingParams
+        from npgpt.sft import chat_stop_ids
         self.model, self.tok, self.system = model, tok, system
-        self.max_new_tokens, self.sampling = max_new_tokens, sampling
+        params = params or SamplingParams(**settings)
+        if params.max_new_tokens is None:
+            params = params.replace(max_new_tokens=max_new_tokens)
+        self.params = params.replace(stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids
+                                                                        + tuple(chat_stop_ids(tok)))))
+        self.max_new_tokens = self.params.max_new_tokens
         self.reset()
 
     def reset(self):
@@ -288,27 +301,14 @@ class ChatSession:
         """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
-        from npgpt.sft import chat_stop_ids
         self.messages.append({"role": "user", "content": text})
-        stops = chat_stop_ids(self.tok)
-        out, shown = [], 0
-        for steps in generate_stream(self.model, self._prompt_ids(), self.max_new_tokens, eot_id=stops[0],
-                                     **self.sampling):
+        out = []
+        for steps in generate_stream(self.model, self._prompt_ids(), params=self.params, tokenizer=self.tok):
             for s in steps:
-                if s.token in stops:
-                    break
-                out.append(s.token)
-                text = self.tok.decode(out)    # whole reply: a character split over tokens prints whole
-                if not text.endswith("\ufffd"):
-                    yield text[shown:]
-                    shown = len(text)
-            else:
-                continue
-            break
-        text = self.tok.decode(out)
-        if len(text) > shown:
-            yield text[shown:]
-        self.messages.append({"role": "assistant", "content": text})
+                if s.text:
+                    out.append(s.text)
+                    yield s.text
+        self.messages.append({"role": "assistant", "content": "".join(out)})
 
 
 COMMANDS = [sample, chat]

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 
 # Direct flags for the common config keys: (flag, config key, type, help).
@@ -70,7 +71,7 @@ def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.train import Interrupted, train
     try:
-        result = train(cfg, batch_source=batch_source)
+        result = train(cfg, batch_source=batch_source, comm=job("comm"))   # mpiexec: the job's communicator
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -106,8 +107,10 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
               help="Train LoRA adapters of rank R only (base frozen; saved in PEFT's format). --init-from may be int8.")
 @click.option("--lora-alpha", "lora_alpha", type=float, default=None, help="LoRA scale alpha (update x alpha/R); default 2R.")
 @click.option("--lora-dropout", "lora_dropout", type=float, default=None, help="Dropout on the adapters' input (default 0).")
+@click.option("--keep-quantized", "keep_quantized", is_flag=True, default=None,
+              help="--init-from a .gguf file: keep its Q8_0 / Q4_0 / Q4_1 weights quantised (train LoRA adapters on them).")
 @click.option("--lora-targets", "lora_targets", default=None,
-              help="Comma-separated layers to adapt (PEFT's suffix rule): default c_attn,c_proj,c_fc.")
+              help="Comma-separated layers to adapt (PEFT's suffix rule): default every linear layer (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).")
 def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
     """Fine-tune a pretrained model (--init-from DIR) on prepared data or an SFT JSONL file.
 
@@ -178,8 +181,13 @@ def info(path, as_json):
         return
     c = r["config"]
     click.echo(f"checkpoint: {r['checkpoint']}")
-    click.echo(f"model: {c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, context "
-               f"{c['n_positions']}, vocab {c['vocab_size']}" + (f", n_inner {c['n_inner']}" if c["n_inner"] else ""))
+    if "model_type" in c:                  # a Llama-family model (Hugging Face's field names)
+        click.echo(f"model: {c['model_type']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads "
+                   f"({c['num_key_value_heads'] or c['num_attention_heads']} key/value), hidden {c['hidden_size']}, "
+                   f"MLP {c['intermediate_size']}, context {c['max_position_embeddings']}, vocab {c['vocab_size']}")
+    else:
+        click.echo(f"model: {c['n_layer']} layers, {c['n_head']} heads, n_embd {c['n_embd']}, context "
+                   f"{c['n_positions']}, vocab {c['vocab_size']}" + (f", n_inner {c['n_inner']}" if c["n_inner"] else ""))
     click.echo(f"parameters: {r['parameters']:,}")
     if r["step"] is not None:
         best = r["best_val_loss"]

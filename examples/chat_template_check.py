@@ -7,11 +7,17 @@ environment:  pip install transformers && pip install -e '.[test]' && python exa
    transformers' apply_chat_template and by npgpt's; both must equal the hand-written text.
 2. A tokenizer saved by npgpt (tokenizer.json + tokenizer_config.json) loads in transformers as
    PreTrainedTokenizerFast, and both tokenize every rendered conversation to the same ids.
+3. With a template that marks the assistant's text with {% generation %}, both give the same
+   assistant token mask (return_assistant_tokens_mask).
 """
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
+
+# --help prints this page; the check takes no options (it writes only to a temporary folder)
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 try:
     from transformers import PreTrainedTokenizerFast
@@ -44,5 +50,18 @@ with tempfile.TemporaryDirectory() as d:
         ok &= good
         print(f"{name:15s} transformers text {'==' if text_hf == expected else '!='} expected, npgpt text "
               f"{'==' if text_np == expected else '!='} expected, ids {'equal' if list(ids_hf) == ids_np else 'DIFFER'}")
+    tracked = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+               "{{ m.content }}<|im_end|>{% endgeneration %}\n{% else %}{{ m.content }}<|im_end|>\n{% endif %}"
+               "{% endfor %}")
+    talk = [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "a lazy dog"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "seven wizards"}]
+    tok = hf_chat_tokenizer(tracked, specials=SPECIALS, eos="<|im_end|>")
+    tok.save(d)
+    theirs = PreTrainedTokenizerFast.from_pretrained(d)
+    hf = theirs.apply_chat_template(talk, return_dict=True, return_assistant_tokens_mask=True)
+    np_ = tok.apply_chat_template(talk, return_assistant_tokens_mask=True)
+    same = list(hf["input_ids"]) == np_["input_ids"] and list(hf["assistant_masks"]) == np_["assistant_masks"]
+    ok &= same
+    print(f"{'generation':15s} assistant masks {'equal' if same else 'DIFFER'} ({sum(np_['assistant_masks'])} tokens)")
 print("all agree" if ok else "MISMATCH")
 sys.exit(0 if ok else 1)

@@ -5,7 +5,8 @@
 Each mode (float32: every block dequantised at load; kept: Q8_0 / Q4_0 / Q4_1 weights and the tied
 embedding stay quantised) runs in its own fresh process, so its resident memory (VmRSS after loading,
 and VmHWM, the peak, after decoding) is its own. Prefill: one forward over a `--prompt`-token prompt.
-Decode: greedy steps with the KV cache at batch 1 and batch 8, tokens per second over all rows.
+Decode: greedy steps with the KV cache at batch 1 and batch 8, tokens per second over all rows. The
+context is cut to `--context` positions (the KV cache is allocated for all of them).
 Figures vary with the machine's load: print `uptime` beside them.
 """
 
@@ -27,14 +28,15 @@ def status_mb(field):
     return float("nan")
 
 
-def run_one(path, keep, n_tokens, n_prompt):
+def run_one(path, keep, n_tokens, n_prompt, context):
     import numpy as np
 
     from npgpt.gguf_models import load_gguf_model
 
     base = status_mb("VmRSS")
     t = time.perf_counter()
-    model = load_gguf_model(path, keep_quantized=keep)
+    # the KV cache holds `context` positions (SmolLM2's own 8192 would make batch 8's cache 2.4 GB)
+    model = load_gguf_model(path, keep_quantized=keep, block_size=context)
     load_s = time.perf_counter() - t
     rss = status_mb("VmRSS") - base
     rng = np.random.default_rng(0)
@@ -63,16 +65,17 @@ def main():
     ap.add_argument("gguf")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per batch size")
     ap.add_argument("--prompt", type=int, default=128, help="prefill length")
+    ap.add_argument("--context", type=int, default=512, help="context (KV cache) length")
     ap.add_argument("--one", choices=["float32", "kept"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.gguf, a.one == "kept", a.tokens, a.prompt)))
+        print(json.dumps(run_one(a.gguf, a.one == "kept", a.tokens, a.prompt, a.context)))
         return
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(f"{'mode':8} {'load s':>7} {'RSS MB':>7} {'peak MB':>8} {'prefill tok/s':>14} {'decode b1':>10} {'decode b8':>10}")
     for mode in ("float32", "kept"):
         p = subprocess.run([sys.executable, __file__, a.gguf, "--one", mode, "--tokens", str(a.tokens),
-                            "--prompt", str(a.prompt)], capture_output=True, text=True, env=dict(os.environ))
+                            "--prompt", str(a.prompt), "--context", str(a.context)], capture_output=True, text=True, env=dict(os.environ))
         if p.returncode:
             sys.exit(p.stderr[-2000:])
         r = json.loads(p.stdout.strip().splitlines()[-1])

@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from npgpt import precision as P  # noqa: E402
 from npgpt.ops import cuda_kernels as K  # noqa: E402
+from npgpt.optim import adamw_update  # noqa: E402
 from npgpt.training.scaler import DynamicLossScaler  # noqa: E402
 
 # Dense datasheet peaks of an H100/H200 SXM (TFLOP/s), used for MFU only when a GEMM wasn't measured.
@@ -301,12 +302,17 @@ class _Refs:
 
     @staticmethod
     def adamw_step(p, g, m, v, lr, b1, b2, eps, wd, step, n_decay, grad_scale=None):
-        p2, m2, v2 = K.adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, step, n_decay,
-                                       1.0 if grad_scale is None else float(grad_scale))
-        p[...], m[...], v[...] = p2, m2, v2
-        return p, m, v
+        return adamw_update(p, g, m, v, n_decay, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                            step=step, grad_scale=1.0 if grad_scale is None else float(grad_scale))
 
     grad_norm = staticmethod(lambda g: np.sqrt(np.sum(g * g)))
+
+
+def adamw_reference(p, g, m, v, lr, b1, b2, eps, wd, step, n_decay, grad_scale=1.0):
+    """npgpt.optim.adamw_update, the one AdamW formula, on copies -> new (p, m, v)."""
+    p, m, v = p.copy(), m.copy(), v.copy()
+    return adamw_update(p, g, m, v, n_decay, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, step=step,
+                        grad_scale=grad_scale)
 
 
 def kernel_cases(c):
@@ -374,7 +380,7 @@ def kernel_cases(c):
     args = (1e-3, 0.9, 0.95, 1e-8, 0.1, 5, n_decay)
     cases.append(("adamw_step (grad_scale 0.5)", [pp, g, m, v],
                   lambda k, a: k.adamw_step(*a, *args, grad_scale=0.5),
-                  lambda a: K.adamw_reference(*a, *args, grad_scale=0.5), 28 * n_opt))
+                  lambda a: adamw_reference(*a, *args, grad_scale=0.5), 28 * n_opt))
     cases.append(("grad_norm", [g], lambda k, a: (k.grad_norm(a[0]),),
                   lambda a: (np.array(K.grad_norm_reference(a[0])),), 4 * n_opt))
     return cases

@@ -36,7 +36,7 @@ import numpy as np
 from npgpt.backend import parse_device, require_gpu, synchronize, to_device, xp_for
 from npgpt.errors import NpgptError
 from npgpt.generate import generate
-from npgpt.model import GPT, GPTConfig
+from npgpt.llama import build_model, preset_config
 from npgpt.optim import AdamW
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.replicas import ThreadReplicas
@@ -63,7 +63,7 @@ KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embe
 
 
 # ---- configuration -----------------------------------------------------------------------------
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "arch")
 RUN_KEYS = ("preset", "batch_size", "device", "seed", "learning_rate", "grad_clip",
             "zero_stage",                        # zero_stage: under mpiexec only (npgpt.distributed.launcher)
             "replicas")                          # the batch split over threads (npgpt.replicas)
@@ -92,7 +92,7 @@ def make_config(preset=DEFAULT_PRESET, overrides=None, block_size=None):
         if int(block_size) <= 0:
             raise NpgptError(f"--block-size must be positive, got {block_size}")
         overrides["block_size"] = int(block_size)
-    return GPTConfig.preset(preset, **overrides)
+    return preset_config(preset, overrides.pop("arch", "gpt"), **overrides)
 
 
 def check_counts(iters, warmup, batch_size):
@@ -145,7 +145,7 @@ class TrainStep:
         self.config = cfg = make_config(preset, overrides, block_size)
         self.B, self.T = int(batch_size), cfg.block_size
         self.lr, self.grad_clip = lr, grad_clip
-        self.model = GPT(cfg, seed=seed, device=str(self.device))
+        self.model = build_model(cfg, seed=seed, device=str(self.device))
         self.model.train()
         self.opt = AdamW(self.model.named_parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         rng = np.random.default_rng(seed)
@@ -278,7 +278,7 @@ def bench_generate(preset=DEFAULT_PRESET, overrides=None, block_size=None, devic
     n = int(new_tokens) if new_tokens is not None else cfg.block_size - prompt_len
     if n <= 0:
         raise NpgptError(f"new tokens must be positive, got {n}")
-    model = GPT(cfg, seed=seed, device=str(parse_device(device)))
+    model = build_model(cfg, seed=seed, device=str(parse_device(device)))
     model.eval()
     prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, prompt_len).tolist()
     out = {"prompt_len": prompt_len, "new_tokens": n, "repeats": repeats}

@@ -171,7 +171,8 @@ def has_checkpoint(run_dir) -> bool:
 
 
 def find_checkpoint(path) -> Path:
-    """The checkpoint folder for `path`: a run folder, its `ckpt` folder, or any model folder.
+    """The checkpoint folder for `path`: a run folder, its `ckpt` folder, or any model folder (or a .gguf
+    file, returned as is).
 
     A model folder (config.json + model.safetensors, e.g. a Hugging Face GPT-2 download) is returned
     as is; `hf:ORG/NAME[@REVISION]` is fetched into huggingface_hub's cache (npgpt.hub) and its
@@ -181,6 +182,8 @@ def find_checkpoint(path) -> Path:
     if is_hub_ref(path):                       # hf:ORG/NAME[@REVISION]: its snapshot in huggingface_hub's cache
         return find_checkpoint(snapshot(path))
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":     # a GGUF file is a model of its own
+        return path
     if not path.exists() and not (path.name == CKPT_DIR and path.parent.is_dir()):
         raise NpgptError(f"no checkpoint in {path}: the folder does not exist (check the path, or train one "
                          f"with `npgpt train --out {path}`)")

@@ -43,10 +43,12 @@ from npgpt.backend import asnumpy, get_xp, synchronize
 from npgpt.checkpoint import atomic_write_json, find_checkpoint, write_manifest
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.gguf_models import is_gguf
 from npgpt.evaluate import token_loss
 from npgpt.loading import from_pretrained, load_run
 from npgpt.generate import generate
-from npgpt.model import GPT, read_hf_config, records_quantization
+from npgpt.llama import build_model
+from npgpt.model import read_hf_config, records_quantization
 from npgpt.layers import QuantizedLinear, check_scheme, linear_layers
 from npgpt.quant import save_quantized
 from npgpt.safeio import read_json_object
@@ -115,11 +117,21 @@ def prune_model(model, sparsity, scope="global"):
 
 
 # ---- trimming ----------------------------------------------------------------------------------
-def mlp_importance(block):
-    """(hidden,) importance of each MLP unit: ||c_fc.weight[:, j]|| * ||c_proj.weight[j, :]||."""
-    w_in = asnumpy(block.mlp.c_fc.weight.data).astype(np.float64)      # (C, H)
-    w_out = asnumpy(block.mlp.c_proj.weight.data).astype(np.float64)   # (H, C)
-    return np.linalg.norm(w_in, axis=0) * np.linalg.norm(w_out, axis=1)
+# (layers reading the residual stream, layer writing it back) of each family's MLP; a Llama unit j
+# computes silu(x . gate[:, j]) * (x . up[:, j]), so it reads through two columns
+MLP_READ = {"gpt": ("c_fc",), "llama": ("gate_proj", "up_proj")}
+MLP_WRITE = {"gpt": "c_proj", "llama": "down_proj"}
+
+
+def mlp_importance(block, arch="gpt"):
+    """(hidden,) importance of each MLP unit: the norms of the columns that read it (GPT-2's c_fc;
+    Llama's gate_proj and up_proj) times the norm of the row that writes it (c_proj; down_proj)."""
+    w_out = asnumpy(getattr(block.mlp, MLP_WRITE[arch]).weight.data).astype(np.float64)   # (H, C)
+    score = np.linalg.norm(w_out, axis=1)
+    for name in MLP_READ[arch]:
+        w_in = asnumpy(getattr(block.mlp, name).weight.data).astype(np.float64)         # (C, H)
+        score = score * np.linalg.norm(w_in, axis=0)
+    return score
 
 
 def parse_layers(text):
@@ -154,30 +166,35 @@ def check_trim(config, mlp_keep, drop_layers):
 
 
 def trim_model(model, mlp_keep=1.0, drop_layers=()):
-    """A new, smaller GPT: the most important round(mlp_keep * hidden) MLP units of each block kept
+    """A new, smaller model (GPT or Llama): the most important round(mlp_keep * hidden) MLP units of each block kept
     (original order, so mlp_keep=1 reproduces the model exactly) and the `drop_layers` blocks removed."""
     cfg = model.config
     linear_weights(model)                               # refuses a quantised model
     n_keep, drop = check_trim(cfg, mlp_keep, drop_layers)
     kept_layers = [i for i in range(cfg.n_layer) if i not in drop]
     new_cfg = replace(cfg, n_layer=len(kept_layers), n_inner=cfg.n_inner if n_keep == cfg.hidden else n_keep)
+    arch, prefix = cfg.arch, cfg.blocks_name          # transformer.h, model.layers
+    reads = tuple(f"mlp.{n}" for n in MLP_READ[arch])
+    blocks = model
+    for part in prefix.split("."):
+        blocks = getattr(blocks, part)
     state = {}
     for name, a in model.state_dict().items():
-        if not name.startswith("transformer.h."):
+        if not name.startswith(prefix + "."):
             state[name] = asnumpy(a)
     for new_i, old_i in enumerate(kept_layers):
-        block = model.transformer.h[old_i]
-        units = np.sort(np.argsort(-mlp_importance(block), kind="stable")[:n_keep])
-        for name, p in block.named_parameters(prefix=f"transformer.h.{new_i}."):
+        block = blocks[old_i]
+        units = np.sort(np.argsort(-mlp_importance(block, arch), kind="stable")[:n_keep])
+        for name, p in block.named_parameters(prefix=f"{prefix}.{new_i}."):
             a = asnumpy(p.data)
-            if name.endswith("mlp.c_fc.weight"):
+            if name.endswith(tuple(f"{r}.weight" for r in reads)):
                 a = a[:, units]
-            elif name.endswith("mlp.c_fc.bias"):
+            elif name.endswith(tuple(f"{r}.bias" for r in reads)):
                 a = a[units]
-            elif name.endswith("mlp.c_proj.weight"):
+            elif name.endswith(f"mlp.{MLP_WRITE[arch]}.weight"):
                 a = a[units, :]
             state[name] = a
-    new = GPT(new_cfg)
+    new = build_model(new_cfg)
     new.load_state_dict(state)
     return new.train(model.training)
 
@@ -235,7 +252,8 @@ def val_loss(model, tokens):
 def measure(model, folder, tokens=None, sample_tokens=64, start_id=0):
     """The report's row for one model: size of model.safetensors, parameters, loss, speed."""
     total, nonzero = count_params(model)
-    row = {"size_bytes": (Path(folder) / "model.safetensors").stat().st_size,
+    weights = Path(folder) if is_gguf(folder) else Path(folder) / "model.safetensors"
+    row = {"size_bytes": weights.stat().st_size,
            "params": total, "nonzero_params": nonzero,
            "val_loss": None, "perplexity": None, "tokens_per_s": None}
     if tokens is not None:
@@ -270,7 +288,7 @@ def format_report(before, after, notes=()):
 def open_source(checkpoint):
     """(model, tokenizer, checkpoint folder) for a float (not quantised) model folder or run folder."""
     ckpt = find_checkpoint(checkpoint)
-    if records_quantization(read_hf_config(ckpt)):
+    if not is_gguf(ckpt) and records_quantization(read_hf_config(ckpt)):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
     model, tok, ckpt = load_run(ckpt)[:3]
     return model, tok, ckpt
@@ -292,8 +310,13 @@ def prepare_out(src, out, force=False):
     return out
 
 
-def finish_out(src, out):
-    """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest."""
+def finish_out(src, out, tok=None):
+    """Copy the tokenizer (and any other model-side file) from src, then write a fresh manifest. A GGUF
+    source holds its tokenizer inside: `tok` is saved instead (tokenizer.json and its chat template)."""
+    if is_gguf(src):
+        tok.save(out)
+        write_manifest(out)
+        return
     for f in Path(src).iterdir():
         if f.is_file() and f.name not in RUN_FILES + MODEL_FILES:
             shutil.copy2(f, Path(out) / f.name)
@@ -315,7 +338,7 @@ def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sampl
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)
     notes = list(transform(model, out) or [])
-    finish_out(ckpt, out)
+    finish_out(ckpt, out, tok)
     after_model = from_pretrained(out)
     after = measure(after_model, out, tokens, sample_tokens, start)
     if tokens is None:

@@ -20,7 +20,8 @@ from npgpt.errors import NpgptError
 from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.lora import adapter_summary
-from npgpt.model import GPTConfig, read_hf_config
+from npgpt.llama import config_from_hf
+from npgpt.model import read_hf_config
 from npgpt.tensor import no_grad
 from npgpt.tokenizer import read_text_checked
 from npgpt.train import read_state
@@ -134,7 +135,7 @@ def info(path):
     lora = adapter_summary(ckpt)                       # a LoRA run: its config.json is the base's
     cfg_dir = Path(lora["base"]) if lora else ckpt
     hf = read_hf_config(cfg_dir)
-    cfg = GPTConfig.from_hf(hf, str(cfg_dir / "config.json"))
+    cfg = config_from_hf(hf, str(cfg_dir / "config.json"))
     state = read_state(ckpt) if (ckpt / "state.json").exists() else {}
     tok = None
     if tk.is_tokenizer_dir(ckpt):
@@ -144,8 +145,10 @@ def info(path):
         except NpgptError as e:
             tok = {"error": str(e)}
     files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir()) if f.is_file()}
-    return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_layer",
-                                                                        "n_head", "n_embd", "n_inner")},
+    keys = ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "n_inner") if cfg.arch == "gpt" else \
+        ("model_type", "vocab_size", "max_position_embeddings", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "hidden_size", "intermediate_size")
+    return {"checkpoint": str(ckpt), "config": {k: hf.get(k) for k in keys},
             "parameters": cfg.num_params(), "step": state.get("iter"),
             "best_val_loss": state["best_val_loss"] if math.isfinite(state.get("best_val_loss", math.inf)) else None,
             "tokenizer": tok, "files": files, "total_bytes": sum(files.values()),

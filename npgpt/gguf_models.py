@@ -396,6 +396,15 @@ def check_tensors(g: GGUFFile, expected: dict):
                          f"describes")
 
 
+def gguf_context_length(path) -> int:
+    """The context length a GGUF file's metadata gives its model ({arch}.context_length)."""
+    g = open_gguf(path)
+    n = g.require(f"{g.architecture}.context_length", int)
+    if n < 1:
+        raise NpgptError(f"{path}: {g.architecture}.context_length must be positive, got {n}")
+    return n
+
+
 def open_gguf(path) -> GGUFFile:
     g = GGUFFile(path)
     arch = g.architecture

@@ -22,8 +22,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
-from npgpt.ops.nn import linear
-from npgpt.tensor import Tensor, no_grad
+from npgpt.tensor import no_grad
 from npgpt.viz import save_figure
 
 SHADES = " .:-=+*#%@"
@@ -197,7 +196,8 @@ def logit_lens(model, ids):
     """What the model would predict if it stopped after each layer (nostalgebraist's 'logit lens').
 
     The residual stream after the embeddings and after every block goes through the final
-    LayerNorm and the tied unembedding, exactly as the last block's output does. Returns
+    norm (GPT-2's LayerNorm, Llama's RMSNorm) and the unembedding, exactly as the last block's
+    output does (`model.hidden_states`, `model.final_logits`). Returns
     probs (n_layer + 1, T, V): row 0 is the embeddings alone, row L the full model (whose
     distribution is the model's own prediction, bit for bit the forward's softmax).
     """
@@ -211,16 +211,9 @@ def logit_lens(model, ids):
     model.eval()
     try:
         with no_grad():
-            tr = model.transformer
-            T = ids.shape[1]
-            x = tr.wte(Tensor(ids)) + tr.wpe.weight[:T]                     # (1, T, C)
-            streams = [x]
-            for block in tr.h:
-                x = block(x)
-                streams.append(x)
             out = []
-            for x in streams:
-                logits = asnumpy(linear(tr.ln_f(x), tr.wte.weight.T).data)[0].astype(np.float64)  # (T, V)
+            for x in model.hidden_states(ids):                               # (1, T, C) each
+                logits = asnumpy(model.final_logits(x).data)[0].astype(np.float64)              # (T, V)
                 e = np.exp(logits - logits.max(axis=-1, keepdims=True))
                 out.append(e / e.sum(axis=-1, keepdims=True))
     finally:

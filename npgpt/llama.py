@@ -34,7 +34,7 @@ from npgpt.fileio import atomic_write_json
 from npgpt.model import PRESETS as GPT_PRESETS
 from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
 from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter
-from npgpt.ops.llama import _ungroup, gqa_attention, gqa_probs, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
+from npgpt.ops.llama import ungroup_heads, gqa_attention, gqa_probs, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
 from npgpt.ops.nn import dropout, linear
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value, inside,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
@@ -75,6 +75,8 @@ class LlamaConfig:
         self.rope_scaling = check_rope_scaling(self.rope_scaling, "model config: rope_scaling")
 
     arch = "llama"
+    blocks_name = "model.layers"         # where the family keeps its blocks, and its token embedding
+    embedding_name = "model.embed_tokens"
 
     @property
     def head_size(self):
@@ -169,7 +171,8 @@ class LlamaConfig:
                         "max_position_embeddings": Int(lo=1, hi=1 << 24, default=2048),
                         "rms_norm_eps": Float(0, 1, default=1e-6, lo_open=True),
                         "rope_theta": Float(0, default=10000.0, lo_open=True),
-                        "rope_scaling": Obj(default=None), "tie_word_embeddings": Bool(default=False),
+                        "rope_scaling": Obj(default=None), "rope_parameters": Obj(default=None),
+                        "tie_word_embeddings": Bool(default=False),
                         "hidden_act": Str(default="silu", max_len=40),
                         "attention_bias": Bool(default=False), "mlp_bias": Bool(default=False),
                         "attention_dropout": Float(0, 1, default=0.0, hi_open=True),
@@ -182,14 +185,19 @@ class LlamaConfig:
             raise NpgptError(f"{where}: attention_bias true (biases on q, k, v and o_proj) is not supported")
         if kind == "qwen2" and f["use_sliding_window"]:
             raise NpgptError(f"{where}: use_sliding_window true is not supported; npgpt attends over the whole context")
+        theta, scaling, scaling_where = f["rope_theta"], f["rope_scaling"], f"{where}: rope_scaling"
+        if f["rope_parameters"] is not None:      # transformers 5 writes theta and scaling as one object
+            scaling, scaling_where = f["rope_parameters"], f"{where}: rope_parameters"
+            theta = check(scaling, {"rope_theta": Float(0, default=theta, lo_open=True)}, where,
+                          prefix="rope_parameters.")["rope_theta"]
         head_dim = f["head_dim"] if kind == "llama" else None
         if head_dim is not None and head_dim * f["num_attention_heads"] == f["hidden_size"]:
             head_dim = None                                  # the default: not recorded separately
         return cls(vocab_size=f["vocab_size"], block_size=f["max_position_embeddings"], n_layer=f["num_hidden_layers"],
                    n_head=f["num_attention_heads"], n_kv_head=f["num_key_value_heads"] or f["num_attention_heads"],
                    n_embd=f["hidden_size"], n_inner=f["intermediate_size"], head_dim=head_dim,
-                   rms_norm_eps=f["rms_norm_eps"], rope_theta=f["rope_theta"],
-                   rope_scaling=check_rope_scaling(f["rope_scaling"], f"{where}: rope_scaling"),
+                   rms_norm_eps=f["rms_norm_eps"], rope_theta=theta,
+                   rope_scaling=check_rope_scaling(scaling, scaling_where),
                    tie_word_embeddings=f["tie_word_embeddings"], qkv_bias=kind == "qwen2",
                    dropout=f["attention_dropout"], model_type=kind)
 
@@ -231,7 +239,7 @@ def check_rope_scaling(value, where):
         return None
     if not isinstance(value, dict):
         raise NpgptError(f"{where} must be an object {{...}} or null")
-    kind = value.get("rope_type", value.get("type"))
+    kind = value.get("rope_type", value.get("type", "default"))
     if kind == "default":
         return None
     if kind not in _ROPE_FIELDS:
@@ -301,7 +309,7 @@ class LlamaAttention(Module):
         Tk = p0 + Tn
         att = gqa_probs(q.transpose(0, 2, 1, 3), k_cache[:, :, :Tk], key_mask)   # (B, nh, Tn, Tk)
         y = att.reshape(B, nkv, nh // nkv * Tn, Tk) @ v_cache[:, :, :Tk]        # (B, nkv, g Tn, hs)
-        y = _ungroup(y, Tn).reshape(B, Tn, nh * hs)
+        y = ungroup_heads(y, Tn).reshape(B, Tn, nh * hs)
         return self.o_proj(Tensor(y)).data, att
 
 
@@ -354,7 +362,7 @@ class LMHead(Module):
     """The output projection, (V, C) as Hugging Face's lm_head (logits = x @ weight.T)."""
 
     def __init__(self, vocab_size, dim, rng):
-        self.weight = Parameter(rng.normal(0.0, 0.02, size=(vocab_size, dim)).astype(np.float32))
+        self.weight = Parameter(rng.normal(0.0, 0.02, size=(vocab_size, dim)).astype(np.float32, copy=False))
 
 
 class _NoInit:
@@ -566,6 +574,23 @@ def weight_files(path) -> list:
     return headers
 
 
+def check_shapes(config: LlamaConfig, found: dict, expected: dict, where, f) -> None:
+    """NpgptError unless the tensors `found` ({name: shape}, from headers) are exactly `expected`:
+    the layer count first (naming config.json's field), then missing, unexpected and mis-shaped names."""
+    n_layers = len({k.split(".")[2] for k in found if k.startswith("model.layers.")})
+    if n_layers != config.n_layer:
+        raise NpgptError(f"{where}: num_hidden_layers is {config.n_layer} but the weights hold {n_layers} layers; "
+                         f"the folder does not match its config.json")
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    wrong = [f"{k} {tuple(found[k])} (expected {tuple(v)})" for k, v in expected.items()
+             if k in found and tuple(found[k]) != tuple(v)]
+    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + wrong[:3]
+    if problems:
+        raise NpgptError(f"{f}: {'; '.join(problems)}; the weights do not match config.json")
+
+
 def load_llama_tensors(path, config: LlamaConfig) -> dict:
     """{npgpt name: float32 array (npgpt's (in, out) layout)} from a Llama/Qwen2 folder; every header
     is checked against `config` (names, shapes, floating dtypes) before a tensor is read."""
@@ -585,18 +610,7 @@ def load_llama_tensors(path, config: LlamaConfig) -> dict:
     if tied_extra:                                  # tied: transformers ignores a stored head, and so do we
         del found["lm_head.weight"]
     expected = config.hf_shapes()
-    n_layers = len({k.split(".")[2] for k in found if k.startswith("model.layers.")})
-    if n_layers != config.n_layer:
-        raise NpgptError(f"{where}: num_hidden_layers is {config.n_layer} but the weights hold {n_layers} layers; "
-                         f"the folder does not match its config.json")
-    missing = [k for k in expected if k not in found]
-    extra = [k for k in found if k not in expected]
-    wrong = [f"{k} {tuple(found[k][1])} (expected {tuple(v)})" for k, v in expected.items()
-             if k in found and tuple(found[k][1]) != tuple(v)]
-    problems = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-               ([f"unexpected {', '.join(extra[:3])}"] if extra else []) + wrong[:3]
-    if problems:
-        raise NpgptError(f"{cfg_file}: {'; '.join(problems)}; the weights do not match config.json")
+    check_shapes(config, {k: shape for k, (_, shape) in found.items()}, expected, where, cfg_file)
     state = {}
     for h in headers:
         names = {k for k in h.tensors if k in expected}
@@ -607,6 +621,11 @@ def load_llama_tensors(path, config: LlamaConfig) -> dict:
             state[key] = np.ascontiguousarray(a.T) if _is_linear_weight(key) else a
         check_finite_tensors({k: state[k] for k in names}, h.path)
     return state
+
+
+def config_from_hf(hf: dict, where="config.json"):
+    """The model config of a config.json dict, of either family (GPTConfig or LlamaConfig)."""
+    return LlamaConfig.from_hf(hf, where) if is_llama_config(hf) else GPTConfig.from_hf(hf, where)
 
 
 def is_llama_config(hf: dict) -> bool:
@@ -638,10 +657,13 @@ def preset_config(preset, arch="gpt", **overrides):
     return LlamaConfig.from_gpt(gpt)
 
 
-def build_model(config, seed=0, device="cpu"):
-    """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig)."""
-    return (Llama if isinstance(config, LlamaConfig) else GPT)(config, seed=seed, device=device)
+def build_model(config, seed=0, device="cpu", init=True):
+    """A new model of `config`'s family (GPT for a GPTConfig, Llama for a LlamaConfig). init=False
+    leaves a Llama's weights unset (np.empty), for a model about to be loaded."""
+    if isinstance(config, LlamaConfig):
+        return Llama(config, seed=seed, device=device, init=init)
+    return GPT(config, seed=seed, device=device)
 
 
-__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "is_llama_config",
+__all__ = ["LlamaConfig", "Llama", "PRESETS", "preset_config", "build_model", "config_from_hf", "is_llama_config",
            "load_llama_tensors", "model_type_of"]

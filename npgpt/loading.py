@@ -43,9 +43,10 @@ from npgpt.errors import NpgptError
 from npgpt.gguf_models import is_gguf, load_gguf_model, load_gguf_tokenizer
 from npgpt.hub import is_hub_ref, snapshot
 from npgpt.layers import QuantizedLinear, check_scheme, decode_weight, linear_layers
-from npgpt.llama import Llama, is_llama_config
+from npgpt.llama import Llama, build_model, config_from_hf, is_llama_config
+from npgpt.llama import check_shapes as check_llama_shapes
 from npgpt.lora import is_adapter_dir, load_adapter, read_adapter
-from npgpt.model import (GPT, GPTConfig, check_config_matches, read_hf_config, records_quantization,
+from npgpt.model import (GPT, check_config_matches, read_hf_config, records_quantization,
                          weights_header)
 from npgpt.safeio import Bool, Int, check, check_finite_tensors, load_safetensors
 
@@ -201,12 +202,13 @@ def quantized_shapes(config, scheme):
         dtypes[f"{name}.qweight"], dtypes[f"{name}.scales"] = ("U8" if bits == 4 else "I8"), "F32"
 
     for key, shape in list(shapes.items()):
-        if key.endswith(".weight") and key.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc"):
-            del shapes[key]
+        if key.startswith(config.blocks_name + ".") and key.endswith(".weight") and len(shape) == 2:
+            del shapes[key]                             # every 2-D weight in the blocks is a linear layer's
             swap(key[:-len(".weight")], *shape)
     if scheme["embedding"]:
-        V, C = shapes.pop("transformer.wte.weight")
-        swap("transformer.wte", C, V)
+        emb = config.embedding_name
+        V, C = shapes.pop(f"{emb}.weight")
+        swap(emb, C, V)
     return shapes, dtypes
 
 
@@ -215,7 +217,7 @@ def is_quantized(folder, hf) -> bool:
 
 
 def load_quantized(path, hf=None, device="cpu", **overrides):
-    """A GPT from a quantised folder (written by npgpt.quant.save_quantized), in eval mode, its linear
+    """A model (GPT or Llama) from a quantised folder (written by npgpt.quant.save_quantized), in eval mode, its linear
     layers QuantizedLinear. `hf` is the parsed config.json when the caller has read it already."""
     path = Path(path)
     if hf is None:
@@ -224,26 +226,30 @@ def load_quantized(path, hf=None, device="cpu", **overrides):
     if scheme is None:
         raise NpgptError(f"{path / 'config.json'} records no npgpt.quantization; load it with npgpt.from_pretrained")
     f = path / QUANT_FILE
-    config = GPTConfig.from_hf(hf, str(path / "config.json"))
+    config = config_from_hf(hf, str(path / "config.json"))
     bits = scheme["bits"]
     header = weights_header(path)
     # every shape and dtype checked against config.json before anything is allocated
-    check_config_matches(config, header.shapes(), path / "config.json", f,
-                         lambda: quantized_shapes(config, scheme)[0])
+    if config.arch == "llama":
+        check_llama_shapes(config, header.shapes(), quantized_shapes(config, scheme)[0], path / "config.json", f)
+    else:
+        check_config_matches(config, header.shapes(), path / "config.json", f,
+                             lambda: quantized_shapes(config, scheme)[0])
     for key, dtype in quantized_shapes(config, scheme)[1].items():
         if header.tensors[key].dtype != dtype:
             raise NpgptError(f"{f}: tensor {key} is {header.tensors[key].dtype}, expected {dtype}; the folder "
                              f"does not match its config.json")
     raw = load_safetensors(f, header)
     check_finite_tensors(raw, f)
-    model = GPT(replace(config, **overrides), device="cpu")
+    model = build_model(replace(config, **overrides), init=False)
     for name, owner, attr, lin in linear_layers(model):
         bias = raw.pop(f"{name}.bias") if lin.bias is not None else None
         setattr(owner, attr, QuantizedLinear(raw.pop(f"{name}.qweight"), raw.pop(f"{name}.scales"),
                                              lin.weight.shape[0], bits, bias))
     if scheme["embedding"]:
-        stored, scales = raw.pop("transformer.wte.qweight"), raw.pop("transformer.wte.scales")
-        raw["transformer.wte.weight"] = decode_weight(stored, scales, config.n_embd, bits).T
+        emb = config.embedding_name
+        stored, scales = raw.pop(f"{emb}.qweight"), raw.pop(f"{emb}.scales")
+        raw[f"{emb}.weight"] = decode_weight(stored, scales, config.n_embd, bits).T
     model.load_state_dict({k: v.astype(np.float32, copy=False) for k, v in raw.items()})
     model.quantization = scheme
     model.eval()
@@ -258,7 +264,8 @@ def is_lora_run(folder, hf) -> bool:
 def load_lora_run(folder, hf=None, device="cpu", **overrides):
     """A LoRA run's checkpoint: the base model its adapter_config.json records, then the adapter."""
     base = read_adapter(folder)[2].get("base_model_name_or_path")
-    if not isinstance(base, str) or not Path(base).is_dir():
+    # the base is a model folder, or a GGUF file (fine-tuned with --init-from x.gguf)
+    if not isinstance(base, str) or not (Path(base).is_dir() or (is_gguf(base) and Path(base).is_file())):
         raise NpgptError(f"{folder} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
                          f"give the base with --checkpoint BASE --adapter {folder}")
     model = from_pretrained(base, device=device, **overrides)

@@ -46,7 +46,11 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")        # every linear layer of a GPT-2 block
-_KEY = re.compile(r"^transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight$")
+# every linear layer of a Llama block, by PEFT's names for them
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAMILY_TARGETS = {"gpt": DEFAULT_TARGETS, "llama": LLAMA_TARGETS}
+_KEY = re.compile(r"^(transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+                  r"|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj))\.lora_([AB])\.weight$")
 
 
 # ---- the settings ------------------------------------------------------------------------------
@@ -60,6 +64,7 @@ class LoRAConfig:
     use_rslora: bool = False                 # s = alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
     rank_pattern: dict | None = None         # per-module r / alpha overrides, PEFT's patterns
     alpha_pattern: dict | None = None
+    fan_in_fan_out: bool = True              # PEFT's flag: True for GPT-2's Conv1D, False for Llama's Linear
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -92,10 +97,12 @@ class LoRAConfig:
         return any(name == t or name.endswith("." + t) for t in self.targets)
 
     @classmethod
-    def from_targets_option(cls, r, alpha=None, dropout=0.0, targets=None):
-        """From CLI options: alpha defaults to 2 r; targets is 'c_attn,c_proj,...' or None."""
-        names = DEFAULT_TARGETS if not targets else tuple(t.strip() for t in targets.split(",") if t.strip())
-        return cls(r=r, alpha=float(2 * r if alpha is None else alpha), dropout=float(dropout), targets=names)
+    def from_targets_option(cls, r, alpha=None, dropout=0.0, targets=None, arch="gpt"):
+        """From CLI options: alpha defaults to 2 r; targets is 'c_attn,c_proj,...' (GPT-2) or
+        'q_proj,k_proj,...' (Llama), or None for every linear layer of the `arch` family's blocks."""
+        names = FAMILY_TARGETS[arch] if not targets else tuple(t.strip() for t in targets.split(",") if t.strip())
+        return cls(r=r, alpha=float(2 * r if alpha is None else alpha), dropout=float(dropout), targets=names,
+                   fan_in_fan_out=arch == "gpt")
 
     # ---- PEFT's adapter_config.json -----------------------------------------------------------
     def to_peft(self, base_model=None):
@@ -103,7 +110,7 @@ class LoRAConfig:
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "target_modules": self.targets if isinstance(self.targets, str) else list(self.targets),
-            "fan_in_fan_out": True, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+            "fan_in_fan_out": self.fan_in_fan_out, "bias": "none", "modules_to_save": None, "init_lora_weights": True,
             "use_rslora": self.use_rslora, "use_dora": False, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": dict(self.rank_pattern or {}),
             "alpha_pattern": dict(self.alpha_pattern or {}), "inference_mode": True, "revision": None,
@@ -122,9 +129,10 @@ class LoRAConfig:
             raise NpgptError(f"{where}: modules_to_save {cfg['modules_to_save']!r} is not supported (only LoRA weights)")
         if cfg.get("bias", "none") != "none":
             raise NpgptError(f"{where}: bias {cfg['bias']!r} is not supported; npgpt adapters train no biases")
-        # fan_in_fan_out is not read: PEFT forces it to true on GPT-2's Conv1D whatever the file says
-        targets = cfg.get("target_modules") or list(DEFAULT_TARGETS)
-        if not isinstance(targets, (str, list)):
+        # fan_in_fan_out is not read: PEFT forces it to true on GPT-2's Conv1D whatever the file says,
+        # and the stored lora_A (r, in) / lora_B (out, r) are laid out the same either way
+        targets = cfg.get("target_modules") or None
+        if targets is not None and not isinstance(targets, (str, list)):
             raise NpgptError(f"{where}: target_modules must be a list of names or a regular expression")
         try:
             pats = {}
@@ -137,7 +145,8 @@ class LoRAConfig:
                     re.compile(k)
             return cls(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
                        dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
-                       targets=targets if isinstance(targets, str) else tuple(targets),
+                       targets=DEFAULT_TARGETS if targets is None else targets if isinstance(targets, str)
+                       else tuple(targets),
                        use_rslora=bool(cfg.get("use_rslora", False)), **pats)
         except (KeyError, TypeError, ValueError, re.error) as e:
             raise NpgptError(f"{where}: missing or bad LoRA setting ({e}); expected r, lora_alpha, "
@@ -171,13 +180,15 @@ def apply_lora(model, config: LoRAConfig, seed=0, names=None):
     if has_lora(model):
         raise NpgptError("the model already has LoRA adapters; merge them (npgpt merge) before adding new ones")
     layers = linear_layers(model)
+    config.fan_in_fan_out = model.config.arch == "gpt"
     if names is None:
         chosen = [n for n, _, _, _ in layers if config.matches(n)]
         if isinstance(config.targets, tuple):
             for t in config.targets:
                 if not any(n == t or n.endswith("." + t) for n, _, _, _ in layers):
-                    raise NpgptError(f"lora target {t!r} matches no layer; GPT-2's linear layers are "
-                                     f"c_attn, c_proj, c_fc (attn.c_proj / mlp.c_proj for one of the two)")
+                    hint = ("GPT-2's linear layers are c_attn, c_proj, c_fc (attn.c_proj / mlp.c_proj for one of "
+                            "the two)") if model.config.arch == "gpt" else f"Llama's linear layers are {', '.join(LLAMA_TARGETS)}"
+                    raise NpgptError(f"lora target {t!r} matches no layer; {hint}")
         if not chosen:
             raise NpgptError(f"lora target pattern {config.targets!r} matches no layer of the model")
     else:
@@ -273,7 +284,9 @@ def read_adapter(folder):
     pairs, bad = {}, []
     for key, arr in raw.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        if not name.startswith("transformer."):
+        if name.startswith("layers."):
+            name = "model." + name                       # an adapter saved on LlamaModel, not LlamaForCausalLM
+        elif not name.startswith(("transformer.", "model.")):
             name = "transformer." + name                 # an adapter saved on GPT2Model, not GPT2LMHeadModel
         name = name.replace(".default.weight", ".weight")
         m = _KEY.match(name)
@@ -281,10 +294,11 @@ def read_adapter(folder):
             bad.append(key)
             continue
         module = name[: -len(".lora_A.weight")]
-        pairs.setdefault(module, {})[m.group(3)] = arr.astype(np.float32)
+        pairs.setdefault(module, {})[m.group(5)] = arr.astype(np.float32)
     if bad:
-        raise NpgptError(f"{wpath}: {len(bad)} tensor(s) are not LoRA weights of GPT-2 linear layers "
-                         f"(first: {bad[0]}); npgpt loads lora_A / lora_B of c_attn, c_proj, c_fc only")
+        raise NpgptError(f"{wpath}: {len(bad)} tensor(s) are not LoRA weights of block linear layers "
+                         f"(first: {bad[0]}); npgpt loads lora_A / lora_B of GPT-2's c_attn, c_proj, c_fc and "
+                         f"Llama's {', '.join(LLAMA_TARGETS)} only")
     if not pairs:
         raise NpgptError(f"{wpath} holds no LoRA weights")
     weights = {}

@@ -21,8 +21,8 @@ from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
-from npgpt.ops.nn import (attention_probs, causal_self_attention, cross_entropy, dropout, gelu, linear,
-                          split_heads)
+from npgpt.ops.nn import (REFERENCE_OPS, attention_probs, causal_self_attention, check_ops, cross_entropy,
+                          dropout, gelu, linear, reference_ops, split_heads)
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, check, check_finite_tensors, check_value,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
@@ -48,6 +48,8 @@ class GPTConfig:
             raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
     arch = "gpt"
+    blocks_name = "transformer.h"        # where the family keeps its blocks, and its token embedding
+    embedding_name = "transformer.wte"
 
     @property
     def hidden(self):
@@ -231,6 +233,14 @@ class CausalLM(Module):
     lora = None                          # the LoRAConfig of its adapters (npgpt.lora.apply_lora); None: none
     lora_base: str | None = None         # the base folder a LoRA model was trained from (adapter_config.json)
 
+    ops = "fused"   # "reference": forward runs on the composed reference ops (npgpt.reference)
+
+    def __call__(self, *args, **kwargs):
+        if self.ops == "reference" and not REFERENCE_OPS.get():
+            with reference_ops():
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
     @property
     def input_embedding(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -286,8 +296,9 @@ class CausalLM(Module):
 class GPT(CausalLM):
     """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu"):
+    def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
         self.config = config
+        self.ops = check_ops(ops)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
         self.transformer = Transformer(config, self.rng)
         if str(device) != "cpu":
@@ -310,6 +321,20 @@ class GPT(CausalLM):
     @property
     def input_embedding(self):
         return self.transformer.wte.weight
+
+    def hidden_states(self, idx):
+        """The residual stream after the embeddings and after each block, [(B, T, C) Tensor] * (n_layer + 1),
+        for interpretability (npgpt.inspect's logit lens reads each through `final_logits`)."""
+        idx = self._check_ids(idx)
+        tr = self.transformer
+        out = [tr.wte(idx) + tr.wpe.weight[:idx.shape[1]]]
+        for block in tr.h:
+            out.append(block(out[-1]))
+        return out
+
+    def final_logits(self, x):
+        """Logits of residual-stream states x (..., C): the final LayerNorm, then the tied head."""
+        return linear(self.transformer.ln_f(x), self.transformer.wte.weight.T)
 
     def resize_token_embeddings(self, vocab_size):
         """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as

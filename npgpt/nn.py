@@ -170,7 +170,8 @@ class Linear(Module):
 
     def __init__(self, n_in, n_out, bias=True, rng=None, std=0.02, dtype=np.float32):
         rng = rng or np.random.default_rng()
-        self.weight = Parameter(rng.normal(0.0, std, size=(n_in, n_out)).astype(dtype))
+        # copy=False: a float32 np.empty from a model built only to be loaded stays untouched (no RSS)
+        self.weight = Parameter(rng.normal(0.0, std, size=(n_in, n_out)).astype(dtype, copy=False))
         self.bias = Parameter(np.zeros(n_out, dtype=dtype)) if bias else None
 
     def forward(self, x):
@@ -182,7 +183,7 @@ class Embedding(Module):
 
     def __init__(self, num, dim, rng=None, std=0.02, dtype=np.float32):
         rng = rng or np.random.default_rng()
-        self.weight = Parameter(rng.normal(0.0, std, size=(num, dim)).astype(dtype))
+        self.weight = Parameter(rng.normal(0.0, std, size=(num, dim)).astype(dtype, copy=False))
 
     def forward(self, ids):
         return embedding(self.weight, ids)

@@ -6,12 +6,16 @@ contiguous arrays (NumPy or CuPy, whichever holds the parameters):
     flat  = [ decayed params (matrices, embeddings) | non-decayed params (biases, LayerNorm) ]
     grad  = [ same layout ]            exp_avg, exp_avg_sq = [ same layout ]
 
-At construction each parameter's `data` is copied into `flat` and rebound to a view of its slice, and
-its `grad` to a view of the matching slice of `grad`. The autograd engine adds gradients into an
-existing `grad` in place, so backward writes straight into the buffer, and one vectorised update
-serves all parameters; the weight decay touches only the leading slice.
+`FlatParams` owns the first two: at construction it copies each parameter's `data` into `flat` and
+binds it to a view of its slice, and its `grad` to a view of the matching slice of `grad`, once.
+The autograd engine adds gradients into an existing `grad` in place, so backward writes straight
+into the buffer, and one vectorised update serves all parameters; the weight decay touches only
+the leading slice.
 
-The update is PyTorch's `torch.optim.AdamW` (decoupled weight decay, Loshchilov & Hutter 2019):
+The update is one pure function, `adamw_update(p, g, m, v, n_decay, ...)`, handed the flat arrays:
+AdamW calls it on all of them, ZeroAdamW (npgpt.distributed) on its shard, and the tests hold the
+GPU kernel to it. It is PyTorch's `torch.optim.AdamW` (decoupled weight decay, Loshchilov & Hutter
+2019):
 
     p  <- p - lr * wd * p                      (decayed slice only)
     m  <- b1 m + (1 - b1) g
@@ -57,6 +61,53 @@ def get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def adamw_update(p, g, m, v, n_decay, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
+                 scratch=None):
+    """One AdamW step on flat arrays (llm.c's `adamw_update` loop, in array form): p, m, v are
+    updated in place and returned. The only AdamW formula on the CPU: AdamW calls it on its flat
+    buffers, ZeroAdamW on its shard, and the GPU kernel (`cuda_kernels.adamw_step`) is tested
+    against it. Pure: it keeps nothing between calls.
+
+    p, g, m, v: (N,) arrays of one float dtype (NumPy, or CuPy for an unfused run); weight decay
+    applies to p[:n_decay]; step: t after incrementing (1 for the first step); grad_scale
+    multiplies g first (the kernel's clipping / loss-scale factor); scratch: an (N,) array to
+    reuse so a step allocates nothing.
+    """
+    xp = get_xp(p)
+    if grad_scale != 1.0:
+        g = g * grad_scale
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    decay = 1.0 - lr * weight_decay if weight_decay else 1.0
+    tmp = xp.empty_like(p) if scratch is None else scratch
+
+    def update(r):
+        """All passes on one cache-sized block of the flat arrays (blocks run on all cores)."""
+        pr, gr, mr, vr, tr = p[r], g[r], m[r], v[r], tmp[r]
+        if decay != 1.0 and r.start < n_decay:
+            p[r.start:min(r.stop, n_decay)] *= decay        # decoupled: before the Adam step
+        # m <- b1 m + (1 - b1) g
+        xp.multiply(gr, 1.0 - beta1, out=tr)
+        mr *= beta1
+        mr += tr
+        # v <- b2 v + (1 - b2) g^2
+        xp.multiply(gr, gr, out=tr)
+        tr *= 1.0 - beta2
+        vr *= beta2
+        vr += tr
+        # p <- p - (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)   (PyTorch's arrangement)
+        xp.sqrt(vr, out=tr)
+        tr *= 1.0 / math.sqrt(bias2)
+        tr += eps
+        xp.divide(mr, tr, out=tr)
+        tr *= lr / bias1
+        pr -= tr
+
+    # Pure elementwise work with no matmul before it: worth both cores even at 0.8M values.
+    for_row_blocks(p.shape[0], 1, update, xp, min_parallel=1 << 18)
+    return p, m, v
+
+
 class _Slot:
     """Where one parameter lives in the flat buffers."""
 
@@ -67,14 +118,25 @@ class _Slot:
         self.data_view, self.grad_view = data_view, grad_view
 
 
-class AdamW:
-    """AdamW with decoupled weight decay on >= 2-D parameters, over flat buffers (see module doc).
+class FlatParams:
+    """Every parameter and every gradient of one optimizer in two flat buffers (llm.c's layout), and
+    the one owner of the parameters' views into them.
+
+        data = [ decayed params (>= 2-D: matrices, embeddings) | the others (biases, LayerNorm) ]
+        grad = [ same layout ]
+
+    At construction each parameter's values are copied into `data`, and its `data` and `grad` are
+    bound to views of its slices: the autograd engine adds gradients into an existing `grad` in
+    place, so backward writes straight into the buffer. Reading `data` or `grad` hands out the
+    buffer after one identity check per parameter: a view someone replaced (a `model.zero_grad()`
+    that set `grad = None`, a new `data` array) is copied in and bound again here, so no caller ever
+    has to re-sync anything.
 
     named_params: list of (name, param); each param has `.data` (float array) and `.grad` (array or
     None). Names key the optimizer state in checkpoints, so they must be unique.
     """
 
-    def __init__(self, named_params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+    def __init__(self, named_params):
         named = list(named_params)
         if not named:
             raise NpgptError("the optimizer got no parameters: the model has nothing to train")
@@ -82,15 +144,6 @@ class AdamW:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise NpgptError(f"parameter names must be unique for the optimizer state, repeated: {dup}")
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise NpgptError(f"betas must lie in [0, 1), got {tuple(betas)}")
-        if lr < 0 or eps <= 0 or weight_decay < 0:
-            raise NpgptError(f"need lr >= 0, eps > 0 and weight_decay >= 0 (got {lr}, {eps}, {weight_decay})")
-        self.lr, self.betas = float(lr), (float(b1), float(b2))
-        self.eps, self.weight_decay = float(eps), float(weight_decay)
-        self.t = 0   # number of steps taken (the t of the bias corrections)
-
         # nanoGPT's grouping: every tensor with >= 2 dims (matmul weights, embeddings) decays.
         decay = [(n, p) for n, p in named if p.data.ndim >= 2]
         no_decay = [(n, p) for n, p in named if p.data.ndim < 2]
@@ -106,55 +159,50 @@ class AdamW:
                                  f"({ordered[0][0]} is {dtype}, {name} is {p.data.dtype})")
         self.xp, self.dtype = xp, dtype
         sizes = [int(p.data.size) for _, p in ordered]
-        self.n_decay = sum(sizes[:len(decay)])     # the decayed slice is flat[:n_decay]
+        self.n_decay = sum(sizes[:len(decay)])     # the decayed slice is data[:n_decay]
         self.n_decay_tensors, self.n_no_decay_tensors = len(decay), len(no_decay)
-        total = sum(sizes)
-
-        self.flat = xp.empty(total, dtype=dtype)        # (N,) all parameters
-        self.grad = xp.zeros(total, dtype=dtype)        # (N,) all gradients
-        self.exp_avg = xp.zeros(total, dtype=dtype)     # (N,) first moment m
-        self.exp_avg_sq = xp.zeros(total, dtype=dtype)  # (N,) second moment v
-        self._scratch = xp.empty(total, dtype=dtype)    # (N,) reused so a step allocates nothing
+        self.size = sum(sizes)
+        self._data = xp.empty(self.size, dtype=dtype)   # (N,) all parameters
+        self._grad = xp.zeros(self.size, dtype=dtype)   # (N,) all gradients
 
         self.slots: list[_Slot] = []
         start = 0
         for (name, p), size in zip(ordered, sizes):
             stop = start + size
             shape = tuple(p.data.shape)
-            self.flat[start:stop] = p.data.reshape(-1)
-            data_view = self.flat[start:stop].reshape(shape)
-            grad_view = self.grad[start:stop].reshape(shape)
-            p.data, p.grad = data_view, grad_view
+            self._data[start:stop] = p.data.reshape(-1)
+            data_view = self._data[start:stop].reshape(shape)
+            grad_view = self._grad[start:stop].reshape(shape)
+            p.data, p.grad = data_view, grad_view          # bound once, here
             self.slots.append(_Slot(name, p, start, stop, shape, data_view, grad_view))
             start = stop
-        self._by_name = {s.name: s for s in self.slots}
 
-    # -------------------------------------------------------------------------------- reporting
+    @property
+    def data(self):
+        """(N,) all parameters (bound views checked first)."""
+        self._check_views()
+        return self._data
 
-    def describe(self) -> str:
-        """Group sizes, worded like nanoGPT's configure_optimizers printout."""
-        n_no = self.flat.size - self.n_decay
-        return (f"num decayed parameter tensors: {self.n_decay_tensors}, with {self.n_decay:,} parameters; "
-                f"num non-decayed parameter tensors: {self.n_no_decay_tensors}, with {n_no:,} parameters")
+    @property
+    def grad(self):
+        """(N,) all gradients (bound views checked first)."""
+        self._check_views()
+        return self._grad
 
-    # ------------------------------------------------------------------------------- gradients
-
-    def _sync_views(self):
-        """Re-attach parameters whose `data` or `grad` someone replaced, copying their values in.
-
-        The fast path is one identity check per parameter. A replaced `grad` (or `None`, e.g. after a
-        tensor-level zero_grad) would otherwise be silently ignored by the flat update.
-        """
+    def _check_views(self):
+        """Copy in and re-bind parameters whose `data` or `grad` someone replaced. The fast path is
+        one identity check per parameter; a replaced `grad` (or `None`) would otherwise be silently
+        ignored by the flat update."""
         for s in self.slots:
             p = s.param
             if p.data is not s.data_view:
-                self._copy_in(s, p.data, self.flat, "data")
+                self._copy_in(s, p.data, self._data, "data")
                 p.data = s.data_view
             if p.grad is not s.grad_view:
                 if p.grad is None:
-                    self.grad[s.start:s.stop] = 0
+                    self._grad[s.start:s.stop] = 0
                 else:
-                    self._copy_in(s, p.grad, self.grad, "grad")
+                    self._copy_in(s, p.grad, self._grad, "grad")
                 p.grad = s.grad_view
 
     def _copy_in(self, s: _Slot, value, buffer, what):
@@ -166,19 +214,58 @@ class AdamW:
                              f"call model.to(device) before building the optimizer")
         buffer[s.start:s.stop] = value.reshape(-1)
 
+
+class AdamW:
+    """AdamW with decoupled weight decay on >= 2-D parameters, over flat buffers (see module doc).
+
+    named_params: list of (name, param); each param has `.data` (float array) and `.grad` (array or
+    None). Names key the optimizer state in checkpoints, so they must be unique. The parameters'
+    buffers are `self.params` (FlatParams); the moments are this object's own.
+    """
+
+    def __init__(self, named_params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        named = list(named_params)
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise NpgptError(f"betas must lie in [0, 1), got {tuple(betas)}")
+        if lr < 0 or eps <= 0 or weight_decay < 0:
+            raise NpgptError(f"need lr >= 0, eps > 0 and weight_decay >= 0 (got {lr}, {eps}, {weight_decay})")
+        self.lr, self.betas = float(lr), (float(b1), float(b2))
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.t = 0                    # number of steps taken (the t of the bias corrections)
+        self.params = FlatParams(named)
+        self.xp, self.dtype = self.params.xp, self.params.dtype
+        n = self.params.size
+        self.exp_avg, self.exp_avg_sq = self._moments(n)      # (N,) first and second moments m, v
+        self._scratch = self.xp.empty_like(self.exp_avg)      # (N,) reused so a step allocates nothing
+
+    def _moments(self, n):
+        return self.xp.zeros(n, dtype=self.dtype), self.xp.zeros(n, dtype=self.dtype)
+
+    # the flat buffers and their layout, owned by self.params
+    flat = property(lambda self: self.params.data, doc="(N,) all parameters")
+    grad = property(lambda self: self.params.grad, doc="(N,) all gradients")
+    slots = property(lambda self: self.params.slots)
+    n_decay = property(lambda self: self.params.n_decay, doc="the decayed slice is flat[:n_decay]")
+    n_decay_tensors = property(lambda self: self.params.n_decay_tensors)
+    n_no_decay_tensors = property(lambda self: self.params.n_no_decay_tensors)
+
+    # -------------------------------------------------------------------------------- reporting
+
+    def describe(self) -> str:
+        """Group sizes, worded like nanoGPT's configure_optimizers printout."""
+        n_no = self.flat.size - self.n_decay
+        return (f"num decayed parameter tensors: {self.n_decay_tensors}, with {self.n_decay:,} parameters; "
+                f"num non-decayed parameter tensors: {self.n_no_decay_tensors}, with {n_no:,} parameters")
+
+    # ------------------------------------------------------------------------------- gradients
+
     def zero_grad(self):
-        """Zero every gradient with one fill of the flat buffer (and re-attach replaced grads)."""
+        """Zero every gradient with one fill of the flat buffer."""
         self.grad.fill(0)
-        for s in self.slots:
-            if s.param.grad is not s.grad_view:
-                s.param.grad = s.grad_view
-            if s.param.data is not s.data_view:
-                self._copy_in(s, s.param.data, self.flat, "data")
-                s.param.data = s.data_view
 
     def grad_norm(self):
         """Global L2 norm of all gradients, a 0-d array on the parameters' device (no sync)."""
-        self._sync_views()
         g = self.grad
         if _ck.use_kernels(g):
             return _ck.grad_norm(g)                           # one reduction kernel
@@ -196,63 +283,40 @@ class AdamW:
         if max_norm is None or max_norm <= 0:
             return norm
         # PyTorch's clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied only when below 1.
+        g = self.grad
         if self.xp is np:
             if float(norm) > max_norm:
-                self.grad *= max_norm / (float(norm) + 1e-6)
+                g *= max_norm / (float(norm) + 1e-6)
         else:
             # On the GPU a branch on `norm` would wait for the device; a clamped multiply does not.
-            coef = self.xp.minimum(max_norm / (norm + 1e-6), 1.0).astype(self.dtype)
-            self.grad *= coef
+            g *= self.xp.minimum(max_norm / (norm + 1e-6), 1.0).astype(self.dtype)
         return norm
 
     # ---------------------------------------------------------------------------------- update
 
     def step(self, lr: float | None = None):
         """One AdamW update of every parameter from the gradients in the flat buffer."""
-        self._sync_views()
-        xp = self.xp
+        self.t += 1
+        self._update(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, self.n_decay, lr)
+
+    def _update(self, p, g, m, v, n_decay, lr=None):
+        """adamw_update on these flat arrays at step self.t (on the GPU, the same in one kernel)."""
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
-        self.t += 1
-        bias1 = 1.0 - b1 ** self.t
-        bias2 = 1.0 - b2 ** self.t
-        p, g, m, v, tmp = self.flat, self.grad, self.exp_avg, self.exp_avg_sq, self._scratch
-        decay = 1.0 - lr * self.weight_decay if self.weight_decay else 1.0
-        n_decay = self.n_decay
         if _ck.use_kernels(p, g, m, v):                       # GPU: one kernel over the flat buffers
             _ck.adamw_step(p, g, m, v, lr, b1, b2, self.eps, self.weight_decay, self.t, n_decay)
             return
-
-        def update(r):
-            """All passes on one cache-sized block of the flat buffers (blocks run on all cores)."""
-            pr, gr, mr, vr, tr = p[r], g[r], m[r], v[r], tmp[r]
-            if decay != 1.0 and r.start < n_decay:
-                p[r.start:min(r.stop, n_decay)] *= decay        # decoupled: before the Adam step
-            # m <- b1 m + (1 - b1) g
-            xp.multiply(gr, 1.0 - b1, out=tr)
-            mr *= b1
-            mr += tr
-            # v <- b2 v + (1 - b2) g^2
-            xp.multiply(gr, gr, out=tr)
-            tr *= 1.0 - b2
-            vr *= b2
-            vr += tr
-            # p <- p - (lr / bias1) * m / (sqrt(v) / sqrt(bias2) + eps)   (PyTorch's arrangement)
-            xp.sqrt(vr, out=tr)
-            tr *= 1.0 / math.sqrt(bias2)
-            tr += self.eps
-            xp.divide(mr, tr, out=tr)
-            tr *= lr / bias1
-            pr -= tr
-
-        # Pure elementwise work with no matmul before it: worth both cores even at 0.8M values.
-        for_row_blocks(p.shape[0], 1, update, xp, min_parallel=1 << 18)
+        adamw_update(p, g, m, v, n_decay, lr=lr, beta1=b1, beta2=b2, eps=self.eps,
+                     weight_decay=self.weight_decay, step=self.t, scratch=self._scratch[:p.size])
 
     # ---------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """(tensors, meta): the moments per parameter name as host arrays, and the step + settings."""
-        m, v = asnumpy(self.exp_avg), asnumpy(self.exp_avg_sq)   # one device->host copy each
+        return self._state(self.exp_avg, self.exp_avg_sq)
+
+    def _state(self, exp_avg, exp_avg_sq):
+        m, v = asnumpy(exp_avg), asnumpy(exp_avg_sq)   # one device->host copy each
         tensors = {}
         for s in self.slots:
             tensors[f"exp_avg.{s.name}"] = np.ascontiguousarray(m[s.start:s.stop].reshape(s.shape))
@@ -264,32 +328,43 @@ class AdamW:
 
     def load_state_dict(self, tensors: dict, meta: dict):
         """Restore moments and step from `state_dict()` output (same parameter names and shapes)."""
-        if not isinstance(meta, dict) or "step" not in meta:
-            raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
-        step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
-        check_finite_tensors(tensors, "optimizer.safetensors")
+        m, v, self.t = self._read_state(tensors, meta)
+        self.exp_avg[...] = self.xp.asarray(m)
+        self.exp_avg_sq[...] = self.xp.asarray(v)
+
+    def _read_state(self, tensors: dict, meta: dict):
+        """Check a saved state against this optimizer -> (full m, full v as host arrays, step)."""
         expected = {f"{kind}.{s.name}": s for s in self.slots for kind in ("exp_avg", "exp_avg_sq")}
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
-                             f"it belongs to a different model (use --init-from instead of --resume)")
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
-                             f"it belongs to a different model (use --init-from instead of --resume)")
-        for key, s in expected.items():
-            if tuple(tensors[key].shape) != s.shape:
-                raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
-                                 f"has {s.shape}; it belongs to a different model")
-        m = np.empty(self.flat.size, dtype=self.dtype)
-        v = np.empty(self.flat.size, dtype=self.dtype)
+        step = check_state(tensors, meta, expected)
+        m = np.empty(self.params.size, dtype=self.dtype)
+        v = np.empty(self.params.size, dtype=self.dtype)
         for s in self.slots:
             m[s.start:s.stop] = np.asarray(tensors[f"exp_avg.{s.name}"]).reshape(-1)
             v[s.start:s.stop] = np.asarray(tensors[f"exp_avg_sq.{s.name}"]).reshape(-1)
-        self.exp_avg[...] = self.xp.asarray(m)
-        self.exp_avg_sq[...] = self.xp.asarray(v)
         # Hyperparameters stay as constructed: the caller's config (the checkpoint's, on resume) rules.
-        self.t = step
+        return m, v, step
+
+
+def check_state(tensors: dict, meta: dict, expected: dict) -> int:
+    """A saved optimizer state (tensors, meta) checked against `expected` {tensor name: its slot}:
+    a step count, finite values, exactly the expected names, their shapes. Returns the step."""
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
+    step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
+    check_finite_tensors(tensors, "optimizer.safetensors")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; it belongs to a "
+                         f"different model or parameter grouping (use --init-from instead of --resume)")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
+                         f"it belongs to a different model (use --init-from instead of --resume)")
+    for key, s in expected.items():
+        if tuple(tensors[key].shape) != s.shape:
+            raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
+                             f"has {s.shape}; it belongs to a different model")
+    return step
 
 
 # ---- Muon -----------------------------------------------------------------------------------------
@@ -384,17 +459,17 @@ class Muon(AdamW):
         if not (isinstance(ns_steps, int) and 1 <= ns_steps <= 20):
             raise NpgptError(f"ns_steps must be an integer in [1, 20], got {ns_steps!r}")
         muon, adamw = muon_groups(named)
+        # AdamW's layout puts >= 2-D tensors first in the order given, so the Muon matrices lead.
+        self.n_muon = sum(int(p.data.size) for _, p in muon)
         super().__init__(muon + adamw, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.muon_lr, self.muon_momentum = float(muon_lr), float(muon_momentum)
         self.nesterov, self.ns_steps, self.muon_weight_decay = bool(nesterov), ns_steps, float(muon_weight_decay)
-        # AdamW's layout puts >= 2-D tensors first in the order given, so the Muon matrices lead.
         self.muon_slots, self.adam_slots = self.slots[:len(muon)], self.slots[len(muon):]
-        self.n_muon = self.muon_slots[-1].stop if muon else 0
-        xp, n_adam = self.xp, self.flat.size - self.n_muon
-        self.momentum = xp.zeros(self.n_muon, dtype=self.dtype)   # (n_muon,) Muon's momentum buffers
-        self.exp_avg = xp.zeros(n_adam, dtype=self.dtype)         # (n_adam,) AdamW's moments: its part only
-        self.exp_avg_sq = xp.zeros(n_adam, dtype=self.dtype)
-        self._scratch = xp.empty(n_adam, dtype=self.dtype)
+        self.momentum = self.xp.zeros(self.n_muon, dtype=self.dtype)   # (n_muon,) Muon's momentum buffers
+
+    def _moments(self, n):
+        """AdamW's moments for its part of the flat buffer only (flat[n_muon:])."""
+        return super()._moments(n - self.n_muon)
 
     def describe(self) -> str:
         n_adam = self.flat.size - self.n_muon
@@ -408,11 +483,14 @@ class Muon(AdamW):
         return self.muon_lr * (lr / self.lr) if self.lr > 0 else self.muon_lr
 
     def step(self, lr: float | None = None):
-        """One Muon step of every hidden matrix, then one AdamW step of the rest."""
-        self._sync_views()
+        """One Muon step of every hidden matrix, then one AdamW step (adamw_update) of the rest."""
         lr = self.lr if lr is None else float(lr)
+        flat, grad, n = self.flat, self.grad, self.n_muon    # reading the buffers checks the views
         self._step_muon(self.muon_slots, lr)
-        self._step_adamw(lr)
+        self.t += 1                                          # counted even with no AdamW parameter
+        if flat.size > n:
+            n_decay = min(max(self.n_decay - n, 0), flat.size - n)
+            self._update(flat[n:], grad[n:], self.exp_avg, self.exp_avg_sq, n_decay, lr)
 
     def _step_muon(self, slots, lr):
         mlr = self.muon_lr_at(lr)
@@ -420,23 +498,6 @@ class Muon(AdamW):
             buf = self.momentum[s.start:s.stop].reshape(s.shape)
             muon_update(s.data_view, s.grad_view, buf, mlr, self.muon_momentum, self.nesterov, self.ns_steps,
                         self.muon_weight_decay)
-
-    def _step_adamw(self, lr, lo=None, hi=None):
-        """AdamW's update on flat[lo:hi] (default: the whole AdamW part), against moments of that size."""
-        lo = self.n_muon if lo is None else lo
-        hi = self.flat.size if hi is None else hi
-        if hi <= lo:
-            self.t += 1                                     # no AdamW parameter here: still count the step
-            return
-        saved = self.flat, self.grad, self.n_decay
-        self.flat, self.grad = saved[0][lo:hi], saved[1][lo:hi]
-        self.n_decay = min(max(saved[2] - lo, 0), hi - lo)
-        self._sync_views = lambda: None                    # already synced by step()
-        try:
-            AdamW.step(self, lr)
-        finally:
-            self.flat, self.grad, self.n_decay = saved
-            del self._sync_views                            # back to the class's method
 
     # ---------------------------------------------------------------------------- checkpoints
 
@@ -458,27 +519,12 @@ class Muon(AdamW):
 
     def load_state_dict(self, tensors: dict, meta: dict):
         """Restore momentum, moments and step from `state_dict()` output (same parameter names and shapes)."""
-        if not isinstance(meta, dict) or "step" not in meta:
-            raise NpgptError("optimizer state has no step count; the checkpoint's state.json is damaged")
-        if meta.get("type", "AdamW") != "Muon":
+        if isinstance(meta, dict) and meta.get("type", "AdamW") != "Muon":
             raise NpgptError(f"the checkpoint's optimizer is {meta.get('type', 'AdamW')}, not Muon; resume with "
                              f"--set optimizer=adamw (or start a new run)")
-        step = check_value(meta["step"], Int(lo=0), "state.json: field 'optimizer.step'")
-        check_finite_tensors(tensors, "optimizer.safetensors")
         expected = {f"momentum.{s.name}": s for s in self.muon_slots}
         expected.update({f"{kind}.{s.name}": s for s in self.adam_slots for kind in ("exp_avg", "exp_avg_sq")})
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            raise NpgptError(f"optimizer state lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
-                             f"it belongs to a different model or parameter grouping (use --init-from instead of --resume)")
-        unexpected = sorted(set(tensors) - set(expected))
-        if unexpected:
-            raise NpgptError(f"optimizer state has tensors for unknown parameters, e.g. {unexpected[0]}; "
-                             f"it belongs to a different model (use --init-from instead of --resume)")
-        for key, s in expected.items():
-            if tuple(tensors[key].shape) != s.shape:
-                raise NpgptError(f"optimizer state {key} has shape {tuple(tensors[key].shape)}, the parameter "
-                                 f"has {s.shape}; it belongs to a different model")
+        step = check_state(tensors, meta, expected)
         off = self.n_muon
         buf = np.empty(self.n_muon, dtype=self.dtype)
         m = np.empty(self.flat.size - off, dtype=self.dtype)

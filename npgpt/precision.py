@@ -24,6 +24,7 @@ fp16 gradients underflow: the trainer scales the loss (npgpt.training.scaler.Dyn
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import numpy as np
@@ -255,34 +256,31 @@ def gemm_plan(a_shape, a_strides, a_item, b_shape, b_strides, b_item) -> GemmPla
 
 
 # ---- the active precision ----------------------------------------------------------------------
-_current = Precision("fp32")
+# A context variable, not a module global: `with use_precision("tf32"):` in one thread leaves every
+# other thread (a server's engine, another test) on its own precision; the replicas' threads run in
+# a copy of their starter's context and so use the trainer's.
+ACTIVE = contextvars.ContextVar("npgpt_precision", default=Precision("fp32"))
 
 
 def current() -> Precision:
-    """The precision matmuls in the model use (set by `use_precision` / `set_precision`)."""
-    return _current
-
-
-def set_precision(name) -> Precision:
-    """Make `name` (or a Precision) the active precision; returns the previous one."""
-    global _current
-    prev = _current
-    _current = name if isinstance(name, Precision) else Precision(name)
-    return prev
+    """The precision matmuls in the model use in this context (set by `with use_precision(...)`)."""
+    return ACTIVE.get()
 
 
 @contextlib.contextmanager
 def use_precision(name):
-    prev = set_precision(name)
+    """Within the block, matmuls of this thread's context run in `name` (yields the Precision)."""
+    p = name if isinstance(name, Precision) else Precision(name)
+    token = ACTIVE.set(p)
     try:
-        yield _current
+        yield p
     finally:
-        set_precision(prev)
+        ACTIVE.reset(token)
 
 
 def matmul(a, b, out=None):
     """a @ b in the active precision (see Precision.matmul)."""
-    return _current.matmul(a, b, out=out)
+    return ACTIVE.get().matmul(a, b, out=out)
 
 
 # ---- casts for fp16 ----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def quantize_model(model, bits=8, group_size=None, embedding=False):
         if not isinstance(lin, QuantizedLinear):
             setattr(owner, attr, QuantizedLinear.from_linear(lin, bits, group_size))
     if embedding:
-        wte = model.transformer.wte.weight
+        wte = model.input_embedding
         stored, scales = encode_weight(asnumpy(wte.data).T, bits, group_size)
         w = decode_weight(stored, scales, wte.shape[1], bits).T
         wte.data[...] = get_xp(wte.data).asarray(w)
@@ -81,11 +81,12 @@ def quantized_tensors(model, bits=8, group_size=None, embedding=False):
         tensors[f"{name}.scales"] = np.ascontiguousarray(asnumpy(q.scales))
         if q.bias is not None:
             tensors[f"{name}.bias"] = np.ascontiguousarray(asnumpy(q.bias.data))
+    emb = model.config.embedding_name                  # transformer.wte, model.embed_tokens
     for name, p in model.named_parameters():
-        if name == "transformer.wte.weight" and embedding:
+        if name == f"{emb}.weight" and embedding:
             stored, scales = encode_weight(asnumpy(p.data).T, bits, group_size)
-            tensors["transformer.wte.qweight"] = np.ascontiguousarray(stored)
-            tensors["transformer.wte.scales"] = scales
+            tensors[f"{emb}.qweight"] = np.ascontiguousarray(stored)
+            tensors[f"{emb}.scales"] = scales
         elif name not in quantized and name not in tensors:
             tensors[name] = np.ascontiguousarray(asnumpy(p.data))
     return tensors

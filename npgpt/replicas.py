@@ -19,16 +19,22 @@ that are not ignored, N their sum: the summed gradient is that of the token mean
 batch, exactly what one plain forward and backward of the batch gives (up to float32 summation
 order, tested in tests/test_replicas.py).
 
-BLAS threads are set to one inside the threaded section through `threadpoolctl` (a dependency for
-this: it knows every BLAS that NumPy wheels ship, OpenBLAS, MKL, BLIS, Accelerate, where ctypes would
-need a guess per library), and restored after; the row-parallel passes of `npgpt.ops.parallel` stay
-on their calling thread there. `count_targets` and `loss_weight` come from `npgpt.distributed.comm`, so
+BLAS threads are set to one for a `with replicas.threaded():` block through `threadpoolctl` (a
+dependency for this: it knows every BLAS that NumPy wheels ship, OpenBLAS, MKL, BLIS, Accelerate,
+where ctypes would need a guess per library), and the row-parallel passes of `npgpt.ops.parallel`
+stay on their calling thread there. The trainer owns that block (Hooks.step_context, around each
+step's micro-batches and gradient reduction), so an error anywhere in the step leaves the block and
+restores both; the trainer also closes the replicas (their thread pool) when training ends. The
+replicas' threads run in a copy of the caller's context (its precision, grad mode, profiler). `count_targets` and `loss_weight` come from `npgpt.distributed.comm`, so
 the threads here and the MPI ranks there weight slices with the same code.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
+from concurrent.futures import wait as wait_all
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -71,13 +77,14 @@ class ThreadReplicas:
 
         hooks.loss_fn = replicas.loss_fn        # splits the batch, starts the shadows' slices
         hooks.reduce_grads = replicas.reduce    # waits for them, adds their gradients in order
+        hooks.step_context = replicas.threaded  # BLAS at one thread per replica, for the step
 
     loss_fn(model, x, y) starts slices 1..n-1 on the shadows' threads (each backpropagates its
     own token-mean loss times n_r / N times `scale`) and returns the batch's loss for the caller to
     backpropagate (times `scale`): its value is the token mean over the whole batch, its gradient
     flows through slice 0 only, weighted n_0 / N. `scale` is what the caller multiplies the loss by
-    before backward (1 / gradient-accumulation steps). Between loss_fn and reduce, BLAS runs one
-    thread per replica. `forward_backward` is the two in one call (used by `npgpt bench`).
+    before backward (1 / gradient-accumulation steps). Inside `with replicas.threaded():` BLAS runs
+    one thread per replica. `forward_backward` is the three in one call (used by `npgpt bench`).
     """
 
     def __init__(self, model, n=2, scale=1.0, base_loss=default_loss, ignore_index=-1):
@@ -86,8 +93,6 @@ class ThreadReplicas:
         self.shadows = []            # [(shadow model, [(param, shadow param)])], built on first use
         self._pool = None
         self._pending = []           # futures of the shadows' slices
-        self._limits = None          # the BLAS limit held from loss_fn to reduce
-        self._single = None
 
     def _build(self):
         params = list(self.model.parameters())
@@ -119,10 +124,6 @@ class ThreadReplicas:
         bounds = [B * k // n for k in range(n + 1)]
         counts = [count_targets(y[lo:hi], self.ignore_index) for lo, hi in zip(bounds[:-1], bounds[1:])]
         total = sum(counts)
-        if self._limits is None:
-            self._limits = blas_controller().limit(limits=1, user_api="blas")
-            self._single = parallel.single_threaded()
-            self._single.__enter__()
 
         def run(k, shadow, pairs, forward_done):
             try:
@@ -143,7 +144,10 @@ class ThreadReplicas:
             shadow.train(model.training)
             self._seed_shadow(k, shadow)
             forwards.append(Future())
-            self._pending.append(self._pool.submit(run, k, shadow, pairs, forwards[-1]))
+            # in a copy of the caller's context: the replica sees the caller's precision, grad mode
+            # and profiler, and its own settings stay in its thread
+            ctx = contextvars.copy_context()
+            self._pending.append(self._pool.submit(ctx.run, run, k, shadow, pairs, forwards[-1]))
         loss0 = self.base_loss(model, x[:bounds[1]], y[:bounds[1]])
         rest = sum(f.result() for f in forwards) / total if total else 0.0
         # value: the whole batch's token mean; gradient: slice 0's, weighted n_0 / N (the shadows'
@@ -167,20 +171,30 @@ class ThreadReplicas:
                     else:
                         p.grad += sp.grad
                     sp.grad = None
-        if self._limits is not None:
-            self._single.__exit__(None, None, None)
-            self._limits.restore_original_limits()
-            self._limits = self._single = None
+
+    @contextmanager
+    def threaded(self):
+        """For the block: BLAS at one thread (each replica's thread keeps one core busy) and the
+        row-parallel passes on their calling thread; both restored on leaving, however it is left."""
+        if self.n == 1:
+            yield
+            return
+        with blas_controller().limit(limits=1, user_api="blas"), parallel.single_threaded():
+            yield
 
     def forward_backward(self, x, y):
         """One plain micro-batch: loss_fn, backward, reduce. Returns the batch's loss as a float."""
-        loss = self.loss_fn(self.model, x, y)
-        (loss * self.scale).backward()
-        self.reduce()
+        with self.threaded():
+            loss = self.loss_fn(self.model, x, y)
+            (loss * self.scale).backward()
+            self.reduce()
         return float(loss.data)
 
     def close(self):
-        self.reduce()
+        """Wait for any slice still running (an error in it was the step's to report) and shut the
+        thread pool down."""
+        wait_all(self._pending)
+        self._pending = []
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -190,7 +204,8 @@ def training_plugin(model, src, cfg, hooks):
     """The trainer's plugin (npgpt.train.Hooks): `replicas = n` in the training config splits each
     micro-batch over n threads. It wraps whatever loss function earlier plugins set and runs before
     any reduce_grads already there (MPI data parallelism sums across processes after the threads
-    have summed inside this one). CPU, fp32 and no teacher only; elsewhere it stays out."""
+    have summed inside this one). It owns the step's BLAS limit (hooks.step_context) and is closed
+    when training ends (hooks.close). CPU, fp32 and no teacher only; elsewhere it stays out."""
     n = int(getattr(cfg, "replicas", 1) or 1)
     if n <= 1 or str(getattr(cfg, "device", "cpu")) != "cpu" or getattr(cfg, "precision", "fp32") != "fp32":
         return None
@@ -209,4 +224,6 @@ def training_plugin(model, src, cfg, hooks):
 
     hooks.loss_fn = reps.loss_fn
     hooks.reduce_grads = reduce_grads
+    hooks.step_context = reps.threaded
+    hooks.close.append(reps.close)
     return reps

@@ -33,8 +33,9 @@ from npgpt import tokenizer as tk
 from npgpt.backend import to_device
 from npgpt.checkpoint import find_checkpoint
 from npgpt.errors import NpgptError
-from npgpt.llama import LlamaConfig, is_llama_config
-from npgpt.model import GPTConfig, read_hf_config
+from npgpt.gguf_models import gguf_context_length, is_gguf
+from npgpt.llama import config_from_hf
+from npgpt.model import read_hf_config
 from npgpt.safeio import read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -92,7 +93,10 @@ def is_chat_model(tok) -> bool:
 
 
 def chat_stop_ids(tok) -> list[int]:
-    """Token ids that end an assistant turn in the format `render_chat` uses."""
+    """Token ids that end an assistant turn in the format `render_chat` uses. npgpt's template:
+    every role token (<|system|>, <|user|>, <|assistant|>, <|end|>) and end-of-text, so a model
+    that starts the next turn without closing its own still stops there; a model's own template:
+    the tokenizer's (its end-of-turn token and EOS)."""
     if has_model_template(tok):
         return tok.chat_stop_ids()
     return [tok.special_tokens[t] for t in CHAT_TOKENS if t in tok.special_tokens] + [tok.eot_id]
@@ -179,11 +183,13 @@ class SFTData:
         """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
 
         src = find_checkpoint(cfg.init_from or cfg.out)
-        if not tk.is_tokenizer_dir(src):
-            raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
-        tok = tk.load(src)
-        hf = read_hf_config(src)
-        n_pos = (LlamaConfig if is_llama_config(hf) else GPTConfig).from_hf(hf).block_size
+        if is_gguf(src):                      # one file: the tokenizer and the context length are inside
+            tok, n_pos = tk.load(src), gguf_context_length(src)
+        else:
+            if not tk.is_tokenizer_dir(src):
+                raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
+            tok = tk.load(src)
+            n_pos = config_from_hf(read_hf_config(src)).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)
         T = cfg.block_size or min(n_pos, max(len(render_record(tok, r)[0]) for r in records) - 1)

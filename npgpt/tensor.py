@@ -18,17 +18,40 @@ flat buffer, so gradients land straight in the buffer the update reads.
 
 from __future__ import annotations
 
+import contextvars
+
 from npgpt.backend import asnumpy, device_of, get_xp, to_device
 
-_grad_enabled = True
-
+# The engine's two knobs are context variables, not module globals (as Chainer keeps its config
+# thread-local): a `with no_grad():` or `with profiling(...)` block changes them for the code inside
+# it, in this thread (or asyncio task) only. A server's engine thread or a training replica never
+# sees another thread's block; threads npgpt starts itself run in a copy of the starting thread's
+# context (`contextvars.copy_context().run`), so they do see the mode their caller was in.
+GRAD_ENABLED = contextvars.ContextVar("npgpt_grad_enabled", default=True)
 
 # The op profiler (see `profiling`): None except while `npgpt bench --profile` measures. When it is
-# None, apply() and backward() pay one global lookup per op for it and nothing more.
-_profiler = None
+# None, apply() and backward() pay one context-variable read per op for it and nothing more.
+PROFILER = contextvars.ContextVar("npgpt_profiler", default=None)
 
 
-class profiling:
+class _ContextSetting:
+    """A context manager that sets one ContextVar for the block and restores it on exit (nestable,
+    and the same object may be entered again: tokens are kept on a stack)."""
+
+    var: contextvars.ContextVar
+
+    def _value(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.__dict__.setdefault("_tokens", []).append(self.var.set(self._value()))
+        return self._value()
+
+    def __exit__(self, *exc):
+        self.var.reset(self._tokens.pop())
+
+
+class profiling(_ContextSetting):
     """Context manager that times every Function's forward and backward.
 
     `profiler` has `clock()` (a time in seconds; on the GPU it synchronises first, so an op's
@@ -36,29 +59,25 @@ class profiling:
     "backward". npgpt.bench groups the records into op kinds.
     """
 
+    var = PROFILER
+
     def __init__(self, profiler):
         self.profiler = profiler
 
-    def __enter__(self):
-        global _profiler
-        self._prev, _profiler = _profiler, self.profiler
+    def _value(self):
         return self.profiler
 
-    def __exit__(self, *exc):
-        global _profiler
-        _profiler = self._prev
 
-
-class no_grad:
+class no_grad(_ContextSetting):
     """Context manager (and decorator) that disables graph building, e.g. for evaluation."""
 
-    def __enter__(self):
-        global _grad_enabled
-        self._prev, _grad_enabled = _grad_enabled, False
+    var = GRAD_ENABLED
 
-    def __exit__(self, *exc):
-        global _grad_enabled
-        _grad_enabled = self._prev
+    def _value(self):
+        return False
+
+    def __enter__(self):
+        super().__enter__()
 
     def __call__(self, fn):
         def wrapper(*args, **kwargs):
@@ -70,7 +89,7 @@ class no_grad:
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    return GRAD_ENABLED.get()
 
 
 class Function:
@@ -95,13 +114,14 @@ class Function:
     def apply(cls, *inputs, **options):
         fn = cls(**options)
         tensors = tuple(x if isinstance(x, Tensor) else Tensor(x) for x in inputs)
-        fn.requires_grad = _grad_enabled and any(t.requires_grad for t in tensors)
-        if _profiler is None:
+        fn.requires_grad = GRAD_ENABLED.get() and any(t.requires_grad for t in tensors)
+        profiler = PROFILER.get()
+        if profiler is None:
             data = fn.forward(*(t.data for t in tensors))
         else:
-            start = _profiler.clock()
+            start = profiler.clock()
             data = fn.forward(*(t.data for t in tensors))
-            _profiler.record(fn, "forward", _profiler.clock() - start)
+            profiler.record(fn, "forward", profiler.clock() - start)
         out = Tensor(data, requires_grad=fn.requires_grad)
         if fn.requires_grad:
             fn.inputs = tensors
@@ -209,6 +229,7 @@ class Tensor:
                 raise ValueError(f"backward(): gradient shape {grad.shape} != tensor shape {self.shape}")
 
         order = _topological_order(self)
+        profiler = PROFILER.get()
         grads = {id(self): grad}
         for t in reversed(order):           # outputs before the inputs they were made from
             g = grads.pop(id(t), None)
@@ -219,12 +240,12 @@ class Tensor:
                 _accumulate(t, g)
             if fn is None:
                 continue
-            if _profiler is None:
+            if profiler is None:
                 in_grads = fn.backward(g)
             else:
-                start = _profiler.clock()
+                start = profiler.clock()
                 in_grads = fn.backward(g)
-                _profiler.record(fn, "backward", _profiler.clock() - start)
+                profiler.record(fn, "backward", profiler.clock() - start)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             for parent, pg in zip(fn.inputs, in_grads):

@@ -23,9 +23,9 @@ and always run, so `train(cfg)` trains every config as it is; the trainer itself
 its floor. The config (TrainConfig, its sections and `--set key=value` parsing) is
 npgpt.training.config; batches come from a npgpt.data.BatchSource; train_step returns a StepStats.
 
-Under `mpiexec -n N` (npgpt.distributed.comm.current() has N ranks) the trainer fills the loss and
-gradient hooks with npgpt.distributed.data_parallel.DataParallel (count-weighted loss, one gradient reduction
-per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
+Given a communicator of N ranks (`train(cfg, comm=...)`; `mpiexec -n N npgpt train` passes the
+job's) the trainer fills the loss and gradient hooks with npgpt.distributed.data_parallel.DataParallel
+(count-weighted loss, one gradient reduction per step), shares evaluation, agrees on Ctrl-C, and lets rank 0 alone write (README "Data-parallel
 training").
 
 Reproducibility by construction: the batch of step `it` is drawn from a generator seeded with
@@ -57,11 +57,12 @@ from npgpt.backend import asnumpy, synchronize, xp_for
 from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
                               load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
-from npgpt.distributed.comm import current, for_device, local_rank0_first
+from npgpt.distributed.comm import Communicator, SingleProcess, for_device, local_rank0_first
 from npgpt.distributed.data_parallel import DataParallel
 from npgpt.distributed.zero import make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
+from npgpt.gguf_models import is_gguf
 from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
 from npgpt.llama import preset_config
@@ -152,7 +153,10 @@ def build_model(cfg: TrainConfig, data, log):
     vocab = data.vocab_size
     if cfg.resume or cfg.init_from:
         src = find_checkpoint(cfg.out if cfg.resume else cfg.init_from)
-        model = from_pretrained(src, dropout=cfg.dropout)       # a quantised one trains LoRA adapters only
+        kept = {"keep_quantized": True} if cfg.keep_quantized and not cfg.resume else {}
+        if kept and not is_gguf(src):
+            raise NpgptError(f"keep_quantized applies to --init-from a .gguf file, and {src} is not one")
+        model = from_pretrained(src, dropout=cfg.dropout, **kept)   # a quantised one trains LoRA adapters only
         if not data.grow_vocab:                         # resumed or fine-tuned: the data's tokenizer is the model's
             _check_same_tokenizer(src, data)
         if model.config.vocab_size < vocab and data.grow_vocab:
@@ -167,7 +171,7 @@ def build_model(cfg: TrainConfig, data, log):
 
 
 def _check_same_tokenizer(model_dir, data):
-    if not tk.is_tokenizer_dir(model_dir):
+    if not tk.is_tokenizer_dir(model_dir) and not is_gguf(model_dir):
         raise NpgptError(f"{model_dir} has no tokenizer files; a model folder needs its tokenizer to fine-tune on prepared data")
     mine = tk.load(model_dir).fingerprint()
     theirs = data.tokenizer().fingerprint()
@@ -324,16 +328,27 @@ class Hooks:
         Write extra files into each checkpoint folder (pruning saves its masks).
     save_model: fn(folder) or None
         Write the model into a checkpoint folder instead of model.save_pretrained (LoRA: adapters only).
+    step_context: () -> context manager
+        Entered around each step's micro-batches and gradient reduction (the thread replicas hold
+        BLAS at one thread per replica there); leaving it, by an error too, restores what it set.
+    close: [fn()]
+        Run when training ends, however it ends (the thread replicas shut their pool down).
     """
     loss_fn: Callable = model_loss
     reduce_grads: Callable | None = None
     after_step: list = field(default_factory=list)
     save_files: list = field(default_factory=list)
+    step_context: Callable = nullcontext
+    close: list = field(default_factory=list)
     save_model: Callable | None = None
 
 
-def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = None, plugins=()) -> TrainResult:
+def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = None, plugins=(),
+          comm: Communicator | None = None) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
+
+    comm: the job's communicator (npgpt.distributed.comm.get_communicator() under mpiexec: then the
+    run is data-parallel over its ranks); None trains in this process alone.
 
     batch_source: where batches come from (npgpt.data.BatchSource; SFT data plugs in here), default
     the prepared data folder cfg.data. Every config trains as it is: the standard plugins
@@ -351,7 +366,7 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
                                       for k in ("data", "init_from", "sft", "teacher")
                                       if getattr(cfg, k) and not is_hub_ref(getattr(cfg, k))})
-    comm, device = for_device(current(), cfg.device)  # mpiexec -n N: this rank's GPU and NCCL; else as is
+    comm, device = for_device(comm or SingleProcess(), cfg.device)   # several ranks: this rank's GPU, NCCL
     cfg = dataclasses.replace(cfg, device=device) if device != cfg.device else cfg
     xp = xp_for(cfg.device)                           # a clear error now if the GPU is unusable
     tune_malloc()
@@ -377,24 +392,28 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
         for plugin in (*PLUGINS, *plugins):             # the standard ones (pruning masks, distillation, LoRA)
             plugin(model, src, cfg, hooks)
         replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
-        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
-        optimizer = build_optimizer(trainable, comm, cfg)
-        dp = None
-        if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
-            dp = DataParallel(comm)
-            dp.install(hooks, optimizer)
-        scaler = DynamicLossScaler(enabled=Precision(cfg.precision).needs_loss_scaling)
-        run = _Run(cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src, dp)
-        run.describe(xp)
-        with use_precision(cfg.precision), _catch_sigint() as interrupted:
-            if dp is not None:
-                interrupted = dp.agree_on(interrupted)   # every rank stops at the same step
-            it = run.loop(interrupted)
-        if interrupted():
-            run.checkpoint(it, "interrupt")
-            log.record(kind="interrupt", iter=it)          # the CLI prints the one line about it
-            raise Interrupted(out, it)
-        return TrainResult(out, it, run.best_val, run.last_loss, run.history)
+        try:
+            trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
+            optimizer = build_optimizer(trainable, comm, cfg)
+            dp = None
+            if comm.world_size > 1:                       # data-parallel: count-weighted loss, gradient reduction
+                dp = DataParallel(comm)
+                dp.install(hooks, optimizer)
+            scaler = DynamicLossScaler(enabled=Precision(cfg.precision).needs_loss_scaling)
+            run = _Run(cfg, out, log, data, model, tokenizer, optimizer, scaler, hooks, block, src, dp)
+            run.describe(xp)
+            with use_precision(cfg.precision), _catch_sigint() as interrupted:
+                if dp is not None:
+                    interrupted = dp.agree_on(interrupted)   # every rank stops at the same step
+                it = run.loop(interrupted)
+            if interrupted():
+                run.checkpoint(it, "interrupt")
+                log.record(kind="interrupt", iter=it)          # the CLI prints the one line about it
+                raise Interrupted(out, it)
+            return TrainResult(out, it, run.best_val, run.last_loss, run.history)
+        finally:
+            for close in hooks.close:                   # however training ends (the replicas' threads)
+                close()
 
 
 def build_optimizer(named_params, comm, cfg: TrainConfig):
@@ -428,7 +447,8 @@ class _Run:
             if scaler.enabled and "loss_scaler" in state:
                 scaler.load_state_dict(state["loss_scaler"])
         mcfg = model.config
-        log(f"model: {_plural(mcfg.n_layer, 'layer')}, {_plural(mcfg.n_head, 'head')}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
+        heads = _plural(mcfg.n_head, 'head') + (f" ({mcfg.n_kv_head} key/value)" if mcfg.n_kv_head != mcfg.n_head else "")
+        log(f"model: {mcfg.arch}, {_plural(mcfg.n_layer, 'layer')}, {heads}, n_embd {mcfg.n_embd}, context {mcfg.block_size}, "
             f"vocab {mcfg.vocab_size}: {model.num_params():,} parameters" + (f" (from {src})" if src else "")
             + (f"; training rows of {block} tokens" if block != mcfg.block_size else ""))
         log(optimizer.describe())
@@ -607,14 +627,15 @@ def train_step(model, optimizer, batches, n_micro, grad_clip, lr, hooks=None, sc
     hooks = hooks or Hooks()
     optimizer.zero_grad()
     loss_sum, n_tokens = None, 0
-    for x, y in batches:
-        loss = hooks.loss_fn(model, x, y)
-        scaled = loss * (1.0 / n_micro)
-        (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
-        loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
-        n_tokens += y.size
-    if hooks.reduce_grads is not None:
-        hooks.reduce_grads(optimizer.grad, n_tokens)
+    with hooks.step_context():
+        for x, y in batches:
+            loss = hooks.loss_fn(model, x, y)
+            scaled = loss * (1.0 / n_micro)
+            (scaler.scale_loss(scaled) if scaler is not None else scaled).backward()
+            loss_sum = loss.data if loss_sum is None else loss_sum + loss.data
+            n_tokens += y.size
+        if hooks.reduce_grads is not None:
+            hooks.reduce_grads(optimizer.grad, n_tokens)
     if scaler is not None and scaler.enabled:
         stepped, norm = scaler.step(optimizer, lr, grad_clip)       # fp16: skips the step on inf/NaN
         return StepStats(loss_sum, norm, skipped=not stepped)

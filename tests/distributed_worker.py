@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from npgpt.distributed.comm import count_targets, get_communicator, global_count, loss_weight, set_current, shard_bounds
+from npgpt.distributed.comm import count_targets, get_communicator, global_count, loss_weight, shard_bounds
 from npgpt.distributed.zero import ZeroAdamW, reduce_gradients
 from npgpt.model import GPT, GPTConfig
 from npgpt.optim import AdamW
@@ -178,7 +178,10 @@ class GlobalBatches:
         return x[rows], y[rows]
 
 
-def train_tiny(data_dir, out, batch_size, source_rows=None, **over):
+COMM = None    # this worker's communicator, passed to train() explicitly (as `mpiexec -n N npgpt train` does)
+
+
+def train_tiny(data_dir, out, batch_size, source_rows=None, comm="job", **over):
     from npgpt.data import TokenData
     from npgpt.train import TrainConfig, train
     cfg = TrainConfig(data=str(data_dir), out=str(out), n_layer=1, n_head=2, n_embd=16, block_size=16,
@@ -189,7 +192,7 @@ def train_tiny(data_dir, out, batch_size, source_rows=None, **over):
     def keep_model(model, src, cfg, hooks):
         seen["model"] = model
     source = GlobalBatches(TokenData(data_dir), source_rows) if source_rows else None
-    result = train(cfg, batch_source=source, plugins=[keep_model])
+    result = train(cfg, batch_source=source, plugins=[keep_model], comm=COMM if comm == "job" else comm)
     flat = np.concatenate([p.data.reshape(-1) for _, p in seen["model"].named_parameters()])
     return result, flat
 
@@ -198,7 +201,7 @@ def case_train_equiv(comm, data_dir, tmp):
     """N ranks x B with count weighting vs one process x N*B on the same sequences (trainer level)."""
     from pathlib import Path
 
-    from npgpt.distributed.comm import SingleProcess, current, set_current
+    from npgpt.distributed.comm import SingleProcess
     n, B = comm.world_size, 2
     tmp = Path(tmp)
     res, flat = train_tiny(data_dir, tmp / f"dp{n}", B, source_rows=n * B)
@@ -207,14 +210,9 @@ def case_train_equiv(comm, data_dir, tmp):
            "zero_vs_plain": comm.allreduce_scalars([float(np.abs(flat_z - flat).max())], op="max")[0],
            "history": res.history, "iters": res.iters}
     if comm.rank == 0:
-        mine = current()
-        set_current(SingleProcess())
-        try:
-            res1, flat1 = train_tiny(data_dir, tmp / "one", n * B, source_rows=n * B)
-            # the same eval batches (batch B) on the same initial weights, in one process
-            res_b, _ = train_tiny(data_dir, tmp / "one-b", B, source_rows=n * B, max_iters=1)
-        finally:
-            set_current(mine)
+        res1, flat1 = train_tiny(data_dir, tmp / "one", n * B, source_rows=n * B, comm=SingleProcess())
+        # the same eval batches (batch B) on the same initial weights, in one process
+        res_b, _ = train_tiny(data_dir, tmp / "one-b", B, source_rows=n * B, max_iters=1, comm=SingleProcess())
         out.update(one_vs_ranks=float(np.abs(flat1 - flat).max()), eval0_one=res_b.history[0])
     return out
 
@@ -226,19 +224,14 @@ def case_muon_equiv(comm, data_dir, tmp):
     """Muon: N ranks x B (one all-reduce of the flat gradients) vs one process x N*B, same sequences."""
     from pathlib import Path
 
-    from npgpt.distributed.comm import SingleProcess, current, set_current
+    from npgpt.distributed.comm import SingleProcess
     n, B = comm.world_size, 2
     tmp = Path(tmp)
     res, flat = train_tiny(data_dir, tmp / f"muon{n}", B, source_rows=n * B, optimizer="muon", learning_rate=1e-2)
     out = {"ranks_differ": max_diff_to_root(comm, flat), "history": res.history, "iters": res.iters}
     if comm.rank == 0:
-        mine = current()
-        set_current(SingleProcess())
-        try:
-            _, flat1 = train_tiny(data_dir, tmp / "muon-one", n * B, source_rows=n * B, optimizer="muon",
-                                  learning_rate=1e-2)
-        finally:
-            set_current(mine)
+        _, flat1 = train_tiny(data_dir, tmp / "muon-one", n * B, source_rows=n * B, optimizer="muon",
+                              learning_rate=1e-2, comm=SingleProcess())
         out.update(one_vs_ranks=float(np.abs(flat1 - flat).max()), moved=float(np.abs(flat1).max()))
     return out
 
@@ -248,8 +241,7 @@ CASES["muon_equiv"] = lambda c: case_muon_equiv(c, sys.argv[3], sys.argv[4])
 
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
-    comm = get_communicator("cpu")
-    set_current(comm)                      # what `mpiexec -n N npgpt ...` does (npgpt.distributed.launcher.run_cli)
+    comm = COMM = get_communicator("cpu")   # what `mpiexec -n N npgpt ...` hands the commands (launcher.run_cli)
     result = CASES[case](comm)
     if comm.rank == 0:
         with open(out, "w") as f:

@@ -190,9 +190,9 @@ def mutated_safetensors(raw: bytes):
 
 # ------------------------------------------------------------------------------------- targets
 
-def _run(args):
-    """Run `npgpt ARGS` in-process; AssertionError unless it ends cleanly."""
-    result = CliRunner().invoke(cli, args, catch_exceptions=True)
+def _run(args, input=None):
+    """Run `npgpt ARGS` in-process (`input` on stdin); AssertionError unless it ends cleanly."""
+    result = CliRunner().invoke(cli, args, catch_exceptions=True, input=input)
     exc = result.exception
     out = result.output
     if exc is not None and not isinstance(exc, SystemExit):
@@ -383,9 +383,87 @@ def target_gguf(pristine):
     return mutated_gguf(raw), case
 
 
-TARGETS = {"gguf": target_gguf, "config": target_config, "safetensors": target_safetensors, "state": target_state,
+def _chat(folder):
+    _run(["chat", "--checkpoint", str(folder), "--max-new-tokens", "2", "--seed", "0"], input="the fox\n/quit\n")
+
+
+def target_tokenizer_json(pristine):
+    text = (pristine / "hf" / "tokenizer.json").read_text(encoding="utf-8")
+
+    def case(data):
+        folder = _fresh(pristine, "hf")
+        (folder / "tokenizer.json").write_bytes(data)
+        _chat(folder)
+    return mutated_json(text), case
+
+
+# Pieces of Jinja, joined at random: loops, ranges, repetition, concatenation, filters, recursion.
+JINJA_PIECES = ["{% for m in messages %}", "{% endfor %}", "{% for i in range(", "100000", "10**9", ") %}",
+                "{{ ", " }}", "{% if ", " %}", "{% endif %}", "'x'", " * ", " ~ ", " + ", "|join", "|center(",
+                "|replace('', ", "m.content", "messages[0]", ".role", "{% set ns = namespace(s='ab') %}",
+                "{% set ns.s = ns.s ~ ns.s %}", "{% macro f(n) %}{{ f(n) }}{% endmacro %}", "f(1)",
+                "raise_exception('no')", "bos_token", "{% generation %}", "{% endgeneration %}", "(", ")", ",",
+                "loop.index", "{% break %}", "tojson", "lipsum(", "'%09999999d' % 1", "messages.__class__",
+                "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}", "add_generation_prompt"]
+
+
+def target_chat_template(pristine):
+    text = (pristine / "hf" / "tokenizer_config.json").read_text(encoding="utf-8")
+    soup = st.lists(st.sampled_from(JINJA_PIECES), max_size=14).map("".join)
+    strategy = st.one_of(mutated_json(text),
+                         soup.map(lambda t: json.dumps(dict(json.loads(text), chat_template=t)).encode()))
+
+    def case(data):
+        folder = _fresh(pristine, "hf")
+        (folder / "tokenizer_config.json").write_bytes(data)
+        _chat(folder)
+    return strategy, case
+
+
+def target_llama_config(pristine):
+    """config.json of a Llama folder (LlamaForCausalLM, grouped-query attention)."""
+    text = (pristine / "llama" / "ckpt" / "config.json").read_text()
+
+    def case(data):
+        folder = _fresh(pristine / "llama", "ckpt")
+        (folder / "config.json").write_bytes(data)
+        (folder / "manifest.json").unlink()
+        _run(["info", str(folder)])
+        _sample(folder)
+    return mutated_json(text), case
+
+
+def _sharded_llama(pristine) -> Path:
+    """The Llama folder with its weights split over two shards and model.safetensors.index.json."""
+    from safetensors.numpy import load_file, save_file
+    folder = _fresh(pristine / "llama", "ckpt")
+    (folder / "manifest.json").unlink()
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    weight_map = {}
+    for i, part in enumerate((sorted(tensors)[::2], sorted(tensors)[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def target_llama_index(pristine):
+    """model.safetensors.index.json of a sharded Llama folder (shard names, the weight map)."""
+    text = (_sharded_llama(pristine) / "model.safetensors.index.json").read_text()
+
+    def case(data):
+        folder = _sharded_llama(pristine)
+        (folder / "model.safetensors.index.json").write_bytes(data)
+        _sample(folder)
+    return mutated_json(text), case
+
+
+TARGETS = {"gguf": target_gguf, "llama_config": target_llama_config, "llama_index": target_llama_index, "config": target_config, "safetensors": target_safetensors, "state": target_state,
            "manifest": target_manifest, "bpe_files": target_bpe_files, "tokenizer_meta": target_tokenizer_meta,
-           "tiktoken": target_tiktoken, "sft": target_sft, "meta": target_meta}
+           "tiktoken": target_tiktoken, "sft": target_sft, "meta": target_meta,
+           "tokenizer_json": target_tokenizer_json, "chat_template": target_chat_template}
 
 
 def _address_space() -> int:

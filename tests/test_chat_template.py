@@ -37,8 +37,9 @@ def test_environment_is_transformers_one():
         render("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(NpgptError, match="sandbox forbids"):
         render("{{ messages.append(1) }}")                                      # immutable sandbox
-    with pytest.raises(NpgptError, match="not valid Jinja"):
-        ChatTemplate("{% for %}")
+    for broken in ("{% for %}", "{% break %}", "{% continue %}", "{{ " * 3000):   # fuzzing found the 2nd
+        with pytest.raises(NpgptError, match="not valid Jinja"):
+            ChatTemplate(broken)
     assert render("{{ bos_token }}|{{ tools is none }}", bos_token="<s>") == "<s>|True"
 
 
@@ -287,6 +288,12 @@ def test_family_folder_chats_with_its_template(family_folder):
     r = CliRunner().invoke(cli, ["chat", "--checkpoint", str(d), "--max-new-tokens", "4", "--seed", "0"],
                            input="the fox\n/quit\n")
     assert r.exit_code == 0 and r.output.count("bot> ") == 1, r.output
+    # a plain prompt is tokenized as transformers does: Llama 3's tokenizer.json puts BOS first
+    bos = [tok.special_tokens["<|begin_of_text|>"]] if name == "llama3" else []
+    assert tok.encode_prompt("the fox") == bos + tok.encode("the fox") and tok.encode_prompt("") == bos
+    r = CliRunner().invoke(cli, ["sample", "--checkpoint", str(d), "--prompt", "the", "--max-new-tokens", "2",
+                                 "--seed", "0"])
+    assert r.exit_code == 0, r.output
 
 
 def test_family_folder_sft_then_serve(family_folder, tmp_path):

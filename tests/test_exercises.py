@@ -115,6 +115,15 @@ def test_bad_input_is_one_clean_line(tmp_path):
     crashing.write_text("def forward(x):\n    return x, None\n\ndef backward(dy, cache):\n    return cache[0]\n")
     report = exercises.check("gelu", crashing)
     assert not report.ok and "backward raised TypeError" in str(report) and "(line 5)" in str(report)
+    odd = tmp_path / "odd.py"
+    odd.write_text("def forward(x):\n    return x\n\ndef backward(dy, cache):\n    return dy\n")
+    report = exercises.check("gelu", odd)
+    assert not report.ok and "forward must return (out, cache)" in str(report)
+    shapes = tmp_path / "shapes.py"
+    shapes.write_text("import numpy as np\ndef forward(x):\n    return np.tanh(x), x\n\n"
+                      "def backward(dy, cache):\n    return dy[:1]\n")
+    report = exercises.check("tanh", shapes)
+    assert not report.ok and "shape (1, 5), expected (3, 5)" in str(report)
     (tmp_path / "file").write_text("")
     with pytest.raises(NpgptError, match="is a file"):
         exercises.start("gelu", tmp_path / "file")

@@ -1,7 +1,8 @@
 """Fuzz the loaders: mutated model, checkpoint, tokenizer, data and SFT files fail with one clean line.
 
-Valid folders are made once through the CLI (a tiny char-level run, a BPE tokenizer, a tiktoken
-file, SFT records); then, for each file kind, tests/fuzz_loaders_worker.py runs in a subprocess
+Valid folders are made once through the CLI (tiny char-level GPT-2 and Llama runs, a BPE tokenizer, a tiktoken
+file, SFT records, a Hugging Face style folder with tokenizer.json and a chat template); then, for each
+file kind, tests/fuzz_loaders_worker.py runs in a subprocess
 under an address-space limit and checks MAX_EXAMPLES hypothesis mutations of that file: the command
 reading it must exit 0 or print one `Error:` line, never raise, run out of memory or hang. The
 example count is bounded (derandomized, as the CI profile is) so this stays a CI test;
@@ -17,12 +18,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from helpers import TINY, corpus
+from chat_templates import CHATML
+from helpers import TINY, corpus, hf_chat_tokenizer
+from npgpt import GPT, GPTConfig
 from npgpt.cli.main import cli
 
 WORKER = Path(__file__).with_name("fuzz_loaders_worker.py")
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
-TARGETS = ["gguf", "config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta", "tiktoken", "sft", "meta"]
+TARGETS = ["gguf", "llama_config", "llama_index", "config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta",
+           "tiktoken", "sft", "meta", "tokenizer_json", "chat_template"]
 
 
 def _ok(args):
@@ -37,6 +41,8 @@ def pristine(tmp_path_factory):
     (root / "corpus.txt").write_text(corpus(800))
     _ok(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "data"), "--tokenizer", "char"])
     _ok(["train", "--data", str(root / "data"), "--out", str(root / "run"), "--max-iters", "2", "--quiet", *TINY])
+    _ok(["train", "--data", str(root / "data"), "--out", str(root / "llama"), "--preset", "llama-baby", "--max-iters",
+         "2", "--quiet", *TINY])
     _ok(["prepare", "--input", str(root / "corpus.txt"), "--out", str(root / "bpe"), "--tokenizer", "bpe",
          "--vocab-size", "300"])
     from npgpt.tokenizer import load
@@ -45,6 +51,10 @@ def pristine(tmp_path_factory):
                {"messages": [{"role": "user", "content": "hex"}, {"role": "assistant", "content": "zebras"}]},
                {"prompt": "seven", "completion": " wizards"}]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # a Hugging Face style folder: tokenizer.json, tokenizer_config.json with a ChatML template
+    tok = hf_chat_tokenizer(CHATML)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=128, vocab_size=tok.vocab_size)).save_pretrained(root / "hf")
+    tok.save(root / "hf")
     return root
 
 

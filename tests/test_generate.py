@@ -5,7 +5,8 @@ import pytest
 
 from npgpt import GPT, GPTConfig, no_grad
 from npgpt.errors import NpgptError
-from npgpt.generate import draw, generate, generate_stream, sampling_probs
+from npgpt.generate import generate, generate_stream
+from npgpt.sampling import draw, sampling_probs
 
 CFG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
 

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from npgpt import GPT, GPTConfig
 from npgpt.cli.main import cli
 from npgpt.errors import NpgptError
-from npgpt.generate import Penalties, beam_search, generate, log_softmax, softmax, speculative_stream
+from npgpt.generate import beam_search, generate, speculative_stream
+from npgpt.sampling import SamplingParams, log_softmax, softmax
 from npgpt.tokenizer import CharTokenizer
 
 from helpers import corpus
@@ -33,18 +34,20 @@ def test_penalties_formulas():
     z = np.array([[2.0, -1.0, 0.5, 3.0]])
     counts = np.array([[2, 0, 1, 0]])
     seen = np.array([[True, True, False, False]])
-    out = Penalties(presence=0.5, frequency=0.25, repetition=2.0, logit_bias={3: -10}).apply(z, counts, seen)
+    out = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0,
+                         logit_bias={3: -10}).apply_controls(z, counts, seen)
     # bias, then presence/frequency on generated counts, then repetition on seen tokens
     expect = np.array([(2.0 - 0.5 - 0.5) / 2.0, -1.0 * 2.0, 0.5 - 0.25 - 0.5, 3.0 - 10])
     np.testing.assert_allclose(out[0], expect)
-    assert not Penalties().active
+    assert not SamplingParams().penalized
 
 
-@pytest.mark.parametrize("bad", [dict(presence=3), dict(frequency=-2.5), dict(repetition=0),
-                                 dict(logit_bias={99: 1}), dict(logit_bias={1: 101})])
+@pytest.mark.parametrize("bad", [dict(presence_penalty=3), dict(frequency_penalty=-2.5), dict(repetition_penalty=0),
+                                 dict(logit_bias={99: 1}), dict(logit_bias={1: 101}),
+                                 dict(repetition_penalty=float("nan")), dict(logit_bias={"x": 1})])
 def test_penalties_reject_bad_values(bad):
-    with pytest.raises(NpgptError):
-        Penalties(**bad).check(12)
+    with pytest.raises(NpgptError, match=next(iter(bad))):
+        SamplingParams(**bad).check_vocab(12)
 
 
 def test_logit_bias_bans_and_forces_tokens():
@@ -72,7 +75,8 @@ def test_greedy_with_penalties_matches_a_hand_loop():
         logits = m.forward_cached(np.array([toks]), m.new_cache(1))[:, -1].astype(np.float64)
         seen = np.zeros((1, 12), dtype=bool)
         seen[0, toks] = True
-        t = int(Penalties(1.0, 0.5, 1.3).apply(logits, counts, seen).argmax())
+        controls = SamplingParams(presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.3)
+        t = int(controls.apply_controls(logits, counts, seen).argmax())
         counts[0, t] += 1
         toks.append(t)
     assert out == toks[2:]
@@ -164,7 +168,7 @@ def test_speculative_sampling_keeps_the_target_distribution(sampling):
     target, draft = tiny(0, vocab=V, scale=2.0), tiny(7, n_layer=1, vocab=V, scale=2.0)
 
     def dist(m, ctx):
-        from npgpt.generate import sampling_probs
+        from npgpt.sampling import sampling_probs
         z = m.forward_cached(np.array([ctx]), m.new_cache(1))[:, -1]
         return sampling_probs(z, **sampling)[0]
 

@@ -234,3 +234,28 @@ def test_from_pretrained_and_tokenizer_load_accept_gguf(bpe_run, tmp_path):
     assert load(out).vocab_size == kept.config.vocab_size
     r = _ok(["eval", "--checkpoint", str(out), "--input", str(bpe_run / "corpus.txt"), "--keep-quantized", "--json"])
     assert '"loss"' in r.output
+
+
+def test_lora_finetune_on_a_kept_quantized_gguf_base(bpe_run, tmp_path):
+    import json
+    from npgpt.layers import LoRALinear, QuantizedLinear
+    from npgpt.loading import load_run
+    tok = hf_tokenizer(bpe_run / "data")
+    model = tiny_llama(tok.vocab_size)
+    base = export_gguf(model, tok, tmp_path / "base.gguf", "q8_0")
+    records = [{"messages": [{"role": "user", "content": "hex"}, {"role": "assistant", "content": "zebras waltz"}]}] * 8
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    r = _ok(["finetune", "--init-from", str(base), "--sft", str(tmp_path / "sft.jsonl"), "--keep-quantized",
+             "--lora-rank", "4", "--lr", "3e-2",
+             "--max-iters", "80", "--out", str(out), "--quiet",
+             "--set", "eval_interval=80", "--set", "eval_iters=1", "--set", "warmup_iters=0", "--batch-size", "4"])
+    tuned, tok2 = load_run(out)[:2]
+    assert any(isinstance(m, LoRALinear) for m in tuned.modules())
+    kept = load_gguf_model(base, keep_quantized=True)
+    assert any(isinstance(m, QuantizedLinear) for m in kept.modules())
+    from npgpt.sft import render_chat
+    ids, mask = render_chat(tok, records[0]["messages"])
+    x, y = np.array([ids[:-1]]), np.array([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
+    before, after = float(kept(x, y)[1].data), float(tuned(x, y)[1].data)
+    assert after < before - 1.0, (before, after, r.output)

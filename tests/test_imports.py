@@ -18,7 +18,7 @@ FLOORS = [
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
-    ("npgpt.model", "npgpt.llama"),
+    ("npgpt.model", "npgpt.llama", "npgpt.sampling"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint", "npgpt.lora", "npgpt.gguf_models"),
     ("npgpt.loading",),
@@ -192,8 +192,9 @@ def test_the_floor_rule_itself(module, imported, ok):
 
 def test_every_package_and_its_data_is_in_pyproject():
     """A wheel holds only the packages pyproject.toml lists (an editable install hides a missing one):
-    every folder of npgpt/ and cli/ with an __init__.py is listed, and every non-Python file inside
-    a package is matched by its package-data."""
+    every folder of npgpt/ and cli/ with an __init__.py is listed, and every other file inside a
+    package (data, or Python files in a folder that is not a package, like exercise stubs) is matched
+    by its package-data."""
     tomllib = pytest.importorskip("tomllib")
     setup = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     dirs = {name: ROOT / path for name, path in setup["package-dir"].items()}
@@ -214,10 +215,25 @@ def test_every_package_and_its_data_is_in_pyproject():
         base = folder(package)
         subpackages = [folder(p) for p in listed if p.startswith(package + ".")]
         for path in base.rglob("*"):
-            if (not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts
+            if (not path.is_file() or path.suffix == ".pyc" or "__pycache__" in path.parts
                     or any(sub in path.parents for sub in subpackages)):
+                continue
+            if path.suffix == ".py" and path.parent == base:     # a module of the package itself
                 continue
             rel = path.relative_to(base)
             if not any(rel.match(pattern) for pattern in data.get(package, [])):
                 unlisted.append(f"{package}: {rel}")
     assert not unlisted, f"files a wheel would leave out (add them to package-data): {unlisted}"
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """A name with a leading underscore belongs to its module: another module that needs it needs it
+    public (bench.check_counts, backend.cupy_module)."""
+    bad = []
+    for path, module, _ in source_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("npgpt"):
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {a.name} from {node.module}"
+                        for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+    assert not bad, "private names imported across modules:\n" + "\n".join(bad)

@@ -99,6 +99,22 @@ def test_parameter_count_names_and_shapes():
     assert "lm_head.weight" not in dict(tiny(tie_word_embeddings=True).named_parameters())
 
 
+def test_config_json_old_and_new_rope_fields_agree():
+    """transformers < 5 writes rope_theta + rope_scaling; transformers 5 one rope_parameters object."""
+    base = tiny().config.to_hf()
+    sc = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+    old = LlamaConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": {**{k: v for k, v in sc.items() if k != "rope_type"},
+                                                                          "type": "llama3"}})
+    new = LlamaConfig.from_hf({k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling")}
+                              | {"rope_parameters": {**sc, "rope_theta": 5e5}})
+    assert old == new and new.rope_theta == 5e5 and new.rope_scaling == sc
+    plain = LlamaConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}})
+    assert plain.rope_scaling is None and plain.rope_theta == 100.0
+    with pytest.raises(NpgptError, match="rope_parameters"):
+        LlamaConfig.from_hf({**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
+
+
 def test_bad_configs():
     for kw, msg in (({"n_kv_head": 3}, "multiple of n_kv_head"), ({"n_embd": 18}, "divisible"),
                     ({"head_dim": 5}, "even"), ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),

@@ -26,7 +26,7 @@ from npgpt import GPT, GPTConfig, Tensor
 from npgpt.checkpoint import checkpoint_writer, find_checkpoint, sha256_file, verify_checkpoint
 from npgpt.cli.main import cli
 from npgpt.errors import NpgptError
-from npgpt.generate import sampling_probs
+from npgpt.sampling import sampling_probs
 from npgpt.ops import parallel
 from npgpt.ops.nn import cross_entropy
 from npgpt.optim import AdamW
@@ -449,11 +449,19 @@ def test_prompts_as_arrays_and_uncached_ragged_batches(gen_model):
     assert cached == [generate(gen_model, r, 6, temperature=0) for r in ragged]
 
 
-def test_cut_at_stop_at_the_very_start():
-    from npgpt.generate import cut_at_stop
-    assert cut_at_stop("\nrest", "\n") == ""
-    assert cut_at_stop("ab\ncd", ["x", "\n"]) == "ab"
-    assert cut_at_stop("abc", None) == "abc"
+def test_stop_string_at_the_very_start():
+    from npgpt.sampling import Detokenizer
+    from npgpt.tokenizer import CharTokenizer
+    tok = CharTokenizer.train("ab\ncdrestx")
+
+    def text(s, stop):
+        d = Detokenizer(tok, stop)
+        out = "".join(d.add(t) for t in tok.encode(s))
+        return out + d.flush()
+
+    assert text("\nrest", "\n") == ""
+    assert text("ab\ncd", ["x", "\n"]) == "ab"
+    assert text("abc", None) == "abc"
 
 
 # ---- autograd engine details the mutation run found unguarded ----------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from npgpt.backend import asnumpy
 from npgpt.errors import NpgptError
-from npgpt.optim import AdamW, get_lr
+from npgpt.optim import AdamW, adamw_update, get_lr
 
 SHAPES = {  # a miniature GPT's parameter names and shapes; 2-D ones decay
     "transformer.wte.weight": (11, 4),
@@ -252,3 +252,44 @@ def test_gradient_accumulation_with_scaling_equals_one_big_batch():
     acc.step()
     np.testing.assert_allclose(W2.data, W.data, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b2.data, b.data, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_update_is_the_pytorch_formula_on_flat_arrays():
+    """The one update, on its own: in place on p, m, v; decay only on p[:n_decay]; pure (the same
+    inputs give the same outputs, nothing kept between calls)."""
+    r = np.random.default_rng(5)
+    p0, g = r.standard_normal(50), r.standard_normal(50)
+    m0, v0 = r.standard_normal(50), np.abs(r.standard_normal(50))
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+    p, m, v = p0.copy(), m0.copy(), v0.copy()
+    out = adamw_update(p, g, m, v, 20, **kw)
+    assert out[0] is p and out[1] is m and out[2] is v
+    want_m = 0.9 * m0 + 0.1 * g
+    want_v = 0.95 * v0 + 0.05 * g * g
+    decayed = np.where(np.arange(50) < 20, p0 * (1 - 1e-2 * 0.1), p0)
+    want_p = decayed - 1e-2 * (want_m / (1 - 0.9 ** 3)) / (np.sqrt(want_v / (1 - 0.95 ** 3)) + 1e-8)
+    np.testing.assert_allclose(m, want_m, rtol=1e-12)
+    np.testing.assert_allclose(v, want_v, rtol=1e-12)
+    np.testing.assert_allclose(p, want_p, rtol=1e-12)
+    again = adamw_update(p0.copy(), g, m0.copy(), v0.copy(), 20, **kw)
+    for a, b in zip(again, (p, m, v)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_model_zero_grad_after_the_optimizer_is_built_changes_nothing():
+    """model.zero_grad() drops the bound views (grad = None); the flat buffer's owner binds them
+    again when the optimizer reads its buffers, so the step is the same as with opt.zero_grad()."""
+    from npgpt.model import GPT, GPTConfig
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    x = np.random.default_rng(0).integers(0, 11, (2, 8))
+    weights = []
+    for use_model in (False, True):
+        model = GPT(cfg, seed=1)
+        opt = AdamW(model.named_parameters(), lr=1e-2)
+        for _ in range(2):
+            (model if use_model else opt).zero_grad()
+            model(x, x)[1].backward()
+            opt.step()
+        weights.append(opt.flat.copy())
+        assert all(np.shares_memory(p.grad, opt.grad) for p in model.parameters())
+    np.testing.assert_array_equal(weights[0], weights[1])

@@ -132,3 +132,42 @@ def test_trainer_with_replicas_follows_the_plain_run(data_dir, tmp_path, monkeyp
     assert split.iters == plain.iters
     np.testing.assert_allclose(split.last_train_loss, plain.last_train_loss, rtol=1e-4)
     np.testing.assert_allclose(split.best_val_loss, plain.best_val_loss, rtol=1e-4)
+
+
+def test_an_error_inside_the_step_leaves_blas_and_row_blocks_as_they_were():
+    """The BLAS limit is a `with` block the trainer owns (Hooks.step_context): a failure between
+    loss_fn and reduce leaves it, and BLAS gets its threads back (it used to stay at one)."""
+    from npgpt.ops import parallel
+    from npgpt.replicas import blas_controller
+    from npgpt.train import Hooks, train_step
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in blas_controller().info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    model, opt = setup()
+    reps = ThreadReplicas(model, n=2)
+    inside = []
+
+    def failing_reduce(flat_grad, n_tokens):
+        inside.append((blas_threads(), parallel.SINGLE.get()))
+        raise RuntimeError("boom between loss_fn and reduce")
+
+    hooks = Hooks(loss_fn=reps.loss_fn, reduce_grads=failing_reduce, step_context=reps.threaded)
+    x, y = batch()
+    with pytest.raises(RuntimeError, match="boom"):
+        train_step(model, opt, [(x, y)], 1, 1.0, 1e-3, hooks)
+    assert inside and all(n == 1 for n in inside[0][0]) and inside[0][1] is True   # limited inside
+    assert blas_threads() == before and parallel.SINGLE.get() is False             # restored after
+    reps.close()
+    assert reps._pool is None
+
+
+def test_the_trainer_closes_the_replicas_threads(data_dir, tmp_path):
+    import threading
+
+    from npgpt.train import TrainConfig, train
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "r"), n_layer=1, n_head=2, n_embd=16, block_size=16,
+                      batch_size=4, max_iters=2, eval_interval=2, eval_iters=1, log_interval=1, quiet=True, replicas=2)
+    train(cfg)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("npgpt-replica")]

@@ -12,7 +12,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from npgpt.generate import log_softmax  # noqa: E402
+from npgpt.sampling import log_softmax  # noqa: E402
 from npgpt.sft import CHAT_TOKENS, render_chat  # noqa: E402
 
 from serve_helpers import LiveServer, eot_bias, greedy_reference, model_folder, wait_until  # noqa: E402
@@ -389,18 +389,18 @@ def test_serve_cli_errors(tmp_path):
 
 def test_a_crashing_request_fails_alone(tmp_path, monkeypatch):
     """A request whose generation raises gets a 500 error body; the engine and server go on."""
-    import npgpt.serve.engine as engine
+    import npgpt.sampling as sampling
     from npgpt.loading import load_run
     from npgpt.serve.http import App, make_server
     folder = model_folder(tmp_path / "m", chat=False)
     model, tok = load_run(folder)[:2]
-    real = engine.sampling_probs
+    real = sampling.sampling_probs
 
     def flaky(logits, temperature=1.0, top_k=None, top_p=None):
         if temperature == 0.123:
             raise RuntimeError("boom")
         return real(logits, temperature, top_k, top_p)
-    monkeypatch.setattr(engine, "sampling_probs", flaky)
+    monkeypatch.setattr(sampling, "sampling_probs", flaky)
     app = App(model, tok, "m")
     httpd = make_server(app, port=0)
     app.engine.start()

@@ -38,16 +38,48 @@ def test_reference_ops_model_matches_the_fused_model():
     x, y = ids(0), ids(1)
     y[0, :2] = -1                                               # ignored targets take the same path
     fused = _run(m, x, y)
-    with reference_ops() as swapped:
-        assert swapped, "nothing was swapped"
+    assert set(FUSED_FUNCTIONS) <= fused[3], f"the fused model's graph lacks fused ops: {fused[3]}"
+    with reference_ops():
         ref = _run(m, x, y)
     again = _run(m, x, y)                                       # restored on exit
     assert set(FUSED_FUNCTIONS) & ref[3] == set(), f"fused ops left in the reference graph: {ref[3]}"
-    assert set(FUSED_FUNCTIONS) & again[3], "the fused ops were not restored"
+    assert set(FUSED_FUNCTIONS) <= again[3], "the fused ops were not restored"
     np.testing.assert_allclose(ref[0], fused[0], rtol=1e-10, atol=1e-12)
     assert abs(ref[1] - fused[1]) < 1e-10
     for name, g in fused[2].items():
         np.testing.assert_allclose(ref[2][name], g, rtol=1e-8, atol=1e-12, err_msg=name)
+    # GPT(cfg, ops="reference") runs the same reference graph without a `with` block
+    r = GPT(TINY, seed=3, ops="reference").astype(np.float64)
+    built = _run(r, x, y)
+    assert set(FUSED_FUNCTIONS) & built[3] == set(), f"fused ops in the ops='reference' graph: {built[3]}"
+    np.testing.assert_array_equal(built[0], ref[0])
+    for name, g in ref[2].items():
+        np.testing.assert_array_equal(built[2][name], g, err_msg=name)
+    with pytest.raises(NpgptError, match="ops must be one of"):
+        GPT(TINY, ops="fast")
+
+
+def test_reference_switch_covers_modules_imported_later_and_stays_in_its_thread():
+    """The switch is a context variable read by the ops: a module that imported `linear` in any
+    spelling is covered, and a thread started inside the block keeps the fused ops."""
+    import threading
+
+    from npgpt.ops import nn as F
+    from npgpt.tensor import Tensor as T
+
+    x = T(np.ones((2, 3), dtype=np.float32), requires_grad=True)
+    w = T(np.ones((3, 4), dtype=np.float32), requires_grad=True)
+    seen = {}
+
+    def other_thread():
+        seen["other"] = F.linear(x, w).grad_fn.name
+
+    with reference_ops():
+        seen["here"] = F.linear(x, w).grad_fn.name              # the reference: x @ w is a MatMul
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert seen == {"here": "MatMul", "other": "Linear"}, seen
 
 
 def test_reference_ops_refuse_dropout_in_training():
@@ -245,7 +277,8 @@ def test_attention_scales():
 
 # ---- --show-probs: the model's and the sampling probability, beside the text ---------------------
 def test_steps_carry_the_sampling_probability():
-    from npgpt.generate import generate_stream, sampling_probs
+    from npgpt.generate import generate_stream
+    from npgpt.sampling import sampling_probs
     m = GPT(TINY, seed=6).eval()
     prompt = [1, 2, 3]
     first = next(generate_stream(m, prompt, 1, temperature=0.7, top_k=3, seed=0))[0]

@@ -32,9 +32,25 @@ and scored on the same held-out windows (the last 10% of the text), in nats per 
                    lesson checks that the ladder's code with every part switched on, 2 blocks and
                    a tied head computes exactly what npgpt.GPT computes, from the same seed).
 
-Read the table as the lesson: which parts buy the most loss. README shows the full-size run on
-tiny Shakespeare. Fast mode (CI) trains each rung a few steps and checks only that each learns and
-that the top rung is npgpt's GPT; the full run checks that every rung beats the one before.
+Read the table as the lesson: which parts buy the most loss. What it shows on tiny Shakespeare
+(README has the numbers): attention over the past beats the bigram, and several heads beat one.
+Then the MLP and the residual, added one at a time, each gain nothing measurable (within 0.01
+nats). They are not useless: without position embeddings an attention layer sees the past as an
+unordered bag of characters (its weights depend on content only), and no per-position
+computation can recover an order that was never given to it; and without normalisation the
+unit-less stream trains slowly. LayerNorm is the first of the three to pay (every branch and the
+head see unit-variance inputs, and the same parts train much further in the same steps); the
+position embedding (rung 7) gives order, and the second block of the GPT (rung 8) builds on it.
+The ladder adds the parts in the order a GPT-2 block is usually explained, not in the order that
+would make each rung pay off alone: bringing positions in with the first head would let the MLP
+and the residual work on ordered context from the start (this lesson does not measure that
+variant).
+
+So the full run checks what the measurements support: the trained bigram reaches the counts;
+one head beats the bigram; multi-head beats one head; the MLP and the residual stay within 0.02
+nats of multi-head; LayerNorm, positions and the second block each beat the rung before. Fast
+mode (CI) trains each rung a few steps and checks only that each learns and that the top rung is
+npgpt's GPT.
 
 Read next: npgpt/model.py (Block, GPT), which is rung 8.
 """
@@ -214,10 +230,16 @@ def main(argv=None):
     rungs = [k for k in losses if k not in ("uniform", "bigram counts")]
     check(all(losses[k] < losses["uniform"] - 0.3 for k in rungs), "every rung learns (0.3 nats below uniform)")
     if not args.fast:
-        check(abs(losses["1. bigram"] - losses["bigram counts"]) < 0.05, "the trained bigram table reaches the counts")
-        worse = [f"{b} ({losses[b]:.3f}) vs {a} ({losses[a]:.3f})" for a, b in zip(rungs, rungs[1:])
-                 if losses[b] >= losses[a]]
-        check(not worse, "every rung beats the one before" + (f"; not: {'; '.join(worse)}" if worse else ""))
+        L = losses
+        check(abs(L["1. bigram"] - L["bigram counts"]) < 0.05, "the trained bigram table reaches the counts")
+        check(L["2. + one head"] < L["1. bigram"], "one attention head over the past beats the bigram")
+        check(L["3. multi-head"] < L["2. + one head"], "four heads beat one")
+        plateau = [L[k] - L["3. multi-head"] for k in ("4. + MLP", "5. + residual")]
+        check(max(abs(d) for d in plateau) < 0.02,
+              "without positions or normalisation, the MLP and the residual each stay within 0.02 nats")
+        check(L["6. + LayerNorm"] < L["5. + residual"], "LayerNorm beats the rung before")
+        check(L["7. + positional"] < L["6. + LayerNorm"], "position embeddings beat the rung before")
+        check(L["8. GPT"] < L["7. + positional"], "the 2-block GPT with a tied head beats rung 7")
     return {"losses": losses, "params": sizes}
 
 

@@ -2,7 +2,7 @@
 
     python examples/learn/10_sampling.py
 
-The model gives logits z for the next token; decoding picks one. npgpt.generate.sampling_probs
+The model gives logits z for the next token; decoding picks one. npgpt.sampling.sampling_probs
 turns logits into the distribution actually sampled from:
 
     temperature T:  p = softmax(z / T).  T < 1 sharpens (T -> 0 is greedy argmax), T > 1 flattens
@@ -16,7 +16,7 @@ the token" means two things: the model's own p (softmax at T = 1, what the loss 
 probability it was drawn with after the three steps. `npgpt sample --show-probs` prints both.
 
 Drawing one token: inverse CDF, one uniform number u per row, token = first index where the
-cumulative sum passes u (npgpt.generate.draw). The lesson checks empirical frequencies against p.
+cumulative sum passes u (npgpt.sampling.draw). The lesson checks empirical frequencies against p.
 """
 
 import sys
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lesson_kit import check, parse, picture, title  # noqa: E402
 
-from npgpt.generate import draw, sampling_probs  # noqa: E402
+from npgpt.sampling import draw, sampling_probs  # noqa: E402
 
 
 def entropy(p):

@@ -183,7 +183,7 @@ def main(argv=None):
     res["answer"] = tok.decode(new)
 
     title("5. int8 against float")
-    from npgpt.quant import QuantizedLinear       # the library's int8 layer; its quantize_model walks GPT-2's blocks
+    from npgpt.layers import QuantizedLinear      # the library's int8 layer; npgpt.quant.quantize_model swaps it in
     q = copy.deepcopy(model)
     for owner, name in linear_modules(q):
         setattr(owner, name, QuantizedLinear.from_linear(getattr(owner, name), bits=8))

@@ -362,20 +362,6 @@ class NCCLComm(Communicator):
         self.mpi.abort(code)
 
 
-_current: Communicator | None = None
-
-
-def current() -> Communicator:
-    """The communicator of this process's job (SingleProcess unless `npgpt` was started by a launcher
-    with several ranks and set one with set_current)."""
-    return _current if _current is not None else SingleProcess()
-
-
-def set_current(comm: Communicator | None):
-    global _current
-    _current = comm
-
-
 def get_communicator(device="cpu", environ=None, timeout_s=None) -> Communicator:
     """The communicator for this process: SingleProcess unless a launcher started several ranks;
     then MPI, and NCCL on top of it for GPU devices (each rank on GPU local_rank)."""

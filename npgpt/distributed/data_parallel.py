@@ -100,7 +100,6 @@ class DataParallel:
 
         hooks.reduce_grads = reduce_grads
         self.optimizer = optimizer
-        optimizer._sync_views()
         self.comm.broadcast(optimizer.flat, root=0)         # every rank starts from rank 0's weights
 
     def agree_on(self, local_stop):

@@ -32,8 +32,7 @@ import numpy as np
 
 from npgpt.backend import synchronize, to_device, xp_for
 from npgpt.bench import FLOPS_FORMULA, TrainStep, blas_threads, check_counts, format_train
-from npgpt.distributed.comm import (Communicator, MPIComm, SingleProcess, current, for_device, launch_info,
-                                    loss_weight, set_current)
+from npgpt.distributed.comm import Communicator, MPIComm, SingleProcess, for_device, launch_info, loss_weight
 from npgpt.distributed.zero import make_optimizer, reduce_gradients
 from npgpt.errors import NpgptError
 from npgpt.perf import gemm_peak_gflops
@@ -107,7 +106,6 @@ def run_cli(group, args=None, comm: Communicator | None = None):
         if comm.rank != 0:
             return 0
         comm = SingleProcess()
-    set_current(comm)
     _limit_threads(comm)
     err = sys.stderr
     if comm.rank != 0:
@@ -115,7 +113,8 @@ def run_cli(group, args=None, comm: Communicator | None = None):
         sys.stdout = sys.stderr = devnull
     code, message, show = 0, None, None
     try:
-        group.main(args=args, prog_name="npgpt", standalone_mode=False)
+        # the communicator reaches the commands as an argument: click's context object (npgpt.cli.job)
+        group.main(args=args, prog_name="npgpt", standalone_mode=False, obj={"comm": comm})
     except click.exceptions.Abort:
         code, message = 130, "Aborted!"
     except click.ClickException as e:
@@ -154,7 +153,7 @@ def bench_data_parallel(preset, overrides=None, batch_size=6, block_size=None, d
     the all-reduce (or ZeRO-1 reduce-scatter) of the gradients, clipping and the AdamW step.
     The global batch is N * batch_size. Returns bench_train's figures for the global batch, plus
     the time spent in the gradient collective."""
-    comm, device = for_device(comm or current(), device)     # GPUs: this rank's GPU, NCCL
+    comm, device = for_device(comm or SingleProcess(), device)     # GPUs: this rank's GPU, NCCL
     check_counts(iters, warmup, batch_size)
     step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip)
     model, cfg, B, T = step.model, step.config, step.B, step.T

@@ -11,8 +11,6 @@ they hold the full state and resume on any N.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from npgpt.distributed.comm import Communicator
@@ -38,24 +36,23 @@ class ZeroAdamW(AdamW):
 
     The full parameters and gradients stay on every rank (forward and backward need them); this
     rank owns flat[lo:hi] and keeps exp_avg / exp_avg_sq for that slice only, so the optimizer
-    state per rank is 2 * ceil(n / N) values instead of 2n. The update arithmetic is AdamW's own,
-    applied to the shard; weights are identical on every rank after the all-gather.
+    state per rank is 2 * ceil(n / N) values instead of 2n. The update is AdamW's own
+    (`npgpt.optim.adamw_update`, or its GPU kernel) called on the shard; weights are identical on
+    every rank after the all-gather.
 
     state_dict / load_state_dict are collective (every rank must call them): the checkpoint holds
     the full moments, in exactly AdamW's format.
     """
 
     def __init__(self, named_params, comm: Communicator, **kwargs):
-        super().__init__(named_params, **kwargs)
         self.comm = comm
-        n = self.flat.size
-        self.lo, self.hi = comm.shard(n)
-        xp, k = self.xp, self.hi - self.lo
-        # Replace the full moments with this rank's shard (the full ones are freed here).
-        self.exp_avg = xp.zeros(k, dtype=self.dtype)
-        self.exp_avg_sq = xp.zeros(k, dtype=self.dtype)
-        self._scratch = xp.empty(k, dtype=self.dtype)
         self._grads_reduced = False
+        super().__init__(named_params, **kwargs)
+
+    def _moments(self, n):
+        """Only this rank's shard of the moments (and of the scratch buffer, sized from them)."""
+        self.lo, self.hi = self.comm.shard(n)
+        return super()._moments(self.hi - self.lo)
 
     def optimizer_bytes(self) -> int:
         """Bytes of optimizer state (the two moments) this rank holds."""
@@ -68,13 +65,11 @@ class ZeroAdamW(AdamW):
 
     def reduce_scatter_grads(self):
         """grad[lo:hi] <- the sum over ranks of grad[lo:hi] (the rest of grad is stale after this)."""
-        self._sync_views()
         self.comm.reduce_scatter_sum(self.grad)
         self._grads_reduced = True
 
     def grad_norm(self):
         """The global L2 norm: this shard's sum of squares, all-reduced (ranks agree bit for bit)."""
-        self._sync_views()
         g = self.grad[self.lo:self.hi]
         local = float(self.xp.dot(g, g)) if g.size else 0.0
         return self.xp.asarray(np.sqrt(self.comm.allreduce_scalars([local])[0]), dtype=self.dtype)
@@ -85,30 +80,16 @@ class ZeroAdamW(AdamW):
             self.grad[self.lo:self.hi] *= max_norm / (float(norm) + 1e-6)
         return norm
 
-    @contextmanager
-    def _on_shard(self):
-        """Make AdamW's update see only this rank's slice of the flat buffers."""
-        saved = self.flat, self.grad, self.n_decay, self._sync_views
-        self.flat, self.grad = saved[0][self.lo:self.hi], saved[1][self.lo:self.hi]
-        self.n_decay = min(max(saved[2] - self.lo, 0), self.hi - self.lo)
-        self._sync_views = lambda: None
-        try:
-            yield
-        finally:
-            self.flat, self.grad, self.n_decay = saved[:3]
-            del self._sync_views                            # back to the class's method
-
     def step(self, lr=None):
-        """Update this rank's shard (AdamW's arithmetic), then all-gather the weights."""
-        self._sync_views()
+        """Update this rank's shard (AdamW's update on flat[lo:hi]), then all-gather the weights."""
         if not self._grads_reduced and self.comm.world_size > 1:
             raise RuntimeError("ZeroAdamW.step before reduce_scatter_grads: the gradients are not summed")
-        if self.hi > self.lo:
-            with self._on_shard():
-                AdamW.step(self, lr)
-        else:
-            self.t += 1                                     # an empty shard still counts the step
-        self.comm.allgather(self.flat)
+        self.t += 1                                         # an empty shard still counts the step
+        flat, lo, hi = self.flat, self.lo, self.hi
+        if hi > lo:
+            n_decay = min(max(self.n_decay - lo, 0), hi - lo)   # the decayed part of the shard
+            self._update(flat[lo:hi], self.grad[lo:hi], self.exp_avg, self.exp_avg_sq, n_decay, lr)
+        self.comm.allgather(flat)
         self._grads_reduced = False
 
     def _full(self, shard):
@@ -118,22 +99,13 @@ class ZeroAdamW(AdamW):
 
     def state_dict(self):
         """Collective: the full moments (gathered from every rank) in AdamW's format."""
-        saved = self.exp_avg, self.exp_avg_sq
-        self.exp_avg, self.exp_avg_sq = self._full(saved[0]), self._full(saved[1])
-        try:
-            return AdamW.state_dict(self)
-        finally:
-            self.exp_avg, self.exp_avg_sq = saved
+        return self._state(self._full(self.exp_avg), self._full(self.exp_avg_sq))
 
     def load_state_dict(self, tensors, meta):
         """Restore from a full AdamW state (any number of ranks wrote it); keep this rank's shard."""
-        n = self.flat.size
-        self.exp_avg, self.exp_avg_sq = self.xp.zeros(n, self.dtype), self.xp.zeros(n, self.dtype)
-        try:
-            AdamW.load_state_dict(self, tensors, meta)
-        finally:
-            self.exp_avg = self.exp_avg[self.lo:self.hi].copy()
-            self.exp_avg_sq = self.exp_avg_sq[self.lo:self.hi].copy()
+        m, v, self.t = self._read_state(tensors, meta)
+        self.exp_avg[...] = self.xp.asarray(m[self.lo:self.hi])
+        self.exp_avg_sq[...] = self.xp.asarray(v[self.lo:self.hi])
 
 
 def make_optimizer(named_params, comm: Communicator, zero_stage: int = 0, **kwargs) -> AdamW:

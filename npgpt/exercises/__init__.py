@@ -199,7 +199,7 @@ def _bpe(m, report):
 
 # ---- top-p sampling ------------------------------------------------------------------------------
 def _top_p(m, report):
-    from npgpt.generate import sampling_probs       # the reference: npgpt's sampler
+    from npgpt.sampling import sampling_probs       # the reference: npgpt's sampler
     r = _rng(10)
     logits = r.standard_normal((4, 10)) * 2
     logits[3] = [8, 0, 0, 0, 0, 0, 0, 0, 0, -1]        # a confident row: only one token survives

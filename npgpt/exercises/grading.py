@@ -125,12 +125,20 @@ def compare(report, what, got, want, rtol=1e-6, atol=1e-9):
                                    f"({int(off.sum())} of {off.size} entries off)")
 
 
+def pair(result):
+    """forward's (out, cache), or an NpgptError saying what came back instead."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise NpgptError(f"forward must return (out, cache), a pair; it returned {type(result).__name__}"
+                         + (f" of length {len(result)}" if isinstance(result, tuple) else ""))
+    return result
+
+
 def learner_function(forward, backward, float_inputs, options):
     """The learner's forward/backward pair as an npgpt Function, for npgpt.gradcheck."""
 
     class Learner(Function):
         def forward(self, *arrays):
-            out, cache = call(forward, *arrays, **options)
+            out, cache = pair(call(forward, *arrays, **options))
             self.cache = cache
             return np.asarray(out, dtype=np.float64)
 
@@ -157,7 +165,7 @@ def grade_function(report, module, inputs, names, reference, options=None, tol=1
     dout = np.random.default_rng(7).standard_normal(want.shape)   # a random upstream gradient, never .sum()
     want.backward(dout)
     try:
-        out, cache = call(module.forward, *[a.copy() for a in inputs], **options)
+        out, cache = pair(call(module.forward, *[a.copy() for a in inputs], **options))
         compare(report, "forward", out, want.data, rtol=tol, atol=tol * 1e-3)
         grads = call(module.backward, dout.copy(), cache)
         grads = grads if isinstance(grads, tuple) else (grads,)
@@ -169,9 +177,15 @@ def grade_function(report, module, inputs, names, reference, options=None, tol=1
                 compare(report, f"backward: {name}", g, tensors[i].grad, rtol=tol, atol=tol * 1e-3)
         fn = learner_function(module.forward, module.backward, floats, options)
         fn.n_inputs = len(inputs)
-        r = gradcheck(lambda *ts: fn.apply(*ts), *inputs, tol=1e-5)
-        report.add(r.ok, "gradcheck: your backward against finite differences of your forward",
-                   "; ".join(f"{names[k]} rel. error {r.errors[i]:.1e}" for k, i in enumerate(floats)))
+        what = "gradcheck: your backward against finite differences of your forward"
+        try:
+            r = gradcheck(lambda *ts: fn.apply(*ts), *inputs, tol=1e-5)
+        except (NotWritten, NpgptError):
+            raise
+        except Exception as e:                     # e.g. a gradient of the wrong shape reaching the engine
+            report.add(False, what, f"could not run: {type(e).__name__}: {e}")
+        else:
+            report.add(r.ok, what, "; ".join(f"{names[k]} rel. error {r.errors[i]:.1e}" for k, i in enumerate(floats)))
     except NotWritten as e:
         report.add(False, f"{e}", "not written yet (it raises NotImplementedError)")
     except NpgptError as e:

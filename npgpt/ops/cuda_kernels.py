@@ -483,7 +483,8 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-1, out=None):
 # ---- AdamW -------------------------------------------------------------------------------------
 # One pass over the flat buffers of npgpt.optim.AdamW: p, m, v updated in place. gscale (a device
 # scalar) multiplies the gradient first: the clipping coefficient and/or 1/loss-scale, with no
-# host sync. The arithmetic follows optim.py line by line (PyTorch's AdamW arrangement).
+# host sync. The arithmetic follows npgpt.optim.adamw_update line by line (PyTorch's AdamW
+# arrangement), and the tests hold the kernel to that function.
 ADAMW = ("T g, raw float32 gscale, float32 decay, float32 b1, float32 omb1, float32 b2, float32 omb2, "
          "float32 eps, float32 step_size, float32 inv_sqrt_bias2, int64 n_decay",
          "T p, T m, T v", r"""
@@ -496,19 +497,6 @@ m = (T)mf;
 v = (T)vf;
 p = (T)(pf - step_size * (mf / (sqrtf(vf) * inv_sqrt_bias2 + eps)));
 """)
-
-
-def adamw_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, n_decay, grad_scale=1.0):
-    """One AdamW step (PyTorch's torch.optim.AdamW) on flat arrays -> new (p, m, v); decay on
-    p[:n_decay]; `step` is t after incrementing (1 for the first step)."""
-    g = g * grad_scale
-    p = p.copy()
-    p[:n_decay] *= 1.0 - lr * weight_decay
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
-    bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    p -= (lr / bias1) * m / (np.sqrt(v) / math.sqrt(bias2) + eps)
-    return p, m, v
 
 
 def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, n_decay, grad_scale=None):

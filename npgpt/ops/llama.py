@@ -224,7 +224,7 @@ def _group_queries(q, nkv, scale):
     return out.reshape(B, nkv, g * T, hs)
 
 
-def _ungroup(y, T):
+def ungroup_heads(y, T):
     """(B, nkv, g T, hs) -> (B, T, nkv g, hs), the inverse of _group_queries' layout."""
     B, nkv, gT, hs = y.shape
     return y.reshape(B, nkv, gT // T, T, hs).transpose(0, 3, 1, 2, 4).reshape(B, T, -1, hs)
@@ -274,7 +274,7 @@ class GroupedQueryAttention(Function):
             keep = dropout_mask(att.shape, self.dropout, self.rng, xp, att.dtype)
         y = (att * keep if keep is not None else att) @ vh    # (B, nkv, g T, hs)
         self.save(qg, kh, vh, att, keep)
-        return _ungroup(y, T).reshape(B, T, nh * hs)
+        return ungroup_heads(y, T).reshape(B, T, nh * hs)
 
     def backward(self, dout):
         qg, kh, vh, att, keep = self.saved
@@ -298,7 +298,7 @@ class GroupedQueryAttention(Function):
         dq = d @ kh
         dq *= 1.0 / math.sqrt(hs)
         dk = d.swapaxes(-1, -2) @ qg                          # (B, nkv, T, hs)
-        return (xp.ascontiguousarray(_ungroup(dq, T)), xp.ascontiguousarray(dk.transpose(0, 2, 1, 3)),
+        return (xp.ascontiguousarray(ungroup_heads(dq, T)), xp.ascontiguousarray(dk.transpose(0, 2, 1, 3)),
                 xp.ascontiguousarray(dv.transpose(0, 2, 1, 3)))
 
 

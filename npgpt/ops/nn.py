@@ -6,6 +6,12 @@ composed from the primitives, which would store every intermediate and walk many
 Beside each fused op sits `*_reference`, the same maths composed from primitive ops; the tests
 check the two against each other and against finite differences.
 
+The reference switch is one dispatch point: each public fused op (`linear`, `layer_norm`, `gelu`,
+`causal_self_attention`, `cross_entropy`, `embedding`) reads the context variable `REFERENCE_OPS`
+and, when it is set, calls its `*_reference` twin instead. `with reference_ops():` sets it for the
+block, in this thread only (DeZero's caller-chooses, not a rewrite of names in other modules); a
+model built with `GPT(cfg, ops="reference")` sets it around its own forward.
+
 Shapes: B batch, T time, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
 
 Path: LayerNorm, GELU, attention and cross-entropy each decide once, in forward, whether the fused
@@ -15,12 +21,15 @@ that record (`if self.kernel:`), so the two passes never take different paths.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import numpy as np
 
 from npgpt import precision as _precision
-from npgpt.backend import get_xp
+from npgpt.backend import asnumpy, get_xp
+from npgpt.errors import NpgptError
 from npgpt.ops import cuda_kernels as _ck
 from npgpt.ops import softmax as _softmax
 from npgpt.ops import where as _where
@@ -29,6 +38,29 @@ from npgpt.ops.reduce import softmax_array
 from npgpt.tensor import Function, Tensor
 
 GELU_K = math.sqrt(2.0 / math.pi)   # a Python float: multiplying float32 by it stays float32
+
+# ---- the reference switch ----------------------------------------------------------------------
+REFERENCE_OPS = contextvars.ContextVar("npgpt_reference_ops", default=False)
+OPS = ("fused", "reference")         # the values of GPT(cfg, ops=...)
+
+
+@contextlib.contextmanager
+def reference_ops(on=True):
+    """Within the block, the public fused ops of this module call their `*_reference` twins (in
+    this thread's context only; see the module doc). `reference_ops(False)` turns them back on."""
+    token = REFERENCE_OPS.set(bool(on))
+    try:
+        yield
+    finally:
+        REFERENCE_OPS.reset(token)
+
+
+def check_ops(ops) -> str:
+    """A model's `ops` setting, checked: 'fused' or 'reference'."""
+    if ops not in OPS:
+        raise NpgptError(f"ops must be one of {', '.join(OPS)}, got {ops!r}")
+    return ops
+
 
 
 # ---- linear ------------------------------------------------------------------------------------
@@ -60,6 +92,8 @@ class Linear(Function):
 
 
 def linear(x, w, b=None):
+    if REFERENCE_OPS.get():
+        return linear_reference(x, w, b)
     return Linear.apply(x, w, b) if b is not None else Linear.apply(x, w)
 
 
@@ -142,6 +176,8 @@ class LayerNorm(Function):
 
 
 def layer_norm(x, w, b, eps=1e-5):
+    if REFERENCE_OPS.get():
+        return layer_norm_reference(x, w, b, eps)
     return LayerNorm.apply(x, w, b, eps=eps)
 
 
@@ -224,6 +260,8 @@ class GELU(Function):
 
 
 def gelu(x):
+    if REFERENCE_OPS.get():
+        return gelu_reference(x)
     return GELU.apply(x)
 
 
@@ -381,6 +419,11 @@ class CausalSelfAttention(Function):
 
 
 def causal_self_attention(qkv, n_head, dropout=0.0, rng=None):
+    if REFERENCE_OPS.get():
+        if dropout:
+            raise NpgptError("reference ops: the reference attention has no dropout; call model.eval() "
+                             "or use a config with dropout=0")
+        return causal_self_attention_reference(qkv, n_head)
     return CausalSelfAttention.apply(qkv, n_head=n_head, dropout=dropout, rng=rng)
 
 
@@ -446,12 +489,14 @@ class CrossEntropy(Function):
 
 
 def cross_entropy(logits, targets, ignore_index=-1):
+    if REFERENCE_OPS.get():
+        return cross_entropy_reference(logits, targets, ignore_index)
     return CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
 
 
 def cross_entropy_reference(logits, targets, ignore_index=-1):
     V = logits.shape[-1]
-    t = np.asarray(targets).reshape(-1)
+    t = asnumpy(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)
     valid = t != ignore_index
     logp = logits.reshape(-1, V).log_softmax(axis=-1)
     picked = logp[np.arange(len(t)), np.where(valid, t, 0)]
@@ -485,11 +530,13 @@ class Embedding(Function):
 
 
 def embedding(weight, ids):
+    if REFERENCE_OPS.get():
+        return embedding_reference(weight, ids)
     return Embedding.apply(weight, ids=ids.data if isinstance(ids, Tensor) else ids)
 
 
 def embedding_reference(weight, ids):
-    return weight[ids]
+    return weight[ids.data if isinstance(ids, Tensor) else ids]
 
 
 # ---- dropout -----------------------------------------------------------------------------------

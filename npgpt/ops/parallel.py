@@ -14,13 +14,15 @@ just calls `kernel(slice(0, n_rows))` on the calling thread.
 
 `NPGPT_THREADS` sets the number of threads (default: the CPUs this process may run on, at most 8);
 `NPGPT_THREADS=1` turns the splitting off, and so does `with single_threaded():` for the calling
-thread alone (the in-process replicas of `npgpt.replicas` already keep every core busy).
+thread alone (a context variable: the in-process replicas of `npgpt.replicas` already keep every core
+busy). The pool's threads run each block in a copy of the caller's context, so a kernel sees the
+caller's precision and grad mode.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,23 +34,22 @@ BLOCK_ELEMS = 1 << 17          # ~1 MB of float32 per block and temporary: fits 
 MIN_PARALLEL_ELEMS = 1 << 20
 
 _pool = None
-_local = threading.local()      # .single: this thread runs its row blocks itself
+SINGLE = contextvars.ContextVar("npgpt_single_threaded", default=False)   # run row blocks on this thread
 
 
 class single_threaded:
-    """Context manager: for_row_blocks on this thread runs every block on this thread."""
+    """Context manager: for_row_blocks in this context runs every block on the calling thread."""
 
     def __enter__(self):
-        self.before = getattr(_local, "single", False)
-        _local.single = True
+        self._token = SINGLE.set(True)
 
     def __exit__(self, *exc):
-        _local.single = self.before
+        SINGLE.reset(self._token)
 
 
 def num_threads():
     """Threads for_row_blocks may use on the calling thread."""
-    return 1 if getattr(_local, "single", False) else _configured_threads()
+    return 1 if SINGLE.get() else _configured_threads()
 
 
 def _configured_threads():
@@ -98,7 +99,7 @@ def for_row_blocks(n_rows, row_elems, kernel, xp=np, threaded=True, min_parallel
     if threads == 1:
         return run(slices)
     pool = _get_pool()
-    futures = [pool.submit(run, g) for g in groups[:-1]]
+    futures = [pool.submit(contextvars.copy_context().run, run, g) for g in groups[:-1]]
     mine = run(groups[-1])
     out = []
     for f in futures:

@@ -9,8 +9,9 @@ npgpt.generate). Each loop of the engine:
   1. admits waiting requests while slots are free: a prompt of L tokens is prefilled on its own
      (a one-row cache), then its keys/values are copied into a free slot at columns
      length-L .. length-1 (when L > length, the live rows shift right first);
-  2. samples one token for every row that has fresh logits (each sequence has its own sampling
-     settings, penalties and random generator, so batching never changes a sequence's output);
+  2. samples one token for every row that has fresh logits through its own npgpt.sampling.Sampler
+     (settings, penalties, random generator: batching never changes a sequence's output) and
+     Detokenizer (UTF-8-safe text, stop strings held back until decided);
   3. drops finished and cancelled sequences (the last live row moves into the freed slot, so
      live rows stay packed at the front and the model runs on a view of just those rows);
   4. runs one cached forward of all live rows' last tokens.
@@ -22,6 +23,7 @@ their smallest padding.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 import threading
 import time
@@ -32,40 +34,39 @@ from queue import Queue
 import numpy as np
 
 from npgpt.backend import asnumpy
-from npgpt.generate import draw, log_softmax, sampling_probs, top_tokens
+from npgpt.sampling import Detokenizer, Sampler, log_softmax, top_tokens
 from npgpt.serve.protocol import ApiError
 
 
 # ---- sequences and requests --------------------------------------------------------------------
 class Request:
-    """One HTTP request: its choices (Sequences) and the queue of events its handler thread reads."""
+    """One HTTP request: its choices (Sequences) and the queue of events its handler thread reads.
 
-    def __init__(self, kind, prompts, params, stop_ids, prompt_texts):
+    params.sampling is complete here (max_new_tokens and the stop tokens set by the HTTP side)."""
+
+    def __init__(self, kind, prompts, params, prompt_texts, tok, vocab_size):
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.kind, self.params, self.created = kind, params, int(time.time())
         self.events = Queue()
         self.cancelled = False
         self.prompt_tokens = sum(len(p) for p in prompts)
-        self.seqs = [Sequence(self, i * params.n + j, p, stop_ids, prompt_texts[i])
+        self.seqs = [Sequence(self, i * params.n + j, p, prompt_texts[i], tok, vocab_size)
                      for i, p in enumerate(prompts) for j in range(params.n)]
         self.open = len(self.seqs)
 
 
 class Sequence:
-    """One choice: its prompt, generated tokens, sampling state and text sent so far."""
+    """One choice: its prompt, generated tokens, its Sampler and Detokenizer."""
 
-    def __init__(self, req, index, prompt, stop_ids, prompt_text):
-        p = req.params
-        self.req, self.index, self.prompt, self.stop_ids = req, index, list(prompt), set(stop_ids)
-        self.rng = np.random.default_rng(None if p.seed is None else [p.seed % (1 << 64), index])
+    def __init__(self, req, index, prompt, prompt_text, tok, vocab_size):
+        sp = req.params.sampling
+        self.req, self.index, self.prompt = req, index, list(prompt)
+        self.sampler = Sampler(sp, vocab_size, self.prompt, index)     # seeded [seed, index]
+        self.detok = Detokenizer(tok, sp.stop, sp.stop_token_ids)
+        self.max_tokens = sp.max_new_tokens
         self.tokens, self.logits, self.finish = [], None, None
-        self.sent = 0                         # characters of text already sent
         self.pending = []                     # logprob entries for tokens whose text is not yet sent
         self.offset = len(prompt_text)        # text_offset of the next token (completions logprobs)
-        self.counts = self.seen = None
-
-    def text(self, tok):
-        return tok.decode([t for t in self.tokens if t not in self.stop_ids])
 
 
 # ---- the decoding engine ------------------------------------------------------------------------
@@ -93,9 +94,14 @@ class Engine:
         self.cond = threading.Condition()
         self.accepting, self.running = True, True
         self.steps = self.peak = self.cancelled = 0        # counters shown by /v1/models
-        self.thread = threading.Thread(target=self._loop, name="npgpt-engine", daemon=True)
+        self.thread = None
 
     def start(self):
+        """Start the decoding thread, in a copy of the calling thread's context: it keeps the
+        precision (and grad / reference mode) in force here, and no `with` block another thread
+        enters later (a no_grad, reference_ops or use_precision) ever reaches it."""
+        ctx = contextvars.copy_context()
+        self.thread = threading.Thread(target=ctx.run, args=(self._loop,), name="npgpt-engine", daemon=True)
         self.thread.start()
         return self
 
@@ -129,7 +135,8 @@ class Engine:
         with self.cond:
             self.running = False
             self.cond.notify()
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
         for s in list(self.active):
             s.req.events.put(("error", ApiError(503, "the server shut down before this request finished",
                                                 code="server_shutting_down", type_="server_error")))
@@ -191,10 +198,6 @@ class Engine:
                 c.v[:, i, :, P - L:P] = one.v[:, 0, :, :L]
                 c.pad[i] = P - L
                 s.logits = logits
-                if s.req.params.penalties.active:
-                    V = self.model.config.vocab_size
-                    s.counts, s.seen = np.zeros((1, V)), np.zeros((1, V), dtype=bool)
-                    s.seen[0, list(prompt)] = True
                 self.active.append(s)
         self.peak = max(self.peak, len(self.active))
 
@@ -210,40 +213,22 @@ class Engine:
                 s.req.cancelled = True
 
     def _sample_one(self, s):
-        p, tok = s.req.params, self.tok
-        logits = s.logits.astype(np.float64)[None]
-        s.logits = None
-        z = p.penalties.apply(logits, s.counts, s.seen) if p.penalties.active else logits
-        probs = sampling_probs(z, p.temperature, p.top_k, p.top_p)
-        t = int(draw(probs, s.rng)[0]) if p.temperature > 0 else int(probs.argmax())
+        p = s.req.params
+        logits, s.logits = s.logits, None
+        t, _ = s.sampler.sample(logits)
         s.tokens.append(t)
-        if s.counts is not None:
-            s.counts[0, t] += 1
-            s.seen[0, t] = True
         if p.logprobs is not None:
-            lp = log_softmax(logits)[0]
+            lp = log_softmax(logits.astype(np.float64)[None])[0]
             top = top_tokens(lp[None], p.logprobs)[0] if p.logprobs else []
             s.pending.append((t, float(lp[t]), [(int(j), float(lp[j])) for j in top]))
-        reason = None
-        if t in s.stop_ids:
-            reason = "stop"
-        text = s.text(tok)
-        cut = len(text)
-        for stop in p.stop:
-            i = text.find(stop)
-            if i >= 0 and i < cut:
-                cut, reason = i, "stop"
+        delta = s.detok.add(t)
+        reason = "stop" if s.sampler.is_stop_token(t) or s.detok.stopped else None
         if reason is None and len(s.tokens) >= s.max_tokens:
             reason = "length"
-        if reason is None:
-            # hold back a possible start of a stop string and an unfinished multi-byte character
-            hold = max((k for stop in p.stop for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
-            cut = len(text) - hold
-            while cut > s.sent and text[cut - 1] == "\ufffd":
-                cut -= 1
-        if cut > s.sent or reason:
-            self._emit(s, text[s.sent:cut])
-            s.sent = max(s.sent, cut)
+        if reason:
+            delta += s.detok.flush()          # what a stop string's possible start held back
+        if delta or reason:
+            self._emit(s, delta)
         if reason:
             self._finish(s, reason)
 

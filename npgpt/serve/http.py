@@ -35,7 +35,7 @@ from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.protocol import ApiError, Params
-from npgpt.sft import CHAT_TOKENS, chat_stop_ids, has_model_template, is_chat_model, render_chat
+from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -117,11 +117,8 @@ class App:
             ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
         except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
             raise ApiError(400, str(e), "messages") from None
-        # npgpt's template: a reply ends at <|end|>, any other turn marker ends it too; a model's own
-        # template: at its end-of-turn token or the tokenizer's EOS
-        stop_ids = (chat_stop_ids(self.tok) if has_model_template(self.tok)
-                    else [self.tok.special_tokens[t] for t in CHAT_TOKENS] + [self.tok.eot_id])
-        return self._request("chat", [ids], params, stop_ids, [""])
+        # a reply ends at the template's turn markers (npgpt.sft.chat_stop_ids)
+        return self._request("chat", [ids], params, chat_stop_ids(self.tok), [""])
 
     def _request(self, kind, prompts, params, stop_ids, texts):
         block = self.model.config.block_size
@@ -135,10 +132,8 @@ class App:
         if len(prompts) * params.n > self.limits["max_batch"]:
             raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        req = Request(kind, prompts, params, stop_ids, texts)
-        for s in req.seqs:
-            s.max_tokens = params.max_tokens
-        return req
+        params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens, stop_token_ids=tuple(stop_ids))
+        return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):

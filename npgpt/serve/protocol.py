@@ -1,14 +1,15 @@
 """The request types and errors of the OpenAI API as npgpt serves it: `ApiError` (answered with
 OpenAI's error body) and `Params`, a request's validated generation settings. Every field of a body
-is checked here before anything is allocated for it.
+is checked here before anything is allocated for it: JSON types and the API's own bounds (OpenAI's
+temperature <= 2, at most 4 stop strings, the server's max_tokens and n) here, and the sampling
+settings by `npgpt.sampling.SamplingParams`, the same check the library and `npgpt sample` run.
 """
 
 from __future__ import annotations
 
 import math
 
-from npgpt.errors import NpgptError
-from npgpt.generate import Penalties
+from npgpt.sampling import SamplingError, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
@@ -42,7 +43,8 @@ def _number(body, key, default, lo=None, hi=None, integer=False, lo_open=False):
 
 
 class Params:
-    """Validated generation settings shared by the n choices of one prompt."""
+    """Validated generation settings shared by the n choices of one prompt: the HTTP ones (n,
+    stream, logprobs, ...) and `sampling`, one SamplingParams."""
 
     def __init__(self, body, vocab_size, limits, chat):
         self.max_tokens = _number(body, "max_completion_tokens" if chat and body.get("max_tokens") is None
@@ -50,9 +52,9 @@ class Params:
         if self.max_tokens is not None and self.max_tokens > limits["max_tokens"]:
             raise ApiError(400, f"max_tokens is {self.max_tokens}; this server allows at most "
                                 f"{limits['max_tokens']}", "max_tokens")
-        self.temperature = _number(body, "temperature", 1.0, 0, 2)
-        self.top_p = _number(body, "top_p", 1.0, 0, 1, lo_open=True)
-        self.top_k = _number(body, "top_k", None, 1, None, integer=True)        # an extension, as vLLM
+        self.temperature = _number(body, "temperature", 1.0, 0, 2)              # OpenAI's range
+        self.top_p = _number(body, "top_p", 1.0)                                # ranges: SamplingParams
+        self.top_k = _number(body, "top_k", None, integer=True)                 # an extension, as vLLM
         self.n = _number(body, "n", 1, 1, limits["max_batch"], integer=True)
         self.seed = _number(body, "seed", None, integer=True)
         stop = body.get("stop")
@@ -85,10 +87,15 @@ class Params:
         for k, b in (bias or {}).items():
             if not str(k).isdigit() or isinstance(b, bool) or not isinstance(b, (int, float)):
                 raise ApiError(400, f"logit_bias: expected token id -> number, got {k!r}: {b!r}", "logit_bias")
-            parsed[int(k)] = float(b)
-        self.penalties = Penalties(_number(body, "presence_penalty", 0.0), _number(body, "frequency_penalty", 0.0),
-                                   _number(body, "repetition_penalty", 1.0), parsed or None)
+            parsed[int(k)] = b
         try:
-            self.penalties.check(vocab_size)
-        except NpgptError as e:
-            raise ApiError(400, str(e), str(e).split(" ")[0].split(":")[0]) from None
+            self.sampling = SamplingParams(
+                max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                seed=None if self.seed is None else self.seed % (1 << 64),   # OpenAI takes any integer
+                stop=tuple(self.stop), presence_penalty=_number(body, "presence_penalty", 0.0),
+                frequency_penalty=_number(body, "frequency_penalty", 0.0),
+                repetition_penalty=_number(body, "repetition_penalty", 1.0), logit_bias=parsed,
+            ).check_vocab(vocab_size)
+        except SamplingError as e:
+            key = "max_tokens" if e.param == "max_new_tokens" else e.param
+            raise ApiError(400, str(e), key) from None

@@ -302,6 +302,9 @@ def _compile(source: str):
         return env.from_string(_guard_tree(tree)), has_generation
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise NpgptError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    except (jinja2.exceptions.TemplateError, SyntaxError, RecursionError, ValueError, TypeError) as e:
+        # Jinja accepts some templates whose Python does not compile ({% break %} outside a loop)
+        raise NpgptError(f"the chat template is not valid Jinja ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 # --------------------------------------------------------------------------------- rendering

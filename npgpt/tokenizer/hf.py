@@ -539,6 +539,11 @@ class HFTokenizer(BPETokenizer):
             ids = [i for part in self._template for i in (ids if part == "A" else (part,))]
         return ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt typed by the user, as transformers tokenizes one: special-token strings become their
+        ids and the post_processor adds what it adds (Llama 3's BOS)."""
+        return self.encode(text, allowed_special="all", add_special_tokens=True)
+
     def _safe_cut(self, text: str) -> int:
         # A letter before whitespace ends a pre-token in every named split; with add_prefix_space the
         # next piece must start with a space, or a space would be added there.

@@ -51,7 +51,8 @@ class RunSettings:
     """Where the run reads and writes, on what, and how often it evaluates, logs and saves."""
     data: str | None = None              # a folder made by `npgpt prepare` (None: built-in pydoc corpus)
     out: str = "out"                     # run folder: checkpoint in OUT/ckpt, metrics in OUT/metrics.jsonl
-    init_from: str | None = None         # start from a model folder (npgpt checkpoint or HF GPT-2)
+    init_from: str | None = None         # start from a model folder (npgpt checkpoint or HF GPT-2) or a .gguf file
+    keep_quantized: bool = False         # init_from a .gguf file: keep Q8_0 / Q4_0 / Q4_1 weights quantised (LoRA)
     resume: bool = False                 # continue the run in `out` exactly where it stopped
     force: bool = False                  # overwrite a checkpoint already in `out`
     device: str = "cpu"
@@ -89,6 +90,8 @@ class ModelSettings:
 
     def check(self):
         _positive(self, ("n_layer", "n_head", "n_embd", "block_size"), optional=True)
+        if self.preset.startswith("llama-"):
+            self.arch = "llama"                         # llama-baby is baby with arch=llama
         if self.arch not in ARCHS:
             raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not 0 <= self.dropout < 1:
@@ -178,13 +181,16 @@ class LoRASettings:
     lora_rank: int | None = None         # train only LoRA adapters of this rank (npgpt.training.plugins)
     lora_alpha: float | None = None      # LoRA scale alpha / rank; default 2 * rank
     lora_dropout: float = 0.0            # dropout on the adapters' input
-    lora_targets: str | None = None      # comma-separated layer names; default c_attn,c_proj,c_fc
+    lora_targets: str | None = None      # comma-separated layer names; default every linear layer of a block
 
-    def lora_config(self) -> LoRAConfig | None:
-        """The adapters' LoRAConfig (checked there), or None without lora_rank."""
+    def lora_config(self, arch="gpt") -> LoRAConfig | None:
+        """The adapters' LoRAConfig (checked there), or None without lora_rank; without lora_targets
+        every linear layer of the `arch` family's blocks (GPT-2's c_attn, c_proj, c_fc; Llama's
+        q_proj ... down_proj)."""
         if self.lora_rank is None:
             return None
-        return LoRAConfig.from_targets_option(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        return LoRAConfig.from_targets_option(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets,
+                                              arch)
 
     def check(self):
         # LoRAConfig checks every setting; without a rank the others are still checked (rank 1 stands in)

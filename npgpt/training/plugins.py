@@ -133,12 +133,12 @@ def lora_plugin(model, src, cfg, hooks):
     if src is None:
         raise NpgptError("LoRA fine-tunes a pretrained model: give --init-from DIR (a model folder, float or int8)")
     if not has_lora(model):
-        if is_model_dir(src) and int(read_hf_config(src).get("vocab_size", 0)) < model.config.vocab_size:
+        if Path(src).is_dir() and is_model_dir(src) and int(read_hf_config(src).get("vocab_size", 0)) < model.config.vocab_size:
             raise NpgptError(f"the data needs {model.config.vocab_size - int(read_hf_config(src)['vocab_size'])} "
                              f"new tokens (the chat template's special tokens?), but LoRA keeps the base's "
                              f"embedding frozen; use prompt/completion records, or a base whose tokenizer "
                              f"already has them (one fine-tuned with --sft)")
-        apply_lora(model, cfg.lora_config(), seed=cfg.seed)
+        apply_lora(model, cfg.lora_config(model.config.arch), seed=cfg.seed)
         model.lora_base = str(Path(src).resolve())
     hooks.save_model = lambda folder: save_adapter(model, folder)
     n_train = sum(p.size for p in model.parameters() if p.requires_grad)

@@ -16,8 +16,8 @@ Contract
     backward(dy, cache)   dy: (B, T, C)                         -> dqkv, (B, T, 3C)
 
 To derive, backwards through each line: dP and dv_h from Y = P v (two matmul backwards, lesson 02);
-dS from dP through the softmax's Jacobian, row by row (lesson 04: dS = P * (dP - sum(dP * P))); the
-masked entries get no gradient (P is 0 there); dq and dk from S = q k^T / sqrt(hs); finally put
+dS from dP through the softmax's Jacobian, row by row (lesson 04 derives the Jacobian); the
+masked entries get no gradient; dq and dk from S = q k^T / sqrt(hs); finally put
 dq, dk, dv back side by side in qkv's layout. The check compares y and dqkv with npgpt's fused
 causal_self_attention.
 """
