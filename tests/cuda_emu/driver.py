@@ -47,7 +47,8 @@ import numpy as np
 HEADER = Path(__file__).with_name("cuda_emu.h")
 RUNTIME = Path(__file__).with_name("cuda_emu_runtime.cpp")
 MIN_GCC = 12
-WATCHDOG_S = 60.0
+WATCHDOG_S = 120.0        # the child reports no barrier progress for this long (an endless loop)
+HARD_LIMIT_S = 1200.0     # the parent's last resort; a slow launch on a loaded machine is not a hang
 SANITIZERS = {None: [], "thread": ["-fsanitize=thread"], "address": ["-fsanitize=address"]}
 
 
@@ -366,9 +367,9 @@ class Kernel:
         env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0",
                    ASAN_OPTIONS="detect_leaks=0 halt_on_error=1")
         try:
-            proc = subprocess.run(argv, input=data, capture_output=True, timeout=watchdog_s + 120, env=env)
+            proc = subprocess.run(argv, input=data, capture_output=True, timeout=max(HARD_LIMIT_S, 2 * watchdog_s), env=env)
         except subprocess.TimeoutExpired:
-            raise KernelError(f"{self.name}: the launch did not finish in {watchdog_s + 120:.0f} s") from None
+            raise KernelError(f"{self.name}: the launch did not finish in {max(HARD_LIMIT_S, 2 * watchdog_s):.0f} s") from None
         err = proc.stderr.decode(errors="replace")
         if proc.returncode != 0 or "Sanitizer" in err:
             what = {86: "failed", 66: "raced (ThreadSanitizer)"}.get(proc.returncode, f"exited with status {proc.returncode}")
