@@ -10,7 +10,7 @@ and the one check of them:
                       dropout, bias
     OptimSettings     batch and schedule, AdamW's and Muon's hyper-parameters, clipping
     ParallelSettings  replicas (threads), zero_stage (mpiexec ranks)
-    SFTSettings       sft, sft_strict, sft_val_fraction
+    SFTSettings       sft, sft_strict, sft_val_fraction, sft_new_token_lr
     DistillSettings   teacher, distill_alpha, distill_temperature
     LoRASettings      lora_rank, lora_alpha, lora_dropout, lora_targets (checked by npgpt.lora.LoRAConfig,
                       the one place LoRA's settings are checked)
@@ -153,10 +153,13 @@ class SFTSettings:
     sft: str | None = None               # JSONL file of prompt/completion or chat records
     sft_strict: bool = False             # error (not truncate) when a record is longer than block_size
     sft_val_fraction: float = 0.1
+    sft_new_token_lr: float = 10.0       # new special tokens' embedding rows learn this many times faster
 
     def check(self):
         if self.sft is not None and (not self.sft or "\x00" in self.sft):
             raise NpgptError(f"sft must be a path, got {self.sft!r}")
+        if not (math.isfinite(self.sft_new_token_lr) and self.sft_new_token_lr > 0):
+            raise NpgptError(f"sft_new_token_lr must be a positive number, got {self.sft_new_token_lr}")
         if not 0 <= self.sft_val_fraction < 1:
             raise NpgptError(f"sft_val_fraction must be in [0, 1), got {self.sft_val_fraction}")
 
