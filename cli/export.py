@@ -41,8 +41,8 @@ def export(checkpoint, out, type_name, adapter, force):
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--gguf must differ from --checkpoint")
     model, tok = load_run(checkpoint, adapter=adapter)[:2]
-    if adapter:
-        merge_lora(model)
+    if adapter or getattr(model, "lora", None) or getattr(model, "quantization", None):
+        merge_lora(model)          # adapters folded in, quantised layers back to float: GGUF gets plain weights
     export_gguf(model, tok, out, type_name)
     size = out.stat().st_size
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB, {type_name}); try it:  npgpt sample --checkpoint {out}")

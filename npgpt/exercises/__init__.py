@@ -90,20 +90,14 @@ def _embedding_tied(m, report):
 
 # ---- optimizer steps: the learner's update against npgpt.optim's ---------------------------------
 def _adamw(m, report):
-    from npgpt.nn import Parameter          # the reference update is npgpt's own AdamW on one matrix
-    from npgpt.optim import AdamW
+    from npgpt.optim import adamw_update    # the reference: npgpt's one AdamW formula (AdamW and ZeRO call it)
     r = _rng(8)
     p0, m0, v0 = r.standard_normal((4, 3)), r.standard_normal((4, 3)) * 0.1, r.random((4, 3)) * 0.01
     hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
     for t, g in ((1, r.standard_normal((4, 3))), (7, r.standard_normal((4, 3)))):
-        param = Parameter(p0.copy())
-        opt = AdamW([("w", param)], lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-                    weight_decay=hp["weight_decay"])
-        opt.exp_avg[:], opt.exp_avg_sq[:] = m0.reshape(-1), v0.reshape(-1)
-        opt.t = t - 1                                  # the step about to run is number t
-        param.grad[...] = g
-        opt.step()
-        want = (param.data.copy(), opt.exp_avg.reshape(4, 3).copy(), opt.exp_avg_sq.reshape(4, 3).copy())
+        flat = adamw_update(p0.copy().ravel(), g.ravel().copy(), m0.copy().ravel(), v0.copy().ravel(), p0.size,
+                            step=t, **hp)
+        want = tuple(a.reshape(p0.shape) for a in flat)
         try:
             got = call(m.adamw_step, p0.copy(), g.copy(), m0.copy(), v0.copy(), t, **hp)
         except NotWritten as e:

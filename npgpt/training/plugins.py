@@ -141,8 +141,10 @@ def boost_new_token_rows(model, src, cfg, hooks):
     if not cfg.sft or k == 1 or not cfg.init_from:
         return
     first = _base_vocab(cfg.init_from)
+    if first is None:                       # (a GGUF base brings its own tokenizer: no rows were added)
+        return
     weight = model.input_embedding
-    if first is None or first >= weight.shape[0] or not weight.requires_grad:
+    if first >= weight.shape[0] or not weight.requires_grad:
         return
     xp = get_xp(weight.data)
     before = [xp.array(weight.data[first:])]                # (n_new, C): the rows after the last step

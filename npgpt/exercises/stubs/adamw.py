@@ -14,8 +14,8 @@ Contract
     adamw_step(p, g, m, v, t, lr, beta1, beta2, eps, weight_decay) -> (p, m, v), the new arrays
     (all (rows, cols) float64; you may update in place and return them, or return new ones)
 
-The check runs npgpt.optim.AdamW on the same matrix for step t = 1 and for a later step and
-compares p, m and v entry by entry. Think about what the bias corrections do at t = 1.
+The check runs npgpt.optim.adamw_update (the one AdamW formula npgpt's optimizers call) on the
+same matrix for step t = 1 and for a later step and compares p, m and v entry by entry. Think about what the bias corrections do at t = 1.
 """
 
 import numpy as np
