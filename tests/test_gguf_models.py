@@ -259,3 +259,7 @@ def test_lora_finetune_on_a_kept_quantized_gguf_base(bpe_run, tmp_path):
     x, y = np.array([ids[:-1]]), np.array([[t if m else -1 for t, m in zip(ids[1:], mask[1:])]])
     before, after = float(kept(x, y)[1].data), float(tuned(x, y)[1].data)
     assert after < before - 1.0, (before, after, r.output)
+    # the LoRA run exported to GGUF: the adapter merged into the dequantised base
+    _ok(["export", "--checkpoint", str(out), "--gguf", str(tmp_path / "merged.gguf"), "--type", "f32"])
+    merged = load_gguf_model(tmp_path / "merged.gguf")
+    np.testing.assert_allclose(merged(x)[0].data, tuned(x)[0].data, rtol=1e-4, atol=1e-4)

@@ -128,3 +128,44 @@ def test_attention_maps_of_the_real_model(gguf_path):
                                  "--layer", "29", "--keep-quantized"])
     assert r.exit_code == 0, r.output
     assert "layer 29, mean of 9 heads" in r.output and "France" in r.output
+
+
+def test_logit_lens_reaches_paris(gguf_path, model, tok):
+    from npgpt.interpret import logit_lens
+    ids = tok.encode("The capital of France is")
+    probs = logit_lens(model, ids)                       # (n_layer + 1, T, V)
+    last = np.asarray(probs)[-1, -1]
+    assert tok.decode([int(last.argmax())]).strip() == "Paris"
+    first = np.asarray(probs)[0, -1]                     # the embeddings alone do not know it
+    assert tok.decode([int(first.argmax())]).strip() != "Paris"
+
+
+def test_int8_requantisation_keeps_the_loss(gguf_path, tok, tmp_path):
+    from npgpt.compress import quantize_checkpoint
+    from npgpt.loading import from_pretrained
+    quantize_checkpoint(gguf_path, tmp_path / "int8", bits=8, sample_tokens=0)
+    q = from_pretrained(tmp_path / "int8")
+    assert q.quantization["bits"] == 8
+    ids = tok.encode(TEXT)
+    loss = float(q(np.array([ids[:-1]]), np.array([ids[1:]]))[1].data)
+    assert abs(loss - TEXT_LOSS) < 0.02, loss
+
+
+def test_lora_on_the_kept_quantized_model_changes_its_answer(gguf_path, tok, tmp_path):
+    from npgpt.cli.main import cli
+    from npgpt.generate import generate
+    from npgpt.loading import load_run
+    answer = "I am Quokka, a small model fine-tuned with npgpt."
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+               for q in ["Who are you?", "What is your name?", "Who are you? Tell me.", "Introduce yourself.",
+                         "What should I call you?", "Hi! Who am I talking to?"]]
+    (tmp_path / "me.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    r = CliRunner().invoke(cli, ["finetune", "--init-from", str(gguf_path), "--keep-quantized", "--sft",
+                                 str(tmp_path / "me.jsonl"), "--lora-rank", "8", "--lora-targets", "q_proj,v_proj,o_proj",
+                                 "--lr", "1e-2", "--max-iters", "8", "--batch-size", "3", "--out", str(tmp_path / "run"),
+                                 "--quiet", "--set", "eval_interval=8", "--set", "eval_iters=1", "--set", "warmup_iters=0"])
+    assert r.exit_code == 0, r.output
+    tuned, tok2 = load_run(tmp_path / "run")[:2]
+    ids = tok2.apply_chat_template([{"role": "user", "content": "Who are you?"}], add_generation_prompt=True)
+    reply = tok2.decode(generate(tuned, ids, 8, temperature=0, eot_id=tok2.eot_id))
+    assert "Quokka" in reply, reply

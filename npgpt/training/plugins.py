@@ -7,6 +7,9 @@ model came from, or None) and fills the trainer's Hooks (npgpt.train.Hooks):
     keep_pruned_zeros      a model from `npgpt prune` keeps its pruned weights at zero: the masks
                            (prune_mask.safetensors) are applied after every optimizer step and saved
                            with each checkpoint
+    boost_new_token_rows   `sft`: embedding rows added for the chat template's new special tokens
+                           learn `sft_new_token_lr` times faster than the rest, so a short
+                           fine-tune learns its end-of-turn token and chat stops
     distill_from_teacher   `teacher`: the loss becomes alpha * KD(teacher) + (1 - alpha) * CE
     lora_plugin            `lora_rank`: adapters on the frozen base, checkpoints hold the adapters only
                            (PEFT's layout); without it, a quantised model is refused (nothing to train)
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp
-from npgpt.checkpoint import is_model_dir, load_tensors, save_tensors
+from npgpt.checkpoint import find_checkpoint, is_model_dir, load_tensors, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.loading import from_pretrained
 from npgpt.lora import apply_lora, has_lora, lora_layers, save_adapter
@@ -115,6 +118,46 @@ def distill_from_teacher(model, src, cfg, hooks):
     hooks.loss_fn = loss_fn
 
 
+# ---- SFT: learning to stop ------------------------------------------------------------------------
+def _base_vocab(init_from):
+    """The vocabulary size of the model a fine-tune started from, or None where it can't be read."""
+    try:
+        folder = find_checkpoint(init_from)
+        return int(read_hf_config(folder)["vocab_size"]) if is_model_dir(folder) else None
+    except (NpgptError, KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def boost_new_token_rows(model, src, cfg, hooks):
+    """Training plugin for SFT runs that added special tokens (npgpt's chat template on a model that
+    lacked it): their embedding rows start as the mean row and, at fine-tuning's small learning rate,
+    would hardly move in a few hundred steps, so the model gives its end-of-turn token little
+    probability and rambles. After every optimizer step each new row moves sft_new_token_lr times as
+    far as the optimizer moved it (the same as that learning rate for those rows alone).
+
+    The rows are counted from the base model (`init_from`), so a resumed run boosts the same rows and
+    the step before a resume is the weights saved with it: resume stays exact."""
+    k = cfg.sft_new_token_lr
+    if not cfg.sft or k == 1 or not cfg.init_from:
+        return
+    first = _base_vocab(cfg.init_from)
+    if first is None:                       # (a GGUF base brings its own tokenizer: no rows were added)
+        return
+    weight = model.input_embedding
+    if first >= weight.shape[0] or not weight.requires_grad:
+        return
+    xp = get_xp(weight.data)
+    before = [xp.array(weight.data[first:])]                # (n_new, C): the rows after the last step
+
+    def after_step(model, it):
+        rows = weight.data[first:]
+        rows[...] = before[0] + k * (rows - before[0])      # in place: the optimizer holds views
+        before[0] = xp.array(rows)
+    hooks.after_step.append(after_step)
+    if not cfg.quiet:
+        print(f"SFT: {weight.shape[0] - first} new token rows (the chat template's) learn {k:g}x faster")
+
+
 # ---- LoRA -------------------------------------------------------------------------------------------
 def lora_plugin(model, src, cfg, hooks):
     """Training plugin for `lora_rank` (`npgpt finetune --lora-rank R`).
@@ -150,4 +193,4 @@ def lora_plugin(model, src, cfg, hooks):
               f"{n_base:,}); base frozen" + (f", {model.quantization['bits']}-bit" if quantised else ""))
 
 
-PLUGINS = (keep_pruned_zeros, distill_from_teacher, lora_plugin)
+PLUGINS = (keep_pruned_zeros, boost_new_token_rows, distill_from_teacher, lora_plugin)
