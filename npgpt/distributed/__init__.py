@@ -9,5 +9,5 @@
     launcher.py       `mpiexec -n N npgpt ...`: the command line with one voice, the data-parallel bench
                       (a floor higher: it times training steps through npgpt.bench)
 
-Each name is imported from the module that owns it (`from npgpt.distributed.comm import current`).
+Each name is imported from the module that owns it (`from npgpt.distributed.comm import get_communicator`).
 """
