@@ -4,8 +4,6 @@ User mistakes surface as `NpgptError` from the library; the group turns them int
 `Error: ...` line and exit status 1 (click's own usage errors exit 2), never a traceback.
 """
 
-import os
-
 import click
 
 from npgpt import __version__
@@ -31,13 +29,11 @@ class NpgptGroup(click.Group):
               help="Load tokenizers whose split regex is not a named one (gpt2, gpt4, llama3, qwen2); only for tokenizers you trust.")
 def cli(trust_pattern):
     """npgpt: train, sample and study a GPT written with NumPy and CuPy."""
-    if trust_pattern:            # read by npgpt.tokenizer.load; restored when the command ends
+    if trust_pattern:            # read by npgpt.tokenizer.load, in this command's context only
         # imported here, not at the top: `npgpt --help` does not load the tokenizers
-        from npgpt.tokenizer.bpe import TRUST_PATTERN_ENV
-        old = os.environ.get(TRUST_PATTERN_ENV)
-        os.environ[TRUST_PATTERN_ENV] = "1"
-        click.get_current_context().call_on_close(
-            lambda: os.environ.pop(TRUST_PATTERN_ENV) if old is None else os.environ.update({TRUST_PATTERN_ENV: old}))
+        from npgpt.tokenizer.bpe import TRUST_PATTERN
+        token = TRUST_PATTERN.set(True)
+        click.get_current_context().call_on_close(lambda: TRUST_PATTERN.reset(token))
 
 
 for _topic in (prepare, train, sample, interpret, bench, compress, serve, plot, lora, export, exercise):   # each defines plain click commands

@@ -15,7 +15,7 @@ COMMON_FLAGS = [
     ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
     ("--out", "out", click.Path(), "Run folder for the checkpoint and metrics.jsonl."),
     ("--device", "device", str, "cpu, gpu, cuda or cuda:N (default: $NPGPT_DEVICE or cpu)."),
-    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-baby, llama-shakespeare-char (or --set arch=llama)."),
+    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-baby, llama-shakespeare-char (or --set arch=llama); modern-baby, modern-shakespeare (the modern recipe, trained with Muon)."),
     ("--max-iters", "max_iters", int, "Number of optimizer steps."),
     ("--batch-size", "batch_size", int, "Sequences per micro-batch."),
     ("--block-size", "block_size", int, "Context length in tokens."),
@@ -47,7 +47,8 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
     """
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.train import config_for_resume
-    from npgpt.training.config import TrainConfig, apply_overrides, load_config_file, parse_set_options
+    from npgpt.training.config import (TrainConfig, apply_overrides, load_config_file, parse_set_options,
+                                       preset_defaults)
     user = {}
     if config_file:
         user.update(load_config_file(config_file))
@@ -60,7 +61,8 @@ def build_config(defaults: dict, config_file, set_pairs, flags: dict, resume, fo
         return config_for_resume(out, user)
     if force:
         user["force"] = True
-    return apply_overrides(TrainConfig(), {**defaults, **user}).validate()
+    preset = user.get("preset", defaults.get("preset", TrainConfig.preset))
+    return apply_overrides(TrainConfig(), {**defaults, **preset_defaults(preset), **user}).validate()
 
 
 NEXT_STEP = "npgpt sample --checkpoint {out}   # add --prompt TEXT to start from your own text"

@@ -13,6 +13,7 @@ Reading order for study (README's "Learn" section has the same list, with the le
      9. train.py               the training loop as a function                           lesson 08
     10. generate.py            sampling, the KV cache, batching                          lessons 10, 13
     11. sft.py, quant.py, compress.py, ops/distill.py, interpret.py, viz.py              lessons 11-14
+    12. ops/llama.py, llama.py the Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention
 
 Skip on a first read: backend.py (NumPy/CuPy plumbing), ops/parallel.py and the row-block
 kernels inside ops/nn.py (speed), ops/cuda_kernels.py and precision.py (GPU), model.py's
@@ -33,6 +34,7 @@ from npgpt import ops  # noqa: E402,F401  (binds operators onto Tensor)
 from npgpt.gradcheck import gradcheck  # noqa: E402
 from npgpt.tensor import Function, Tensor, no_grad  # noqa: E402
 from npgpt.model import GPT, GPTConfig  # noqa: E402
+from npgpt.llama import Llama, LlamaConfig  # noqa: E402
 
 
 def __getattr__(name):

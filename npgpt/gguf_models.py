@@ -441,6 +441,8 @@ def export_gguf(model, tok, path, type_name="f32", name=None):
         raise NpgptError("export a merged float model: merge the LoRA adapter first (npgpt merge), and load "
                          "quantised models in float")
     arch = model_architecture(model)
+    if hasattr(model.config, "check_exportable"):
+        model.config.check_exportable("GGUF")                 # recipe switches llama.cpp's gpt2 lacks
     _, metadata_fn, tensors_fn = ARCHS[arch]
     meta = {"general.architecture": arch, "general.name": name or Path(path).stem,
             "general.file_type": FILE_TYPES[type_name], "general.quantization_version": 2}

@@ -33,8 +33,8 @@ from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
 from npgpt.model import PRESETS as GPT_PRESETS
 from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
-from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter
-from npgpt.ops.llama import ungroup_heads, gqa_attention, gqa_probs, rms_norm, rope, rope_inv_freq, rope_tables, swiglu
+from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
+from npgpt.ops.llama import gqa_attention, gqa_probs, rope, rope_inv_freq, rope_tables, swiglu, ungroup_heads
 from npgpt.ops.nn import dropout, linear
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value, inside,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
@@ -259,17 +259,6 @@ PRESETS = {"llama-" + name: LlamaConfig.from_gpt(GPT_PRESETS[name]) for name in 
 
 
 # ---- the blocks --------------------------------------------------------------------------------
-class RMSNorm(Module):
-    """RMSNorm over the last axis with a learned scale (1), no shift (Hugging Face's LlamaRMSNorm)."""
-
-    def __init__(self, dim, eps=1e-6, dtype=np.float32):
-        self.eps = eps
-        self.weight = Parameter(np.ones(dim, dtype=dtype))
-
-    def forward(self, x):
-        return rms_norm(x, self.weight, eps=self.eps)
-
-
 class LlamaAttention(Module):
     """q, k, v projections (q/k/v biases for Qwen2), RoPE on q and k, grouped-query attention, o_proj."""
 
@@ -654,6 +643,9 @@ def preset_config(preset, arch="gpt", **overrides):
     gpt = replace(GPT_PRESETS[preset], **overrides)
     if arch == "gpt":
         return gpt if bias is None else replace(gpt, bias=bias)
+    if gpt.switches():
+        raise NpgptError(f"the recipe switches {', '.join(gpt.switches())} are GPT options; the llama family "
+                         f"has rotary positions and RMSNorm already: train arch=llama without them")
     return LlamaConfig.from_gpt(gpt)
 
 

@@ -19,7 +19,8 @@ none, or when the path is a single file) -- and how to load one:
     lora-run     an adapter folder with no model of its own: the recorded base, then the adapter
     quantised    config.json records npgpt.quantization: QuantizedLinear layers from int8 / int4 weights
     llama        config.json's architectures is LlamaForCausalLM or Qwen2ForCausalLM (npgpt.llama)
-    gpt2         config.json's architectures is GPT2LMHeadModel, or names none (npgpt's older folders)
+    gpt2         config.json's architectures is GPT2LMHeadModel, or names none (npgpt's older folders), or
+                 NpgptGPTForCausalLM (a GPT with recipe switches GPT-2 cannot hold, npgpt.model)
 
 A new model family is one entry that matches on `architecture(hf)` (config.json's "architectures"),
 a new file format one that matches on the path (e.g. its suffix); `register_format` adds it. The
@@ -165,7 +166,7 @@ def load_llama(folder, hf, device="cpu", **overrides):
 
 
 # ---- GPT-2 folders --------------------------------------------------------------------------------
-GPT2_ARCHITECTURES = ("GPT2LMHeadModel",)
+GPT2_ARCHITECTURES = ("GPT2LMHeadModel", "NpgptGPTForCausalLM")   # the latter: GPT with recipe switches
 
 
 def is_gpt2(folder, hf) -> bool:
@@ -307,4 +308,5 @@ register_format(Format("lora-run", "LoRA run folders (adapter + recorded base)",
 register_format(Format("quantised", "quantised folders (npgpt quantize)", is_quantized, load_quantized))
 register_format(Format("llama", "Llama / Qwen2 folders (architectures LlamaForCausalLM, Qwen2ForCausalLM)",
                        is_llama, load_llama))
-register_format(Format("gpt2", "GPT-2 folders (architectures GPT2LMHeadModel)", is_gpt2, load_gpt2))
+register_format(Format("gpt2", "GPT-2 folders (architectures GPT2LMHeadModel; npgpt's NpgptGPTForCausalLM)", is_gpt2,
+                       load_gpt2))

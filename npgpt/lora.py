@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on a frozen GPT-2, stored the way Hugging Face PEFT stores them.
+"""LoRA: low-rank adapters on a frozen GPT-2 or Llama, stored the way Hugging Face PEFT stores them.
 
 A targeted linear layer y = x W + b (W: (in, out), GPT-2's Conv1D layout) becomes
 
@@ -7,7 +7,7 @@ A targeted linear layer y = x W + b (W: (in, out), GPT-2's Conv1D layout) become
 (Hu et al. 2021, "LoRA"). B starts at zero, so at step 0 the adapted model computes exactly what
 the base does; only A and B train, the base weights get no gradient and no optimizer state. A is
 drawn as PEFT draws it, kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)). Merging
-folds the update into the weight, W' = W + s A B, and leaves a plain GPT-2.
+folds the update into the weight, W' = W + s A B, and leaves a plain model of the base's family.
 
 The layer itself, `LoRALinear`, lives on the layer floor (npgpt/layers.py); this module applies,
 merges, saves and reads a model's adapters. The base may be an npgpt int8/int4 `QuantizedLinear`:
@@ -21,7 +21,9 @@ PEFT's folder (`adapter_config.json` + `adapter_model.safetensors`). PEFT wraps 
     base_model.model.transformer.h.0.attn.c_attn.lora_A.weight    (r, in)   = our A transposed
     base_model.model.transformer.h.0.attn.c_attn.lora_B.weight    (out, r)  = our B transposed
 
-and its delta weight is (B_peft A_peft)^T = A B in the (in, out) layout. `target_modules` is a
+and its delta weight is (B_peft A_peft)^T = A B in the (in, out) layout. A Llama's layers are torch
+Linear layers in PEFT (`fan_in_fan_out: false`), keyed `base_model.model.model.layers.0.self_attn.q_proj.
+lora_A.weight`, and stored the same way: lora_A (r, in), lora_B (out, r). `target_modules` is a
 list of module-name suffixes (`c_proj` matches attn.c_proj and mlp.c_proj; `mlp.c_proj` only the
 MLP's) or one regular expression matched against the whole module name, as in PEFT.
 """

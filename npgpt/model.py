@@ -20,10 +20,11 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
-from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList
+from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
+from npgpt.ops.llama import gqa_attention, rope, rope_inv_freq, rope_tables
 from npgpt.ops.nn import (REFERENCE_OPS, attention_probs, causal_self_attention, check_ops, cross_entropy,
-                          dropout, gelu, linear, reference_ops, split_heads)
-from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, check, check_finite_tensors, check_value,
+                          dropout, gelu, linear, reference_ops, relu2, softcap, split_heads)
+from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
 
@@ -39,6 +40,14 @@ class GPTConfig:
     bias: bool = True             # biases in Linear and LayerNorm layers (GPT-2 has them)
     n_inner: int | None = None    # MLP hidden width; None means 4 * n_embd
     layer_norm_epsilon: float = 1e-5
+    # Recipe switches (the modded-nanogpt speedrun's changes); every default is GPT-2's own.
+    pos: str = "learned"          # positions: GPT-2's learned table wpe, or "rope" (rotary q and k, no table)
+    qk_norm: bool = False         # RMSNorm (learned gain per head channel) on queries and keys
+    mlp_act: str = "gelu"         # GPT-2's tanh GELU, or "relu2" (ReLU squared)
+    zero_init_proj: bool = False  # attn.c_proj and mlp.c_proj (and an untied head) start at zero
+    untie_head: bool = False      # a separate lm_head.weight (V, C) instead of wte's transpose
+    logit_softcap: float = 0.0    # > 0: logits = cap * tanh(logits / cap); 0: off
+    rope_theta: float = 10000.0   # with pos=rope: the base of the rotation speeds
 
     def __post_init__(self):
         # every field checked by type and range: a config may come from a stranger's config.json
@@ -46,6 +55,28 @@ class GPTConfig:
             setattr(self, name, check_value(getattr(self, name), spec, f"model config: {name}"))
         if self.n_embd % self.n_head:
             raise NpgptError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise NpgptError(f"model config: pos=rope needs an even head size, n_embd / n_head is "
+                             f"{self.n_embd // self.n_head}")
+
+    def switches(self) -> dict:
+        """The recipe switches set away from GPT-2's defaults, {name: value} ({} for a GPT-2 model)."""
+        return {k: getattr(self, k) for k, v in RECIPE_DEFAULTS.items() if getattr(self, k) != v}
+
+    def check_exportable(self, target: str) -> None:
+        """NpgptError unless `target` ("transformers" or "GGUF") can hold this model: a model with
+        recipe switches GPT-2 cannot represent stays an npgpt folder (save_pretrained writes one)."""
+        allowed = ("zero_init_proj", "untie_head") if target == "transformers" else ("zero_init_proj",)
+        bad = {k: v for k, v in self.switches().items() if k not in allowed}
+        if bad:
+            names = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NpgptError(f"cannot export to {target}: this model uses npgpt's recipe switches ({names}), which "
+                             f"GPT-2 cannot represent; it stays an npgpt folder (load it with npgpt)")
+
+    def gpt2_incompatible(self) -> dict:
+        """The switches a GPT-2 checkpoint cannot represent (zero_init_proj only changes the start,
+        and an untied head is GPT-2's tie_word_embeddings=false); {} when transformers can load it."""
+        return {k: v for k, v in self.switches().items() if k not in ("zero_init_proj", "untie_head")}
 
     arch = "gpt"
     blocks_name = "transformer.h"        # where the family keeps its blocks, and its token embedding
@@ -71,9 +102,12 @@ class GPTConfig:
         C, H, b = self.n_embd, self.hidden, int(self.bias)
         ln = C + b * C                                           # scale (+ shift)
         attn = C * 3 * C + b * 3 * C + C * C + b * C             # c_attn, c_proj
+        attn += 2 * (C // self.n_head) if self.qk_norm else 0    # q_norm, k_norm gains
         mlp = C * H + b * H + H * C + b * C                      # c_fc, c_proj
-        n = self.vocab_size * C + self.block_size * C + self.n_layer * (2 * ln + attn + mlp) + ln
-        return n - self.block_size * C if non_embedding else n
+        wpe = self.block_size * C if self.pos == "learned" else 0
+        head = self.vocab_size * C if self.untie_head else 0
+        n = self.vocab_size * C + wpe + head + self.n_layer * (2 * ln + attn + mlp) + ln
+        return n - wpe if non_embedding else n
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -83,21 +117,27 @@ class GPTConfig:
 
     # ---- Hugging Face config.json ------------------------------------------------------------
     def to_hf(self):
+        """config.json: GPT-2's (transformers loads it), or npgpt's own when a switch is one GPT-2
+        cannot represent (model_type "npgpt_gpt": transformers refuses it, npgpt reads it)."""
+        npgpt_only = self.gpt2_incompatible()
         return {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "model_type": "npgpt_gpt" if npgpt_only else "gpt2",
+            "architectures": ["NpgptGPTForCausalLM" if npgpt_only else "GPT2LMHeadModel"],
             "vocab_size": self.vocab_size, "n_positions": self.block_size, "n_ctx": self.block_size,
             "n_embd": self.n_embd, "n_layer": self.n_layer, "n_head": self.n_head, "n_inner": self.n_inner,
             "layer_norm_epsilon": self.layer_norm_epsilon, "activation_function": "gelu_new",
             "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
-            "initializer_range": 0.02, "tie_word_embeddings": True, "torch_dtype": "float32",
-            "npgpt": {"bias": self.bias},
+            "initializer_range": 0.02, "tie_word_embeddings": not self.untie_head, "torch_dtype": "float32",
+            "npgpt": {"bias": self.bias, **({"recipe": self.switches()} if self.switches() else {}),
+                      **({"rope_theta": self.rope_theta} if self.pos == "rope" else {})},
         }
 
     @classmethod
     def from_hf(cls, cfg: dict, where="config.json"):
         """A GPTConfig from a config.json dict; NpgptError naming the field when a value is wrong."""
-        if cfg.get("model_type", "gpt2") != "gpt2":
-            raise NpgptError(f"{where}: unsupported model_type {cfg.get('model_type')!r}; npgpt loads GPT-2 models only")
+        model_type = cfg.get("model_type", "gpt2")
+        if model_type not in ("gpt2", "npgpt_gpt"):
+            raise NpgptError(f"{where}: unsupported model_type {model_type!r}; npgpt loads GPT-2 models only")
         act = cfg.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise NpgptError(f"{where}: unsupported activation_function {act!r}; npgpt implements GPT-2's gelu_new")
@@ -108,15 +148,31 @@ class GPTConfig:
                         "n_inner": Int(lo=1, default=None, none_ok=True),
                         "resid_pdrop": Float(0, 1, default=0.0, hi_open=True),
                         "layer_norm_epsilon": Float(0, default=1e-5, lo_open=True),
-                        "npgpt": Obj({"bias": Bool(default=True)}, default={"bias": True})}, where)
-        return cls(vocab_size=f["vocab_size"], block_size=f["n_positions"], n_layer=f["n_layer"], n_head=f["n_head"],
-                   n_embd=f["n_embd"], dropout=f["resid_pdrop"], bias=f["npgpt"]["bias"], n_inner=f["n_inner"],
-                   layer_norm_epsilon=f["layer_norm_epsilon"])
+                        "tie_word_embeddings": Bool(default=True),
+                        "npgpt": Obj({"bias": Bool(default=True), "recipe": Obj(default={}),
+                                      "rope_theta": Float(0, default=10000.0, lo_open=True)},
+                                     default={"bias": True, "recipe": {}, "rope_theta": 10000.0})}, where)
+        recipe = f["npgpt"]["recipe"]
+        unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS))
+        if unknown:
+            raise NpgptError(f"{where}: field 'npgpt.recipe' has unknown switch {unknown[0]!r}; known: "
+                             f"{', '.join(RECIPE_DEFAULTS)}")
+        config = cls(vocab_size=f["vocab_size"], block_size=f["n_positions"], n_layer=f["n_layer"],
+                     n_head=f["n_head"], n_embd=f["n_embd"], dropout=f["resid_pdrop"], bias=f["npgpt"]["bias"],
+                     n_inner=f["n_inner"], layer_norm_epsilon=f["layer_norm_epsilon"],
+                     untie_head=not f["tie_word_embeddings"], rope_theta=f["npgpt"]["rope_theta"],
+                     **{k: v for k, v in recipe.items() if k != "untie_head"})
+        if (model_type == "gpt2") != (not config.gpt2_incompatible()):
+            raise NpgptError(f"{where}: model_type {model_type!r} does not match the recipe switches "
+                             f"{config.gpt2_incompatible() or 'none'}; the file is damaged")
+        return config
 
     def param_shapes(self) -> dict[str, tuple]:
         """{parameter name: shape} of the GPT this config builds, without building it (nothing allocated)."""
         V, T, C, H = self.vocab_size, self.block_size, self.n_embd, self.hidden
-        shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+        shapes = {"transformer.wte.weight": (V, C)}
+        if self.pos == "learned":
+            shapes["transformer.wpe.weight"] = (T, C)
         for i in range(self.n_layer):
             b = f"transformer.h.{i}."
             for name, (n_in, n_out) in (("attn.c_attn", (C, 3 * C)), ("attn.c_proj", (C, C)),
@@ -124,6 +180,8 @@ class GPTConfig:
                 shapes[f"{b}{name}.weight"] = (n_in, n_out)
                 if self.bias:
                     shapes[f"{b}{name}.bias"] = (n_out,)
+            if self.qk_norm:
+                shapes[f"{b}attn.q_norm.weight"] = shapes[f"{b}attn.k_norm.weight"] = (C // self.n_head,)
             for ln in ("ln_1", "ln_2"):
                 shapes[f"{b}{ln}.weight"] = (C,)
                 if self.bias:
@@ -131,12 +189,21 @@ class GPTConfig:
         shapes["transformer.ln_f.weight"] = (C,)
         if self.bias:
             shapes["transformer.ln_f.bias"] = (C,)
+        if self.untie_head:
+            shapes["lm_head.weight"] = (V, C)
         return shapes
 
 
 _CONFIG_SPECS = {"vocab_size": Int(lo=1), "block_size": Int(lo=1), "n_layer": Int(lo=1), "n_head": Int(lo=1),
                  "n_embd": Int(lo=1), "dropout": Float(0, 1, hi_open=True), "bias": Bool(),
-                 "n_inner": Int(lo=1, none_ok=True), "layer_norm_epsilon": Float(0, lo_open=True)}
+                 "n_inner": Int(lo=1, none_ok=True), "layer_norm_epsilon": Float(0, lo_open=True),
+                 "pos": Str(("learned", "rope")), "qk_norm": Bool(), "mlp_act": Str(("gelu", "relu2")),
+                 "zero_init_proj": Bool(), "untie_head": Bool(), "logit_softcap": Float(0, 1e4),
+                 "rope_theta": Float(0, lo_open=True)}
+RECIPE_DEFAULTS = {"pos": "learned", "qk_norm": False, "mlp_act": "gelu", "zero_init_proj": False,
+                   "untie_head": False, "logit_softcap": 0.0}
+# The modern recipe (modded-nanogpt / nanochat): every switch on. Soft-cap 15 as modded-nanogpt's.
+MODERN = dict(pos="rope", qk_norm=True, mlp_act="relu2", zero_init_proj=True, untie_head=True, logit_softcap=15.0)
 
 
 PRESETS = {
@@ -146,29 +213,60 @@ PRESETS = {
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
     "baby": GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
     "shakespeare-char": GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    # the same shapes with the modern recipe's switches (train presets add Muon: npgpt.train.TRAIN_PRESETS)
+    "modern-baby": GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, **MODERN),
+    "modern-shakespeare": GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+                                    bias=False, **MODERN),
 }
 
 
 # ---- the blocks --------------------------------------------------------------------------------
 class CausalSelfAttention(Module):
+    """Multi-head causal self-attention. GPT-2's: one fused op on c_attn's output. With the recipe's
+    qk_norm (RMSNorm on each head's q and k) or pos=rope (q and k rotated by their position), q, k
+    and v are split first and attention runs as npgpt.ops.llama's (nkv = nh: plain multi-head)."""
+
     def __init__(self, cfg, rng, resid_std):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias, rng=rng)
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias, rng=rng, std=resid_std)
+        hs = cfg.n_embd // cfg.n_head
+        self.q_norm = RMSNorm(hs, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hs, eps=cfg.layer_norm_epsilon) if cfg.qk_norm else None
+        self.rope = cfg.pos == "rope"
         self.rng = rng
 
-    def forward(self, x):                                        # (B, T, C) -> (B, T, C)
+    def forward(self, x, rope_cs=None):                          # (B, T, C) -> (B, T, C)
         p = self.dropout if self.training else 0.0
-        y = causal_self_attention(self.c_attn(x), self.n_head, dropout=p, rng=self.rng)
+        if self.q_norm is None and not self.rope:
+            y = causal_self_attention(self.c_attn(x), self.n_head, dropout=p, rng=self.rng)
+        else:
+            B, T, C = x.shape
+            qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head)   # (B, T, 3, nh, hs)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                     # (B, T, nh, hs)
+            q, k = self._position_and_norm(q, k, rope_cs)
+            y = gqa_attention(q, k, v, dropout=p, rng=self.rng)                   # (B, T, C)
         return dropout(self.c_proj(y), p, self.rng, self.training)
 
-    def forward_cached(self, x, k_cache, v_cache, p0, key_mask=None):
+    def _position_and_norm(self, q, k, rope_cs):
+        """QK-norm, then the rotation (q, k: (B, T, nh, hs) Tensors; rope_cs: (cos, sin) tables)."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q, k = rope(q, *rope_cs), rope(k, *rope_cs)
+        return q, k
+
+    def forward_cached(self, x, k_cache, v_cache, p0, key_mask=None, rope_cs=None):
         """Inference on plain arrays: new positions x (B, Tn, C) attend to the cached keys/values.
 
         k_cache, v_cache: this layer's (B, nh, block_size, hs) buffers; the new keys and values are
-        written at p0:p0+Tn. Returns (y (B, Tn, C), attention probabilities (B, nh, Tn, Tk))."""
+        written at p0:p0+Tn. rope_cs: with pos=rope, the (cos, sin) tables of the new positions.
+        Returns (y (B, Tn, C), attention probabilities (B, nh, Tn, Tk))."""
         B, Tn, C = x.shape
         q, k, v = split_heads(self.c_attn(Tensor(x)).data, self.n_head)   # (B, nh, Tn, hs)
+        if self.q_norm is not None or self.rope:
+            q, k = self._position_and_norm(Tensor(q.transpose(0, 2, 1, 3)), Tensor(k.transpose(0, 2, 1, 3)), rope_cs)
+            q, k = q.data.transpose(0, 2, 1, 3), k.data.transpose(0, 2, 1, 3)   # (B, nh, Tn, hs)
         k_cache[:, :, p0:p0 + Tn] = k
         v_cache[:, :, p0:p0 + Tn] = v
         att = attention_probs(q, k_cache[:, :, :p0 + Tn], key_mask)       # (B, nh, Tn, Tk)
@@ -182,10 +280,11 @@ class MLP(Module):
         self.dropout = cfg.dropout
         self.c_fc = Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias, rng=rng)
         self.c_proj = Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias, rng=rng, std=resid_std)
+        self.act = relu2 if cfg.mlp_act == "relu2" else gelu
         self.rng = rng
 
     def forward(self, x):                                        # (B, T, C) -> (B, T, C)
-        return dropout(self.c_proj(gelu(self.c_fc(x))), self.dropout, self.rng, self.training)
+        return dropout(self.c_proj(self.act(self.c_fc(x))), self.dropout, self.rng, self.training)
 
 
 class Block(Module):
@@ -198,13 +297,13 @@ class Block(Module):
         self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias, eps=eps)
         self.mlp = MLP(cfg, rng, resid_std)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope_cs=None):
+        x = x + self.attn(self.ln_1(x), rope_cs)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, k_cache, v_cache, p0, key_mask=None):
+    def forward_cached(self, x, k_cache, v_cache, p0, key_mask=None, rope_cs=None):
         """forward on plain arrays with this layer's KV cache (see CausalSelfAttention.forward_cached)."""
-        y, att = self.attn.forward_cached(self.ln_1(Tensor(x)).data, k_cache, v_cache, p0, key_mask)
+        y, att = self.attn.forward_cached(self.ln_1(Tensor(x)).data, k_cache, v_cache, p0, key_mask, rope_cs)
         x = x + y
         return x + self.mlp(self.ln_2(Tensor(x))).data, att
 
@@ -212,9 +311,10 @@ class Block(Module):
 class Transformer(Module):
     def __init__(self, cfg, rng):
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 n_layer)
-        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        # (zero_init_proj: those projections start at zero, each block starting as the identity)
+        resid_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
         self.wte = Embedding(cfg.vocab_size, cfg.n_embd, rng=rng)
-        self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng=rng)
+        self.wpe = Embedding(cfg.block_size, cfg.n_embd, rng=rng) if cfg.pos == "learned" else None
         self.h = ModuleList(Block(cfg, rng, resid_std) for _ in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias, eps=cfg.layer_norm_epsilon)
 
@@ -294,13 +394,22 @@ class CausalLM(Module):
 
 
 class GPT(CausalLM):
-    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head."""
+    """GPT-2: token + position embeddings, n_layer pre-LN blocks, final LN, tied LM head.
+
+    The recipe switches of GPTConfig change four places: positions (wpe, or rotary q/k in each
+    attention), attention (qk_norm), the MLP's activation, and the head (untied lm_head.weight,
+    soft-capped logits); zero_init_proj changes only the starting weights."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
         self.config = config
         self.ops = check_ops(ops)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
         self.transformer = Transformer(config, self.rng)
+        self.lm_head = None
+        if config.untie_head:                     # (V, C) like wte, so the head is linear(x, lm_head.T)
+            std = 0.0 if config.zero_init_proj else 0.02
+            self.lm_head = Embedding(config.vocab_size, config.n_embd, rng=self.rng, std=std)
+        self._inv_freq = rope_inv_freq(config.head_size, config.rope_theta) if config.pos == "rope" else None
         if str(device) != "cpu":
             self.to(device)
 
@@ -308,15 +417,33 @@ class GPT(CausalLM):
     def forward(self, idx, targets=None, ignore_index=-1):
         """idx: (B, T) int token ids -> (logits (B, T, V) Tensor, loss Tensor or None)."""
         idx = self._check_ids(idx)
-        T = idx.shape[1]
         tr = self.transformer
-        x = tr.wte(idx) + tr.wpe.weight[:T]                          # (B, T, C)
+        x, rope_cs = self.embed(idx)                                 # (B, T, C)
         x = dropout(x, self.config.dropout, self.rng, self.training)
         for block in tr.h:
-            x = block(x)
-        x = tr.ln_f(x)
-        logits = linear(x, tr.wte.weight.T)                          # (B, T, V), tied LM head
+            x = block(x, rope_cs)
+        logits = self.head(tr.ln_f(x))                               # (B, T, V)
         return logits, self.lm_loss(logits, targets, ignore_index)
+
+    def embed(self, idx):
+        """Token ids (B, T) -> (the residual stream's start (B, T, C) Tensor, rope tables or None):
+        wte plus wpe (GPT-2), or wte alone and the (cos, sin) tables the blocks rotate q, k by."""
+        T = idx.shape[1]
+        tr = self.transformer
+        x = tr.wte(idx)
+        if tr.wpe is not None:
+            return x + tr.wpe.weight[:T], None
+        return x, self._rope_tables(get_xp(x.data).arange(T))          # (T, hs/2) each
+
+    def head(self, x):
+        """Final hidden states (B, T, C) Tensor -> logits (B, T, V): tied (wte^T) or lm_head, then the soft-cap."""
+        w = self.lm_head.weight if self.lm_head is not None else self.transformer.wte.weight
+        logits = linear(x, w.T)
+        return softcap(logits, self.config.logit_softcap) if self.config.logit_softcap > 0 else logits
+
+    def _rope_tables(self, positions):
+        """(cos, sin) of the rotation at `positions` (int array (T,) or (B, T)) in the weights' dtype."""
+        return rope_tables(positions, self._inv_freq, dtype=self.transformer.wte.weight.dtype)
 
     @property
     def input_embedding(self):
@@ -326,15 +453,15 @@ class GPT(CausalLM):
         """The residual stream after the embeddings and after each block, [(B, T, C) Tensor] * (n_layer + 1),
         for interpretability (npgpt.inspect's logit lens reads each through `final_logits`)."""
         idx = self._check_ids(idx)
-        tr = self.transformer
-        out = [tr.wte(idx) + tr.wpe.weight[:idx.shape[1]]]
-        for block in tr.h:
-            out.append(block(out[-1]))
+        x, rope_cs = self.embed(idx)
+        out = [x]
+        for block in self.transformer.h:
+            out.append(block(out[-1], rope_cs))
         return out
 
     def final_logits(self, x):
-        """Logits of residual-stream states x (..., C): the final LayerNorm, then the tied head."""
-        return linear(self.transformer.ln_f(x), self.transformer.wte.weight.T)
+        """Logits of residual-stream states x (..., C): the final LayerNorm, then the head (self.head)."""
+        return self.head(self.transformer.ln_f(x))
 
     def resize_token_embeddings(self, vocab_size):
         """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as
@@ -347,6 +474,11 @@ class GPT(CausalLM):
         extra = xp.broadcast_to(wte.data.mean(axis=0, keepdims=True), (vocab_size - old, wte.shape[1]))
         wte.data = xp.concatenate([wte.data, extra]).astype(wte.dtype)
         wte.grad = None
+        if self.lm_head is not None:                 # an untied head grows the same way
+            head = self.lm_head.weight
+            extra = xp.broadcast_to(head.data.mean(axis=0, keepdims=True), (vocab_size - old, head.shape[1]))
+            head.data = xp.concatenate([head.data, extra]).astype(head.dtype)
+            head.grad = None
         self.config = replace(self.config, vocab_size=vocab_size)
         return self
 
@@ -385,18 +517,22 @@ class GPT(CausalLM):
         tr = self.transformer
         pos = xp.arange(p0, p0 + Tn)[None, :] - cache.pad[:, None]          # (B, Tn) position ids
         pos = xp.maximum(pos, 0)
-        x = tr.wte.weight.data[idx] + tr.wpe.weight.data[pos]              # (B, Tn, C)
+        x = tr.wte.weight.data[idx]                                        # (B, Tn, C)
+        rope_cs = None
+        if tr.wpe is not None:
+            x = x + tr.wpe.weight.data[pos]
+        else:
+            rope_cs = self._rope_tables(pos)                               # (B, Tn, hs/2) each
         key_mask = None
         if cache.padded:
             key_mask = xp.arange(p0 + Tn)[None, :] >= cache.pad[:, None]  # (B, Tk) real tokens
         maps = []
         for i, block in enumerate(tr.h):
-            x, att = block.forward_cached(x, cache.k[i], cache.v[i], p0, key_mask)
+            x, att = block.forward_cached(x, cache.k[i], cache.v[i], p0, key_mask, rope_cs)
             if return_attention:
                 maps.append(att)
         cache.length = p0 + Tn
-        x = tr.ln_f(Tensor(x)).data
-        logits = x @ tr.wte.weight.data.T                                  # (B, Tn, V)
+        logits = self.head(tr.ln_f(Tensor(x))).data                       # (B, Tn, V)
         return (logits, maps) if return_attention else logits
 
     # ---- Hugging Face folders ------------------------------------------------------------------
@@ -507,7 +643,8 @@ def load_gpt2_tensors(path, config: GPTConfig | None = None):
             raise NpgptError(f"{f}: tensor {key} has dtype {info.dtype}; expected floating point weights")
         keys[_npgpt_name(key)] = key
     shapes = {name: header.tensors[key].shape for name, key in keys.items()}
-    head = shapes.pop("lm_head.weight", None)
+    untied = config is not None and config.untie_head       # lm_head.weight is a parameter of its own
+    head = None if untied else shapes.pop("lm_head.weight", None)
     if head is not None and head != shapes.get("transformer.wte.weight"):
         raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
     if config is not None:
@@ -515,7 +652,7 @@ def load_gpt2_tensors(path, config: GPTConfig | None = None):
     raw = load_safetensors(f, header, names=set(keys.values()))
     state = {name: raw.pop(key).astype(np.float32, copy=False) for name, key in keys.items()}
     check_finite_tensors(state, f)
-    head = state.pop("lm_head.weight", None)
+    head = None if untied else state.pop("lm_head.weight", None)
     if head is not None and not np.array_equal(head, state.get("transformer.wte.weight")):
         raise NpgptError(f"{f}: lm_head.weight differs from transformer.wte.weight; npgpt ties them as GPT-2 does")
     return state

@@ -12,6 +12,7 @@ import numpy as np
 
 from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.errors import NpgptError
+from npgpt.ops.llama import rms_norm
 from npgpt.ops.nn import embedding, layer_norm, linear
 from npgpt.tensor import Tensor
 
@@ -195,6 +196,17 @@ class Embedding(Module):
     def logits(self, x):
         """x (..., dim) Tensor -> (..., num): the table as a tied output head."""
         return linear(x, self.weight.T)
+
+
+class RMSNorm(Module):
+    """RMSNorm over the last axis with a learned scale (1), no shift (Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, dim, eps=1e-6, dtype=np.float32):
+        self.eps = eps
+        self.weight = Parameter(np.ones(dim, dtype=dtype))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, eps=self.eps)
 
 
 class LayerNorm(Module):

@@ -495,9 +495,12 @@ class Muon(AdamW):
     def _step_muon(self, slots, lr):
         mlr = self.muon_lr_at(lr)
         for s in slots:
-            buf = self.momentum[s.start:s.stop].reshape(s.shape)
-            muon_update(s.data_view, s.grad_view, buf, mlr, self.muon_momentum, self.nesterov, self.ns_steps,
-                        self.muon_weight_decay)
+            muon_update(s.data_view, s.grad_view, self._momentum_of(s), mlr, self.muon_momentum, self.nesterov,
+                        self.ns_steps, self.muon_weight_decay)
+
+    def _momentum_of(self, s):
+        """The momentum buffer of Muon matrix `s` (a view, its shape)."""
+        return self.momentum[s.start:s.stop].reshape(s.shape)
 
     # ---------------------------------------------------------------------------- checkpoints
 

@@ -48,6 +48,14 @@ from npgpt.loading import QUANT_FILE
 
 
 # ---- folders -----------------------------------------------------------------------------------
+def _check_plain(model):
+    """Quantised folders are GPT-2's layout (or Llama's): a GPT with recipe switches is refused."""
+    switches = getattr(model.config, "switches", dict)()
+    if {k: v for k, v in switches.items() if k != "zero_init_proj"}:
+        raise NpgptError(f"quantising a model with recipe switches ({', '.join(switches)}) is not supported; "
+                         f"keep it in float (npgpt folders of such models load with npgpt)")
+
+
 def quantize_model(model, bits=8, group_size=None, embedding=False):
     """Replace every linear layer of `model` with a QuantizedLinear, in place; returns the model.
 
@@ -55,6 +63,7 @@ def quantize_model(model, bits=8, group_size=None, embedding=False):
     back into its Parameter), so the model computes exactly what a reloaded quantised folder does.
     """
     check_scheme(bits, group_size)
+    _check_plain(model)
     for _, owner, attr, lin in linear_layers(model):
         if not isinstance(lin, QuantizedLinear):
             setattr(owner, attr, QuantizedLinear.from_linear(lin, bits, group_size))
@@ -70,6 +79,7 @@ def quantize_model(model, bits=8, group_size=None, embedding=False):
 def quantized_tensors(model, bits=8, group_size=None, embedding=False):
     """{key: array} for model.safetensors of a quantised folder (see the module docstring)."""
     check_scheme(bits, group_size)
+    _check_plain(model)
     tensors = {}
     quantized = {}
     for name, _, _, lin in linear_layers(model):

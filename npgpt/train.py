@@ -59,7 +59,7 @@ from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, 
 from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import Communicator, SingleProcess, for_device, local_rank0_first
 from npgpt.distributed.data_parallel import DataParallel
-from npgpt.distributed.zero import make_optimizer
+from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
 from npgpt.gguf_models import is_gguf
@@ -67,6 +67,7 @@ from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
 from npgpt.llama import preset_config
 from npgpt.loading import from_pretrained
+from npgpt.model import RECIPE_DEFAULTS
 from npgpt.optim import Muon, get_lr
 from npgpt.perf import gemm_peak_gflops, tune_malloc
 from npgpt.precision import Precision, use_precision
@@ -166,6 +167,7 @@ def build_model(cfg: TrainConfig, data, log):
             raise NpgptError(f"the data's vocabulary ({vocab}) is larger than the model's ({model.config.vocab_size})")
         return model, src
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
+    over.update({k: getattr(cfg, k) for k in RECIPE_DEFAULTS if getattr(cfg, k) is not None})
     mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
     return new_model(mcfg, seed=cfg.seed), None
 
@@ -417,13 +419,13 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
 
 
 def build_optimizer(named_params, comm, cfg: TrainConfig):
-    """The run's optimizer: AdamW (ZeroAdamW with zero_stage=1), or Muon + AdamW (optimizer=muon)."""
+    """The run's optimizer: AdamW (ZeroAdamW with zero_stage=1), or Muon + AdamW (optimizer=muon;
+    ZeroMuon with zero_stage=1)."""
     common = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "muon":
-        if cfg.zero_stage == 1 and comm.world_size > 1:
-            raise NpgptError("zero_stage=1 with optimizer=muon is not available yet; use zero_stage=0")
-        return Muon(named_params, **common, muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
-                    nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, muon_weight_decay=cfg.muon_weight_decay)
+    if cfg.optimizer == "muon":          # zero_stage=1: whole matrices per rank (Newton-Schulz needs them)
+        return make_muon(named_params, comm, cfg.zero_stage, **common, muon_lr=cfg.muon_lr,
+                         muon_momentum=cfg.muon_momentum, nesterov=cfg.nesterov, ns_steps=cfg.ns_steps,
+                         muon_weight_decay=cfg.muon_weight_decay)
     return make_optimizer(named_params, comm, cfg.zero_stage, **common)
 
 
@@ -655,7 +657,7 @@ def config_for_resume(out, overrides: dict) -> TrainConfig:
     """The saved run's config from OUT/ckpt/state.json, with `overrides` (e.g. a longer max_iters)."""
     base = read_state(find_checkpoint(out))["config"]
     types = field_types()
-    for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer"):
+    for fixed in ("n_layer", "n_head", "n_embd", "preset", "arch", "bias", "optimizer", *RECIPE_DEFAULTS):
         # compared as the field's type: `--set n_layer=1` equals a saved 1
         if fixed in overrides and coerce(fixed, overrides[fixed], types[fixed]) != getattr(base, fixed):
             raise NpgptError(f"--resume cannot change {fixed} (the checkpoint has {getattr(base, fixed)})")

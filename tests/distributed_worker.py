@@ -228,7 +228,11 @@ def case_muon_equiv(comm, data_dir, tmp):
     n, B = comm.world_size, 2
     tmp = Path(tmp)
     res, flat = train_tiny(data_dir, tmp / f"muon{n}", B, source_rows=n * B, optimizer="muon", learning_rate=1e-2)
-    out = {"ranks_differ": max_diff_to_root(comm, flat), "history": res.history, "iters": res.iters}
+    _, flat_z = train_tiny(data_dir, tmp / f"muon{n}-zero", B, source_rows=n * B, optimizer="muon",
+                           learning_rate=1e-2, zero_stage=1)
+    out = {"ranks_differ": max_diff_to_root(comm, flat), "history": res.history, "iters": res.iters,
+           "zero_ranks_differ": max_diff_to_root(comm, flat_z),
+           "zero_vs_plain": comm.allreduce_scalars([float(np.abs(flat_z - flat).max())], op="max")[0]}
     if comm.rank == 0:
         _, flat1 = train_tiny(data_dir, tmp / "muon-one", n * B, source_rows=n * B, optimizer="muon",
                               learning_rate=1e-2, comm=SingleProcess())

@@ -200,3 +200,19 @@ def test_serve_engine_thread_and_no_grad_reference_ops_in_another_thread_at_the_
     assert during == alone and len(during) > 0
     assert {(g, r, p) for name, g, r, p in seen if name == "npgpt-engine"} == {(True, False, "tf32")}, seen
     assert other["modes"] == {"grad": False, "graph": False, "precision": "fp16", "op": None}
+
+
+def test_trust_pattern_holds_for_its_command_only():
+    """`npgpt --trust-pattern` sets a context variable for the command it runs: nothing in
+    os.environ (which child processes and every thread would inherit), and gone when it ends."""
+    import os
+
+    from click.testing import CliRunner
+
+    from npgpt.cli.main import cli
+    from npgpt.tokenizer.bpe import TRUST_PATTERN
+
+    r = CliRunner().invoke(cli, ["--trust-pattern", "prepare", "--help"])
+    assert r.exit_code == 0, r.output
+    assert TRUST_PATTERN.get() is False
+    assert not any("TRUST" in k for k in os.environ)

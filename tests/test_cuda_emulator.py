@@ -74,6 +74,16 @@ def test_every_raw_kernel_is_covered_by_the_emulator_tests():
     assert set(K.RAW_SOURCES) == COVERED
 
 
+def test_a_missing_or_old_compiler_is_a_clear_skip_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-gxx")
+    assert compiler_problem.__wrapped__() == "the CUDA emulator needs g++ >= 12 (C++20), and g++ is not on PATH"
+    old = tmp_path / "g++"
+    old.write_text("#!/bin/sh\necho 11.4.0\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("CXX", str(old))
+    assert "found g++ 11" in compiler_problem.__wrapped__()
+
+
 # ---- kernels == float64 references, through npgpt's wrappers -----------------------------------------
 # Shapes: rows not a multiple of anything, one column, columns beyond the threads of a block
 # (K._threads gives about C/4 threads), more rows than one chunk of the parameter-gradient kernel.
@@ -411,6 +421,23 @@ extern "C" __global__ void spin(volatile int* flag) {
     with emulated() as cp, pytest.raises(KernelError) as e:
         compile_kernel(src, "spin").launch((1,), (32,), (cp.zeros(1, np.int32),), watchdog_s=1.0)
     assert "no progress for 1 s" in str(e.value) and "1 thread(s) still running kernel code" in str(e.value)
+
+
+def test_printf_reaches_stderr_and_trap_fails_the_launch(capsys):
+    src = r'''
+extern "C" __global__ void talk(float* out, const int trap) {
+    if (threadIdx.x == 0) printf("block %d says hi\n", (int)blockIdx.x);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = 2.0f;
+    if (trap && blockIdx.x == 1 && threadIdx.x == 3) __trap();
+}
+'''
+    with emulated() as cp:
+        out = cp.zeros(64, np.float32)
+        _launch(src, "talk", (2,), (32,), (out, np.int32(0)))
+        assert (out.get() == 2).all()                    # the printed text did not mix into the data
+        assert {"block 0 says hi", "block 1 says hi"} <= set(capsys.readouterr().err.splitlines())
+        with pytest.raises(KernelError, match=r"__trap\(\) called in block \(1,0,0\)"):
+            _launch(src, "talk", (2,), (32,), (out, np.int32(1)))
 
 
 # ---- sanitizer mode: a missing barrier is a race, an off-by-one read an overflow ------------------------

@@ -3,7 +3,8 @@
 On the CPU: each NumPy reference in npgpt.ops.cuda_kernels equals npgpt's fused op (ops/nn.py,
 optim.py) forward and backward in float64, and the CUDA sources compile with nvcc (when nvcc is
 installed). On a GPU (marked gpu): each kernel equals its reference on fresh random inputs, with
-NaN-filled outputs so an unwritten element fails.
+NaN-filled outputs so an unwritten element fails. Without a GPU, the raw kernels run on the CPU
+through the CUDA emulator in tests/test_cuda_emulator.py.
 """
 
 import math

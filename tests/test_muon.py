@@ -335,10 +335,14 @@ def test_muon_on_two_mpi_ranks_equals_one_process(data_dir, tmp_path):
     r = json.loads(out.read_text())
     assert r["iters"] == 6 and r["ranks_differ"] == 0.0
     assert r["one_vs_ranks"] < 1e-5 and r["moved"] > 0
+    # ZeRO-1 by whole matrices: the same weights as plain Muon, bit for bit, on every rank
+    assert r["zero_ranks_differ"] == 0.0 and r["zero_vs_plain"] == 0.0
 
 
-def test_mpiexec_train_muon_and_resume_bit_exactly(data_dir, tmp_path):
-    """`mpiexec -n 2 npgpt train --set optimizer=muon`, stopped at 4 and resumed to 8 == straight to 8."""
+@pytest.mark.parametrize("zero", ["0", "1"])
+def test_mpiexec_train_muon_and_resume_bit_exactly(data_dir, tmp_path, zero):
+    """`mpiexec -n 2 npgpt train --set optimizer=muon`, stopped at 4 and resumed to 8 == straight to 8
+    (with zero_stage=1 too: the checkpoint gathers the whole-matrix shards into Muon's format)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -347,7 +351,7 @@ def test_mpiexec_train_muon_and_resume_bit_exactly(data_dir, tmp_path):
     mpiexec, _, env = _mpi()
     npgpt = str(Path(sys.executable).parent / "npgpt")
     common = ["--data", str(data_dir), "--eval-interval", "4", *TINY, "--set", "optimizer=muon",
-              "--set", "lr_decay_iters=8"]
+              "--set", "lr_decay_iters=8", "--set", f"zero_stage={zero}"]
 
     def run(*args):
         p = subprocess.run([mpiexec, "-n", "2", npgpt, "train", *args], capture_output=True, text=True,
@@ -355,7 +359,8 @@ def test_mpiexec_train_muon_and_resume_bit_exactly(data_dir, tmp_path):
         assert p.returncode == 0, p.stdout + p.stderr
         return p.stdout
 
-    assert "Muon:" in run("--out", str(tmp_path / "a"), "--max-iters", "8", *common)
+    log = run("--out", str(tmp_path / "a"), "--max-iters", "8", *common)
+    assert "Muon:" in log and (("ZeRO-1 over 2 ranks by whole matrices" in log) == (zero == "1"))
     run("--out", str(tmp_path / "b"), "--max-iters", "4", *common)
     run("--out", str(tmp_path / "b"), "--max-iters", "8", "--resume")
     (wa, oa), (wb, ob) = _ckpt(tmp_path / "a"), _ckpt(tmp_path / "b")
@@ -363,3 +368,27 @@ def test_mpiexec_train_muon_and_resume_bit_exactly(data_dir, tmp_path):
         np.testing.assert_array_equal(wa[k], wb[k])
     for k in oa:
         np.testing.assert_array_equal(oa[k], ob[k])
+
+
+def test_whole_tensor_assignment_and_zero_muon_on_one_rank_equals_muon():
+    from npgpt.distributed.comm import SingleProcess
+    from npgpt.distributed.zero import ZeroMuon, assign_whole_tensors
+    assert assign_whole_tensors([10, 40, 30, 20], 2) == [0, 0, 1, 1]          # 40+10 vs 30+20
+    assert assign_whole_tensors([5, 5, 5], 3) == [0, 1, 2]
+    assert assign_whole_tensors([7], 4) == [0]
+    results = []
+    for cls in ("plain", "zero"):
+        named = make_params(np.float32)
+        opt = Muon(named, lr=1e-2) if cls == "plain" else ZeroMuon(named, SingleProcess(), lr=1e-2)
+        r = np.random.default_rng(5)
+        for _ in range(3):
+            opt.zero_grad()
+            for n, p in named:
+                p.grad += r.standard_normal(SHAPES[n]).astype(np.float32)
+            opt.step(1e-2)
+        results.append((opt.flat.copy(), opt.state_dict()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    (ta, ma), (tb, mb) = results[0][1], results[1][1]
+    assert ma == mb and ta.keys() == tb.keys()
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k])

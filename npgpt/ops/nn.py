@@ -269,6 +269,59 @@ def gelu_reference(x):
     return 0.5 * x * (1.0 + (GELU_K * (x + 0.044715 * x ** 3)).tanh())
 
 
+# ---- ReLU^2 and logit soft-capping (recipe switches: mlp_act=relu2, logit_softcap) ---------------
+class ReLU2(Function):
+    """ReLU squared, y = max(x, 0)^2 (So et al. 2021, "Primer"; the modded-nanogpt MLP).  x: (...) -> (...)
+
+    Forward keeps r = max(x, 0), the one array backward reads."""
+    def forward(self, x):
+        xp = get_xp(x)
+        r = xp.maximum(x, 0)
+        self.save(r)
+        return r * r
+
+    def backward(self, dout):
+        (r,) = self.saved
+        # forward: y = r^2, r = max(x, 0)  =>  dx = 2 r dout  (r is 0 where x <= 0)
+        return (2.0 * r) * dout
+
+
+def relu2(x):
+    return ReLU2.apply(x)
+
+
+def relu2_reference(x):
+    r = x.relu()
+    return r * r
+
+
+class SoftCap(Function):
+    """Soft-capping, y = cap tanh(x / cap) (Gemma 2's final logits; modded-nanogpt's head): smooth,
+    ~x for |x| << cap, never beyond +-cap.  x: (...) -> (...); option cap > 0.
+
+    Forward keeps t = tanh(x / cap), the one array backward reads."""
+    def forward(self, x):
+        xp = get_xp(x)
+        t = xp.tanh(x * (1.0 / self.cap))
+        self.save(t)
+        return t * self.cap
+
+    def backward(self, dout):
+        (t,) = self.saved
+        # forward: y = c tanh(x / c)  =>  dx = dout (1 - t^2)
+        return dout * (1.0 - t * t)
+
+
+def softcap(x, cap):
+    if not cap > 0:
+        raise ValueError(f"softcap: cap must be positive, got {cap}")
+    return SoftCap.apply(x, cap=float(cap))
+
+
+def softcap_reference(x, cap):
+    return (x * (1.0 / cap)).tanh() * cap
+
+
 # ---- causal self-attention ---------------------------------------------------------------------
 _masks = {}   # (dtype, array module) -> the one (N, N) causal mask kept for it
 

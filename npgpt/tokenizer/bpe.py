@@ -39,8 +39,8 @@ Saved format (`save(folder)`)
 
 from __future__ import annotations
 
+import contextvars
 import heapq
-import os
 import json
 import warnings
 from collections import Counter
@@ -82,7 +82,10 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "llama3": LLAMA3_PATTERN
 # before it does not depend on the text after it: a stream can be cut there without changing a thing.
 _LAST_SAFE_CUT = regex.compile(r"\p{L}(?=\s)", regex.REVERSE)
 
-TRUST_PATTERN_ENV = "NPGPT_TRUST_PATTERN"     # set by `npgpt --trust-pattern`
+# `npgpt --trust-pattern` sets this for the command it runs (a context variable, not the process's
+# environment: another thread, a server's engine started elsewhere, a child process never inherit it);
+# a library caller passes trust_pattern=True to the loader instead.
+TRUST_PATTERN = contextvars.ContextVar("npgpt_trust_pattern", default=False)
 
 
 def check_pattern(pattern, where, trust_pattern=None) -> str:
@@ -93,7 +96,7 @@ def check_pattern(pattern, where, trust_pattern=None) -> str:
     if pattern in PATTERNS or pattern in PATTERNS.values():
         return pattern
     if trust_pattern is None:
-        trust_pattern = os.environ.get(TRUST_PATTERN_ENV, "") not in ("", "0")
+        trust_pattern = TRUST_PATTERN.get()
     if not trust_pattern:
         raise NpgptError(f"{where} asks for its own split pattern {pattern[:40]!r}; a regex from a file can hang "
                          f"npgpt, so only the named ones ({', '.join(PATTERNS)}) load by default. If you trained this tokenizer with "

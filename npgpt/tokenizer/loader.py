@@ -51,8 +51,8 @@ def load(path, trust_pattern: bool | None = None) -> Tokenizer:
     """Load the tokenizer saved in folder `path` (npgpt char or BPE, a Hugging Face tokenizer.json, or a
     GPT-2 folder), or the one inside a GGUF file `path`.
 
-    A BPE split pattern other than the named ones (gpt2, gpt4, llama3, qwen2) loads only with `trust_pattern` (default: the
-    NPGPT_TRUST_PATTERN environment variable, which `npgpt --trust-pattern` sets)."""
+    A BPE split pattern other than the named ones (gpt2, gpt4, llama3, qwen2) loads only with `trust_pattern` (default:
+    npgpt.tokenizer.bpe.TRUST_PATTERN, the context variable `npgpt --trust-pattern` sets for its command)."""
     path = Path(path)
     if not path.exists():
         raise NpgptError(f"tokenizer folder {path} does not exist; check the path or train a tokenizer first")

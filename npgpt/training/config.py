@@ -7,7 +7,8 @@ and the one check of them:
 
     RunSettings       data, out, init_from, resume, force, device, precision, seed; eval, log, checkpoints
     ModelSettings     a new model's family and size: preset, arch, n_layer, n_head, n_embd, block_size,
-                      dropout, bias
+                      dropout, bias; the recipe switches (pos, qk_norm, mlp_act, zero_init_proj,
+                      untie_head, logit_softcap; None: the preset's)
     OptimSettings     batch and schedule, AdamW's and Muon's hyper-parameters, clipping
     ParallelSettings  replicas (threads), zero_stage (mpiexec ranks)
     SFTSettings       sft, sft_strict, sft_val_fraction, sft_new_token_lr
@@ -37,6 +38,19 @@ from npgpt.precision import Precision
 from npgpt.safeio import read_json, read_toml
 
 OPTIMIZERS = ("adamw", "muon")
+
+# Training settings that come with a model preset (over the command's defaults; --config, --set and
+# flags still win). The modern presets train with Muon, as the modded-nanogpt speedrun does.
+TRAIN_PRESETS = {
+    "modern-baby": {"optimizer": "muon", "muon_lr": 0.02, "learning_rate": 2e-3, "warmup_iters": 50,
+                    "max_iters": 1200},
+    "modern-shakespeare": {"optimizer": "muon", "muon_lr": 0.02, "learning_rate": 1e-3, "dropout": 0.2},
+}
+
+
+def preset_defaults(preset) -> dict:
+    """The training settings a preset brings ({} for most: only the modern-* presets have some)."""
+    return dict(TRAIN_PRESETS.get(str(preset), {}))
 
 
 def _positive(cfg, names, optional=False):
@@ -86,7 +100,14 @@ class ModelSettings:
     n_embd: int | None = None
     block_size: int | None = None        # context length; defaults to the preset's
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool | None = None             # biases in Linear / LayerNorm; None: the preset's (true for GPT-2's sizes)
+    # recipe switches of a new GPT (npgpt.model.GPTConfig); None: the preset's (modern-* turn them all on)
+    pos: str | None = None               # learned (GPT-2's table) or rope
+    qk_norm: bool | None = None          # RMSNorm on each head's queries and keys
+    mlp_act: str | None = None           # gelu or relu2
+    zero_init_proj: bool | None = None   # residual projections (and an untied head) start at zero
+    untie_head: bool | None = None       # a separate output head instead of wte's transpose
+    logit_softcap: float | None = None   # > 0: logits = cap tanh(logits / cap); 0: off
 
     def check(self):
         _positive(self, ("n_layer", "n_head", "n_embd", "block_size"), optional=True)
@@ -96,6 +117,10 @@ class ModelSettings:
             raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not 0 <= self.dropout < 1:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos not in (None, "learned", "rope") or self.mlp_act not in (None, "gelu", "relu2"):
+            raise NpgptError(f"pos must be learned or rope and mlp_act gelu or relu2 (got {self.pos}, {self.mlp_act})")
+        if self.logit_softcap is not None and not 0 <= self.logit_softcap <= 1e4:
+            raise NpgptError(f"logit_softcap must be in [0, 10000] (0: off), got {self.logit_softcap}")
 
 
 @dataclass
@@ -209,6 +234,12 @@ class TrainConfig(LoRASettings, DistillSettings, SFTSettings, ParallelSettings, 
                   RunSettings):
     """Every knob of a training run: the fields of all sections (RunSettings' first). Names follow
     nanoGPT's where one exists."""
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> "TrainConfig":
+        """The config `npgpt train --preset PRESET` builds: the preset's training settings
+        (TRAIN_PRESETS: the modern ones bring Muon), then `overrides`."""
+        return apply_overrides(cls(), {**preset_defaults(preset), "preset": preset, **overrides}).validate()
 
     def validate(self):
         """Check every section once (NaN / inf first, so none reaches a comparison); returns self."""

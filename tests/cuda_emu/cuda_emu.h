@@ -30,6 +30,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <source_location>
 #include <type_traits>
@@ -171,6 +172,7 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline float __saturatef(float x) { return std::fmin(std::fmax(x, 0.0f), 1.0f); }
 template <class T> inline T __ldg(const T* p) { return *p; }
+[[noreturn]] void __trap();                     // fails the launch: "__trap() called"
 
 // CUDA's min/max are overloaded device functions of two values of one type.
 inline int min(int a, int b) { return a < b ? a : b; }

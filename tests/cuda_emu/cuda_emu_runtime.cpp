@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <barrier>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -11,6 +12,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
 
 #include "cuda_emu.h"          // after the standard headers: its macros are CUDA's words only
 
@@ -243,8 +246,12 @@ struct Launch {
         return dim3(x, y, z);
     }
 
+    int data_fd = -1;                               // the real stdout: the arrays go back on it
+
     Launch(int argc, char** argv) {
         if (argc < 6) fail("usage: kernel grid block seed watchdog regions args...");
+        data_fd = ::dup(1);                         // printf in a kernel goes to stderr, not into the data
+        if (data_fd < 0 || ::dup2(2, 1) < 0) fail("cannot set up the output streams");
         grid = parse_dim(argv[1]);
         block = parse_dim(argv[2]);
         seed = std::strtoull(argv[3], nullptr, 10);
@@ -289,12 +296,17 @@ struct Launch {
         g_block = &b;
         Block::poison_shared();
 
-        std::atomic<bool> finished{false};
+        bool finished = false;
+        std::mutex finished_mu;
+        std::condition_variable finished_cv;
         std::thread watchdog([&] {
             std::uint64_t seen = b.progress.load();
             auto last = std::chrono::steady_clock::now();
-            while (!finished.load()) {
-                std::this_thread::sleep_for(std::chrono::milliseconds(50));
+            for (;;) {
+                {
+                    std::unique_lock<std::mutex> g(finished_mu);
+                    if (finished_cv.wait_for(g, std::chrono::milliseconds(50), [&] { return finished; })) return;
+                }
                 const std::uint64_t now = b.progress.load();
                 if (now != seen) { seen = now; last = std::chrono::steady_clock::now(); continue; }
                 if (std::chrono::duration<double>(std::chrono::steady_clock::now() - last).count() > watchdog_s) {
@@ -319,17 +331,25 @@ struct Launch {
             });
         }
         for (auto& th : threads) th.join();
-        finished = true;
+        {
+            std::lock_guard<std::mutex> g(finished_mu);
+            finished = true;
+        }
+        finished_cv.notify_one();
         watchdog.join();
         g_block = nullptr;
     }
 
     int finish() {
+        std::fflush(stdout);                       // a kernel's printf went to stderr (see Launch())
         for (std::size_t r = 0; r < regions.size(); r++) {
-            if (sizes[r] && std::fwrite(regions[r], 1, sizes[r], stdout) != sizes[r]) fail("short write on stdout");
+            for (std::size_t done = 0; done < sizes[r];) {
+                const ssize_t n = ::write(data_fd, regions[r] + done, sizes[r] - done);
+                if (n <= 0) fail("short write of array data");
+                done += n;
+            }
             std::free(regions[r]);
         }
-        std::fflush(stdout);
         return 0;
     }
 };
@@ -349,6 +369,8 @@ void* arg_ptr(int i) {
 std::uint64_t arg_bits(int i) { return std::strtoull(g_launch->word(i).c_str(), nullptr, 16); }
 
 }  // namespace cuda_emu
+
+void __trap() { cuda_emu::fail("__trap() called in " + cuda_emu::g_block->block_name()); }
 
 int main(int argc, char** argv) {
     cuda_emu::Launch launch(argc, argv);

@@ -8,14 +8,16 @@ memory). Each launch first checks every Python argument against the kernel's C p
 real CuPy does not: a pointer parameter takes a C-contiguous DeviceArray of exactly the pointee's
 dtype (a host NumPy array, a Python number or a float64 array where `float*` is declared is an
 error); a scalar parameter takes a NumPy scalar of exactly its type (`np.int32` for `int`,
-`np.int64` for `long long`, `np.float32` for `float`); CuPy would silently pass a Python int as
-8 bytes and shift every later argument. Two arrays that overlap where either is `__restrict__` and
-one is written is an error too.
+`np.int64` for `long long`, `np.float32` for `float`). Real CuPy checks none of this: it passes a
+Python int as an int64 and a Python float as a double whatever the kernel declares (a `float`
+parameter then reads half a double), and an int given for a pointer becomes an address. Two arrays
+that overlap where either is `__restrict__` and one is written is an error too.
 
 A launch runs in a child process (the compiled program): a crash, a deadlock report or a
 sanitizer's report comes back as a `KernelError` instead of taking the test run down. The arrays
 travel on its stdin/stdout: arrays that overlap (an in-place kernel) are sent as one region, so
-they still alias in the child. Arrays behind `const` pointers are checked to be unchanged.
+they still alias in the child. Arrays the kernel only reads (through `const` pointers) are
+checked to be unchanged afterwards.
 
 `sanitize="thread"` or `"address"` builds with g++'s ThreadSanitizer / AddressSanitizer: a race on
 shared memory (a missing `__syncthreads`) or a read past an array's end is then a `KernelError`
@@ -34,6 +36,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,7 +47,8 @@ import numpy as np
 HEADER = Path(__file__).with_name("cuda_emu.h")
 RUNTIME = Path(__file__).with_name("cuda_emu_runtime.cpp")
 MIN_GCC = 12
-WATCHDOG_S = 60.0
+WATCHDOG_S = 120.0        # the child reports no barrier progress for this long (an endless loop)
+HARD_LIMIT_S = 1200.0     # the parent's last resort; a slow launch on a loaded machine is not a hang
 SANITIZERS = {None: [], "thread": ["-fsanitize=thread"], "address": ["-fsanitize=address"]}
 
 
@@ -318,7 +322,7 @@ class Kernel:
                 if not isinstance(a, np.generic) or a.dtype != p.dtype:
                     got = f"{type(a).__name__} {a!r}" if not isinstance(a, np.generic) else f"np.{a.dtype}"
                     raise LaunchError(f"{where} takes np.{p.dtype}(...), got {got} "
-                                      f"(CuPy would pass a Python int as 8 bytes, a float as a double)")
+                                      f"(CuPy would pass a Python int as an int64, a float as a double, unchecked)")
 
     def _regions(self, args):
         """Pointer arguments -> regions (merged overlapping byte ranges), each arg -> (region, offset)."""
@@ -363,15 +367,17 @@ class Kernel:
         env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_signal_unsafe=0",
                    ASAN_OPTIONS="detect_leaks=0 halt_on_error=1")
         try:
-            proc = subprocess.run(argv, input=data, capture_output=True, timeout=watchdog_s + 120, env=env)
+            proc = subprocess.run(argv, input=data, capture_output=True, timeout=max(HARD_LIMIT_S, 2 * watchdog_s), env=env)
         except subprocess.TimeoutExpired:
-            raise KernelError(f"{self.name}: the launch did not finish in {watchdog_s + 120:.0f} s") from None
+            raise KernelError(f"{self.name}: the launch did not finish in {max(HARD_LIMIT_S, 2 * watchdog_s):.0f} s") from None
         err = proc.stderr.decode(errors="replace")
         if proc.returncode != 0 or "Sanitizer" in err:
             what = {86: "failed", 66: "raced (ThreadSanitizer)"}.get(proc.returncode, f"exited with status {proc.returncode}")
             if proc.returncode in (-11, -7):    # SIGSEGV, SIGBUS
                 what = "crashed on an invalid address (rerun with sanitize='address' to see which access)"
             raise KernelError(f"{self.name} {what} (grid {grid}, block {block}, seed {seed}):\n{err[-6000:]}")
+        if err:                                   # a kernel's printf: shown with the test's output
+            sys.stderr.write(err)
         out = proc.stdout
         if len(out) != len(data):
             raise KernelError(f"{self.name}: the child returned {len(out)} bytes of {len(data)}")

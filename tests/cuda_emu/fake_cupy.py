@@ -126,6 +126,8 @@ class FakeCupy:
     # ---- everything else: NumPy's function, its result kept on the device ----
     def __getattr__(self, name):
         attr = getattr(np, name)
+        if isinstance(attr, types.ModuleType):       # numpy.random, numpy.linalg: not a device's
+            raise AttributeError(f"cuda_emu: cupy.{name} is not emulated")
         if isinstance(attr, type) or not callable(attr):
             return attr                        # dtypes (float32, int64), constants (nan, pi)
 
