@@ -119,8 +119,9 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         prompt = read_text_checked(prompt_file)
     model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
-    if max_new_tokens is None:     # default: fill the context's remaining room (past it, every token costs a rebuild)
-        params = params.replace(max_new_tokens=max(1, model.config.block_size - max(len(ids), 1)))
+    if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
+        room = model.config.block_size - max(len(ids), 1)           # at most 256 (a long-context model)
+        params = params.replace(max_new_tokens=max(1, min(room, 256)))
     params = params.replace(logit_bias=parse_logit_bias(tok, logit_bias) or {})
     if num_beams != 1 or draft is not None:
         return _sample_special(model, tok, ids, prompt, num_samples, params, device, num_beams, length_penalty,
