@@ -2,7 +2,8 @@
 
 Each script checks its own claims (`check: ... ok`, an AssertionError otherwise), so a script
 that exits 0 has shown what it says. Fast mode (--fast) shrinks every size for CI; the slow test
-runs the applications at their default sizes, where each checks the accuracy README states.
+runs the applications at their default sizes, where each checks the accuracy README states
+(about 5 minutes on 2 cores, so it is opt-in: `pytest -m full tests/test_learn.py`).
 """
 
 import os
@@ -85,7 +86,7 @@ def test_lessons_take_a_text_file(tmp_path):
     assert "input.txt" in out
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_apps_reach_their_stated_accuracies_at_full_size():
     """The five apps at their default sizes, side by side (one thread each, so they share the
     cores instead of queueing: about 8 minutes of CPU in all); each script checks README's floor."""
