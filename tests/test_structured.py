@@ -83,6 +83,7 @@ def test_size_bounds_refuse_blowups(monkeypatch):
     monkeypatch.setattr(structured, "MAX_STATES", 300)   # the bound is read when compiling: a small one is quick
     with pytest.raises(GrammarError, match="more than 300 states"):
         Grammar.regex("[ab]*a[ab]{10}")                  # the classic exponential DFA: 2 ** 11 states
+    monkeypatch.setattr(structured, "MAX_NFA", 3000)
     with pytest.raises(GrammarError, match="too large"):
         Grammar.regex("(.{1000}){1000}")
     with pytest.raises(GrammarError, match="characters"):
