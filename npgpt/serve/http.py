@@ -335,6 +335,8 @@ class Handler(BaseHTTPRequestHandler):
             self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
 
     def _get(self):
+        if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True          # a GET's body is never read: it must not pass for a request
         path = self.path.split("?")[0]
         if path in ("/", "/index.html"):
             page = files("npgpt.serve").joinpath("static/chat.html").read_bytes()
