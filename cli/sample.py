@@ -7,6 +7,7 @@ import time
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 from npgpt.errors import NpgptError
 
@@ -117,7 +118,8 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                          **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
         room = model.config.block_size - max(len(ids), 1)           # at most 256 (a long-context model)
@@ -199,7 +201,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, params, device, num_be
         text += detok.flush()
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok = load_run(draft, device=device)[:2]
+        dmodel, dtok = load_run(draft, device=device, trust_pattern=job("trust_pattern", False))[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -234,7 +236,8 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
     from npgpt.loading import load_run
     from npgpt.sft import is_chat_model
     params = sampling_params(256 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                               **load_options(checkpoint, keep_quantized))[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")

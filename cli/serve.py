@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 
 
@@ -38,7 +39,8 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
                  max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
-                 verbose=verbose, adapter=adapter, keep_quantized=keep_quantized, ready=lambda line: click.echo(line) or sys.stdout.flush()))
+                 verbose=verbose, adapter=adapter, keep_quantized=keep_quantized,
+                 trust_pattern=job("trust_pattern", False), ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 
 COMMANDS = [serve]

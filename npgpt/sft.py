@@ -179,8 +179,9 @@ class SFTData:
         return cls(tok, T, rows, truncated, str(path))
 
     @classmethod
-    def for_training(cls, cfg, stream=None):
-        """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
+    def for_training(cls, cfg, stream=None, trust_pattern=False):
+        """Build from a TrainConfig with sft / init_from / block_size; reports truncation. trust_pattern:
+        the model's tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
 
         src = find_checkpoint(cfg.init_from or cfg.out)
         if is_gguf(src):                      # one file: the tokenizer and the context length are inside
@@ -188,7 +189,7 @@ class SFTData:
         else:
             if not tk.is_tokenizer_dir(src):
                 raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
-            tok = tk.load(src)
+            tok = tk.load(src, trust_pattern=trust_pattern)
             n_pos = config_from_hf(read_hf_config(src)).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)

@@ -421,16 +421,16 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False):
+          keep_quantized=False, trust_pattern=False):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
-    after a graceful stop."""
+    after a graceful stop. trust_pattern: the tokenizer may use a split regex that is not a named one."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
                     ("max_body", max_body)):
         if v is None or int(v) < 1:
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device,
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
                                 **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:
