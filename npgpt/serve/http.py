@@ -47,11 +47,11 @@ class App:
     """What the handlers share: the engine, the tokenizer, the limits, the model's name."""
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
-                 max_body=1 << 20):
+                 max_body=1 << 20, engine_options=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
-        self.engine = Engine(model, tok, max_batch, max_queue)
+        self.engine = Engine(model, tok, max_batch, max_queue, **(engine_options or {}))
         self.created = int(time.time())
         self.inflight = 0
         self.lock = threading.Lock()
@@ -163,7 +163,8 @@ class App:
                           "vocab_size": c.vocab_size, "max_tokens": self.limits["max_tokens"],
                           "max_batch": self.limits["max_batch"], "active": len(self.engine.active),
                           "peak_batch": self.engine.peak, "steps": self.engine.steps,
-                          "cancelled": self.engine.cancelled}}
+                          "cancelled": self.engine.cancelled,
+                          "engine": dict(self.engine.stats)}}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -421,13 +422,20 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, trust_pattern=False):
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, trust_pattern=False):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
-    after a graceful stop. trust_pattern: the tokenizer may use a split regex that is not a named one."""
+    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
                     ("max_body", max_body)):
         if v is None or int(v) < 1:
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if prefill_chunk is None or int(prefill_chunk) < 1:
+        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
+    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
+        if v is None or not 0 <= float(v) <= 1 << 20:
+            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
     model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
@@ -439,7 +447,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         if adapter is not None:                  # the id says the adapter is on: base+adapter
             a = Path(adapter).resolve()
             model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
-    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body)
+    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body,
+              engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
+                              "prefix_request_mb": float(prefix_request_mb)})
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
     stopping = threading.Event()
