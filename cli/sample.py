@@ -267,8 +267,9 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
 class ChatSession:
     """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit.
 
-    A reply ends at any of the template's role tokens (npgpt.sft.chat_stop_ids), not only at
-    <|end|>: a model that skips <|end|> and starts the next turn's <|user|> stops there too.
+    A reply ends at any of the template's turn tokens (SamplingParams.for_chat), not only at its
+    end-of-turn: a model that skips <|end|> (<|im_end|>) and starts the next turn's <|user|>
+    (<|im_start|>) stops there too.
     params: a SamplingParams, or its settings as keywords (temperature=0, seed=1, ...);
     max_new_tokens applies where params leave it open.
     """
@@ -276,13 +277,11 @@ class ChatSession:
     def __init__(self, model, tok, system=None, params=None, max_new_tokens=256, **settings):
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sampling import SamplingParams
-        from npgpt.sft import chat_stop_ids
         self.model, self.tok, self.system = model, tok, system
         params = params or SamplingParams(**settings)
         if params.max_new_tokens is None:
             params = params.replace(max_new_tokens=max_new_tokens)
-        self.params = params.replace(stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids
-                                                                        + tuple(chat_stop_ids(tok)))))
+        self.params = params.for_chat(tok)
         self.max_new_tokens = self.params.max_new_tokens
         self.reset()
 

@@ -37,10 +37,10 @@ from npgpt.gguf_models import gguf_context_length, is_gguf
 from npgpt.llama import config_from_hf
 from npgpt.model import read_hf_config
 from npgpt.safeio import read_jsonl
+from npgpt.tokenizer.chat_template import CHAT_TOKENS   # npgpt's own chat format: one token per role
 
 ROLES = ("system", "user", "assistant")
 MAX_SFT_BYTES = 1 << 30
-CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 def read_records(path):
@@ -90,16 +90,6 @@ def has_model_template(tok) -> bool:
 def is_chat_model(tok) -> bool:
     """Whether the model can chat: its own template, or npgpt's chat tokens from `finetune --sft`."""
     return has_model_template(tok) or all(t in tok.special_tokens for t in CHAT_TOKENS)
-
-
-def chat_stop_ids(tok) -> list[int]:
-    """Token ids that end an assistant turn in the format `render_chat` uses. npgpt's template:
-    every role token (<|system|>, <|user|>, <|assistant|>, <|end|>) and end-of-text, so a model
-    that starts the next turn without closing its own still stops there; a model's own template:
-    the tokenizer's (its end-of-turn token and EOS)."""
-    if has_model_template(tok):
-        return tok.chat_stop_ids()
-    return [tok.special_tokens[t] for t in CHAT_TOKENS if t in tok.special_tokens] + [tok.eot_id]
 
 
 def render_chat(tok, messages, add_generation_prompt=False):

@@ -35,7 +35,7 @@ from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.protocol import ApiError, Params
-from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
+from npgpt.sft import is_chat_model, render_chat
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -117,8 +117,9 @@ class App:
             ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
         except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
             raise ApiError(400, str(e), "messages") from None
-        # a reply ends at the template's turn markers (npgpt.sft.chat_stop_ids)
-        return self._request("chat", [ids], params, chat_stop_ids(self.tok), [""])
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        params.sampling = params.sampling.for_chat(self.tok)
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
 
     def _request(self, kind, prompts, params, stop_ids, texts):
         block = self.model.config.block_size
