@@ -7,7 +7,7 @@ import time
 
 import click
 
-from npgpt.cli.export import keep_quantized_option
+from npgpt.cli.export import allow_other_base_option, keep_quantized_option
 from npgpt.errors import NpgptError
 
 
@@ -93,12 +93,13 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_other_base_option
 @allow_special_option
 @keep_quantized_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special,
-           keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device, presence_penalty,
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_other_base,
+           allow_special, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device, presence_penalty,
            frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
@@ -117,7 +118,8 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, device=device, allow_other_base=allow_other_base,
+                          **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
         room = model.config.block_size - max(len(ids), 1)           # at most 256 (a long-context model)

@@ -50,11 +50,12 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
 
 
 def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None,
-             keep_quantized=False):
+             keep_quantized=False, allow_other_base=False):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, allow_other_base=allow_other_base,
+                                **load_options(checkpoint, keep_quantized))[:3]
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from npgpt import tokenizer as tk
-from npgpt.backend import asnumpy, synchronize, xp_for
+from npgpt.backend import asnumpy, check_fits, synchronize, xp_for
 from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
                               load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
@@ -169,6 +169,9 @@ def build_model(cfg: TrainConfig, data, log):
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
     over.update({k: getattr(cfg, k) for k in RECIPE_DEFAULTS if getattr(cfg, k) is not None})
     mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
+    n = mcfg.num_params()        # float32 weights, gradients and AdamW's two moments: 16 bytes a parameter
+    check_fits(16 * n, f"training a model of {n:,} parameters", cfg.device,
+               "use a smaller model (--set n_layer=, n_embd=, or a smaller --preset)")
     return new_model(mcfg, seed=cfg.seed), None
 
 
