@@ -26,11 +26,17 @@ from npgpt.cli.export import keep_quantized_option
 @click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the folder's name).")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True,
+              help="Prompt tokens prefilled per engine step: a long prompt is split so running streams keep pace.")
+@click.option("--prefix-cache-mb", type=float, default=512, show_default=True,
+              help="Memory (MiB) for keys/values of shared prompt prefixes, least recently used evicted; 0 = off.")
+@click.option("--prefix-request-mb", type=float, default=128, show_default=True,
+              help="Most prefix-cache memory (MiB) one prompt may add.")
 @click.option("--verbose", is_flag=True, help="Log every HTTP request to stderr.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @keep_quantized_option
 def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
-          verbose, adapter, keep_quantized):
+          prefill_chunk, prefix_cache_mb, prefix_request_mb, verbose, adapter, keep_quantized):
     """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.serve.http import serve as run
@@ -38,7 +44,9 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
                  max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
-                 verbose=verbose, adapter=adapter, keep_quantized=keep_quantized, ready=lambda line: click.echo(line) or sys.stdout.flush()))
+                 verbose=verbose, adapter=adapter, keep_quantized=keep_quantized,
+                 prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, prefix_request_mb=prefix_request_mb,
+                 ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 
 COMMANDS = [serve]

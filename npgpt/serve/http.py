@@ -34,7 +34,9 @@ from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.safeio import parse_json
 from npgpt.serve.engine import Engine, Request
+from npgpt.sampling import SamplingError
 from npgpt.serve.protocol import ApiError, Params
+from npgpt.structured import GrammarError, TokenTable
 from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
 
 
@@ -47,14 +49,15 @@ class App:
     """What the handlers share: the engine, the tokenizer, the limits, the model's name."""
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
-                 max_body=1 << 20):
+                 max_body=1 << 20, engine_options=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
-        self.engine = Engine(model, tok, max_batch, max_queue)
+        self.engine = Engine(model, tok, max_batch, max_queue, **(engine_options or {}))
         self.created = int(time.time())
         self.inflight = 0
         self.lock = threading.Lock()
+        self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
 
     # ---- building requests ------------------------------------------------------------------------
     def _encode(self, text):
@@ -132,8 +135,23 @@ class App:
         if len(prompts) * params.n > self.limits["max_batch"]:
             raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens, stop_token_ids=tuple(stop_ids))
+        constraint = self.constraint(params.grammar) if params.grammar is not None else None
+        try:
+            params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
+                                                      stop_token_ids=tuple(stop_ids), constraint=constraint)
+        except SamplingError as e:               # the constrained value cannot close within max_tokens
+            raise ApiError(400, str(e), "max_tokens", code="grammar_does_not_fit") from None
         return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
+
+    def constraint(self, grammar):
+        """`grammar` over this model's vocabulary (the token table is built on first use)."""
+        with self.lock:
+            if self._tokens is None:
+                self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
+            try:
+                return grammar.for_tokens(self._tokens)
+            except GrammarError as e:
+                raise ApiError(400, str(e), "response_format", code="unsupported_grammar") from None
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):
@@ -163,7 +181,8 @@ class App:
                           "vocab_size": c.vocab_size, "max_tokens": self.limits["max_tokens"],
                           "max_batch": self.limits["max_batch"], "active": len(self.engine.active),
                           "peak_batch": self.engine.peak, "steps": self.engine.steps,
-                          "cancelled": self.engine.cancelled}}
+                          "cancelled": self.engine.cancelled,
+                          "engine": dict(self.engine.stats)}}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -421,13 +440,19 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False):
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
-    after a graceful stop."""
+    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache)."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
                     ("max_body", max_body)):
         if v is None or int(v) < 1:
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if prefill_chunk is None or int(prefill_chunk) < 1:
+        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
+    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
+        if v is None or not 0 <= float(v) <= 1 << 20:
+            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
     model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device,
@@ -439,7 +464,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         if adapter is not None:                  # the id says the adapter is on: base+adapter
             a = Path(adapter).resolve()
             model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
-    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body)
+    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body,
+              engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
+                              "prefix_request_mb": float(prefix_request_mb)})
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
     stopping = threading.Event()
