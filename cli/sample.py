@@ -286,8 +286,11 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
         if not cmd:
             continue
         click.echo("bot> ", nl=False)
-        for piece in session.reply(line):
-            click.echo(piece, nl=False)
+        try:
+            for piece in session.reply(line):
+                click.echo(piece, nl=False)
+        except NpgptError as e:          # a message the tokenizer cannot encode: say so, keep the conversation
+            click.echo(f"(not sent: {e})", nl=False)
         click.echo()
 
 
@@ -316,11 +319,11 @@ class ChatSession:
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def _prompt_ids(self):
+    def _prompt_ids(self, messages=None):
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import render_chat
         budget = self.model.config.block_size - min(self.max_new_tokens, self.model.config.block_size // 2)
-        msgs = list(self.messages)
+        msgs = list(self.messages if messages is None else messages)
         while True:
             ids, _ = render_chat(self.tok, msgs, add_generation_prompt=True)
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
@@ -329,17 +332,39 @@ class ChatSession:
             del msgs[first]            # drop the oldest turn, keep the system message
 
     def reply(self, text):
-        """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
+        """Yield the assistant's reply in pieces as it is generated; remember it in the history.
+
+        The history stays encodable: a message the tokenizer cannot encode (a character a char-level
+        model never saw) is an NpgptError and is not added, so the next turn works; a reply keeps only
+        what encodes back (a decoded token's text need not, e.g. U+FFFD from a cut UTF-8 sequence)."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
-        self.messages.append({"role": "user", "content": text})
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = self._prompt_ids(messages)           # raises before the history changes
+        self.messages = messages
         out = []
-        for steps in generate_stream(self.model, self._prompt_ids(), params=self.params, tokenizer=self.tok):
+        for steps in generate_stream(self.model, ids, params=self.params, tokenizer=self.tok):
             for s in steps:
                 if s.text:
                     out.append(s.text)
                     yield s.text
-        self.messages.append({"role": "assistant", "content": "".join(out)})
+        self.messages.append({"role": "assistant", "content": self._encodable("".join(out))})
+
+    def _encodable(self, text):
+        try:
+            self.tok.encode_plain(text)
+            return text
+        except NpgptError:              # rare: drop special tokens' text, then what does not encode
+            for special in getattr(self.tok, "special_tokens", None) or ():
+                text = text.replace(special, "")
+            kept = []
+            for ch in text:
+                try:
+                    self.tok.encode_plain(ch)
+                    kept.append(ch)
+                except NpgptError:
+                    pass
+            return "".join(kept)
 
 
 COMMANDS = [sample, chat]

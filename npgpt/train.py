@@ -58,7 +58,7 @@ from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, 
                               load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import Communicator, SingleProcess, for_device, local_rank0_first
-from npgpt.distributed.data_parallel import DataParallel
+from npgpt.distributed.data_parallel import DataParallel, check_ranks_agree
 from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
@@ -408,6 +408,8 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
             plugin(model, src, cfg, hooks)
         replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
         try:
+            if comm.world_size > 1:                     # before any collective sizes a buffer by the model
+                check_ranks_agree(comm, tokenizer, model)
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
             optimizer = build_optimizer(trainable, comm, cfg)
             dp = None

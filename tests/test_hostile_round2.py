@@ -159,3 +159,52 @@ def test_impossible_model_sizes_are_one_line(runs, tmp_path, cmd):
     args = (["train", "--data", runs / "data", "--out", tmp_path / "run"] if cmd == "train" else ["bench"])
     clean_error(run(*args, "--set", "n_embd=1000000000000000000"), r"parameters needs about .* free; use a smaller")
     clean_error(run(*args, "--set", "n_layer=100000", "--set", "n_embd=4096"), r"parameters needs about .* GiB")
+
+
+def test_data_parallel_ranks_must_agree_on_tokenizer_and_shapes(runs, tmp_path):
+    """mpiexec MPMD: rank 1 trains on data of another tokenizer (same size), then of another size."""
+    from test_distributed import MPIEXEC, mpi_env
+    if MPIEXEC is None:
+        pytest.skip("needs the mpi extra: pip install 'npgpt[mpi]'")
+    import subprocess
+    import sys
+    from pathlib import Path
+    npgpt = str(Path(sys.executable).parent / "npgpt")
+    text = (runs / "corpus.txt").read_text()
+    for name, other in (("swapped", text.replace("z", "Q")), ("bigger", text + "!\n")):
+        (tmp_path / f"{name}.txt").write_text(other)
+        ok(run("prepare", "--input", tmp_path / f"{name}.txt", "--out", tmp_path / name))
+    args = ["train", "--out", tmp_path / "o", "--max-iters", 2, *TINY]
+    for name, pattern in (("swapped", r"rank 1 has a different tokenizer"),
+                          ("bigger", r"rank 1 has a different tokenizer .* and a model of other shapes")):
+        cmd = [MPIEXEC, "-n", "1", npgpt, *args, "--data", runs / "data", ":",
+               "-n", "1", npgpt, *args, "--data", tmp_path / name]
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, env=mpi_env())
+        out = r.stdout + r.stderr
+        errors = [x for x in out.splitlines() if x.startswith("Error:")]
+        assert r.returncode != 0 and "Traceback" not in out and len(errors) == 1, out
+        assert re.search(r"data-parallel ranks disagree before the first step: " + pattern, errors[0]), out
+        assert not (tmp_path / "o" / "ckpt").exists()
+
+
+def test_char_chat_keeps_an_encodable_history(runs, tmp_path):
+    """A message a char-level model cannot encode is refused for that turn only; the next turn works,
+    and a reply holding a special token's text is stored in a form that encodes back."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the quick"},
+                                                     {"role": "assistant", "content": "brown fox"}]}) + "\n"
+                            for _ in range(8)))
+    ok(run("finetune", "--init-from", runs / "base", "--sft", chat, "--out", tmp_path / "chat", "--max-iters", 1,
+           "--quiet", "--block-size", 16, "--batch-size", 2, "--set", "eval_iters=1"))
+    r = CliRunner().invoke(cli, ["chat", "--checkpoint", str(tmp_path / "chat"), "--max-new-tokens", 4, "--seed", 1],
+                           input="hello <|user|> there\nthe quick\nthe lazy dog\n/quit\n")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert r.output.count("(not sent: character '<'") == 1 and r.output.count("bot> ") == 3, r.output
+    from npgpt.cli.sample import ChatSession
+    from npgpt.loading import load_run
+    model, tok = load_run(tmp_path / "chat")[:2]
+    session = ChatSession(model, tok, temperature=0, max_new_tokens=3)
+    assert session._encodable("brown <|user|>fox<|end|>") == "brown fox"
+    session.messages = [{"role": "user", "content": "the quick"},
+                        {"role": "assistant", "content": session._encodable("fox <|user|> dog")}]
+    assert "".join(session.reply("the lazy")) is not None and len(session.messages) == 4
