@@ -289,9 +289,13 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
         try:
             for piece in session.reply(line):
                 click.echo(piece, nl=False)
-        except NpgptError as e:          # a message the tokenizer cannot encode: say so, keep the conversation
+        except MessageNotEncodable as e:     # say so, keep the conversation (a broken template still ends it)
             click.echo(f"(not sent: {e})", nl=False)
         click.echo()
+
+
+class MessageNotEncodable(NpgptError):
+    """A chat message holds text the model's tokenizer cannot encode (the turn is refused, not the session)."""
 
 
 class ChatSession:
@@ -339,6 +343,10 @@ class ChatSession:
         what encodes back (a decoded token's text need not, e.g. U+FFFD from a cut UTF-8 sequence)."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
+        try:
+            self.tok.encode_plain(text)
+        except NpgptError as e:
+            raise MessageNotEncodable(str(e)) from None
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self._prompt_ids(messages)           # raises before the history changes
         self.messages = messages
