@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from npgpt.cli import job
 from npgpt.errors import NpgptError
 
 
@@ -36,8 +37,8 @@ def merge(checkpoint, adapter, out, force, allow_other_base):
     given = [base] + ([find_checkpoint(adapter)] if adapter and Path(adapter).is_dir() else [])
     if out.exists() and out.resolve() in {p.resolve() for p in given}:
         raise NpgptError("--out must be a new folder, not the base or the adapter folder")
-    loaded = load_run(base, adapter=adapter, allow_other_base=allow_other_base)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = load_run(base, adapter=adapter, trust_pattern=job("trust_pattern", False),
+                          allow_other_base=allow_other_base)[:2]
     n = sum(1 for _ in model.modules() if hasattr(_, "lora_A"))
     if not n:
         raise NpgptError(f"{base} has no LoRA adapter to merge")
