@@ -34,6 +34,7 @@ from queue import Queue
 import numpy as np
 
 from npgpt.backend import asnumpy
+from npgpt.layers import adapter_rows
 from npgpt.sampling import Detokenizer, Sampler, log_softmax, top_tokens
 from npgpt.serve.protocol import ApiError
 
@@ -47,6 +48,9 @@ class Request:
     def __init__(self, kind, prompts, params, prompt_texts, tok, vocab_size):
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.kind, self.params, self.created = kind, params, int(time.time())
+        self.arrived = time.monotonic()       # for time to first token and the request's duration
+        self.model = None                     # the model id it asked for (set by the HTTP side)
+        self.adapter = -1                     # its adapter's index (npgpt.layers.adapter_rows), -1: the base
         self.events = Queue()
         self.cancelled = False
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -67,6 +71,7 @@ class Sequence:
         self.tokens, self.logits, self.finish = [], None, None
         self.pending = []                     # logprob entries for tokens whose text is not yet sent
         self.offset = len(prompt_text)        # text_offset of the next token (completions logprobs)
+        self.first_at = self.last_at = None   # time.monotonic() of its first and latest token
 
 
 # ---- the decoding engine ------------------------------------------------------------------------
@@ -84,7 +89,7 @@ class _CacheView:
 class Engine:
     """The single decoding thread: continuous batching over max_batch KV cache slots."""
 
-    def __init__(self, model, tok, max_batch=16, max_queue=64):
+    def __init__(self, model, tok, max_batch=16, max_queue=64, metrics=None):
         self.model, self.tok = model, tok
         self.max_batch, self.max_queue = max_batch, max_queue
         self.block = model.config.block_size
@@ -94,6 +99,8 @@ class Engine:
         self.cond = threading.Condition()
         self.accepting, self.running = True, True
         self.steps = self.peak = self.cancelled = 0        # counters shown by /v1/models
+        self.prefix_hits = 0                  # prompts that reused cached keys/values (none yet: no prefix cache)
+        self.metrics = metrics                # npgpt.serve.metrics.Metrics: per-token latency, batch sizes
         self.thread = None
 
     def start(self):
@@ -181,7 +188,8 @@ class Engine:
         for prompt, seqs in by_prompt.items():
             L = len(prompt)
             one = model.new_cache(1)
-            logits = asnumpy(model.forward_cached(np.array([prompt], dtype=np.int64), one)[0, -1])
+            with adapter_rows([req.adapter]):
+                logits = asnumpy(model.forward_cached(np.array([prompt], dtype=np.int64), one)[0, -1])
             n = len(self.active)
             P = c.length if n else 0
             if L > P:                         # the new prompt is longer: shift live rows right
@@ -217,6 +225,10 @@ class Engine:
         logits, s.logits = s.logits, None
         t, _ = s.sampler.sample(logits)
         s.tokens.append(t)
+        now = time.monotonic()
+        if s.last_at is not None and self.metrics is not None:
+            self.metrics.token_gap(now - s.last_at)
+        s.first_at, s.last_at = s.first_at or now, now
         if p.logprobs is not None:
             lp = log_softmax(logits.astype(np.float64)[None])[0]
             top = top_tokens(lp[None], p.logprobs)[0] if p.logprobs else []
@@ -276,8 +288,11 @@ class Engine:
             c.length = P - m
         view = _CacheView(c, n)
         last = np.array([[s.tokens[-1]] for s in self.active], dtype=np.int64)
-        logits = asnumpy(self.model.forward_cached(last, view)[:, -1])
+        with adapter_rows([s.req.adapter for s in self.active]):
+            logits = asnumpy(self.model.forward_cached(last, view)[:, -1])
         c.length = view.length
         for s, row in zip(self.active, logits):
             s.logits = row
         self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch(n)
