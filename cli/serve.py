@@ -26,6 +26,12 @@ from npgpt.cli.export import keep_quantized_option
 @click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the folder's name).")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True,
+              help="Prompt tokens prefilled per engine step: a long prompt is split so running streams keep pace.")
+@click.option("--prefix-cache-mb", type=float, default=512, show_default=True,
+              help="Memory (MiB) for keys/values of shared prompt prefixes, least recently used evicted; 0 = off.")
+@click.option("--prefix-request-mb", type=float, default=128, show_default=True,
+              help="Most prefix-cache memory (MiB) one prompt may add.")
 @click.option("--verbose", is_flag=True, help="Log every HTTP request to stderr.")
 @click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
               help="A LoRA adapter folder. DIR: applied to the default model (unmerged). NAME=DIR (repeatable): "
@@ -35,7 +41,8 @@ from npgpt.cli.export import keep_quantized_option
 @click.option("--no-request-log", is_flag=True, help="Write no per-request log lines.")
 @keep_quantized_option
 def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
-          verbose, adapters, log_file, no_request_log, keep_quantized):
+          prefill_chunk, prefix_cache_mb, prefix_request_mb, verbose, adapters, log_file, no_request_log,
+          keep_quantized):
     """Serve a model with the OpenAI API (completions, chat, streaming), LoRA adapters per request, /metrics,
     /health, /tokenize, /detokenize, and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
@@ -46,7 +53,9 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
                  max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
                  verbose=verbose, adapter=adapter, adapters=named, log_file=log_file,
-                 request_log=not no_request_log, keep_quantized=keep_quantized, ready=lambda line: click.echo(line) or sys.stdout.flush()))
+                 request_log=not no_request_log, keep_quantized=keep_quantized,
+                 prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, prefix_request_mb=prefix_request_mb,
+                 ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 
 COMMANDS = [serve]

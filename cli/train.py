@@ -71,9 +71,16 @@ NEXT_STEP = "npgpt sample --checkpoint {out}   # add --prompt TEXT to start from
 def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.train import Interrupted, train
+    from npgpt.train import train
+    _finish(lambda: train(cfg, batch_source=batch_source, comm=job("comm")), next_step)  # mpiexec: the job's communicator
+
+
+def _finish(run, next_step):
+    """run() -> TrainResult; Ctrl-C (checkpoint saved) exits 130; a summary and a hint."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.train import Interrupted
     try:
-        result = train(cfg, batch_source=batch_source, comm=job("comm"))   # mpiexec: the job's communicator
+        result = run()
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -113,18 +120,46 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
               help="--init-from a .gguf file: keep its Q8_0 / Q4_0 / Q4_1 weights quantised (train LoRA adapters on them).")
 @click.option("--lora-targets", "lora_targets", default=None,
               help="Comma-separated layers to adapt (PEFT's suffix rule): default every linear layer (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).")
-def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
-    """Fine-tune a pretrained model (--init-from DIR) on prepared data or an SFT JSONL file.
+@click.option("--dpo", type=click.Path(), default=None,
+              help="Preference tuning (DPO) on a JSONL of {prompt, chosen, rejected} records (strings or TRL's chat form).")
+@click.option("--dpo-beta", "dpo_beta", type=float, default=None, help="With --dpo: beta, the pull towards the reference (default 0.1).")
+@click.option("--dpo-loss", "dpo_loss", type=click.Choice(["sigmoid", "ipo"]), default=None,
+              help="With --dpo: sigmoid (DPO, default) or ipo.")
+@click.option("--label-smoothing", "dpo_label_smoothing", type=float, default=None,
+              help="With --dpo: conservative DPO, each label wrong with this probability in [0, 0.5) (default 0).")
+@click.option("--rl", type=str, default=None,
+              help="Reinforcement learning on a task with checkable answers: arithmetic, number-words, summary-facts.")
+@click.option("--group-size", "rl_group_size", type=int, default=None, help="With --rl: answers sampled per prompt (default 8).")
+@click.option("--kl", "rl_kl", type=float, default=None, help="With --rl: weight of the KL penalty to the reference (default 0.04).")
+def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, dpo, rl, **flags):
+    """Fine-tune a pretrained model (--init-from DIR) on prepared data, SFT records (--sft), preference
+    pairs (--dpo) or a task with checkable answers (--rl).
 
-    Defaults: lr 1e-4 decaying to 1e-5, 200 steps, no weight decay, out ./out-finetune.
+    Defaults: lr 1e-4 decaying to 1e-5, 200 steps, no weight decay, out ./out-finetune
+    (--dpo: lr 5e-6 full / 5e-5 with LoRA; --rl: lr 1e-5 full / 1e-4 with LoRA, 4 prompts per step).
     """
     if not flags.get("init_from") and not resume:
         raise click.UsageError("finetune needs --init-from DIR (an npgpt checkpoint or a GPT-2 folder)")
+    if sum(bool(k) for k in (sft, dpo, rl)) > 1:
+        raise click.UsageError("--sft, --dpo and --rl are different fine-tunes; give one")
     defaults = dict(FINETUNE_DEFAULTS)
     if sft:
         defaults.update({"sft": sft, "sft_strict": strict})
+    lora = flags.get("lora_rank") is not None or "lora_rank" in "".join(set_pairs)
+    if dpo:
+        defaults.update({"dpo": dpo, "sft_strict": strict, "learning_rate": 5e-5 if lora else 5e-6,
+                         "min_lr": 5e-6 if lora else 5e-7, "batch_size": 8})
+    if rl:
+        defaults.update({"rl": rl, "learning_rate": 1e-4 if lora else 1e-5, "min_lr": 1e-5 if lora else 1e-6,
+                         "batch_size": 4, "eval_iters": 2, "warmup_iters": 0})
     cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
-    if cfg.sft:
+    if cfg.dpo:
+        from npgpt.dpo import finetune_dpo      # imported when the command runs, as above
+        _finish(lambda: finetune_dpo(cfg, comm=job("comm")), "npgpt sample --checkpoint {out}")
+    elif cfg.rl:
+        from npgpt.rl import finetune_rl        # imported when the command runs, as above
+        _finish(lambda: finetune_rl(cfg, comm=job("comm")), "npgpt sample --checkpoint {out}")
+    elif cfg.sft:
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import SFTData
         run_training(cfg, SFTData.for_training(cfg), next_step="npgpt chat --checkpoint {out}")

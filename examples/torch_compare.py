@@ -146,6 +146,8 @@ def measure_rss(side, size, threads, steps=2):
     for i in range(steps):
         step(i)
     print(f"RSS {before} {rss_kib('VmHWM')}")
+    if side != "torch":
+        step.close()                    # the replicas' thread pool
 
 
 def rss_of(side, size, threads):
@@ -185,6 +187,8 @@ def compare(size, threads, iters, rnd, warmup, rss=True, replicas=2):
         if reps:
             t_reps += [timed(reps, i + j) for j in range(n)]
         i += n
+    if reps:
+        reps.close()                    # the replicas' thread pool
 
     cfg = ours.config
     ms_theirs, ms_ours = statistics.median(t_theirs) * 1e3, statistics.median(t_ours) * 1e3

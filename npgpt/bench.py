@@ -131,7 +131,8 @@ class TrainStep:
     iteration: zero_grad, forward with loss, backward, clip_grad_norm(grad_clip), AdamW step.
 
     Batches are drawn up front (and moved to the device) so data preparation is never timed.
-    examples/torch_compare.py drives the same object beside its PyTorch twin.
+    examples/torch_compare.py drives the same object beside its PyTorch twin. With replicas > 1 it
+    owns a thread pool: `close()` (or `with TrainStep(...) as step:`) shuts it down.
     """
 
     def __init__(self, preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_SIZE, block_size=None,
@@ -154,6 +155,17 @@ class TrainStep:
         self.replicas = None
         if int(replicas) > 1:          # the batch split over threads (npgpt.replicas)
             self.replicas = ThreadReplicas(self.model, int(replicas))
+
+    def close(self):
+        """Shut the replicas' thread pool down (nothing to do without replicas); safe to call twice."""
+        if self.replicas is not None:
+            self.replicas.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def flops_per_iter(self):
@@ -188,58 +200,58 @@ def bench_train(preset=DEFAULT_PRESET, overrides=None, batch_size=DEFAULT_BATCH_
     the figures (see the module doc). peak_gflops: reuse a measured GEMM peak."""
     check_counts(iters, warmup, batch_size)
     iters, warmup = int(iters), int(warmup)
-    step = TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip, replicas=replicas)
-    model, cfg, dev, B, T = step.model, step.config, step.device, step.B, step.T
+    with TrainStep(preset, overrides, batch_size, block_size, device, seed, lr, grad_clip, replicas=replicas) as step:
+        model, cfg, dev, B, T = step.model, step.config, step.device, step.B, step.T
 
-    times, loss = [], None
-    for i in range(warmup + iters):
-        synchronize()
-        t0 = time.perf_counter()
-        loss = step(i)
-        synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    final_loss = float(getattr(loss, "data", loss))
+        times, loss = [], None
+        for i in range(warmup + iters):
+            synchronize()
+            t0 = time.perf_counter()
+            loss = step(i)
+            synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        final_loss = float(getattr(loss, "data", loss))
 
-    if peak_gflops is None:
-        peak_gflops = gemm_peak_gflops(xp_for(dev))
-    flops_per_iter = step.flops_per_iter
-    med = statistics.median(times)
-    result = {
-        "preset": preset, "device": str(dev), "batch_size": B, "block_size": T,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
-        "dropout": cfg.dropout, "params": int(model.num_params()),
-        "params_non_embedding": int(model.num_params(non_embedding=True)),
-        "iters": iters, "warmup": warmup,
-        "ms_per_iter": med * 1e3, "ms_median": med * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3,
-        "tokens_per_s": B * T / med,
-        "flops_per_token": model.flops_per_token(T), "flops_per_iter": flops_per_iter,
-        "flops_formula": FLOPS_FORMULA,
-        "gflops": flops_per_iter / med / 1e9,
-        "gemm_peak_gflops": peak_gflops,
-        "mfu": flops_per_iter / med / 1e9 / peak_gflops,
-        "final_loss": final_loss,
-        "blas_threads": blas_threads(),
-        "replicas": int(replicas),
-    }
-
-    if profile:
-        prof = OpProfiler(dev)
-        total = 0.0
-        with profiling(prof):
-            for i in range(iters):
-                synchronize()
-                t0 = time.perf_counter()
-                step(i, prof)
-                synchronize()
-                total += time.perf_counter() - t0
-        measured = sum(prof.seconds.values())
-        prof.seconds["other/Python"] = max(total - measured, 0.0)
-        result["profile"] = {
-            "ms_per_iter": total / iters * 1e3,
-            "kinds_ms": {k: prof.seconds.get(k, 0.0) / iters * 1e3 for k in KIND_ORDER},
-            "ops_ms": {k: v / iters * 1e3 for k, v in sorted(prof.by_op.items(), key=lambda kv: -kv[1])},
+        if peak_gflops is None:
+            peak_gflops = gemm_peak_gflops(xp_for(dev))
+        flops_per_iter = step.flops_per_iter
+        med = statistics.median(times)
+        result = {
+            "preset": preset, "device": str(dev), "batch_size": B, "block_size": T,
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
+            "dropout": cfg.dropout, "params": int(model.num_params()),
+            "params_non_embedding": int(model.num_params(non_embedding=True)),
+            "iters": iters, "warmup": warmup,
+            "ms_per_iter": med * 1e3, "ms_median": med * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3,
+            "tokens_per_s": B * T / med,
+            "flops_per_token": model.flops_per_token(T), "flops_per_iter": flops_per_iter,
+            "flops_formula": FLOPS_FORMULA,
+            "gflops": flops_per_iter / med / 1e9,
+            "gemm_peak_gflops": peak_gflops,
+            "mfu": flops_per_iter / med / 1e9 / peak_gflops,
+            "final_loss": final_loss,
+            "blas_threads": blas_threads(),
+            "replicas": int(replicas),
         }
+
+        if profile:
+            prof = OpProfiler(dev)
+            total = 0.0
+            with profiling(prof):
+                for i in range(iters):
+                    synchronize()
+                    t0 = time.perf_counter()
+                    step(i, prof)
+                    synchronize()
+                    total += time.perf_counter() - t0
+            measured = sum(prof.seconds.values())
+            prof.seconds["other/Python"] = max(total - measured, 0.0)
+            result["profile"] = {
+                "ms_per_iter": total / iters * 1e3,
+                "kinds_ms": {k: prof.seconds.get(k, 0.0) / iters * 1e3 for k in KIND_ORDER},
+                "ops_ms": {k: v / iters * 1e3 for k, v in sorted(prof.by_op.items(), key=lambda kv: -kv[1])},
+            }
     return result
 
 

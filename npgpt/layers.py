@@ -303,6 +303,21 @@ class QuantBaseLinear(Function):
         return precision.matmul(d2, w.T).reshape(self.in_shape)
 
 
+ADAPTERS_ON = contextvars.ContextVar("npgpt_lora_adapters_on", default=True)
+
+
+@contextmanager
+def adapters_disabled():
+    """Within the block every LoRALinear computes its frozen base alone: a LoRA model is then its own
+    base model, the reference that DPO and RL compare against, without a second copy in memory. A
+    context setting: other threads (a server's engine, a replica) keep their adapters."""
+    token = ADAPTERS_ON.set(False)
+    try:
+        yield
+    finally:
+        ADAPTERS_ON.reset(token)
+
+
 class LoRALinear(Module):
     """A frozen base linear layer (Linear or QuantizedLinear) plus a trainable low-rank update.
 
@@ -344,6 +359,8 @@ class LoRALinear(Module):
             y = QuantBaseLinear.apply(x, layer=self.base)
         else:
             y = self.base(x)
+        if not ADAPTERS_ON.get():                                     # adapters_disabled(): the base model
+            return y
         h = dropout(x, self.dropout, self.rng, self.training) if self.dropout else x
         return y + linear(linear(h, self.lora_A), self.lora_B) * self.scaling
 

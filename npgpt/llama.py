@@ -35,7 +35,7 @@ from npgpt.model import PRESETS as GPT_PRESETS
 from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
 from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
 from npgpt.ops.llama import gqa_attention, gqa_probs, rope, rope_inv_freq, rope_tables, swiglu, ungroup_heads
-from npgpt.ops.nn import dropout, linear
+from npgpt.ops.nn import check_ops, dropout, linear
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value, inside,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
@@ -366,8 +366,9 @@ class Llama(CausalLM):
     """A Llama-family decoder: token embedding, n_layer pre-norm decoder layers (RMSNorm, RoPE, GQA,
     SwiGLU), final RMSNorm, LM head (tied to the embedding or its own)."""
 
-    def __init__(self, config: LlamaConfig, seed: int = 0, device="cpu", init=True):
+    def __init__(self, config: LlamaConfig, seed: int = 0, device="cpu", init=True, ops="fused"):
         self.config = config
+        self.ops = check_ops(ops)            # "reference": forward on the composed ops (npgpt.reference)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
         init_rng = self.rng if init else _NoInit()
         self.model = LlamaModel(config, init_rng)
@@ -432,22 +433,6 @@ class Llama(CausalLM):
     def final_logits(self, x):
         """Logits of residual-stream states x (..., C): the final RMSNorm, then the head."""
         return self.head(self.model.norm(x))
-
-    def resize_token_embeddings(self, vocab_size):
-        """Grow the embedding (and an untied head) to vocab_size rows; new rows start at the mean row."""
-        old = self.config.vocab_size
-        if vocab_size < old:
-            raise NpgptError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
-        if not isinstance(self.model.embed_tokens, Embedding):
-            raise NpgptError("this model's embedding is kept quantised; load it without --keep-quantized to grow "
-                             "its vocabulary")
-        for p in ([self.input_embedding] + ([self.lm_head.weight] if self.lm_head is not None else [])):
-            xp = get_xp(p.data)
-            extra = xp.broadcast_to(p.data.mean(axis=0, keepdims=True), (vocab_size - old, p.shape[1]))
-            p.data = xp.concatenate([p.data, extra]).astype(p.dtype)
-            p.grad = None
-        self.config = replace(self.config, vocab_size=vocab_size)
-        return self
 
     # ---- sizes ---------------------------------------------------------------------------------
     def num_params(self, non_embedding=False):

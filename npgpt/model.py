@@ -11,6 +11,7 @@ class (attention, block), so `GPT.forward_cached` is a loop like `GPT.forward`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -333,6 +334,7 @@ class CausalLM(Module):
     lora = None                          # the LoRAConfig of its adapters (npgpt.lora.apply_lora); None: none
     lora_base: str | None = None         # the base folder a LoRA model was trained from (adapter_config.json)
 
+    lm_head = None  # an untied LM head (a module with a (V, C) weight); None: tied to the input embedding
     ops = "fused"   # "reference": forward runs on the composed reference ops (npgpt.reference)
 
     def __call__(self, *args, **kwargs):
@@ -344,6 +346,25 @@ class CausalLM(Module):
     @property
     def input_embedding(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def resize_token_embeddings(self, vocab_size):
+        """Grow the token embedding (config.embedding_name) to vocab_size rows; new tokens start at the
+        mean row, so they begin as an 'average' token instead of noise. A tied LM head grows with the
+        embedding, an untied one (lm_head) the same way."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise NpgptError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        emb = functools.reduce(getattr, self.config.embedding_name.split("."), self)
+        if not isinstance(emb, Embedding):
+            raise NpgptError("this model's embedding is kept quantised; load it without --keep-quantized to grow "
+                             "its vocabulary")
+        for p in [emb.weight] + ([self.lm_head.weight] if self.lm_head is not None else []):
+            xp = get_xp(p.data)
+            extra = xp.broadcast_to(p.data.mean(axis=0, keepdims=True), (vocab_size - old, p.shape[1]))
+            p.data = xp.concatenate([p.data, extra]).astype(p.dtype)
+            p.grad = None
+        self.config = replace(self.config, vocab_size=vocab_size)
+        return self
 
     @property
     def anchor(self):
@@ -462,25 +483,6 @@ class GPT(CausalLM):
     def final_logits(self, x):
         """Logits of residual-stream states x (..., C): the final LayerNorm, then the head (self.head)."""
         return self.head(self.transformer.ln_f(x))
-
-    def resize_token_embeddings(self, vocab_size):
-        """Grow wte to vocab_size rows (new tokens start at the mean embedding, so they begin as
-        an 'average' token instead of noise); the tied LM head grows with it."""
-        wte = self.transformer.wte.weight
-        old = wte.shape[0]
-        if vocab_size < old:
-            raise NpgptError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
-        xp = get_xp(wte.data)
-        extra = xp.broadcast_to(wte.data.mean(axis=0, keepdims=True), (vocab_size - old, wte.shape[1]))
-        wte.data = xp.concatenate([wte.data, extra]).astype(wte.dtype)
-        wte.grad = None
-        if self.lm_head is not None:                 # an untied head grows the same way
-            head = self.lm_head.weight
-            extra = xp.broadcast_to(head.data.mean(axis=0, keepdims=True), (vocab_size - old, head.shape[1]))
-            head.data = xp.concatenate([head.data, extra]).astype(head.dtype)
-            head.grad = None
-        self.config = replace(self.config, vocab_size=vocab_size)
-        return self
 
     # ---- sizes ---------------------------------------------------------------------------------
     def num_params(self, non_embedding=False):

@@ -205,13 +205,11 @@ def training_plugin(model, src, cfg, hooks):
     micro-batch over n threads. It wraps whatever loss function earlier plugins set and runs before
     any reduce_grads already there (MPI data parallelism sums across processes after the threads
     have summed inside this one). It owns the step's BLAS limit (hooks.step_context) and is closed
-    when training ends (hooks.close). CPU, fp32 and no teacher only; elsewhere it stays out."""
+    when training ends (hooks.close). CPU and fp32 only; elsewhere it stays out. Distillation runs
+    split too: its teacher forward sits under `no_grad()`, a context variable, so it holds in the
+    replica thread that entered it and no other replica's graph is lost."""
     n = int(getattr(cfg, "replicas", 1) or 1)
     if n <= 1 or str(getattr(cfg, "device", "cpu")) != "cpu" or getattr(cfg, "precision", "fp32") != "fp32":
-        return None
-    if getattr(cfg, "teacher", None):
-        # the teacher runs under no_grad, a process-wide switch: a replica thread recording its
-        # graph at that moment would lose it, so distillation runs on one thread
         return None
     reps = ThreadReplicas(model, n, scale=1.0 / int(getattr(cfg, "gradient_accumulation_steps", 1) or 1),
                           base_loss=hooks.loss_fn)

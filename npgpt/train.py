@@ -182,9 +182,11 @@ def _check_same_tokenizer(model_dir, data):
                          f"{model_dir}; prepare it with `npgpt prepare --tokenizer-from {model_dir}`")
 
 
-def estimate_loss(model, data, cfg, it, block_size, dp=None):
+def estimate_loss(model, data, cfg, it, block_size, dp=None, loss_fn=None):
     """Mean loss over eval_iters batches of each split (model in eval mode, no graph); with `dp`
-    (data-parallel) the ranks share the same batches and average them."""
+    (data-parallel) the ranks share the same batches and average them. loss_fn(model, x, y): the
+    loss of one batch (default: the model's cross-entropy; Hooks.eval_loss)."""
+    loss_fn = loss_fn or model_loss
     out = {}
     model.eval()
     with no_grad():
@@ -193,12 +195,12 @@ def estimate_loss(model, data, cfg, it, block_size, dp=None):
             if dp is not None:
                 batches = (data.get_batch(split, cfg.batch_size, block_size, r, device=cfg.device)
                            for _ in range(cfg.eval_iters))
-                out[split] = dp.eval_losses(model, batches)
+                out[split] = dp.eval_losses(model, batches, loss_fn)
                 continue
             losses = []
             for _ in range(cfg.eval_iters):
                 x, y = data.get_batch(split, cfg.batch_size, block_size, r, device=cfg.device)
-                losses.append(model(x, y)[1].data)
+                losses.append(loss_fn(model, x, y).data)
             out[split] = float(asnumpy(sum(losses))) / len(losses)   # one device sync per split
     model.train()
     return out
@@ -335,6 +337,12 @@ class Hooks:
         BLAS at one thread per replica there); leaving it, by an error too, restores what it set.
     close: [fn()]
         Run when training ends, however it ends (the thread replicas shut their pool down).
+    eval_loss(model, x, y) -> loss Tensor
+        The loss of one evaluation batch, in eval mode without a graph (default: the model's
+        cross-entropy). A batch source whose batches are not (ids, targets) sets it (DPO's pairs).
+    eval_metrics: [fn(model, it) -> {name: float}]
+        Run at each evaluation; the numbers join the eval record in metrics.jsonl and its log line
+        (DPO: held-out preference accuracy and reward margin; RL: held-out accuracy).
     """
     loss_fn: Callable = model_loss
     reduce_grads: Callable | None = None
@@ -343,6 +351,8 @@ class Hooks:
     step_context: Callable = nullcontext
     close: list = field(default_factory=list)
     save_model: Callable | None = None
+    eval_loss: Callable = model_loss
+    eval_metrics: list = field(default_factory=list)
 
 
 def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = None, plugins=(),
@@ -501,14 +511,18 @@ class _Run:
         return it
 
     def evaluate_and_save(self, it):
-        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block, self.dp)
+        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block, self.dp, self.hooks.eval_loss)
         if not all(math.isfinite(v) for v in losses.values()):
             self.diverged(losses["train"], it)
+        extra = {}
+        for metrics in self.hooks.eval_metrics:
+            extra.update(metrics(self.model, it))
         rec = {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-               "lr": lr_at(it, self.cfg)}
+               "lr": lr_at(it, self.cfg), **extra}
         self.history.append(rec)
         self.log.record(**rec)
-        self.log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                 + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in extra.items()))
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]

@@ -40,6 +40,28 @@ def test_default_json_runs_baby():
     assert (out["preset"], out["batch_size"], out["vocab_size"]) == ("baby", 12, 65)
 
 
+def test_bench_with_replicas_closes_their_threads():
+    """bench_train (and `with TrainStep(...)`) shut the replicas' thread pool down when done."""
+    import threading
+
+    from npgpt.bench import TrainStep, bench_train
+
+    def replica_threads():
+        return [t.name for t in threading.enumerate() if t.name.startswith("npgpt-replica")]
+
+    assert not replica_threads()
+    out = bench_train(overrides={"n_layer": 1, "n_embd": 16, "n_head": 2}, batch_size=4, block_size=8, iters=1,
+                      warmup=1, peak_gflops=1.0, replicas=2)
+    assert out["replicas"] == 2 and out["final_loss"] > 0
+    assert not replica_threads()
+    with TrainStep(overrides={"n_layer": 1, "n_embd": 16, "n_head": 2}, batch_size=4, block_size=8,
+                   replicas=2) as step:
+        step(0)
+        assert replica_threads()
+    assert not replica_threads() and step.replicas._pool is None
+    step.close()                                                   # twice is fine
+
+
 def test_profile_lists_op_kinds():
     r = run("--profile", *TINY)
     assert r.exit_code == 0, r.output

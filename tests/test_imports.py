@@ -26,7 +26,8 @@ FLOORS = [
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench", "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
-     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises"),
+     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises",
+     "npgpt.dpo", "npgpt.rl", "npgpt.verifiable"),
     ("npgpt.cli",),
 ]
 

@@ -208,10 +208,28 @@ def test_model_learns_one_batch_and_trains_with_dropout():
     assert float(m(x, y)[1].data) < 0.5 * first
 
 
-def test_resize_token_embeddings_grows_an_untied_head():
-    m = tiny()
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("gpt", False), ("gpt", True)])
+def test_resize_token_embeddings_is_one_helper_for_both_families(family, tied):
+    """CausalLM.resize_token_embeddings: the embedding (and an untied head) grow by mean rows; the old
+    rows and the old tokens' logits are unchanged; shrinking is refused."""
+    if family == "llama":
+        m = tiny(tie_word_embeddings=tied)
+    else:
+        m = GPT(GPTConfig(vocab_size=23, block_size=16, n_layer=1, n_head=2, n_embd=16, untie_head=not tied), seed=0)
+    assert type(m).resize_token_embeddings is GPT.resize_token_embeddings   # the one shared helper
+    x = ids(0, 1, 3)
+    before, emb = m(x)[0].data, m.input_embedding.data.copy()
     m.resize_token_embeddings(30)
-    assert m.config.vocab_size == 30 and m.lm_head.weight.shape == (30, 16) and m(ids(0, 1, 3, 30))[0].shape == (1, 3, 30)
+    assert m.config.vocab_size == 30 and m.input_embedding.shape == (30, 16)
+    np.testing.assert_array_equal(m.input_embedding.data[:23], emb)
+    np.testing.assert_allclose(m.input_embedding.data[23:], np.broadcast_to(emb.mean(0), (7, 16)), rtol=1e-6)
+    if not tied:
+        assert m.lm_head.weight.shape == (30, 16) and m.lm_head.weight.grad is None
+    after = m(x)[0].data
+    assert after.shape == (1, 3, 30)
+    np.testing.assert_allclose(after[..., :23], before, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NpgptError, match="cannot shrink"):
+        m.resize_token_embeddings(20)
 
 
 # ---- Hugging Face folders ----------------------------------------------------------------------

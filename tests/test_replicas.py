@@ -47,6 +47,46 @@ def test_replica_gradient_equals_plain_gradient(n, ignore):
     reps.close()
 
 
+def test_distillation_splits_over_replicas_with_the_plain_gradient():
+    """The teacher's forward runs under no_grad (a context variable): in one replica thread it does not
+    switch off another replica's graph, so the split distillation gradient is the plain one, and the
+    trainer's plugin no longer refuses a teacher."""
+    from types import SimpleNamespace
+
+    from npgpt import no_grad
+    from npgpt.ops.distill import mixed_loss
+    from npgpt.replicas import training_plugin
+    from npgpt.train import Hooks
+
+    teacher = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16), seed=7).eval()
+
+    def distill(model, x, y):
+        logits, _ = model(x, y)
+        with no_grad():
+            t_logits, _ = teacher(x)
+        return mixed_loss(logits, t_logits, y, alpha=0.7, temperature=2.0)
+
+    x, y = batch(ignore=True)
+    model, opt = setup()
+    opt.zero_grad()
+    distill(model, x, y).backward()
+    want = opt.grad.copy()
+    assert np.abs(want).max() > 0
+    for n in (2, 3):
+        model, opt = setup()
+        reps = ThreadReplicas(model, n=n, base_loss=distill)
+        opt.zero_grad()
+        reps.forward_backward(x, y)
+        np.testing.assert_allclose(opt.grad, want, rtol=2e-4, atol=1e-7)
+        reps.close()
+    hooks = Hooks(loss_fn=distill)
+    cfg = SimpleNamespace(replicas=2, device="cpu", precision="fp32", teacher="some/teacher",
+                          gradient_accumulation_steps=1)
+    reps = training_plugin(setup()[0], None, cfg, hooks)
+    assert isinstance(reps, ThreadReplicas) and hooks.loss_fn == reps.loss_fn and reps.close in hooks.close
+    reps.close()
+
+
 def test_replicas_follow_the_weights_and_repeat_bitwise():
     x, y = batch()
     grads = []

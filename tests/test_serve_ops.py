@@ -145,6 +145,26 @@ def test_mixed_adapters_share_one_batch(dirs, want):
     assert app.engine.peak == 3 and got == want
 
 
+def test_prefix_cache_keeps_adapters_apart(server, dirs):
+    """A long prompt cached under one model is not reused by another (other keys/values for the same
+    tokens), and is reused by the same model: every reply is the library's for its model."""
+    prompt = "the quick brown fox jumps over the lazy dog and"           # > one 16-token block
+    ref = {}
+    for name in ("base", "alpha"):
+        model, tok = load_run(dirs["base"], adapter=None if name == "base" else dirs[name])[:2]
+        ids = generate(model, tok.encode(prompt), 8, temperature=0)
+        ref[name] = tok.decode(ids[:ids.index(tok.eot_id)] if tok.eot_id in ids else ids)
+    assert ref["base"] != ref["alpha"]
+    before = metrics(server)
+    c = client(server)
+    for name in ("base", "alpha", "alpha", "base"):
+        r = c.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
+        assert r.choices[0].text == ref[name], name
+    after = metrics(server)
+    hits = ("npgpt_prefix_cache_hits_total", frozenset())
+    assert after[hits] - before[hits] == 2                # the second ask of each model
+
+
 def test_unknown_model_is_a_404(server):
     with pytest.raises(openai.NotFoundError) as e:
         client(server).completions.create(model="gamma", prompt="a", max_tokens=2)

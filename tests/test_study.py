@@ -13,7 +13,8 @@ from npgpt import Tensor
 from npgpt.errors import NpgptError
 from npgpt.gradcheck import gradcheck_module
 from npgpt.model import GPT, GPTConfig
-from npgpt.reference import FUSED_FUNCTIONS, reference_ops
+from npgpt.llama import Llama, LlamaConfig
+from npgpt.reference import GPT_FUSED, LLAMA_FUSED, reference_ops
 
 TINY = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,30 +34,43 @@ def _run(model, x, y):
     return logits.data.copy(), float(loss.data), {n: p.grad.copy() for n, p in model.named_parameters()}, ops
 
 
-def test_reference_ops_model_matches_the_fused_model():
-    m = GPT(TINY, seed=3).astype(np.float64)
+LLAMA_TINY = LlamaConfig(vocab_size=13, block_size=8, n_layer=2, n_head=4, n_kv_head=2, n_embd=16, n_inner=24,
+                         tie_word_embeddings=False)
+FAMILIES = {"gpt": (GPT, TINY, GPT_FUSED), "llama": (Llama, LLAMA_TINY, LLAMA_FUSED)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_reference_ops_model_matches_the_fused_model(family):
+    """GPT's ops and the Llama family's (RMSNorm, RoPE, SwiGLU, grouped-query attention) dispatch alike:
+    under the switch, or in a model built with ops="reference", the graph holds no fused op, and logits,
+    loss and every gradient equal the fused model's (float64)."""
+    cls, cfg, fused_names = FAMILIES[family]
+    m = cls(cfg, seed=3).astype(np.float64)
     x, y = ids(0), ids(1)
     y[0, :2] = -1                                               # ignored targets take the same path
     fused = _run(m, x, y)
-    assert set(FUSED_FUNCTIONS) <= fused[3], f"the fused model's graph lacks fused ops: {fused[3]}"
+    assert set(fused_names) <= fused[3], f"the fused model's graph lacks fused ops: {fused[3]}"
     with reference_ops():
         ref = _run(m, x, y)
     again = _run(m, x, y)                                       # restored on exit
-    assert set(FUSED_FUNCTIONS) & ref[3] == set(), f"fused ops left in the reference graph: {ref[3]}"
-    assert set(FUSED_FUNCTIONS) <= again[3], "the fused ops were not restored"
+    assert set(fused_names) & ref[3] == set(), f"fused ops left in the reference graph: {ref[3]}"
+    assert set(fused_names) <= again[3], "the fused ops were not restored"
     np.testing.assert_allclose(ref[0], fused[0], rtol=1e-10, atol=1e-12)
     assert abs(ref[1] - fused[1]) < 1e-10
     for name, g in fused[2].items():
+        assert np.abs(g).max() > 0, name                         # every parameter is reached
         np.testing.assert_allclose(ref[2][name], g, rtol=1e-8, atol=1e-12, err_msg=name)
-    # GPT(cfg, ops="reference") runs the same reference graph without a `with` block
-    r = GPT(TINY, seed=3, ops="reference").astype(np.float64)
+    # cls(cfg, ops="reference") runs the same reference graph without a `with` block
+    r = cls(cfg, seed=3, ops="reference").astype(np.float64)
     built = _run(r, x, y)
-    assert set(FUSED_FUNCTIONS) & built[3] == set(), f"fused ops in the ops='reference' graph: {built[3]}"
+    assert set(fused_names) & built[3] == set(), f"fused ops in the ops='reference' graph: {built[3]}"
     np.testing.assert_array_equal(built[0], ref[0])
     for name, g in ref[2].items():
         np.testing.assert_array_equal(built[2][name], g, err_msg=name)
     with pytest.raises(NpgptError, match="ops must be one of"):
-        GPT(TINY, ops="fast")
+        cls(cfg, ops="fast")
+    with reference_ops(), pytest.raises(NpgptError, match="dropout"):
+        cls(replace(cfg, dropout=0.1)).train()(x, y)
 
 
 def test_reference_switch_covers_modules_imported_later_and_stays_in_its_thread():

@@ -76,15 +76,16 @@ class DataParallel:
         """Ctrl-C as agreed by all ranks at the last gradient reduction (identical everywhere)."""
         return self.stop_agreed
 
-    def eval_losses(self, model, batches):
+    def eval_losses(self, model, batches, loss_fn=None):
         """Shared evaluation: rank r computes the batches i with i % N == r of the same sequence of
-        batches one process would draw; returns the mean over all of them (one all-reduce)."""
+        batches one process would draw; returns the mean over all of them (one all-reduce).
+        loss_fn(model, x, y): one batch's loss (default: the model's cross-entropy)."""
         total = 0.0
         count = 0
         for i, (x, y) in enumerate(batches):
             count += 1
             if i % self.comm.world_size == self.comm.rank:
-                total += float(asnumpy(model(x, y)[1].data))
+                total += float(asnumpy((loss_fn(model, x, y) if loss_fn else model(x, y)[1]).data))
         return self.comm.allreduce_scalars([total])[0] / max(count, 1)
 
     def install(self, hooks, optimizer):

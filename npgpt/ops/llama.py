@@ -10,7 +10,10 @@ A Llama block differs from a GPT-2 block in four places, one op each:
 
 Each is one Function with forward directly above a hand-written backward, and a composed
 `*_reference` from primitive ops below it; tests/test_llama_ops.py checks the two against each
-other and every gradient against finite differences (float64). The conventions are Hugging
+other and every gradient against finite differences (float64). The reference switch is the GPT
+ops' (npgpt.ops.nn): each public op (`rms_norm`, `rope`, `swiglu`, `gqa_attention`) reads
+`REFERENCE_OPS` and calls its `*_reference` twin when it is set, so `with reference_ops():` and
+`Llama(cfg, ops="reference")` run a Llama on primitives only. The conventions are Hugging
 Face's (`modeling_llama.py`), so weights from a Llama or Qwen2 folder run unchanged: RoPE turns
 the pair (x_i, x_{i + hs/2}) ("rotate_half"), and query head h reads key/value head h // (nh / nkv).
 
@@ -27,7 +30,8 @@ from npgpt.backend import get_xp
 from npgpt.ops import concatenate as _concatenate
 from npgpt.ops import softmax as _softmax
 from npgpt.ops import where as _where
-from npgpt.ops.nn import causal_bias, dropout_mask
+from npgpt.errors import NpgptError
+from npgpt.ops.nn import REFERENCE_OPS, causal_bias, dropout_mask
 from npgpt.ops.reduce import softmax_array
 from npgpt.tensor import Function
 
@@ -69,6 +73,8 @@ class RMSNorm(Function):
 
 
 def rms_norm(x, w, eps=1e-6):
+    if REFERENCE_OPS.get():
+        return rms_norm_reference(x, w, eps)
     return RMSNorm.apply(x, w, eps=eps)
 
 
@@ -155,6 +161,8 @@ def rope(x, cos, sin):
         raise ValueError(f"rope: head size {x.shape[-1]} must be even")
     if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1] // 2 or cos.shape[-2] != x.shape[1]:
         raise ValueError(f"rope: tables {cos.shape} do not fit x {x.shape} (want (T, hs/2) or (B, T, hs/2))")
+    if REFERENCE_OPS.get():
+        return rope_reference(x, cos, sin)
     return Rope.apply(x, cos=cos, sin=sin)
 
 
@@ -203,6 +211,8 @@ class SwiGLU(Function):
 def swiglu(g, u):
     if g.shape != u.shape:
         raise ValueError(f"swiglu: gate {g.shape} and up {u.shape} differ")
+    if REFERENCE_OPS.get():
+        return swiglu_reference(g, u)
     return SwiGLU.apply(g, u)
 
 
@@ -303,6 +313,11 @@ class GroupedQueryAttention(Function):
 
 
 def gqa_attention(q, k, v, dropout=0.0, rng=None):
+    if REFERENCE_OPS.get():
+        if dropout:
+            raise NpgptError("reference ops: the reference attention has no dropout; call model.eval() "
+                             "or use a config with dropout=0")
+        return gqa_attention_reference(q, k, v)
     return GroupedQueryAttention.apply(q, k, v, dropout=dropout, rng=rng)
 
 

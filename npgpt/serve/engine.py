@@ -6,8 +6,11 @@ that column: row i holds its tokens in columns pad[i] .. length-1, left of that 
 attention masks and positions skip (the same mechanism as batched ragged prompts in
 npgpt.generate). Each loop of the engine:
 
-  1. admits waiting requests while slots are free: a prompt of L tokens is prefilled on its own
-     (a one-row cache), then its keys/values are copied into a free slot at columns
+  1. admits waiting requests while slots are free (reserving their slots) and prefills their prompts
+     a chunk at a time (at most `prefill_chunk` tokens per loop, so a long prompt never stalls the
+     running streams for more than one chunk): a prompt of L tokens is prefilled on its own (a
+     one-row cache of L columns), starting from the keys/values of its longest prefix found in the
+     PrefixCache; once complete its keys/values are copied into its slot at columns
      length-L .. length-1 (when L > length, the live rows shift right first);
   2. samples one token for every row that has fresh logits through its own npgpt.sampling.Sampler
      (settings, penalties, random generator: batching never changes a sequence's output) and
@@ -15,6 +18,13 @@ npgpt.generate). Each loop of the engine:
   3. drops finished and cancelled sequences (the last live row moves into the freed slot, so
      live rows stay packed at the front and the model runs on a view of just those rows);
   4. runs one cached forward of all live rows' last tokens.
+
+Prefix cache. Requests that share a prefix (a system prompt, a few-shot block, a chat history)
+reuse its keys/values: the PrefixCache keeps them in a trie of token blocks (block_tokens tokens a
+node), bounded in bytes (max_bytes in all, max_request_bytes added by one prompt), evicting the
+least recently used leaves. A position's key depends only on the tokens up to it and on its
+position counted from the row's first token, so a cached block is valid in any slot. Hits, misses
+and sizes are counted in `Engine.stats` (a dict of plain numbers other threads may read).
 
 A request never needs more than block_size positions (prompt + max_tokens is checked on
 arrival, as OpenAI does); when the shared column reaches block_size, the rows shift left by
@@ -28,13 +38,15 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import replace
 from queue import Queue
 
 import numpy as np
 
-from npgpt.backend import asnumpy
+from npgpt.backend import asnumpy, get_xp
 from npgpt.layers import adapter_rows
+from npgpt.model import KVCache
 from npgpt.sampling import Detokenizer, Sampler, log_softmax, top_tokens
 from npgpt.serve.protocol import ApiError
 
@@ -74,6 +86,151 @@ class Sequence:
         self.first_at = self.last_at = None   # time.monotonic() of its first and latest token
 
 
+# ---- the prefix cache ---------------------------------------------------------------------------
+class _Node:
+    """One block of a cached prefix: its tokens, keys and values (n_layer, nkv, block_tokens, hs)."""
+    __slots__ = ("parent", "tokens", "k", "v", "children")
+
+    def __init__(self, parent, tokens, k, v):
+        self.parent, self.tokens, self.k, self.v, self.children = parent, tokens, k, v, {}
+
+
+class PrefixCache:
+    """Keys/values of prompt prefixes in a trie of token blocks, bounded in bytes, LRU-evicted.
+
+    A node holds the keys/values of `block_tokens` tokens; its path from the root spells the
+    prefix they belong to. `lookup` finds the longest cached run of whole blocks a prompt starts
+    with (never the prompt's last token: its logits must be computed), `insert` adds a prefilled
+    prompt's whole blocks. Memory: at most max_bytes in all; one prompt adds at most
+    max_request_bytes (a single huge prompt cannot flush everyone's system prompt). Eviction takes
+    the least recently used leaf: a lookup or insert touches its path deepest-first, so a parent is
+    always more recent than its children and the oldest node is a leaf. `ns` keeps prefixes apart
+    whose keys/values differ for the same tokens (each LoRA adapter served has its own trie; the
+    memory bounds are shared)."""
+
+    def __init__(self, block_tokens=16, max_bytes=512 << 20, max_request_bytes=128 << 20):
+        if block_tokens < 1 or max_bytes < 0 or max_request_bytes < 0:
+            raise ValueError("block_tokens must be >= 1 and the byte bounds >= 0")
+        self.block_tokens, self.max_bytes, self.max_request_bytes = block_tokens, max_bytes, max_request_bytes
+        self.root = _Node(None, (), None, None)
+        self.roots = {None: self.root}        # ns -> the root of its trie
+        self.lru = OrderedDict()              # node -> None, least recently used first
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self):
+        return len(self.lru)
+
+    def _blocks(self, tokens):
+        b = self.block_tokens
+        return [tuple(tokens[i:i + b]) for i in range(0, len(tokens) - b + 1, b)]
+
+    def _touch(self, path):
+        for node in reversed(path):           # deepest first: parents end up more recent than children
+            self.lru.move_to_end(node)
+
+    def _root(self, ns):
+        return self.roots.setdefault(ns, _Node(None, (), None, None))
+
+    def lookup(self, prompt, ns=None):
+        """The cached nodes of the longest whole-block prefix of prompt[:-1], root side first."""
+        path, node = [], self._root(ns)
+        for key in self._blocks(prompt[:-1]):
+            node = node.children.get(key)
+            if node is None:
+                break
+            path.append(node)
+        self._touch(path)
+        return path
+
+    def insert(self, prompt, k, v, ns=None):
+        """Add the whole blocks of a prefilled prompt; k, v: (n_layer, nkv, >= len(prompt), hs)."""
+        b, node, path, added = self.block_tokens, self._root(ns), [], 0
+        for j, key in enumerate(self._blocks(prompt)):
+            child = node.children.get(key)
+            if child is None:
+                size = 2 * k[:, :, :b].nbytes
+                if added + size > self.max_request_bytes or size > self.max_bytes:
+                    break
+                if not self._make_room(size, path):
+                    break
+                xp = get_xp(k)
+                child = _Node(node, key, xp.ascontiguousarray(k[:, :, j * b:(j + 1) * b]),
+                              xp.ascontiguousarray(v[:, :, j * b:(j + 1) * b]))
+                node.children[key] = child
+                self.lru[child] = None
+                self.bytes += size
+                added += size
+            else:
+                self.lru.move_to_end(child)    # keep the path being extended out of eviction's reach
+            path.append(child)
+            node = child
+        self._touch(path)
+        return added
+
+    def _make_room(self, size, path):
+        """Evict least recently used leaves until `size` more bytes fit; False if only the path
+        being extended is left to evict."""
+        keep = set(map(id, path))
+        while self.bytes + size > self.max_bytes:
+            node = next(iter(self.lru), None)
+            if node is None or id(node) in keep:
+                return False
+            self._remove(node)
+        return True
+
+    def _remove(self, node):
+        for child in list(node.children.values()):  # never needed while parents outlive children
+            self._remove(child)
+        del node.parent.children[node.tokens]
+        del self.lru[node]
+        self.bytes -= 2 * node.k.nbytes
+        self.evictions += 1
+
+    def clear(self):
+        for root in self.roots.values():
+            for node in list(root.children.values()):
+                self._remove(node)
+
+
+class Prefill:
+    """One prompt being prefilled a chunk at a time into its own one-row cache of len(prompt)
+    columns. `reuse` first copies in the keys/values of a cached prefix (looked up when the prompt's
+    turn comes, so prompts admitted together still share what the earlier ones computed). `logits`
+    is set when it is complete."""
+
+    def __init__(self, model, prompt, seqs, like, ns=None):
+        self.prompt, self.seqs = list(prompt), seqs
+        self.ns = ns                          # the prefix cache's namespace: the request's adapter
+        self.cache = KVCache(replace(model.config, block_size=len(prompt)), 1, like)
+        self.logits = None
+        self.started = False
+        self.reused = 0
+
+    def reuse(self, prefix):
+        """Start from the cached prefix (PrefixCache.lookup's nodes)."""
+        self.started = True
+        if prefix:
+            b = prefix[0].k.shape[2]
+            for j, node in enumerate(prefix):
+                self.cache.k[:, 0, :, j * b:(j + 1) * b] = node.k
+                self.cache.v[:, 0, :, j * b:(j + 1) * b] = node.v
+            self.reused = self.cache.length = len(prefix) * b
+
+    @property
+    def remaining(self):
+        return len(self.prompt) - self.cache.length
+
+    def run(self, model, budget):
+        """Prefill up to `budget` more tokens; returns how many were run."""
+        p0 = self.cache.length
+        n = min(budget, self.remaining)
+        out = model.forward_cached(np.array([self.prompt[p0:p0 + n]], dtype=np.int64), self.cache)
+        if self.remaining == 0:
+            self.logits = asnumpy(out[0, -1])
+        return n
+
+
 # ---- the decoding engine ------------------------------------------------------------------------
 class _CacheView:
     """The first n rows of the engine's cache, as forward_cached sees a KVCache (k, v are views)."""
@@ -89,17 +246,26 @@ class _CacheView:
 class Engine:
     """The single decoding thread: continuous batching over max_batch KV cache slots."""
 
-    def __init__(self, model, tok, max_batch=16, max_queue=64, metrics=None):
+    def __init__(self, model, tok, max_batch=16, max_queue=64, prefill_chunk=256, prefix_cache_mb=512,
+                 prefix_request_mb=128, prefix_block=16, metrics=None):
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1 token")
         self.model, self.tok = model, tok
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.block = model.config.block_size
         self.cache = model.new_cache(max_batch)
+        self.prefix = (PrefixCache(prefix_block, int(prefix_cache_mb * (1 << 20)), int(prefix_request_mb * (1 << 20)))
+                       if prefix_cache_mb > 0 else None)
         self.active = []                      # Sequences; active[i] lives in cache row i
+        self.prefilling = deque()             # Prefill jobs of admitted prompts, oldest first (slots reserved)
         self.waiting = deque()                # Requests not yet admitted
         self.cond = threading.Condition()
         self.accepting, self.running = True, True
         self.steps = self.peak = self.cancelled = 0        # counters shown by /v1/models
-        self.prefix_hits = 0                  # prompts that reused cached keys/values (none yet: no prefix cache)
+        # plain numbers, updated by the engine thread, read by anyone (/metrics, /v1/models, benchmarks)
+        self.stats = {"decode_steps": 0, "prefill_chunks": 0, "prefill_tokens": 0,
+                      "prefix_cache_hits": 0, "prefix_cache_misses": 0, "prefix_cache_hit_tokens": 0,
+                      "prefix_cache_bytes": 0, "prefix_cache_blocks": 0, "prefix_cache_evictions": 0}
         self.metrics = metrics                # npgpt.serve.metrics.Metrics: per-token latency, batch sizes
         self.thread = None
 
@@ -137,14 +303,14 @@ class Engine:
                                                   type_="server_error")))
             self.cond.notify()
         deadline = time.monotonic() + grace
-        while self.active and time.monotonic() < deadline:
+        while (self.active or self.prefilling) and time.monotonic() < deadline:
             time.sleep(0.05)
         with self.cond:
             self.running = False
             self.cond.notify()
         if self.thread is not None:
             self.thread.join(timeout=5)
-        for s in list(self.active):
+        for s in list(self.active) + [s for job in self.prefilling for s in job.seqs]:
             s.req.events.put(("error", ApiError(503, "the server shut down before this request finished",
                                                 code="server_shutting_down", type_="server_error")))
 
@@ -152,61 +318,105 @@ class Engine:
     def _loop(self):
         while True:
             with self.cond:
-                while self.running and not self.active and not self.waiting:
+                while self.running and not self.active and not self.prefilling and not self.waiting:
                     self.cond.wait(timeout=1.0)
                 if not self.running:
                     return
-                admit = []
-                free = self.max_batch - len(self.active)
-                while self.waiting and len(self.waiting[0].seqs) <= free:
-                    req = self.waiting.popleft()
-                    if not req.cancelled:
-                        admit.append(req)
-                        free -= len(req.seqs)
-            try:
-                for req in admit:
-                    self._admit(req)
-                self._sample()
-                self._drop()
-                if self.active:
-                    self._forward()
-            except Exception as e:           # a bug must not kill the server: fail the running requests
-                err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
-                for s in list(self.active):
-                    s.req.events.put(("error", err))
-                    s.req.cancelled = True
-                self.active = []
-                self.cache.length = 0
-                print(f"npgpt serve: {err.message}", file=sys.stderr)
+            self.step()
+
+    def step(self):
+        """One loop of the engine: admit, one prefill chunk, sample, drop, one decode step (the
+        decoding thread calls this; tests may call it directly on an engine never started)."""
+        with self.cond:
+            admit = []
+            free = self.max_batch - len(self.active) - sum(len(job.seqs) for job in self.prefilling)
+            while self.waiting and len(self.waiting[0].seqs) <= free:
+                req = self.waiting.popleft()
+                if not req.cancelled:
+                    admit.append(req)
+                    free -= len(req.seqs)
+        try:
+            for req in admit:
+                self._admit(req)
+            self._prefill()
+            self._sample()
+            self._drop()
+            if self.active:
+                self._forward()
+        except Exception as e:           # a bug must not kill the server: fail the running requests
+            err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
+            failed = {id(r): r for r in admit}
+            failed.update((id(s.req), s.req) for s in self.active)
+            failed.update((id(s.req), s.req) for job in self.prefilling for s in job.seqs)
+            for req in failed.values():
+                for s in req.seqs:
+                    if s.finish is None:
+                        s.req.events.put(("error", err))
+                req.cancelled = True
+            self.active = []
+            self.prefilling.clear()
+            self.cache.length = 0
+            print(f"npgpt serve: {err.message}", file=sys.stderr)
 
     def _admit(self, req):
-        """Prefill each distinct prompt once and place its choices into free slots."""
-        c, model = self.cache, self.model
+        """Queue one Prefill per distinct prompt of the request (its choices share it)."""
         by_prompt = {}
         for s in req.seqs:
             by_prompt.setdefault(tuple(s.prompt), []).append(s)
         for prompt, seqs in by_prompt.items():
-            L = len(prompt)
-            one = model.new_cache(1)
-            with adapter_rows([req.adapter]):
-                logits = asnumpy(model.forward_cached(np.array([prompt], dtype=np.int64), one)[0, -1])
-            n = len(self.active)
-            P = c.length if n else 0
-            if L > P:                         # the new prompt is longer: shift live rows right
-                D = L - P
-                if n:
-                    for a in (c.k, c.v):
-                        a[:, :n, :, D:D + P] = a[:, :n, :, :P].copy()
-                    c.pad[:n] += D
-                P = L
-            c.length = P
-            for s in seqs:
-                i = len(self.active)
-                c.k[:, i, :, P - L:P] = one.k[:, 0, :, :L]
-                c.v[:, i, :, P - L:P] = one.v[:, 0, :, :L]
-                c.pad[i] = P - L
-                s.logits = logits
-                self.active.append(s)
+            self.prefilling.append(Prefill(self.model, prompt, seqs, self.cache.k, ns=req.adapter))
+
+    def _prefill(self):
+        """Run at most prefill_chunk prompt tokens, oldest prompt first (each starting from the
+        longest prefix cached by then); place the finished ones."""
+        budget, st = self.prefill_chunk, self.stats
+        while self.prefilling and budget > 0:
+            job = self.prefilling[0]
+            if job.seqs[0].req.cancelled:      # a prompt's choices share one request
+                self.prefilling.popleft()
+                for s in job.seqs:
+                    s.finish = "cancelled"
+                    self.cancelled += 1
+                continue
+            if not job.started:
+                job.reuse(self.prefix.lookup(job.prompt, job.ns) if self.prefix is not None else None)
+                if self.prefix is not None:
+                    st["prefix_cache_hits" if job.reused else "prefix_cache_misses"] += 1
+                    st["prefix_cache_hit_tokens"] += job.reused
+            with adapter_rows(None if job.ns is None else [job.ns]):     # a request's choices share its adapter
+                n = job.run(self.model, budget)
+            budget -= n
+            st["prefill_chunks"] += 1
+            st["prefill_tokens"] += n
+            if job.logits is not None:
+                self.prefilling.popleft()
+                if self.prefix is not None:
+                    self.prefix.insert(job.prompt, job.cache.k[:, 0], job.cache.v[:, 0], job.ns)
+                    st.update(prefix_cache_bytes=self.prefix.bytes, prefix_cache_blocks=len(self.prefix),
+                              prefix_cache_evictions=self.prefix.evictions)
+                self._place(job)
+
+    def _place(self, job):
+        """Copy a prefilled prompt's keys/values into a free slot for each of its live choices."""
+        c, one, L = self.cache, job.cache, len(job.prompt)
+        seqs = job.seqs
+        n = len(self.active)
+        P = c.length if n else 0
+        if L > P:                             # the new prompt is longer: shift live rows right
+            D = L - P
+            if n:
+                for a in (c.k, c.v):
+                    a[:, :n, :, D:D + P] = a[:, :n, :, :P].copy()
+                c.pad[:n] += D
+            P = L
+        c.length = P
+        for s in seqs:
+            i = len(self.active)
+            c.k[:, i, :, P - L:P] = one.k[:, 0, :, :L]
+            c.v[:, i, :, P - L:P] = one.v[:, 0, :, :L]
+            c.pad[i] = P - L
+            s.logits = job.logits
+            self.active.append(s)
         self.peak = max(self.peak, len(self.active))
 
     def _sample(self):
@@ -294,5 +504,6 @@ class Engine:
         for s, row in zip(self.active, logits):
             s.logits = row
         self.steps += 1
+        self.stats["decode_steps"] = self.steps
         if self.metrics is not None:
             self.metrics.batch(n)

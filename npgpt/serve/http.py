@@ -54,7 +54,7 @@ class App:
     runs on (-1: the base alone). `log`: a RequestLog for one JSON line per request, or None."""
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
-                 max_body=1 << 20, adapters=(), default_adapter=-1, log=None):
+                 max_body=1 << 20, adapters=(), default_adapter=-1, log=None, engine_options=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
@@ -63,7 +63,7 @@ class App:
         for k, a in enumerate(self.adapters):
             self.model_ids.setdefault(a["name"], k)
         self.metrics, self.log = Metrics(), log
-        self.engine = Engine(model, tok, max_batch, max_queue, metrics=self.metrics)
+        self.engine = Engine(model, tok, max_batch, max_queue, metrics=self.metrics, **(engine_options or {}))
         self.metrics.engine = self.engine
         self.created = int(time.time())
         self.inflight = 0
@@ -190,7 +190,8 @@ class App:
                           "vocab_size": c.vocab_size, "max_tokens": self.limits["max_tokens"],
                           "max_batch": self.limits["max_batch"], "active": len(self.engine.active),
                           "peak_batch": self.engine.peak, "steps": self.engine.steps,
-                          "cancelled": self.engine.cancelled}}
+                          "cancelled": self.engine.cancelled,
+                          "engine": dict(self.engine.stats)}}
         k = self.model_ids[model_id]
         if k >= 0:                              # served through a LoRA adapter (vLLM names the base `parent`)
             a = self.adapters[k]
@@ -575,9 +576,11 @@ def parse_adapter_options(values):
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, adapters=None, log_file=None, request_log=True):
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, adapters=None,
+          log_file=None, request_log=True):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
-    after a graceful stop.
+    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
 
     `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
     id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
@@ -587,6 +590,11 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
                     ("max_body", max_body)):
         if v is None or int(v) < 1:
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if prefill_chunk is None or int(prefill_chunk) < 1:
+        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
+    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
+        if v is None or not 0 <= float(v) <= 1 << 20:
+            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
     adapters = list(adapters or [])
@@ -613,7 +621,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             log = RequestLog(log_file)
         except OSError as e:
             raise NpgptError(f"cannot open --log-file {log_file} ({e.strerror or e})") from None
-    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, infos, default, log)
+    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, infos, default, log,
+              engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
+                              "prefix_request_mb": float(prefix_request_mb)})
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
     stopping = threading.Event()

@@ -15,8 +15,10 @@ The metrics (all prefixed npgpt_):
     time_to_first_token_seconds               arrival to first sampled token, per request (histogram)
     time_per_output_token_seconds             between consecutive tokens of one sequence (histogram)
     request_duration_seconds                  arrival to the last byte, per request (histogram)
-    prefix_cache_hits_total                   prompts that reused cached keys/values (stays 0 while the
-                                              engine has no prefix cache)
+    prefix_cache_hits_total, _misses_total    prompts that did / did not reuse cached keys/values
+    prefix_cache_hit_tokens_total             prompt tokens served from the prefix cache
+    prefix_cache_evictions_total              blocks evicted; prefix_cache_bytes, _blocks: its size (gauges)
+    prefill_tokens_total, prefill_chunks_total  prompt tokens run through the model, in how many chunks
     steps_total, cancelled_total              decoding steps run; sequences cancelled
 
 Label values are bounded: endpoints are the server's routes (anything else is "other"), models are
@@ -78,10 +80,21 @@ def _label(v):
 
 
 class Metrics:
-    """One server's metrics. `engine` supplies the gauges (queue, running batch, steps, prefix hits)."""
+    """One server's metrics. `engine` supplies the gauges (queue, running batch) and its own counters
+    (steps, cancellations, Engine.stats: the prefix cache and prefill)."""
 
     ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
                  "/health", "/metrics", "/")
+
+    # the engine's own counters (Engine.stats), shown as they are
+    ENGINE_STATS = (("prefix_cache_hits", "counter", "Prompts that reused cached keys/values of an earlier prompt."),
+                    ("prefix_cache_misses", "counter", "Prompts that found no cached prefix."),
+                    ("prefix_cache_hit_tokens", "counter", "Prompt tokens whose keys/values came from the prefix cache."),
+                    ("prefix_cache_evictions", "counter", "Prefix-cache blocks evicted to make room."),
+                    ("prefix_cache_bytes", "gauge", "Bytes of keys/values the prefix cache holds."),
+                    ("prefix_cache_blocks", "gauge", "Token blocks the prefix cache holds."),
+                    ("prefill_tokens", "counter", "Prompt tokens run through the model (cache hits excluded)."),
+                    ("prefill_chunks", "counter", "Prefill chunks run."))
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -154,8 +167,10 @@ class Metrics:
                                                                 "to its last byte.")):
                 family(name, "histogram", help_)
                 out += h.lines(f"npgpt_{name}")
-        family("prefix_cache_hits", "counter", "Prompts that reused cached keys/values of an earlier prompt.")
-        out.append(f"npgpt_prefix_cache_hits_total {e.prefix_hits if e else 0}")
+        st = dict(e.stats) if e else {}
+        for key, kind, help_ in self.ENGINE_STATS:
+            family(key, kind, help_)
+            out.append(f"npgpt_{key}{'_total' if kind == 'counter' else ''} {st.get(key, 0)}")
         family("steps", "counter", "Decoding steps run.")
         out.append(f"npgpt_steps_total {e.steps if e else 0}")
         family("cancelled", "counter", "Sequences cancelled before they finished (client gone, shutdown).")
