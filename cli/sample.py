@@ -93,13 +93,18 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@click.option("--json-schema", "json_schema", type=click.Path(), default=None,
+              help="Constrain the output to JSON valid under this JSON Schema file (README: the supported subset).")
+@click.option("--regex", default=None, help="Constrain the output to match this regular expression (whole text).")
+@click.option("--choice", multiple=True, help="Constrain the output to exactly one of these strings (repeatable).")
 @allow_special_option
 @keep_quantized_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special,
-           keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device, presence_penalty,
-           frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft, num_draft):
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, json_schema, regex,
+           choice, allow_special, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device,
+           presence_penalty, frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft,
+           num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.generate import generate_stream
@@ -117,12 +122,20 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
+    grammar = read_grammar(json_schema, regex, choice)     # checked before the model loads
     model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
         room = model.config.block_size - max(len(ids), 1)           # at most 256 (a long-context model)
         params = params.replace(max_new_tokens=max(1, min(room, 256)))
     params = params.replace(logit_bias=parse_logit_bias(tok, logit_bias) or {})
+    if grammar is not None:
+        # imported when the command runs: `npgpt --help` does not load every command's modules
+        from npgpt.structured import token_table
+        if num_beams != 1 or draft is not None:
+            raise NpgptError("--json-schema / --regex / --choice do not combine with --num-beams or --draft")
+        params = params.replace(constraint=grammar.for_tokens(token_table(tok, model.config.vocab_size)),
+                                stop_token_ids=(tok.eot_id,))
     if num_beams != 1 or draft is not None:
         return _sample_special(model, tok, ids, prompt, num_samples, params, device, num_beams, length_penalty,
                                draft, num_draft)
@@ -154,6 +167,21 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
                 click.echo(f"--- sample {i + 1} ---")
             click.echo((prompt or "") + text)
     click.echo(f"({n_tokens} tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tokens/s)", err=True)
+
+
+def read_grammar(json_schema, regex, choice):
+    """--json-schema FILE / --regex / --choice -> a compiled npgpt.structured.Grammar, or None."""
+    given = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice)) if v]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise NpgptError(f"give one of {', '.join(given)}, not several")
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.safeio import read_json
+    from npgpt.structured import Grammar
+    if json_schema:
+        return Grammar.json_schema(read_json(json_schema, "JSON schema file"))
+    return Grammar.regex(regex) if regex else Grammar.choice(list(choice))
 
 
 def parse_logit_bias(tok, pairs):

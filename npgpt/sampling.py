@@ -70,6 +70,10 @@ class SamplingParams:
     sequence (end-of-text, a chat template's role tokens), not shown in the text.
     presence_penalty, frequency_penalty in [-2, 2]; repetition_penalty > 0 (1: off);
     logit_bias: {token id: bias in [-100, 100]} (-100 bans a token, +100 forces it).
+    constraint: a logits mask (npgpt.structured.Constraint: a grammar over this vocabulary); each
+    sequence's `constraint.begin(stop_token_ids)` gives a guide whose `allowed(remaining)` masks
+    the logits after the controls and whose `advance(token)` follows each accepted token. Its
+    `min_tokens` must fit in max_new_tokens.
     """
     max_new_tokens: int | None = None
     temperature: float = 1.0
@@ -82,6 +86,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict = field(default_factory=dict, hash=False)
+    constraint: object = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         put = object.__setattr__               # frozen: normalised values are set once, here
@@ -140,6 +145,14 @@ class SamplingParams:
                 raise SamplingError(f"logit_bias: bias for token {tid} must be in [-100, 100], got {b}", "logit_bias")
             bias[tid] = float(b)
         put(self, "logit_bias", bias)
+        c = self.constraint
+        if c is not None:
+            if not (hasattr(c, "begin") and hasattr(c, "min_tokens")):
+                raise SamplingError(f"constraint must be an npgpt.structured.Constraint, got {type(c).__name__}",
+                                    "constraint")
+            if self.max_new_tokens is not None and c.min_tokens > self.max_new_tokens:
+                raise SamplingError(f"the constrained output needs at least {c.min_tokens} tokens to be complete; "
+                                    f"max_new_tokens is {self.max_new_tokens}", "max_new_tokens")
 
     def replace(self, **changes) -> SamplingParams:
         """A copy with `changes` (checked again)."""
@@ -268,6 +281,12 @@ class Sampler:
         seed = params.seed
         self.rng = np.random.default_rng(None if seed is None else [seed, int(index)])
         self.history = History(vocab_size, prompt) if params.penalized else None
+        self.generated = 0
+        self.guide = None                   # the constraint's walk along this sequence
+        if params.constraint is not None:
+            if not params.stop_token_ids:
+                raise SamplingError("a constraint needs a stop token to end the output (pass eot_id)", "constraint")
+            self.guide = params.constraint.begin(params.stop_token_ids)
 
     def probs(self, logits, history=None):
         """logits (V,) -> the distribution (V,) float64 to draw from, under `history` (default: the
@@ -280,6 +299,12 @@ class Sampler:
         if p.penalized:
             h = history if history is not None else self.history
             z = p.apply_controls(z, h.counts, h.seen)
+        if self.guide is not None:          # after the controls: no bias lifts a token out of the grammar
+            remaining = (1 << 30) if p.max_new_tokens is None else p.max_new_tokens - self.generated
+            ok = self.guide.allowed(remaining)
+            if ok.shape[0] != z.shape[1] or not ok.any():
+                raise NpgptError("the constraint allows no token here (its vocabulary does not match the model's)")
+            z = np.where(ok[None], z, -np.inf)
         return sampling_probs(z, p.temperature, p.top_k, p.top_p)[0]
 
     def pick(self, p) -> int:
@@ -287,9 +312,12 @@ class Sampler:
         return int(draw(p[None], self.rng)[0]) if self.params.temperature > 0 else int(p.argmax())
 
     def accept(self, token):
-        """Record `token` as generated (the penalties' history)."""
+        """Record `token` as generated (the penalties' history, the constraint's state)."""
         if self.history is not None:
             self.history.add(token)
+        if self.guide is not None:
+            self.guide.advance(token)
+        self.generated += 1
 
     def sample(self, logits) -> tuple[int, float]:
         """The next token from logits (V,), recorded; and its probability as drawn."""

@@ -18,7 +18,7 @@ FLOORS = [
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
-    ("npgpt.model", "npgpt.llama", "npgpt.sampling"),
+    ("npgpt.model", "npgpt.llama", "npgpt.sampling", "npgpt.structured"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint", "npgpt.lora", "npgpt.gguf_models"),
     ("npgpt.loading",),

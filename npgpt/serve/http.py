@@ -35,9 +35,11 @@ from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
 from npgpt.lora import load_adapters
 from npgpt.safeio import parse_json
+from npgpt.sampling import SamplingError
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
+from npgpt.structured import GrammarError, TokenTable
 from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
 
 
@@ -68,6 +70,7 @@ class App:
         self.created = int(time.time())
         self.inflight = 0
         self.lock = threading.Lock()
+        self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
 
     # ---- building requests ------------------------------------------------------------------------
     def pick_model(self, body):
@@ -157,8 +160,23 @@ class App:
         if len(prompts) * params.n > self.limits["max_batch"]:
             raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens, stop_token_ids=tuple(stop_ids))
+        constraint = self.constraint(params.grammar) if params.grammar is not None else None
+        try:
+            params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
+                                                      stop_token_ids=tuple(stop_ids), constraint=constraint)
+        except SamplingError as e:               # the constrained value cannot close within max_tokens
+            raise ApiError(400, str(e), "max_tokens", code="grammar_does_not_fit") from None
         return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
+
+    def constraint(self, grammar):
+        """`grammar` over this model's vocabulary (the token table is built on first use)."""
+        with self.lock:
+            if self._tokens is None:
+                self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
+            try:
+                return grammar.for_tokens(self._tokens)
+            except GrammarError as e:
+                raise ApiError(400, str(e), "response_format", code="unsupported_grammar") from None
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from npgpt.sampling import SamplingError, SamplingParams
+from npgpt.structured import Grammar, GrammarError
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
@@ -99,3 +100,42 @@ class Params:
         except SamplingError as e:
             key = "max_tokens" if e.param == "max_new_tokens" else e.param
             raise ApiError(400, str(e), key) from None
+        self.grammar = parse_grammar(body)
+
+
+def parse_grammar(body):
+    """The request's output constraint (npgpt.structured.Grammar) or None: OpenAI's `response_format`
+    ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), or vLLM's
+    extensions `guided_json` (a schema), `guided_regex`, `guided_choice`. At most one."""
+    given = [k for k in ("guided_json", "guided_regex", "guided_choice") if body.get(k) is not None]
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise ApiError(400, "'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}",
+                           "response_format")
+        if rf["type"] != "text":
+            given.insert(0, "response_format")
+    if len(given) > 1:
+        raise ApiError(400, f"give one of {', '.join(given)}, not several", given[1])
+    if not given:
+        return None
+    key = given[0]
+    try:
+        if key == "response_format":
+            if rf["type"] == "json_object":
+                return Grammar.json_object()
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+                raise ApiError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                               "response_format")
+            return Grammar.json_schema(spec["schema"])
+        if key == "guided_json":
+            schema = body[key]
+            if not isinstance(schema, (dict, bool)):
+                raise ApiError(400, "'guided_json' must be a JSON schema object", key)
+            return Grammar.json_schema(schema)
+        if key == "guided_regex":
+            return Grammar.regex(body[key])
+        return Grammar.choice(body[key])
+    except GrammarError as e:
+        raise ApiError(400, str(e), key, code="unsupported_grammar") from None
