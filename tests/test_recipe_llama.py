@@ -227,6 +227,13 @@ def test_cli_llama_modern_preset_trains_with_muon_samples_and_refuses_export(dat
         r = run.invoke(cli, ["export", "--checkpoint", str(out), *args])
         assert r.exit_code != 0 and f"cannot export to {what}" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "m.gguf").exists()
+    # LoRA's default targets are the linear layers the model has (a relu2 Llama has no gate_proj)
+    r = run.invoke(cli, ["train", "--init-from", str(out), "--data", str(data_dir), "--out", str(tmp_path / "lora"),
+                         "--max-iters", "1", "--eval-interval", "1", "--set", "lora_rank=2", "--batch-size", "2",
+                         "--set", "eval_iters=1"])
+    assert r.exit_code == 0, r.output
+    peft = json.loads((tmp_path / "lora" / "ckpt" / "adapter_config.json").read_text())
+    assert sorted(peft["target_modules"]) == ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     r = run.invoke(cli, ["train", "--data", str(data_dir), "--out", str(tmp_path / "one"), "--set", "arch=llama",
                          "--max-iters", "1", "--eval-interval", "1", *TINY, "--set", "qk_norm=true"])
     assert r.exit_code == 0, r.output
