@@ -44,7 +44,7 @@ from npgpt.serve.engine import Engine, Request
 from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
 from npgpt.structured import GrammarError, TokenTable
-from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
+from npgpt.sft import is_chat_model, render_chat
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -175,8 +175,9 @@ class App:
             ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
         except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
             raise ApiError(400, str(e), "messages") from None
-        # a reply ends at the template's turn markers (npgpt.sft.chat_stop_ids)
-        return self._request("chat", [ids], params, chat_stop_ids(self.tok), [""])
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        params.sampling = params.sampling.for_chat(self.tok)
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
@@ -735,10 +736,11 @@ def parse_adapter_options(values):
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
           keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
-          adapters=None, log_file=None, request_log=True):
+          trust_pattern=False, adapters=None, log_file=None, request_log=True):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
     (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
 
     `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
     id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
@@ -758,6 +760,7 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         raise NpgptError("--api-key must not be empty")
     adapters = list(adapters or [])
     model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
+                                trust_pattern=trust_pattern,
                                 **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:
