@@ -444,6 +444,8 @@ class Handler(BaseHTTPRequestHandler):
             self.app.metrics.request(self.path.split("?")[0], self.status or 499)
 
     def _get(self):
+        if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True          # a GET's body is never read: it must not pass for a request
         path = self.path.split("?")[0]
         if path == "/health":                 # no API key: load balancers and orchestrators probe it
             self._send_json(*self.app.health())
