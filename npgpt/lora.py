@@ -56,7 +56,7 @@ from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.checkpoint import is_model_dir, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json, make_dir
-from npgpt.layers import LoRALinear, QuantizedLinear, float_linear, linear_layers
+from npgpt.layers import LoRALinear, MultiLoRALinear, QuantizedLinear, float_linear, linear_layers
 from npgpt.safeio import check_finite_tensors, load_safetensors, read_json_object, read_safetensors_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -486,6 +486,22 @@ def load_adapter(model, folder, allow_other_base=False):
     `allow_other_base`; an adapter that records none (made by PEFT) is applied as it is."""
     config, weights, raw_cfg = read_adapter(folder)
     layers = {n: lin for n, _, _, lin in linear_layers(model)}
+    recorded = _check_against(model, folder, weights, layers, config, raw_cfg, allow_other_base)
+    apply_lora(model, config, names=sorted(weights, key=lambda n: list(layers).index(n)))
+    if recorded is not None:
+        model.lora_base_fingerprint = recorded     # a resumed run saves what its adapter was made on
+    for name, lin in lora_layers(model):
+        a, b = weights[name]
+        xp = get_xp(lin.lora_A.data)
+        lin.lora_A.data[...] = xp.asarray(a, dtype=lin.lora_A.dtype)
+        lin.lora_B.data[...] = xp.asarray(b, dtype=lin.lora_B.dtype)
+    return config
+
+
+def _check_against(model, folder, weights, layers, config, raw_cfg, allow_other_base=False):
+    """Every adapted layer exists in `model` with the adapter's (in, out) sizes; every target_modules
+    name is a layer of the model and covers the weights; the recorded base fingerprint (if any) is the
+    model's unless `allow_other_base`. Returns the recorded fingerprint (None: the adapter has none)."""
     if isinstance(config.targets, tuple):
         for t in config.targets:
             if not any(n == t or n.endswith("." + t) for n in layers):
@@ -501,7 +517,8 @@ def load_adapter(model, folder, allow_other_base=False):
                          f"(it has {model.config.n_layer} layers); was it trained on another base?")
     for name, (a, b) in weights.items():
         base = layers[name]
-        n_in, n_out = (base.n_in, base.n_out) if isinstance(base, QuantizedLinear) else base.weight.shape
+        n_in, n_out = (base.n_in, base.n_out) if isinstance(base, (QuantizedLinear, LoRALinear)) \
+            else base.weight.shape
         if a.shape[0] != n_in or b.shape[1] != n_out:
             raise NpgptError(f"adapter {folder}: {name} is ({a.shape[0]} -> {b.shape[1]}) but the model's layer "
                              f"is ({n_in} -> {n_out}); was it trained on another base?")
@@ -510,14 +527,50 @@ def load_adapter(model, folder, allow_other_base=False):
         mine = base_fingerprint(model)
         if recorded != mine and not allow_other_base:
             raise NpgptError(f"adapter {folder} was made on another base (fingerprint {recorded[:12]}, this "
-                             f"model's {mine[:12]}): its weights would be applied to the wrong model; give "
-                             f"the base it was trained on, or pass --allow-other-base (merge, sample, eval, export) if you mean it")
-    apply_lora(model, config, names=sorted(weights, key=lambda n: list(layers).index(n)))
-    if recorded is not None:
-        model.lora_base_fingerprint = recorded     # a resumed run saves what its adapter was made on
-    for name, lin in lora_layers(model):
-        a, b = weights[name]
-        xp = get_xp(lin.lora_A.data)
-        lin.lora_A.data[...] = xp.asarray(a, dtype=lin.lora_A.dtype)
-        lin.lora_B.data[...] = xp.asarray(b, dtype=lin.lora_B.dtype)
-    return config
+                             f"model's {mine[:12]}): its weights would be applied to the wrong model; give the "
+                             f"base it was trained on, or pass --allow-other-base (merge, sample, eval, export) "
+                             f"if you mean it")
+    return recorded
+
+
+# ---- several adapters at once, chosen per row (serving) -----------------------------------------
+def load_adapters(model, folders, allow_other_base=False):
+    """Serve several PEFT-layout adapters over one base at once: every layer any of them adapts
+    becomes a MultiLoRALinear, and `npgpt.layers.adapter_rows([k, ...])` picks adapter k (its
+    position in `folders`, -1 for the base) for each row of a batch. Inference only.
+
+    `folders`: [(name, folder)]. Each adapter is checked against the base (layer names and sizes, and
+    the base fingerprint npgpt records when it makes an adapter, unless `allow_other_base`) before
+    anything is changed; an adapter made elsewhere records none (its recorded base is returned).
+    Returns [{"name", "folder", "r", "alpha", "layers", "base"}] in the order of `folders`.
+    """
+    if any(isinstance(lin, MultiLoRALinear) for _, _, _, lin in linear_layers(model)):
+        raise NpgptError("the model already serves several adapters")
+    layers = {n: lin for n, _, _, lin in linear_layers(model)}
+    read = []
+    for name, folder in folders:
+        config, weights, raw = read_adapter(folder)
+        _check_against(model, folder, weights, layers, config, raw, allow_other_base)
+        read.append((config, weights, raw))
+    device = model.device
+    for lname, owner, attr, lin in linear_layers(model):
+        if not any(lname in w for _, w, _ in read):
+            continue
+        like = lin.scales if isinstance(lin, QuantizedLinear) else lin.lora_A.data if isinstance(lin, LoRALinear) \
+            else lin.weight.data
+        dtype = np.float32 if isinstance(lin, QuantizedLinear) else like.dtype
+        slots = []
+        for config, weights, _ in read:
+            if lname in weights:
+                a, b = weights[lname]
+                slots.append((to_device(a.astype(dtype), device), to_device(b.astype(dtype), device),
+                              config.scaling_for(lname)))
+            else:
+                slots.append(None)
+        setattr(owner, attr, MultiLoRALinear(lin, slots))
+    out = []
+    for (name, folder), (config, weights, raw) in zip(folders, read):
+        base = raw.get("base_model_name_or_path")
+        out.append({"name": name, "folder": str(folder), "r": config.r, "alpha": config.alpha, "layers": len(weights),
+                    "base": base if isinstance(base, str) else None})
+    return out
