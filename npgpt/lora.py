@@ -41,7 +41,7 @@ from npgpt.backend import asnumpy, get_xp, to_device
 from npgpt.checkpoint import is_model_dir, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.fileio import atomic_write_json
-from npgpt.layers import LoRALinear, QuantizedLinear, float_linear, linear_layers
+from npgpt.layers import LoRALinear, MultiLoRALinear, QuantizedLinear, float_linear, linear_layers
 from npgpt.safeio import load_safetensors, read_json_object
 
 CONFIG_FILE = "adapter_config.json"
@@ -339,16 +339,7 @@ def load_adapter(model, folder):
     """Apply a PEFT-layout LoRA adapter from `folder` to `model` (unmerged); returns the config."""
     config, weights, _ = read_adapter(folder)
     layers = {n: lin for n, _, _, lin in linear_layers(model)}
-    missing = [n for n in weights if n not in layers]
-    if missing:
-        raise NpgptError(f"adapter {folder} has weights for {missing[0]}, which this model lacks "
-                         f"(it has {model.config.n_layer} layers); was it trained on another base?")
-    for name, (a, b) in weights.items():
-        base = layers[name]
-        n_in, n_out = (base.n_in, base.n_out) if isinstance(base, QuantizedLinear) else base.weight.shape
-        if a.shape[0] != n_in or b.shape[1] != n_out:
-            raise NpgptError(f"adapter {folder}: {name} is ({a.shape[0]} -> {b.shape[1]}) but the model's layer "
-                             f"is ({n_in} -> {n_out}); was it trained on another base?")
+    _check_against(model, folder, weights, layers)
     apply_lora(model, config, names=sorted(weights, key=lambda n: list(layers).index(n)))
     for name, lin in lora_layers(model):
         a, b = weights[name]
@@ -356,3 +347,61 @@ def load_adapter(model, folder):
         lin.lora_A.data[...] = xp.asarray(a, dtype=lin.lora_A.dtype)
         lin.lora_B.data[...] = xp.asarray(b, dtype=lin.lora_B.dtype)
     return config
+
+
+def _check_against(model, folder, weights, layers):
+    """Every adapted layer exists in `model` with the adapter's (in, out) sizes."""
+    missing = [n for n in weights if n not in layers]
+    if missing:
+        raise NpgptError(f"adapter {folder} has weights for {missing[0]}, which this model lacks "
+                         f"(it has {model.config.n_layer} layers); was it trained on another base?")
+    for name, (a, b) in weights.items():
+        base = layers[name]
+        n_in, n_out = (base.n_in, base.n_out) if isinstance(base, (QuantizedLinear, LoRALinear)) \
+            else base.weight.shape
+        if a.shape[0] != n_in or b.shape[1] != n_out:
+            raise NpgptError(f"adapter {folder}: {name} is ({a.shape[0]} -> {b.shape[1]}) but the model's layer "
+                             f"is ({n_in} -> {n_out}); was it trained on another base?")
+
+
+# ---- several adapters at once, chosen per row (serving) -----------------------------------------
+def load_adapters(model, folders):
+    """Serve several PEFT-layout adapters over one base at once: every layer any of them adapts
+    becomes a MultiLoRALinear, and `npgpt.layers.adapter_rows([k, ...])` picks adapter k (its
+    position in `folders`, -1 for the base) for each row of a batch. Inference only.
+
+    `folders`: [(name, folder)]. Each adapter is checked against the base (layer names and sizes)
+    before anything is changed; npgpt records no fingerprint of a base, so an adapter trained on
+    another base of the same shapes is not caught (its recorded base is returned for a warning).
+    Returns [{"name", "folder", "r", "alpha", "layers", "base"}] in the order of `folders`.
+    """
+    if any(isinstance(lin, MultiLoRALinear) for _, _, _, lin in linear_layers(model)):
+        raise NpgptError("the model already serves several adapters")
+    layers = {n: lin for n, _, _, lin in linear_layers(model)}
+    read = []
+    for name, folder in folders:
+        config, weights, raw = read_adapter(folder)
+        _check_against(model, folder, weights, layers)
+        read.append((config, weights, raw))
+    device = model.device
+    for lname, owner, attr, lin in linear_layers(model):
+        if not any(lname in w for _, w, _ in read):
+            continue
+        like = lin.scales if isinstance(lin, QuantizedLinear) else lin.lora_A.data if isinstance(lin, LoRALinear) \
+            else lin.weight.data
+        dtype = np.float32 if isinstance(lin, QuantizedLinear) else like.dtype
+        slots = []
+        for config, weights, _ in read:
+            if lname in weights:
+                a, b = weights[lname]
+                slots.append((to_device(a.astype(dtype), device), to_device(b.astype(dtype), device),
+                              config.scaling_for(lname)))
+            else:
+                slots.append(None)
+        setattr(owner, attr, MultiLoRALinear(lin, slots))
+    out = []
+    for (name, folder), (config, weights, raw) in zip(folders, read):
+        base = raw.get("base_model_name_or_path")
+        out.append({"name": name, "folder": str(folder), "r": config.r, "alpha": config.alpha, "layers": len(weights),
+                    "base": base if isinstance(base, str) else None})
+    return out
