@@ -110,7 +110,7 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
 @click.command()
 @training_options
 @click.option("--sft", type=click.Path(), help="JSONL of {prompt, completion} or {messages: [...]} records.")
-@click.option("--strict", is_flag=True, help="With --sft: error on records longer than block_size (default: truncate).")
+@click.option("--strict", is_flag=True, help="With --sft or --dpo: error on records longer than block_size (default: truncate).")
 @click.option("--teacher", type=click.Path(), default=None, help="Distil from this model folder (same tokenizer).")
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the teacher's loss, in [0, 1] (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Softening temperature T > 0 (default 2.0).")

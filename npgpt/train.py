@@ -13,6 +13,8 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
     hooks.reduce_grads(flat_grad, n_tokens)    between backward and clipping: the data-parallel seam
     hooks.after_step: [fn(model, it)]          after each optimizer step (pruning re-applies masks)
     hooks.save_files: [fn(folder)]             extra files in each checkpoint (pruning's masks)
+    hooks.eval_loss(model, x, y) -> loss       an evaluation batch's loss (DPO's pairs, RL's prompts)
+    hooks.eval_metrics: [fn(model, it) -> {}]  extra numbers at each evaluation (held-out accuracy)
 
     def my_plugin(model, src, cfg, hooks):     # src: the folder the model came from, or None
         hooks.after_step.append(lambda model, it: ...)

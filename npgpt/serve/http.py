@@ -279,6 +279,7 @@ class App:
         pieces = body.get("with_pieces", False)
         if not isinstance(pieces, bool):
             raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
+        self._check_chars(len(text), "prompt")
         try:
             ids = self._encode(text) if text else []
         except NpgptError as e:
