@@ -314,7 +314,7 @@ def test_detokenizer_stop_check_is_linear():
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "logit_bias", "user", "model", "suffix", "response_format",
-          "guided_json", "guided_regex", "guided_choice"]
+          "guided_json", "guided_regex", "guided_choice", "content", "tokens", "with_pieces"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.integers(-2 ** 70, 2 ** 70),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6), st.sampled_from(["²", "1_0", "9" * 60]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
@@ -363,7 +363,7 @@ def check_reply(status, headers, data):
         assert ("error" in obj) == (status >= 400)
 
 
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=BODIES)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]), body=BODIES)
 def test_fuzzed_bodies_never_500(server, path, body):
     check_reply(*post(server, path, body))
 
