@@ -197,10 +197,13 @@ def test_unknown_model_is_a_404(server):
 def test_bad_adapter_options_are_clean_errors(dirs, tmp_path):
     other = model_folder(tmp_path / "other", chat=False, block=64, n_embd=48, seed=1)
     wrong = make_adapter(other, tmp_path / "wrong", 3, 2, ("c_attn",))
+    twin = model_folder(tmp_path / "twin", chat=False, block=64, n_embd=32, seed=6)    # same shapes, other weights
+    stranger = make_adapter(twin, tmp_path / "stranger", 3, 2, ("c_attn",))
     cases = [(["--adapter", f"a={dirs['alpha']}", "--adapter", f"a={dirs['beta']}"], "given twice"),
              (["--adapter", str(dirs["alpha"]), "--adapter", str(dirs["beta"])], "only one unnamed adapter"),
              (["--adapter", f"x={tmp_path / 'missing'}"], "does not exist"),
              (["--adapter", f"w={wrong}"], "another base"),
+             (["--adapter", f"s={stranger}"], "made on another base (fingerprint"),
              (["--adapter", f"base={dirs['alpha']}"], "base model's id")]
     for args, msg in cases:
         r = CliRunner().invoke(cli, ["serve", "--checkpoint", str(dirs["base"]), "--port", "0", *args])
