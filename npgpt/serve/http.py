@@ -819,6 +819,35 @@ def parse_adapter_options(values):
     return plain, named
 
 
+def load_served(checkpoint, adapter=None, adapters=(), device="cpu", keep_quantized=False, trust_pattern=False,
+                model_name=None):
+    """The model a server serves and its ids: (model, tok, model_name, adapter infos, default adapter index).
+
+    Without named `adapters`, `adapter` (a folder) is applied to the model as LoRALinear layers, as
+    `npgpt sample --adapter` does. With them, every adapter becomes a row-selectable one
+    (npgpt.lora.load_adapters): the unnamed `adapter`, if any, is adapter 0 and the default model
+    (`base+DIR`), the named ones follow in order; -1 is the base alone."""
+    adapters = list(adapters or [])
+    model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
+                                trust_pattern=trust_pattern,
+                                **load_options(checkpoint, keep_quantized))[:3]
+    model.eval()
+    if model_name is None:
+        ckpt = Path(ckpt).resolve()
+        model_name = ckpt.parent.name if ckpt.name == "ckpt" else ckpt.name
+        if adapter is not None:                  # the id says the adapter is on: base+adapter
+            a = Path(adapter).resolve()
+            model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
+    infos, default = [], -1
+    if adapters:
+        clash = [n for n, _ in adapters if n == model_name]
+        if clash:
+            raise NpgptError(f"--adapter {clash[0]}=...: {clash[0]!r} is the base model's id; choose another name")
+        infos = load_adapters(model, ([(model_name, adapter)] if adapter is not None else []) + adapters)
+        default = 0 if adapter is not None else -1
+    return model, tok, model_name, infos, default
+
+
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
           keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
@@ -846,25 +875,8 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    adapters = list(adapters or [])
-    model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
-                                trust_pattern=trust_pattern,
-                                **load_options(checkpoint, keep_quantized))[:3]
-    model.eval()
-    if model_name is None:
-        ckpt = Path(ckpt).resolve()
-        model_name = ckpt.parent.name if ckpt.name == "ckpt" else ckpt.name
-        if adapter is not None:                  # the id says the adapter is on: base+adapter
-            a = Path(adapter).resolve()
-            model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
-    infos, default = [], -1
-    if adapters:
-        clash = [n for n, _ in adapters if n == model_name]
-        if clash:
-            raise NpgptError(f"--adapter {clash[0]}=...: {clash[0]!r} is the base model's id; choose another name")
-        # the unnamed adapter (if any) becomes adapter 0, the default model's
-        infos = load_adapters(model, ([(model_name, adapter)] if adapter is not None else []) + adapters)
-        default = 0 if adapter is not None else -1
+    model, tok, model_name, infos, default = load_served(checkpoint, adapter, adapters, device, keep_quantized,
+                                                         trust_pattern, model_name)
     log = None
     if request_log:
         try:
