@@ -76,8 +76,8 @@ class App:
                  max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
                  log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
-            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        if max_request_tokens is None:       # four full-length replies
+            max_request_tokens = 4 * max_tokens
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
                        "max_request_tokens": max_request_tokens}
         # a text longer than this cannot fit the context whatever it says: refused before encoding it
@@ -201,10 +201,10 @@ class App:
         if choices > self.limits["max_batch"]:
             raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        prompt_tokens = sum(len(p) for p in prompts)
-        if prompt_tokens > budget:
-            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
-                                f"request", "prompt", code="context_length_exceeded")
+        prompt_tokens, prompt_budget = sum(len(p) for p in prompts), max(budget, block)
+        if prompt_tokens > prompt_budget:      # one full context is always allowed
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {prompt_budget} "
+                                f"per request", "prompt", code="context_length_exceeded")
         if choices * params.max_tokens > budget:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
