@@ -68,3 +68,23 @@ def tune_malloc():
         libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
     except (OSError, AttributeError):   # not glibc (e.g. musl): nothing to tune
         pass
+
+
+def gemv_bandwidth_gbs(xp=np, mbytes=256, seconds=0.5):
+    """Best observed memory bandwidth (GB/s) of a float32 matrix-vector product W @ x whose matrix
+    (`mbytes` MB, far larger than any cache) is read once per call: the rate at which decoding
+    can stream weights here. Measured the way `gemm_peak_gflops` is (best of about `seconds`)."""
+    n = 4096
+    m = max(1, int(mbytes * 1e6) // (4 * n))
+    w = xp.full((m, n), 0.5, dtype=np.float32)     # the values do not matter to the memory system
+    x = xp.asarray(np.random.default_rng(0).standard_normal(n, dtype=np.float32))
+    out = w @ x                       # warm-up
+    synchronize(out)
+    best, start, calls = float("inf"), time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        out = w @ x
+        synchronize(out)
+        best = min(best, time.perf_counter() - t)
+        calls += 1
+    return w.nbytes / best / 1e9
