@@ -55,7 +55,7 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
     if not 0.01 <= gemv_mb <= 1 << 16:
         raise click.BadParameter("must be between 0.01 and 65536 MB", param_hint="--gemv-mb")
     if checkpoint is not None:
-        from npgpt.loading import load_run
+        from npgpt.loading import load_run    # only for --checkpoint: the loaders are many modules
         model = load_run(checkpoint, device=device)[0]
         d = bench_decode(model, sweep, new_tokens, prompt_len, bandwidth_mb=gemv_mb)
         click.echo(json.dumps({"decode": d}) if as_json else format_decode(d, str(checkpoint)))

@@ -50,7 +50,7 @@ from npgpt.llama import build_model, preset_config
 from npgpt.optim import AdamW
 from npgpt.perf import gemm_peak_gflops, gemv_bandwidth_gbs, tune_malloc
 from npgpt.replicas import ThreadReplicas
-from npgpt.tensor import profiling
+from npgpt.tensor import Tensor, profiling
 from npgpt.training.config import TrainConfig, apply_overrides, parse_set_options
 
 DEFAULT_PRESET = "baby"
@@ -333,7 +333,6 @@ def decode_weight_bytes(model):
     """Bytes of weights one cached decoding step reads: every parameter and quantised buffer once
     (a tied head counts its table once), except an untied input embedding table and a position
     table (a step reads only its rows of those)."""
-    from npgpt.tensor import Tensor
     seen, total = set(), 0
     skip = set()
     if model.lm_head is not None:
