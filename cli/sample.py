@@ -7,7 +7,8 @@ import time
 
 import click
 
-from npgpt.cli.export import keep_quantized_option
+from npgpt.cli import job
+from npgpt.cli.export import allow_other_base_option, keep_quantized_option
 from npgpt.errors import NpgptError
 
 
@@ -93,13 +94,19 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_other_base_option
+@click.option("--json-schema", "json_schema", type=click.Path(), default=None,
+              help="Constrain the output to JSON valid under this JSON Schema file (README: the supported subset).")
+@click.option("--regex", default=None, help="Constrain the output to match this regular expression (whole text).")
+@click.option("--choice", multiple=True, help="Constrain the output to exactly one of these strings (repeatable).")
 @allow_special_option
 @keep_quantized_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_special,
-           keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device, presence_penalty,
-           frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft, num_draft):
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_other_base,
+           json_schema, regex, choice, allow_special, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed,
+           device, presence_penalty, frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty,
+           draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.generate import generate_stream
@@ -117,12 +124,22 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
-    model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
+    grammar = read_grammar(json_schema, regex, choice)     # checked before the model loads
+    model, tok = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                          allow_other_base=allow_other_base,
+                          **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
         room = model.config.block_size - max(len(ids), 1)           # at most 256 (a long-context model)
         params = params.replace(max_new_tokens=max(1, min(room, 256)))
     params = params.replace(logit_bias=parse_logit_bias(tok, logit_bias) or {})
+    if grammar is not None:
+        # imported when the command runs: `npgpt --help` does not load every command's modules
+        from npgpt.structured import token_table
+        if num_beams != 1 or draft is not None:
+            raise NpgptError("--json-schema / --regex / --choice do not combine with --num-beams or --draft")
+        params = params.replace(constraint=grammar.for_tokens(token_table(tok, model.config.vocab_size)),
+                                stop_token_ids=(tok.eot_id,))
     if num_beams != 1 or draft is not None:
         return _sample_special(model, tok, ids, prompt, num_samples, params, device, num_beams, length_penalty,
                                draft, num_draft)
@@ -154,6 +171,21 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
                 click.echo(f"--- sample {i + 1} ---")
             click.echo((prompt or "") + text)
     click.echo(f"({n_tokens} tokens in {dt:.2f}s, {n_tokens / max(dt, 1e-9):.1f} tokens/s)", err=True)
+
+
+def read_grammar(json_schema, regex, choice):
+    """--json-schema FILE / --regex / --choice -> a compiled npgpt.structured.Grammar, or None."""
+    given = [name for name, v in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice)) if v]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise NpgptError(f"give one of {', '.join(given)}, not several")
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.safeio import read_json
+    from npgpt.structured import Grammar
+    if json_schema:
+        return Grammar.json_schema(read_json(json_schema, "JSON schema file"))
+    return Grammar.regex(regex) if regex else Grammar.choice(list(choice))
 
 
 def parse_logit_bias(tok, pairs):
@@ -199,7 +231,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, params, device, num_be
         text += detok.flush()
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok = load_run(draft, device=device)[:2]
+        dmodel, dtok = load_run(draft, device=device, trust_pattern=job("trust_pattern", False))[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -234,7 +266,8 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
     from npgpt.loading import load_run
     from npgpt.sft import is_chat_model
     params = sampling_params(256 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                               **load_options(checkpoint, keep_quantized))[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
@@ -256,16 +289,24 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
         if not cmd:
             continue
         click.echo("bot> ", nl=False)
-        for piece in session.reply(line):
-            click.echo(piece, nl=False)
+        try:
+            for piece in session.reply(line):
+                click.echo(piece, nl=False)
+        except MessageNotEncodable as e:     # say so, keep the conversation (a broken template still ends it)
+            click.echo(f"(not sent: {e})", nl=False)
         click.echo()
+
+
+class MessageNotEncodable(NpgptError):
+    """A chat message holds text the model's tokenizer cannot encode (the turn is refused, not the session)."""
 
 
 class ChatSession:
     """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit.
 
-    A reply ends at any of the template's role tokens (npgpt.sft.chat_stop_ids), not only at
-    <|end|>: a model that skips <|end|> and starts the next turn's <|user|> stops there too.
+    A reply ends at any of the template's turn tokens (SamplingParams.for_chat), not only at its
+    end-of-turn: a model that skips <|end|> (<|im_end|>) and starts the next turn's <|user|>
+    (<|im_start|>) stops there too.
     params: a SamplingParams, or its settings as keywords (temperature=0, seed=1, ...);
     max_new_tokens applies where params leave it open.
     """
@@ -273,24 +314,22 @@ class ChatSession:
     def __init__(self, model, tok, system=None, params=None, max_new_tokens=256, **settings):
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sampling import SamplingParams
-        from npgpt.sft import chat_stop_ids
         self.model, self.tok, self.system = model, tok, system
         params = params or SamplingParams(**settings)
         if params.max_new_tokens is None:
             params = params.replace(max_new_tokens=max_new_tokens)
-        self.params = params.replace(stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids
-                                                                        + tuple(chat_stop_ids(tok)))))
+        self.params = params.for_chat(tok)
         self.max_new_tokens = self.params.max_new_tokens
         self.reset()
 
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def _prompt_ids(self):
+    def _prompt_ids(self, messages=None):
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import render_chat
         budget = self.model.config.block_size - min(self.max_new_tokens, self.model.config.block_size // 2)
-        msgs = list(self.messages)
+        msgs = list(self.messages if messages is None else messages)
         while True:
             ids, _ = render_chat(self.tok, msgs, add_generation_prompt=True)
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
@@ -299,17 +338,43 @@ class ChatSession:
             del msgs[first]            # drop the oldest turn, keep the system message
 
     def reply(self, text):
-        """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
+        """Yield the assistant's reply in pieces as it is generated; remember it in the history.
+
+        The history stays encodable: a message the tokenizer cannot encode (a character a char-level
+        model never saw) is an NpgptError and is not added, so the next turn works; a reply keeps only
+        what encodes back (a decoded token's text need not, e.g. U+FFFD from a cut UTF-8 sequence)."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
-        self.messages.append({"role": "user", "content": text})
+        try:
+            self.tok.encode_plain(text)
+        except NpgptError as e:
+            raise MessageNotEncodable(str(e)) from None
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = self._prompt_ids(messages)           # raises before the history changes
+        self.messages = messages
         out = []
-        for steps in generate_stream(self.model, self._prompt_ids(), params=self.params, tokenizer=self.tok):
+        for steps in generate_stream(self.model, ids, params=self.params, tokenizer=self.tok):
             for s in steps:
                 if s.text:
                     out.append(s.text)
                     yield s.text
-        self.messages.append({"role": "assistant", "content": "".join(out)})
+        self.messages.append({"role": "assistant", "content": self._encodable("".join(out))})
+
+    def _encodable(self, text):
+        try:
+            self.tok.encode_plain(text)
+            return text
+        except NpgptError:              # rare: drop special tokens' text, then what does not encode
+            for special in getattr(self.tok, "special_tokens", None) or ():
+                text = text.replace(special, "")
+            kept = []
+            for ch in text:
+                try:
+                    self.tok.encode_plain(ch)
+                    kept.append(ch)
+                except NpgptError:
+                    pass
+            return "".join(kept)
 
 
 COMMANDS = [sample, chat]

@@ -8,14 +8,14 @@ import sys
 import click
 
 from npgpt.cli import job
-from npgpt.cli.export import keep_quantized_option
+from npgpt.cli.export import allow_other_base_option, keep_quantized_option
 
 # Direct flags for the common config keys: (flag, config key, type, help).
 COMMON_FLAGS = [
     ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
     ("--out", "out", click.Path(), "Run folder for the checkpoint and metrics.jsonl."),
     ("--device", "device", str, "cpu, gpu, cuda or cuda:N (default: $NPGPT_DEVICE or cpu)."),
-    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-baby, llama-shakespeare-char (or --set arch=llama); modern-baby, modern-shakespeare (the modern recipe, trained with Muon)."),
+    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-baby, llama-shakespeare-char (or --set arch=llama); modern-baby, modern-shakespeare (the modern recipe, trained with Muon; llama-modern-baby, llama-modern-shakespeare: their Llamas)."),
     ("--max-iters", "max_iters", int, "Number of optimizer steps."),
     ("--batch-size", "batch_size", int, "Sequences per micro-batch."),
     ("--block-size", "block_size", int, "Context length in tokens."),
@@ -71,9 +71,18 @@ NEXT_STEP = "npgpt sample --checkpoint {out}   # add --prompt TEXT to start from
 def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.train import Interrupted, train
+    from npgpt.train import train
+    # mpiexec: the job's communicator; `npgpt --trust-pattern`: the tokenizers' opt-in
+    _finish(lambda: train(cfg, batch_source=batch_source, comm=job("comm"), trust_pattern=job("trust_pattern", False)),
+            next_step)
+
+
+def _finish(run, next_step):
+    """run() -> TrainResult; Ctrl-C (checkpoint saved) exits 130; a summary and a hint."""
+    # imported when the command runs: `npgpt --help` does not load every command's modules
+    from npgpt.train import Interrupted
     try:
-        result = train(cfg, batch_source=batch_source, comm=job("comm"))   # mpiexec: the job's communicator
+        result = run()
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -101,7 +110,7 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
 @click.command()
 @training_options
 @click.option("--sft", type=click.Path(), help="JSONL of {prompt, completion} or {messages: [...]} records.")
-@click.option("--strict", is_flag=True, help="With --sft: error on records longer than block_size (default: truncate).")
+@click.option("--strict", is_flag=True, help="With --sft or --dpo: error on records longer than block_size (default: truncate).")
 @click.option("--teacher", type=click.Path(), default=None, help="Distil from this model folder (same tokenizer).")
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the teacher's loss, in [0, 1] (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Softening temperature T > 0 (default 2.0).")
@@ -113,21 +122,49 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
               help="--init-from a .gguf file: keep its Q8_0 / Q4_0 / Q4_1 weights quantised (train LoRA adapters on them).")
 @click.option("--lora-targets", "lora_targets", default=None,
               help="Comma-separated layers to adapt (PEFT's suffix rule): default every linear layer (GPT-2: c_attn,c_proj,c_fc; Llama: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).")
-def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags):
-    """Fine-tune a pretrained model (--init-from DIR) on prepared data or an SFT JSONL file.
+@click.option("--dpo", type=click.Path(), default=None,
+              help="Preference tuning (DPO) on a JSONL of {prompt, chosen, rejected} records (strings or TRL's chat form).")
+@click.option("--dpo-beta", "dpo_beta", type=float, default=None, help="With --dpo: beta, the pull towards the reference (default 0.1).")
+@click.option("--dpo-loss", "dpo_loss", type=click.Choice(["sigmoid", "ipo"]), default=None,
+              help="With --dpo: sigmoid (DPO, default) or ipo.")
+@click.option("--label-smoothing", "dpo_label_smoothing", type=float, default=None,
+              help="With --dpo: conservative DPO, each label wrong with this probability in [0, 0.5) (default 0).")
+@click.option("--rl", type=str, default=None,
+              help="Reinforcement learning on a task with checkable answers: arithmetic, number-words, summary-facts.")
+@click.option("--group-size", "rl_group_size", type=int, default=None, help="With --rl: answers sampled per prompt (default 8).")
+@click.option("--kl", "rl_kl", type=float, default=None, help="With --rl: weight of the KL penalty to the reference (default 0.04).")
+def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, dpo, rl, **flags):
+    """Fine-tune a pretrained model (--init-from DIR) on prepared data, SFT records (--sft), preference
+    pairs (--dpo) or a task with checkable answers (--rl).
 
-    Defaults: lr 1e-4 decaying to 1e-5, 200 steps, no weight decay, out ./out-finetune.
+    Defaults: lr 1e-4 decaying to 1e-5, 200 steps, no weight decay, out ./out-finetune
+    (--dpo: lr 5e-6 full / 5e-5 with LoRA; --rl: lr 1e-5 full / 1e-4 with LoRA, 4 prompts per step).
     """
     if not flags.get("init_from") and not resume:
         raise click.UsageError("finetune needs --init-from DIR (an npgpt checkpoint or a GPT-2 folder)")
+    if sum(bool(k) for k in (sft, dpo, rl)) > 1:
+        raise click.UsageError("--sft, --dpo and --rl are different fine-tunes; give one")
     defaults = dict(FINETUNE_DEFAULTS)
     if sft:
         defaults.update({"sft": sft, "sft_strict": strict})
+    lora = flags.get("lora_rank") is not None or "lora_rank" in "".join(set_pairs)
+    if dpo:
+        defaults.update({"dpo": dpo, "sft_strict": strict, "learning_rate": 5e-5 if lora else 5e-6,
+                         "min_lr": 5e-6 if lora else 5e-7, "batch_size": 8})
+    if rl:
+        defaults.update({"rl": rl, "learning_rate": 1e-4 if lora else 1e-5, "min_lr": 1e-5 if lora else 1e-6,
+                         "batch_size": 4, "eval_iters": 2, "warmup_iters": 0})
     cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
-    if cfg.sft:
+    if cfg.dpo:
+        from npgpt.dpo import finetune_dpo      # imported when the command runs, as above
+        _finish(lambda: finetune_dpo(cfg, comm=job("comm")), "npgpt sample --checkpoint {out}")
+    elif cfg.rl:
+        from npgpt.rl import finetune_rl        # imported when the command runs, as above
+        _finish(lambda: finetune_rl(cfg, comm=job("comm")), "npgpt sample --checkpoint {out}")
+    elif cfg.sft:
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import SFTData
-        run_training(cfg, SFTData.for_training(cfg), next_step="npgpt chat --checkpoint {out}")
+        run_training(cfg, SFTData.for_training(cfg, trust_pattern=job("trust_pattern", False)), next_step="npgpt chat --checkpoint {out}")
     else:
         run_training(cfg)
 
@@ -143,16 +180,19 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, **flags)
 @click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
+@allow_other_base_option
 @keep_quantized_option
-def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, keep_quantized):
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, allow_other_base,
+          keep_quantized):
     """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
     if task is not None:
-        if input_ or data or stride:
+        if input_ or data or stride is not None:
             raise click.UsageError("--task scores a task file; it does not combine with --input, --data or --stride")
         from npgpt.tasks import run_task      # imported when the command runs, as above
-        r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter)
+        r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter,
+                     trust_pattern=job("trust_pattern", False), allow_other_base=allow_other_base)
         if as_json:
             click.echo(json.dumps(r))
         else:
@@ -162,7 +202,8 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
     if out_file:
         raise click.UsageError("--out goes with --task (per-item results)")
     r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter,
-                 keep_quantized=keep_quantized)
+                 keep_quantized=keep_quantized, trust_pattern=job("trust_pattern", False),
+                 allow_other_base=allow_other_base)
     if as_json:
         click.echo(json.dumps(r))
     else:
@@ -177,7 +218,7 @@ def info(path, as_json):
     """Describe a checkpoint: config, parameters, step, best val loss, tokenizer, file sizes."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import info as get_info
-    r = get_info(path)
+    r = get_info(path, trust_pattern=job("trust_pattern", False))
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -300,6 +300,8 @@ def speculative_stream(model, draft, ids, max_new_tokens=None, temperature=1.0, 
                              top_p=top_p, seed=seed, stop=stop, presence_penalty=presence_penalty,
                              frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
                              logit_bias=logit_bias)
+    if params.constraint is not None:     # its state follows accepted tokens; drafts are tentative
+        raise NpgptError("speculative decoding does not take a constraint (structured output); drop the draft")
     V = model.config.vocab_size
     if draft.config.vocab_size != V:
         raise NpgptError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "

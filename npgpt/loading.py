@@ -1,12 +1,15 @@
 """Loading a model: the one answer to "where is a model loaded?".
 
     from_pretrained(path, adapter=None, device="cpu", **overrides)   -> the model, in eval mode
-    load_run(path, adapter=None, device="cpu", **overrides)          -> Loaded(model, tokenizer, folder, state)
+    load_run(path, adapter=None, device="cpu", trust_pattern=False, **overrides)
+                                                                     -> Loaded(model, tokenizer, folder, state)
 
 `path` is a run folder (its ckpt/ is used), a checkpoint or model folder (npgpt's, or a Hugging Face
 download), a quantised folder (`npgpt quantize`), or a LoRA run's adapter folder (the base it recorded,
 plus the adapter). `adapter` applies a PEFT-layout LoRA adapter folder on top, unmerged. `overrides`
-replace config fields (e.g. dropout=0.1). `npgpt.from_pretrained` and `npgpt.load_run` are these.
+replace config fields (e.g. dropout=0.1). `trust_pattern=True` lets the tokenizer use a split regex
+that is not a named one (what `npgpt --trust-pattern` passes; from_pretrained reads no tokenizer).
+`npgpt.from_pretrained` and `npgpt.load_run` are these.
 
 Which reader runs is decided by one table, FORMATS, tried in order. Each `Format` says which paths are
 its own -- matches(folder, hf), where hf is the folder's config.json as a dict (None when there is
@@ -18,7 +21,7 @@ none, or when the path is a single file) -- and how to load one:
                  keeps Q8_0 / Q4_0 / Q4_1 weights in quantised layers)
     lora-run     an adapter folder with no model of its own: the recorded base, then the adapter
     quantised    config.json records npgpt.quantization: QuantizedLinear layers from int8 / int4 weights
-    llama        config.json's architectures is LlamaForCausalLM or Qwen2ForCausalLM (npgpt.llama)
+    llama        config.json's architectures is LlamaForCausalLM or Qwen2ForCausalLM (or npgpt's Npgpt* twins: recipe switches)
     gpt2         config.json's architectures is GPT2LMHeadModel, or names none (npgpt's older folders), or
                  NpgptGPTForCausalLM (a GPT with recipe switches GPT-2 cannot hold, npgpt.model)
 
@@ -61,7 +64,7 @@ class Format:
 
     matches(folder, hf) -> bool       hf: config.json as a dict, or None (no config.json, or a file)
     load(folder, hf, device="cpu", **overrides) -> model, in eval mode, on `device`
-    tokenizer(folder) -> Tokenizer    for load_run; default: the folder's tokenizer files
+    tokenizer(folder, trust_pattern=False) -> Tokenizer    for load_run; default: the folder's tokenizer files
     """
     name: str
     what: str                          # for the error that lists what npgpt loads
@@ -114,10 +117,11 @@ def resolve(path) -> tuple[Path, dict | None, Format]:
 
 
 # ---- the two entry points ------------------------------------------------------------------------
-def from_pretrained(path, adapter=None, device="cpu", **overrides):
-    """The model at `path` (see the module doc), with `adapter` applied when given; in eval mode."""
+def from_pretrained(path, adapter=None, device="cpu", allow_other_base=False, **overrides):
+    """The model at `path` (see the module doc), with `adapter` applied when given; in eval mode.
+    `allow_other_base`: apply an adapter whose recorded base fingerprint is not this model's (npgpt.lora)."""
     folder, hf, fmt = resolve(path)
-    return _load(folder, hf, fmt, adapter, device, overrides)
+    return _load(folder, hf, fmt, adapter, device, overrides, allow_other_base)
 
 
 class Loaded(NamedTuple):
@@ -129,29 +133,36 @@ class Loaded(NamedTuple):
     state: dict | None
 
 
-def load_run(path, adapter=None, device="cpu", **overrides) -> Loaded:
-    """Model + tokenizer + run metadata of a run, checkpoint or model folder (see the module doc)."""
+def load_run(path, adapter=None, device="cpu", trust_pattern=False, allow_other_base=False, **overrides) -> Loaded:
+    """Model + tokenizer + run metadata of a run, checkpoint or model folder (see the module doc);
+    trust_pattern: the tokenizer may use a split regex that is not a named one; allow_other_base: as
+    from_pretrained."""
     folder, hf, fmt = resolve(path)
     read_tokenizer = fmt.tokenizer or folder_tokenizer
     if fmt.tokenizer is None and not tk.is_tokenizer_dir(folder):    # before the weights: fail fast
         raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
-    model = _load(folder, hf, fmt, adapter, device, overrides)
+    model = _load(folder, hf, fmt, adapter, device, overrides, allow_other_base)
     state = read_run_state(folder) if folder.is_dir() else None
-    return Loaded(model, read_tokenizer(folder), folder, state)
+    return Loaded(model, read_tokenizer(folder, trust_pattern=trust_pattern), folder, state)
 
 
-def folder_tokenizer(folder):
+def folder_tokenizer(folder, trust_pattern=False):
     """The tokenizer saved beside a model (npgpt's tokenizer_npgpt.json, Hugging Face's tokenizer.json, or
     GPT-2's vocab.json + merges.txt)."""
     if not tk.is_tokenizer_dir(folder):
         raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
-    return tk.load(folder)
+    return tk.load(folder, trust_pattern=trust_pattern)
 
 
-def _load(folder, hf, fmt, adapter, device, overrides):
+def _load(folder, hf, fmt, adapter, device, overrides, allow_other_base=False):
+    if fmt.name == "lora-run":
+        if adapter:
+            raise NpgptError(f"{folder} is a LoRA run (a base plus its adapter) and already has an adapter; "
+                             f"give its base with --checkpoint, or merge it first (npgpt merge)")
+        overrides = {**overrides, "allow_other_base": allow_other_base}
     model = fmt.load(folder, hf, device=device, **overrides)
     if adapter:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, allow_other_base=allow_other_base)
     model.eval()
     return model
 
@@ -262,7 +273,7 @@ def is_lora_run(folder, hf) -> bool:
     return Path(folder).is_dir() and not is_model_dir(folder) and is_adapter_dir(folder)
 
 
-def load_lora_run(folder, hf=None, device="cpu", **overrides):
+def load_lora_run(folder, hf=None, device="cpu", allow_other_base=False, **overrides):
     """A LoRA run's checkpoint: the base model its adapter_config.json records, then the adapter."""
     base = read_adapter(folder)[2].get("base_model_name_or_path")
     # the base is a model folder, or a GGUF file (fine-tuned with --init-from x.gguf)
@@ -270,7 +281,7 @@ def load_lora_run(folder, hf=None, device="cpu", **overrides):
         raise NpgptError(f"{folder} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
                          f"give the base with --checkpoint BASE --adapter {folder}")
     model = from_pretrained(base, device=device, **overrides)
-    load_adapter(model, folder)
+    load_adapter(model, folder, allow_other_base=allow_other_base)
     model.lora_base = base
     return model
 
@@ -292,21 +303,27 @@ def load_hub(ref, hf=None, device="cpu", **overrides):
     return from_pretrained(snapshot(ref), device=device, **overrides)
 
 
-def hub_tokenizer(ref):
-    return load_run_tokenizer(snapshot(ref))
+def hub_tokenizer(ref, trust_pattern=False):
+    return load_run_tokenizer(snapshot(ref), trust_pattern=trust_pattern)
 
 
-def load_run_tokenizer(path):
+def gguf_tokenizer(path, trust_pattern=False):
+    # a GGUF names its split regex (tokenizer.ggml.pre) from a fixed table: there is no file regex to trust
+    return load_gguf_tokenizer(path)
+
+
+def load_run_tokenizer(path, trust_pattern=False):
     """The tokenizer `load_run` would give for `path` (a folder or file of any format)."""
     folder, _, fmt = resolve(path)
-    return (fmt.tokenizer or folder_tokenizer)(folder)
+    return (fmt.tokenizer or folder_tokenizer)(folder, trust_pattern=trust_pattern)
 
 
 register_format(Format("hub", "Hugging Face Hub models (hf:ORG/NAME[@REVISION])", is_hub, load_hub, hub_tokenizer))
-register_format(Format("gguf", "GGUF files (.gguf)", is_gguf_file, load_gguf, load_gguf_tokenizer))
+register_format(Format("gguf", "GGUF files (.gguf)", is_gguf_file, load_gguf, gguf_tokenizer))
 register_format(Format("lora-run", "LoRA run folders (adapter + recorded base)", is_lora_run, load_lora_run))
 register_format(Format("quantised", "quantised folders (npgpt quantize)", is_quantized, load_quantized))
-register_format(Format("llama", "Llama / Qwen2 folders (architectures LlamaForCausalLM, Qwen2ForCausalLM)",
+register_format(Format("llama", "Llama / Qwen2 folders (architectures LlamaForCausalLM, Qwen2ForCausalLM; "
+                       "npgpt's NpgptLlamaForCausalLM, NpgptQwen2ForCausalLM)",
                        is_llama, load_llama))
 register_format(Format("gpt2", "GPT-2 folders (architectures GPT2LMHeadModel; npgpt's NpgptGPTForCausalLM)", is_gpt2,
                        load_gpt2))

@@ -23,9 +23,10 @@ A seeded sequence draws from `default_rng([seed, index])` (index: its place amon
 one call or request), so a sequence's tokens do not depend on what it is batched with, and the
 library, the CLI and the server give the same text for the same seed.
 
-Stop strings cost time linear in their length per token: each stop string keeps a Knuth-Morris-
-Pratt automaton state (the longest prefix of it that ends the text so far), advanced by the new
-characters only, and the text held back is the longest of those prefixes.
+Stop strings cost time linear in the text, whatever their length: each stop string keeps a Knuth-
+Morris-Pratt automaton state (the longest prefix of it that ends the text so far), advanced by the
+new characters only (at most 2 comparisons per character and stop string, amortised;
+`Detokenizer.comparisons` counts them), and the text held back is the longest of those prefixes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class SamplingParams:
     sequence (end-of-text, a chat template's role tokens), not shown in the text.
     presence_penalty, frequency_penalty in [-2, 2]; repetition_penalty > 0 (1: off);
     logit_bias: {token id: bias in [-100, 100]} (-100 bans a token, +100 forces it).
+    constraint: a logits mask (npgpt.structured.Constraint: a grammar over this vocabulary); each
+    sequence's `constraint.begin(stop_token_ids)` gives a guide whose `allowed(remaining)` masks
+    the logits after the controls and whose `advance(token)` follows each accepted token. Its
+    `min_tokens` must fit in max_new_tokens.
     """
     max_new_tokens: int | None = None
     temperature: float = 1.0
@@ -82,6 +87,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict = field(default_factory=dict, hash=False)
+    constraint: object = field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         put = object.__setattr__               # frozen: normalised values are set once, here
@@ -140,10 +146,27 @@ class SamplingParams:
                 raise SamplingError(f"logit_bias: bias for token {tid} must be in [-100, 100], got {b}", "logit_bias")
             bias[tid] = float(b)
         put(self, "logit_bias", bias)
+        c = self.constraint
+        if c is not None:
+            if not (hasattr(c, "begin") and hasattr(c, "min_tokens")):
+                raise SamplingError(f"constraint must be an npgpt.structured.Constraint, got {type(c).__name__}",
+                                    "constraint")
+            if self.max_new_tokens is not None and c.min_tokens > self.max_new_tokens:
+                raise SamplingError(f"the constrained output needs at least {c.min_tokens} tokens to be complete; "
+                                    f"max_new_tokens is {self.max_new_tokens}", "max_new_tokens")
 
     def replace(self, **changes) -> SamplingParams:
         """A copy with `changes` (checked again)."""
         return replace(self, **changes)
+
+    def for_chat(self, tokenizer) -> SamplingParams:
+        """These params for a chat reply: it also ends where the model ends its turn or starts a new
+        one, at every token the tokenizer's chat format writes between turns (its end-of-turn and
+        role tokens, and EOS: tokenizer.chat_stop_ids()) and before a plain-text role marker
+        (tokenizer.chat_stop_strings()). `npgpt chat` and the server's /v1/chat/completions both
+        sample with these, so a reply stops the same way everywhere."""
+        return self.replace(stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids + tuple(tokenizer.chat_stop_ids()))),
+                            stop=tuple(dict.fromkeys(self.stop + tuple(tokenizer.chat_stop_strings()))))
 
     def check_vocab(self, vocab_size) -> SamplingParams:
         """Token ids (logit_bias, stop_token_ids) checked against a vocabulary of vocab_size."""
@@ -167,8 +190,9 @@ class SamplingParams:
         """logits (B, V), counts (B, V) of generated tokens, seen (B, V) bool of prompt + generated
         tokens -> logits after bias and penalties (B, V) float64, a new array."""
         z = np.array(logits, dtype=np.float64)
-        for t, b in self.logit_bias.items():
-            z[:, t] += b
+        if self.logit_bias:                    # one indexed add (ids are distinct: dict keys)
+            n = len(self.logit_bias)
+            z[:, np.fromiter(self.logit_bias, np.int64, n)] += np.fromiter(self.logit_bias.values(), np.float64, n)
         if self.presence_penalty or self.frequency_penalty:
             z -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0)
         r = self.repetition_penalty
@@ -268,6 +292,12 @@ class Sampler:
         seed = params.seed
         self.rng = np.random.default_rng(None if seed is None else [seed, int(index)])
         self.history = History(vocab_size, prompt) if params.penalized else None
+        self.generated = 0
+        self.guide = None                   # the constraint's walk along this sequence
+        if params.constraint is not None:
+            if not params.stop_token_ids:
+                raise SamplingError("a constraint needs a stop token to end the output (pass eot_id)", "constraint")
+            self.guide = params.constraint.begin(params.stop_token_ids)
 
     def probs(self, logits, history=None):
         """logits (V,) -> the distribution (V,) float64 to draw from, under `history` (default: the
@@ -280,6 +310,12 @@ class Sampler:
         if p.penalized:
             h = history if history is not None else self.history
             z = p.apply_controls(z, h.counts, h.seen)
+        if self.guide is not None:          # after the controls: no bias lifts a token out of the grammar
+            remaining = (1 << 30) if p.max_new_tokens is None else p.max_new_tokens - self.generated
+            ok = self.guide.allowed(remaining)
+            if ok.shape[0] != z.shape[1] or not ok.any():
+                raise NpgptError("the constraint allows no token here (its vocabulary does not match the model's)")
+            z = np.where(ok[None], z, -np.inf)
         return sampling_probs(z, p.temperature, p.top_k, p.top_p)[0]
 
     def pick(self, p) -> int:
@@ -287,9 +323,12 @@ class Sampler:
         return int(draw(p[None], self.rng)[0]) if self.params.temperature > 0 else int(p.argmax())
 
     def accept(self, token):
-        """Record `token` as generated (the penalties' history)."""
+        """Record `token` as generated (the penalties' history, the constraint's state)."""
         if self.history is not None:
             self.history.add(token)
+        if self.guide is not None:
+            self.guide.advance(token)
+        self.generated += 1
 
     def sample(self, logits) -> tuple[int, float]:
         """The next token from logits (V,), recorded; and its probability as drawn."""
@@ -339,6 +378,7 @@ class Detokenizer:
         self._held = ""                         # decoded text not yet released (a possible stop's start)
         self._out = []                          # released pieces
         self.stopped = False
+        self.comparisons = 0                    # characters compared by the stop automata (work counter)
 
     @property
     def text(self) -> str:
@@ -367,17 +407,22 @@ class Detokenizer:
         if not new:
             return ""
         buf, base = self._held + new, len(self._held)
+        work = 0
         for i, ch in enumerate(new):
             for k, s in enumerate(self.stops):
                 st, f = self._state[k], self._fail[k]
                 while st and s[st] != ch:
                     st = f[st - 1]
+                    work += 1
+                work += 1
                 if s[st] == ch:
                     st += 1
                 if st == len(s):                # a stop string completed: the text ends before it
                     self.stopped = True
+                    self.comparisons += work
                     return self._release(buf[:base + i + 1 - len(s)], "")
                 self._state[k] = st
+        self.comparisons += work
         hold = max(self._state, default=0)
         cut = len(buf) - hold
         return self._release(buf[:cut], buf[cut:])

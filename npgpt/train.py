@@ -13,6 +13,8 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
     hooks.reduce_grads(flat_grad, n_tokens)    between backward and clipping: the data-parallel seam
     hooks.after_step: [fn(model, it)]          after each optimizer step (pruning re-applies masks)
     hooks.save_files: [fn(folder)]             extra files in each checkpoint (pruning's masks)
+    hooks.eval_loss(model, x, y) -> loss       an evaluation batch's loss (DPO's pairs, RL's prompts)
+    hooks.eval_metrics: [fn(model, it) -> {}]  extra numbers at each evaluation (held-out accuracy)
 
     def my_plugin(model, src, cfg, hooks):     # src: the folder the model came from, or None
         hooks.after_step.append(lambda model, it: ...)
@@ -53,12 +55,12 @@ from pathlib import Path
 import numpy as np
 
 from npgpt import tokenizer as tk
-from npgpt.backend import asnumpy, synchronize, xp_for
+from npgpt.backend import asnumpy, check_fits, synchronize, xp_for
 from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
                               load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import Communicator, SingleProcess, for_device, local_rank0_first
-from npgpt.distributed.data_parallel import DataParallel
+from npgpt.distributed.data_parallel import DataParallel, check_ranks_agree
 from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
@@ -137,18 +139,18 @@ def _prepare_out(cfg: TrainConfig):
     return out
 
 
-def _open_data(cfg: TrainConfig, log, comm):
+def _open_data(cfg: TrainConfig, log, comm, trust_pattern=False):
     if cfg.data is None:
         log("no --data given: using the built-in pydoc corpus, character-level (prepared once, cached)")
         path = local_rank0_first(comm, lambda: ensure_builtin_dataset("pydoc", tokenizer="char"))
     else:
         path = Path(cfg.data)
-    data = TokenData(path)
+    data = TokenData(path, trust_pattern=trust_pattern)
     data.check_token_ids()              # a damaged .bin would index past the embedding
     return data
 
 
-def build_model(cfg: TrainConfig, data, log):
+def build_model(cfg: TrainConfig, data, log, trust_pattern=False):
     """The model to train: resumed, initialised from a folder (npgpt.loading reads any model folder:
     GPT-2, Llama, quantised, a LoRA run's adapter with its base), or new from the preset + overrides."""
     vocab = data.vocab_size
@@ -159,7 +161,7 @@ def build_model(cfg: TrainConfig, data, log):
             raise NpgptError(f"keep_quantized applies to --init-from a .gguf file, and {src} is not one")
         model = from_pretrained(src, dropout=cfg.dropout, **kept)   # a quantised one trains LoRA adapters only
         if not data.grow_vocab:                         # resumed or fine-tuned: the data's tokenizer is the model's
-            _check_same_tokenizer(src, data)
+            _check_same_tokenizer(src, data, trust_pattern)
         if model.config.vocab_size < vocab and data.grow_vocab:
             log(f"adding {vocab - model.config.vocab_size} embedding rows for new special tokens")
             model.resize_token_embeddings(vocab)
@@ -169,22 +171,27 @@ def build_model(cfg: TrainConfig, data, log):
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
     over.update({k: getattr(cfg, k) for k in RECIPE_DEFAULTS if getattr(cfg, k) is not None})
     mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
+    n = mcfg.num_params()        # float32 weights, gradients and AdamW's two moments: 16 bytes a parameter
+    check_fits(16 * n, f"training a model of {n:,} parameters", cfg.device,
+               "use a smaller model (--set n_layer=, n_embd=, or a smaller --preset)")
     return new_model(mcfg, seed=cfg.seed), None
 
 
-def _check_same_tokenizer(model_dir, data):
+def _check_same_tokenizer(model_dir, data, trust_pattern=False):
     if not tk.is_tokenizer_dir(model_dir) and not is_gguf(model_dir):
         raise NpgptError(f"{model_dir} has no tokenizer files; a model folder needs its tokenizer to fine-tune on prepared data")
-    mine = tk.load(model_dir).fingerprint()
+    mine = tk.load(model_dir, trust_pattern=trust_pattern).fingerprint()
     theirs = data.tokenizer().fingerprint()
     if mine != theirs:
         raise NpgptError(f"the data in {data.path} was tokenized with a different tokenizer than the model in "
                          f"{model_dir}; prepare it with `npgpt prepare --tokenizer-from {model_dir}`")
 
 
-def estimate_loss(model, data, cfg, it, block_size, dp=None):
+def estimate_loss(model, data, cfg, it, block_size, dp=None, loss_fn=None):
     """Mean loss over eval_iters batches of each split (model in eval mode, no graph); with `dp`
-    (data-parallel) the ranks share the same batches and average them."""
+    (data-parallel) the ranks share the same batches and average them. loss_fn(model, x, y): the
+    loss of one batch (default: the model's cross-entropy; Hooks.eval_loss)."""
+    loss_fn = loss_fn or model_loss
     out = {}
     model.eval()
     with no_grad():
@@ -193,12 +200,12 @@ def estimate_loss(model, data, cfg, it, block_size, dp=None):
             if dp is not None:
                 batches = (data.get_batch(split, cfg.batch_size, block_size, r, device=cfg.device)
                            for _ in range(cfg.eval_iters))
-                out[split] = dp.eval_losses(model, batches)
+                out[split] = dp.eval_losses(model, batches, loss_fn)
                 continue
             losses = []
             for _ in range(cfg.eval_iters):
                 x, y = data.get_batch(split, cfg.batch_size, block_size, r, device=cfg.device)
-                losses.append(model(x, y)[1].data)
+                losses.append(loss_fn(model, x, y).data)
             out[split] = float(asnumpy(sum(losses))) / len(losses)   # one device sync per split
     model.train()
     return out
@@ -335,6 +342,12 @@ class Hooks:
         BLAS at one thread per replica there); leaving it, by an error too, restores what it set.
     close: [fn()]
         Run when training ends, however it ends (the thread replicas shut their pool down).
+    eval_loss(model, x, y) -> loss Tensor
+        The loss of one evaluation batch, in eval mode without a graph (default: the model's
+        cross-entropy). A batch source whose batches are not (ids, targets) sets it (DPO's pairs).
+    eval_metrics: [fn(model, it) -> {name: float}]
+        Run at each evaluation; the numbers join the eval record in metrics.jsonl and its log line
+        (DPO: held-out preference accuracy and reward margin; RL: held-out accuracy).
     """
     loss_fn: Callable = model_loss
     reduce_grads: Callable | None = None
@@ -343,14 +356,19 @@ class Hooks:
     step_context: Callable = nullcontext
     close: list = field(default_factory=list)
     save_model: Callable | None = None
+    eval_loss: Callable = model_loss
+    eval_metrics: list = field(default_factory=list)
 
 
 def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = None, plugins=(),
-          comm: Communicator | None = None) -> TrainResult:
+          comm: Communicator | None = None, trust_pattern: bool = False) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
     comm: the job's communicator (npgpt.distributed.comm.get_communicator() under mpiexec: then the
     run is data-parallel over its ranks); None trains in this process alone.
+
+    trust_pattern: the data's and the model's tokenizers may use a split regex that is not a named
+    one (what `npgpt --trust-pattern` passes).
 
     batch_source: where batches come from (npgpt.data.BatchSource; SFT data plugs in here), default
     the prepared data folder cfg.data. Every config trains as it is: the standard plugins
@@ -376,18 +394,18 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
         raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
-    # a busy CPU: fewer BLAS / row-block threads, chosen once here (npgpt.perf; changes no number)
+    # a busy CPU: fewer row-block threads, chosen once here (npgpt.perf; changes no number)
     with lock, shared_cpu_threads() if cfg.device == "cpu" else nullcontext((None, "")) as threads:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, threads)
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern, threads)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm, threads=(None, "")):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False, threads=(None, "")):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
         if threads[0] is not None:
             log(f"threads: {threads[0]} ({threads[1]})")
-        data = batch_source or _open_data(cfg, log, comm)
-        model, src = build_model(cfg, data, log)
+        data = batch_source or _open_data(cfg, log, comm, trust_pattern)
+        model, src = build_model(cfg, data, log, trust_pattern)
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":
@@ -398,6 +416,8 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, threads=(None, "
             plugin(model, src, cfg, hooks)
         replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
         try:
+            if comm.world_size > 1:                     # before any collective sizes a buffer by the model
+                check_ranks_agree(comm, tokenizer, model)
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
             optimizer = build_optimizer(trainable, comm, cfg)
             dp = None
@@ -504,14 +524,18 @@ class _Run:
         return it
 
     def evaluate_and_save(self, it):
-        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block, self.dp)
+        losses = estimate_loss(self.model, self.data, self.cfg, it, self.block, self.dp, self.hooks.eval_loss)
         if not all(math.isfinite(v) for v in losses.values()):
             self.diverged(losses["train"], it)
+        extra = {}
+        for metrics in self.hooks.eval_metrics:
+            extra.update(metrics(self.model, it))
         rec = {"kind": "eval", "iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-               "lr": lr_at(it, self.cfg)}
+               "lr": lr_at(it, self.cfg), **extra}
         self.history.append(rec)
         self.log.record(**rec)
-        self.log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.log(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                 + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in extra.items()))
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]

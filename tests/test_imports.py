@@ -18,7 +18,7 @@ FLOORS = [
     ("npgpt.tensor",),
     ("npgpt.ops", "npgpt.precision", "npgpt.perf"),
     ("npgpt.nn", "npgpt.gradcheck", "npgpt.layers"),
-    ("npgpt.model", "npgpt.llama", "npgpt.sampling"),
+    ("npgpt.model", "npgpt.llama", "npgpt.sampling", "npgpt.structured"),
     ("npgpt.optim", "npgpt.distributed", "npgpt.replicas"),
     ("npgpt.data", "npgpt.tokenizer", "npgpt.checkpoint", "npgpt.lora", "npgpt.gguf_models"),
     ("npgpt.loading",),
@@ -26,7 +26,8 @@ FLOORS = [
     ("npgpt.train", "npgpt.generate"),
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench", "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
-     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises"),
+     "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises",
+     "npgpt.dpo", "npgpt.rl", "npgpt.verifiable"),
     ("npgpt.cli",),
 ]
 

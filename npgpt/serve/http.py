@@ -8,16 +8,21 @@ device, so requests have to meet in one decoding loop whatever accepts the conne
 threads blocked on a queue cost nothing while the engine computes.
 
 Safety: binds 127.0.0.1 by default; --api-key requires `Authorization: Bearer KEY` (compared in
-constant time); body size, max_tokens, n and the waiting queue are bounded (413 / 400 / 429
-with Retry-After); a client that goes away frees its slots at the next step; a failing request
-gets an error and the server goes on; SIGTERM stops accepting, lets running requests finish
-(up to a grace period, then cancels them) and returns exit status 0.
+constant time); body size, max_tokens, n, the tokens of one request and the waiting queue are
+bounded (413 / 400 / 429 with Retry-After; the per-field bounds are in protocol.py); malformed
+HTTP (other methods, an oversized request line or headers, a Content-Length that is not one
+decimal number) gets OpenAI's JSON error body with its status (405 / 414 / 431 / 400), never the
+standard library's HTML page; a client that goes away, streaming or not, frees its slots at the
+next step; a failing request gets an error and the server goes on; SIGTERM stops accepting, lets
+running requests finish (up to a grace period, then cancels them) and returns exit status 0.
+README's "Security notes" list every limit.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import select
 import signal
 import socket
@@ -32,10 +37,14 @@ from queue import Empty
 from npgpt.errors import NpgptError
 from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
+from npgpt.lora import load_adapters
 from npgpt.safeio import parse_json
+from npgpt.sampling import SamplingError
 from npgpt.serve.engine import Engine, Request
+from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
-from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
+from npgpt.structured import GrammarError, TokenTable
+from npgpt.sft import is_chat_model, render_chat
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -43,20 +52,61 @@ def _token_str(tok, t):
     return tok.decode([t])
 
 
+def _longest_token(tok):
+    """Bytes of the vocabulary's longest token (special tokens' strings too): a text of C characters
+    needs at least C / this many tokens."""
+    longest = max((len(name) for name in tok.special_tokens), default=1)
+    for t in range(tok.vocab_size):
+        try:
+            longest = max(longest, len(tok.token_bytes(t)))
+        except NpgptError:
+            continue
+    return max(longest, 1)
+
+
 class App:
-    """What the handlers share: the engine, the tokenizer, the limits, the model's name."""
+    """What the handlers share: the engine, the tokenizer, the limits, the model ids, the metrics.
+
+    `adapters` ([{"name", "r", "alpha", "layers", ...}] from npgpt.lora.load_adapters, in the order of
+    their indices) are served as models of their own names; `default_adapter` is the index `model_name`
+    runs on (-1: the base alone). `log`: a RequestLog for one JSON line per request, or None."""
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
-                 max_body=1 << 20, engine_options=None):
+                 max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
+                 log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
+        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
+            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
+                       "max_request_tokens": max_request_tokens}
+        # a text longer than this cannot fit the context whatever it says: refused before encoding it
+        self.max_prompt_chars = 2 * model.config.block_size * _longest_token(tok)
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
-        self.engine = Engine(model, tok, max_batch, max_queue, **(engine_options or {}))
+        self.adapters = list(adapters)
+        self.model_ids = {model_name: default_adapter}           # model id -> adapter index
+        for k, a in enumerate(self.adapters):
+            self.model_ids.setdefault(a["name"], k)
+        self.metrics, self.log = Metrics(), log
+        self.engine = Engine(model, tok, max_batch, max_queue, metrics=self.metrics, **(engine_options or {}))
+        self.metrics.engine = self.engine
         self.created = int(time.time())
         self.inflight = 0
         self.lock = threading.Lock()
+        self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
 
     # ---- building requests ------------------------------------------------------------------------
+    def pick_model(self, body):
+        """(model id, adapter index) that the body's `model` asks for. A server of one model answers
+        whatever `model` says (as llama.cpp does; the chat page and scripts send any name); with
+        adapters the name chooses, and an unknown one is a 404 in OpenAI's shape."""
+        name = body.get("model")
+        if len(self.model_ids) == 1 or name is None:
+            return self.model_name, self.model_ids[self.model_name]
+        if not isinstance(name, str) or name not in self.model_ids:
+            raise ApiError(404, f"The model {str(name)[:100]!r} does not exist; this server serves "
+                                f"{', '.join(self.model_ids)}", "model", code="model_not_found")
+        return name, self.model_ids[name]
+
     def _encode(self, text):
         return self.tok.encode_prompt(text)      # as `npgpt sample`: BPE special-token strings are specials
 
@@ -74,9 +124,13 @@ class App:
             prompts = [list(p) for p in prompt]
         else:
             raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+        if len(prompts) * params.n > self.limits["max_batch"]:     # before encoding any of them
+            raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
+                                f"{self.limits['max_batch']} at once", "n")
         ids, texts = [], []
         for p in prompts:
             if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
                 try:
                     ids.append(self._encode(p) if p else [self.tok.eot_id])
                 except NpgptError as e:
@@ -98,6 +152,9 @@ class App:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ApiError(400, "'messages' must be a non-empty list", "messages")
+        if len(msgs) > self.model.config.block_size:    # every message costs a token at least
+            raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
+                                f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
         clean = []
         for m in msgs:
             if not isinstance(m, dict):
@@ -113,27 +170,61 @@ class App:
                 raise ApiError(400, f"unsupported message role {m.get('role')!r} or non-text content; "
                                     f"use system, user or assistant with text", "messages")
             clean.append({"role": role, "content": content})
+        self._check_chars(sum(len(m["content"]) for m in clean), "messages")
         try:
             ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
         except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
             raise ApiError(400, str(e), "messages") from None
-        # a reply ends at the template's turn markers (npgpt.sft.chat_stop_ids)
-        return self._request("chat", [ids], params, chat_stop_ids(self.tok), [""])
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        params.sampling = params.sampling.for_chat(self.tok)
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+
+    def _check_chars(self, n, param):
+        if n > self.max_prompt_chars:
+            raise ApiError(400, f"the {param} has {n} characters: more than this model's context of "
+                                f"{self.model.config.block_size} tokens can hold", param,
+                           code="context_length_exceeded")
 
     def _request(self, kind, prompts, params, stop_ids, texts):
         block = self.model.config.block_size
         longest = max(len(p) for p in prompts)
-        if params.max_tokens is None:
-            params.max_tokens = min(16 if kind == "completion" else block - longest, self.limits["max_tokens"])
+        choices = len(prompts) * params.n
+        budget = self.limits["max_request_tokens"]
+        if params.max_tokens is None:           # the default fits the context and the request budget
+            params.max_tokens = max(1, min(16 if kind == "completion" else block - longest,
+                                           self.limits["max_tokens"], budget // choices))
         if longest + max(params.max_tokens, 1) > block:
             raise ApiError(400, f"this model's maximum context length is {block} tokens; the prompt has {longest} "
                                 f"and max_tokens asks for {params.max_tokens} more", "max_tokens",
                            code="context_length_exceeded")
-        if len(prompts) * params.n > self.limits["max_batch"]:
-            raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
+        if choices > self.limits["max_batch"]:
+            raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens, stop_token_ids=tuple(stop_ids))
+        prompt_tokens = sum(len(p) for p in prompts)
+        if prompt_tokens > budget:
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
+                                f"request", "prompt", code="context_length_exceeded")
+        if choices * params.max_tokens > budget:
+            raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
+                                f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
+                                f"per request (fewer choices or a smaller max_tokens)", "max_tokens")
+        constraint = self.constraint(params.grammar) if params.grammar is not None else None
+        try:
+            params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
+                                                      stop_token_ids=tuple(stop_ids), constraint=constraint)
+        except SamplingError as e:               # the constrained value cannot close within max_tokens
+            raise ApiError(400, str(e), "max_tokens", code="grammar_does_not_fit") from None
         return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
+
+    def constraint(self, grammar):
+        """`grammar` over this model's vocabulary (the token table is built on first use)."""
+        with self.lock:
+            if self._tokens is None:
+                self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
+            try:
+                return grammar.for_tokens(self._tokens)
+            except GrammarError as e:
+                raise ApiError(400, str(e), "response_format", code="unsupported_grammar") from None
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):
@@ -151,31 +242,153 @@ class App:
 
     def chunk(self, req, choices):
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-        return {"id": req.id, "object": obj, "created": req.created, "model": self.model_name, "choices": choices}
+        return {"id": req.id, "object": obj, "created": req.created, "model": req.model or self.model_name,
+                "choices": choices}
 
     def models(self):
-        return {"object": "list", "data": [self.model_card()]}
+        return {"object": "list", "data": [self.model_card(m) for m in self.model_ids]}
 
-    def model_card(self):
+    def model_card(self, model_id=None):
         c = self.model.config
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "npgpt",
+        model_id = model_id or self.model_name
+        card = {"id": model_id, "object": "model", "created": self.created, "owned_by": "npgpt",
                 "npgpt": {"chat_template": self.has_chat, "context_length": c.block_size,
                           "vocab_size": c.vocab_size, "max_tokens": self.limits["max_tokens"],
-                          "max_batch": self.limits["max_batch"], "active": len(self.engine.active),
+                          "max_batch": self.limits["max_batch"],
+                          "max_request_tokens": self.limits["max_request_tokens"], "active": len(self.engine.active),
                           "peak_batch": self.engine.peak, "steps": self.engine.steps,
                           "cancelled": self.engine.cancelled,
                           "engine": dict(self.engine.stats)}}
+        k = self.model_ids[model_id]
+        if k >= 0:                              # served through a LoRA adapter (vLLM names the base `parent`)
+            a = self.adapters[k]
+            card["npgpt"]["lora"] = {"r": a["r"], "alpha": a["alpha"], "layers": a["layers"]}
+            if model_id != self.model_name:
+                card["parent"] = self.model_name
+        return card
+
+    # ---- utility endpoints ------------------------------------------------------------------------
+    def tokenize(self, body):
+        """POST /tokenize: {"prompt" (vLLM) or "content" (llama.cpp): text, "with_pieces": bool} ->
+        {"tokens", "count", "max_model_len", "model"} (+ "pieces": [{"id", "piece"}]). The ids are the
+        ones /v1/completions prefills for that string (special-token strings become specials)."""
+        model_id, _ = self.pick_model(body)
+        text = body.get("prompt", body.get("content"))
+        if not isinstance(text, str):
+            raise ApiError(400, "'prompt' (or 'content') must be a string", "prompt")
+        pieces = body.get("with_pieces", False)
+        if not isinstance(pieces, bool):
+            raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
+        self._check_chars(len(text), "prompt")
+        try:
+            ids = self._encode(text) if text else []
+        except NpgptError as e:
+            raise ApiError(400, f"prompt: {e}", "prompt") from None
+        out = {"tokens": ids, "count": len(ids), "max_model_len": self.model.config.block_size, "model": model_id}
+        if pieces:
+            out["pieces"] = [{"id": t, "piece": _token_str(self.tok, t)} for t in ids]
+        return out
+
+    def detokenize(self, body):
+        """POST /detokenize: {"tokens": [ids]} -> {"prompt": text, "content": text (llama.cpp's name), "model"}."""
+        model_id, _ = self.pick_model(body)
+        ids, V = body.get("tokens"), self.model.config.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V
+                                                for t in ids):
+            raise ApiError(400, f"'tokens' must be a list of token ids in [0, {V})", "tokens")
+        text = self.tok.decode(ids)
+        return {"prompt": text, "content": text, "model": model_id}
+
+    def health(self):
+        """(status, body) of GET /health: 200 while the decoding thread runs and takes requests."""
+        e = self.engine
+        if not e.accepting:
+            return 503, {"status": "shutting_down"}
+        if e.thread is None or not e.thread.is_alive():
+            return 503, {"status": "engine_stopped"}
+        return 200, {"status": "ok", "running": len(e.active), "waiting": len(e.waiting)}
+
+    def finished(self, path, status, req, started, error=None):
+        """Count a POST request in the metrics and write its log line."""
+        self.metrics.request(path, status)
+        record = {"id": None, "endpoint": path[:100], "model": None, "adapter": None, "status": status}
+        if req is not None:
+            done = [s for s in req.seqs if s.first_at is not None]
+            ttft = min(s.first_at for s in done) - req.arrived if done else None
+            out_tokens = sum(len(s.tokens) for s in req.seqs)
+            duration = time.monotonic() - req.arrived
+            self.metrics.generation(req.model, req.prompt_tokens, out_tokens, ttft, duration)
+            record.update(id=req.id, model=req.model,
+                          adapter=self.adapters[req.adapter]["name"] if req.adapter >= 0 else None,
+                          prompt_tokens=req.prompt_tokens, completion_tokens=out_tokens,
+                          ttft_s=None if ttft is None else round(ttft, 6), duration_s=round(duration, 6),
+                          finish_reasons=[s.finish for s in req.seqs], stream=req.params.stream)
+        else:
+            record["duration_s"] = round(time.monotonic() - started, 6)
+        if error is not None:
+            record["error"] = error
+        if self.log is not None:
+            self.log.write(record)
+
+
+
+MAX_REQUEST_LINE = 8192          # bytes of "METHOD /path HTTP/1.1" (414 beyond)
+MAX_HEADER_BYTES = 32768         # all header lines together (431 beyond; the standard library also
+                                 # stops at 100 headers or a 64 KiB line, answered 431 as well)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                 411: "length_required", 413: "request_too_large", 414: "uri_too_long",
+                 431: "request_header_fields_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "npgpt"
     timeout = 60                  # a client that sends nothing for a minute is dropped
+    disconnect_poll = 0.25        # seconds between checks that a waiting client is still there
     app: App = None
+    status = None                 # the HTTP status sent for the current request (None: none yet)
+    req = None                    # the current generation Request, once built
+    error = None                  # the current request's error message, if it failed
+
+    def version_string(self):                 # the Server header: no Python version for a stranger to read
+        return self.server_version
 
     def log_message(self, fmt, *args):        # quiet by default; errors go to stderr
         if self.server.verbose:
             super().log_message(fmt, *args)
+
+    def send_response(self, code, message=None):
+        self.status = code                    # what the request is counted and logged with
+        super().send_response(code, message)
+
+    # ---- malformed HTTP: the standard library's checks, answered with OpenAI's JSON error body ----
+    def send_error(self, code, message=None, explain=None):
+        """Every protocol error the standard library finds (a request line or header over its limits,
+        a bad version, an unknown method) as a JSON error instead of its HTML page."""
+        code = int(code)
+        if self.request_version == "HTTP/0.9":   # still the default (an unreadable request line): an
+            self.request_version = "HTTP/1.0"    # error with a status line and headers, not bare text
+        reason = message or self.responses.get(code, ("error",))[0]
+        self._send_error(ApiError(code, f"{code} {reason}", code=_STATUS_CODES.get(code),
+                                  type_="invalid_request_error" if code < 500 else "server_error"))
+
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.send_error(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+            return False
+        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            self.send_error(431, f"request headers longer than {MAX_HEADER_BYTES} bytes")
+            return False
+        return True
+
+    def _not_allowed(self):
+        self._send_error(ApiError(405, f"method {self.command} is not allowed; this server answers GET and POST",
+                                  code="method_not_allowed", headers={"Allow": "GET, POST"}))
+
+    do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _send_json(self, status, obj, headers=None):
@@ -186,11 +399,13 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":               # a reply to HEAD has headers only
+            self.wfile.write(data)
 
     def _send_error(self, e: ApiError):
-        if e.status in (413, 400) and self.command == "POST":
-            self.close_connection = True          # the unread body may still be on the wire
+        self.error = e.message
+        if e.status >= 400 and (self.command != "GET" or e.status not in (401, 404)):
+            self.close_connection = True          # an unread body, or a broken request, may still be on the wire
             e.headers = {**e.headers, "Connection": "close"}
         self._send_json(e.status, e.body(), e.headers)
 
@@ -216,32 +431,57 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- routes ---------------------------------------------------------------------------------
     def do_GET(self):
+        self.status = None
         try:
-            path = self.path.split("?")[0]
-            if path in ("/", "/index.html"):
-                page = files("npgpt.serve").joinpath("static/chat.html").read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
-                                 "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
-                self.end_headers()
-                self.wfile.write(page)
-            elif path.startswith("/v1/"):
-                if not self._authorised():
-                    return
-                if path == "/v1/models":
-                    self._send_json(200, self.app.models())
-                elif path == f"/v1/models/{self.app.model_name}":
-                    self._send_json(200, self.app.model_card())
-                else:
-                    self._send_error(ApiError(404, f"no such endpoint or model: GET {path}", code="not_found"))
+            self._get()
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+        except ApiError as e:
+            self._safe_error(e)
+        except Exception as e:              # never let one request take the server down
+            print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+        finally:
+            self.app.metrics.request(self.path.split("?")[0], self.status or 499)
+
+    def _get(self):
+        if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True          # a GET's body is never read: it must not pass for a request
+        path = self.path.split("?")[0]
+        if path == "/health":                 # no API key: load balancers and orchestrators probe it
+            self._send_json(*self.app.health())
+        elif path == "/metrics":
+            if not self._authorised():
+                return
+            data = self.app.metrics.render(self.app.model_ids).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif path in ("/", "/index.html"):
+            page = files("npgpt.serve").joinpath("static/chat.html").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                             "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
+            self.end_headers()
+            self.wfile.write(page)
+        elif path.startswith("/v1/"):
+            if not self._authorised():
+                return
+            if path == "/v1/models":
+                self._send_json(200, self.app.models())
+            elif path.startswith("/v1/models/") and path[len("/v1/models/"):] in self.app.model_ids:
+                self._send_json(200, self.app.model_card(path[len("/v1/models/"):]))
             else:
-                self._send_error(ApiError(404, f"no such page: {path}", code="not_found"))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+                self._send_error(ApiError(404, f"no such endpoint or model: GET {path}", code="not_found"))
+        else:
+            self._send_error(ApiError(404, f"no such page: {path}", code="not_found"))
 
     def do_POST(self):
+        self.status, self.req, self.error, started = None, None, None, time.monotonic()
         try:
             self._post()
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -251,6 +491,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:              # never let one request take the server down
             print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+        finally:                            # 499: the client went away before an answer (nginx's code)
+            self.app.finished(self.path.split("?")[0], self.status or 499, self.req, started, self.error)
 
     def _safe_error(self, e):
         try:
@@ -261,17 +503,12 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self):
         path = self.path.split("?")[0]
         routes = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
-        if path not in routes:
+        utility = {"/tokenize": App.tokenize, "/detokenize": App.detokenize}
+        if path not in routes and path not in utility:
             raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
         if not self._authorised():
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(411 if "Content-Length" not in self.headers else 400,
-                           "a JSON body with a Content-Length header is required") from None
+        length = self._content_length()
         if length > self.app.limits["max_body"]:
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
@@ -283,7 +520,12 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         app = self.app
+        if path in utility:
+            self._send_json(200, utility[path](app, body))
+            return
+        model_id, adapter = app.pick_model(body)          # an unknown model is a 404 before anything else
         req = app.chat_request(body) if routes[path] == "chat" else app.completion_request(body)
+        req.model, req.adapter, self.req = model_id, adapter, req
         with app.lock:
             app.inflight += 1
         try:
@@ -298,15 +540,37 @@ class Handler(BaseHTTPRequestHandler):
             with app.lock:
                 app.inflight -= 1
 
+    def _content_length(self):
+        """The body's length: exactly one Content-Length of ASCII digits (int() would also take "3_4",
+        " 34" or "３４"), no Transfer-Encoding (a body framed two ways is how requests are smuggled)."""
+        values = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(411 if not values else 400, "Transfer-Encoding is not supported: send the JSON body "
+                                                       "with a Content-Length header", code="length_required")
+        if not values:
+            raise ApiError(411, "a JSON body with a Content-Length header is required", code="length_required")
+        raw = {v.strip().encode("utf-8", "replace") for v in values}
+        if len(raw) > 1 or not _DIGITS.fullmatch(next(iter(raw))):
+            raise ApiError(400, f"invalid Content-Length: {', '.join(v[:20] for v in values)!r} (one decimal "
+                                f"number of bytes is required)", code="invalid_content_length")
+        return int(next(iter(raw)))
+
     def _events(self, req):
-        """Engine events for `req` until all its choices finished; stops if the client goes away."""
+        """Engine events for `req` until all its choices finished. Every `disconnect_poll` seconds
+        (whether events flow or not) it checks that the client is still there, and cancels the
+        request if it went away: a non-streaming client is noticed as soon as a streaming one."""
+        next_poll = time.monotonic()            # the first check comes with the first event
         while req.open:
             try:
-                ev = req.events.get(timeout=0.25)
+                ev = req.events.get(timeout=self.disconnect_poll)
             except Empty:
+                ev = None
+            if ev is None or time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.disconnect_poll
                 if self._gone():
                     req.cancelled = True
                     return
+            if ev is None:
                 continue
             if ev[0] == "error":
                 raise ev[1]
@@ -327,6 +591,8 @@ class Handler(BaseHTTPRequestHandler):
                 reasons[i], counts[i] = reason, count
         if req.cancelled and req.open:
             return
+        if req.params.echo:
+            texts = [req.prompt_texts[i // req.params.n] + t for i, t in enumerate(texts)]
         choices = []
         for i, s in enumerate(req.seqs):
             lp = None
@@ -339,7 +605,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": reasons[i]})
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
-        self._send_json(200, {"id": req.id, "object": obj, "created": req.created, "model": app.model_name,
+        self._send_json(200, {"id": req.id, "object": obj, "created": req.created, "model": req.model or app.model_name,
                               "choices": choices, "usage": _usage(req, sum(counts))})
 
     def _stream(self, req):
@@ -357,6 +623,9 @@ class Handler(BaseHTTPRequestHandler):
 
         if req.kind == "chat":
             send(app.chunk(req, [{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None} for s in req.seqs]))
+        elif req.params.echo:
+            send(app.chunk(req, [{"index": s.index, "text": req.prompt_texts[s.index // req.params.n],
                                   "logprobs": None, "finish_reason": None} for s in req.seqs]))
         total = 0
         try:
@@ -380,6 +649,7 @@ class Handler(BaseHTTPRequestHandler):
                     piece = {"delta": {}} if req.kind == "chat" else {"text": ""}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": None, "finish_reason": reason}]))
         except ApiError as e:
+            self.error = e.message
             send(e.body())
             send(b"[DONE]")
             return
@@ -408,28 +678,82 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128      # listen backlog: socketserver's 5 resets a burst of 16 clients
     verbose = False
+    linger_bytes, linger_s = 1 << 20, 1.0
+
+    def shutdown_request(self, request):
+        """A lingering close (in the connection's own thread): closing a socket with unread bytes
+        (the rest of an oversized header or body we refused) resets the connection, and the client
+        may lose the error reply; so send FIN, then read and drop what still comes, within bounds."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(self.linger_s)
+            deadline, left = time.monotonic() + self.linger_s, self.linger_bytes
+            while left > 0 and time.monotonic() < deadline:
+                chunk = request.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
+
+
+def _check_port(port):
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise NpgptError(f"--port must be in 0..65535 (0: any free port), got {port}")
 
 
 def make_server(app, host="127.0.0.1", port=8000, verbose=False):
     handler = type("BoundHandler", (Handler,), {"app": app})
+    _check_port(port)
     try:
         httpd = Server((host, port), handler)
-    except OSError as e:
-        raise NpgptError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except (OSError, OverflowError, UnicodeError) as e:
+        raise NpgptError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
     httpd.verbose = verbose
     return httpd
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def parse_adapter_options(values):
+    """`--adapter` values -> (plain folder or None, [(name, folder)]). `NAME=DIR` names an adapter
+    served as model NAME (NAME: letters, digits, . _ : -; a value that is an existing path is a folder
+    whatever it contains); a plain `DIR` is applied to the default model, as before."""
+    plain, named = None, []
+    for v in values or ():
+        name, eq, folder = str(v).partition("=")
+        if eq and _ADAPTER_NAME.fullmatch(name) and folder and not Path(v).exists():
+            if any(name == n for n, _ in named):
+                raise NpgptError(f"--adapter {name}=... is given twice; each adapter needs its own name")
+            named.append((name, folder))
+        elif plain is not None:
+            raise NpgptError(f"--adapter {v}: only one unnamed adapter (the default model's); name the others "
+                             f"as NAME=DIR to serve them side by side")
+        else:
+            plain = str(v)
+    return plain, named
+
+
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128):
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
+          trust_pattern=False, adapters=None, log_file=None, request_log=True):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
-    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache)."""
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+
+    `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
+    id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
+    the default model as before. `request_log`: one JSON line per POST request, to `log_file` (appended)
+    or stderr."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
-                    ("max_body", max_body)):
-        if v is None or int(v) < 1:
+                    ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
+        if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    _check_port(port)
     if prefill_chunk is None or int(prefill_chunk) < 1:
         raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
     for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
@@ -437,7 +761,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device,
+    adapters = list(adapters or [])
+    model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
+                                trust_pattern=trust_pattern,
                                 **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:
@@ -446,9 +772,24 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         if adapter is not None:                  # the id says the adapter is on: base+adapter
             a = Path(adapter).resolve()
             model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
-    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body,
+    infos, default = [], -1
+    if adapters:
+        clash = [n for n, _ in adapters if n == model_name]
+        if clash:
+            raise NpgptError(f"--adapter {clash[0]}=...: {clash[0]!r} is the base model's id; choose another name")
+        # the unnamed adapter (if any) becomes adapter 0, the default model's
+        infos = load_adapters(model, ([(model_name, adapter)] if adapter is not None else []) + adapters)
+        default = 0 if adapter is not None else -1
+    log = None
+    if request_log:
+        try:
+            log = RequestLog(log_file)
+        except OSError as e:
+            raise NpgptError(f"cannot open --log-file {log_file} ({e.strerror or e})") from None
+    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, max_request_tokens,
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
-                              "prefix_request_mb": float(prefix_request_mb)})
+                              "prefix_request_mb": float(prefix_request_mb)},
+              adapters=infos, default_adapter=default, log=log)
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
     stopping = threading.Event()
@@ -460,6 +801,14 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     h, p = httpd.server_address[:2]
+    for a in infos:
+        if a["name"] == model_name:
+            ready(f"npgpt serve: LoRA adapter {a['folder']} is the default model {model_name} (r={a['r']}, "
+                  f"alpha={a['alpha']:g}, {a['layers']} layers)")
+            continue
+        base = f"; it records base {a['base']}" if a["base"] else ""
+        ready(f"npgpt serve: LoRA adapter {a['folder']} served as model {a['name']} (r={a['r']}, "
+              f"alpha={a['alpha']:g}, {a['layers']} layers{base})")
     if adapter is not None and model.lora is not None:
         ready(f"npgpt serve: LoRA adapter {adapter} loaded (r={model.lora.r}, alpha={model.lora.alpha:g}, "
               f"targets {t if isinstance(t := model.lora.targets, str) else ','.join(t)}), unmerged over the base")
@@ -473,6 +822,8 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         while app.inflight and time.monotonic() < deadline:       # let handlers write their last bytes
             time.sleep(0.02)
         httpd.server_close()
+        if log is not None:
+            log.close()
         for s, h in old.items():
             signal.signal(s, h)
     print("npgpt serve: stopped", flush=True)

@@ -15,6 +15,8 @@ and the one check of them:
     DistillSettings   teacher, distill_alpha, distill_temperature
     LoRASettings      lora_rank, lora_alpha, lora_dropout, lora_targets (checked by npgpt.lora.LoRAConfig,
                       the one place LoRA's settings are checked)
+    PreferenceSettings  dpo, dpo_beta, dpo_loss, dpo_label_smoothing, dpo_val_fraction (npgpt.dpo)
+    RLSettings        rl, rl_group_size, rl_kl, rl_temperature, rl_max_new_tokens, rl_eval_prompts (npgpt.rl)
 
 `TrainConfig` is all of them at once (a dataclass that inherits every section's fields);
 `cfg.section(LoRASettings)` gives one section's values on their own. `--set key=value` and config
@@ -34,6 +36,7 @@ from npgpt.errors import NpgptError
 from npgpt.llama import ARCHS
 from npgpt.lora import LoRAConfig
 from npgpt.ops.distill import check_distill_args
+from npgpt.ops.preference import check_dpo_args
 from npgpt.precision import Precision
 from npgpt.safeio import read_json, read_toml
 
@@ -49,8 +52,9 @@ TRAIN_PRESETS = {
 
 
 def preset_defaults(preset) -> dict:
-    """The training settings a preset brings ({} for most: only the modern-* presets have some)."""
-    return dict(TRAIN_PRESETS.get(str(preset), {}))
+    """The training settings a preset brings ({} for most: only the modern-* presets have some, and
+    their Llama twins llama-modern-* the same)."""
+    return dict(TRAIN_PRESETS.get(str(preset).removeprefix("llama-"), {}))
 
 
 def _positive(cfg, names, optional=False):
@@ -93,7 +97,7 @@ class RunSettings:
 @dataclass
 class ModelSettings:
     """A new model's family and size (ignored with init_from / resume, which bring their own)."""
-    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-shakespeare-char)
+    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-modern-baby...)
     arch: str = "gpt"                    # model family of a new model: gpt (GPT-2) or llama (npgpt.llama)
     n_layer: int | None = None
     n_head: int | None = None
@@ -101,10 +105,11 @@ class ModelSettings:
     block_size: int | None = None        # context length; defaults to the preset's
     dropout: float = 0.0
     bias: bool | None = None             # biases in Linear / LayerNorm; None: the preset's (true for GPT-2's sizes)
-    # recipe switches of a new GPT (npgpt.model.GPTConfig); None: the preset's (modern-* turn them all on)
+    # recipe switches of a new model (npgpt.model.GPTConfig; a Llama takes those that apply, see
+    # npgpt.llama.preset_config); None: the preset's (modern-* turn them all on)
     pos: str | None = None               # learned (GPT-2's table) or rope
     qk_norm: bool | None = None          # RMSNorm on each head's queries and keys
-    mlp_act: str | None = None           # gelu or relu2
+    mlp_act: str | None = None           # gelu (GPT) or swiglu (Llama): the family's own; or relu2
     zero_init_proj: bool | None = None   # residual projections (and an untied head) start at zero
     untie_head: bool | None = None       # a separate output head instead of wte's transpose
     logit_softcap: float | None = None   # > 0: logits = cap tanh(logits / cap); 0: off
@@ -117,8 +122,9 @@ class ModelSettings:
             raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not 0 <= self.dropout < 1:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.pos not in (None, "learned", "rope") or self.mlp_act not in (None, "gelu", "relu2"):
-            raise NpgptError(f"pos must be learned or rope and mlp_act gelu or relu2 (got {self.pos}, {self.mlp_act})")
+        if self.pos not in (None, "learned", "rope") or self.mlp_act not in (None, "gelu", "swiglu", "relu2"):
+            raise NpgptError(f"pos must be learned or rope and mlp_act gelu, swiglu or relu2 (got {self.pos}, "
+                             f"{self.mlp_act})")
         if self.logit_softcap is not None and not 0 <= self.logit_softcap <= 1e4:
             raise NpgptError(f"logit_softcap must be in [0, 10000] (0: off), got {self.logit_softcap}")
 
@@ -226,12 +232,59 @@ class LoRASettings:
                                        self.lora_dropout, self.lora_targets)
 
 
-SECTIONS = (RunSettings, ModelSettings, OptimSettings, ParallelSettings, SFTSettings, DistillSettings, LoRASettings)
+@dataclass
+class PreferenceSettings:
+    """Learning from preference pairs (npgpt finetune --dpo; npgpt.dpo)."""
+    dpo: str | None = None               # JSONL of {prompt, chosen, rejected} records (strings or TRL's chat form)
+    dpo_beta: float = 0.1                # the strength of the pull towards the reference model
+    dpo_loss: str = "sigmoid"            # sigmoid (DPO) or ipo
+    dpo_label_smoothing: float = 0.0     # conservative DPO: each label is wrong with this probability
+    dpo_val_fraction: float = 0.1        # held-out pairs for the preference accuracy and reward margins
+
+    def check(self):
+        if self.dpo is not None and (not self.dpo or "\x00" in self.dpo):
+            raise NpgptError(f"dpo must be a path, got {self.dpo!r}")
+        try:
+            check_dpo_args(self.dpo_beta, self.dpo_label_smoothing, self.dpo_loss)
+        except ValueError as e:
+            raise NpgptError(str(e)) from None
+        if not 0 <= self.dpo_val_fraction < 1:
+            raise NpgptError(f"dpo_val_fraction must be in [0, 1), got {self.dpo_val_fraction}")
 
 
 @dataclass
-class TrainConfig(LoRASettings, DistillSettings, SFTSettings, ParallelSettings, OptimSettings, ModelSettings,
-                  RunSettings):
+class RLSettings:
+    """Reinforcement learning on a task with checkable answers (npgpt finetune --rl TASK; npgpt.rl)."""
+    rl: str | None = None                # the task: arithmetic, number-words, summary-facts (npgpt.verifiable)
+    rl_group_size: int = 8               # G answers sampled per prompt; advantages are relative to the group
+    rl_kl: float = 0.04                  # weight of the KL penalty to the reference model
+    rl_temperature: float = 1.0          # sampling temperature of the answers
+    rl_max_new_tokens: int | None = None # longest answer; None: the task's own bound
+    rl_eval_prompts: int = 64            # held-out prompts answered greedily at each evaluation
+
+    def check(self):
+        if self.rl is not None and (not self.rl or "\x00" in self.rl):
+            raise NpgptError(f"rl must be a task name, got {self.rl!r}")
+        if not 2 <= self.rl_group_size <= 256:
+            raise NpgptError(f"rl_group_size must be in [2, 256] (advantages compare a group's answers), "
+                             f"got {self.rl_group_size}")
+        if not 0 <= self.rl_kl <= 100:
+            raise NpgptError(f"rl_kl must be in [0, 100], got {self.rl_kl}")
+        if not 0 < self.rl_temperature <= 10:
+            raise NpgptError(f"rl_temperature must be in (0, 10], got {self.rl_temperature}")
+        if self.rl_max_new_tokens is not None and not 1 <= self.rl_max_new_tokens <= 4096:
+            raise NpgptError(f"rl_max_new_tokens must be in [1, 4096], got {self.rl_max_new_tokens}")
+        if not 1 <= self.rl_eval_prompts <= 100_000:
+            raise NpgptError(f"rl_eval_prompts must be in [1, 100000], got {self.rl_eval_prompts}")
+
+
+SECTIONS = (RunSettings, ModelSettings, OptimSettings, ParallelSettings, SFTSettings, DistillSettings, LoRASettings,
+            PreferenceSettings, RLSettings)
+
+
+@dataclass
+class TrainConfig(RLSettings, PreferenceSettings, LoRASettings, DistillSettings, SFTSettings, ParallelSettings,
+                  OptimSettings, ModelSettings, RunSettings):
     """Every knob of a training run: the fields of all sections (RunSettings' first). Names follow
     nanoGPT's where one exists."""
 
@@ -249,6 +302,8 @@ class TrainConfig(LoRASettings, DistillSettings, SFTSettings, ParallelSettings, 
                 raise NpgptError(f"{f.name} must be a finite number, got {v}")
         for section in SECTIONS:
             section.check(self)
+        if sum(bool(k) for k in (self.sft, self.dpo, self.rl)) > 1:
+            raise NpgptError("--sft, --dpo and --rl are different fine-tunes; run one, then the next from its result")
         return self
 
     def section(self, cls):
