@@ -250,7 +250,8 @@ def test_bad_adapter_options_are_clean_errors(dirs, tmp_path):
              (["--adapter", f"x={tmp_path / 'missing'}"], "does not exist"),
              (["--adapter", f"w={wrong}"], "another base"),
              (["--adapter", f"s={stranger}"], "made on another base (fingerprint"),
-             (["--adapter", f"base={dirs['alpha']}"], "base model's id")]
+             (["--adapter", f"base={dirs['alpha']}"], "base model's id"),
+             (["--log-file", str(tmp_path / "no" / "such" / "log.jsonl")], "cannot open --log-file")]
     for args, msg in cases:
         r = CliRunner().invoke(cli, ["serve", "--checkpoint", str(dirs["base"]), "--port", "0", *args])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, (args, r.output)
