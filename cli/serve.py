@@ -23,6 +23,9 @@ from npgpt.cli.export import keep_quantized_option
               help="Requests allowed to wait for a slot; more get 429 with Retry-After.")
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Largest max_tokens a request may ask.")
 @click.option("--max-body", type=int, default=1 << 20, show_default=True, help="Largest request body in bytes (413).")
+@click.option("--max-request-tokens", type=int, default=None,
+              help="Most tokens one request may cost: its prompts' tokens, and its choices x max_tokens, each "
+                   "(default: the larger of 4 x --max-tokens and the model's context).")
 @click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the folder's name).")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
@@ -35,15 +38,16 @@ from npgpt.cli.export import keep_quantized_option
 @click.option("--verbose", is_flag=True, help="Log every HTTP request to stderr.")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
 @keep_quantized_option
-def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, model_name, grace,
-          prefill_chunk, prefix_cache_mb, prefix_request_mb, verbose, adapter, keep_quantized):
+def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, max_request_tokens,
+          model_name, grace, prefill_chunk, prefix_cache_mb, prefix_request_mb, verbose, adapter, keep_quantized):
     """Serve a model with the OpenAI API (completions, chat, streaming) and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.serve.http import serve as run
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     sys.exit(run(checkpoint, host=host, port=port, api_key=api_key, device=device, max_batch=max_batch,
-                 max_queue=max_queue, max_tokens=max_tokens, max_body=max_body, model_name=model_name, grace=grace,
+                 max_queue=max_queue, max_tokens=max_tokens, max_body=max_body,
+                 max_request_tokens=max_request_tokens, model_name=model_name, grace=grace,
                  verbose=verbose, adapter=adapter, keep_quantized=keep_quantized,
                  prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, prefix_request_mb=prefix_request_mb,
                  ready=lambda line: click.echo(line) or sys.stdout.flush()))

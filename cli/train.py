@@ -15,7 +15,7 @@ COMMON_FLAGS = [
     ("--data", "data", click.Path(), "Prepared data folder (from `npgpt prepare`). Default: built-in pydoc corpus."),
     ("--out", "out", click.Path(), "Run folder for the checkpoint and metrics.jsonl."),
     ("--device", "device", str, "cpu, gpu, cuda or cuda:N (default: $NPGPT_DEVICE or cpu)."),
-    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-baby, llama-shakespeare-char (or --set arch=llama); modern-baby, modern-shakespeare (the modern recipe, trained with Muon)."),
+    ("--preset", "preset", str, "Model shape: baby, shakespeare-char, gpt2, gpt2-medium, gpt2-large, gpt2-xl; llama-baby, llama-shakespeare-char (or --set arch=llama); modern-baby, modern-shakespeare (the modern recipe, trained with Muon; llama-modern-baby, llama-modern-shakespeare: their Llamas)."),
     ("--max-iters", "max_iters", int, "Number of optimizer steps."),
     ("--batch-size", "batch_size", int, "Sequences per micro-batch."),
     ("--block-size", "block_size", int, "Context length in tokens."),

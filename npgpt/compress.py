@@ -129,6 +129,8 @@ def mlp_importance(block, arch="gpt"):
     w_out = asnumpy(getattr(block.mlp, MLP_WRITE[arch]).weight.data).astype(np.float64)   # (H, C)
     score = np.linalg.norm(w_out, axis=1)
     for name in MLP_READ[arch]:
+        if getattr(block.mlp, name) is None:            # a relu2 Llama has no gate_proj
+            continue
         w_in = asnumpy(getattr(block.mlp, name).weight.data).astype(np.float64)         # (C, H)
         score = score * np.linalg.norm(w_in, axis=0)
     return score

@@ -17,6 +17,14 @@ down_proj) name our layers too. Linear weights are kept (in, out) as all of npgp
 a Hugging Face folder stores them (out, in), so `from_pretrained` / `save_pretrained` transpose at
 the boundary. Qwen2 is the same decoder with biases on q, k and v (`qkv_bias`).
 
+The modern recipe's switches (npgpt.model's, issue 33) where they apply to this family: `qk_norm`
+(RMSNorm on each head's q and k before the rotation, Qwen3's q_norm / k_norm), `mlp_act="relu2"`
+(down_proj(relu(up_proj(x))^2): no gate_proj), `zero_init_proj` (o_proj, down_proj and an untied head
+start at zero), `logit_softcap`; rotary positions are native, and GPT's `untie_head` is Llama's
+tie_word_embeddings=false. A model with a switch LlamaForCausalLM cannot represent saves as an npgpt
+folder (model_type "npgpt_llama", which transformers refuses and npgpt reads); exporting it to
+transformers or GGUF is refused (`LlamaConfig.check_exportable`).
+
 The KV cache (npgpt.model.KVCache) holds only the nkv key/value heads: (n_layer, B, nkv, T, hs).
 """
 
@@ -35,12 +43,14 @@ from npgpt.model import PRESETS as GPT_PRESETS
 from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
 from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
 from npgpt.ops.llama import gqa_attention, gqa_probs, rope, rope_inv_freq, rope_tables, swiglu, ungroup_heads
-from npgpt.ops.nn import check_ops, dropout, linear
+from npgpt.ops.nn import check_ops, dropout, linear, relu2, softcap
 from npgpt.safeio import (FLOAT_DTYPES, Bool, Float, Int, Obj, Str, check, check_finite_tensors, check_value, inside,
                           load_safetensors, read_json_object, read_safetensors_header, write_safetensors)
 from npgpt.tensor import Tensor, no_grad
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# the same families with recipe switches Hugging Face's classes lack: npgpt's own folders
+NPGPT_ARCHITECTURES = {"NpgptLlamaForCausalLM": "llama", "NpgptQwen2ForCausalLM": "qwen2"}
 
 
 @dataclass
@@ -60,6 +70,11 @@ class LlamaConfig:
     qkv_bias: bool = False            # biases on q_proj, k_proj, v_proj (Qwen2 has them)
     dropout: float = 0.0              # on attention weights and on each residual branch (training only)
     model_type: str = "llama"         # "llama" or "qwen2": which Hugging Face class save_pretrained names
+    # Recipe switches (npgpt.model.GPTConfig's where they apply); every default is Llama's own.
+    qk_norm: bool = False             # RMSNorm (learned gain per head channel) on q and k, before RoPE
+    mlp_act: str = "swiglu"           # Llama's SwiGLU, or "relu2": down_proj(relu(up_proj(x))^2), no gate_proj
+    zero_init_proj: bool = False      # o_proj, down_proj (and an untied lm_head) start at zero
+    logit_softcap: float = 0.0        # > 0: logits = cap * tanh(logits / cap); 0: off
 
     def __post_init__(self):
         # every field checked by type and range: a config may come from a stranger's config.json
@@ -73,6 +88,25 @@ class LlamaConfig:
         if self.head_size % 2:
             raise NpgptError(f"model config: the head size ({self.head_size}) must be even for rotary embeddings")
         self.rope_scaling = check_rope_scaling(self.rope_scaling, "model config: rope_scaling")
+
+    def switches(self) -> dict:
+        """The recipe switches set away from Llama's defaults, {name: value} ({} for a plain Llama)."""
+        return {k: getattr(self, k) for k, v in LLAMA_RECIPE_DEFAULTS.items() if getattr(self, k) != v}
+
+    def hf_incompatible(self) -> dict:
+        """The switches a LlamaForCausalLM / Qwen2ForCausalLM folder cannot represent (zero_init_proj
+        only changes the starting weights); {} when transformers can load the model."""
+        return {k: v for k, v in self.switches().items() if k != "zero_init_proj"}
+
+    def check_exportable(self, target: str) -> None:
+        """NpgptError unless `target` ("transformers" or "GGUF") can hold this model: one with recipe
+        switches Llama cannot represent stays an npgpt folder (save_pretrained writes one)."""
+        bad = self.hf_incompatible()
+        if bad:
+            names = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NpgptError(f"cannot export to {target}: this model uses npgpt's recipe switches ({names}), which "
+                             f"{'Qwen2' if self.model_type == 'qwen2' else 'Llama'} cannot represent; it stays an "
+                             f"npgpt folder (load it with npgpt)")
 
     arch = "llama"
     blocks_name = "model.layers"         # where the family keeps its blocks, and its token embedding
@@ -92,7 +126,8 @@ class LlamaConfig:
         C, H, hs = self.n_embd, self.n_inner, self.head_size
         q, kv = self.n_head * hs, self.n_kv_head * hs
         attn = C * q + 2 * C * kv + q * C + (q + 2 * kv) * int(self.qkv_bias)
-        layer = attn + 3 * C * H + 2 * C
+        mlp = (2 if self.mlp_act == "relu2" else 3) * C * H          # relu2 has no gate_proj
+        layer = attn + mlp + 2 * C + (2 * hs if self.qk_norm else 0)
         emb = self.vocab_size * C
         head = 0 if self.tie_word_embeddings else self.vocab_size * C
         n = emb + self.n_layer * layer + C + head
@@ -110,9 +145,13 @@ class LlamaConfig:
                                         ("self_attn.v_proj", (C, kv)), ("self_attn.o_proj", (q, C)),
                                         ("mlp.gate_proj", (C, H)), ("mlp.up_proj", (C, H)),
                                         ("mlp.down_proj", (H, C))):
+                if name == "mlp.gate_proj" and self.mlp_act == "relu2":
+                    continue
                 shapes[f"{b}{name}.weight"] = (n_in, n_out)
                 if self.qkv_bias and name[-6:] in ("q_proj", "k_proj", "v_proj"):
                     shapes[f"{b}{name}.bias"] = (n_out,)
+            if self.qk_norm:
+                shapes[f"{b}self_attn.q_norm.weight"] = shapes[f"{b}self_attn.k_norm.weight"] = (hs,)
             shapes[f"{b}input_layernorm.weight"] = (C,)
             shapes[f"{b}post_attention_layernorm.weight"] = (C,)
         shapes["model.norm.weight"] = (C,)
@@ -129,24 +168,39 @@ class LlamaConfig:
         """The Llama of a GPT preset's sizes (`--set arch=llama`): same vocabulary, context, layers,
         heads and width; half as many key/value heads as query heads (when n_head is even); a SwiGLU
         width of 8/3 n_embd rounded up to a multiple of 32 (the parameters of a 4 n_embd GELU MLP,
-        as the Llama paper chose); tied embeddings, as small models (SmolLM2) have them."""
+        as the Llama paper chose); tied embeddings, as small models (SmolLM2) have them.
+
+        The GPT config's recipe switches carry over (modern-baby's Llama): rotary positions are
+        Llama's own, untie_head becomes tie_word_embeddings=false, and mlp_act=relu2 (two matrices,
+        as GPT-2's MLP) keeps GPT-2's 4 n_embd width."""
         n_kv = gpt.n_head // 2 if gpt.n_head % 2 == 0 else gpt.n_head
-        width = gpt.n_inner or -(-8 * gpt.n_embd // 3 // 32) * 32
+        act = "relu2" if gpt.mlp_act == "relu2" else "swiglu"
+        width = gpt.n_inner or (4 * gpt.n_embd if act == "relu2" else -(-8 * gpt.n_embd // 3 // 32) * 32)
         fields = dict(vocab_size=gpt.vocab_size, block_size=gpt.block_size, n_layer=gpt.n_layer, n_head=gpt.n_head,
                       n_kv_head=n_kv, n_embd=gpt.n_embd, n_inner=width, dropout=gpt.dropout,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+                      tie_word_embeddings=not gpt.untie_head, rms_norm_eps=1e-5, qk_norm=gpt.qk_norm,
+                      mlp_act=act, zero_init_proj=gpt.zero_init_proj, logit_softcap=gpt.logit_softcap)
+        if gpt.pos == "rope":
+            fields["rope_theta"] = gpt.rope_theta
         return cls(**{**fields, **overrides})
 
     # ---- Hugging Face config.json ------------------------------------------------------------
     def to_hf(self):
-        arch = {v: k for k, v in ARCHITECTURES.items()}[self.model_type]
-        hf = {"architectures": [arch], "model_type": self.model_type,
+        """config.json: LlamaForCausalLM's / Qwen2ForCausalLM's (transformers loads it), or npgpt's own
+        (model_type "npgpt_llama" / "npgpt_qwen2": transformers refuses it, npgpt reads it) when a
+        recipe switch is one those classes cannot represent."""
+        npgpt_only = bool(self.hf_incompatible())
+        arch = {v: k for k, v in (NPGPT_ARCHITECTURES if npgpt_only else ARCHITECTURES).items()}[self.model_type]
+        hf = {"architectures": [arch], "model_type": ("npgpt_" if npgpt_only else "") + self.model_type,
               "vocab_size": self.vocab_size, "hidden_size": self.n_embd, "intermediate_size": self.n_inner,
               "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
               "num_key_value_heads": self.n_kv_head, "max_position_embeddings": self.block_size,
               "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-              "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu", "attention_dropout": self.dropout,
+              "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu" if self.mlp_act == "swiglu"
+              else "relu2", "attention_dropout": self.dropout,
               "initializer_range": 0.02, "torch_dtype": "float32", "use_cache": True}
+        if self.switches():
+            hf["npgpt"] = {"recipe": self.switches()}
         if self.model_type == "llama":
             hf.update(attention_bias=False, mlp_bias=False, head_dim=self.head_size, pretraining_tp=1)
             if self.qkv_bias:
@@ -163,6 +217,7 @@ class LlamaConfig:
         """A LlamaConfig from a LlamaForCausalLM or Qwen2ForCausalLM config.json dict; NpgptError
         naming the field when a value is wrong or asks for something npgpt does not implement."""
         kind = model_type_of(cfg, where)
+        npgpt_only = is_npgpt_llama(cfg)
         size = Int(lo=1, hi=1 << 24)
         f = check(cfg, {"vocab_size": size, "hidden_size": size, "intermediate_size": size,
                         "num_hidden_layers": Int(lo=1, hi=4096), "num_attention_heads": Int(lo=1, hi=4096),
@@ -176,9 +231,17 @@ class LlamaConfig:
                         "hidden_act": Str(default="silu", max_len=40),
                         "attention_bias": Bool(default=False), "mlp_bias": Bool(default=False),
                         "attention_dropout": Float(0, 1, default=0.0, hi_open=True),
-                        "use_sliding_window": Bool(default=False)}, where)
-        if f["hidden_act"] != "silu":
-            raise NpgptError(f"{where}: hidden_act {f['hidden_act']!r} is not supported; npgpt's Llama uses SwiGLU (silu)")
+                        "use_sliding_window": Bool(default=False),
+                        "npgpt": Obj({"recipe": Obj(default={})}, default={"recipe": {}})}, where)
+        recipe = f["npgpt"]["recipe"]
+        unknown = sorted(set(recipe) - set(LLAMA_RECIPE_DEFAULTS))
+        if unknown:
+            raise NpgptError(f"{where}: field 'npgpt.recipe' has unknown switch {str(unknown[0])[:40]!r}; known: "
+                             f"{', '.join(LLAMA_RECIPE_DEFAULTS)}")
+        act = "relu2" if recipe.get("mlp_act") == "relu2" else "silu"
+        if f["hidden_act"] != act:
+            raise NpgptError(f"{where}: hidden_act {f['hidden_act']!r} is not supported; npgpt's Llama uses SwiGLU "
+                             f"(silu), or relu2 when npgpt.recipe says mlp_act=relu2")
         if f["mlp_bias"]:
             raise NpgptError(f"{where}: mlp_bias true is not supported (Llama's MLP has no biases)")
         if kind == "llama" and f["attention_bias"]:
@@ -193,20 +256,28 @@ class LlamaConfig:
         head_dim = f["head_dim"] if kind == "llama" else None
         if head_dim is not None and head_dim * f["num_attention_heads"] == f["hidden_size"]:
             head_dim = None                                  # the default: not recorded separately
-        return cls(vocab_size=f["vocab_size"], block_size=f["max_position_embeddings"], n_layer=f["num_hidden_layers"],
-                   n_head=f["num_attention_heads"], n_kv_head=f["num_key_value_heads"] or f["num_attention_heads"],
-                   n_embd=f["hidden_size"], n_inner=f["intermediate_size"], head_dim=head_dim,
-                   rms_norm_eps=f["rms_norm_eps"], rope_theta=theta,
-                   rope_scaling=check_rope_scaling(scaling, scaling_where),
-                   tie_word_embeddings=f["tie_word_embeddings"], qkv_bias=kind == "qwen2",
-                   dropout=f["attention_dropout"], model_type=kind)
+        config = cls(vocab_size=f["vocab_size"], block_size=f["max_position_embeddings"],
+                     n_layer=f["num_hidden_layers"], n_head=f["num_attention_heads"],
+                     n_kv_head=f["num_key_value_heads"] or f["num_attention_heads"],
+                     n_embd=f["hidden_size"], n_inner=f["intermediate_size"], head_dim=head_dim,
+                     rms_norm_eps=f["rms_norm_eps"], rope_theta=theta,
+                     rope_scaling=check_rope_scaling(scaling, scaling_where),
+                     tie_word_embeddings=f["tie_word_embeddings"], qkv_bias=kind == "qwen2",
+                     dropout=f["attention_dropout"], model_type=kind, **recipe)
+        if npgpt_only != bool(config.hf_incompatible()):
+            raise NpgptError(f"{where}: model_type {cfg.get('model_type')!r} does not match the recipe switches "
+                             f"{config.hf_incompatible() or 'none'}; the file is damaged")
+        return config
 
 
 _CONFIG_SPECS = {"vocab_size": Int(lo=1), "block_size": Int(lo=1), "n_layer": Int(lo=1), "n_head": Int(lo=1),
                  "n_kv_head": Int(lo=1), "n_embd": Int(lo=1), "n_inner": Int(lo=1),
                  "head_dim": Int(lo=2, none_ok=True), "rms_norm_eps": Float(0, lo_open=True),
                  "rope_theta": Float(0, lo_open=True), "tie_word_embeddings": Bool(), "qkv_bias": Bool(),
-                 "dropout": Float(0, 1, hi_open=True), "model_type": Str(choices=("llama", "qwen2"))}
+                 "dropout": Float(0, 1, hi_open=True), "model_type": Str(choices=("llama", "qwen2")),
+                 "qk_norm": Bool(), "mlp_act": Str(("swiglu", "relu2")), "zero_init_proj": Bool(),
+                 "logit_softcap": Float(0, 1e4)}
+LLAMA_RECIPE_DEFAULTS = {"qk_norm": False, "mlp_act": "swiglu", "zero_init_proj": False, "logit_softcap": 0.0}
 
 
 def model_type_of(cfg: dict, where="config.json") -> str:
@@ -214,14 +285,15 @@ def model_type_of(cfg: dict, where="config.json") -> str:
     naming any other architecture."""
     archs = cfg.get("architectures")
     if isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs):
-        known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+        known = [{**ARCHITECTURES, **NPGPT_ARCHITECTURES}[a] for a in archs
+                 if a in ARCHITECTURES or a in NPGPT_ARCHITECTURES]
         if known:
             return known[0]
         raise NpgptError(f"{where}: architecture {', '.join(archs)[:80]} is not supported; npgpt loads "
                          f"GPT2LMHeadModel, LlamaForCausalLM and Qwen2ForCausalLM")
     kind = cfg.get("model_type")
-    if kind in ("llama", "qwen2"):
-        return kind
+    if kind in ("llama", "qwen2", "npgpt_llama", "npgpt_qwen2"):
+        return kind.removeprefix("npgpt_")
     raise NpgptError(f"{where}: model_type {str(kind)[:40]!r} is not a Llama-family model")
 
 
@@ -251,11 +323,21 @@ def check_rope_scaling(value, where):
     return {"rope_type": kind, **f}
 
 
+def is_npgpt_llama(cfg: dict) -> bool:
+    """True when a config.json dict names npgpt's own Llama-family class (a model with recipe switches)."""
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs:
+        return any(a in NPGPT_ARCHITECTURES for a in archs if isinstance(a, str))
+    return cfg.get("model_type") in ("npgpt_llama", "npgpt_qwen2")
+
+
 def _is_linear_weight(name):
     return name.endswith("_proj.weight")
 
 
-PRESETS = {"llama-" + name: LlamaConfig.from_gpt(GPT_PRESETS[name]) for name in ("baby", "shakespeare-char")}
+# llama-baby, llama-shakespeare-char, and llama-modern-baby / llama-modern-shakespeare (the recipe's switches)
+PRESETS = {"llama-" + name: LlamaConfig.from_gpt(GPT_PRESETS[name])
+           for name in ("baby", "shakespeare-char", "modern-baby", "modern-shakespeare")}
 
 
 # ---- the blocks --------------------------------------------------------------------------------
@@ -269,14 +351,23 @@ class LlamaAttention(Module):
         self.k_proj = Linear(cfg.n_embd, kv, bias=cfg.qkv_bias, rng=rng)
         self.v_proj = Linear(cfg.n_embd, kv, bias=cfg.qkv_bias, rng=rng)
         self.o_proj = Linear(q, cfg.n_embd, bias=False, rng=rng, std=resid_std)
+        self.q_norm = RMSNorm(cfg.head_size, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_size, eps=cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rng = None                                      # the model's dropout generator, set by Llama
+
+    def _rotated_qk(self, x, B, T, cos, sin):
+        """q (B, T, nh, hs) and k (B, T, nkv, hs) of x: projected, QK-normed (qk_norm), rotated."""
+        q = self.q_proj(x).reshape(B, T, self.n_head, self.head_size)
+        k = self.k_proj(x).reshape(B, T, self.n_kv_head, self.head_size)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rope(q, cos, sin), rope(k, cos, sin)
 
     def forward(self, x, cos, sin):                          # (B, T, C) -> (B, T, C)
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
         p = self.dropout if self.training else 0.0
-        q = rope(self.q_proj(x).reshape(B, T, nh, hs), cos, sin)          # (B, T, nh, hs)
-        k = rope(self.k_proj(x).reshape(B, T, nkv, hs), cos, sin)         # (B, T, nkv, hs)
+        q, k = self._rotated_qk(x, B, T, cos, sin)                        # (B, T, nh | nkv, hs)
         v = self.v_proj(x).reshape(B, T, nkv, hs)
         y = gqa_attention(q, k, v, dropout=p, rng=self.rng)               # (B, T, nh hs)
         return dropout(self.o_proj(y), p, self.rng, self.training)
@@ -290,8 +381,7 @@ class LlamaAttention(Module):
         B, Tn, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
         xt = Tensor(x)
-        q = rope(self.q_proj(xt).reshape(B, Tn, nh, hs), cos, sin).data
-        k = rope(self.k_proj(xt).reshape(B, Tn, nkv, hs), cos, sin).data
+        q, k = (t.data for t in self._rotated_qk(xt, B, Tn, cos, sin))
         v = self.v_proj(xt).data.reshape(B, Tn, nkv, hs)
         k_cache[:, :, p0:p0 + Tn] = k.transpose(0, 2, 1, 3)
         v_cache[:, :, p0:p0 + Tn] = v.transpose(0, 2, 1, 3)
@@ -303,17 +393,21 @@ class LlamaAttention(Module):
 
 
 class LlamaMLP(Module):
-    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)); with mlp_act=relu2, down_proj(relu(up_proj(x))^2)
+    (the modded-nanogpt MLP: no gate, so gate_proj is None)."""
 
     def __init__(self, cfg: LlamaConfig, rng, resid_std):
         self.dropout = cfg.dropout
-        self.gate_proj = Linear(cfg.n_embd, cfg.n_inner, bias=False, rng=rng)
+        self.gate_proj = Linear(cfg.n_embd, cfg.n_inner, bias=False, rng=rng) if cfg.mlp_act == "swiglu" else None
         self.up_proj = Linear(cfg.n_embd, cfg.n_inner, bias=False, rng=rng)
         self.down_proj = Linear(cfg.n_inner, cfg.n_embd, bias=False, rng=rng, std=resid_std)
         self.rng = None
 
     def forward(self, x):                                    # (B, T, C) -> (B, T, C)
-        y = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_proj is None:
+            y = self.down_proj(relu2(self.up_proj(x)))
+        else:
+            y = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return dropout(y, self.dropout, self.rng, self.training)
 
 
@@ -341,7 +435,8 @@ class LlamaDecoderLayer(Module):
 class LlamaModel(Module):
     def __init__(self, cfg: LlamaConfig, rng):
         # N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 n_layer) (as GPT-2's init)
-        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        # (zero_init_proj: those projections start at zero, each layer starting as the identity)
+        resid_std = 0.0 if cfg.zero_init_proj else 0.02 / math.sqrt(2 * cfg.n_layer)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.n_embd, rng=rng)
         self.layers = ModuleList(LlamaDecoderLayer(cfg, rng, resid_std) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.rms_norm_eps)
@@ -350,8 +445,8 @@ class LlamaModel(Module):
 class LMHead(Module):
     """The output projection, (V, C) as Hugging Face's lm_head (logits = x @ weight.T)."""
 
-    def __init__(self, vocab_size, dim, rng):
-        self.weight = Parameter(rng.normal(0.0, 0.02, size=(vocab_size, dim)).astype(np.float32, copy=False))
+    def __init__(self, vocab_size, dim, rng, std=0.02):
+        self.weight = Parameter(rng.normal(0.0, std, size=(vocab_size, dim)).astype(np.float32, copy=False))
 
 
 class _NoInit:
@@ -372,7 +467,9 @@ class Llama(CausalLM):
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
         init_rng = self.rng if init else _NoInit()
         self.model = LlamaModel(config, init_rng)
-        self.lm_head = None if config.tie_word_embeddings else LMHead(config.vocab_size, config.n_embd, init_rng)
+        head_std = 0.0 if config.zero_init_proj else 0.02
+        self.lm_head = None if config.tie_word_embeddings else LMHead(config.vocab_size, config.n_embd, init_rng,
+                                                                      std=head_std)
         for m in self.modules():
             if isinstance(m, (LlamaAttention, LlamaMLP)):
                 m.rng = self.rng
@@ -397,10 +494,14 @@ class Llama(CausalLM):
 
     def head(self, x):
         """Logits of final-norm states x (..., C) Tensor -> (..., V): lm_head, or the tied embedding
-        (through the embedding module, so a quantised table serves as the head without a float copy)."""
+        (through the embedding module, so a quantised table serves as the head without a float copy);
+        then the soft-cap (logit_softcap > 0)."""
         if self.lm_head is None:
-            return self.model.embed_tokens.logits(x)
-        return linear(x, self.lm_head.weight.T)
+            logits = self.model.embed_tokens.logits(x)
+        else:
+            logits = linear(x, self.lm_head.weight.T)
+        cap = self.config.logit_softcap
+        return softcap(logits, cap) if cap > 0 else logits
 
     def rope_tables(self, positions):
         """cos, sin (..., hs/2) in the model's dtype for integer positions (...) on the model's device."""
@@ -603,11 +704,13 @@ def config_from_hf(hf: dict, where="config.json"):
 
 
 def is_llama_config(hf: dict) -> bool:
-    """True when a config.json dict describes a Llama-family model (architectures or model_type)."""
+    """True when a config.json dict describes a Llama-family model (architectures or model_type; npgpt's
+    own NpgptLlamaForCausalLM / NpgptQwen2ForCausalLM, a Llama with recipe switches, too)."""
     archs = hf.get("architectures")
-    if isinstance(archs, list) and any(a in ARCHITECTURES for a in archs if isinstance(a, str)):
+    if isinstance(archs, list) and any(a in ARCHITECTURES or a in NPGPT_ARCHITECTURES
+                                       for a in archs if isinstance(a, str)):
         return True
-    return hf.get("model_type") in ("llama", "qwen2")
+    return hf.get("model_type") in ("llama", "qwen2", "npgpt_llama", "npgpt_qwen2")
 
 
 # ---- choosing the family --------------------------------------------------------------------------
@@ -615,9 +718,11 @@ ARCHS = ("gpt", "llama")
 
 
 def preset_config(preset, arch="gpt", **overrides):
-    """The model config of a preset name ("baby", "llama-baby", ...) and an architecture, with
-    `overrides` (n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias) applied to the GPT
-    sizes first: `preset_config("baby", "llama")` is `preset_config("llama-baby")`."""
+    """The model config of a preset name ("baby", "llama-baby", "modern-baby", ...) and an architecture,
+    with `overrides` (n_layer, n_head, n_embd, block_size, vocab_size, dropout, bias, and the recipe
+    switches pos, qk_norm, mlp_act, zero_init_proj, untie_head, logit_softcap) applied to the GPT
+    sizes first: `preset_config("baby", "llama")` is `preset_config("llama-baby")`, and a Llama takes
+    the switches that apply to it (LlamaConfig.from_gpt)."""
     if arch not in ARCHS:
         raise NpgptError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if preset.startswith("llama-") and preset[6:] in GPT_PRESETS:
@@ -625,12 +730,19 @@ def preset_config(preset, arch="gpt", **overrides):
     elif preset not in GPT_PRESETS:
         raise NpgptError(f"unknown preset {preset!r}: choose one of {', '.join(list(GPT_PRESETS) + list(PRESETS))}")
     bias = overrides.pop("bias", None)
+    act = overrides.get("mlp_act")
+    if arch == "gpt" and act == "swiglu":
+        raise NpgptError("mlp_act=swiglu is the llama family's MLP (--set arch=llama); a GPT takes gelu or relu2")
+    if arch == "llama":
+        if overrides.get("pos") == "learned":
+            raise NpgptError("pos=learned is a GPT option: the llama family has rotary positions only")
+        if act == "gelu":
+            raise NpgptError("mlp_act=gelu is a GPT option: the llama family's MLP is swiglu (its own) or relu2")
+        if act == "swiglu":
+            overrides["mlp_act"] = "gelu"                  # a GPT without relu2: from_gpt gives SwiGLU
     gpt = replace(GPT_PRESETS[preset], **overrides)
     if arch == "gpt":
         return gpt if bias is None else replace(gpt, bias=bias)
-    if gpt.switches():
-        raise NpgptError(f"the recipe switches {', '.join(gpt.switches())} are GPT options; the llama family "
-                         f"has rotary positions and RMSNorm already: train arch=llama without them")
     return LlamaConfig.from_gpt(gpt)
 
 

@@ -18,7 +18,7 @@ none, or when the path is a single file) -- and how to load one:
                  keeps Q8_0 / Q4_0 / Q4_1 weights in quantised layers)
     lora-run     an adapter folder with no model of its own: the recorded base, then the adapter
     quantised    config.json records npgpt.quantization: QuantizedLinear layers from int8 / int4 weights
-    llama        config.json's architectures is LlamaForCausalLM or Qwen2ForCausalLM (npgpt.llama)
+    llama        config.json's architectures is LlamaForCausalLM or Qwen2ForCausalLM (or npgpt's Npgpt* twins: recipe switches)
     gpt2         config.json's architectures is GPT2LMHeadModel, or names none (npgpt's older folders), or
                  NpgptGPTForCausalLM (a GPT with recipe switches GPT-2 cannot hold, npgpt.model)
 
@@ -306,7 +306,8 @@ register_format(Format("hub", "Hugging Face Hub models (hf:ORG/NAME[@REVISION])"
 register_format(Format("gguf", "GGUF files (.gguf)", is_gguf_file, load_gguf, load_gguf_tokenizer))
 register_format(Format("lora-run", "LoRA run folders (adapter + recorded base)", is_lora_run, load_lora_run))
 register_format(Format("quantised", "quantised folders (npgpt quantize)", is_quantized, load_quantized))
-register_format(Format("llama", "Llama / Qwen2 folders (architectures LlamaForCausalLM, Qwen2ForCausalLM)",
+register_format(Format("llama", "Llama / Qwen2 folders (architectures LlamaForCausalLM, Qwen2ForCausalLM; "
+                       "npgpt's NpgptLlamaForCausalLM, NpgptQwen2ForCausalLM)",
                        is_llama, load_llama))
 register_format(Format("gpt2", "GPT-2 folders (architectures GPT2LMHeadModel; npgpt's NpgptGPTForCausalLM)", is_gpt2,
                        load_gpt2))

@@ -169,6 +169,13 @@ def lora_layers(model):
     return [(name, lin) for name, _, _, lin in linear_layers(model) if isinstance(lin, LoRALinear)]
 
 
+def present_targets(model, targets):
+    """The suffixes of `targets` that name a linear layer of `model` (a family's default list, minus
+    what this model lacks: a Llama with mlp_act=relu2 has no gate_proj)."""
+    names = [n for n, _, _, _ in linear_layers(model)]
+    return tuple(t for t in targets if any(n == t or n.endswith("." + t) for n in names))
+
+
 def has_lora(model):
     return bool(lora_layers(model))
 

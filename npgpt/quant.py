@@ -49,7 +49,7 @@ from npgpt.loading import QUANT_FILE
 
 # ---- folders -----------------------------------------------------------------------------------
 def _check_plain(model):
-    """Quantised folders are GPT-2's layout (or Llama's): a GPT with recipe switches is refused."""
+    """Quantised folders are GPT-2's layout (or Llama's): a model with recipe switches is refused."""
     switches = getattr(model.config, "switches", dict)()
     if {k: v for k, v in switches.items() if k != "zero_init_proj"}:
         raise NpgptError(f"quantising a model with recipe switches ({', '.join(switches)}) is not supported; "

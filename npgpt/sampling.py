@@ -23,9 +23,10 @@ A seeded sequence draws from `default_rng([seed, index])` (index: its place amon
 one call or request), so a sequence's tokens do not depend on what it is batched with, and the
 library, the CLI and the server give the same text for the same seed.
 
-Stop strings cost time linear in their length per token: each stop string keeps a Knuth-Morris-
-Pratt automaton state (the longest prefix of it that ends the text so far), advanced by the new
-characters only, and the text held back is the longest of those prefixes.
+Stop strings cost time linear in the text, whatever their length: each stop string keeps a Knuth-
+Morris-Pratt automaton state (the longest prefix of it that ends the text so far), advanced by the
+new characters only (at most 2 comparisons per character and stop string, amortised;
+`Detokenizer.comparisons` counts them), and the text held back is the longest of those prefixes.
 """
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ class SamplingParams:
         """logits (B, V), counts (B, V) of generated tokens, seen (B, V) bool of prompt + generated
         tokens -> logits after bias and penalties (B, V) float64, a new array."""
         z = np.array(logits, dtype=np.float64)
-        for t, b in self.logit_bias.items():
-            z[:, t] += b
+        if self.logit_bias:                    # one indexed add (ids are distinct: dict keys)
+            n = len(self.logit_bias)
+            z[:, np.fromiter(self.logit_bias, np.int64, n)] += np.fromiter(self.logit_bias.values(), np.float64, n)
         if self.presence_penalty or self.frequency_penalty:
             z -= self.frequency_penalty * counts + self.presence_penalty * (counts > 0)
         r = self.repetition_penalty
@@ -367,6 +369,7 @@ class Detokenizer:
         self._held = ""                         # decoded text not yet released (a possible stop's start)
         self._out = []                          # released pieces
         self.stopped = False
+        self.comparisons = 0                    # characters compared by the stop automata (work counter)
 
     @property
     def text(self) -> str:
@@ -395,17 +398,22 @@ class Detokenizer:
         if not new:
             return ""
         buf, base = self._held + new, len(self._held)
+        work = 0
         for i, ch in enumerate(new):
             for k, s in enumerate(self.stops):
                 st, f = self._state[k], self._fail[k]
                 while st and s[st] != ch:
                     st = f[st - 1]
+                    work += 1
+                work += 1
                 if s[st] == ch:
                     st += 1
                 if st == len(s):                # a stop string completed: the text ends before it
                     self.stopped = True
+                    self.comparisons += work
                     return self._release(buf[:base + i + 1 - len(s)], "")
                 self._state[k] = st
+        self.comparisons += work
         hold = max(self._state, default=0)
         cut = len(buf) - hold
         return self._release(buf[:cut], buf[cut:])

@@ -193,9 +193,3 @@ def test_cli_modern_preset_trains_with_muon_samples_and_refuses_export(data_dir,
     r = run.invoke(cli, ["export", "--checkpoint", str(tmp_path / "plain"), "--hf", str(tmp_path / "h2"),
                          "--gguf", str(tmp_path / "x.gguf")])
     assert r.exit_code != 0 and "exactly one of --gguf" in r.output
-
-
-def test_llama_family_refuses_gpt_switches():
-    from npgpt.llama import preset_config
-    with pytest.raises(NpgptError, match="recipe switches .* are GPT options"):
-        preset_config("modern-baby", "llama")

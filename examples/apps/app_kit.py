@@ -27,6 +27,7 @@ from npgpt import GPT, GPTConfig
 from npgpt.generate import generate
 from npgpt.optim import AdamW, get_lr
 from npgpt.tokenizer import CharTokenizer
+from npgpt.verifiable import split  # noqa: F401  (the apps' held-out split: the library's, as --rl uses it)
 
 
 def parse(argv, doc, steps, extra=None):
@@ -140,10 +141,3 @@ def score(model, tok, pairs, max_new_tokens, show=5, stop_id=None, prompts=None,
         print(f"  {'ok ' if right[i] else 'XX '} {p[-60:]!s:>60} -> {got[i]!r}"
               + ("" if right[i] else f"   (want {pairs[i][1]!r})"))
     return acc, got
-
-
-def split(items, n_test, rng):
-    """Shuffle and hold out n_test items that training never sees."""
-    items = list(items)
-    rng.shuffle(items)
-    return items[n_test:], items[:n_test]

@@ -23,31 +23,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_kit import char_tokenizer, check_claims, encode_pairs, model_for, parse, score, train_rows  # noqa: E402
 
-NAMES = "Tom Ann Sam Liz Max Eva Ben Amy Joe Zoe Ian Mia".split()
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-GOODS = "apples bread milk eggs rice tea fish soap nuts jam salt cake".split()
-FILLERS = ["It was sunny.", "It was raining.", "He met a friend.", "The shop was busy.",
-           "He was tired.", "A dog barked."]
-
-
-def item(rng):
-    name, day = str(rng.choice(NAMES)), str(rng.choice(DAYS))
-    a, b = (str(g) for g in rng.choice(GOODS, 2, replace=False))
-    fill = [str(f) for f in rng.choice(FILLERS, rng.integers(1, 4), replace=False)]
-    middle = [f"He bought {a}."] + fill[:len(fill) // 2 + 1] + [f"Then he bought {b}."] + fill[len(fill) // 2 + 1:]
-    story = f"On {day} {name} went to the market. " + " ".join(middle) + " He went home."
-    return f"{story}\nSummary: ", f"{name} bought {a} and {b} on {day}."
-
+# the generator and the facts checker live in the library, shared with `npgpt finetune --rl summary-facts`
+from npgpt.verifiable import facts, summary_facts  # noqa: E402
 
 CLAIM = 0.20   # held-out exact match at the default size (README states the measured figure)
 
 
 def main(argv=None):
     args = parse(argv, __doc__, steps=600)
-    rng = np.random.default_rng(args.seed)
-    train = [item(rng) for _ in range(20000)]
-    seen = set(p for p, _ in train)
-    test = [t for t in (item(np.random.default_rng(10_000 + args.seed + i)) for i in range(200)) if t[0] not in seen]
+    train, test = summary_facts(args.seed)          # 20,000 stories; held-out ones that are not among them
     tok = char_tokenizer([p + a for p, a in train + test])
     block = max(len(p) + len(a) + 1 for p, a in train + test)
     model = model_for(tok.vocab_size, block, args.fast, seed=args.seed)
@@ -57,15 +41,10 @@ def main(argv=None):
     history = train_rows(model, encode_pairs(tok, train), args.steps, block, tok.eot_id, seed=args.seed)
     acc, got = score(model, tok, test, 48, show=6, label="after training:  ")
     # partial credit: the name, the day and each good, checked separately
-    parts = []
-    for g, (p, want) in zip(got, test):
-        name, rest = want.split(" bought ")
-        goods, day = rest[:-1].split(" on ")
-        parts.append([name in g, day in g] + [x in g for x in goods.split(" and ")])
-    facts = float(np.mean(parts))
-    print(f"facts (name, day, both goods) present in the generated summaries: {facts:.1%}")
+    share = float(np.mean([[f in g for f in facts(want)] for g, (_, want) in zip(got, test)]))
+    print(f"facts (name, day, both goods) present in the generated summaries: {share:.1%}")
     check_claims(args, history, acc, CLAIM)
-    return {"accuracy": acc, "before": before, "facts": facts, "steps": args.steps}
+    return {"accuracy": acc, "before": before, "facts": share, "steps": args.steps}
 
 
 if __name__ == "__main__":

@@ -19,48 +19,11 @@ twenty to ninety and hundred, and the 12 Chinese characters 零 to 九, 十 and 
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_kit import char_tokenizer, check_claims, encode_pairs, model_for, parse, score, split, train_rows  # noqa: E402
+from app_kit import char_tokenizer, check_claims, encode_pairs, model_for, parse, score, train_rows  # noqa: E402
 
-ONES = "zero one two three four five six seven eight nine".split()
-TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-ZH = "零一二三四五六七八九"
-
-
-def english(n):
-    """1..999 in English words: 'three hundred forty-two'."""
-    h, rest = divmod(n, 100)
-    words = [f"{ONES[h]} hundred"] if h else []
-    if rest >= 20:
-        t, o = divmod(rest, 10)
-        words.append(TENS[t] + (f"-{ONES[o]}" if o else ""))
-    elif rest >= 10:
-        words.append(TEENS[rest - 10])
-    elif rest:
-        words.append(ONES[rest])
-    return " ".join(words)
-
-
-def chinese(n):
-    """1..999 in Chinese numerals: 三百四十二, 一百零五, 十五, 一百一十."""
-    h, rest = divmod(n, 100)
-    t, o = divmod(rest, 10)
-    s = f"{ZH[h]}百" if h else ""
-    if t:
-        s += ("" if (t == 1 and not h) else ZH[t]) + "十"
-    elif h and o:
-        s += "零"
-    if o:
-        s += ZH[o]
-    return s
-
-
-def pair(n):
-    return f"{english(n)} =", chinese(n)
-
+# the generator and its held-out split live in the library, shared with `npgpt finetune --rl number-words`
+from npgpt.verifiable import chinese, english, number_words  # noqa: E402
 
 CLAIM = 0.85   # held-out exact match at the default size (README states the measured figure)
 
@@ -72,9 +35,7 @@ def main(argv=None):
     words = {w for n in range(1, 1000) for w in english(n).replace("-", " ").split()}
     chars = {c for n in range(1, 1000) for c in chinese(n)}
     assert (len(words), len(chars)) == (28, 12), (len(words), len(chars))      # the docstring's counts
-    rng = np.random.default_rng(args.seed)
-    train_n, test_n = split(range(1, 1000), 200, rng)
-    train, test = [pair(n) for n in train_n], [pair(n) for n in test_n]
+    train, test = number_words(args.seed)          # 799 numbers to learn from, 200 held out
     tok = char_tokenizer([p + a for p, a in train + test])
     block = max(len(p) + len(a) + 1 for p, a in train + test)
     model = model_for(tok.vocab_size, block, args.fast, seed=args.seed)

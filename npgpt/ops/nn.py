@@ -287,6 +287,8 @@ class ReLU2(Function):
 
 
 def relu2(x):
+    if REFERENCE_OPS.get():
+        return relu2_reference(x)
     return ReLU2.apply(x)
 
 
@@ -315,6 +317,8 @@ class SoftCap(Function):
 def softcap(x, cap):
     if not cap > 0:
         raise ValueError(f"softcap: cap must be positive, got {cap}")
+    if REFERENCE_OPS.get():
+        return softcap_reference(x, cap)
     return SoftCap.apply(x, cap=float(cap))
 
 

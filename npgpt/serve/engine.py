@@ -62,6 +62,7 @@ class Request:
         self.events = Queue()
         self.cancelled = False
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.prompt_texts = list(prompt_texts)  # what `echo` puts before each choice's text
         self.seqs = [Sequence(self, i * params.n + j, p, prompt_texts[i], tok, vocab_size)
                      for i, p in enumerate(prompts) for j in range(params.n)]
         self.open = len(self.seqs)
@@ -254,6 +255,10 @@ class Engine:
                       "prefix_cache_hits": 0, "prefix_cache_misses": 0, "prefix_cache_hit_tokens": 0,
                       "prefix_cache_bytes": 0, "prefix_cache_blocks": 0, "prefix_cache_evictions": 0}
         self.thread = None
+        # work per loop, when a list: {request id: {"prefill": prompt tokens run, "sampled": tokens drawn,
+        # "compared": stop-string comparisons, "rows": rows in the step's forward}} (fairness tests)
+        self.trace = None
+        self._work = None
 
     def start(self):
         """Start the decoding thread, in a copy of the calling thread's context: it keeps the
@@ -321,6 +326,7 @@ class Engine:
                 if not req.cancelled:
                     admit.append(req)
                     free -= len(req.seqs)
+        self._work = {} if self.trace is not None else None
         try:
             for req in admit:
                 self._admit(req)
@@ -329,6 +335,8 @@ class Engine:
             self._drop()
             if self.active:
                 self._forward()
+            if self._work:
+                self.trace.append(self._work)
         except Exception as e:           # a bug must not kill the server: fail the running requests
             err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error")
             failed = {id(r): r for r in admit}
@@ -343,6 +351,11 @@ class Engine:
             self.prefilling.clear()
             self.cache.length = 0
             print(f"npgpt serve: {err.message}", file=sys.stderr)
+
+    def _note(self, req, key, amount):
+        if self._work is not None:
+            w = self._work.setdefault(req.id, {"prefill": 0, "sampled": 0, "compared": 0, "rows": 0})
+            w[key] += amount
 
     def _admit(self, req):
         """Queue one Prefill per distinct prompt of the request (its choices share it)."""
@@ -371,6 +384,7 @@ class Engine:
                     st["prefix_cache_hit_tokens"] += job.reused
             n = job.run(self.model, budget)
             budget -= n
+            self._note(job.seqs[0].req, "prefill", n)
             st["prefill_chunks"] += 1
             st["prefill_tokens"] += n
             if job.logits is not None:
@@ -424,12 +438,15 @@ class Engine:
             lp = log_softmax(logits.astype(np.float64)[None])[0]
             top = top_tokens(lp[None], p.logprobs)[0] if p.logprobs else []
             s.pending.append((t, float(lp[t]), [(int(j), float(lp[j])) for j in top]))
+        before = s.detok.comparisons
         delta = s.detok.add(t)
         reason = "stop" if s.sampler.is_stop_token(t) or s.detok.stopped else None
         if reason is None and len(s.tokens) >= s.max_tokens:
             reason = "length"
         if reason:
             delta += s.detok.flush()          # what a stop string's possible start held back
+        self._note(s.req, "sampled", 1)
+        self._note(s.req, "compared", s.detok.comparisons - before)
         if delta or reason:
             self._emit(s, delta)
         if reason:
@@ -483,5 +500,6 @@ class Engine:
         c.length = view.length
         for s, row in zip(self.active, logits):
             s.logits = row
+            self._note(s.req, "rows", 1)
         self.steps += 1
         self.stats["decode_steps"] = self.steps

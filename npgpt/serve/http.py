@@ -8,16 +8,21 @@ device, so requests have to meet in one decoding loop whatever accepts the conne
 threads blocked on a queue cost nothing while the engine computes.
 
 Safety: binds 127.0.0.1 by default; --api-key requires `Authorization: Bearer KEY` (compared in
-constant time); body size, max_tokens, n and the waiting queue are bounded (413 / 400 / 429
-with Retry-After); a client that goes away frees its slots at the next step; a failing request
-gets an error and the server goes on; SIGTERM stops accepting, lets running requests finish
-(up to a grace period, then cancels them) and returns exit status 0.
+constant time); body size, max_tokens, n, the tokens of one request and the waiting queue are
+bounded (413 / 400 / 429 with Retry-After; the per-field bounds are in protocol.py); malformed
+HTTP (other methods, an oversized request line or headers, a Content-Length that is not one
+decimal number) gets OpenAI's JSON error body with its status (405 / 414 / 431 / 400), never the
+standard library's HTML page; a client that goes away, streaming or not, frees its slots at the
+next step; a failing request gets an error and the server goes on; SIGTERM stops accepting, lets
+running requests finish (up to a grace period, then cancels them) and returns exit status 0.
+README's "Security notes" list every limit.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import select
 import signal
 import socket
@@ -46,13 +51,30 @@ def _token_str(tok, t):
     return tok.decode([t])
 
 
+def _longest_token(tok):
+    """Bytes of the vocabulary's longest token (special tokens' strings too): a text of C characters
+    needs at least C / this many tokens."""
+    longest = max((len(name) for name in tok.special_tokens), default=1)
+    for t in range(tok.vocab_size):
+        try:
+            longest = max(longest, len(tok.token_bytes(t)))
+        except NpgptError:
+            continue
+    return max(longest, 1)
+
+
 class App:
     """What the handlers share: the engine, the tokenizer, the limits, the model's name."""
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
-                 max_body=1 << 20, engine_options=None):
+                 max_body=1 << 20, max_request_tokens=None, engine_options=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body}
+        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
+            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
+                       "max_request_tokens": max_request_tokens}
+        # a text longer than this cannot fit the context whatever it says: refused before encoding it
+        self.max_prompt_chars = 2 * model.config.block_size * _longest_token(tok)
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
         self.engine = Engine(model, tok, max_batch, max_queue, **(engine_options or {}))
         self.created = int(time.time())
@@ -78,9 +100,13 @@ class App:
             prompts = [list(p) for p in prompt]
         else:
             raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+        if len(prompts) * params.n > self.limits["max_batch"]:     # before encoding any of them
+            raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
+                                f"{self.limits['max_batch']} at once", "n")
         ids, texts = [], []
         for p in prompts:
             if isinstance(p, str):
+                self._check_chars(len(p), "prompt")
                 try:
                     ids.append(self._encode(p) if p else [self.tok.eot_id])
                 except NpgptError as e:
@@ -99,8 +125,15 @@ class App:
                                 f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
                                 f"use /v1/completions", "messages", code="no_chat_template")
         params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+        msgs = body.get("messages")
+        if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
+            raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
+                                f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
         spec = tools.parse_tools(body)
-        messages = tools.clean_messages(body.get("messages"))
+        messages = tools.clean_messages(msgs)
+        self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
+                                                      for c in m.get("tool_calls", ())) for m in messages)
+                          + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
         ids = tools.render_prompt(self.tok, messages, spec)
         if spec is not None and spec.active:
             params.tools = spec
@@ -112,18 +145,35 @@ class App:
         # a reply ends at the template's turn markers (npgpt.sft.chat_stop_ids)
         return self._request("chat", [ids], params, chat_stop_ids(self.tok), [""])
 
+    def _check_chars(self, n, param):
+        if n > self.max_prompt_chars:
+            raise ApiError(400, f"the {param} has {n} characters: more than this model's context of "
+                                f"{self.model.config.block_size} tokens can hold", param,
+                           code="context_length_exceeded")
+
     def _request(self, kind, prompts, params, stop_ids, texts):
         block = self.model.config.block_size
         longest = max(len(p) for p in prompts)
-        if params.max_tokens is None:
-            params.max_tokens = min(16 if kind == "completion" else block - longest, self.limits["max_tokens"])
+        choices = len(prompts) * params.n
+        budget = self.limits["max_request_tokens"]
+        if params.max_tokens is None:           # the default fits the context and the request budget
+            params.max_tokens = max(1, min(16 if kind == "completion" else block - longest,
+                                           self.limits["max_tokens"], budget // choices))
         if longest + max(params.max_tokens, 1) > block:
             raise ApiError(400, f"this model's maximum context length is {block} tokens; the prompt has {longest} "
                                 f"and max_tokens asks for {params.max_tokens} more", "max_tokens",
                            code="context_length_exceeded")
-        if len(prompts) * params.n > self.limits["max_batch"]:
-            raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
+        if choices > self.limits["max_batch"]:
+            raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
+        prompt_tokens = sum(len(p) for p in prompts)
+        if prompt_tokens > budget:
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
+                                f"request", "prompt", code="context_length_exceeded")
+        if choices * params.max_tokens > budget:
+            raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
+                                f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
+                                f"per request (fewer choices or a smaller max_tokens)", "max_tokens")
         constraint = self.constraint(params.grammar) if params.grammar is not None else None
         try:
             params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
@@ -168,21 +218,63 @@ class App:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "npgpt",
                 "npgpt": {"chat_template": self.has_chat, "context_length": c.block_size,
                           "vocab_size": c.vocab_size, "max_tokens": self.limits["max_tokens"],
-                          "max_batch": self.limits["max_batch"], "active": len(self.engine.active),
+                          "max_batch": self.limits["max_batch"],
+                          "max_request_tokens": self.limits["max_request_tokens"], "active": len(self.engine.active),
                           "peak_batch": self.engine.peak, "steps": self.engine.steps,
                           "cancelled": self.engine.cancelled,
                           "engine": dict(self.engine.stats)}}
+
+
+MAX_REQUEST_LINE = 8192          # bytes of "METHOD /path HTTP/1.1" (414 beyond)
+MAX_HEADER_BYTES = 32768         # all header lines together (431 beyond; the standard library also
+                                 # stops at 100 headers or a 64 KiB line, answered 431 as well)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                 411: "length_required", 413: "request_too_large", 414: "uri_too_long",
+                 431: "request_header_fields_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "npgpt"
     timeout = 60                  # a client that sends nothing for a minute is dropped
+    disconnect_poll = 0.25        # seconds between checks that a waiting client is still there
     app: App = None
+
+    def version_string(self):                 # the Server header: no Python version for a stranger to read
+        return self.server_version
 
     def log_message(self, fmt, *args):        # quiet by default; errors go to stderr
         if self.server.verbose:
             super().log_message(fmt, *args)
+
+    # ---- malformed HTTP: the standard library's checks, answered with OpenAI's JSON error body ----
+    def send_error(self, code, message=None, explain=None):
+        """Every protocol error the standard library finds (a request line or header over its limits,
+        a bad version, an unknown method) as a JSON error instead of its HTML page."""
+        code = int(code)
+        if self.request_version == "HTTP/0.9":   # still the default (an unreadable request line): an
+            self.request_version = "HTTP/1.0"    # error with a status line and headers, not bare text
+        reason = message or self.responses.get(code, ("error",))[0]
+        self._send_error(ApiError(code, f"{code} {reason}", code=_STATUS_CODES.get(code),
+                                  type_="invalid_request_error" if code < 500 else "server_error"))
+
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.send_error(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+            return False
+        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            self.send_error(431, f"request headers longer than {MAX_HEADER_BYTES} bytes")
+            return False
+        return True
+
+    def _not_allowed(self):
+        self._send_error(ApiError(405, f"method {self.command} is not allowed; this server answers GET and POST",
+                                  code="method_not_allowed", headers={"Allow": "GET, POST"}))
+
+    do_HEAD = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _send_json(self, status, obj, headers=None):
@@ -193,11 +285,12 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":               # a reply to HEAD has headers only
+            self.wfile.write(data)
 
     def _send_error(self, e: ApiError):
-        if e.status in (413, 400) and self.command == "POST":
-            self.close_connection = True          # the unread body may still be on the wire
+        if e.status >= 400 and (self.command != "GET" or e.status not in (401, 404)):
+            self.close_connection = True          # an unread body, or a broken request, may still be on the wire
             e.headers = {**e.headers, "Connection": "close"}
         self._send_json(e.status, e.body(), e.headers)
 
@@ -224,29 +317,37 @@ class Handler(BaseHTTPRequestHandler):
     # ---- routes ---------------------------------------------------------------------------------
     def do_GET(self):
         try:
-            path = self.path.split("?")[0]
-            if path in ("/", "/index.html"):
-                page = files("npgpt.serve").joinpath("static/chat.html").read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
-                                 "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
-                self.end_headers()
-                self.wfile.write(page)
-            elif path.startswith("/v1/"):
-                if not self._authorised():
-                    return
-                if path == "/v1/models":
-                    self._send_json(200, self.app.models())
-                elif path == f"/v1/models/{self.app.model_name}":
-                    self._send_json(200, self.app.model_card())
-                else:
-                    self._send_error(ApiError(404, f"no such endpoint or model: GET {path}", code="not_found"))
+            self._get()
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+        except ApiError as e:
+            self._safe_error(e)
+        except Exception as e:              # never let one request take the server down
+            print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+
+    def _get(self):
+        path = self.path.split("?")[0]
+        if path in ("/", "/index.html"):
+            page = files("npgpt.serve").joinpath("static/chat.html").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                             "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
+            self.end_headers()
+            self.wfile.write(page)
+        elif path.startswith("/v1/"):
+            if not self._authorised():
+                return
+            if path == "/v1/models":
+                self._send_json(200, self.app.models())
+            elif path == f"/v1/models/{self.app.model_name}":
+                self._send_json(200, self.app.model_card())
             else:
-                self._send_error(ApiError(404, f"no such page: {path}", code="not_found"))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+                self._send_error(ApiError(404, f"no such endpoint or model: GET {path}", code="not_found"))
+        else:
+            self._send_error(ApiError(404, f"no such page: {path}", code="not_found"))
 
     def do_POST(self):
         try:
@@ -272,13 +373,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
         if not self._authorised():
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(411 if "Content-Length" not in self.headers else 400,
-                           "a JSON body with a Content-Length header is required") from None
+        length = self._content_length()
         if length > self.app.limits["max_body"]:
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
@@ -305,15 +400,37 @@ class Handler(BaseHTTPRequestHandler):
             with app.lock:
                 app.inflight -= 1
 
+    def _content_length(self):
+        """The body's length: exactly one Content-Length of ASCII digits (int() would also take "3_4",
+        " 34" or "３４"), no Transfer-Encoding (a body framed two ways is how requests are smuggled)."""
+        values = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(411 if not values else 400, "Transfer-Encoding is not supported: send the JSON body "
+                                                       "with a Content-Length header", code="length_required")
+        if not values:
+            raise ApiError(411, "a JSON body with a Content-Length header is required", code="length_required")
+        raw = {v.strip().encode("utf-8", "replace") for v in values}
+        if len(raw) > 1 or not _DIGITS.fullmatch(next(iter(raw))):
+            raise ApiError(400, f"invalid Content-Length: {', '.join(v[:20] for v in values)!r} (one decimal "
+                                f"number of bytes is required)", code="invalid_content_length")
+        return int(next(iter(raw)))
+
     def _events(self, req):
-        """Engine events for `req` until all its choices finished; stops if the client goes away."""
+        """Engine events for `req` until all its choices finished. Every `disconnect_poll` seconds
+        (whether events flow or not) it checks that the client is still there, and cancels the
+        request if it went away: a non-streaming client is noticed as soon as a streaming one."""
+        next_poll = time.monotonic()            # the first check comes with the first event
         while req.open:
             try:
-                ev = req.events.get(timeout=0.25)
+                ev = req.events.get(timeout=self.disconnect_poll)
             except Empty:
+                ev = None
+            if ev is None or time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.disconnect_poll
                 if self._gone():
                     req.cancelled = True
                     return
+            if ev is None:
                 continue
             if ev[0] == "error":
                 raise ev[1]
@@ -334,6 +451,8 @@ class Handler(BaseHTTPRequestHandler):
                 reasons[i], counts[i] = reason, count
         if req.cancelled and req.open:
             return
+        if req.params.echo:
+            texts = [req.prompt_texts[i // req.params.n] + t for i, t in enumerate(texts)]
         choices = []
         for i, s in enumerate(req.seqs):
             lp = None
@@ -370,6 +489,9 @@ class Handler(BaseHTTPRequestHandler):
         if req.kind == "chat":
             send(app.chunk(req, [{"index": s.index, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None} for s in req.seqs]))
+        elif req.params.echo:
+            send(app.chunk(req, [{"index": s.index, "text": req.prompt_texts[s.index // req.params.n],
+                                  "logprobs": None, "finish_reason": None} for s in req.seqs]))
         total = 0
         spec = req.params.tools
         calls = {s.index: tools.ToolStream(spec) for s in req.seqs} if spec is not None else {}
@@ -382,7 +504,7 @@ class Handler(BaseHTTPRequestHandler):
                     send(app.chunk(req, [{"index": i, "delta": {"content": value}, "logprobs": lp,
                                           "finish_reason": None}]))
                 else:
-                    k, fn = calls[i].calls - 1, value["function"]
+                    k, fn = value.pop("index"), value["function"]
                     head = {"index": k, "id": value["id"], "type": "function",
                             "function": {"name": fn["name"], "arguments": ""}}
                     for part in (head, {"index": k, "function": {"arguments": fn["arguments"]}}):
@@ -448,28 +570,53 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128      # listen backlog: socketserver's 5 resets a burst of 16 clients
     verbose = False
+    linger_bytes, linger_s = 1 << 20, 1.0
+
+    def shutdown_request(self, request):
+        """A lingering close (in the connection's own thread): closing a socket with unread bytes
+        (the rest of an oversized header or body we refused) resets the connection, and the client
+        may lose the error reply; so send FIN, then read and drop what still comes, within bounds."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(self.linger_s)
+            deadline, left = time.monotonic() + self.linger_s, self.linger_bytes
+            while left > 0 and time.monotonic() < deadline:
+                chunk = request.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
+
+
+def _check_port(port):
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise NpgptError(f"--port must be in 0..65535 (0: any free port), got {port}")
 
 
 def make_server(app, host="127.0.0.1", port=8000, verbose=False):
     handler = type("BoundHandler", (Handler,), {"app": app})
+    _check_port(port)
     try:
         httpd = Server((host, port), handler)
-    except OSError as e:
-        raise NpgptError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    except (OSError, OverflowError, UnicodeError) as e:
+        raise NpgptError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
     httpd.verbose = verbose
     return httpd
 
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128):
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
     (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache)."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
-                    ("max_body", max_body)):
-        if v is None or int(v) < 1:
+                    ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
+        if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
             raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    _check_port(port)
     if prefill_chunk is None or int(prefill_chunk) < 1:
         raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
     for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
@@ -486,7 +633,7 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         if adapter is not None:                  # the id says the adapter is on: base+adapter
             a = Path(adapter).resolve()
             model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
-    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body,
+    app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, max_request_tokens,
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
                               "prefix_request_mb": float(prefix_request_mb)})
     httpd = make_server(app, host, port, verbose)

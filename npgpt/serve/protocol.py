@@ -3,17 +3,28 @@ OpenAI's error body) and `Params`, a request's validated generation settings. Ev
 is checked here before anything is allocated for it: JSON types and the API's own bounds (OpenAI's
 temperature <= 2, at most 4 stop strings, the server's max_tokens and n) here, and the sampling
 settings by `npgpt.sampling.SamplingParams`, the same check the library and `npgpt sample` run.
+
+What one request may cost is bounded here too, so that no client takes more than its share of the
+one decoding thread: at most MAX_STOPS stop strings of MAX_STOP_CHARS characters each (their check
+is linear in the new text, see npgpt.sampling.Detokenizer), MAX_LOGIT_BIAS biased tokens (applied
+to every token's logits), choices x max_tokens within the server's per-request budget
+(`--max-request-tokens`), and a prompt within the model's context (App checks its characters
+before encoding it).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 from npgpt.sampling import SamplingError, SamplingParams
 from npgpt.structured import Grammar, GrammarError
 
 MAX_TOP_LOGPROBS = 20
-MAX_STOPS = 4
+MAX_STOPS = 4                 # OpenAI's
+MAX_STOP_CHARS = 1000         # per stop string: each costs its length to set up, per choice
+MAX_LOGIT_BIAS = 300          # biased tokens: each is an add on every token's logits
+_TOKEN_ID = re.compile(r"[0-9]{1,12}")     # ASCII digits only: "²".isdigit() is True, int("²") fails
 
 
 class ApiError(Exception):
@@ -43,6 +54,14 @@ def _number(body, key, default, lo=None, hi=None, integer=False, lo_open=False):
     return v
 
 
+def _flag(body, key, name=None):
+    """A boolean field; absent or null is false."""
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise ApiError(400, f"'{name or key}' must be a boolean, got {str(v)[:40]!r}", name or key)
+    return bool(v)
+
+
 class Params:
     """Validated generation settings shared by the n choices of one prompt: the HTTP ones (n,
     stream, logprobs, ...) and `sampling`, one SamplingParams."""
@@ -63,14 +82,16 @@ class Params:
         if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOPS
                                  or not all(isinstance(s, str) and s for s in stop)):
             raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOPS} non-empty strings", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop or ()):
+            raise ApiError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters, got "
+                                f"{max(len(s) for s in stop)}", "stop")
         self.stop = stop or []
-        self.stream = body.get("stream", False)
-        if not isinstance(self.stream, bool):
-            raise ApiError(400, "'stream' must be a boolean", "stream")
+        self.stream = _flag(body, "stream")                 # null is allowed, as OpenAI does: false
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError(400, "'stream_options' must be an object", "stream_options")
-        self.include_usage = bool(opts.get("include_usage", False))
+        self.include_usage = _flag(opts, "include_usage", "stream_options.include_usage")
+        self.echo = False if chat else _flag(body, "echo")  # completions: the prompt's text comes first
         if chat:
             lp = body.get("logprobs", False)
             if lp is not None and not isinstance(lp, bool):
@@ -81,13 +102,18 @@ class Params:
             self.logprobs = top if lp else None
         else:
             self.logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+            if self.echo and self.logprobs is not None:
+                raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported; "
+                                    "ask for one of them", "echo")
         bias = body.get("logit_bias")
         if bias is not None and not isinstance(bias, dict):
             raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+        if bias is not None and len(bias) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}", "logit_bias")
         parsed = {}
         for k, b in (bias or {}).items():
-            if not str(k).isdigit() or isinstance(b, bool) or not isinstance(b, (int, float)):
-                raise ApiError(400, f"logit_bias: expected token id -> number, got {k!r}: {b!r}", "logit_bias")
+            if not _TOKEN_ID.fullmatch(k) or isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ApiError(400, f"logit_bias: expected token id -> number, got {k[:40]!r}: {b!r}", "logit_bias")
             parsed[int(k)] = b
         try:
             self.sampling = SamplingParams(

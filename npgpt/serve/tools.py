@@ -302,6 +302,7 @@ class ToolStream:
             if call is None:
                 out.append(("content", block))
             else:
+                call["index"] = self.calls       # the call's place in the reply (delta.tool_calls[].index)
                 self.calls += 1
                 out.append(("call", call))
 

@@ -52,8 +52,9 @@ TRAIN_PRESETS = {
 
 
 def preset_defaults(preset) -> dict:
-    """The training settings a preset brings ({} for most: only the modern-* presets have some)."""
-    return dict(TRAIN_PRESETS.get(str(preset), {}))
+    """The training settings a preset brings ({} for most: only the modern-* presets have some, and
+    their Llama twins llama-modern-* the same)."""
+    return dict(TRAIN_PRESETS.get(str(preset).removeprefix("llama-"), {}))
 
 
 def _positive(cfg, names, optional=False):
@@ -96,7 +97,7 @@ class RunSettings:
 @dataclass
 class ModelSettings:
     """A new model's family and size (ignored with init_from / resume, which bring their own)."""
-    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-shakespeare-char)
+    preset: str = "baby"                 # a size (baby, shakespeare-char, gpt2...; llama-baby, llama-modern-baby...)
     arch: str = "gpt"                    # model family of a new model: gpt (GPT-2) or llama (npgpt.llama)
     n_layer: int | None = None
     n_head: int | None = None
@@ -104,10 +105,11 @@ class ModelSettings:
     block_size: int | None = None        # context length; defaults to the preset's
     dropout: float = 0.0
     bias: bool | None = None             # biases in Linear / LayerNorm; None: the preset's (true for GPT-2's sizes)
-    # recipe switches of a new GPT (npgpt.model.GPTConfig); None: the preset's (modern-* turn them all on)
+    # recipe switches of a new model (npgpt.model.GPTConfig; a Llama takes those that apply, see
+    # npgpt.llama.preset_config); None: the preset's (modern-* turn them all on)
     pos: str | None = None               # learned (GPT-2's table) or rope
     qk_norm: bool | None = None          # RMSNorm on each head's queries and keys
-    mlp_act: str | None = None           # gelu or relu2
+    mlp_act: str | None = None           # gelu (GPT) or swiglu (Llama): the family's own; or relu2
     zero_init_proj: bool | None = None   # residual projections (and an untied head) start at zero
     untie_head: bool | None = None       # a separate output head instead of wte's transpose
     logit_softcap: float | None = None   # > 0: logits = cap tanh(logits / cap); 0: off
@@ -120,8 +122,9 @@ class ModelSettings:
             raise NpgptError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not 0 <= self.dropout < 1:
             raise NpgptError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.pos not in (None, "learned", "rope") or self.mlp_act not in (None, "gelu", "relu2"):
-            raise NpgptError(f"pos must be learned or rope and mlp_act gelu or relu2 (got {self.pos}, {self.mlp_act})")
+        if self.pos not in (None, "learned", "rope") or self.mlp_act not in (None, "gelu", "swiglu", "relu2"):
+            raise NpgptError(f"pos must be learned or rope and mlp_act gelu, swiglu or relu2 (got {self.pos}, "
+                             f"{self.mlp_act})")
         if self.logit_softcap is not None and not 0 <= self.logit_softcap <= 1e4:
             raise NpgptError(f"logit_softcap must be in [0, 10000] (0: off), got {self.logit_softcap}")
 

@@ -21,6 +21,7 @@ mpiexec), which wrap whatever loss and gradient hooks the others set.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from npgpt.backend import asnumpy, get_xp
 from npgpt.checkpoint import find_checkpoint, is_model_dir, load_tensors, save_tensors
 from npgpt.errors import NpgptError
 from npgpt.loading import from_pretrained
-from npgpt.lora import apply_lora, has_lora, lora_layers, save_adapter
+from npgpt.lora import apply_lora, has_lora, lora_layers, present_targets, save_adapter
 from npgpt.model import read_hf_config
 from npgpt.ops.distill import mixed_loss
 from npgpt.tensor import no_grad
@@ -181,7 +182,10 @@ def lora_plugin(model, src, cfg, hooks):
                              f"new tokens (the chat template's special tokens?), but LoRA keeps the base's "
                              f"embedding frozen; use prompt/completion records, or a base whose tokenizer "
                              f"already has them (one fine-tuned with --sft)")
-        apply_lora(model, cfg.lora_config(model.config.arch), seed=cfg.seed)
+        lora = cfg.lora_config(model.config.arch)
+        if not cfg.lora_targets:                    # every linear layer the family has, and this model too
+            lora = replace(lora, targets=present_targets(model, lora.targets))
+        apply_lora(model, lora, seed=cfg.seed)
         model.lora_base = str(Path(src).resolve())
     hooks.save_model = lambda folder: save_adapter(model, folder)
     n_train = sum(p.size for p in model.parameters() if p.requires_grad)
