@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from npgpt.cli import job
 from npgpt.errors import NpgptError
 
 
@@ -35,7 +36,8 @@ def _run(fn, checkpoint, out, data, eval_tokens, sample_tokens, force, **kw):
         raise NpgptError(f"--sample-tokens must be >= 0, got {sample_tokens}")
     if eval_tokens is not None and eval_tokens < 2:
         raise NpgptError(f"--eval-tokens must be at least 2, got {eval_tokens}")
-    r = fn(checkpoint, out, data=data, max_eval_tokens=eval_tokens, sample_tokens=sample_tokens, force=force, **kw)
+    r = fn(checkpoint, out, data=data, max_eval_tokens=eval_tokens, sample_tokens=sample_tokens, force=force,
+           trust_pattern=job("trust_pattern", False), **kw)
     click.echo(f"{r['checkpoint']} -> {r['out']}")
     click.echo(format_report(r["before"], r["after"], r["notes"]))
     click.echo(f"try it:  npgpt sample --checkpoint {r['out']}   # add --prompt TEXT to start from your text")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from npgpt.cli import job
 from npgpt.errors import NpgptError
 
 
@@ -49,7 +50,7 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
         raise NpgptError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--gguf must differ from --checkpoint")
-    model, tok = load_run(checkpoint, adapter=adapter)[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, trust_pattern=job("trust_pattern", False))[:2]
     if adapter or getattr(model, "lora", None) or getattr(model, "quantization", None):
         merge_lora(model)          # adapters folded in, quantised layers back to float: GGUF gets plain weights
     export_gguf(model, tok, out, type_name)
@@ -65,7 +66,7 @@ def _export_hf(checkpoint, folder, adapter, force):
         raise NpgptError(f"{folder} exists and is not an empty folder; pass --force to write into it")
     if folder.exists() and folder.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--hf must differ from --checkpoint")
-    model, tok = load_run(checkpoint, adapter=adapter)[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, trust_pattern=job("trust_pattern", False))[:2]
     if adapter:
         merge_lora(model)
     if hasattr(model.config, "check_exportable"):

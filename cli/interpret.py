@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 from npgpt.errors import NpgptError
 
@@ -43,7 +44,8 @@ def inspect(checkpoint, prompt, layer, head, top_k, png, scale, lens, allow_spec
             import matplotlib  # noqa: F401  (fail before the model loads, not after)
         except ImportError:
             raise NpgptError("--png needs matplotlib: pip install 'npgpt[plot]'") from None
-    model, tok = load_run(checkpoint, **load_options(checkpoint, keep_quantized))[:2]
+    model, tok = load_run(checkpoint, trust_pattern=job("trust_pattern", False),
+                          **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt, allow_special)
     if lens:
         probs = logit_lens(model, ids)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from npgpt.cli import job
 from npgpt.errors import NpgptError
 
 
@@ -29,7 +30,7 @@ def merge(checkpoint, adapter, out, force):
     base = find_checkpoint(checkpoint)
     if out.exists() and out.resolve() in (base.resolve(), Path(adapter).resolve()):
         raise NpgptError("--out must be a new folder, not the base or the adapter folder")
-    model, tok = load_run(base, adapter=adapter)[:2]
+    model, tok = load_run(base, adapter=adapter, trust_pattern=job("trust_pattern", False))[:2]
     n = sum(1 for _ in model.modules() if hasattr(_, "lora_A"))
     was_quantised = bool(model.quantization)
     merge_lora(model)

@@ -27,13 +27,12 @@ class NpgptGroup(click.Group):
 @click.version_option(__version__, prog_name="npgpt")
 @click.option("--trust-pattern", is_flag=True,
               help="Load tokenizers whose split regex is not a named one (gpt2, gpt4, llama3, qwen2); only for tokenizers you trust.")
-def cli(trust_pattern):
+@click.pass_context
+def cli(ctx, trust_pattern):
     """npgpt: train, sample and study a GPT written with NumPy and CuPy."""
-    if trust_pattern:            # read by npgpt.tokenizer.load, in this command's context only
-        # imported here, not at the top: `npgpt --help` does not load the tokenizers
-        from npgpt.tokenizer.bpe import TRUST_PATTERN
-        token = TRUST_PATTERN.set(True)
-        click.get_current_context().call_on_close(lambda: TRUST_PATTERN.reset(token))
+    # a setting of this command's job (npgpt.cli.job): each command hands it to the loader it calls
+    # as the argument trust_pattern=..., never a global or an environment variable
+    ctx.ensure_object(dict)["trust_pattern"] = trust_pattern
 
 
 for _topic in (prepare, train, sample, interpret, bench, compress, serve, plot, lora, export, exercise):   # each defines plain click commands

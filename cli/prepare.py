@@ -10,6 +10,8 @@ import time
 
 import click
 
+from npgpt.cli import job
+
 
 def _progress_printer():
     """Progress on stderr for a terminal (a line rewritten in place); nothing when piped."""
@@ -58,7 +60,7 @@ def prepare(inputs, dataset, out_dir, tokenizer, vocab_size, tokenizer_from, val
     start = time.perf_counter()
     meta = run_prepare(inputs=list(inputs), out_dir=out_dir, tokenizer=tokenizer, vocab_size=vocab_size,
                        tokenizer_from=tokenizer_from, val_fraction=val_fraction, dataset=dataset,
-                       progress=progress, force=force, errors=errors)
+                       progress=progress, force=force, errors=errors, trust_pattern=job("trust_pattern", False))
     seconds = time.perf_counter() - start
     if progress is not None:
         click.echo("", err=True)

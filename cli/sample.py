@@ -7,6 +7,7 @@ import time
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 from npgpt.errors import NpgptError
 
@@ -123,7 +124,8 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         from npgpt.tokenizer import read_text_checked
         prompt = read_text_checked(prompt_file)
     grammar = read_grammar(json_schema, regex, choice)     # checked before the model loads
-    model, tok = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                          **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
         room = model.config.block_size - max(len(ids), 1)           # at most 256 (a long-context model)
@@ -227,7 +229,7 @@ def _sample_special(model, tok, ids, prompt, num_samples, params, device, num_be
         text += detok.flush()
         extra = f"{num_beams} beams"
     else:
-        dmodel, dtok = load_run(draft, device=device)[:2]
+        dmodel, dtok = load_run(draft, device=device, trust_pattern=job("trust_pattern", False))[:2]
         if dtok.vocab_size != tok.vocab_size:
             raise NpgptError(f"--draft {draft}: its tokenizer ({dtok.vocab_size} tokens) differs from the "
                              f"model's ({tok.vocab_size})")
@@ -262,7 +264,8 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
     from npgpt.loading import load_run
     from npgpt.sft import is_chat_model
     params = sampling_params(256 if max_new_tokens is None else max_new_tokens, temperature, top_k, top_p, seed)
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                               **load_options(checkpoint, keep_quantized))[:3]
     if not is_chat_model(tok):
         raise NpgptError(f"{ckpt} is not a chat model (it has no chat template, and its tokenizer lacks npgpt's chat "
                          f"tokens); fine-tune it with `npgpt finetune --sft FILE.jsonl` first")
@@ -292,8 +295,9 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
 class ChatSession:
     """A conversation in the model's chat template (or npgpt's); history is cropped (oldest turns first) to fit.
 
-    A reply ends at any of the template's role tokens (npgpt.sft.chat_stop_ids), not only at
-    <|end|>: a model that skips <|end|> and starts the next turn's <|user|> stops there too.
+    A reply ends at any of the template's turn tokens (SamplingParams.for_chat), not only at its
+    end-of-turn: a model that skips <|end|> (<|im_end|>) and starts the next turn's <|user|>
+    (<|im_start|>) stops there too.
     params: a SamplingParams, or its settings as keywords (temperature=0, seed=1, ...);
     max_new_tokens applies where params leave it open.
     """
@@ -301,13 +305,11 @@ class ChatSession:
     def __init__(self, model, tok, system=None, params=None, max_new_tokens=256, **settings):
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sampling import SamplingParams
-        from npgpt.sft import chat_stop_ids
         self.model, self.tok, self.system = model, tok, system
         params = params or SamplingParams(**settings)
         if params.max_new_tokens is None:
             params = params.replace(max_new_tokens=max_new_tokens)
-        self.params = params.replace(stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids
-                                                                        + tuple(chat_stop_ids(tok)))))
+        self.params = params.for_chat(tok)
         self.max_new_tokens = self.params.max_new_tokens
         self.reset()
 

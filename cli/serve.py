@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from npgpt.cli import job
 from npgpt.cli.export import keep_quantized_option
 
 
@@ -50,7 +51,7 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
                  max_request_tokens=max_request_tokens, model_name=model_name, grace=grace,
                  verbose=verbose, adapter=adapter, keep_quantized=keep_quantized,
                  prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, prefix_request_mb=prefix_request_mb,
-                 ready=lambda line: click.echo(line) or sys.stdout.flush()))
+                 trust_pattern=job("trust_pattern", False), ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 
 COMMANDS = [serve]

@@ -72,7 +72,9 @@ def run_training(cfg, batch_source=None, next_step=NEXT_STEP):
     """Run npgpt.train.train; Ctrl-C (checkpoint saved) exits 130; finish with a summary and a hint."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.train import train
-    _finish(lambda: train(cfg, batch_source=batch_source, comm=job("comm")), next_step)  # mpiexec: the job's communicator
+    # mpiexec: the job's communicator; `npgpt --trust-pattern`: the tokenizers' opt-in
+    _finish(lambda: train(cfg, batch_source=batch_source, comm=job("comm"), trust_pattern=job("trust_pattern", False)),
+            next_step)
 
 
 def _finish(run, next_step):
@@ -162,7 +164,7 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, dpo, rl,
     elif cfg.sft:
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import SFTData
-        run_training(cfg, SFTData.for_training(cfg), next_step="npgpt chat --checkpoint {out}")
+        run_training(cfg, SFTData.for_training(cfg, trust_pattern=job("trust_pattern", False)), next_step="npgpt chat --checkpoint {out}")
     else:
         run_training(cfg)
 
@@ -187,7 +189,8 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
         if input_ or data or stride:
             raise click.UsageError("--task scores a task file; it does not combine with --input, --data or --stride")
         from npgpt.tasks import run_task      # imported when the command runs, as above
-        r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter)
+        r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter,
+                     trust_pattern=job("trust_pattern", False))
         if as_json:
             click.echo(json.dumps(r))
         else:
@@ -197,7 +200,7 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
     if out_file:
         raise click.UsageError("--out goes with --task (per-item results)")
     r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter,
-                 keep_quantized=keep_quantized)
+                 keep_quantized=keep_quantized, trust_pattern=job("trust_pattern", False))
     if as_json:
         click.echo(json.dumps(r))
     else:
@@ -212,7 +215,7 @@ def info(path, as_json):
     """Describe a checkpoint: config, parameters, step, best val loss, tokenizer, file sizes."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import info as get_info
-    r = get_info(path)
+    r = get_info(path, trust_pattern=job("trust_pattern", False))
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -232,9 +232,9 @@ def sampling_speed(model, n_tokens=64, start_id=0, repeats=3):
     return best
 
 
-def val_tokens(data, tok, max_tokens=None, model_dir="MODEL"):
+def val_tokens(data, tok, max_tokens=None, model_dir="MODEL", trust_pattern=False):
     """The val split of prepared data folder `data`, checked against the model's tokenizer."""
-    td = TokenData(data)
+    td = TokenData(data, trust_pattern=trust_pattern)
     if td.tokenizer().fingerprint() != tok.fingerprint():
         raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {model_dir}; "
                          f"prepare it with the model's own: `npgpt prepare --tokenizer-from {model_dir}`")
@@ -287,12 +287,12 @@ def format_report(before, after, notes=()):
 
 
 # ---- folders -----------------------------------------------------------------------------------
-def open_source(checkpoint):
+def open_source(checkpoint, trust_pattern=False):
     """(model, tokenizer, checkpoint folder) for a float (not quantised) model folder or run folder."""
     ckpt = find_checkpoint(checkpoint)
     if not is_gguf(ckpt) and records_quantization(read_hf_config(ckpt)):
         raise NpgptError(f"{ckpt} holds a quantised model; compress the original float model instead")
-    model, tok, ckpt = load_run(ckpt)[:3]
+    model, tok, ckpt = load_run(ckpt, trust_pattern=trust_pattern)[:3]
     return model, tok, ckpt
 
 
@@ -329,13 +329,15 @@ def _start_id(tok):
     return tok.eot_id if getattr(tok, "eot_id", None) is not None else 0
 
 
-def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sample_tokens=64, force=False):
+def _compress(checkpoint, out, transform, data=None, max_eval_tokens=None, sample_tokens=64, force=False,
+              trust_pattern=False):
     """Shared skeleton: load, measure, transform + write, reload the written folder, measure again.
 
     transform(model, out_dir) writes the model files into out_dir and returns notes for the report.
+    trust_pattern: the tokenizers may use a split regex that is not a named one (`npgpt --trust-pattern`).
     """
-    model, tok, ckpt = open_source(checkpoint)
-    tokens = val_tokens(data, tok, max_eval_tokens, ckpt) if data is not None else None
+    model, tok, ckpt = open_source(checkpoint, trust_pattern)
+    tokens = val_tokens(data, tok, max_eval_tokens, ckpt, trust_pattern) if data is not None else None
     out = prepare_out(ckpt, out, force)
     start = _start_id(tok)
     before = measure(model, ckpt, tokens, sample_tokens, start)

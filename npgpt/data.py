@@ -241,12 +241,13 @@ PREPARED_FILES = ("train.bin", "val.bin", META, META_FILE, "vocab.json", "merges
 def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size: int | None = None,
             tokenizer_from=None, val_fraction: float = 0.1, dataset: str | None = None,
             progress: Progress | None = None, force: bool = False,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES, errors: str = "strict") -> dict:
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, errors: str = "strict", trust_pattern: bool = False) -> dict:
     """Tokenize text into `out_dir` (train.bin, val.bin, meta.json, tokenizer files); return the meta.
 
     inputs: files and/or folders (or give `dataset`: "pydoc" or "tinyshakespeare").
     tokenizer: "char" (default) or "bpe" (trained to `vocab_size`, default 4096); or `tokenizer_from`,
-    a folder holding a tokenizer to reuse (a model's own, for fine-tuning).
+    a folder holding a tokenizer to reuse (a model's own, for fine-tuning); trust_pattern: that
+    tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
     errors: "strict" (invalid UTF-8 is an error naming its byte offset) or "replace" (U+FFFD).
     progress(stage, done, total): optional; stages "count"/"merge" (BPE training), "encode" (bytes).
     """
@@ -316,7 +317,7 @@ def prepare(inputs=None, out_dir=None, tokenizer: str | None = None, vocab_size:
                 raise NpgptError(f"the input is empty ({', '.join(names[:3])}); give a text file with some content")
             docs = [(name, path, size) for name, path, size in zip(names, files, sizes) if size > 0]   # skip empty
             meta = _prepare_into(work, docs, tokenizer, vocab_size, tokenizer_from, val_fraction, dataset,
-                                 progress, chunk_bytes, errors)
+                                 progress, chunk_bytes, errors, trust_pattern)
             _move_into_place(work, out_dir)
             return meta
         except BaseException as e:
@@ -353,12 +354,12 @@ def _tokenizer_folder(path):
 
 
 def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fraction, dataset, progress,
-                  chunk_bytes, errors="strict") -> dict:
+                  chunk_bytes, errors="strict", trust_pattern=False) -> dict:
     """Tokenize `docs` into the temporary folder `work`; return the meta written there."""
     paths = [path for _, path, _ in docs]
     try:
         if tokenizer_from is not None:
-            tok = tk.load(_tokenizer_folder(tokenizer_from))
+            tok = tk.load(_tokenizer_folder(tokenizer_from), trust_pattern=trust_pattern)
         else:
             tok = _train_tokenizer(paths, kind, vocab_size, chunk_bytes, progress, errors)
         kind = tok.kind
@@ -504,13 +505,15 @@ class TokenData:
 
     device_tokens=True copies each split to the GPU on first use and gathers batches there (worth it
     when the split fits in GPU memory: only the B x (T+1) indices cross the bus per batch).
+    trust_pattern=True: the folder's tokenizer may use a split regex that is not a named one.
     """
 
     block_size = None          # rows are cut at the trainer's block size (a BatchSource field)
     grow_vocab = False         # the tokens were made by the model's own tokenizer
 
-    def __init__(self, data_dir, device_tokens: bool = False):
+    def __init__(self, data_dir, device_tokens: bool = False, trust_pattern: bool = False):
         self.path = Path(data_dir)
+        self.trust_pattern = bool(trust_pattern)
         meta_path = self.path / META
         if not meta_path.is_file():
             if not self.path.exists():
@@ -558,7 +561,7 @@ class TokenData:
         """The tokenizer the data was made with (loaded from the data folder once; its vocabulary size
         must be meta.json's)."""
         if self._tokenizer is None:
-            tok = tk.load(self.path)
+            tok = tk.load(self.path, trust_pattern=self.trust_pattern)
             if tok.vocab_size != self._meta_vocab_size:
                 raise NpgptError(f"{self.path / META}: field 'vocab_size' is {self._meta_vocab_size} but the folder's "
                                  f"tokenizer has {tok.vocab_size} tokens; prepare the data again")

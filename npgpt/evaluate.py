@@ -50,11 +50,13 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
 
 
 def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None,
-             keep_quantized=False):
+             keep_quantized=False, trust_pattern=False):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
-    stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones."""
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, **load_options(checkpoint, keep_quantized))[:3]
+    stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones.
+    trust_pattern: the tokenizers may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
+                                **load_options(checkpoint, keep_quantized))[:3]
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")
     if input is not None:
@@ -64,7 +66,7 @@ def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", strid
         tokens = tok.encode_plain(text)
         source = str(input)
     else:
-        td = TokenData(data)
+        td = TokenData(data, trust_pattern=trust_pattern)
         if td.tokenizer().fingerprint() != tok.fingerprint():
             raise NpgptError(f"the data in {data} was tokenized with a different tokenizer than the model in {ckpt}; "
                              f"prepare it with the model's own: `npgpt prepare --tokenizer-from {ckpt}`")
@@ -129,7 +131,7 @@ def sliding_token_loss(model, tokens, stride, batch_size=8):
     return total, count
 
 
-def info(path):
+def info(path, trust_pattern=False):
     """A dict describing a checkpoint: config, parameters, step, best val loss, tokenizer, files."""
     ckpt = find_checkpoint(path)
     lora = adapter_summary(ckpt)                       # a LoRA run: its config.json is the base's
@@ -140,7 +142,7 @@ def info(path):
     tok = None
     if tk.is_tokenizer_dir(ckpt):
         try:
-            t = tk.load(ckpt)
+            t = tk.load(ckpt, trust_pattern=trust_pattern)
             tok = {"kind": t.kind, "vocab_size": t.vocab_size, "special_tokens": dict(t.special_tokens)}
         except NpgptError as e:
             tok = {"error": str(e)}

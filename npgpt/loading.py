@@ -1,12 +1,15 @@
 """Loading a model: the one answer to "where is a model loaded?".
 
     from_pretrained(path, adapter=None, device="cpu", **overrides)   -> the model, in eval mode
-    load_run(path, adapter=None, device="cpu", **overrides)          -> Loaded(model, tokenizer, folder, state)
+    load_run(path, adapter=None, device="cpu", trust_pattern=False, **overrides)
+                                                                     -> Loaded(model, tokenizer, folder, state)
 
 `path` is a run folder (its ckpt/ is used), a checkpoint or model folder (npgpt's, or a Hugging Face
 download), a quantised folder (`npgpt quantize`), or a LoRA run's adapter folder (the base it recorded,
 plus the adapter). `adapter` applies a PEFT-layout LoRA adapter folder on top, unmerged. `overrides`
-replace config fields (e.g. dropout=0.1). `npgpt.from_pretrained` and `npgpt.load_run` are these.
+replace config fields (e.g. dropout=0.1). `trust_pattern=True` lets the tokenizer use a split regex
+that is not a named one (what `npgpt --trust-pattern` passes; from_pretrained reads no tokenizer).
+`npgpt.from_pretrained` and `npgpt.load_run` are these.
 
 Which reader runs is decided by one table, FORMATS, tried in order. Each `Format` says which paths are
 its own -- matches(folder, hf), where hf is the folder's config.json as a dict (None when there is
@@ -61,7 +64,7 @@ class Format:
 
     matches(folder, hf) -> bool       hf: config.json as a dict, or None (no config.json, or a file)
     load(folder, hf, device="cpu", **overrides) -> model, in eval mode, on `device`
-    tokenizer(folder) -> Tokenizer    for load_run; default: the folder's tokenizer files
+    tokenizer(folder, trust_pattern=False) -> Tokenizer    for load_run; default: the folder's tokenizer files
     """
     name: str
     what: str                          # for the error that lists what npgpt loads
@@ -129,23 +132,24 @@ class Loaded(NamedTuple):
     state: dict | None
 
 
-def load_run(path, adapter=None, device="cpu", **overrides) -> Loaded:
-    """Model + tokenizer + run metadata of a run, checkpoint or model folder (see the module doc)."""
+def load_run(path, adapter=None, device="cpu", trust_pattern=False, **overrides) -> Loaded:
+    """Model + tokenizer + run metadata of a run, checkpoint or model folder (see the module doc);
+    trust_pattern: the tokenizer may use a split regex that is not a named one."""
     folder, hf, fmt = resolve(path)
     read_tokenizer = fmt.tokenizer or folder_tokenizer
     if fmt.tokenizer is None and not tk.is_tokenizer_dir(folder):    # before the weights: fail fast
         raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
     model = _load(folder, hf, fmt, adapter, device, overrides)
     state = read_run_state(folder) if folder.is_dir() else None
-    return Loaded(model, read_tokenizer(folder), folder, state)
+    return Loaded(model, read_tokenizer(folder, trust_pattern=trust_pattern), folder, state)
 
 
-def folder_tokenizer(folder):
+def folder_tokenizer(folder, trust_pattern=False):
     """The tokenizer saved beside a model (npgpt's tokenizer_npgpt.json, Hugging Face's tokenizer.json, or
     GPT-2's vocab.json + merges.txt)."""
     if not tk.is_tokenizer_dir(folder):
         raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
-    return tk.load(folder)
+    return tk.load(folder, trust_pattern=trust_pattern)
 
 
 def _load(folder, hf, fmt, adapter, device, overrides):
@@ -292,18 +296,23 @@ def load_hub(ref, hf=None, device="cpu", **overrides):
     return from_pretrained(snapshot(ref), device=device, **overrides)
 
 
-def hub_tokenizer(ref):
-    return load_run_tokenizer(snapshot(ref))
+def hub_tokenizer(ref, trust_pattern=False):
+    return load_run_tokenizer(snapshot(ref), trust_pattern=trust_pattern)
 
 
-def load_run_tokenizer(path):
+def gguf_tokenizer(path, trust_pattern=False):
+    # a GGUF names its split regex (tokenizer.ggml.pre) from a fixed table: there is no file regex to trust
+    return load_gguf_tokenizer(path)
+
+
+def load_run_tokenizer(path, trust_pattern=False):
     """The tokenizer `load_run` would give for `path` (a folder or file of any format)."""
     folder, _, fmt = resolve(path)
-    return (fmt.tokenizer or folder_tokenizer)(folder)
+    return (fmt.tokenizer or folder_tokenizer)(folder, trust_pattern=trust_pattern)
 
 
 register_format(Format("hub", "Hugging Face Hub models (hf:ORG/NAME[@REVISION])", is_hub, load_hub, hub_tokenizer))
-register_format(Format("gguf", "GGUF files (.gguf)", is_gguf_file, load_gguf, load_gguf_tokenizer))
+register_format(Format("gguf", "GGUF files (.gguf)", is_gguf_file, load_gguf, gguf_tokenizer))
 register_format(Format("lora-run", "LoRA run folders (adapter + recorded base)", is_lora_run, load_lora_run))
 register_format(Format("quantised", "quantised folders (npgpt quantize)", is_quantized, load_quantized))
 register_format(Format("llama", "Llama / Qwen2 folders (architectures LlamaForCausalLM, Qwen2ForCausalLM; "

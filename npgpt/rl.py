@@ -45,7 +45,7 @@ from npgpt.loading import from_pretrained
 from npgpt.lora import has_lora
 from npgpt.ops.preference import group_advantages, policy_gradient_loss, token_logprobs
 from npgpt.sampling import SamplingParams
-from npgpt.sft import chat_stop_ids, is_chat_model, render_chat
+from npgpt.sft import is_chat_model, render_chat
 from npgpt.tensor import Tensor, no_grad
 from npgpt.train import train
 from npgpt.verifiable import Task, get_task
@@ -93,7 +93,7 @@ class PromptSource:
         if longest + n_new > n_pos:
             raise NpgptError(f"task {task.name}: a prompt of {longest} tokens and an answer of up to {n_new} do not fit "
                              f"the model's context of {n_pos}; lower rl_max_new_tokens or use a longer-context model")
-        stops = chat_stop_ids(tok) if chat else [tok.eot_id]
+        stops = tok.chat_stop_ids() if chat else [tok.eot_id]
         return cls(tok, task, prompts, answers, texts, stops, n_new, longest + n_new - 1)
 
     @classmethod

@@ -159,6 +159,15 @@ class SamplingParams:
         """A copy with `changes` (checked again)."""
         return replace(self, **changes)
 
+    def for_chat(self, tokenizer) -> SamplingParams:
+        """These params for a chat reply: it also ends where the model ends its turn or starts a new
+        one, at every token the tokenizer's chat format writes between turns (its end-of-turn and
+        role tokens, and EOS: tokenizer.chat_stop_ids()) and before a plain-text role marker
+        (tokenizer.chat_stop_strings()). `npgpt chat` and the server's /v1/chat/completions both
+        sample with these, so a reply stops the same way everywhere."""
+        return self.replace(stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids + tuple(tokenizer.chat_stop_ids()))),
+                            stop=tuple(dict.fromkeys(self.stop + tuple(tokenizer.chat_stop_strings()))))
+
     def check_vocab(self, vocab_size) -> SamplingParams:
         """Token ids (logit_bias, stop_token_ids) checked against a vocabulary of vocab_size."""
         for tid in self.logit_bias:

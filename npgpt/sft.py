@@ -37,10 +37,10 @@ from npgpt.gguf_models import gguf_context_length, is_gguf
 from npgpt.llama import config_from_hf
 from npgpt.model import read_hf_config
 from npgpt.safeio import read_jsonl
+from npgpt.tokenizer.chat_template import CHAT_TOKENS   # npgpt's own chat format: one token per role
 
 ROLES = ("system", "user", "assistant")
 MAX_SFT_BYTES = 1 << 30
-CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 def read_records(path):
@@ -90,16 +90,6 @@ def has_model_template(tok) -> bool:
 def is_chat_model(tok) -> bool:
     """Whether the model can chat: its own template, or npgpt's chat tokens from `finetune --sft`."""
     return has_model_template(tok) or all(t in tok.special_tokens for t in CHAT_TOKENS)
-
-
-def chat_stop_ids(tok) -> list[int]:
-    """Token ids that end an assistant turn in the format `render_chat` uses. npgpt's template:
-    every role token (<|system|>, <|user|>, <|assistant|>, <|end|>) and end-of-text, so a model
-    that starts the next turn without closing its own still stops there; a model's own template:
-    the tokenizer's (its end-of-turn token and EOS)."""
-    if has_model_template(tok):
-        return tok.chat_stop_ids()
-    return [tok.special_tokens[t] for t in CHAT_TOKENS if t in tok.special_tokens] + [tok.eot_id]
 
 
 def render_chat(tok, messages, add_generation_prompt=False):
@@ -179,8 +169,9 @@ class SFTData:
         return cls(tok, T, rows, truncated, str(path))
 
     @classmethod
-    def for_training(cls, cfg, stream=None):
-        """Build from a TrainConfig with sft / init_from / block_size; reports truncation."""
+    def for_training(cls, cfg, stream=None, trust_pattern=False):
+        """Build from a TrainConfig with sft / init_from / block_size; reports truncation. trust_pattern:
+        the model's tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
 
         src = find_checkpoint(cfg.init_from or cfg.out)
         if is_gguf(src):                      # one file: the tokenizer and the context length are inside
@@ -188,7 +179,7 @@ class SFTData:
         else:
             if not tk.is_tokenizer_dir(src):
                 raise NpgptError(f"{src} has no tokenizer files; SFT uses the model's own tokenizer")
-            tok = tk.load(src)
+            tok = tk.load(src, trust_pattern=trust_pattern)
             n_pos = config_from_hf(read_hf_config(src)).block_size
         records = read_records(cfg.sft)
         # default context: just long enough for the longest record (padding costs compute)

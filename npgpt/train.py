@@ -137,18 +137,18 @@ def _prepare_out(cfg: TrainConfig):
     return out
 
 
-def _open_data(cfg: TrainConfig, log, comm):
+def _open_data(cfg: TrainConfig, log, comm, trust_pattern=False):
     if cfg.data is None:
         log("no --data given: using the built-in pydoc corpus, character-level (prepared once, cached)")
         path = local_rank0_first(comm, lambda: ensure_builtin_dataset("pydoc", tokenizer="char"))
     else:
         path = Path(cfg.data)
-    data = TokenData(path)
+    data = TokenData(path, trust_pattern=trust_pattern)
     data.check_token_ids()              # a damaged .bin would index past the embedding
     return data
 
 
-def build_model(cfg: TrainConfig, data, log):
+def build_model(cfg: TrainConfig, data, log, trust_pattern=False):
     """The model to train: resumed, initialised from a folder (npgpt.loading reads any model folder:
     GPT-2, Llama, quantised, a LoRA run's adapter with its base), or new from the preset + overrides."""
     vocab = data.vocab_size
@@ -159,7 +159,7 @@ def build_model(cfg: TrainConfig, data, log):
             raise NpgptError(f"keep_quantized applies to --init-from a .gguf file, and {src} is not one")
         model = from_pretrained(src, dropout=cfg.dropout, **kept)   # a quantised one trains LoRA adapters only
         if not data.grow_vocab:                         # resumed or fine-tuned: the data's tokenizer is the model's
-            _check_same_tokenizer(src, data)
+            _check_same_tokenizer(src, data, trust_pattern)
         if model.config.vocab_size < vocab and data.grow_vocab:
             log(f"adding {vocab - model.config.vocab_size} embedding rows for new special tokens")
             model.resize_token_embeddings(vocab)
@@ -172,10 +172,10 @@ def build_model(cfg: TrainConfig, data, log):
     return new_model(mcfg, seed=cfg.seed), None
 
 
-def _check_same_tokenizer(model_dir, data):
+def _check_same_tokenizer(model_dir, data, trust_pattern=False):
     if not tk.is_tokenizer_dir(model_dir) and not is_gguf(model_dir):
         raise NpgptError(f"{model_dir} has no tokenizer files; a model folder needs its tokenizer to fine-tune on prepared data")
-    mine = tk.load(model_dir).fingerprint()
+    mine = tk.load(model_dir, trust_pattern=trust_pattern).fingerprint()
     theirs = data.tokenizer().fingerprint()
     if mine != theirs:
         raise NpgptError(f"the data in {data.path} was tokenized with a different tokenizer than the model in "
@@ -356,11 +356,14 @@ class Hooks:
 
 
 def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = None, plugins=(),
-          comm: Communicator | None = None) -> TrainResult:
+          comm: Communicator | None = None, trust_pattern: bool = False) -> TrainResult:
     """Run training as `config` says; returns a TrainResult (raises NpgptError on bad input).
 
     comm: the job's communicator (npgpt.distributed.comm.get_communicator() under mpiexec: then the
     run is data-parallel over its ranks); None trains in this process alone.
+
+    trust_pattern: the data's and the model's tokenizers may use a split regex that is not a named
+    one (what `npgpt --trust-pattern` passes).
 
     batch_source: where batches come from (npgpt.data.BatchSource; SFT data plugs in here), default
     the prepared data folder cfg.data. Every config trains as it is: the standard plugins
@@ -387,14 +390,14 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
     with lock:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm)
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
-        data = batch_source or _open_data(cfg, log, comm)
-        model, src = build_model(cfg, data, log)
+        data = batch_source or _open_data(cfg, log, comm, trust_pattern)
+        model, src = build_model(cfg, data, log, trust_pattern)
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from npgpt.cli.main import cli
 from npgpt.errors import NpgptError
-from npgpt.sft import SFTData, chat_stop_ids, is_chat_model, render_chat
+from npgpt.sft import SFTData, is_chat_model, render_chat
 from npgpt.tokenizer import load
 from npgpt.tokenizer.chat_template import ChatTemplate
 
@@ -81,7 +81,9 @@ def test_apply_chat_template_defaults(llama_tok):
     assert ids == tok.encode(text, allowed_special="all") and ids[0] == tok.special_tokens["<|begin_of_text|>"]
     cont = tok.apply_chat_template(TALK[:2], continue_final_message=True, tokenize=False)
     assert cont.endswith("<|end_header_id|>\n\nHello!")
-    assert tok.chat_stop_ids() == [tok.special_tokens["<|eot_id|>"], tok.special_tokens["<|end_of_text|>"]]
+    # the end-of-turn token first, then every token the template writes between turns, then EOS
+    assert tok.chat_stop_ids() == [tok.special_tokens[n] for n in ("<|eot_id|>", "<|start_header_id|>",
+                                                                   "<|end_header_id|>", "<|end_of_text|>")]
 
 
 @pytest.mark.parametrize("which", ["chatml", "llama3"])
@@ -137,7 +139,79 @@ def test_npgpt_models_keep_their_own_template():
         tok.apply_chat_template(TALK)
     ids, _ = render_chat(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert ids[-1] == tok.special_tokens["<|assistant|>"] and is_chat_model(tok)
-    assert chat_stop_ids(tok)[-1] == tok.eot_id
+    assert tok.chat_stop_ids() == [tok.special_tokens[t] for t in ("<|system|>", "<|user|>", "<|assistant|>",
+                                                                  "<|end|>")] + [tok.eot_id]
+
+
+# ------------------------------------------------------------------ where a chat reply stops
+GEMMA_LIKE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+              "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}"
+              "\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+PLAIN_TEXT = ("{% for m in messages %}{{ m['role']|capitalize }}: {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}Assistant:{% endif %}")
+TURNS = {   # template, added tokens, EOS -> the stop tokens (end-of-turn first, EOS last), the stop strings
+    "chatml": (CHATML, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>",
+               ["<|im_end|>", "<|im_start|>"], []),
+    "llama3": (LLAMA3, LLAMA3_SPECIALS, "<|end_of_text|>",
+               ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"], []),
+    "qwen2": (QWEN2, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|endoftext|>",
+              ["<|im_end|>", "<|im_start|>", "<|endoftext|>"], []),
+    "gemma-no-system": (GEMMA_LIKE, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<eos>",
+                        ["<end_of_turn>", "<start_of_turn>", "<eos>"], []),
+    "plain-text": (PLAIN_TEXT, ("<|endoftext|>",), "<|endoftext|>", ["<|endoftext|>"], ["User:", "Assistant:"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TURNS))
+def test_a_reply_stops_on_every_turn_token_of_the_template(name):
+    """The stops come from the template itself: every special token it writes between turns (the role
+    starts too, not only the end-of-turn token), or its plain-text role markers when it writes none;
+    SamplingParams.for_chat adds them to the caller's own stops, and the detokenizer cuts there."""
+    from npgpt.sampling import Detokenizer, SamplingParams
+    template, specials, eos, stop_names, stop_strings = TURNS[name]
+    tok = hf_chat_tokenizer(template, specials=specials, eos=eos, bos=specials[0])
+    assert tok.chat_stop_ids() == [tok.special_tokens[n] for n in stop_names]
+    assert tok.chat_stop_strings() == stop_strings
+    params = SamplingParams(stop=["zebra"], stop_token_ids=[3]).for_chat(tok)
+    assert params.stop_token_ids == (3, *tok.chat_stop_ids()) and params.stop == ("zebra", *stop_strings)
+    assert params.for_chat(tok) == params                                      # idempotent
+    # a model that runs on past its reply, skipping the end-of-turn token and opening the next user
+    # turn, still ends where its reply ends
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine thanks"},
+                                    {"role": "user", "content": "zzz"}], tokenize=False)
+    run_on = text[text.index("fine thanks"):text.index("zzz")]
+    eot = tok.special_tokens[stop_names[0]] if not stop_strings else None
+    detok, shown = Detokenizer(tok, params.stop, params.stop_token_ids), ""
+    for t in tok.encode(run_on, allowed_special="all"):
+        if t == eot:
+            continue                                  # skipped: the role start must stop it alone
+        if t in params.stop_token_ids:
+            break
+        shown += detok.add(t)
+        if detok.stopped:
+            break
+    assert (shown + detok.flush()).rstrip("\n") == "fine thanks"
+
+
+def test_chat_stops_when_the_model_opens_a_new_turn(hf_folder):
+    """A model that writes <|im_start|> (a new turn) instead of <|im_end|> stops there, in `npgpt chat`'s
+    session as in the server (test_serve_chat_uses_the_models_template); the control, an ordinary
+    token forced the same way, runs to max_new_tokens."""
+    from npgpt.cli.sample import ChatSession
+    from npgpt.generate import generate_stream
+    from npgpt.loading import load_run
+    from npgpt.sampling import SamplingParams
+    model, tok = load_run(hf_folder)[:2]
+    start, plain = tok.special_tokens["<|im_start|>"], tok.encode("the")[0]
+    for forced, n_steps, finish in ((start, 1, "stop"), (plain, 5, "length")):
+        session = ChatSession(model, tok, params=SamplingParams(temperature=0, max_new_tokens=5,
+                                                                logit_bias={forced: 100}))
+        session.messages.append({"role": "user", "content": "the fox"})
+        steps = [s for st in generate_stream(model, session._prompt_ids(), params=session.params, tokenizer=tok)
+                 for s in st]
+        assert [s.token for s in steps] == [forced] * n_steps and steps[-1].finish == finish
+        if forced == start:
+            assert "".join(s.text for s in steps) == ""
 
 
 # ------------------------------------------------------------------ a Hugging Face folder end to end
@@ -207,12 +281,17 @@ def test_serve_chat_uses_the_models_template(finetuned):
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = c.chat.completions.create(model="ft", messages=msgs, max_tokens=12, temperature=0)
+        forced = c.chat.completions.create(model="ft", messages=msgs, max_tokens=12, temperature=0,
+                                           logit_bias={str(tok.special_tokens["<|im_start|>"]): 100})
     finally:
         assert server.stop() == 0
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True)
     assert r.usage.prompt_tokens == len(ids)
     ref, _, _ = greedy_reference(folder, ids, 12, set(tok.chat_stop_ids()))
     assert r.choices[0].message.content == tok.decode(ref)
+    # a reply that opens a new turn (<|im_start|>, forced here) stops there: nothing shown, finish "stop"
+    assert forced.choices[0].message.content == "" and forced.choices[0].finish_reason == "stop"
+    assert forced.usage.completion_tokens == 1
 
 
 def test_hostile_template_in_a_folder_is_one_clear_error(hf_folder, tmp_path, monkeypatch):

@@ -202,17 +202,51 @@ def test_serve_engine_thread_and_no_grad_reference_ops_in_another_thread_at_the_
     assert other["modes"] == {"grad": False, "graph": False, "precision": "fp16", "op": None}
 
 
-def test_trust_pattern_holds_for_its_command_only():
-    """`npgpt --trust-pattern` sets a context variable for the command it runs: nothing in
-    os.environ (which child processes and every thread would inherit), and gone when it ends."""
+def test_trust_pattern_is_an_argument_from_the_cli_to_the_loader(tmp_path):
+    """`npgpt --trust-pattern` is a setting of the command's job, handed to the loader as
+    `trust_pattern=True` (load_run, the tokenizer loaders): no context variable, no environment
+    variable, nothing left behind for the next caller."""
     import os
 
     from click.testing import CliRunner
 
+    import npgpt.tokenizer.bpe as bpe
     from npgpt.cli.main import cli
-    from npgpt.tokenizer.bpe import TRUST_PATTERN
+    from npgpt.errors import NpgptError
+    from npgpt.evaluate import info
+    from npgpt.loading import load_run, load_run_tokenizer
+    from npgpt.tokenizer import BPETokenizer
 
-    r = CliRunner().invoke(cli, ["--trust-pattern", "prepare", "--help"])
-    assert r.exit_code == 0, r.output
-    assert TRUST_PATTERN.get() is False
+    from helpers import corpus
+
+    custom = r"\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"
+    tok = BPETokenizer.train(corpus(400), 280, pattern=custom)
+    folder = tmp_path / "m"
+    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0).save_pretrained(folder)
+    tok.save(folder)
+    (tmp_path / "text.txt").write_text(corpus(60, seed=1))
+    assert not any("TRUST" in name for name in dir(bpe))          # the old context variable is gone
+
+    for load in (load_run, load_run_tokenizer):
+        with pytest.raises(NpgptError, match="trust-pattern"):
+            load(folder)
+    assert load_run(folder, trust_pattern=True).tokenizer.pattern == custom
+    assert load_run_tokenizer(folder, trust_pattern=True).fingerprint() == tok.fingerprint()
+    assert info(folder, trust_pattern=True)["tokenizer"]["vocab_size"] == tok.vocab_size
+    assert "trust-pattern" in info(folder)["tokenizer"]["error"]
+
+    runner = CliRunner()
+    commands = [["sample", "--checkpoint", str(folder), "--max-new-tokens", "2", "--seed", "0"],
+                ["eval", "--checkpoint", str(folder), "--input", str(tmp_path / "text.txt"), "--json"]]
+    data = str(tmp_path / "d")
+    commands.append(["prepare", "--input", str(tmp_path / "text.txt"), "--out", data, "--tokenizer-from", str(folder)])
+    commands.append(["finetune", "--init-from", str(folder), "--data", data, "--out", str(tmp_path / "ft"), "--quiet",
+                     "--set", "max_iters=1", "--set", "eval_iters=1", "--set", "batch_size=2", "--set", "block_size=8"])
+    for args in commands:
+        r = runner.invoke(cli, args)
+        assert r.exit_code == 1 and "--trust-pattern" in r.output and "Traceback" not in r.output, r.output
+        r = runner.invoke(cli, ["--trust-pattern", *args])
+        assert r.exit_code == 0, r.output
+    with pytest.raises(NpgptError, match="trust-pattern"):     # nothing of the command's opt-in is left
+        load_run(folder)
     assert not any("TRUST" in k for k in os.environ)

@@ -143,7 +143,7 @@ def test_a_new_format_is_one_table_entry(tmp_path, folder):
         return GPT.from_pretrained(path.read_text(), **overrides)
 
     toy = register_format(Format("toy", "toy files", lambda p, hf: str(p).endswith(".toy"), load,
-                                 lambda p: load_run(p.read_text()).tokenizer), before="gpt2")
+                                 lambda p, trust_pattern=False: load_run(p.read_text()).tokenizer), before="gpt2")
     try:
         assert [f.name for f in FORMATS].index("toy") == [f.name for f in FORMATS].index("gpt2") - 1
         run = load_run(tmp_path / "m.toy", dropout=0.5)

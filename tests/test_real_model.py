@@ -100,6 +100,21 @@ def test_npgpt_chat_answers_paris(gguf_path):
     assert "Paris" in r.output.split("bot>", 1)[1]
 
 
+def test_chat_stops_on_every_chatml_turn_token(model, tok):
+    """SmolLM2's own ChatML template: a reply stops at <|im_end|> and at <|im_start|> (a new turn), as
+    derived from the template; forced to open a new turn, the real model's reply is empty."""
+    from npgpt.cli.sample import ChatSession
+    from npgpt.generate import generate_stream
+    from npgpt.sampling import SamplingParams
+    names = {v: k for k, v in tok.special_tokens.items()}
+    assert [names[i] for i in tok.chat_stop_ids()][:2] == ["<|im_end|>", "<|im_start|>"]
+    start = tok.special_tokens["<|im_start|>"]
+    session = ChatSession(model, tok, params=SamplingParams(temperature=0, max_new_tokens=4, logit_bias={start: 100}))
+    session.messages.append({"role": "user", "content": "What is the capital of France?"})
+    steps = [s for st in generate_stream(model, session._prompt_ids(), params=session.params, tokenizer=tok) for s in st]
+    assert [s.token for s in steps] == [start] and steps[-1].finish == "stop" and steps[-1].text == ""
+
+
 def test_metadata_as_read(gguf_path):
     from npgpt.gguf import GGUFFile
     g = GGUFFile(gguf_path)

@@ -11,7 +11,7 @@ from npgpt.cli.train import FINETUNE_DEFAULTS
 from npgpt.data import prepare
 from npgpt.generate import generate_stream
 from npgpt.loading import load_run
-from npgpt.sft import SFTData, chat_stop_ids, render_chat
+from npgpt.sft import SFTData, render_chat
 from npgpt.train import TrainConfig, train
 
 NAMES = ["anna", "bob", "carl", "dora", "eve", "fred", "gina", "hugo", "iris", "jack"]
@@ -48,7 +48,7 @@ def chat_sft(w, name, **settings):
 def _reply(model, tok, question, max_new=40, **sampling):
     """(reply text, whether a stop token ended it within max_new tokens)."""
     ids, _ = render_chat(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
-    stops = set(chat_stop_ids(tok))
+    stops = set(tok.chat_stop_ids())
     out = []
     for steps in generate_stream(model, ids, max_new, **sampling):
         for s in steps:

@@ -281,7 +281,7 @@ def test_bpe_save_load_gives_identical_ids(tmp_path, pattern):
     if custom:                                   # a pattern read from a file needs the user's opt-in
         with pytest.raises(NpgptError, match="trust-pattern"):
             load(tmp_path / "tok")
-    again = load(tmp_path / "tok", trust_pattern=custom or None)
+    again = load(tmp_path / "tok", trust_pattern=custom)
     assert again.pattern == pattern and again.special_tokens == tok.special_tokens
     text = CORPUS[30_000:40_000]
     assert again.encode(text, disallowed_special=()) == tok.encode(text, disallowed_special=())

@@ -43,7 +43,7 @@ from npgpt.sampling import SamplingError
 from npgpt.serve import tools
 from npgpt.serve.protocol import ApiError, Params
 from npgpt.structured import GrammarError, TokenTable
-from npgpt.sft import chat_stop_ids, is_chat_model
+from npgpt.sft import is_chat_model
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -142,8 +142,12 @@ class App:
                     raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
                                    "tool_choice")
                 params.grammar = tools.forced_grammar(spec)
-        # a reply ends at the template's turn markers (npgpt.sft.chat_stop_ids)
-        return self._request("chat", [ids], params, chat_stop_ids(self.tok), [""])
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        chat = params.sampling.for_chat(self.tok)
+        if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
+            chat = chat.replace(stop=params.sampling.stop)
+        params.sampling = chat
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
@@ -608,10 +612,12 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
 
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None):
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
+          trust_pattern=False):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
-    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache)."""
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
                     ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
         if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
@@ -624,7 +630,7 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device,
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
                                 **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:

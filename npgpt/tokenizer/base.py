@@ -33,7 +33,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 import regex
 
 from npgpt.errors import NpgptError
-from npgpt.tokenizer.chat_template import ChatTemplate, assistant_spans, end_of_turn, token_mask
+from npgpt.tokenizer.chat_template import (CHAT_TOKENS, ChatTemplate, assistant_spans, end_of_turn, token_mask,
+                                           turn_markers)
 from npgpt.tokenizer.files import DEFAULT_CHUNK_BYTES, iter_text_chunks
 
 EOT = "<|endoftext|>"
@@ -337,17 +338,36 @@ class Tokenizer:
         return ids, token_mask(self, text, ids, spans)
 
     def chat_stop_ids(self) -> list[int]:
-        """Ids that end an assistant turn: the template's end-of-turn token, then the tokenizer's EOS."""
-        stops = []
-        if self.chat_template is not None:
-            name = end_of_turn(self._chat_template(None), self.special_tokens, self.template_variables())
-            if name is not None:
-                stops.append(self.special_tokens[name])
+        """Ids that end an assistant reply: with the model's template, its end-of-turn token, then every
+        special token it writes between turns (a role start such as <|im_start|>: a model that opens a
+        new turn without closing its own stops there too); with npgpt's own format, its role tokens
+        (CHAT_TOKENS); then the tokenizer's EOS."""
+        if self.chat_template is None:
+            stops = [self.special_tokens[t] for t in CHAT_TOKENS if t in self.special_tokens]
+        else:
+            names = self._turn_markers()[0]
+            stops = [self.special_tokens[n] for n in names]
         try:
             stops.append(self.eot_id)
         except NpgptError:
             pass
         return list(dict.fromkeys(stops))
+
+    def chat_stop_strings(self) -> list[str]:
+        """Plain-text turn markers of a template that writes no special token between turns ("User:"):
+        a reply stops before one. Empty for templates with turn tokens and for npgpt's own format."""
+        return [] if self.chat_template is None else self._turn_markers()[1]
+
+    _turn_cache: tuple | None = None         # (template source, turn_markers result): rendered once per template
+
+    def _turn_markers(self) -> tuple[list[str], list[str]]:
+        if self._turn_cache is None or self._turn_cache[0] != self.chat_template:
+            template, variables = self._chat_template(None), self.template_variables()
+            names, texts = turn_markers(template, self.special_tokens, variables)
+            eot = end_of_turn(template, self.special_tokens, variables)
+            names = list(dict.fromkeys(([eot] if eot is not None else []) + names))   # end-of-turn first
+            self._turn_cache = (self.chat_template, (names, texts))
+        return self._turn_cache[1]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, specials={len(self.special_tokens)})"

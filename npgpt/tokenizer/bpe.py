@@ -39,7 +39,6 @@ Saved format (`save(folder)`)
 
 from __future__ import annotations
 
-import contextvars
 import heapq
 import json
 import warnings
@@ -82,21 +81,15 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN, "llama3": LLAMA3_PATTERN
 # before it does not depend on the text after it: a stream can be cut there without changing a thing.
 _LAST_SAFE_CUT = regex.compile(r"\p{L}(?=\s)", regex.REVERSE)
 
-# `npgpt --trust-pattern` sets this for the command it runs (a context variable, not the process's
-# environment: another thread, a server's engine started elsewhere, a child process never inherit it);
-# a library caller passes trust_pattern=True to the loader instead.
-TRUST_PATTERN = contextvars.ContextVar("npgpt_trust_pattern", default=False)
-
-
-def check_pattern(pattern, where, trust_pattern=None) -> str:
+def check_pattern(pattern, where, trust_pattern=False) -> str:
     """`pattern` if it is a named one (gpt2, gpt4, llama3, qwen2, or their regex spelled out); any other
-    regex read from a file needs the user's opt-in, since a catastrophic one would hang every encode."""
+    regex read from a file needs the user's opt-in, since a catastrophic one would hang every encode.
+    The opt-in is an argument all the way down (`npgpt --trust-pattern` hands it to the loader the
+    command calls, e.g. npgpt.load_run(path, trust_pattern=True)): no global, no environment variable."""
     if not isinstance(pattern, str):
         raise NpgptError(f"{where}: field 'pattern' must be a string, got {type(pattern).__name__}")
     if pattern in PATTERNS or pattern in PATTERNS.values():
         return pattern
-    if trust_pattern is None:
-        trust_pattern = TRUST_PATTERN.get()
     if not trust_pattern:
         raise NpgptError(f"{where} asks for its own split pattern {pattern[:40]!r}; a regex from a file can hang "
                          f"npgpt, so only the named ones ({', '.join(PATTERNS)}) load by default. If you trained this tokenizer with "

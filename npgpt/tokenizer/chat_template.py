@@ -25,7 +25,8 @@ its budget, raises, or is not valid Jinja gives one NpgptError naming what happe
 
 `assistant_spans` finds the characters each assistant message adds (for SFT masks): the
 `{% generation %}` blocks when the template has them, else by rendering the conversation prefix by
-prefix; `chat_ids_and_mask` turns that into token ids and a per-token mask.
+prefix; `chat_ids_and_mask` turns that into token ids and a per-token mask. `turn_markers` finds
+what the template writes between turns (its end-of-turn and role tokens), where a reply stops.
 """
 
 from __future__ import annotations
@@ -432,3 +433,50 @@ def end_of_turn(template: ChatTemplate, specials, variables: dict) -> str | None
         after = text[at + len(marker):].lstrip()
         return next((name for name in sorted(specials, key=len, reverse=True) if after.startswith(name)), None)
     return None
+
+
+# npgpt's own chat format (npgpt.sft.render_chat, for models without a template): one token per role
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+MAX_MARKER_CHARS = 64        # a plain-text role marker longer than this is not taken as one
+
+
+def turn_markers(template: ChatTemplate, specials, variables: dict) -> tuple[list[str], list[str]]:
+    """What the template writes between two messages and before the reply, where a model that writes
+    it has ended its turn or begun a new one: (special token names in order of appearance, plain-text
+    markers). ChatML: <|im_end|>, <|im_start|>; Llama 3: <|eot_id|>, <|start_header_id|>,
+    <|end_header_id|>. A template that marks turns with plain text only ("User: ") gives that text,
+    stripped (at most MAX_MARKER_CHARS), as a marker instead.
+
+    Found by rendering a conversation of probe messages (system, user, assistant, user, assistant;
+    without the system message when the template refuses one) and reading what lies between them."""
+    roles = ("system", "user", "assistant", "user", "assistant")
+    probes = [f"npgpt-turn-probe-{i}" for i in range(len(roles))]
+    names = sorted(specials, key=len, reverse=True)
+    special_re = regex.compile("|".join(regex.escape(n) for n in names)) if names else None
+    for first in (0, 1):
+        messages = [{"role": r, "content": p} for r, p in zip(roles[first:], probes[first:])]
+        try:
+            text = template.render(messages, **variables)
+            prompt = template.render(messages[:-1], add_generation_prompt=True, **variables)
+        except NpgptError:
+            continue
+        gaps, end = [], None
+        for m in messages:
+            at = text.find(m["content"], end or 0)
+            if at < 0:
+                break
+            if end is not None:
+                gaps.append(text[end:at])
+            end = at + len(m["content"])
+        else:
+            at = prompt.rfind(probes[-2])               # the generation prompt: the reply's own header
+            if at >= 0:
+                gaps.append(prompt[at + len(probes[-2]):])
+            found, texts = [], []
+            for gap in gaps:
+                here = [mt.group() for mt in special_re.finditer(gap)] if special_re else []
+                found += here
+                if not here and gap.strip() and len(gap.strip()) <= MAX_MARKER_CHARS:
+                    texts.append(gap.strip())
+            return list(dict.fromkeys(found)), list(dict.fromkeys(texts))
+    return [], []

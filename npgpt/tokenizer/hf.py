@@ -348,7 +348,7 @@ class HFTokenizer(BPETokenizer):
                  added_tokens: list[AddedToken] = (), pre_tokenizer: dict | str = "gpt2",
                  normalizer: dict | None = None, post_processor: dict | None = None, ignore_merges: bool = False,
                  bos_token: str | None = None, eos_token: str | None = None, pad_token: str | None = None,
-                 chat_template: str | None = None, trust_pattern: bool | None = None, where: str = "tokenizer",
+                 chat_template: str | None = None, trust_pattern: bool = False, where: str = "tokenizer",
                  extra_vocab: dict[str, int] | None = None):
         """Build from parts: ordinary tokens `{bytes: id}`, merges as byte pairs in rank order, the
         added tokens, and the pipeline specs as tokenizer.json spells them (`pre_tokenizer` may be a
@@ -611,7 +611,7 @@ class HFTokenizer(BPETokenizer):
     # ----------------------------------------------------------------------------- reading
 
     @classmethod
-    def from_folder(cls, folder, trust_pattern: bool | None = None) -> HFTokenizer:
+    def from_folder(cls, folder, trust_pattern: bool = False) -> HFTokenizer:
         """Read `folder`/tokenizer.json and, when present, tokenizer_config.json and chat_template.jinja."""
         folder = Path(folder)
         config = read_tokenizer_config(folder)
@@ -628,7 +628,7 @@ class HFTokenizer(BPETokenizer):
                              chat_template=template)
 
     @classmethod
-    def from_json(cls, data, where="tokenizer.json", trust_pattern: bool | None = None, **names) -> HFTokenizer:
+    def from_json(cls, data, where="tokenizer.json", trust_pattern: bool = False, **names) -> HFTokenizer:
         """Build from a parsed tokenizer.json object (checked here: it may come from anyone); `names`:
         bos_token, eos_token, pad_token, chat_template (tokenizer_config.json's)."""
         if not isinstance(data, dict):

@@ -47,12 +47,12 @@ def _read_meta(meta_path: Path) -> dict:
     return meta
 
 
-def load(path, trust_pattern: bool | None = None) -> Tokenizer:
+def load(path, trust_pattern: bool = False) -> Tokenizer:
     """Load the tokenizer saved in folder `path` (npgpt char or BPE, a Hugging Face tokenizer.json, or a
     GPT-2 folder), or the one inside a GGUF file `path`.
 
-    A BPE split pattern other than the named ones (gpt2, gpt4, llama3, qwen2) loads only with `trust_pattern` (default:
-    npgpt.tokenizer.bpe.TRUST_PATTERN, the context variable `npgpt --trust-pattern` sets for its command)."""
+    A BPE split pattern other than the named ones (gpt2, gpt4, llama3, qwen2) loads only with
+    `trust_pattern=True` (what `npgpt --trust-pattern` passes)."""
     path = Path(path)
     if not path.exists():
         raise NpgptError(f"tokenizer folder {path} does not exist; check the path or train a tokenizer first")
