@@ -135,7 +135,10 @@ ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a", "0"
 
 
 def lit(text: str) -> Lit:
-    return Lit(text.encode("utf-8"))
+    try:
+        return Lit(text.encode("utf-8"))
+    except UnicodeEncodeError:              # a lone surrogate (JSON allows "\ud800"; UTF-8 does not)
+        raise GrammarError(f"{text[:40]!r} holds a lone surrogate, which UTF-8 cannot encode") from None
 
 
 # ---- regex parser --------------------------------------------------------------------------------
