@@ -737,6 +737,8 @@ class Grammar:
 
     @staticmethod
     def regex(pattern: str) -> Grammar:
+        if not isinstance(pattern, str):         # a request body's value: the cache below needs a string
+            raise GrammarError(f"a regular expression must be a string, got {type(pattern).__name__}")
         return _compiled("regex", pattern)
 
     @staticmethod

@@ -130,6 +130,15 @@ def test_stream_null_and_boolean_flags(server):
         assert status == 400 and error(data, param)
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"guided_regex": []}, "guided_regex"), ({"guided_regex": {"a": 1}}, "guided_regex"),   # found by the fuzzer
+    ({"guided_choice": [{"a": 1}]}, "guided_choice"),
+])
+def test_fuzz_findings(server, body, param):
+    status, _, data = post(server, "/v1/completions", dict(prompt="a", max_tokens=2, **body))
+    assert status == 400 and error(data, param)
+
+
 def test_echo(server):
     c = client(server)
     plain = c.completions.create(model="tiny", prompt="the lazy", max_tokens=10, temperature=0).choices[0].text
@@ -273,7 +282,8 @@ def test_detokenizer_stop_check_is_linear():
 # ---- fuzzing the body schema against the live server ---------------------------------------------------------
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "presence_penalty",
-          "frequency_penalty", "repetition_penalty", "logit_bias", "user", "model", "suffix"]
+          "frequency_penalty", "repetition_penalty", "logit_bias", "user", "model", "suffix", "response_format",
+          "guided_json", "guided_regex", "guided_choice"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.integers(-2 ** 70, 2 ** 70),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6), st.sampled_from(["²", "1_0", "9" * 60]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
@@ -287,6 +297,10 @@ GOOD = {
     "stream_options": st.fixed_dictionaries({"include_usage": VALUES}), "logprobs": st.integers(-1, 21) | st.booleans(),
     "stop": st.lists(st.text("ab ", max_size=3), max_size=5), "echo": st.booleans(),
     "logit_bias": st.dictionaries(st.text("0123456789²-", min_size=1, max_size=4), st.integers(-120, 120), max_size=3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                        {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}]),
+    "guided_regex": st.text("ab|*+?()[]{}0-9,^$\\", max_size=8),
+    "guided_choice": st.lists(st.text("ab ☃", max_size=3), max_size=3),
 }
 
 
@@ -297,8 +311,13 @@ def _body(junk, good):
     return body
 
 
-BODIES = st.builds(_body, st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6),
-                   st.fixed_dictionaries({}, optional=GOOD))
+BASE = {"prompt": "the", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+BODIES = st.one_of(
+    st.builds(_body, st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6),
+              st.fixed_dictionaries({}, optional=GOOD)),
+    # a valid request with one field changed: reaches generation more often
+    st.builds(lambda k, v: {**BASE, k: v}, st.sampled_from(FIELDS), VALUES),
+    st.builds(lambda good: {**BASE, **good}, st.fixed_dictionaries({}, optional=GOOD)))
 
 
 def check_reply(status, headers, data):

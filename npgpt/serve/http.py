@@ -37,10 +37,12 @@ from queue import Empty
 from npgpt.errors import NpgptError
 from npgpt.gguf_models import load_options
 from npgpt.loading import load_run
+from npgpt.lora import load_adapters
 from npgpt.safeio import parse_json
-from npgpt.serve.engine import Engine, Request
 from npgpt.sampling import SamplingError
 from npgpt.serve import tools
+from npgpt.serve.engine import Engine, Request
+from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
 from npgpt.structured import GrammarError, TokenTable
 from npgpt.sft import is_chat_model
@@ -64,10 +66,15 @@ def _longest_token(tok):
 
 
 class App:
-    """What the handlers share: the engine, the tokenizer, the limits, the model's name."""
+    """What the handlers share: the engine, the tokenizer, the limits, the model ids, the metrics.
+
+    `adapters` ([{"name", "r", "alpha", "layers", ...}] from npgpt.lora.load_adapters, in the order of
+    their indices) are served as models of their own names; `default_adapter` is the index `model_name`
+    runs on (-1: the base alone). `log`: a RequestLog for one JSON line per request, or None."""
 
     def __init__(self, model, tok, model_name, api_key=None, max_batch=16, max_queue=64, max_tokens=1024,
-                 max_body=1 << 20, max_request_tokens=None, engine_options=None):
+                 max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
+                 log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
         if max_request_tokens is None:       # a full context's prompt, or four full-length replies
             max_request_tokens = max(4 * max_tokens, model.config.block_size)
@@ -76,13 +83,31 @@ class App:
         # a text longer than this cannot fit the context whatever it says: refused before encoding it
         self.max_prompt_chars = 2 * model.config.block_size * _longest_token(tok)
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
-        self.engine = Engine(model, tok, max_batch, max_queue, **(engine_options or {}))
+        self.adapters = list(adapters)
+        self.model_ids = {model_name: default_adapter}           # model id -> adapter index
+        for k, a in enumerate(self.adapters):
+            self.model_ids.setdefault(a["name"], k)
+        self.metrics, self.log = Metrics(), log
+        self.engine = Engine(model, tok, max_batch, max_queue, metrics=self.metrics, **(engine_options or {}))
+        self.metrics.engine = self.engine
         self.created = int(time.time())
         self.inflight = 0
         self.lock = threading.Lock()
         self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
 
     # ---- building requests ------------------------------------------------------------------------
+    def pick_model(self, body):
+        """(model id, adapter index) that the body's `model` asks for. A server of one model answers
+        whatever `model` says (as llama.cpp does; the chat page and scripts send any name); with
+        adapters the name chooses, and an unknown one is a 404 in OpenAI's shape."""
+        name = body.get("model")
+        if len(self.model_ids) == 1 or name is None:
+            return self.model_name, self.model_ids[self.model_name]
+        if not isinstance(name, str) or name not in self.model_ids:
+            raise ApiError(404, f"The model {str(name)[:100]!r} does not exist; this server serves "
+                                f"{', '.join(self.model_ids)}", "model", code="model_not_found")
+        return name, self.model_ids[name]
+
     def _encode(self, text):
         return self.tok.encode_prompt(text)      # as `npgpt sample`: BPE special-token strings are specials
 
@@ -212,14 +237,16 @@ class App:
 
     def chunk(self, req, choices):
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-        return {"id": req.id, "object": obj, "created": req.created, "model": self.model_name, "choices": choices}
+        return {"id": req.id, "object": obj, "created": req.created, "model": req.model or self.model_name,
+                "choices": choices}
 
     def models(self):
-        return {"object": "list", "data": [self.model_card()]}
+        return {"object": "list", "data": [self.model_card(m) for m in self.model_ids]}
 
-    def model_card(self):
+    def model_card(self, model_id=None):
         c = self.model.config
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "npgpt",
+        model_id = model_id or self.model_name
+        card = {"id": model_id, "object": "model", "created": self.created, "owned_by": "npgpt",
                 "npgpt": {"chat_template": self.has_chat, "context_length": c.block_size,
                           "vocab_size": c.vocab_size, "max_tokens": self.limits["max_tokens"],
                           "max_batch": self.limits["max_batch"],
@@ -227,6 +254,77 @@ class App:
                           "peak_batch": self.engine.peak, "steps": self.engine.steps,
                           "cancelled": self.engine.cancelled,
                           "engine": dict(self.engine.stats)}}
+        k = self.model_ids[model_id]
+        if k >= 0:                              # served through a LoRA adapter (vLLM names the base `parent`)
+            a = self.adapters[k]
+            card["npgpt"]["lora"] = {"r": a["r"], "alpha": a["alpha"], "layers": a["layers"]}
+            if model_id != self.model_name:
+                card["parent"] = self.model_name
+        return card
+
+    # ---- utility endpoints ------------------------------------------------------------------------
+    def tokenize(self, body):
+        """POST /tokenize: {"prompt" (vLLM) or "content" (llama.cpp): text, "with_pieces": bool} ->
+        {"tokens", "count", "max_model_len", "model"} (+ "pieces": [{"id", "piece"}]). The ids are the
+        ones /v1/completions prefills for that string (special-token strings become specials)."""
+        model_id, _ = self.pick_model(body)
+        text = body.get("prompt", body.get("content"))
+        if not isinstance(text, str):
+            raise ApiError(400, "'prompt' (or 'content') must be a string", "prompt")
+        pieces = body.get("with_pieces", False)
+        if not isinstance(pieces, bool):
+            raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
+        self._check_chars(len(text), "prompt")
+        try:
+            ids = self._encode(text) if text else []
+        except NpgptError as e:
+            raise ApiError(400, f"prompt: {e}", "prompt") from None
+        out = {"tokens": ids, "count": len(ids), "max_model_len": self.model.config.block_size, "model": model_id}
+        if pieces:
+            out["pieces"] = [{"id": t, "piece": _token_str(self.tok, t)} for t in ids]
+        return out
+
+    def detokenize(self, body):
+        """POST /detokenize: {"tokens": [ids]} -> {"prompt": text, "content": text (llama.cpp's name), "model"}."""
+        model_id, _ = self.pick_model(body)
+        ids, V = body.get("tokens"), self.model.config.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V
+                                                for t in ids):
+            raise ApiError(400, f"'tokens' must be a list of token ids in [0, {V})", "tokens")
+        text = self.tok.decode(ids)
+        return {"prompt": text, "content": text, "model": model_id}
+
+    def health(self):
+        """(status, body) of GET /health: 200 while the decoding thread runs and takes requests."""
+        e = self.engine
+        if not e.accepting:
+            return 503, {"status": "shutting_down"}
+        if e.thread is None or not e.thread.is_alive():
+            return 503, {"status": "engine_stopped"}
+        return 200, {"status": "ok", "running": len(e.active), "waiting": len(e.waiting)}
+
+    def finished(self, path, status, req, started, error=None):
+        """Count a POST request in the metrics and write its log line."""
+        self.metrics.request(path, status)
+        record = {"id": None, "endpoint": path[:100], "model": None, "adapter": None, "status": status}
+        if req is not None:
+            done = [s for s in req.seqs if s.first_at is not None]
+            ttft = min(s.first_at for s in done) - req.arrived if done else None
+            out_tokens = sum(len(s.tokens) for s in req.seqs)
+            duration = time.monotonic() - req.arrived
+            self.metrics.generation(req.model, req.prompt_tokens, out_tokens, ttft, duration)
+            record.update(id=req.id, model=req.model,
+                          adapter=self.adapters[req.adapter]["name"] if req.adapter >= 0 else None,
+                          prompt_tokens=req.prompt_tokens, completion_tokens=out_tokens,
+                          ttft_s=None if ttft is None else round(ttft, 6), duration_s=round(duration, 6),
+                          finish_reasons=[s.finish for s in req.seqs], stream=req.params.stream)
+        else:
+            record["duration_s"] = round(time.monotonic() - started, 6)
+        if error is not None:
+            record["error"] = error
+        if self.log is not None:
+            self.log.write(record)
+
 
 
 MAX_REQUEST_LINE = 8192          # bytes of "METHOD /path HTTP/1.1" (414 beyond)
@@ -244,6 +342,9 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 60                  # a client that sends nothing for a minute is dropped
     disconnect_poll = 0.25        # seconds between checks that a waiting client is still there
     app: App = None
+    status = None                 # the HTTP status sent for the current request (None: none yet)
+    req = None                    # the current generation Request, once built
+    error = None                  # the current request's error message, if it failed
 
     def version_string(self):                 # the Server header: no Python version for a stranger to read
         return self.server_version
@@ -251,6 +352,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):        # quiet by default; errors go to stderr
         if self.server.verbose:
             super().log_message(fmt, *args)
+
+    def send_response(self, code, message=None):
+        self.status = code                    # what the request is counted and logged with
+        super().send_response(code, message)
 
     # ---- malformed HTTP: the standard library's checks, answered with OpenAI's JSON error body ----
     def send_error(self, code, message=None, explain=None):
@@ -293,6 +398,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _send_error(self, e: ApiError):
+        self.error = e.message
         if e.status >= 400 and (self.command != "GET" or e.status not in (401, 404)):
             self.close_connection = True          # an unread body, or a broken request, may still be on the wire
             e.headers = {**e.headers, "Connection": "close"}
@@ -320,6 +426,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- routes ---------------------------------------------------------------------------------
     def do_GET(self):
+        self.status = None
         try:
             self._get()
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -329,10 +436,25 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:              # never let one request take the server down
             print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+        finally:
+            self.app.metrics.request(self.path.split("?")[0], self.status or 499)
 
     def _get(self):
+        if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True          # a GET's body is never read: it must not pass for a request
         path = self.path.split("?")[0]
-        if path in ("/", "/index.html"):
+        if path == "/health":                 # no API key: load balancers and orchestrators probe it
+            self._send_json(*self.app.health())
+        elif path == "/metrics":
+            if not self._authorised():
+                return
+            data = self.app.metrics.render(self.app.model_ids).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif path in ("/", "/index.html"):
             page = files("npgpt.serve").joinpath("static/chat.html").read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
@@ -346,14 +468,15 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if path == "/v1/models":
                 self._send_json(200, self.app.models())
-            elif path == f"/v1/models/{self.app.model_name}":
-                self._send_json(200, self.app.model_card())
+            elif path.startswith("/v1/models/") and path[len("/v1/models/"):] in self.app.model_ids:
+                self._send_json(200, self.app.model_card(path[len("/v1/models/"):]))
             else:
                 self._send_error(ApiError(404, f"no such endpoint or model: GET {path}", code="not_found"))
         else:
             self._send_error(ApiError(404, f"no such page: {path}", code="not_found"))
 
     def do_POST(self):
+        self.status, self.req, self.error, started = None, None, None, time.monotonic()
         try:
             self._post()
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -363,6 +486,8 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:              # never let one request take the server down
             print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+        finally:                            # 499: the client went away before an answer (nginx's code)
+            self.app.finished(self.path.split("?")[0], self.status or 499, self.req, started, self.error)
 
     def _safe_error(self, e):
         try:
@@ -373,7 +498,8 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self):
         path = self.path.split("?")[0]
         routes = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
-        if path not in routes:
+        utility = {"/tokenize": App.tokenize, "/detokenize": App.detokenize}
+        if path not in routes and path not in utility:
             raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
         if not self._authorised():
             return
@@ -389,7 +515,12 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         app = self.app
+        if path in utility:
+            self._send_json(200, utility[path](app, body))
+            return
+        model_id, adapter = app.pick_model(body)          # an unknown model is a 404 before anything else
         req = app.chat_request(body) if routes[path] == "chat" else app.completion_request(body)
+        req.model, req.adapter, self.req = model_id, adapter, req
         with app.lock:
             app.inflight += 1
         try:
@@ -474,7 +605,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": reasons[i]})
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
-        self._send_json(200, {"id": req.id, "object": obj, "created": req.created, "model": app.model_name,
+        self._send_json(200, {"id": req.id, "object": obj, "created": req.created, "model": req.model or app.model_name,
                               "choices": choices, "usage": _usage(req, sum(counts))})
 
     def _stream(self, req):
@@ -546,6 +677,7 @@ class Handler(BaseHTTPRequestHandler):
                     piece = {"delta": {}} if req.kind == "chat" else {"text": ""}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": None, "finish_reason": reason}]))
         except ApiError as e:
+            self.error = e.message
             send(e.body())
             send(b"[DONE]")
             return
@@ -610,14 +742,41 @@ def make_server(app, host="127.0.0.1", port=8000, verbose=False):
     return httpd
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def parse_adapter_options(values):
+    """`--adapter` values -> (plain folder or None, [(name, folder)]). `NAME=DIR` names an adapter
+    served as model NAME (NAME: letters, digits, . _ : -; a value that is an existing path is a folder
+    whatever it contains); a plain `DIR` is applied to the default model, as before."""
+    plain, named = None, []
+    for v in values or ():
+        name, eq, folder = str(v).partition("=")
+        if eq and _ADAPTER_NAME.fullmatch(name) and folder and not Path(v).exists():
+            if any(name == n for n, _ in named):
+                raise NpgptError(f"--adapter {name}=... is given twice; each adapter needs its own name")
+            named.append((name, folder))
+        elif plain is not None:
+            raise NpgptError(f"--adapter {v}: only one unnamed adapter (the default model's); name the others "
+                             f"as NAME=DIR to serve them side by side")
+        else:
+            plain = str(v)
+    return plain, named
+
+
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
           keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
-          trust_pattern=False):
+          trust_pattern=False, adapters=None, log_file=None, request_log=True):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
     (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
-    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+
+    `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
+    id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
+    the default model as before. `request_log`: one JSON line per POST request, to `log_file` (appended)
+    or stderr."""
     for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
                     ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
         if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
@@ -630,7 +789,9 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
+    adapters = list(adapters or [])
+    model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
+                                trust_pattern=trust_pattern,
                                 **load_options(checkpoint, keep_quantized))[:3]
     model.eval()
     if model_name is None:
@@ -639,9 +800,24 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         if adapter is not None:                  # the id says the adapter is on: base+adapter
             a = Path(adapter).resolve()
             model_name += "+" + (a.parent.name if a.name == "ckpt" else a.name)
+    infos, default = [], -1
+    if adapters:
+        clash = [n for n, _ in adapters if n == model_name]
+        if clash:
+            raise NpgptError(f"--adapter {clash[0]}=...: {clash[0]!r} is the base model's id; choose another name")
+        # the unnamed adapter (if any) becomes adapter 0, the default model's
+        infos = load_adapters(model, ([(model_name, adapter)] if adapter is not None else []) + adapters)
+        default = 0 if adapter is not None else -1
+    log = None
+    if request_log:
+        try:
+            log = RequestLog(log_file)
+        except OSError as e:
+            raise NpgptError(f"cannot open --log-file {log_file} ({e.strerror or e})") from None
     app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, max_request_tokens,
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
-                              "prefix_request_mb": float(prefix_request_mb)})
+                              "prefix_request_mb": float(prefix_request_mb)},
+              adapters=infos, default_adapter=default, log=log)
     httpd = make_server(app, host, port, verbose)
     app.engine.start()
     stopping = threading.Event()
@@ -653,6 +829,14 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     h, p = httpd.server_address[:2]
+    for a in infos:
+        if a["name"] == model_name:
+            ready(f"npgpt serve: LoRA adapter {a['folder']} is the default model {model_name} (r={a['r']}, "
+                  f"alpha={a['alpha']:g}, {a['layers']} layers)")
+            continue
+        base = f"; it records base {a['base']}" if a["base"] else ""
+        ready(f"npgpt serve: LoRA adapter {a['folder']} served as model {a['name']} (r={a['r']}, "
+              f"alpha={a['alpha']:g}, {a['layers']} layers{base})")
     if adapter is not None and model.lora is not None:
         ready(f"npgpt serve: LoRA adapter {adapter} loaded (r={model.lora.r}, alpha={model.lora.alpha:g}, "
               f"targets {t if isinstance(t := model.lora.targets, str) else ','.join(t)}), unmerged over the base")
@@ -666,6 +850,8 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         while app.inflight and time.monotonic() < deadline:       # let handlers write their last bytes
             time.sleep(0.02)
         httpd.server_close()
+        if log is not None:
+            log.close()
         for s, h in old.items():
             signal.signal(s, h)
     print("npgpt serve: stopped", flush=True)
