@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from pathlib import Path
@@ -707,6 +708,86 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128      # listen backlog: socketserver's 5 resets a burst of 16 clients
     verbose = False
     linger_bytes, linger_s = 1 << 20, 1.0
+    max_connections = 512         # open connections, each a thread; more are answered 503 at once
+    open_connections = 0          # connections being served now (their threads)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._connections_lock = threading.Lock()
+        self._refused = deque()        # (socket, deadline): refused connections closing without a thread
+
+    def _take_connection(self):
+        with self._connections_lock:
+            if self.open_connections >= self.max_connections:
+                return False
+            self.open_connections += 1
+            return True
+
+    def _release_connection(self):
+        with self._connections_lock:
+            self.open_connections -= 1
+
+    def process_request(self, request, client_address):
+        """One thread per connection, up to max_connections: a client that opens thousands of idle
+        connections gets 503s, not a thread each."""
+        if not self._take_connection():
+            body = json.dumps(ApiError(503, f"too many open connections ({self.max_connections}); retry shortly",
+                                       code="too_many_connections", type_="server_error").body()).encode()
+            try:
+                request.setblocking(False)        # the accepting thread must never wait on a client
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            # closed later (service_actions), after the client has read the reply: closing now, with its
+            # request unread, would reset the connection and lose the reply
+            self._refused.append((request, time.monotonic() + self.linger_s))
+            while len(self._refused) > self.max_connections:
+                self.close_request(self._refused.popleft()[0])
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release_connection()
+            raise
+
+    def service_actions(self):
+        """Between accepts (serve_forever's loop): drain refused connections, close those the client
+        has closed or whose time is up."""
+        now, keep = time.monotonic(), deque()
+        while self._refused:
+            request, deadline = self._refused.popleft()
+            try:
+                while request.recv(65536):
+                    pass
+                done = True                       # the client closed its side
+            except BlockingIOError:
+                done = now >= deadline
+            except OSError:
+                done = True
+            if done:
+                self.close_request(request)
+            else:
+                keep.append((request, deadline))
+        self._refused = keep
+
+    def server_close(self):
+        super().server_close()
+        while self._refused:
+            self.close_request(self._refused.popleft()[0])
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release_connection()
+
+    def handle_error(self, request, client_address):
+        """One line on stderr (the standard library prints a traceback) for a connection that broke
+        outside a handler's own error handling."""
+        e = sys.exc_info()[1]
+        print(f"npgpt serve: connection from {client_address[0]} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     def shutdown_request(self, request):
         """A lingering close (in the connection's own thread): closing a socket with unread bytes
@@ -731,14 +812,16 @@ def _check_port(port):
         raise NpgptError(f"--port must be in 0..65535 (0: any free port), got {port}")
 
 
-def make_server(app, host="127.0.0.1", port=8000, verbose=False):
+def make_server(app, host="127.0.0.1", port=8000, verbose=False, max_connections=512):
     handler = type("BoundHandler", (Handler,), {"app": app})
     _check_port(port)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise NpgptError(f"--max-connections must be a positive integer, got {max_connections}")
     try:
         httpd = Server((host, port), handler)
     except (OSError, OverflowError, UnicodeError) as e:
         raise NpgptError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
-    httpd.verbose = verbose
+    httpd.verbose, httpd.max_connections = verbose, max_connections
     return httpd
 
 
@@ -764,31 +847,14 @@ def parse_adapter_options(values):
     return plain, named
 
 
-def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
-          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
-          trust_pattern=False, adapters=None, log_file=None, request_log=True):
-    """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
-    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
-    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
-    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+def load_served(checkpoint, adapter=None, adapters=(), device="cpu", keep_quantized=False, trust_pattern=False,
+                model_name=None):
+    """The model a server serves and its ids: (model, tok, model_name, adapter infos, default adapter index).
 
-    `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
-    id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
-    the default model as before. `request_log`: one JSON line per POST request, to `log_file` (appended)
-    or stderr."""
-    for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
-                    ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
-        if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
-            raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    _check_port(port)
-    if prefill_chunk is None or int(prefill_chunk) < 1:
-        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
-    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
-        if v is None or not 0 <= float(v) <= 1 << 20:
-            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
-    if api_key is not None and not api_key:
-        raise NpgptError("--api-key must not be empty")
+    Without named `adapters`, `adapter` (a folder) is applied to the model as LoRALinear layers, as
+    `npgpt sample --adapter` does. With them, every adapter becomes a row-selectable one
+    (npgpt.lora.load_adapters): the unnamed `adapter`, if any, is adapter 0 and the default model
+    (`base+DIR`), the named ones follow in order; -1 is the base alone."""
     adapters = list(adapters or [])
     model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
                                 trust_pattern=trust_pattern,
@@ -805,9 +871,40 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         clash = [n for n, _ in adapters if n == model_name]
         if clash:
             raise NpgptError(f"--adapter {clash[0]}=...: {clash[0]!r} is the base model's id; choose another name")
-        # the unnamed adapter (if any) becomes adapter 0, the default model's
         infos = load_adapters(model, ([(model_name, adapter)] if adapter is not None else []) + adapters)
         default = 0 if adapter is not None else -1
+    return model, tok, model_name, infos, default
+
+
+def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
+          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
+          trust_pattern=False, adapters=None, log_file=None, request_log=True, max_connections=512):
+    """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
+    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+
+    `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
+    id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
+    the default model as before. `request_log`: one JSON line per POST request, to `log_file` (appended)
+    or stderr."""
+    for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
+                    ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
+        if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
+            raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    _check_port(port)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise NpgptError(f"--max-connections must be a positive integer, got {max_connections}")
+    if prefill_chunk is None or int(prefill_chunk) < 1:
+        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
+    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
+        if v is None or not 0 <= float(v) <= 1 << 20:
+            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
+    if api_key is not None and not api_key:
+        raise NpgptError("--api-key must not be empty")
+    model, tok, model_name, infos, default = load_served(checkpoint, adapter, adapters, device, keep_quantized,
+                                                         trust_pattern, model_name)
     log = None
     if request_log:
         try:
@@ -818,7 +915,7 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
                               "prefix_request_mb": float(prefix_request_mb)},
               adapters=infos, default_adapter=default, log=log)
-    httpd = make_server(app, host, port, verbose)
+    httpd = make_server(app, host, port, verbose, max_connections)
     app.engine.start()
     stopping = threading.Event()
 
