@@ -71,7 +71,7 @@ from npgpt.llama import preset_config
 from npgpt.loading import from_pretrained
 from npgpt.model import RECIPE_DEFAULTS
 from npgpt.optim import Muon, get_lr
-from npgpt.perf import gemm_peak_gflops, tune_malloc
+from npgpt.perf import gemm_peak_gflops, shared_cpu_threads, tune_malloc
 from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
 from npgpt.safeio import run_lock
@@ -394,13 +394,16 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
         raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
-    with lock:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern)
+    # a busy CPU: fewer row-block threads, chosen once here (npgpt.perf; changes no number)
+    with lock, shared_cpu_threads() if cfg.device == "cpu" else nullcontext((None, "")) as threads:
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern, threads)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False, threads=(None, "")):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
+        if threads[0] is not None:
+            log(f"threads: {threads[0]} ({threads[1]})")
         data = batch_source or _open_data(cfg, log, comm, trust_pattern)
         model, src = build_model(cfg, data, log, trust_pattern)
         block = _block_size(cfg, data, model)

@@ -41,11 +41,12 @@ from npgpt.loading import load_run
 from npgpt.lora import load_adapters
 from npgpt.safeio import parse_json
 from npgpt.sampling import SamplingError
+from npgpt.serve import tools
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
 from npgpt.structured import GrammarError, TokenTable
-from npgpt.sft import is_chat_model, render_chat
+from npgpt.sft import is_chat_model
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -151,33 +152,27 @@ class App:
                                 f"use /v1/completions", "messages", code="no_chat_template")
         params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
         msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ApiError(400, "'messages' must be a non-empty list", "messages")
-        if len(msgs) > self.model.config.block_size:    # every message costs a token at least
+        if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
             raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
                                 f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
-        clean = []
-        for m in msgs:
-            if not isinstance(m, dict):
-                raise ApiError(400, "each message must be an object with 'role' and 'content'", "messages")
-            role = {"developer": "system"}.get(m.get("role"), m.get("role"))
-            content = m.get("content")
-            if isinstance(content, list):         # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, "message content parts must be {'type': 'text', 'text': ...}", "messages")
-                content = "".join(p["text"] for p in content)
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ApiError(400, f"unsupported message role {m.get('role')!r} or non-text content; "
-                                    f"use system, user or assistant with text", "messages")
-            clean.append({"role": role, "content": content})
-        self._check_chars(sum(len(m["content"]) for m in clean), "messages")
-        try:
-            ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
-        except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
-            raise ApiError(400, str(e), "messages") from None
+        spec = tools.parse_tools(body)
+        messages = tools.clean_messages(msgs)
+        self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
+                                                      for c in m.get("tool_calls", ())) for m in messages)
+                          + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
+        ids = tools.render_prompt(self.tok, messages, spec)
+        if spec is not None and spec.active:
+            params.tools = spec
+            if spec.forced:                      # constrained to one call with arguments valid for its schema
+                if params.grammar is not None:
+                    raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
+                                   "tool_choice")
+                params.grammar = tools.forced_grammar(spec)
         # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
-        params.sampling = params.sampling.for_chat(self.tok)
+        chat = params.sampling.for_chat(self.tok)
+        if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
+            chat = chat.replace(stop=params.sampling.stop)
+        params.sampling = chat
         return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
 
     def _check_chars(self, n, param):
@@ -601,8 +596,13 @@ class Handler(BaseHTTPRequestHandler):
                 offs = _offsets(app.tok, s.offset, entries[i])
                 lp = app.logprobs_piece(req, i, entries[i], offs)
             if req.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                                "logprobs": lp, "finish_reason": reasons[i]})
+                message, reason = {"role": "assistant", "content": texts[i]}, reasons[i]
+                if req.params.tools is not None:          # <tool_call> blocks -> tool_calls
+                    content, calls = tools.parse_reply(texts[i], req.params.tools)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls}
+                        reason = "tool_calls" if reason == "stop" else reason
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": reasons[i]})
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
@@ -629,6 +629,27 @@ class Handler(BaseHTTPRequestHandler):
             send(app.chunk(req, [{"index": s.index, "text": req.prompt_texts[s.index // req.params.n],
                                   "logprobs": None, "finish_reason": None} for s in req.seqs]))
         total = 0
+        spec = req.params.tools
+        calls = {s.index: tools.ToolStream(spec) for s in req.seqs} if spec is not None else {}
+
+        def send_tool_events(i, events, lp=None):
+            """A choice's text and tool calls as chunks: a call comes as OpenAI streams one, its id and
+            name first, then its arguments."""
+            for kind, value in events:
+                if kind == "content":
+                    send(app.chunk(req, [{"index": i, "delta": {"content": value}, "logprobs": lp,
+                                          "finish_reason": None}]))
+                else:
+                    k, fn = value.pop("index"), value["function"]
+                    head = {"index": k, "id": value["id"], "type": "function",
+                            "function": {"name": fn["name"], "arguments": ""}}
+                    for part in (head, {"index": k, "function": {"arguments": fn["arguments"]}}):
+                        send(app.chunk(req, [{"index": i, "delta": {"tool_calls": [part]}, "logprobs": lp,
+                                              "finish_reason": None}]))
+                lp = None
+            if lp is not None:                    # the text is held back (a possible tool call): logprobs go now
+                send(app.chunk(req, [{"index": i, "delta": {"content": ""}, "logprobs": lp, "finish_reason": None}]))
+
         try:
             for ev in self._events(req):
                 if ev[0] == "delta":
@@ -642,11 +663,18 @@ class Handler(BaseHTTPRequestHandler):
                         lp = app.logprobs_piece(req, i, lps, offs)
                     if not delta and not lps:
                         continue
+                    if i in calls:
+                        send_tool_events(i, calls[i].feed(delta), lp)
+                        continue
                     piece = {"delta": {"content": delta}} if req.kind == "chat" else {"text": delta}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": lp, "finish_reason": None}]))
                 else:
                     _, i, reason, count = ev
                     total += count
+                    if i in calls:
+                        send_tool_events(i, calls[i].finish())
+                        if calls[i].calls and reason == "stop":
+                            reason = "tool_calls"
                     piece = {"delta": {}} if req.kind == "chat" else {"text": ""}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": None, "finish_reason": reason}]))
         except ApiError as e:
