@@ -885,8 +885,9 @@ class Constraint:
 
     def _distances(self):
         """Fewest tokens from each state to an accepting one (INF: none), by BFS backwards over the
-        state graph. Exact (every token's edge) when the states times the vocabulary's bytes stay within
-        EXACT_BUDGET; else counted over unit tokens (single bytes and characters), an upper bound."""
+        state graph. Exact (every token's edge from every state) while the walks stay within
+        EXACT_BUDGET token-bytes; past it, the states walked so far keep their edges and every state
+        adds its unit tokens' (single bytes and characters): an upper bound, always reachable."""
         table, N, v = self.dfa.table, len(self.dfa.table), self.vocab
         src, dst = [], []
         self.work, self.exact = 0, True
@@ -897,9 +898,7 @@ class Constraint:
             if self.work > EXACT_BUDGET:
                 self.exact = False
                 break
-        if self.exact:
-            src, dst = np.concatenate(src), np.concatenate(dst)
-        else:
+        if not self.exact:                     # the walked states' edges, and unit tokens' edges everywhere
             dests = []
             for u in v.units:
                 d = np.arange(N, dtype=np.int32)
@@ -907,7 +906,9 @@ class Constraint:
                     d = table[d, b]
                 dests.append(d)
             D = np.stack(dests, axis=1) if dests else np.zeros((N, 0), dtype=np.int32)     # (N, U)
-            src, dst = np.repeat(np.arange(N), D.shape[1]), D.ravel()
+            src.append(np.repeat(np.arange(N), D.shape[1]))
+            dst.append(D.ravel())
+        src, dst = np.concatenate(src), np.concatenate(dst)
         keep = (dst != 0) & (src != 0)
         pairs = np.unique(src[keep].astype(np.int64) * N + dst[keep])
         src, dst = pairs // N, pairs % N
