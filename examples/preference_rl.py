@@ -48,11 +48,12 @@ def held_out_accuracy(folder):
 
 
 def main(argv=None):
+    from npgpt.programs import out_dir, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--out", default="out-preference-rl", help="folder for the models and results.json")
-    ap.add_argument("--sft-steps", type=int, default=150)
-    ap.add_argument("--dpo-steps", type=int, default=150)
-    ap.add_argument("--rl-steps", type=int, default=150)
+    ap.add_argument("--out", default="out-preference-rl", type=out_dir, help="folder for the models and results.json")
+    ap.add_argument("--sft-steps", type=positive_int, default=150)
+    ap.add_argument("--dpo-steps", type=positive_int, default=150)
+    ap.add_argument("--rl-steps", type=positive_int, default=150)
     ap.add_argument("--fast", action="store_true", help="tiny steps, to see it run (also NPGPT_FAST=1)")
     args = ap.parse_args(argv)
     if args.fast or os.environ.get("NPGPT_FAST") == "1":
@@ -127,4 +128,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -77,8 +77,8 @@ class App:
                  max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
                  log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
-            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        if max_request_tokens is None:       # four full-length replies
+            max_request_tokens = 4 * max_tokens
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
                        "max_request_tokens": max_request_tokens}
         # a text longer than this cannot fit the context whatever it says: refused before encoding it
@@ -147,21 +147,9 @@ class App:
         return self._request("completion", ids, params, [self.tok.eot_id], texts)
 
     def chat_request(self, body):
-        if not self.has_chat:
-            raise ApiError(400, f"model {self.model_name} has no chat template (its tokenizer lacks the "
-                                f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
-                                f"use /v1/completions", "messages", code="no_chat_template")
+        self._need_chat()
         params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
-        msgs = body.get("messages")
-        if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
-            raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
-                                f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
-        spec = tools.parse_tools(body)
-        messages = tools.clean_messages(msgs)
-        self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
-                                                      for c in m.get("tool_calls", ())) for m in messages)
-                          + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
-        ids = tools.render_prompt(self.tok, messages, spec)
+        ids, spec = self.chat_prompt(body)
         if spec is not None and spec.active:
             params.tools = spec
             if spec.forced:                      # constrained to one call with arguments valid for its schema
@@ -175,6 +163,27 @@ class App:
             chat = chat.replace(stop=params.sampling.stop)
         params.sampling = chat
         return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+
+    def _need_chat(self):
+        if not self.has_chat:
+            raise ApiError(400, f"model {self.model_name} has no chat template (its tokenizer lacks the "
+                                f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
+                                f"use /v1/completions", "messages", code="no_chat_template")
+
+    def chat_prompt(self, body):
+        """(prompt ids, ToolSpec or None) of a chat body: its messages and tools, checked and rendered
+        with the model's chat template (or npgpt's tool fallback), ending with the assistant's opening."""
+        self._need_chat()
+        msgs = body.get("messages")
+        if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
+            raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
+                                f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
+        spec = tools.parse_tools(body)
+        messages = tools.clean_messages(msgs)
+        self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
+                                                      for c in m.get("tool_calls", ())) for m in messages)
+                          + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
+        return tools.render_prompt(self.tok, messages, spec), spec
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
@@ -197,10 +206,10 @@ class App:
         if choices > self.limits["max_batch"]:
             raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        prompt_tokens = sum(len(p) for p in prompts)
-        if prompt_tokens > budget:
-            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
-                                f"request", "prompt", code="context_length_exceeded")
+        prompt_tokens, prompt_budget = sum(len(p) for p in prompts), max(budget, block)
+        if prompt_tokens > prompt_budget:      # one full context is always allowed
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {prompt_budget} "
+                                f"per request", "prompt", code="context_length_exceeded")
         if choices * params.max_tokens > budget:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
@@ -268,19 +277,23 @@ class App:
     def tokenize(self, body):
         """POST /tokenize: {"prompt" (vLLM) or "content" (llama.cpp): text, "with_pieces": bool} ->
         {"tokens", "count", "max_model_len", "model"} (+ "pieces": [{"id", "piece"}]). The ids are the
-        ones /v1/completions prefills for that string (special-token strings become specials)."""
+        ones /v1/completions prefills for that string (special-token strings become specials); with
+        "messages" (and "tools") instead, the ones /v1/chat/completions prefills for that conversation."""
         model_id, _ = self.pick_model(body)
-        text = body.get("prompt", body.get("content"))
-        if not isinstance(text, str):
-            raise ApiError(400, "'prompt' (or 'content') must be a string", "prompt")
         pieces = body.get("with_pieces", False)
         if not isinstance(pieces, bool):
             raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
-        self._check_chars(len(text), "prompt")
-        try:
-            ids = self._encode(text) if text else []
-        except NpgptError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt") from None
+        if "messages" in body:                # vLLM's chat form: the prompt /v1/chat/completions would run
+            ids, _ = self.chat_prompt(body)
+        else:
+            text = body.get("prompt", body.get("content"))
+            if not isinstance(text, str):
+                raise ApiError(400, "'prompt' (or 'content') must be a string, or give 'messages'", "prompt")
+            self._check_chars(len(text), "prompt")
+            try:
+                ids = self._encode(text) if text else []
+            except NpgptError as e:
+                raise ApiError(400, f"prompt: {e}", "prompt") from None
         out = {"tokens": ids, "count": len(ids), "max_model_len": self.model.config.block_size, "model": model_id}
         if pieces:
             out["pieces"] = [{"id": t, "piece": _token_str(self.tok, t)} for t in ids]
