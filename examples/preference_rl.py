@@ -48,17 +48,19 @@ def held_out_accuracy(folder):
 
 
 def main(argv=None):
+    from npgpt.programs import existing_path, out_dir, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--out", default="out-preference-rl", help="folder for the models and results.json")
-    ap.add_argument("--sft-steps", type=int, default=150)
-    ap.add_argument("--dpo-steps", type=int, default=150)
-    ap.add_argument("--rl-steps", type=int, default=150)
-    ap.add_argument("--dpo-lr", type=float, default=1e-3)
-    ap.add_argument("--dpo-beta", type=float, default=0.1)
-    ap.add_argument("--rl-lr", type=float, default=1e-3)
+    ap.add_argument("--out", default="out-preference-rl", type=out_dir, help="folder for the models and results.json")
+    ap.add_argument("--sft-steps", type=positive_int, default=150)
+    ap.add_argument("--dpo-steps", type=positive_int, default=150)
+    ap.add_argument("--rl-steps", type=positive_int, default=150)
+    ap.add_argument("--dpo-lr", type=float, default=1e-3, help="DPO's peak learning rate (checked by TrainConfig)")
+    ap.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta")
+    ap.add_argument("--rl-lr", type=float, default=1e-3, help="RL's peak learning rate")
     ap.add_argument("--skip-rl", action="store_true", help="measure SFT and DPO only")
     ap.add_argument("--skip-dpo", action="store_true", help="measure SFT and RL only")
-    ap.add_argument("--sft-from", default=None, help="reuse the SFT model of an earlier run (its OUT/sft folder)")
+    ap.add_argument("--sft-from", default=None, type=existing_path,
+                    help="reuse the SFT model of an earlier run (its OUT/sft folder)")
     ap.add_argument("--fast", action="store_true", help="tiny steps, to see it run (also NPGPT_FAST=1)")
     args = ap.parse_args(argv)
     if args.fast or os.environ.get("NPGPT_FAST") == "1":
@@ -141,4 +143,5 @@ def rl_stage(args, out, common):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -205,4 +205,5 @@ def _expected_dpo(lw, ll, rw, rl, p, beta):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from pathlib import Path
@@ -40,11 +41,12 @@ from npgpt.loading import load_run
 from npgpt.lora import load_adapters
 from npgpt.safeio import parse_json
 from npgpt.sampling import SamplingError
+from npgpt.serve import tools
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
 from npgpt.structured import GrammarError, TokenTable
-from npgpt.sft import is_chat_model, render_chat
+from npgpt.sft import is_chat_model
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -75,8 +77,8 @@ class App:
                  max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
                  log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
-            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        if max_request_tokens is None:       # four full-length replies
+            max_request_tokens = 4 * max_tokens
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
                        "max_request_tokens": max_request_tokens}
         # a text longer than this cannot fit the context whatever it says: refused before encoding it
@@ -144,40 +146,43 @@ class App:
         return self._request("completion", ids, params, [self.tok.eot_id], texts)
 
     def chat_request(self, body):
+        self._need_chat()
+        params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+        ids, spec = self.chat_prompt(body)
+        if spec is not None and spec.active:
+            params.tools = spec
+            if spec.forced:                      # constrained to one call with arguments valid for its schema
+                if params.grammar is not None:
+                    raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
+                                   "tool_choice")
+                params.grammar = tools.forced_grammar(spec)
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        chat = params.sampling.for_chat(self.tok)
+        if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
+            chat = chat.replace(stop=params.sampling.stop)
+        params.sampling = chat
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+
+    def _need_chat(self):
         if not self.has_chat:
             raise ApiError(400, f"model {self.model_name} has no chat template (its tokenizer lacks the "
                                 f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
                                 f"use /v1/completions", "messages", code="no_chat_template")
-        params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+
+    def chat_prompt(self, body):
+        """(prompt ids, ToolSpec or None) of a chat body: its messages and tools, checked and rendered
+        with the model's chat template (or npgpt's tool fallback), ending with the assistant's opening."""
+        self._need_chat()
         msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ApiError(400, "'messages' must be a non-empty list", "messages")
-        if len(msgs) > self.model.config.block_size:    # every message costs a token at least
+        if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
             raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
                                 f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
-        clean = []
-        for m in msgs:
-            if not isinstance(m, dict):
-                raise ApiError(400, "each message must be an object with 'role' and 'content'", "messages")
-            role = {"developer": "system"}.get(m.get("role"), m.get("role"))
-            content = m.get("content")
-            if isinstance(content, list):         # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, "message content parts must be {'type': 'text', 'text': ...}", "messages")
-                content = "".join(p["text"] for p in content)
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ApiError(400, f"unsupported message role {m.get('role')!r} or non-text content; "
-                                    f"use system, user or assistant with text", "messages")
-            clean.append({"role": role, "content": content})
-        self._check_chars(sum(len(m["content"]) for m in clean), "messages")
-        try:
-            ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
-        except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
-            raise ApiError(400, str(e), "messages") from None
-        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
-        params.sampling = params.sampling.for_chat(self.tok)
-        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+        spec = tools.parse_tools(body)
+        messages = tools.clean_messages(msgs)
+        self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
+                                                      for c in m.get("tool_calls", ())) for m in messages)
+                          + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
+        return tools.render_prompt(self.tok, messages, spec), spec
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
@@ -200,10 +205,10 @@ class App:
         if choices > self.limits["max_batch"]:
             raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        prompt_tokens = sum(len(p) for p in prompts)
-        if prompt_tokens > budget:
-            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
-                                f"request", "prompt", code="context_length_exceeded")
+        prompt_tokens, prompt_budget = sum(len(p) for p in prompts), max(budget, block)
+        if prompt_tokens > prompt_budget:      # one full context is always allowed
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {prompt_budget} "
+                                f"per request", "prompt", code="context_length_exceeded")
         if choices * params.max_tokens > budget:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
@@ -271,18 +276,23 @@ class App:
     def tokenize(self, body):
         """POST /tokenize: {"prompt" (vLLM) or "content" (llama.cpp): text, "with_pieces": bool} ->
         {"tokens", "count", "max_model_len", "model"} (+ "pieces": [{"id", "piece"}]). The ids are the
-        ones /v1/completions prefills for that string (special-token strings become specials)."""
+        ones /v1/completions prefills for that string (special-token strings become specials); with
+        "messages" (and "tools") instead, the ones /v1/chat/completions prefills for that conversation."""
         model_id, _ = self.pick_model(body)
-        text = body.get("prompt", body.get("content"))
-        if not isinstance(text, str):
-            raise ApiError(400, "'prompt' (or 'content') must be a string", "prompt")
         pieces = body.get("with_pieces", False)
         if not isinstance(pieces, bool):
             raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
-        try:
-            ids = self._encode(text) if text else []
-        except NpgptError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt") from None
+        if "messages" in body:                # vLLM's chat form: the prompt /v1/chat/completions would run
+            ids, _ = self.chat_prompt(body)
+        else:
+            text = body.get("prompt", body.get("content"))
+            if not isinstance(text, str):
+                raise ApiError(400, "'prompt' (or 'content') must be a string, or give 'messages'", "prompt")
+            self._check_chars(len(text), "prompt")
+            try:
+                ids = self._encode(text) if text else []
+            except NpgptError as e:
+                raise ApiError(400, f"prompt: {e}", "prompt") from None
         out = {"tokens": ids, "count": len(ids), "max_model_len": self.model.config.block_size, "model": model_id}
         if pieces:
             out["pieces"] = [{"id": t, "piece": _token_str(self.tok, t)} for t in ids]
@@ -599,8 +609,13 @@ class Handler(BaseHTTPRequestHandler):
                 offs = _offsets(app.tok, s.offset, entries[i])
                 lp = app.logprobs_piece(req, i, entries[i], offs)
             if req.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                                "logprobs": lp, "finish_reason": reasons[i]})
+                message, reason = {"role": "assistant", "content": texts[i]}, reasons[i]
+                if req.params.tools is not None:          # <tool_call> blocks -> tool_calls
+                    content, calls = tools.parse_reply(texts[i], req.params.tools)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls}
+                        reason = "tool_calls" if reason == "stop" else reason
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": reasons[i]})
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
@@ -627,6 +642,27 @@ class Handler(BaseHTTPRequestHandler):
             send(app.chunk(req, [{"index": s.index, "text": req.prompt_texts[s.index // req.params.n],
                                   "logprobs": None, "finish_reason": None} for s in req.seqs]))
         total = 0
+        spec = req.params.tools
+        calls = {s.index: tools.ToolStream(spec) for s in req.seqs} if spec is not None else {}
+
+        def send_tool_events(i, events, lp=None):
+            """A choice's text and tool calls as chunks: a call comes as OpenAI streams one, its id and
+            name first, then its arguments."""
+            for kind, value in events:
+                if kind == "content":
+                    send(app.chunk(req, [{"index": i, "delta": {"content": value}, "logprobs": lp,
+                                          "finish_reason": None}]))
+                else:
+                    k, fn = value.pop("index"), value["function"]
+                    head = {"index": k, "id": value["id"], "type": "function",
+                            "function": {"name": fn["name"], "arguments": ""}}
+                    for part in (head, {"index": k, "function": {"arguments": fn["arguments"]}}):
+                        send(app.chunk(req, [{"index": i, "delta": {"tool_calls": [part]}, "logprobs": lp,
+                                              "finish_reason": None}]))
+                lp = None
+            if lp is not None:                    # the text is held back (a possible tool call): logprobs go now
+                send(app.chunk(req, [{"index": i, "delta": {"content": ""}, "logprobs": lp, "finish_reason": None}]))
+
         try:
             for ev in self._events(req):
                 if ev[0] == "delta":
@@ -640,11 +676,18 @@ class Handler(BaseHTTPRequestHandler):
                         lp = app.logprobs_piece(req, i, lps, offs)
                     if not delta and not lps:
                         continue
+                    if i in calls:
+                        send_tool_events(i, calls[i].feed(delta), lp)
+                        continue
                     piece = {"delta": {"content": delta}} if req.kind == "chat" else {"text": delta}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": lp, "finish_reason": None}]))
                 else:
                     _, i, reason, count = ev
                     total += count
+                    if i in calls:
+                        send_tool_events(i, calls[i].finish())
+                        if calls[i].calls and reason == "stop":
+                            reason = "tool_calls"
                     piece = {"delta": {}} if req.kind == "chat" else {"text": ""}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": None, "finish_reason": reason}]))
         except ApiError as e:
@@ -678,6 +721,86 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128      # listen backlog: socketserver's 5 resets a burst of 16 clients
     verbose = False
     linger_bytes, linger_s = 1 << 20, 1.0
+    max_connections = 512         # open connections, each a thread; more are answered 503 at once
+    open_connections = 0          # connections being served now (their threads)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._connections_lock = threading.Lock()
+        self._refused = deque()        # (socket, deadline): refused connections closing without a thread
+
+    def _take_connection(self):
+        with self._connections_lock:
+            if self.open_connections >= self.max_connections:
+                return False
+            self.open_connections += 1
+            return True
+
+    def _release_connection(self):
+        with self._connections_lock:
+            self.open_connections -= 1
+
+    def process_request(self, request, client_address):
+        """One thread per connection, up to max_connections: a client that opens thousands of idle
+        connections gets 503s, not a thread each."""
+        if not self._take_connection():
+            body = json.dumps(ApiError(503, f"too many open connections ({self.max_connections}); retry shortly",
+                                       code="too_many_connections", type_="server_error").body()).encode()
+            try:
+                request.setblocking(False)        # the accepting thread must never wait on a client
+                request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            # closed later (service_actions), after the client has read the reply: closing now, with its
+            # request unread, would reset the connection and lose the reply
+            self._refused.append((request, time.monotonic() + self.linger_s))
+            while len(self._refused) > self.max_connections:
+                self.close_request(self._refused.popleft()[0])
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release_connection()
+            raise
+
+    def service_actions(self):
+        """Between accepts (serve_forever's loop): drain refused connections, close those the client
+        has closed or whose time is up."""
+        now, keep = time.monotonic(), deque()
+        while self._refused:
+            request, deadline = self._refused.popleft()
+            try:
+                while request.recv(65536):
+                    pass
+                done = True                       # the client closed its side
+            except BlockingIOError:
+                done = now >= deadline
+            except OSError:
+                done = True
+            if done:
+                self.close_request(request)
+            else:
+                keep.append((request, deadline))
+        self._refused = keep
+
+    def server_close(self):
+        super().server_close()
+        while self._refused:
+            self.close_request(self._refused.popleft()[0])
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release_connection()
+
+    def handle_error(self, request, client_address):
+        """One line on stderr (the standard library prints a traceback) for a connection that broke
+        outside a handler's own error handling."""
+        e = sys.exc_info()[1]
+        print(f"npgpt serve: connection from {client_address[0]} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
     def shutdown_request(self, request):
         """A lingering close (in the connection's own thread): closing a socket with unread bytes
@@ -702,14 +825,16 @@ def _check_port(port):
         raise NpgptError(f"--port must be in 0..65535 (0: any free port), got {port}")
 
 
-def make_server(app, host="127.0.0.1", port=8000, verbose=False):
+def make_server(app, host="127.0.0.1", port=8000, verbose=False, max_connections=512):
     handler = type("BoundHandler", (Handler,), {"app": app})
     _check_port(port)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise NpgptError(f"--max-connections must be a positive integer, got {max_connections}")
     try:
         httpd = Server((host, port), handler)
     except (OSError, OverflowError, UnicodeError) as e:
         raise NpgptError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
-    httpd.verbose = verbose
+    httpd.verbose, httpd.max_connections = verbose, max_connections
     return httpd
 
 
@@ -735,31 +860,14 @@ def parse_adapter_options(values):
     return plain, named
 
 
-def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
-          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
-          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
-          trust_pattern=False, adapters=None, log_file=None, request_log=True):
-    """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
-    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
-    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
-    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+def load_served(checkpoint, adapter=None, adapters=(), device="cpu", keep_quantized=False, trust_pattern=False,
+                model_name=None):
+    """The model a server serves and its ids: (model, tok, model_name, adapter infos, default adapter index).
 
-    `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
-    id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
-    the default model as before. `request_log`: one JSON line per POST request, to `log_file` (appended)
-    or stderr."""
-    for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
-                    ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
-        if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
-            raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    _check_port(port)
-    if prefill_chunk is None or int(prefill_chunk) < 1:
-        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
-    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
-        if v is None or not 0 <= float(v) <= 1 << 20:
-            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
-    if api_key is not None and not api_key:
-        raise NpgptError("--api-key must not be empty")
+    Without named `adapters`, `adapter` (a folder) is applied to the model as LoRALinear layers, as
+    `npgpt sample --adapter` does. With them, every adapter becomes a row-selectable one
+    (npgpt.lora.load_adapters): the unnamed `adapter`, if any, is adapter 0 and the default model
+    (`base+DIR`), the named ones follow in order; -1 is the base alone."""
     adapters = list(adapters or [])
     model, tok, ckpt = load_run(checkpoint, adapter=None if adapters else adapter, device=device,
                                 trust_pattern=trust_pattern,
@@ -776,9 +884,40 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
         clash = [n for n, _ in adapters if n == model_name]
         if clash:
             raise NpgptError(f"--adapter {clash[0]}=...: {clash[0]!r} is the base model's id; choose another name")
-        # the unnamed adapter (if any) becomes adapter 0, the default model's
         infos = load_adapters(model, ([(model_name, adapter)] if adapter is not None else []) + adapters)
         default = 0 if adapter is not None else -1
+    return model, tok, model_name, infos, default
+
+
+def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
+          max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
+          keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
+          trust_pattern=False, adapters=None, log_file=None, request_log=True, max_connections=512):
+    """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
+    after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
+    (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
+    trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+
+    `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
+    id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
+    the default model as before. `request_log`: one JSON line per POST request, to `log_file` (appended)
+    or stderr."""
+    for name, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens),
+                    ("max_body", max_body), ("max_request_tokens", max_request_tokens)):
+        if (v is None and name != "max_request_tokens") or (v is not None and int(v) < 1):
+            raise NpgptError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    _check_port(port)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise NpgptError(f"--max-connections must be a positive integer, got {max_connections}")
+    if prefill_chunk is None or int(prefill_chunk) < 1:
+        raise NpgptError(f"--prefill-chunk must be at least 1 token, got {prefill_chunk}")
+    for name, v in (("prefix_cache_mb", prefix_cache_mb), ("prefix_request_mb", prefix_request_mb)):
+        if v is None or not 0 <= float(v) <= 1 << 20:
+            raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
+    if api_key is not None and not api_key:
+        raise NpgptError("--api-key must not be empty")
+    model, tok, model_name, infos, default = load_served(checkpoint, adapter, adapters, device, keep_quantized,
+                                                         trust_pattern, model_name)
     log = None
     if request_log:
         try:
@@ -789,7 +928,7 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
                               "prefix_request_mb": float(prefix_request_mb)},
               adapters=infos, default_adapter=default, log=log)
-    httpd = make_server(app, host, port, verbose)
+    httpd = make_server(app, host, port, verbose, max_connections)
     app.engine.start()
     stopping = threading.Event()
 

@@ -184,15 +184,22 @@ class RequestLog:
     def __init__(self, path=None):
         self.lock = threading.Lock()
         self.path = path
+        self.failed = False                   # a write failed (said once on stderr)
         self.file = open(path, "a", encoding="utf-8") if path is not None else None   # noqa: SIM115 (closed in close)
 
     def write(self, record):
         line = json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record},
                           ensure_ascii=False) + "\n"
         with self.lock:
-            f = self.file or sys.stderr
-            f.write(line)
-            f.flush()
+            try:
+                f = self.file or sys.stderr
+                f.write(line)
+                f.flush()
+            except (OSError, ValueError) as e:     # a full disk must not fail the request it describes
+                if not self.failed:
+                    print(f"npgpt serve: cannot write the request log ({e}); requests go on unlogged",
+                          file=sys.stderr)
+                self.failed = True
 
     def close(self):
         if self.file is not None:
