@@ -216,3 +216,15 @@ def test_parse_regex_is_bounded_on_hostile_input():
                  lambda: Grammar.json_schema({"enum": ["\ud800"]})):
         with pytest.raises(GrammarError, match="surrogate"):
             make()
+
+
+def test_bounded_distances_are_an_upper_bound_that_still_closes(tok, monkeypatch):
+    exact = Grammar.json_schema(PERSON).for_tokens(TokenTable.of(tok))
+    monkeypatch.setattr(structured, "EXACT_BUDGET", 2000)          # the walks stop early: partly unit tokens
+    bound = Grammar.json_schema(PERSON).for_tokens(TokenTable.of(tok))
+    assert exact.exact and not bound.exact
+    assert (bound.dist >= exact.dist).all() and bound.min_tokens >= exact.min_tokens
+    for seed in range(3):
+        text, _ = run_sampler(tok, bound, bound.min_tokens, np.random.default_rng(seed),
+                              lambda r, V: r.normal(0, 5, V))
+        assert validate(json.loads(text), PERSON), text

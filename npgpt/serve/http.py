@@ -96,6 +96,7 @@ class App:
         self.inflight = 0
         self.lock = threading.Lock()
         self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
+        self._grammar_lock = threading.Lock()
 
     # ---- building requests ------------------------------------------------------------------------
     def pick_model(self, body):
@@ -224,7 +225,7 @@ class App:
 
     def constraint(self, grammar):
         """`grammar` over this model's vocabulary (the token table is built on first use)."""
-        with self.lock:
+        with self._grammar_lock:               # one build at a time; requests without a grammar never wait here
             if self._tokens is None:
                 self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
             try:
