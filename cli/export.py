@@ -18,6 +18,12 @@ def keep_quantized_option(fn):
                              "in memory instead of dequantising them to float32 (about a fifth of the memory).")(fn)
 
 
+def allow_other_base_option(fn):
+    """--allow-other-base, for the commands that apply a LoRA adapter (npgpt.lora's fingerprint check)."""
+    return click.option("--allow-other-base", is_flag=True,
+                        help="Apply the adapter even if it records a different base model (fingerprint) than --checkpoint.")(fn)
+
+
 @click.command()
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="Run folder, model folder or .gguf file to export.")
@@ -28,7 +34,8 @@ def keep_quantized_option(fn):
               help="Storage of the 2-D weights (norms and biases stay f32).")
 @click.option("--adapter", type=click.Path(), default=None, help="Merge this LoRA adapter folder in first.")
 @click.option("--force", is_flag=True, help="Overwrite --gguf if it exists.")
-def export(checkpoint, out, hf_dir, type_name, adapter, force):
+@allow_other_base_option
+def export(checkpoint, out, hf_dir, type_name, adapter, force, allow_other_base):
     """Write a GPT-2 or Llama-family model with its tokenizer and chat template to a GGUF file
     (--gguf), or as a transformers folder (--hf). A model with npgpt's recipe switches (rope,
     qk_norm, relu2, soft-capping) is refused: neither format can hold it."""
@@ -40,7 +47,7 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
     if (out is None) == (hf_dir is None):
         raise NpgptError("give exactly one of --gguf FILE.gguf and --hf DIR")
     if hf_dir is not None:
-        return _export_hf(checkpoint, Path(hf_dir), adapter, force)
+        return _export_hf(checkpoint, Path(hf_dir), adapter, force, allow_other_base)
     out = Path(out)
     if not out.name.lower().endswith(".gguf"):
         raise NpgptError(f"--gguf {out}: the file name must end in .gguf")
@@ -50,7 +57,8 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
         raise NpgptError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and out.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--gguf must differ from --checkpoint")
-    model, tok = load_run(checkpoint, adapter=adapter, trust_pattern=job("trust_pattern", False))[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, trust_pattern=job("trust_pattern", False),
+                          allow_other_base=allow_other_base)[:2]
     if adapter or getattr(model, "lora", None) or getattr(model, "quantization", None):
         merge_lora(model)          # adapters folded in, quantised layers back to float: GGUF gets plain weights
     export_gguf(model, tok, out, type_name)
@@ -58,7 +66,7 @@ def export(checkpoint, out, hf_dir, type_name, adapter, force):
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB, {type_name}); try it:  npgpt sample --checkpoint {out}")
 
 
-def _export_hf(checkpoint, folder, adapter, force):
+def _export_hf(checkpoint, folder, adapter, force, allow_other_base=False):
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.loading import load_run
     from npgpt.lora import merge_lora
@@ -66,7 +74,8 @@ def _export_hf(checkpoint, folder, adapter, force):
         raise NpgptError(f"{folder} exists and is not an empty folder; pass --force to write into it")
     if folder.exists() and folder.resolve() == Path(checkpoint).resolve():
         raise NpgptError("--hf must differ from --checkpoint")
-    model, tok = load_run(checkpoint, adapter=adapter, trust_pattern=job("trust_pattern", False))[:2]
+    model, tok = load_run(checkpoint, adapter=adapter, trust_pattern=job("trust_pattern", False),
+                          allow_other_base=allow_other_base)[:2]
     if adapter:
         merge_lora(model)
     if hasattr(model.config, "check_exportable"):

@@ -32,6 +32,9 @@ def plot(runs, png, width):
         metrics[name] = read_metrics(run)
         if metrics[name]["skipped"]:
             click.echo(f"note: {run}: skipped {metrics[name]['skipped']} unreadable line(s)")
+        if metrics[name]["dropped"]:
+            click.echo(f"note: {run}: left out {metrics[name]['dropped']} value(s) that are not finite numbers "
+                       f"(NaN, infinity, beyond 1e100: a diverged run?)")
     if png is not None:
         try:
             import matplotlib  # noqa: F401

@@ -8,7 +8,7 @@ import time
 import click
 
 from npgpt.cli import job
-from npgpt.cli.export import keep_quantized_option
+from npgpt.cli.export import allow_other_base_option, keep_quantized_option
 from npgpt.errors import NpgptError
 
 
@@ -94,6 +94,7 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
                    "it was sampled with (after penalties, temperature, top-k, top-p) and the top-5 alternatives.")
 @click.option("--stop", multiple=True, help="Stop a sample when this string appears (repeatable).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder (unmerged).")
+@allow_other_base_option
 @click.option("--json-schema", "json_schema", type=click.Path(), default=None,
               help="Constrain the output to JSON valid under this JSON Schema file (README: the supported subset).")
 @click.option("--regex", default=None, help="Constrain the output to match this regular expression (whole text).")
@@ -102,10 +103,10 @@ def sampling_params(max_new_tokens, temperature, top_k, top_p, seed, **more):
 @keep_quantized_option
 @sampling_options
 @control_options
-def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, json_schema, regex,
-           choice, allow_special, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed, device,
-           presence_penalty, frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty, draft,
-           num_draft):
+def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, stop, adapter, allow_other_base,
+           json_schema, regex, choice, allow_special, keep_quantized, max_new_tokens, temperature, top_k, top_p, seed,
+           device, presence_penalty, frequency_penalty, repetition_penalty, logit_bias, num_beams, length_penalty,
+           draft, num_draft):
     """Generate text from a trained model."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.generate import generate_stream
@@ -125,6 +126,7 @@ def sample(checkpoint, prompt, prompt_file, num_samples, stream, show_probs, sto
         prompt = read_text_checked(prompt_file)
     grammar = read_grammar(json_schema, regex, choice)     # checked before the model loads
     model, tok = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=job("trust_pattern", False),
+                          allow_other_base=allow_other_base,
                           **load_options(checkpoint, keep_quantized))[:2]
     ids = encode_prompt(tok, prompt or "", allow_special, "--prompt-file" if prompt_file is not None else "--prompt")
     if max_new_tokens is None:     # default: the context's remaining room (past it, every token costs a rebuild),
@@ -287,9 +289,16 @@ def chat(checkpoint, system, adapter, keep_quantized, max_new_tokens, temperatur
         if not cmd:
             continue
         click.echo("bot> ", nl=False)
-        for piece in session.reply(line):
-            click.echo(piece, nl=False)
+        try:
+            for piece in session.reply(line):
+                click.echo(piece, nl=False)
+        except MessageNotEncodable as e:     # say so, keep the conversation (a broken template still ends it)
+            click.echo(f"(not sent: {e})", nl=False)
         click.echo()
+
+
+class MessageNotEncodable(NpgptError):
+    """A chat message holds text the model's tokenizer cannot encode (the turn is refused, not the session)."""
 
 
 class ChatSession:
@@ -316,11 +325,11 @@ class ChatSession:
     def reset(self):
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def _prompt_ids(self):
+    def _prompt_ids(self, messages=None):
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.sft import render_chat
         budget = self.model.config.block_size - min(self.max_new_tokens, self.model.config.block_size // 2)
-        msgs = list(self.messages)
+        msgs = list(self.messages if messages is None else messages)
         while True:
             ids, _ = render_chat(self.tok, msgs, add_generation_prompt=True)
             first = 1 if msgs and msgs[0]["role"] == "system" else 0
@@ -329,17 +338,43 @@ class ChatSession:
             del msgs[first]            # drop the oldest turn, keep the system message
 
     def reply(self, text):
-        """Yield the assistant's reply in pieces as it is generated; remember it in the history."""
+        """Yield the assistant's reply in pieces as it is generated; remember it in the history.
+
+        The history stays encodable: a message the tokenizer cannot encode (a character a char-level
+        model never saw) is an NpgptError and is not added, so the next turn works; a reply keeps only
+        what encodes back (a decoded token's text need not, e.g. U+FFFD from a cut UTF-8 sequence)."""
         # imported when the command runs: `npgpt --help` does not load every command's modules
         from npgpt.generate import generate_stream
-        self.messages.append({"role": "user", "content": text})
+        try:
+            self.tok.encode_plain(text)
+        except NpgptError as e:
+            raise MessageNotEncodable(str(e)) from None
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = self._prompt_ids(messages)           # raises before the history changes
+        self.messages = messages
         out = []
-        for steps in generate_stream(self.model, self._prompt_ids(), params=self.params, tokenizer=self.tok):
+        for steps in generate_stream(self.model, ids, params=self.params, tokenizer=self.tok):
             for s in steps:
                 if s.text:
                     out.append(s.text)
                     yield s.text
-        self.messages.append({"role": "assistant", "content": "".join(out)})
+        self.messages.append({"role": "assistant", "content": self._encodable("".join(out))})
+
+    def _encodable(self, text):
+        try:
+            self.tok.encode_plain(text)
+            return text
+        except NpgptError:              # rare: drop special tokens' text, then what does not encode
+            for special in getattr(self.tok, "special_tokens", None) or ():
+                text = text.replace(special, "")
+            kept = []
+            for ch in text:
+                try:
+                    self.tok.encode_plain(ch)
+                    kept.append(ch)
+                except NpgptError:
+                    pass
+            return "".join(kept)
 
 
 COMMANDS = [sample, chat]

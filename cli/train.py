@@ -8,7 +8,7 @@ import sys
 import click
 
 from npgpt.cli import job
-from npgpt.cli.export import keep_quantized_option
+from npgpt.cli.export import allow_other_base_option, keep_quantized_option
 
 # Direct flags for the common config keys: (flag, config key, type, help).
 COMMON_FLAGS = [
@@ -110,7 +110,7 @@ FINETUNE_DEFAULTS = {"learning_rate": 1e-4, "min_lr": 1e-5, "warmup_iters": 10, 
 @click.command()
 @training_options
 @click.option("--sft", type=click.Path(), help="JSONL of {prompt, completion} or {messages: [...]} records.")
-@click.option("--strict", is_flag=True, help="With --sft: error on records longer than block_size (default: truncate).")
+@click.option("--strict", is_flag=True, help="With --sft or --dpo: error on records longer than block_size (default: truncate).")
 @click.option("--teacher", type=click.Path(), default=None, help="Distil from this model folder (same tokenizer).")
 @click.option("--distill-alpha", type=float, default=None, help="Weight of the teacher's loss, in [0, 1] (default 0.5).")
 @click.option("--distill-temperature", type=float, default=None, help="Softening temperature T > 0 (default 2.0).")
@@ -180,17 +180,19 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, dpo, rl,
 @click.option("--task", type=click.Path(), default=None, help="Multiple-choice JSONL (ctx, endings, label) to score.")
 @click.option("--out", "out_file", type=click.Path(), default=None, help="With --task: write per-item results (JSONL).")
 @click.option("--adapter", type=click.Path(), default=None, help="Apply this LoRA adapter folder first.")
+@allow_other_base_option
 @keep_quantized_option
-def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, keep_quantized):
+def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_file, adapter, allow_other_base,
+          keep_quantized):
     """Loss, perplexity and bits per byte on a text file or prepared data, or accuracy on a task file."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
     from npgpt.evaluate import evaluate
     if task is not None:
-        if input_ or data or stride:
+        if input_ or data or stride is not None:
             raise click.UsageError("--task scores a task file; it does not combine with --input, --data or --stride")
         from npgpt.tasks import run_task      # imported when the command runs, as above
         r = run_task(checkpoint, task, out=out_file, device=device, adapter=adapter,
-                     trust_pattern=job("trust_pattern", False))
+                     trust_pattern=job("trust_pattern", False), allow_other_base=allow_other_base)
         if as_json:
             click.echo(json.dumps(r))
         else:
@@ -200,7 +202,8 @@ def eval_(checkpoint, input_, data, split, device, as_json, stride, task, out_fi
     if out_file:
         raise click.UsageError("--out goes with --task (per-item results)")
     r = evaluate(checkpoint, input=input_, data=data, device=device, split=split, stride=stride, adapter=adapter,
-                 keep_quantized=keep_quantized, trust_pattern=job("trust_pattern", False))
+                 keep_quantized=keep_quantized, trust_pattern=job("trust_pattern", False),
+                 allow_other_base=allow_other_base)
     if as_json:
         click.echo(json.dumps(r))
     else:

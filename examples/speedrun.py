@@ -18,7 +18,9 @@ Statistics, the way the modded-nanogpt record rules ask for them:
     seeds is below the target (early stopping on the quick evaluation stops on lucky dips; the
     confirmation batches are independent of that choice, so a variant that only brushed the target
     fails this test);
-  * a change helps: a one-sided Welch t-test that its steps to target are fewer than the baseline's.
+  * a change helps: a one-sided Welch t-test that its steps to target are fewer than the baseline's,
+    and exact one-sided rank tests (Mann-Whitney) on steps and on CPU seconds, into which a run
+    that stopped before the target enters at its bound (the test stays valid: see rank_test_less).
 Student's t distribution is computed here (regularised incomplete beta, a continued fraction): no SciPy.
 
 Variants: `baseline` is today's GPT-2 recipe with AdamW (the defaults of `npgpt train`); `full` is
@@ -126,6 +128,33 @@ def welch_less(a, b):
     return float(t), float(df), t_sf(-t, df)
 
 
+def rank_test_less(a, b):
+    """Exact one-sided Mann-Whitney test of H1: values in `a` tend to be smaller than those in `b`.
+    Returns (U, p): U counts the pairs a_i < b_j (ties 1/2); p is the share of the C(n+m, n) ways to
+    split the pooled values whose U is at least as large (exact: fine for the dozen runs here).
+
+    A run that did not reach the target enters at its bound (its steps or CPU seconds when it
+    stopped; the truth is larger): raising a `b` value can only raise U, so for a censored `b`
+    the p computed from the bounds is an upper bound on the true one (the test stays valid)."""
+    from itertools import combinations
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if not a or not b:
+        return float("nan"), float("nan")
+
+    def u_of(xs, ys):
+        return sum(1.0 if x < y else 0.5 if x == y else 0.0 for x in xs for y in ys)
+    pooled, n = a + b, len(a)
+    u = u_of(a, b)
+    count = total = 0
+    for idx in combinations(range(len(pooled)), n):
+        chosen = set(idx)
+        xs = [pooled[i] for i in idx]
+        ys = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        total += 1
+        count += u_of(xs, ys) >= u - 1e-9
+    return u, count / total
+
+
 # ---- one run ----------------------------------------------------------------------------------------
 def fixed_batches(data, n, seed):
     """n validation batches drawn once from `seed`: every run and variant sees the same ones."""
@@ -207,8 +236,26 @@ def _ms(values, fmt="{:.0f}"):
     return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
 
 
+def _cost(rs, key):
+    """A run's cost to the target: `key` (steps, tokens, train_cpu_s, train_wall_s) when it reached the
+    target, else its value when it stopped (a lower bound on the truth); and whether any was censored."""
+    out = []
+    for r in rs:
+        if key == "steps":
+            out.append(r["steps"] if r["reached"] else r["last_step"])
+        elif key == "tokens":
+            out.append(r["tokens"] if r["reached"] else r["last_step"] * BATCH * BLOCK)
+        else:
+            out.append(r[key])
+    return out, any(not r["reached"] for r in rs)
+
+
 def summarise(records, target):
-    """{variant: statistics} over the runs in `records` (the last record per (variant, seed) counts)."""
+    """{variant: statistics} over the runs in `records` (the last record per (variant, seed) counts).
+
+    Runs that stopped before the target (censored) enter the comparisons at their bound: a
+    variant's ratio to a baseline with censored runs is an upper bound ("≤"), and the rank tests
+    (`rank_test_less`) stay valid; Welch's test of steps uses the runs that reached the target."""
     runs = {}
     for r in records:
         if r["target"] == target:
@@ -216,9 +263,8 @@ def summarise(records, target):
     by_variant = {}
     for (v, _), r in sorted(runs.items()):
         by_variant.setdefault(v, []).append(r)
-    base = [r["steps"] for r in by_variant.get("baseline", []) if r["reached"]]
-    base_wall = [r["train_wall_s"] for r in by_variant.get("baseline", []) if r["reached"]]
-    base_cpu = [r["train_cpu_s"] for r in by_variant.get("baseline", []) if r["reached"]]
+    base_rs = by_variant.get("baseline", [])
+    base = [r["steps"] for r in base_rs if r["reached"]]
     out = {}
     for v in [k for k in VARIANTS if k in by_variant]:
         rs = by_variant[v]
@@ -226,15 +272,22 @@ def summarise(records, target):
         steps = [r["steps"] for r in ok]
         t, p_reached = t_test_below([r["confirm_loss"] for r in rs], target)
         _, _, p_fewer = welch_less(steps, base) if v != "baseline" else (None, None, float("nan"))
-        out[v] = {"n": len(rs), "reached": len(ok), "steps": steps, "tokens": [r["tokens"] for r in ok],
-                  "train_wall_s": [r["train_wall_s"] for r in ok], "train_cpu_s": [r["train_cpu_s"] for r in ok],
-                  "load": [0.5 * (r["load_start"] + r["load_end"]) for r in ok],
-                  "confirm": [r["confirm_loss"] for r in rs], "p_reached": p_reached, "p_fewer_steps": p_fewer,
-                  "steps_ratio": float(np.mean(steps) / np.mean(base)) if steps and base else float("nan"),
-                  "cpu_ratio": float(np.mean([r["train_cpu_s"] for r in ok]) / np.mean(base_cpu))
-                  if ok and base_cpu else float("nan"),
-                  "wall_ratio": float(np.mean([r["train_wall_s"] for r in ok]) / np.mean(base_wall))
-                  if ok and base_wall else float("nan")}
+        s = {"n": len(rs), "reached": len(ok), "steps": steps, "tokens": [r["tokens"] for r in ok],
+             "train_wall_s": [r["train_wall_s"] for r in ok], "train_cpu_s": [r["train_cpu_s"] for r in ok],
+             "load": [0.5 * (r["load_start"] + r["load_end"]) for r in rs],
+             "stopped": [(r["last_step"], r["train_cpu_s"]) for r in rs if not r["reached"]],
+             "confirm": [r["confirm_loss"] for r in rs], "p_reached": p_reached, "p_fewer_steps": p_fewer}
+        for key, name in (("steps", "steps"), ("train_cpu_s", "cpu"), ("train_wall_s", "wall")):
+            mine, mine_cens = _cost(rs, key)
+            theirs, base_cens = _cost(base_rs, key)
+            s[f"{name}_ratio"] = float(np.mean(mine) / np.mean(theirs)) if mine and theirs else float("nan")
+            # "≤": the baseline's true cost is larger; "≥": this variant's is; both: no bound
+            s[f"{name}_bound"] = "" if not (mine_cens or base_cens) or v == "baseline" else \
+                "≤" if base_cens and not mine_cens else "≥" if mine_cens and not base_cens else "?"
+            if key != "train_wall_s":      # a censored run of this variant would make p too small: none then
+                valid = v != "baseline" and not mine_cens
+                s[f"p_rank_{name}"] = rank_test_less(mine, theirs)[1] if valid else float("nan")
+        out[v] = s
     return out
 
 
@@ -243,18 +296,28 @@ def table(stats, target):
     def p(x):
         return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
-    def ratio(x):
-        return "–" if not math.isfinite(x) else f"{x:.2f}×"
+    def ratio(s, name):
+        x, bound = s[f"{name}_ratio"], s[f"{name}_bound"]
+        return "–" if not math.isfinite(x) or bound == "?" else f"{bound}{x:.2f}×"
+
+    def with_stopped(s, values, i, fmt="{:.0f}"):
+        text = _ms(values, fmt)
+        if s["stopped"]:
+            low = min(st[i] for st in s["stopped"])
+            miss = f"{len(s['stopped'])} not by > {fmt.format(low)}"
+            text = miss if not values else f"{text}; {miss}"
+        return text
     lines = [f"| variant | seeds (reached) | steps to {target} | tokens (k) | CPU-s to target | wall s (load) | "
-             f"confirm loss | p(reached) | p(fewer steps) | steps / CPU / wall vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"confirm loss | p(reached) | p(fewer steps): Welch / rank | p(less CPU): rank | "
+             f"steps / CPU / wall vs baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, s in stats.items():
         load = f" ({np.mean(s['load']):.0f})" if s["load"] else ""
-        lines.append(f"| {v} | {s['n']} ({s['reached']}) | {_ms(s['steps'])} | "
-                     f"{_ms([t / 1000 for t in s['tokens']])} | {_ms(s['train_cpu_s'])} | "
+        lines.append(f"| {v} | {s['n']} ({s['reached']}) | {with_stopped(s, s['steps'], 0)} | "
+                     f"{_ms([t / 1000 for t in s['tokens']])} | {with_stopped(s, s['train_cpu_s'], 1)} | "
                      f"{_ms(s['train_wall_s'])}{load} | {_ms(s['confirm'], '{:.4f}')} | {p(s['p_reached'])} | "
-                     f"{p(s['p_fewer_steps'])} | {ratio(s['steps_ratio'])} / {ratio(s['cpu_ratio'])} / "
-                     f"{ratio(s['wall_ratio'])} |")
+                     f"{p(s['p_fewer_steps'])} / {p(s['p_rank_steps'])} | {p(s['p_rank_cpu'])} | "
+                     f"{ratio(s, 'steps')} / {ratio(s, 'cpu')} / {ratio(s, 'wall')} |")
     return "\n".join(lines)
 
 
@@ -294,18 +357,19 @@ def prepared(text, folder):
 
 
 def main(argv=None):
+    from npgpt.programs import non_negative_int, out_dir, positive_int, text_file   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", help="the training text (tiny Shakespeare's input.txt); never copied elsewhere")
-    ap.add_argument("--out", default="speedrun-out", help="folder for the prepared data and results.jsonl")
+    ap.add_argument("--text", type=text_file, help="the training text (tiny Shakespeare's input.txt); never copied elsewhere")
+    ap.add_argument("--out", default="speedrun-out", type=out_dir, help="folder for the prepared data and results.jsonl")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    ap.add_argument("--seeds", type=int, default=5, help="seeds for baseline and full (default 5)")
-    ap.add_argument("--single-seeds", type=int, default=3, help="seeds for each single change (default 3)")
-    ap.add_argument("--seed-offset", type=int, default=0,
+    ap.add_argument("--seeds", type=positive_int, default=5, help="seeds for baseline and full (default 5)")
+    ap.add_argument("--single-seeds", type=positive_int, default=3, help="seeds for each single change (default 3)")
+    ap.add_argument("--seed-offset", type=non_negative_int, default=0,
                     help="run seeds K, K+1, ... (several processes can share one results.jsonl)")
     ap.add_argument("--target", type=float, default=TARGET)
-    ap.add_argument("--max-iters", type=int, default=None, help="cap on steps per run (default: the variant's)")
+    ap.add_argument("--max-iters", type=positive_int, default=None, help="cap on steps per run (default: the variant's)")
     ap.add_argument("--quick-batches", type=int, default=16, help="validation batches of the stopping check")
-    ap.add_argument("--confirm-batches", type=int, default=64, help="validation batches of the confirmation")
+    ap.add_argument("--confirm-batches", type=positive_int, default=64, help="validation batches of the confirmation")
     ap.add_argument("--report", action="store_true", help="only print the table of what results.jsonl holds")
     ap.add_argument("--fast", action="store_true", help="seconds: the Python docs, a loose target, 2 seeds (CI)")
     args = ap.parse_args(argv)
@@ -350,4 +414,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -118,6 +118,48 @@ def cupy_module():
     return cp
 
 
+def free_memory(device: str | Device | None = "cpu") -> int | None:
+    """Bytes that can still be allocated on `device`, or None where it cannot be told. The host's is
+    MemAvailable (/proc/meminfo), lowered to a cgroup's remaining limit (a container); a GPU's is the
+    driver's free memory plus what CuPy's pool holds unused."""
+    dev = parse_device(device)
+    if dev.is_gpu:
+        cp = cupy_module()
+        with cp.cuda.Device(dev.index):
+            free = cp.cuda.runtime.memGetInfo()[0]
+            pool = cp.get_default_memory_pool()
+            return int(free + pool.total_bytes() - pool.used_bytes())
+    sizes = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    sizes.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = open("/sys/fs/cgroup/memory.current").read().strip()
+        if limit.isdigit() and used.isdigit():
+            sizes.append(max(0, int(limit) - int(used)))
+    except OSError:
+        pass
+    return min(sizes) if sizes else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB" if n < 2 ** 50 else f"{float(n):.3g} bytes"
+
+
+def check_fits(n_bytes: int, what: str, device: str | Device | None = "cpu", hint: str = "") -> None:
+    """NpgptError when `n_bytes` (what is about to be allocated) exceeds the device's free memory, so
+    an impossible size (`--set n_embd=10**18`) is one line before NumPy or CuPy is asked for it."""
+    free = free_memory(device)
+    if free is not None and n_bytes > free:
+        raise NpgptError(f"{what} needs about {_gib(n_bytes)} but {parse_device(device)} has {_gib(free)} free"
+                         + (f"; {hint}" if hint else ""))
+
+
 def gpu_available() -> bool:
     """True when CuPy imports and sees at least one GPU (used to skip GPU tests)."""
     try:

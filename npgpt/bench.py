@@ -18,7 +18,17 @@ forward and backward through the engine's profiling hook (`npgpt.tensor.profilin
 off) and groups them into op kinds; "other/Python" is whatever the ops and the optimizer do not
 account for (the engine's own bookkeeping, gradient accumulation, the model's Python code).
 
-`bench_generate` times greedy decoding with and without the KV cache.
+`bench_generate` times greedy decoding with and without the KV cache. `bench_decode` sweeps the
+batch (1, 4, 16 rows decoded together) on any model, a real one loaded from a GGUF file or a folder
+included: prefill speed, the latency of one decode step, tokens/s, and memory-bandwidth use,
+
+    bandwidth use = weight bytes read per step * steps/s / GEMV bandwidth
+
+where the weight bytes are every weight a step reads (all of them but an untied input embedding
+and a position table, of which a step reads a few rows) and the GEMV bandwidth is the best rate a
+large float32 matrix-vector product streams its matrix at, measured in the same run
+(`npgpt.perf.gemv_bandwidth_gbs`). At batch 1 that is decoding's ceiling (every weight is read
+once per token); at batch B the weights are read once for B tokens.
 
 `--set replicas=N` times the step with the batch split over N threads (`npgpt.replicas`), as
 `npgpt train --set replicas=N` runs it.
@@ -33,14 +43,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from npgpt.backend import parse_device, require_gpu, synchronize, to_device, xp_for
+from npgpt.backend import get_xp, parse_device, require_gpu, synchronize, to_device, xp_for
 from npgpt.errors import NpgptError
 from npgpt.generate import generate
 from npgpt.llama import build_model, preset_config
 from npgpt.optim import AdamW
-from npgpt.perf import gemm_peak_gflops, tune_malloc
+from npgpt.perf import gemm_peak_gflops, gemv_bandwidth_gbs, tune_malloc
 from npgpt.replicas import ThreadReplicas
-from npgpt.tensor import profiling
+from npgpt.tensor import Tensor, profiling
 from npgpt.training.config import TrainConfig, apply_overrides, parse_set_options
 
 DEFAULT_PRESET = "baby"
@@ -281,6 +291,12 @@ def format_train(r):
 
 
 # ---- decoding ----------------------------------------------------------------------------------
+def decode_model(preset=DEFAULT_PRESET, overrides=None, block_size=None, device="cpu", seed=0):
+    """The preset's model (random weights, eval mode) for bench_decode."""
+    model = build_model(make_config(preset, overrides, block_size), seed=seed, device=str(parse_device(device)))
+    return model.eval()
+
+
 def bench_generate(preset=DEFAULT_PRESET, overrides=None, block_size=None, device="cpu", new_tokens=None,
                    prompt_len=8, seed=0, repeats=3):
     """Greedy decoding speed (tokens/s) of one prompt, with and without the KV cache (best of
@@ -311,6 +327,74 @@ def format_generate(g):
     return (f"decoding (greedy, 1 prompt of {g['prompt_len']} tokens, {g['new_tokens']} new tokens, best of {g['repeats']}): "
             f"{g['tokens_per_s_cache']:,.0f} tokens/s with the KV cache, "
             f"{g['tokens_per_s_no_cache']:,.0f} without ({g['cache_speedup']:.1f}x)")
+
+
+def decode_weight_bytes(model):
+    """Bytes of weights one cached decoding step reads: every parameter and quantised buffer once
+    (a tied head counts its table once), except an untied input embedding table and a position
+    table (a step reads only its rows of those)."""
+    seen, total = set(), 0
+    skip = set()
+    if model.lm_head is not None:
+        skip.add(id(getattr(model.input_embedding, "data", model.input_embedding)))
+    wpe = getattr(getattr(model, "transformer", None), "wpe", None)
+    if wpe is not None:
+        skip.add(id(wpe.weight.data))
+    for m in model.modules():
+        for v in vars(m).values():
+            a = v.data if isinstance(v, Tensor) else v
+            if hasattr(a, "nbytes") and hasattr(a, "dtype") and id(a) not in seen:
+                seen.add(id(a))
+                if id(a) not in skip:
+                    total += int(a.nbytes)
+    return total
+
+
+def bench_decode(model, batches=(1, 4, 16), new_tokens=32, prompt_len=64, seed=0, bandwidth_mb=256):
+    """Greedy cached decoding of `model` at each batch size: prefill tokens/s (one row of
+    prompt_len tokens), the median latency of one decode step (ms), tokens/s over all rows, and
+    the bandwidth use of the weight stream (see the module doc). Returns a dict with `rows`."""
+    cfg = model.config
+    prompt_len = max(1, min(int(prompt_len), cfg.block_size - new_tokens - 1))
+    if new_tokens < 1 or prompt_len + new_tokens > cfg.block_size:
+        raise NpgptError(f"prompt ({prompt_len}) + new tokens ({new_tokens}) must fit the context ({cfg.block_size})")
+    rng = np.random.default_rng(seed)
+    xp = get_xp(model.anchor.data)
+    bw = gemv_bandwidth_gbs(xp, bandwidth_mb)
+    wbytes = decode_weight_bytes(model)
+    prompt = rng.integers(0, cfg.vocab_size, (1, prompt_len))
+    model.forward_cached(prompt[:, :8], model.new_cache(1))                       # warm-up
+    t = time.perf_counter()
+    logits = model.forward_cached(prompt, model.new_cache(1))
+    synchronize(logits)
+    prefill = prompt_len / (time.perf_counter() - t)
+    rows = []
+    for B in batches:
+        cache = model.new_cache(B)
+        logits = model.forward_cached(np.repeat(prompt, B, axis=0), cache)
+        tok = logits[:, -1].argmax(-1)[:, None]
+        times = []
+        for _ in range(new_tokens):
+            t = time.perf_counter()
+            logits = model.forward_cached(tok, cache)
+            tok = logits[:, -1].argmax(-1)[:, None]
+            synchronize(tok)
+            times.append(time.perf_counter() - t)
+        step = statistics.median(times)
+        rows.append({"batch": B, "step_ms": 1e3 * step, "tokens_per_s": B / step,
+                     "bandwidth_use": wbytes / step / 1e9 / bw})
+    return {"weight_mb": wbytes / 1e6, "gemv_gbs": bw, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "prefill_tokens_per_s": prefill, "limit_tokens_per_s": bw * 1e9 / wbytes, "rows": rows}
+
+
+def format_decode(d, name="npgpt"):
+    lines = [f"decoding {name}: weights read per step {d['weight_mb']:,.0f} MB, GEMV bandwidth {d['gemv_gbs']:.1f} GB/s "
+             f"(batch-1 limit {d['limit_tokens_per_s']:,.1f} tokens/s); prefill {d['prefill_tokens_per_s']:,.0f} "
+             f"tokens/s ({d['prompt_len']} tokens); {d['new_tokens']} steps, median",
+             f"{'batch':>5} {'step ms':>8} {'tokens/s':>9} {'bandwidth use':>13}"]
+    for r in d["rows"]:
+        lines.append(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['tokens_per_s']:9.1f} {r['bandwidth_use']:12.0%}")
+    return "\n".join(lines)
 
 
 def blas_threads():

@@ -24,7 +24,11 @@ How it plugs into the trainer (npgpt.train, nothing forked):
                      computed once before the first step and cached (a LoRA model's reference is its
                      own base with the adapters disabled, so no second copy is held; a full fine-tune
                      saves the cache with each checkpoint, so --resume uses the same reference),
-                     and the held-out preference accuracy and reward margins at each evaluation.
+                     and at each evaluation, on the held-out pairs: the preference accuracy (the
+                     implicit reward of chosen above rejected; 0 at step 0, where every margin
+                     is 0), the mean reward margin and rewards, and the log-probability accuracy
+                     (log pi(chosen) > log pi(rejected): the model's own preference, before
+                     and after).
     finetune_dpo     the whole run: data + plugin + npgpt.train.train (what the CLI calls).
 
 Gradient accumulation, data parallelism (mpiexec), LoRA on float and quantised bases and --resume
@@ -101,10 +105,8 @@ def validate_pair(rec, where):
             out[k] = ([{"role": "assistant", "content": _text(v, where, k)}] if isinstance(v, str)
                       else _messages(v, where, k, roles=("assistant",)))
         return out
-    out = {k: _text(rec[k], where, k) for k in ("prompt", "chosen", "rejected")}
-    if not out["chosen"] or not out["rejected"]:
-        raise NpgptError(f"{where}: 'chosen' and 'rejected' must not be empty")
-    return out
+    # an empty response is a response: its end-of-text token is what counts
+    return {k: _text(rec[k], where, k) for k in ("prompt", "chosen", "rejected")}
 
 
 def read_pairs(path):
@@ -132,7 +134,8 @@ def render_pair(tok, rec):
     start, _ = render_chat(tok, rec["prompt"], add_generation_prompt=True)
     out = []
     for k in ("chosen", "rejected"):
-        ids, mask = render_chat(tok, rec["prompt"] + rec[k])
+        reply = rec[k] if isinstance(rec[k], list) else [{"role": "assistant", "content": rec[k]}]
+        ids, mask = render_chat(tok, rec["prompt"] + reply)
         n = len(start) if ids[:len(start)] == start else 0    # the prompt's tokens never count
         out.append((ids, [False] * n + [bool(m) for m in mask[n:]]))
     return tuple(out)
@@ -250,21 +253,32 @@ def concatenate_rows(a, b):
     return get_xp(a).concatenate([a, b], axis=0)
 
 
-def reference_logprobs(model, data, batch_size=8, log=print):
-    """(chosen (N,), rejected (N,)) float64: every pair's log-probabilities under the model as it is
-    now (a LoRA model: its base, adapters disabled), computed once in eval mode without a graph."""
-    n = len(data.rows)
-    ref = np.zeros((2, n), dtype=np.float64)
+def split_logprobs(model, data, split, batch_size):
+    """(chosen, rejected) float64 arrays: log-probabilities of the pairs of `split`, in order, in
+    chunks of batch_size (eval mode, no graph)."""
+    pick = data.splits[split]
+    c, r = np.zeros(len(pick)), np.zeros(len(pick))
     was = model.training
     model.eval()
     try:
-        with no_grad(), adapters_disabled():
-            for lo in range(0, n, batch_size):
-                x = data.rows[lo:lo + batch_size].astype(np.int64)
-                c, r = pair_logprobs(model, to_device(x, model.device) if str(model.device) != "cpu" else x)
-                ref[0, lo:lo + len(x)], ref[1, lo:lo + len(x)] = asnumpy(c.data), asnumpy(r.data)
+        with no_grad():
+            for lo in range(0, len(pick), batch_size):
+                x = data.rows[pick[lo:lo + batch_size]].astype(np.int64)
+                lc, lr = pair_logprobs(model, to_device(x, model.device) if str(model.device) != "cpu" else x)
+                c[lo:lo + len(x)], r[lo:lo + len(x)] = asnumpy(lc.data), asnumpy(lr.data)
     finally:
         model.train(was)
+    return c, r
+
+
+def reference_logprobs(model, data, batch_size):
+    """(chosen (N,), rejected (N,)) float64: every pair's log-probabilities under the model as it is
+    now (a LoRA model: its base, adapters disabled). Held-out pairs are scored in the same chunks as
+    the evaluation scores them, so at step 0 their reward margins are exactly 0."""
+    ref = np.zeros((2, len(data.rows)))
+    with adapters_disabled():
+        for split in ("val", "train"):
+            ref[:, data.splits[split]] = split_logprobs(model, data, split, batch_size)
     return ref[0], ref[1]
 
 
@@ -278,7 +292,7 @@ def dpo_plugin(data: PreferenceData, stream=None):
             ref_c, ref_r = _load_reference(cached, data)
             log(f"DPO: reference log-probabilities from {cached}")
         else:
-            ref_c, ref_r = reference_logprobs(model, data)
+            ref_c, ref_r = reference_logprobs(model, data, cfg.batch_size)
             log(f"DPO: reference log-probabilities of {len(ref_c)} pairs computed once ("
                 + ("the LoRA base, adapters disabled" if lora else "the starting model") + ")")
         hooks.save_files.append(lambda folder: save_tensors(
@@ -292,20 +306,11 @@ def dpo_plugin(data: PreferenceData, stream=None):
 
         def held_out(model, it):
             pick = data.splits["val"]
-            c, r = np.zeros(len(pick)), np.zeros(len(pick))
-            was = model.training
-            model.eval()
-            try:
-                with no_grad():
-                    for lo in range(0, len(pick), cfg.batch_size):
-                        x = data.rows[pick[lo:lo + cfg.batch_size]].astype(np.int64)
-                        lc, lr = pair_logprobs(model, to_device(x, model.device) if str(model.device) != "cpu" else x)
-                        c[lo:lo + len(x)], r[lo:lo + len(x)] = asnumpy(lc.data), asnumpy(lr.data)
-            finally:
-                model.train(was)
+            c, r = split_logprobs(model, data, "val", cfg.batch_size)
             s = preference_stats(c, r, ref_c[pick], ref_r[pick], beta)
             return {"val_pref_accuracy": s["accuracy"], "val_reward_margin": s["margin"],
-                    "val_reward_chosen": s["reward_chosen"], "val_reward_rejected": s["reward_rejected"]}
+                    "val_reward_chosen": s["reward_chosen"], "val_reward_rejected": s["reward_rejected"],
+                    "val_logp_accuracy": float(np.mean(c > r))}   # the model itself finds chosen likelier
 
         hooks.loss_fn = hooks.eval_loss = loss_fn
         hooks.eval_metrics.append(held_out)

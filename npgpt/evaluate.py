@@ -50,12 +50,14 @@ def token_loss(model, tokens, batch_size=8, device="cpu"):
 
 
 def evaluate(checkpoint, input=None, data=None, device="cpu", split="val", stride=None, adapter=None,
-             keep_quantized=False, trust_pattern=False):
+             keep_quantized=False, trust_pattern=False, allow_other_base=False):
     """Loss / perplexity / bits per byte of a model on a text file or a prepared data split.
 
     stride: score with sliding windows (see sliding_token_loss) instead of consecutive ones.
-    trust_pattern: the tokenizers may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
+    trust_pattern: the tokenizers may use a split regex that is not a named one (`npgpt --trust-pattern`).
+    allow_other_base: apply an adapter made on another base (npgpt.lora's fingerprint check)."""
     model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
+                                allow_other_base=allow_other_base,
                                 **load_options(checkpoint, keep_quantized))[:3]
     if (input is None) == (data is None):
         raise NpgptError("give exactly one of --input FILE or --data DIR")

@@ -73,6 +73,21 @@ def current_umask() -> int:
     return mask
 
 
+def make_dir(path) -> Path:
+    """Create folder `path` (and its parents) for output, or NpgptError in one line: a file in the way,
+    a read-only or missing place, no permission."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NpgptError(f"{path} (or a folder above it) is a file, not a folder; give a folder path") from None
+    except NotADirectoryError:
+        raise NpgptError(f"{path}: a part of the path above it is a file, not a folder; give a folder path") from None
+    except OSError as e:
+        raise NpgptError(f"cannot create folder {path} ({e.strerror or e}); choose a writable place") from None
+    return path
+
+
 def _resolve_target(path: Path) -> tuple[str, Path]:
     """("file", where to replace atomically) or ("stream", what to write through); refuse the rest."""
     try:
@@ -102,7 +117,7 @@ def _resolve_target(path: Path) -> tuple[str, Path]:
 
 
 def _temp_next_to(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file 0600: give the result the mode the file had, or the umask's.

@@ -5,6 +5,8 @@
     QuantizedEmbedding  an int8 token table that is also the tied LM head (GGUF models kept quantised)
     LoRALinear        a frozen base (Linear or QuantizedLinear) plus a trainable low-rank update
                       s * dropout(x) A B (npgpt.lora applies, merges and saves adapters)
+    MultiLoRALinear   one base and several adapters at inference: each row of a batch gets its own
+                      adapter's update (`adapter_rows` says which), the base matmul stays shared
     linear_layers     every linear layer of a model with its name, owner and attribute, so quantising
                       or adapting a model is a loop that swaps layers, whatever the model family
 
@@ -389,8 +391,68 @@ def float_linear(w, b):
     return out
 
 
+# ---- several adapters over one base, chosen per row ---------------------------------------------
+# Which adapter each row of the batch being computed uses: an int array (B,), -1 for the base alone.
+# A context variable (set with `adapter_rows`), so a server's decoding thread choosing rows never
+# reaches another thread's forward; None (the default) runs every row on the base.
+ADAPTER_ROWS = contextvars.ContextVar("npgpt_adapter_rows", default=None)
+
+
+@contextmanager
+def adapter_rows(rows):
+    """Run the block's forwards with row i of every batch on adapter rows[i] (-1: the base alone)."""
+    token = ADAPTER_ROWS.set(None if rows is None else np.asarray(rows, dtype=np.int64))
+    try:
+        yield
+    finally:
+        ADAPTER_ROWS.reset(token)
+
+
+class MultiLoRALinear(Module):
+    """A frozen base linear layer and K LoRA adapters, for inference: row b of the input gets
+
+        y[b] = x[b] W + bias + s_k x[b] A_k B_k      k = adapter_rows()[b]  (k = -1: the base alone)
+
+    The base matmul runs once over all rows; each adapter's two thin matmuls run on the rows that
+    chose it (a gather by adapter, as S-LoRA / Punica batch mixed adapters). Adapters may differ in
+    rank and may leave this layer out (None). The adapters are plain arrays, not Parameters: the
+    model's parameters and checkpoint keys stay the base's, and nothing here trains.
+    """
+
+    def __init__(self, base, adapters):
+        self.base = base
+        n_in, n_out = (base.n_in, base.n_out) if isinstance(base, (QuantizedLinear, LoRALinear)) \
+            else base.weight.shape
+        self.n_in, self.n_out = n_in, n_out
+        self.adapters = list(adapters)           # [(A (in, r), B (r, out), scaling) or None] per adapter
+
+    def _children(self):
+        if isinstance(self.base, Module):        # the base's parameters keep this layer's name
+            yield from self.base._children()
+
+    def forward(self, x):                                             # (B, ..., in) -> (B, ..., out)
+        if is_grad_enabled():
+            raise NpgptError("MultiLoRALinear is for inference (under no_grad); train one adapter with LoRALinear")
+        y = self.base(x)
+        rows = ADAPTER_ROWS.get()
+        if rows is None or not (rows >= 0).any():
+            return y
+        if len(rows) != x.shape[0]:
+            raise NpgptError(f"adapter_rows names {len(rows)} rows but the batch has {x.shape[0]}")
+        xp = get_xp(x.data)
+        out = y.data.copy()
+        for k in np.unique(rows[rows >= 0]):
+            ad = self.adapters[k]
+            if ad is None:                       # this adapter leaves the layer alone
+                continue
+            a, b, s = ad
+            idx = xp.asarray(np.nonzero(rows == k)[0])
+            out[idx] += ((x.data[idx] @ a) @ b * s).astype(out.dtype, copy=False)
+        return Tensor(out)
+
+
 # ---- where a model keeps its linear layers ------------------------------------------------------
-LINEAR_TYPES = (Linear, QuantizedLinear, LoRALinear)
+LINEAR_TYPES = (Linear, QuantizedLinear, LoRALinear, MultiLoRALinear)
 
 
 def linear_layers(model):

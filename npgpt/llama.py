@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import asnumpy, get_xp
+from npgpt.backend import asnumpy, check_fits, get_xp
 from npgpt.errors import NpgptError
-from npgpt.fileio import atomic_write_json
+from npgpt.fileio import atomic_write_json, make_dir
 from npgpt.model import PRESETS as GPT_PRESETS
 from npgpt.model import GPT, CausalLM, GPTConfig, KVCache, read_hf_config
 from npgpt.nn import Embedding, Linear, Module, ModuleList, Parameter, RMSNorm
@@ -462,6 +462,9 @@ class Llama(CausalLM):
     SwiGLU), final RMSNorm, LM head (tied to the embedding or its own)."""
 
     def __init__(self, config: LlamaConfig, seed: int = 0, device="cpu", init=True, ops="fused"):
+        if init:       # (init=False: np.empty, untouched until a loader fills it, maybe with quantised layers)
+            n = config.num_params()              # weights are drawn in float32 on the host
+            check_fits(4 * n, f"a model of {n:,} parameters", "cpu", "use a smaller model (n_layer, n_embd, vocab_size)")
         self.config = config
         self.ops = check_ops(ops)            # "reference": forward on the composed ops (npgpt.reference)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
@@ -592,7 +595,7 @@ class Llama(CausalLM):
         """Write config.json + model.safetensors: a folder transformers loads as LlamaForCausalLM (or
         Qwen2ForCausalLM), with Hugging Face's names and (out, in) linear weights."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        make_dir(path)
         write_safetensors(path / "model.safetensors", self.hf_state_dict(), metadata={"format": "pt"})
         atomic_write_json(path / "config.json", self.config.to_hf())
 

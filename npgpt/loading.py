@@ -117,10 +117,11 @@ def resolve(path) -> tuple[Path, dict | None, Format]:
 
 
 # ---- the two entry points ------------------------------------------------------------------------
-def from_pretrained(path, adapter=None, device="cpu", **overrides):
-    """The model at `path` (see the module doc), with `adapter` applied when given; in eval mode."""
+def from_pretrained(path, adapter=None, device="cpu", allow_other_base=False, **overrides):
+    """The model at `path` (see the module doc), with `adapter` applied when given; in eval mode.
+    `allow_other_base`: apply an adapter whose recorded base fingerprint is not this model's (npgpt.lora)."""
     folder, hf, fmt = resolve(path)
-    return _load(folder, hf, fmt, adapter, device, overrides)
+    return _load(folder, hf, fmt, adapter, device, overrides, allow_other_base)
 
 
 class Loaded(NamedTuple):
@@ -132,14 +133,15 @@ class Loaded(NamedTuple):
     state: dict | None
 
 
-def load_run(path, adapter=None, device="cpu", trust_pattern=False, **overrides) -> Loaded:
+def load_run(path, adapter=None, device="cpu", trust_pattern=False, allow_other_base=False, **overrides) -> Loaded:
     """Model + tokenizer + run metadata of a run, checkpoint or model folder (see the module doc);
-    trust_pattern: the tokenizer may use a split regex that is not a named one."""
+    trust_pattern: the tokenizer may use a split regex that is not a named one; allow_other_base: as
+    from_pretrained."""
     folder, hf, fmt = resolve(path)
     read_tokenizer = fmt.tokenizer or folder_tokenizer
     if fmt.tokenizer is None and not tk.is_tokenizer_dir(folder):    # before the weights: fail fast
         raise NpgptError(f"{folder} has no tokenizer files (tokenizer_npgpt.json, tokenizer.json, or vocab.json + merges.txt)")
-    model = _load(folder, hf, fmt, adapter, device, overrides)
+    model = _load(folder, hf, fmt, adapter, device, overrides, allow_other_base)
     state = read_run_state(folder) if folder.is_dir() else None
     return Loaded(model, read_tokenizer(folder, trust_pattern=trust_pattern), folder, state)
 
@@ -152,10 +154,15 @@ def folder_tokenizer(folder, trust_pattern=False):
     return tk.load(folder, trust_pattern=trust_pattern)
 
 
-def _load(folder, hf, fmt, adapter, device, overrides):
+def _load(folder, hf, fmt, adapter, device, overrides, allow_other_base=False):
+    if fmt.name == "lora-run":
+        if adapter:
+            raise NpgptError(f"{folder} is a LoRA run (a base plus its adapter) and already has an adapter; "
+                             f"give its base with --checkpoint, or merge it first (npgpt merge)")
+        overrides = {**overrides, "allow_other_base": allow_other_base}
     model = fmt.load(folder, hf, device=device, **overrides)
     if adapter:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, allow_other_base=allow_other_base)
     model.eval()
     return model
 
@@ -266,7 +273,7 @@ def is_lora_run(folder, hf) -> bool:
     return Path(folder).is_dir() and not is_model_dir(folder) and is_adapter_dir(folder)
 
 
-def load_lora_run(folder, hf=None, device="cpu", **overrides):
+def load_lora_run(folder, hf=None, device="cpu", allow_other_base=False, **overrides):
     """A LoRA run's checkpoint: the base model its adapter_config.json records, then the adapter."""
     base = read_adapter(folder)[2].get("base_model_name_or_path")
     # the base is a model folder, or a GGUF file (fine-tuned with --init-from x.gguf)
@@ -274,7 +281,7 @@ def load_lora_run(folder, hf=None, device="cpu", **overrides):
         raise NpgptError(f"{folder} is a LoRA adapter whose base model ({base!r}) is not a folder here; "
                          f"give the base with --checkpoint BASE --adapter {folder}")
     model = from_pretrained(base, device=device, **overrides)
-    load_adapter(model, folder)
+    load_adapter(model, folder, allow_other_base=allow_other_base)
     model.lora_base = base
     return model
 

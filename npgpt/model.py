@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from npgpt.backend import asnumpy, get_xp, to_device
+from npgpt.backend import asnumpy, check_fits, get_xp, to_device
 from npgpt.errors import NpgptError
-from npgpt.fileio import atomic_write_json
+from npgpt.fileio import atomic_write_json, make_dir
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
 from npgpt.ops.llama import gqa_attention, rope, rope_inv_freq, rope_tables
 from npgpt.ops.nn import (REFERENCE_OPS, attention_probs, causal_self_attention, check_ops, cross_entropy,
@@ -333,6 +333,7 @@ class CausalLM(Module):
     quantization: dict | None = None     # {"bits", "group_size", "embedding"} (npgpt.quant, npgpt.loading)
     lora = None                          # the LoRAConfig of its adapters (npgpt.lora.apply_lora); None: none
     lora_base: str | None = None         # the base folder a LoRA model was trained from (adapter_config.json)
+    lora_base_fingerprint: str | None = None   # npgpt.lora.base_fingerprint of that base (checked on load)
 
     lm_head = None  # an untied LM head (a module with a (V, C) weight); None: tied to the input embedding
     ops = "fused"   # "reference": forward runs on the composed reference ops (npgpt.reference)
@@ -422,6 +423,8 @@ class GPT(CausalLM):
     soft-capped logits); zero_init_proj changes only the starting weights."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, device="cpu", ops="fused"):
+        n = config.num_params()                  # weights are drawn in float32 on the host, whatever the device
+        check_fits(4 * n, f"a model of {n:,} parameters", "cpu", "use a smaller model (n_layer, n_embd, vocab_size)")
         self.config = config
         self.ops = check_ops(ops)
         self.rng = np.random.default_rng(seed)   # weights drawn on the host: CPU and GPU runs start equal
@@ -541,7 +544,7 @@ class GPT(CausalLM):
     def save_pretrained(self, path):
         """Write config.json + model.safetensors (GPT-2 names and layout) into folder `path`."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        make_dir(path)
         tensors = {name: np.ascontiguousarray(asnumpy(p.data)) for name, p in self.named_parameters()}
         write_safetensors(path / "model.safetensors", tensors, metadata={"format": "pt"})
         atomic_write_json(path / "config.json", self.config.to_hf())

@@ -38,22 +38,10 @@ from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
-
 from npgpt.distributed.comm import count_targets, loss_weight   # the MPI path's own: both weight alike
 from npgpt.ops import parallel
+from npgpt.perf import blas_controller
 from npgpt.tensor import Tensor
-
-_controller = None
-
-
-def blas_controller():
-    """threadpoolctl's view of the loaded BLAS libraries (built on first use, once: it scans the
-    libraries loaded into the process)."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller
 
 
 def default_loss(model, x, y):

@@ -90,11 +90,11 @@ class PromptSource:
             answers[split] = [a for _, a in pairs]
             texts[split] = [p for p, _ in pairs]
         longest = max(len(p) for ps in prompts.values() for p in ps)
-        if longest + n_new > n_pos:
-            raise NpgptError(f"task {task.name}: a prompt of {longest} tokens and an answer of up to {n_new} do not fit "
-                             f"the model's context of {n_pos}; lower rl_max_new_tokens or use a longer-context model")
+        if longest >= n_pos:
+            raise NpgptError(f"task {task.name}: a prompt of {longest} tokens leaves no room for an answer in the "
+                             f"model's context of {n_pos}; use a longer-context model")
         stops = tok.chat_stop_ids() if chat else [tok.eot_id]
-        return cls(tok, task, prompts, answers, texts, stops, n_new, longest + n_new - 1)
+        return cls(tok, task, prompts, answers, texts, stops, n_new, min(n_pos, longest + n_new - 1))
 
     @classmethod
     def for_training(cls, cfg, task, stream=None):
@@ -122,7 +122,9 @@ class PromptSource:
 
     def answer_rows(self, prompts, answers):
         """Prompt + answer token rows, right-padded: (ids (N, T), targets (N, T): the answer's
-        tokens, -1 elsewhere)."""
+        tokens, -1 elsewhere). An answer that ran past the model's context (the sampler slides its
+        window) keeps the tokens that fit: T <= block_size."""
+        answers = [a[:self.block_size + 1 - len(p)] for p, a in zip(prompts, answers)]
         T = max(len(p) + len(a) for p, a in zip(prompts, answers)) - 1
         ids = np.full((len(prompts), T), self.tok.eot_id, dtype=np.int64)
         targets = np.full((len(prompts), T), -1, dtype=np.int64)

@@ -125,11 +125,12 @@ def evaluate_task(model, tok, items, progress=None):
     return {"items": n, "acc": right / n, "acc_norm": right_norm / n, "results": results}
 
 
-def run_task(checkpoint, task, out=None, device="cpu", adapter=None, trust_pattern=False):
+def run_task(checkpoint, task, out=None, device="cpu", adapter=None, trust_pattern=False, allow_other_base=False):
     """Load a model (with an optional LoRA adapter), score a task file, write per-item JSONL to `out`.
     trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`)."""
     items = read_task(task)
-    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern)[:3]
+    model, tok, ckpt = load_run(checkpoint, adapter=adapter, device=device, trust_pattern=trust_pattern,
+                                allow_other_base=allow_other_base)[:3]
     r = evaluate_task(model, tok, items)
     if out:
         atomic_write_text(out, "".join(json.dumps(rec) + "\n" for rec in r["results"]))

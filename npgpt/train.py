@@ -13,6 +13,8 @@ one small named helper each. What varies plugs in through `Hooks` (see there), f
     hooks.reduce_grads(flat_grad, n_tokens)    between backward and clipping: the data-parallel seam
     hooks.after_step: [fn(model, it)]          after each optimizer step (pruning re-applies masks)
     hooks.save_files: [fn(folder)]             extra files in each checkpoint (pruning's masks)
+    hooks.eval_loss(model, x, y) -> loss       an evaluation batch's loss (DPO's pairs, RL's prompts)
+    hooks.eval_metrics: [fn(model, it) -> {}]  extra numbers at each evaluation (held-out accuracy)
 
     def my_plugin(model, src, cfg, hooks):     # src: the folder the model came from, or None
         hooks.after_step.append(lambda model, it: ...)
@@ -53,12 +55,12 @@ from pathlib import Path
 import numpy as np
 
 from npgpt import tokenizer as tk
-from npgpt.backend import asnumpy, synchronize, xp_for
+from npgpt.backend import asnumpy, check_fits, synchronize, xp_for
 from npgpt.checkpoint import (STATE_FILE, atomic_write_json, checkpoint_writer, find_checkpoint, has_checkpoint,
                               load_tensors, read_run_state, save_tensors, verify_checkpoint)
 from npgpt.data import BatchSource, TokenData, ensure_builtin_dataset
 from npgpt.distributed.comm import Communicator, SingleProcess, for_device, local_rank0_first
-from npgpt.distributed.data_parallel import DataParallel
+from npgpt.distributed.data_parallel import DataParallel, check_ranks_agree
 from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
 from npgpt.fileio import write_error
@@ -69,7 +71,7 @@ from npgpt.llama import preset_config
 from npgpt.loading import from_pretrained
 from npgpt.model import RECIPE_DEFAULTS
 from npgpt.optim import Muon, get_lr
-from npgpt.perf import gemm_peak_gflops, tune_malloc
+from npgpt.perf import gemm_peak_gflops, shared_cpu_threads, tune_malloc
 from npgpt.precision import Precision, use_precision
 from npgpt.replicas import training_plugin as replicas_plugin
 from npgpt.safeio import run_lock
@@ -169,6 +171,9 @@ def build_model(cfg: TrainConfig, data, log, trust_pattern=False):
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k)}
     over.update({k: getattr(cfg, k) for k in RECIPE_DEFAULTS if getattr(cfg, k) is not None})
     mcfg = preset_config(cfg.preset, cfg.arch, vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, **over)
+    n = mcfg.num_params()        # float32 weights, gradients and AdamW's two moments: 16 bytes a parameter
+    check_fits(16 * n, f"training a model of {n:,} parameters", cfg.device,
+               "use a smaller model (--set n_layer=, n_embd=, or a smaller --preset)")
     return new_model(mcfg, seed=cfg.seed), None
 
 
@@ -376,6 +381,9 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
     if cfg.sft and batch_source is None:
         raise NpgptError(f"{cfg.out} is a fine-tuning run on {cfg.sft}; continue it with `npgpt finetune --resume "
                          f"--out {cfg.out}`" if cfg.resume else "an --sft run needs its SFT data: use `npgpt finetune --sft`")
+    for key, how in (("dpo", "npgpt.dpo.finetune_dpo"), ("rl", "npgpt.rl.finetune_rl")):
+        if getattr(cfg, key) and batch_source is None:
+            raise NpgptError(f"a --{key} run needs its batches and loss: use `npgpt finetune --{key}` (or {how})")
     # paths stored absolute in state.json, so --resume from another directory finds the same files
     # (an hf:ORG/NAME model reference names the same model from anywhere)
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())
@@ -389,13 +397,16 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
         raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
-    with lock:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern)
+    # a busy CPU: fewer row-block threads, chosen once here (npgpt.perf; changes no number)
+    with lock, shared_cpu_threads() if cfg.device == "cpu" else nullcontext((None, "")) as threads:
+        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern, threads)
 
 
-def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False):
+def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False, threads=(None, "")):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
+        if threads[0] is not None:
+            log(f"threads: {threads[0]} ({threads[1]})")
         data = batch_source or _open_data(cfg, log, comm, trust_pattern)
         model, src = build_model(cfg, data, log, trust_pattern)
         block = _block_size(cfg, data, model)
@@ -408,6 +419,8 @@ def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=Fa
             plugin(model, src, cfg, hooks)
         replicas_plugin(model, src, cfg, hooks)         # last: it wraps the loss the others set
         try:
+            if comm.world_size > 1:                     # before any collective sizes a buffer by the model
+                check_ranks_agree(comm, tokenizer, model)
             trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]   # LoRA freezes the base
             optimizer = build_optimizer(trainable, comm, cfg)
             dp = None

@@ -210,12 +210,18 @@ CURVES = (("loss", "loss (train: per log step; val: per eval)"), ("lr", "learnin
           ("tokens_per_s", "tokens / s"), ("grad_norm", "gradient norm (before clipping)"))
 
 
+MAX_PLOT_VALUE = 1e100      # beyond it a chart's span (hi - lo) and matplotlib's ticks overflow
+MAX_PLOT_STEP = 10 ** 15
+
+
 def read_metrics(run) -> dict:
     """A run folder's (or a metrics.jsonl file's) records as {series: [(iter, value)]}.
 
     Series: train_loss (train log lines), eval_train_loss, val_loss (eval lines), lr, tokens_per_s,
     grad_norm (when the run logged it). Lines that are not JSON objects are skipped and counted in
     'skipped' (a run killed mid-write leaves half a line); a file with no usable line is an error.
+    A value that is not a finite number within +-MAX_PLOT_VALUE (a diverged run logs inf or NaN; a
+    stranger's file anything) is left out and counted in 'dropped', so no chart meets an overflow.
     """
     path = Path(run)
     if path.is_dir():
@@ -223,20 +229,28 @@ def read_metrics(run) -> dict:
     if not path.is_file():
         raise NpgptError(f"{path} not found: `npgpt plot` reads the metrics.jsonl a training run writes")
     out = {k: [] for k in ("train_loss", "eval_train_loss", "val_loss", "lr", "tokens_per_s", "grad_norm")}
-    skipped = 0
+    skipped = dropped = 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = parse_json(line, f"{path}")  # npgpt's JSON limits: a stranger's file too
-                it = int(rec["iter"])              # also fails for a line that is not a JSON object
+                it = rec["iter"]                   # also fails for a line that is not a JSON object
+                if isinstance(it, bool) or not isinstance(it, int) or not 0 <= it <= MAX_PLOT_STEP:
+                    raise ValueError(it)
             except (NpgptError, ValueError, KeyError, TypeError, IndexError):
                 skipped += 1
                 continue
 
             def put(series, key):
+                nonlocal dropped
                 v = rec.get(key)
-                if isinstance(v, (int, float)) and math.isfinite(v):
+                if v is None:
+                    return
+                if (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        and abs(v) <= MAX_PLOT_VALUE):
                     out[series].append((it, float(v)))
+                else:
+                    dropped += 1
 
             if rec.get("kind") == "eval":
                 put("eval_train_loss", "train_loss")
@@ -249,6 +263,7 @@ def read_metrics(run) -> dict:
     if not any(out.values()):
         raise NpgptError(f"{path} holds no training records")
     out["skipped"] = skipped
+    out["dropped"] = dropped
     return out
 
 

@@ -49,10 +49,17 @@ class LiveServer:
                 self.lines.append(line)
                 if "http://" in line:
                     found.set()
+        self.errors = []                  # stderr lines (the per-request JSON log lines among them)
+
+        def drain():                      # an unread pipe would block the server once it fills up
+            for line in self.proc.stderr:
+                self.errors.append(line)
         threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=drain, daemon=True).start()
         if not found.wait(60):
             self.stop()
-            raise RuntimeError(f"server did not start: {self.lines} {self.proc.stderr.read()}")
+            time.sleep(0.2)
+            raise RuntimeError(f"server did not start: {self.lines} {''.join(self.errors)}")
         self.port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", "".join(self.lines)).group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 

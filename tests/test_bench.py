@@ -72,7 +72,7 @@ def test_profile_lists_op_kinds():
 
 
 def test_generate_reports_both_speeds():
-    r = run("--generate", "--json", *TINY)
+    r = run("--generate", "--json", "--gemv-mb", "1", *TINY)
     assert r.exit_code == 0, r.output
     g = json.loads(r.output)["generate"]
     assert g["tokens_per_s_cache"] > 0 and g["tokens_per_s_no_cache"] > 0
@@ -183,3 +183,46 @@ def test_profiling_hook_sees_every_op_and_is_removed():
     n = len(rec.calls)
     N.gelu(x).sum().backward()                                   # hook off again: nothing recorded
     assert len(rec.calls) == n
+
+
+def test_generate_sweeps_the_batch():
+    r = run("--generate", "--json", "--batches", "1,4", "--new-tokens", "3", "--prompt-len", "4", "--gemv-mb", "1",
+            *TINY)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)["decode"]
+    assert [row["batch"] for row in d["rows"]] == [1, 4]
+    for row in d["rows"]:
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["bandwidth_use"] > 0
+    assert d["gemv_gbs"] > 0 and d["prefill_tokens_per_s"] > 0 and d["new_tokens"] == 3
+    assert d["limit_tokens_per_s"] == pytest.approx(d["gemv_gbs"] * 1e9 / (d["weight_mb"] * 1e6))
+
+
+def test_decode_of_a_model_folder_and_its_errors(tmp_path):
+    from npgpt import GPT, GPTConfig
+    from npgpt.tokenizer import CharTokenizer
+    GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=16)).save_pretrained(tmp_path)
+    CharTokenizer.train("abcdefghij klmnopqrstuvwxyz.,\n").save(tmp_path)
+    r = run("--checkpoint", str(tmp_path), "--batches", "1,2", "--new-tokens", "2", "--prompt-len", "3",
+            "--gemv-mb", "1")
+    assert r.exit_code == 0, r.output
+    assert "bandwidth use" in r.output and "GEMV bandwidth" in r.output and len(r.output.splitlines()) == 4
+    for args, word in ((["--batches", "1,x"], "--batches"), (["--batches", "0"], "--batches"),
+                       (["--new-tokens", "0"], "--new-tokens"), (["--gemv-mb", "0"], "--gemv-mb"),
+                       (["--new-tokens", "40"], "context")):
+        r = run("--checkpoint", str(tmp_path), *args)
+        assert r.exit_code != 0 and word in r.output and "Traceback" not in r.output, r.output
+
+
+def test_decode_weight_bytes_counts_what_a_step_reads():
+    from npgpt import GPT, GPTConfig
+    from npgpt.bench import decode_weight_bytes
+    from npgpt.llama import Llama, LlamaConfig
+    gpt = GPT(GPTConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    params = sum(p.data.nbytes for p in gpt.parameters())
+    # tied head counted once; the position table not at all; small buffers (RoPE's frequencies) may add a little
+    assert params - gpt.transformer.wpe.weight.data.nbytes <= decode_weight_bytes(gpt) <= params
+    untied = Llama(LlamaConfig(vocab_size=40, block_size=32, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, n_inner=32))
+    params = sum(p.data.nbytes for p in untied.parameters())
+    assert untied.lm_head is not None
+    expect = params - untied.input_embedding.data.nbytes
+    assert expect <= decode_weight_bytes(untied) <= expect * 1.01

@@ -136,3 +136,18 @@ def test_bad_reward_and_bad_task_are_one_line_errors(base, tmp_path):
     r = CliRunner().invoke(cli, ["finetune", "--init-from", str(base), "--rl", "arithmetic", "--group-size", "1",
                                  "--out", str(tmp_path / "c")])
     assert r.exit_code != 0 and "rl_group_size must be in [2, 256]" in r.output
+
+
+def test_a_chat_models_prompts_use_its_template_and_stop_tokens():
+    from npgpt.rl import PromptSource
+    from npgpt.sft import ensure_chat_tokens
+    train, test = arithmetic(0)
+    tok = CharTokenizer.train("".join(p + a for p, a in train + test))
+    sp = ensure_chat_tokens(tok)
+    src = PromptSource.build(tok, get_task("arithmetic"), 0, n_pos=32)
+    p = src.prompts["train"][0]
+    assert p[0] == sp["<|user|>"] and p[-1] == sp["<|assistant|>"] and tok.decode(p[1:-2]) == src.texts["train"][0]
+    assert sp["<|end|>"] in src.stop_ids and tok.eot_id in src.stop_ids
+    ids, targets = src.answer_rows([p], [tok.encode("12") + [sp["<|end|>"]]])
+    assert list(targets[0][targets[0] >= 0]) == tok.encode("12") + [sp["<|end|>"]]
+    assert list(ids[0][:len(p)]) == p

@@ -236,6 +236,13 @@ def test_api_key(chat_server):
     assert status == 200
     status, _, page = raw(chat_server, "GET", "/")          # the page itself needs no key; its API calls do
     assert status == 200 and b"<html" in page and b"http://" not in page.split(b"</style>")[0].lower()
+    # /metrics and /tokenize, /detokenize need the key too; /health is for probes and needs none
+    assert raw(chat_server, "GET", "/metrics")[0] == 401
+    assert raw(chat_server, "GET", "/metrics", headers={"Authorization": "Bearer " + KEY})[0] == 200
+    for path, body in (("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
+        assert raw(chat_server, "POST", path, body)[0] == 401
+        assert raw(chat_server, "POST", path, body, {"Authorization": "Bearer " + KEY})[0] == 200
+    assert raw(chat_server, "GET", "/health")[0] == 200
 
 
 def test_bad_requests_never_take_the_server_down(plain_server):

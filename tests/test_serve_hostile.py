@@ -130,6 +130,19 @@ def test_stream_null_and_boolean_flags(server):
         assert status == 400 and error(data, param)
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"guided_regex": []}, "guided_regex"), ({"guided_regex": {"a": 1}}, "guided_regex"),   # found by the fuzzer
+    ({"guided_choice": [{"a": 1}]}, "guided_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": []}}}, "tool_choice"),
+])
+def test_fuzz_findings(server, body, param):
+    path = "/v1/chat/completions" if "tools" in body else "/v1/completions"
+    status, _, data = post(server, path, dict(prompt="a", messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                              **body))
+    assert status == 400 and error(data, param)
+
+
 def test_echo(server):
     c = client(server)
     plain = c.completions.create(model="tiny", prompt="the lazy", max_tokens=10, temperature=0).choices[0].text
@@ -223,7 +236,7 @@ def test_a_costly_request_leaves_a_cheap_one_its_share(tmp_path):
     from npgpt.serve.http import App
     folder = model_folder(tmp_path / "m", chat=False, block=256)
     model, tok = load_run(folder)[:2]
-    app = App(model, tok, "m", max_batch=8, max_tokens=64)
+    app = App(model, tok, "m", max_batch=8, max_tokens=64, engine_options={"prefill_chunk": 64})
     a = tok.encode("a")[0]
     stops = ["a" * (MAX_STOP_CHARS - 1) + x for x in "bcde"]      # the worst case of a naive hold-back check
     costly = app.completion_request({
@@ -245,17 +258,73 @@ def test_a_costly_request_leaves_a_cheap_one_its_share(tmp_path):
     assert not any(ev[0] == "error" for req in (costly, cheap) for ev in list(req.events.queue))
     steps_cheap = [i for i, w in enumerate(eng.trace) if cheap.id in w]
     steps_costly = [i for i, w in enumerate(eng.trace) if costly.id in w]
-    # the cheap request is done in the 2 steps after it arrived (its 2 tokens), beside the costly one
-    assert steps_cheap == [3, 4] and steps_costly == list(range(64))
+    # the costly prompt is prefilled 64 tokens a step (3 steps), then decodes; the cheap request is done
+    # in the 2 steps after it arrived (its 2 tokens), beside the costly one
+    assert steps_cheap == [3, 4] and steps_costly == list(range(2 + 64))
     assert sum(eng.trace[i][cheap.id]["sampled"] for i in steps_cheap) == len(cheap.seqs[0].tokens)
+    assert [eng.trace[i][costly.id]["prefill"] for i in range(3)] == [64, 64, 62]
     for i in steps_costly:
         w = eng.trace[i][costly.id]
-        assert w["prefill"] <= 190 and w["rows"] <= 4 and w["sampled"] <= 4
+        assert w["prefill"] <= 64 and w["rows"] <= 4 and w["sampled"] <= 4
         # the stop check is linear: at most 2 comparisons per new character and stop string (each token
         # here is one character), not the hundreds per character of a check that rescans the held text
         assert w["compared"] <= 2 * len(stops) * w["sampled"]
     assert sum(eng.trace[i][costly.id]["prefill"] for i in steps_costly) == 190   # one prompt, once, for 4 choices
     assert sum(eng.trace[i][costly.id]["compared"] for i in steps_costly) >= 4 * 64 * len(stops)   # it did check
+
+
+def test_connections_are_bounded(tmp_path):
+    """Idle connections each hold a thread: past --max-connections a new one gets a 503 JSON at once;
+    a request that trickles in is cut off at the request deadline."""
+    import threading
+    from npgpt.loading import load_run
+    from npgpt.serve.http import App, make_server
+    model, tok = load_run(model_folder(tmp_path / "m", chat=False))[:2]
+    app = App(model, tok, "m")
+    httpd = make_server(app, port=0, max_connections=2)
+    app.engine.start()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    class S:
+        port = httpd.server_address[1]
+    try:
+        idle = [socket.create_connection(("127.0.0.1", S.port)) for _ in range(2)]
+        assert wait_until(lambda: httpd.open_connections == 2)
+        status, headers, body = exchange(S, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and headers["Retry-After"] == "1" and error(body, code="too_many_connections")
+        idle[0].close()                          # a slot comes back when a connection ends
+        assert wait_until(lambda: httpd.open_connections == 1)
+        status, _, body = exchange(S, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 200 and json.loads(body)["data"][0]["id"] == "m"
+        idle[1].close()
+        # a client that trickles its headers a byte at a time (each well within the idle timeout) is cut
+        # off at the request deadline, and its connection slot comes back
+        httpd.RequestHandlerClass.request_deadline = 1.0
+        assert wait_until(lambda: httpd.open_connections == 0)
+        slow = socket.create_connection(("127.0.0.1", S.port))
+        slow.sendall(b"GET /v1/models HTTP/1.1\r\nX-Slow: ")
+        slow.settimeout(0.1)
+        closed, got, sent = False, b"", 0
+        for _ in range(600):                     # at most a minute of trickling
+            try:
+                slow.sendall(b"a")
+                sent += 1
+                chunk = slow.recv(1024)
+                got += chunk
+                closed = chunk == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        slow.close()
+        assert closed and got == b"" and sent >= 2       # dropped at the deadline, not refused at once
+        assert wait_until(lambda: httpd.open_connections == 0)
+    finally:
+        httpd.shutdown()
+        app.engine.stop(grace=1)
+        httpd.server_close()
 
 
 def test_detokenizer_stop_check_is_linear():
@@ -273,7 +342,8 @@ def test_detokenizer_stop_check_is_linear():
 # ---- fuzzing the body schema against the live server ---------------------------------------------------------
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "presence_penalty",
-          "frequency_penalty", "repetition_penalty", "logit_bias", "user", "model", "suffix"]
+          "frequency_penalty", "repetition_penalty", "logit_bias", "user", "model", "suffix", "response_format",
+          "guided_json", "guided_regex", "guided_choice", "content", "tokens", "with_pieces", "tools", "tool_choice"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.integers(-2 ** 70, 2 ** 70),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6), st.sampled_from(["²", "1_0", "9" * 60]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
@@ -282,11 +352,22 @@ GOOD = {
     "prompt": st.one_of(st.text("abcthe xyz\n", max_size=12), st.lists(st.integers(-1, 70), max_size=5),
                         st.lists(st.text("abc ", max_size=4), max_size=3)),
     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
-                                                "content": st.text("abc ☃", max_size=5) | VALUES}), max_size=3),
+                                                "content": st.text("abc ☃", max_size=5) | VALUES},
+                                               optional={"tool_calls": VALUES, "tool_call_id": VALUES}), max_size=3),
     "max_tokens": st.integers(-1, 12), "n": st.integers(0, 5), "stream": st.booleans() | st.none(),
     "stream_options": st.fixed_dictionaries({"include_usage": VALUES}), "logprobs": st.integers(-1, 21) | st.booleans(),
     "stop": st.lists(st.text("ab ", max_size=3), max_size=5), "echo": st.booleans(),
     "logit_bias": st.dictionaries(st.text("0123456789²-", min_size=1, max_size=4), st.integers(-120, 120), max_size=3),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                        {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}]),
+    "guided_regex": st.text("ab|*+?()[]{}0-9,^$\\", max_size=8),
+    "guided_choice": st.lists(st.text("ab ☃", max_size=3), max_size=3),
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "get_x"]) | VALUES}, optional={"parameters": st.sampled_from(
+            [{"type": "object", "properties": {"a": {"type": "integer"}}}, {}]) | VALUES, "description": VALUES})}),
+        max_size=2),
+    "tool_choice": st.sampled_from(["none", "auto", "required"]) | st.fixed_dictionaries(
+        {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.just("f") | VALUES})}),
 }
 
 
@@ -297,8 +378,13 @@ def _body(junk, good):
     return body
 
 
-BODIES = st.builds(_body, st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6),
-                   st.fixed_dictionaries({}, optional=GOOD))
+BASE = {"prompt": "the", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+BODIES = st.one_of(
+    st.builds(_body, st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6),
+              st.fixed_dictionaries({}, optional=GOOD)),
+    # a valid request with one field changed: reaches generation more often
+    st.builds(lambda k, v: {**BASE, k: v}, st.sampled_from(FIELDS), VALUES),
+    st.builds(lambda good: {**BASE, **good}, st.fixed_dictionaries({}, optional=GOOD)))
 
 
 def check_reply(status, headers, data):
@@ -313,7 +399,7 @@ def check_reply(status, headers, data):
         assert ("error" in obj) == (status >= 400)
 
 
-@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=BODIES)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]), body=BODIES)
 def test_fuzzed_bodies_never_500(server, path, body):
     check_reply(*post(server, path, body))
 

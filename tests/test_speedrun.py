@@ -61,6 +61,23 @@ def test_summary_and_table_from_records():
     assert "| full | 2 (2) | 950 ± 71 |" in text and "0.49×" in text
 
 
+def test_rank_test_is_exact_and_censored_runs_enter_at_their_bound():
+    u, p = speedrun.rank_test_less([1, 2, 3], [4, 5, 6, 7, 8])
+    assert u == 15 and p == pytest.approx(1 / 56)                   # the one most extreme split of C(8, 3)
+    assert speedrun.rank_test_less([4, 5, 6], [1, 2, 3])[1] == 1.0
+    _, p = speedrun.rank_test_less([1, 3], [2, 4])                  # U = 3 of 4: splits with U >= 3 are 2 of 6
+    assert p == pytest.approx(2 / 6)
+    rec = dict(target=1.88, tokens=None, train_wall_s=100.0, load_start=1, load_end=1, confirm_loss=1.9)
+    recs = [{**rec, "variant": "baseline", "seed": s, "reached": False, "steps": None, "last_step": 2000,
+             "train_cpu_s": 400.0 + s} for s in range(3)]
+    recs += [{**rec, "variant": "full", "seed": s, "reached": True, "steps": 500, "last_step": 500, "tokens": 384000,
+              "train_cpu_s": 140.0 + s, "confirm_loss": 1.87} for s in range(3)]
+    stats = speedrun.summarise(recs, 1.88)
+    assert stats["full"]["p_rank_cpu"] == pytest.approx(1 / 20) and stats["full"]["cpu_bound"] == "≤"
+    text = speedrun.table(stats, 1.88)
+    assert "| baseline | 3 (0) | 3 not by > 2000 |" in text and "≤0.25× / ≤0.35×" in text, text
+
+
 def test_fast_speedrun_runs_and_reports(tmp_path):
     stats = speedrun.main(["--fast", "--out", str(tmp_path)])
     assert set(stats) == {"baseline", "full"} and all(s["n"] == 2 for s in stats.values())

@@ -15,9 +15,43 @@ would weight a rank's few answer tokens as much as another's many.
 
 from __future__ import annotations
 
+import hashlib
+
 from npgpt.backend import asnumpy
 from npgpt.distributed.comm import Communicator, count_targets, loss_weight
 from npgpt.distributed.zero import reduce_gradients
+from npgpt.errors import NpgptError
+
+
+def check_ranks_agree(comm: Communicator, tokenizer, model) -> None:
+    """Before the first collective of a run: every rank must hold the same tokenizer (its fingerprint)
+    and a model of the same parameter names and shapes, else the same one-line NpgptError on every rank.
+
+    Two ranks whose data were prepared with different tokenizers of one vocabulary size would train
+    together silently on ids that mean different things; a different size would die inside MPI with a
+    buffer-size stack. One broadcast (rank 0's summary) and one small all-reduce (who differs) decide."""
+    shapes = hashlib.sha256(repr(sorted((n, tuple(p.shape)) for n, p in model.named_parameters())).encode())
+    mine = {"tokenizer": tokenizer.fingerprint(), "vocab": tokenizer.vocab_size, "shapes": shapes.hexdigest()[:16],
+            "params": int(sum(p.size for p in model.parameters()))}
+    root = comm.broadcast_object(mine)
+    n = comm.world_size
+    flags = [0.0] * (2 * n)
+    flags[comm.rank] = float(mine["tokenizer"] != root["tokenizer"])
+    flags[n + comm.rank] = float(mine["shapes"] != root["shapes"])
+    flags = comm.allreduce_scalars(flags, op="max")
+    bad_tok = [r for r in range(n) if flags[r]]
+    bad_shape = [r for r in range(n) if flags[n + r]]
+    if not bad_tok and not bad_shape:
+        return
+    ranks = ", ".join(map(str, sorted(set(bad_tok + bad_shape))))
+    what = []
+    if bad_tok:
+        what.append(f"a different tokenizer (rank 0's has {root['vocab']:,} tokens, fingerprint "
+                    f"{root['tokenizer'][:12]}; prepare every rank's data with the same one)")
+    if bad_shape:
+        what.append(f"a model of other shapes (rank 0's has {root['params']:,} parameters; give every rank "
+                    f"the same --data vocabulary, --set and --init-from)")
+    raise NpgptError(f"data-parallel ranks disagree before the first step: rank {ranks} has " + " and ".join(what))
 
 
 class DataParallel:

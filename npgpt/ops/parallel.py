@@ -15,8 +15,10 @@ just calls `kernel(slice(0, n_rows))` on the calling thread.
 `NPGPT_THREADS` sets the number of threads (default: the CPUs this process may run on, at most 8);
 `NPGPT_THREADS=1` turns the splitting off, and so does `with single_threaded():` for the calling
 thread alone (a context variable: the in-process replicas of `npgpt.replicas` already keep every core
-busy). The pool's threads run each block in a copy of the caller's context, so a kernel sees the
-caller's precision and grad mode.
+busy); `with limit_threads(n):` caps the count (`npgpt.perf.shared_cpu_threads`, on a busy machine).
+The blocks are cut by size alone, never by the thread count, so threads change no number: a kernel
+returning partial sums sees the same blocks however many threads run them. The pool's threads run
+each block in a copy of the caller's context, so a kernel sees the caller's precision and grad mode.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ MIN_PARALLEL_ELEMS = 1 << 20
 
 _pool = None
 SINGLE = contextvars.ContextVar("npgpt_single_threaded", default=False)   # run row blocks on this thread
+LIMIT = contextvars.ContextVar("npgpt_thread_limit", default=None)         # at most this many threads
 
 
 class single_threaded:
@@ -47,9 +50,25 @@ class single_threaded:
         SINGLE.reset(self._token)
 
 
+class limit_threads:
+    """Context manager: for_row_blocks in this context uses at most n threads."""
+
+    def __init__(self, n):
+        self.n = max(1, int(n))
+
+    def __enter__(self):
+        self._token = LIMIT.set(self.n)
+
+    def __exit__(self, *exc):
+        LIMIT.reset(self._token)
+
+
 def num_threads():
     """Threads for_row_blocks may use on the calling thread."""
-    return 1 if SINGLE.get() else _configured_threads()
+    if SINGLE.get():
+        return 1
+    limit = LIMIT.get()
+    return _configured_threads() if limit is None else min(limit, _configured_threads())
 
 
 def _configured_threads():
@@ -83,10 +102,9 @@ def for_row_blocks(n_rows, row_elems, kernel, xp=np, threaded=True, min_parallel
     total = n_rows * row_elems
     if xp is not np or n_rows < 2 or total < 2 * BLOCK_ELEMS:   # small: it fits the cache as it is
         return [kernel(slice(0, n_rows))]
-    threads = num_threads() if threaded and total >= min_parallel else 1
-    # At least one block per thread; more when rows are many, so blocks stay cache-sized.
-    n_blocks = max(threads, -(-total // BLOCK_ELEMS))
-    n_blocks = min(n_blocks, n_rows)
+    # Cache-sized blocks, cut by size alone: the same blocks (and partial sums) at any thread count.
+    n_blocks = min(max(2, -(-total // BLOCK_ELEMS)), n_rows)
+    threads = min(num_threads(), n_blocks) if threaded and total >= min_parallel else 1
     bounds = [n_rows * i // n_blocks for i in range(n_blocks + 1)]
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     # Deal the blocks out in `threads` contiguous groups; the calling thread runs the last group

@@ -45,6 +45,7 @@ from queue import Queue
 import numpy as np
 
 from npgpt.backend import asnumpy, get_xp
+from npgpt.layers import adapter_rows
 from npgpt.model import KVCache
 from npgpt.sampling import Detokenizer, Sampler, log_softmax, top_tokens
 from npgpt.serve.protocol import ApiError
@@ -59,6 +60,9 @@ class Request:
     def __init__(self, kind, prompts, params, prompt_texts, tok, vocab_size):
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.kind, self.params, self.created = kind, params, int(time.time())
+        self.arrived = time.monotonic()       # for time to first token and the request's duration
+        self.model = None                     # the model id it asked for (set by the HTTP side)
+        self.adapter = -1                     # its adapter's index (npgpt.layers.adapter_rows), -1: the base
         self.events = Queue()
         self.cancelled = False
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -80,6 +84,7 @@ class Sequence:
         self.tokens, self.logits, self.finish = [], None, None
         self.pending = []                     # logprob entries for tokens whose text is not yet sent
         self.offset = len(prompt_text)        # text_offset of the next token (completions logprobs)
+        self.first_at = self.last_at = None   # time.monotonic() of its first and latest token
 
 
 # ---- the prefix cache ---------------------------------------------------------------------------
@@ -100,13 +105,16 @@ class PrefixCache:
     prompt's whole blocks. Memory: at most max_bytes in all; one prompt adds at most
     max_request_bytes (a single huge prompt cannot flush everyone's system prompt). Eviction takes
     the least recently used leaf: a lookup or insert touches its path deepest-first, so a parent is
-    always more recent than its children and the oldest node is a leaf."""
+    always more recent than its children and the oldest node is a leaf. `ns` keeps prefixes apart
+    whose keys/values differ for the same tokens (each LoRA adapter served has its own trie; the
+    memory bounds are shared)."""
 
     def __init__(self, block_tokens=16, max_bytes=512 << 20, max_request_bytes=128 << 20):
         if block_tokens < 1 or max_bytes < 0 or max_request_bytes < 0:
             raise ValueError("block_tokens must be >= 1 and the byte bounds >= 0")
         self.block_tokens, self.max_bytes, self.max_request_bytes = block_tokens, max_bytes, max_request_bytes
         self.root = _Node(None, (), None, None)
+        self.roots = {None: self.root}        # ns -> the root of its trie
         self.lru = OrderedDict()              # node -> None, least recently used first
         self.bytes = 0
         self.evictions = 0
@@ -122,9 +130,12 @@ class PrefixCache:
         for node in reversed(path):           # deepest first: parents end up more recent than children
             self.lru.move_to_end(node)
 
-    def lookup(self, prompt):
+    def _root(self, ns):
+        return self.roots.setdefault(ns, _Node(None, (), None, None))
+
+    def lookup(self, prompt, ns=None):
         """The cached nodes of the longest whole-block prefix of prompt[:-1], root side first."""
-        path, node = [], self.root
+        path, node = [], self._root(ns)
         for key in self._blocks(prompt[:-1]):
             node = node.children.get(key)
             if node is None:
@@ -133,9 +144,9 @@ class PrefixCache:
         self._touch(path)
         return path
 
-    def insert(self, prompt, k, v):
+    def insert(self, prompt, k, v, ns=None):
         """Add the whole blocks of a prefilled prompt; k, v: (n_layer, nkv, >= len(prompt), hs)."""
-        b, node, path, added = self.block_tokens, self.root, [], 0
+        b, node, path, added = self.block_tokens, self._root(ns), [], 0
         for j, key in enumerate(self._blocks(prompt)):
             child = node.children.get(key)
             if child is None:
@@ -178,8 +189,9 @@ class PrefixCache:
         self.evictions += 1
 
     def clear(self):
-        for node in list(self.root.children.values()):
-            self._remove(node)
+        for root in self.roots.values():
+            for node in list(root.children.values()):
+                self._remove(node)
 
 
 class Prefill:
@@ -188,8 +200,9 @@ class Prefill:
     turn comes, so prompts admitted together still share what the earlier ones computed). `logits`
     is set when it is complete."""
 
-    def __init__(self, model, prompt, seqs, like):
+    def __init__(self, model, prompt, seqs, like, ns=None):
         self.prompt, self.seqs = list(prompt), seqs
+        self.ns = ns                          # the prefix cache's namespace: the request's adapter
         self.cache = KVCache(replace(model.config, block_size=len(prompt)), 1, like)
         self.logits = None
         self.started = False
@@ -235,7 +248,7 @@ class Engine:
     """The single decoding thread: continuous batching over max_batch KV cache slots."""
 
     def __init__(self, model, tok, max_batch=16, max_queue=64, prefill_chunk=256, prefix_cache_mb=512,
-                 prefix_request_mb=128, prefix_block=16):
+                 prefix_request_mb=128, prefix_block=16, metrics=None):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1 token")
         self.model, self.tok = model, tok
@@ -254,6 +267,7 @@ class Engine:
         self.stats = {"decode_steps": 0, "prefill_chunks": 0, "prefill_tokens": 0,
                       "prefix_cache_hits": 0, "prefix_cache_misses": 0, "prefix_cache_hit_tokens": 0,
                       "prefix_cache_bytes": 0, "prefix_cache_blocks": 0, "prefix_cache_evictions": 0}
+        self.metrics = metrics                # npgpt.serve.metrics.Metrics: per-token latency, batch sizes
         self.thread = None
         # work per loop, when a list: {request id: {"prefill": prompt tokens run, "sampled": tokens drawn,
         # "compared": stop-string comparisons, "rows": rows in the step's forward}} (fairness tests)
@@ -363,7 +377,7 @@ class Engine:
         for s in req.seqs:
             by_prompt.setdefault(tuple(s.prompt), []).append(s)
         for prompt, seqs in by_prompt.items():
-            self.prefilling.append(Prefill(self.model, prompt, seqs, self.cache.k))
+            self.prefilling.append(Prefill(self.model, prompt, seqs, self.cache.k, ns=req.adapter))
 
     def _prefill(self):
         """Run at most prefill_chunk prompt tokens, oldest prompt first (each starting from the
@@ -378,11 +392,12 @@ class Engine:
                     self.cancelled += 1
                 continue
             if not job.started:
-                job.reuse(self.prefix.lookup(job.prompt) if self.prefix is not None else None)
+                job.reuse(self.prefix.lookup(job.prompt, job.ns) if self.prefix is not None else None)
                 if self.prefix is not None:
                     st["prefix_cache_hits" if job.reused else "prefix_cache_misses"] += 1
                     st["prefix_cache_hit_tokens"] += job.reused
-            n = job.run(self.model, budget)
+            with adapter_rows(None if job.ns is None else [job.ns]):     # a request's choices share its adapter
+                n = job.run(self.model, budget)
             budget -= n
             self._note(job.seqs[0].req, "prefill", n)
             st["prefill_chunks"] += 1
@@ -390,7 +405,7 @@ class Engine:
             if job.logits is not None:
                 self.prefilling.popleft()
                 if self.prefix is not None:
-                    self.prefix.insert(job.prompt, job.cache.k[:, 0], job.cache.v[:, 0])
+                    self.prefix.insert(job.prompt, job.cache.k[:, 0], job.cache.v[:, 0], job.ns)
                     st.update(prefix_cache_bytes=self.prefix.bytes, prefix_cache_blocks=len(self.prefix),
                               prefix_cache_evictions=self.prefix.evictions)
                 self._place(job)
@@ -434,6 +449,10 @@ class Engine:
         logits, s.logits = s.logits, None
         t, _ = s.sampler.sample(logits)
         s.tokens.append(t)
+        now = time.monotonic()
+        if s.last_at is not None and self.metrics is not None:
+            self.metrics.token_gap(now - s.last_at)
+        s.first_at, s.last_at = s.first_at or now, now
         if p.logprobs is not None:
             lp = log_softmax(logits.astype(np.float64)[None])[0]
             top = top_tokens(lp[None], p.logprobs)[0] if p.logprobs else []
@@ -496,10 +515,13 @@ class Engine:
             c.length = P - m
         view = _CacheView(c, n)
         last = np.array([[s.tokens[-1]] for s in self.active], dtype=np.int64)
-        logits = asnumpy(self.model.forward_cached(last, view)[:, -1])
+        with adapter_rows([s.req.adapter for s in self.active]):
+            logits = asnumpy(self.model.forward_cached(last, view)[:, -1])
         c.length = view.length
         for s, row in zip(self.active, logits):
             s.logits = row
             self._note(s.req, "rows", 1)
         self.steps += 1
         self.stats["decode_steps"] = self.steps
+        if self.metrics is not None:
+            self.metrics.batch(n)
