@@ -274,7 +274,8 @@ def test_a_costly_request_leaves_a_cheap_one_its_share(tmp_path):
 
 
 def test_connections_are_bounded(tmp_path):
-    """Idle connections each hold a thread: past --max-connections a new one gets a 503 JSON at once."""
+    """Idle connections each hold a thread: past --max-connections a new one gets a 503 JSON at once;
+    a request that trickles in is cut off at the request deadline."""
     import threading
     from npgpt.loading import load_run
     from npgpt.serve.http import App, make_server
@@ -296,6 +297,30 @@ def test_connections_are_bounded(tmp_path):
         status, _, body = exchange(S, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status == 200 and json.loads(body)["data"][0]["id"] == "m"
         idle[1].close()
+        # a client that trickles its headers a byte at a time (each well within the idle timeout) is cut
+        # off at the request deadline, and its connection slot comes back
+        httpd.RequestHandlerClass.request_deadline = 1.0
+        assert wait_until(lambda: httpd.open_connections == 0)
+        slow = socket.create_connection(("127.0.0.1", S.port))
+        slow.sendall(b"GET /v1/models HTTP/1.1\r\nX-Slow: ")
+        slow.settimeout(0.1)
+        closed, got, sent = False, b"", 0
+        for _ in range(600):                     # at most a minute of trickling
+            try:
+                slow.sendall(b"a")
+                sent += 1
+                chunk = slow.recv(1024)
+                got += chunk
+                closed = chunk == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        slow.close()
+        assert closed and got == b"" and sent >= 2       # dropped at the deadline, not refused at once
+        assert wait_until(lambda: httpd.open_connections == 0)
     finally:
         httpd.shutdown()
         app.engine.stop(grace=1)

@@ -21,6 +21,7 @@ README's "Security notes" list every limit.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import re
 import select
@@ -95,6 +96,7 @@ class App:
         self.inflight = 0
         self.lock = threading.Lock()
         self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
+        self._grammar_lock = threading.Lock()
 
     # ---- building requests ------------------------------------------------------------------------
     def pick_model(self, body):
@@ -223,7 +225,7 @@ class App:
 
     def constraint(self, grammar):
         """`grammar` over this model's vocabulary (the token table is built on first use)."""
-        with self.lock:
+        with self._grammar_lock:               # one build at a time; requests without a grammar never wait here
             if self._tokens is None:
                 self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
             try:
@@ -350,12 +352,50 @@ _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"
                  431: "request_header_fields_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's bytes, read under a deadline: a client that trickles its request a byte at a
+    time (each within the idle timeout) is still cut off when the deadline passes."""
+
+    def __init__(self, sock, idle):
+        self.sock, self.idle, self.deadline = sock, idle, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request did not arrive whole in time")
+            self.sock.settimeout(min(left, self.idle))
+        return self.sock.recv_into(b)
+
+    def done(self):
+        """The request is in: reads (and writes) go back to the idle timeout alone."""
+        if self.deadline is not None:
+            self.deadline = None
+            self.sock.settimeout(self.idle)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "npgpt"
     timeout = 60                  # a client that sends nothing for a minute is dropped
+    request_deadline = 30.0       # seconds for a request (line, headers, body; keep-alive idle too) to arrive
     disconnect_poll = 0.25        # seconds between checks that a waiting client is still there
     app: App = None
+
+    def setup(self):
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        self._reader.deadline = time.monotonic() + self.request_deadline
+        try:
+            super().handle_one_request()
+        finally:
+            self._reader.done()
     status = None                 # the HTTP status sent for the current request (None: none yet)
     req = None                    # the current generation Request, once built
     error = None                  # the current request's error message, if it failed
@@ -391,6 +431,8 @@ class Handler(BaseHTTPRequestHandler):
         if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
             self.send_error(431, f"request headers longer than {MAX_HEADER_BYTES} bytes")
             return False
+        if self.command != "POST":                # no body to wait for
+            self._reader.done()
         return True
 
     def _not_allowed(self):
@@ -522,6 +564,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
+        self._reader.done()
         try:
             body = parse_json(raw, "the request body", sent=True)    # depth / number limits: a nested body is a 400
         except NpgptError as e:
