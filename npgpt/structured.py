@@ -16,15 +16,20 @@ The pipeline, each stage bounded (a grammar comes from strangers: an HTTP body, 
   2. tree -> NFA over bytes (Thompson's construction). Character classes are code-point ranges; each
      becomes the UTF-8 byte sequences that encode it (so the automaton accepts only valid UTF-8).
   3. NFA -> DFA by subset construction over byte classes (bytes no edge tells apart move together),
-     refused past MAX_STATES states. State 0 is the dead state.
+     refused past MAX_STATES states, then minimised (Moore's partition refinement). State 0 is the
+     dead state, 1 the start.
   4. for one vocabulary (TokenTable: each token id's bytes; special tokens map to nothing): per DFA
-     state, where every token leads (one vectorised walk over the vocabulary's bytes, cached per state,
-     LRU-bounded); and per state the fewest tokens to an accepting state, counted over "unit" tokens
-     (single bytes, single characters) — a path that always exists, so masking every token whose
-     destination needs more tokens than remain forces the value to close within max_tokens.
+     state, where every token leads (one vectorised walk over the vocabulary's bytes that drops tokens
+     as they die, cached per state, LRU-bounded); and per state the fewest tokens to an accepting
+     state, by BFS backwards over those edges. Exact while the walks stay within EXACT_BUDGET; past
+     it the states not walked count "unit" tokens (single bytes, single characters), an upper bound
+     along a path that always exists. Masking every token whose destination needs more tokens than
+     remain forces the value to close within max_tokens; a grammar whose start needs more than
+     max_new_tokens is refused before sampling.
 
-A step of the sampler then costs one O(V) gather (dest row -> distance -> mask), plus one walk over
-the vocabulary the first time a state is met.
+A step of the sampler then costs the state's cached mask (far from the budget) or one O(V) gather
+(destination row -> distance -> compare), plus one walk over the vocabulary the first time a state
+is met.
 
 Supported regex syntax (Python `re` semantics with re.ASCII, whole-string match): literals, `.` (any
 character but newline), escapes `\\d \\w \\s \\D \\W \\S \\n \\t \\r \\f \\v \\xHH \\uHHHH` and escaped
