@@ -11,6 +11,9 @@ read per step x steps/s / the bandwidth of a large NumPy GEMV measured in the sa
 dequantised to float32 (`gguf_file=`), as npgpt does, and runs eager with torch's default
 threads. llama.cpp: `llama_cpp` (llama-cpp-python) if importable, reading the quantised file as
 it is; otherwise its row says "not measured". Prefill: one row of --prompt-len tokens, median of 3.
+--cpu-time: npgpt alone, one BLAS thread, each step timed in CPU seconds of this process
+(time.process_time), a figure a busy machine disturbs far less than wall time: batch scaling
+(tokens per CPU-second at batch B over batch 1) when no quiet machine is at hand.
 Needs torch, transformers and gguf (a comparison venv; npgpt never imports them); without them it
 prints npgpt's rows only.
 """
@@ -80,16 +83,30 @@ def llama_cpp_side(path, n_ctx):
     return llm, prefill, step
 
 
-def time_steps(prefill, step, ids, n):
+def time_steps(prefill, step, ids, n, clock=time.perf_counter):
     state = prefill(ids)
     if state is None:
         return None
     times = []
     for _ in range(n):
-        t = time.perf_counter()
+        t = clock()
         state = step(state)
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return statistics.median(times)
+
+
+def cpu_time_scaling(path, batches, n, prompt_len):
+    from npgpt.perf import blas_controller
+    model, prefill, step = npgpt_side(path)
+    prompt = np.random.default_rng(0).integers(100, model.config.vocab_size, (1, prompt_len))
+    print(f"npgpt, one BLAS thread, CPU seconds per step (median of {n}); load average {os.getloadavg()[0]:.2f}")
+    with blas_controller().limit(limits=1, user_api="blas"):
+        base = None
+        for B in batches:
+            s = time_steps(prefill, step, np.repeat(prompt, B, axis=0), n, time.process_time)
+            base = base or B / s
+            print(f"batch {B:>3}: {1e3 * s:8.2f} ms CPU per step, {B / s:8.1f} tokens per CPU-second "
+                  f"({B / s / base:.2f}x batch {batches[0]})", flush=True)
 
 
 def main():
@@ -98,8 +115,11 @@ def main():
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--cpu-time", action="store_true", help="npgpt alone: CPU seconds per step, one BLAS thread")
     a = ap.parse_args()
     path = Path(a.gguf).resolve()
+    if a.cpu_time:
+        return cpu_time_scaling(path, [int(b) for b in a.batches.split(",")], a.new_tokens, a.prompt_len)
     from npgpt.bench import decode_weight_bytes
     from npgpt.perf import gemv_bandwidth_gbs
 
