@@ -34,13 +34,14 @@ def run(cmd, env):
 
 
 def main():
+    from npgpt.programs import non_negative_int, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="baby")
-    ap.add_argument("--global-batch", type=int, default=12)
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=10, help="timed iterations per run")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--global-batch", type=positive_int, default=12)
+    ap.add_argument("--ranks", type=positive_int, default=2)
+    ap.add_argument("--iters", type=positive_int, default=10, help="timed iterations per run")
+    ap.add_argument("--warmup", type=non_negative_int, default=2)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--torch-python", default=None, help="a Python with torch installed (optional)")
     args = ap.parse_args()
     N, G = args.ranks, args.global_batch
@@ -96,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -61,11 +61,12 @@ def run_one(path, keep, n_tokens, n_prompt, context):
 
 
 def main():
+    from npgpt.programs import existing_file, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("gguf")
-    ap.add_argument("--tokens", type=int, default=32, help="decode steps per batch size")
+    ap.add_argument("gguf", type=existing_file)
+    ap.add_argument("--tokens", type=positive_int, default=32, help="decode steps per batch size")
     ap.add_argument("--prompt", type=int, default=128, help="prefill length")
-    ap.add_argument("--context", type=int, default=512, help="context (KV cache) length")
+    ap.add_argument("--context", type=positive_int, default=512, help="context (KV cache) length")
     ap.add_argument("--one", choices=["float32", "kept"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -85,4 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

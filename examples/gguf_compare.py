@@ -22,8 +22,9 @@ import numpy as np
 
 
 def main():
+    from npgpt.programs import existing_file   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("gguf", help="the GGUF file to compare (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    ap.add_argument("gguf", type=existing_file, help="the GGUF file to compare (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
     a = ap.parse_args()
     try:
         import torch
@@ -80,4 +81,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

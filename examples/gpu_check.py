@@ -669,12 +669,13 @@ def print_table(c):
 
 
 def main(argv=None):
+    from npgpt.programs import out_dir   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer iterations")
     ap.add_argument("--dry-run-cpu", action="store_true", help="run every section on NumPy with tiny sizes")
     ap.add_argument("--precisions", default="fp32,tf32,fp16", help="comma-separated: fp32,tf32,fp16")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget; late sections are skipped")
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default $OUT)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), type=out_dir, help="folder for gpu_check.json (default $OUT)")
     ap.add_argument("--sections", default="env,ceilings,kernels,model,train,torch", help="which sections to run")
     args = ap.parse_args(argv)
     try:
@@ -692,4 +693,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -176,4 +176,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

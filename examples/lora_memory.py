@@ -94,12 +94,13 @@ def _mb(n):
 
 
 def main():
+    from npgpt.programs import positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="shakespeare-char,gpt2")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--rank", type=positive_int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=2)
+    ap.add_argument("--batch-size", type=positive_int, default=1)
+    ap.add_argument("--block-size", type=positive_int, default=256)
     ap.add_argument("--json", default=None, help="also write the records to this file")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -132,4 +133,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -56,12 +56,13 @@ def mc_items(facts):
 
 
 def main():
+    from npgpt.programs import out_dir, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--work", default="lora-qa-example")
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=300)
+    ap.add_argument("--work", default="lora-qa-example", type=out_dir)
+    ap.add_argument("--rank", type=positive_int, default=8)
     ap.add_argument("--lora-lr", type=float, default=5e-3)
-    ap.add_argument("--base-iters", type=int, default=600, help="pretraining steps of the base (finetune_qa.py: 600)")
+    ap.add_argument("--base-iters", type=positive_int, default=600, help="pretraining steps of the base (finetune_qa.py: 600)")
     ap.add_argument("--runs", default="base,full,lora-same-lr,lora", help="which of the runs to do")
     a = ap.parse_args()
     work = Path(a.work)
@@ -110,4 +111,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -91,4 +91,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -169,9 +169,10 @@ def shared_system(args):
 
 
 def main():
+    from npgpt.programs import existing_path, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--checkpoint", required=True, type=existing_path)
+    ap.add_argument("--max-tokens", type=positive_int, default=64)
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--prompt", default="The ")
     ap.add_argument("--shared-system", action="store_true",
@@ -217,4 +218,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

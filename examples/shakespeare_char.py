@@ -25,11 +25,12 @@ from npgpt.train import TrainConfig, train
 
 
 def main():
+    from npgpt.programs import out_dir, positive_int, text_file   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--input", help="a local copy of tiny Shakespeare (default: download it)")
+    ap.add_argument("--input", type=text_file, help="a local copy of tiny Shakespeare (default: download it)")
     ap.add_argument("--data", default="data/shakespeare-char")
-    ap.add_argument("--out", default="out-shakespeare")
-    ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--out", default="out-shakespeare", type=out_dir)
+    ap.add_argument("--iters", type=positive_int, default=2000)
     args = ap.parse_args()
 
     # 1. Text -> token ids. Character level: the vocabulary is the 65 distinct characters.
@@ -53,4 +54,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -20,12 +20,13 @@ from npgpt.generate import generate, speculative_stream
 
 
 def main():
+    from npgpt.programs import existing_path, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--draft", required=True)
-    ap.add_argument("--tokens", type=int, default=60, help="New tokens per prompt (keep prompt + this <= block_size).")
+    ap.add_argument("--checkpoint", required=True, type=existing_path)
+    ap.add_argument("--draft", required=True, type=existing_path)
+    ap.add_argument("--tokens", type=positive_int, default=60, help="New tokens per prompt (keep prompt + this <= block_size).")
     ap.add_argument("--k", default="2,4,6", help="Draft lengths to try.")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--prompts", default="The |def |import |In the ")
     args = ap.parse_args()
     model, tok = load_run(args.checkpoint)[:2]
@@ -60,4 +61,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -357,18 +357,19 @@ def prepared(text, folder):
 
 
 def main(argv=None):
+    from npgpt.programs import non_negative_int, out_dir, positive_int, text_file   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", help="the training text (tiny Shakespeare's input.txt); never copied elsewhere")
-    ap.add_argument("--out", default="speedrun-out", help="folder for the prepared data and results.jsonl")
+    ap.add_argument("--text", type=text_file, help="the training text (tiny Shakespeare's input.txt); never copied elsewhere")
+    ap.add_argument("--out", default="speedrun-out", type=out_dir, help="folder for the prepared data and results.jsonl")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
-    ap.add_argument("--seeds", type=int, default=5, help="seeds for baseline and full (default 5)")
-    ap.add_argument("--single-seeds", type=int, default=3, help="seeds for each single change (default 3)")
-    ap.add_argument("--seed-offset", type=int, default=0,
+    ap.add_argument("--seeds", type=positive_int, default=5, help="seeds for baseline and full (default 5)")
+    ap.add_argument("--single-seeds", type=positive_int, default=3, help="seeds for each single change (default 3)")
+    ap.add_argument("--seed-offset", type=non_negative_int, default=0,
                     help="run seeds K, K+1, ... (several processes can share one results.jsonl)")
     ap.add_argument("--target", type=float, default=TARGET)
-    ap.add_argument("--max-iters", type=int, default=None, help="cap on steps per run (default: the variant's)")
+    ap.add_argument("--max-iters", type=positive_int, default=None, help="cap on steps per run (default: the variant's)")
     ap.add_argument("--quick-batches", type=int, default=16, help="validation batches of the stopping check")
-    ap.add_argument("--confirm-batches", type=int, default=64, help="validation batches of the confirmation")
+    ap.add_argument("--confirm-batches", type=positive_int, default=64, help="validation batches of the confirmation")
     ap.add_argument("--report", action="store_true", help="only print the table of what results.jsonl holds")
     ap.add_argument("--fast", action="store_true", help="seconds: the Python docs, a loose target, 2 seeds (CI)")
     args = ap.parse_args(argv)
@@ -413,4 +414,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

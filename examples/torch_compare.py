@@ -320,15 +320,16 @@ def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeat
 
 
 def main():
+    from npgpt.programs import non_negative_int, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="baby", choices=[*SIZES, "all"],
                     help="baby (4/4/128, T 64, B 12), shakespeare-char (6/6/384, T 256, B 64), "
                          "gpt2 (12/12/768, T 256, B 4, vocab 50257) or all three")
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations per side (default per size)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="timed iterations per side (default per size)")
     ap.add_argument("--round", type=int, default=5, help="iterations per side per round")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (numpy's BLAS: OPENBLAS_NUM_THREADS)")
-    ap.add_argument("--replicas", type=int, default=2,
+    ap.add_argument("--warmup", type=non_negative_int, default=1)
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads (numpy's BLAS: OPENBLAS_NUM_THREADS)")
+    ap.add_argument("--replicas", type=positive_int, default=2,
                     help="also time npgpt with the batch split over this many threads (1: skip)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--decode", action="store_true",
@@ -360,4 +361,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

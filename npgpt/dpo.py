@@ -134,7 +134,8 @@ def render_pair(tok, rec):
     start, _ = render_chat(tok, rec["prompt"], add_generation_prompt=True)
     out = []
     for k in ("chosen", "rejected"):
-        ids, mask = render_chat(tok, rec["prompt"] + rec[k])
+        reply = rec[k] if isinstance(rec[k], list) else [{"role": "assistant", "content": rec[k]}]
+        ids, mask = render_chat(tok, rec["prompt"] + reply)
         n = len(start) if ids[:len(start)] == start else 0    # the prompt's tokens never count
         out.append((ids, [False] * n + [bool(m) for m in mask[n:]]))
     return tuple(out)

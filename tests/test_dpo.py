@@ -308,3 +308,25 @@ def test_adapters_disabled_is_the_base_model_exactly():
         off = m(x)[0].data
     assert np.abs(adapted - base).max() > 1e-3 and np.array_equal(off, base)
     assert np.array_equal(m(x)[0].data, adapted)                   # the setting ends with the block
+
+
+def test_chat_pairs_with_a_models_own_template():
+    from chat_templates import CHATML
+    from helpers import hf_chat_tokenizer
+    tok = hf_chat_tokenizer(CHATML)
+    rec = {"prompt": [{"role": "user", "content": "the quick fox"}],
+           "chosen": [{"role": "assistant", "content": "jumps over"}], "rejected": "a lazy dog"}
+    (c, cm), (r, rm) = render_pair(tok, rec)
+    assert tok.decode([i for i, m in zip(c, cm) if m]).startswith("jumps over")
+    assert tok.decode([i for i, m in zip(r, rm) if m]).startswith("a lazy dog")
+    assert tok.special_tokens["<|im_end|>"] in [i for i, m in zip(c, cm) if m]      # learns to end its turn
+    start = tok.apply_chat_template(rec["prompt"], add_generation_prompt=True)
+    assert c[:len(start)] == start and not any(cm[:len(start)])
+
+
+def test_train_refuses_a_dpo_or_rl_config_without_its_batches(tmp_path):
+    from npgpt.train import train
+    from npgpt.training.config import TrainConfig
+    for key, value in (("dpo", "p.jsonl"), ("rl", "arithmetic")):
+        with pytest.raises(NpgptError, match=f"a --{key} run needs its batches and loss: use `npgpt finetune --{key}`"):
+            train(TrainConfig(out=str(tmp_path / key), **{key: value}))

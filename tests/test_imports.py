@@ -27,7 +27,7 @@ FLOORS = [
     ("npgpt.quant", "npgpt.compress", "npgpt.sft", "npgpt.interpret", "npgpt.bench", "npgpt.evaluate",
      "npgpt.tokenizer.bench", "npgpt.serve",
      "npgpt.reference", "npgpt.viz", "npgpt.distributed.launcher", "npgpt.tasks", "npgpt.exercises",
-     "npgpt.dpo", "npgpt.rl", "npgpt.verifiable"),
+     "npgpt.dpo", "npgpt.rl", "npgpt.verifiable", "npgpt.programs"),
     ("npgpt.cli",),
 ]
 

@@ -165,6 +165,52 @@ def test_an_unnamed_adapter_beside_named_ones_is_the_default_model(dirs, want):
     assert peak == 2 and got == [want["alpha"], want["beta"]]
 
 
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_rows_on_different_adapters_match_each_adapter_alone(tmp_path, family):
+    """MultiLoRALinear: a batch whose rows run on adapter 0, the base and adapter 1 gives each row the
+    logits that model (LoRALinear, one adapter) gives it alone, for both families' layers."""
+    from npgpt import GPT, GPTConfig
+    from npgpt.layers import adapter_rows
+    from npgpt.llama import Llama, LlamaConfig
+    from npgpt.loading import from_pretrained
+    from npgpt.lora import LLAMA_TARGETS
+    if family == "gpt":
+        base = GPT(GPTConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16), seed=0)
+        targets = [("c_attn", "c_proj", "c_fc"), ("mlp.c_proj",)]
+    else:
+        base = Llama(LlamaConfig(vocab_size=23, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                                 n_inner=24), seed=0)
+        targets = [LLAMA_TARGETS, ("q_proj", "down_proj")]
+    base.save_pretrained(tmp_path / "base")
+    folders = []
+    for k, t in enumerate(targets):
+        m = from_pretrained(tmp_path / "base")
+        apply_lora(m, LoRAConfig(r=2 + k, alpha=4.0, targets=t), seed=k)
+        for _, lin in lora_layers(m):
+            lin.lora_B.data[...] = np.random.default_rng(k).normal(0, 0.5, lin.lora_B.shape)
+        save_adapter(m, tmp_path / f"a{k}")
+        folders.append((f"a{k}", tmp_path / f"a{k}"))
+    x = np.random.default_rng(1).integers(0, 23, (3, 7))
+    rows = [0, -1, 1]
+    want, want_step = [], []
+    for i, k in enumerate(rows):
+        m = from_pretrained(tmp_path / "base", adapter=None if k < 0 else folders[k][1])
+        c = m.new_cache(1)
+        want.append(m.forward_cached(x[i:i + 1], c)[0])
+        want_step.append(m.forward_cached(x[i:i + 1, :1], c)[0])
+    multi = from_pretrained(tmp_path / "base")
+    load_adapters(multi, folders)
+    cache = multi.new_cache(3)
+    with adapter_rows(rows):
+        got = multi.forward_cached(x, cache)
+        step = multi.forward_cached(x[:, :1], cache)          # and a decoding step on the cache
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(want[0], want[1], atol=1e-3) and not np.allclose(want[2], want[1], atol=1e-3)
+    with adapter_rows(None):                                  # no rows chosen: the base for everyone
+        np.testing.assert_allclose(multi.forward_cached(x, multi.new_cache(3))[1], want[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(step, np.stack(want_step), rtol=1e-4, atol=1e-5)
+
+
 def test_prefix_cache_keeps_adapters_apart(server, dirs):
     """A long prompt cached under one model is not reused by another (other keys/values for the same
     tokens), and is reused by the same model: every reply is the library's for its model."""
@@ -204,7 +250,8 @@ def test_bad_adapter_options_are_clean_errors(dirs, tmp_path):
              (["--adapter", f"x={tmp_path / 'missing'}"], "does not exist"),
              (["--adapter", f"w={wrong}"], "another base"),
              (["--adapter", f"s={stranger}"], "made on another base (fingerprint"),
-             (["--adapter", f"base={dirs['alpha']}"], "base model's id")]
+             (["--adapter", f"base={dirs['alpha']}"], "base model's id"),
+             (["--log-file", str(tmp_path / "no" / "such" / "log.jsonl")], "cannot open --log-file")]
     for args, msg in cases:
         r = CliRunner().invoke(cli, ["serve", "--checkpoint", str(dirs["base"]), "--port", "0", *args])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, (args, r.output)
@@ -251,10 +298,29 @@ def test_health_tokenize_detokenize(server, dirs):
     status, _, data = raw(server, "POST", "/detokenize", {"tokens": out["tokens"]})
     back = json.loads(data)
     assert status == 200 and back["prompt"] == back["content"] == "the quick fox"
+    status, _, data = raw(server, "POST", "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and json.loads(data)["error"]["code"] == "no_chat_template"     # a plain model
     for body in ({"tokens": [tok.vocab_size]}, {"tokens": "12"}, {"prompt": 3}, {"prompt": "a", "with_pieces": 1}):
         path = "/detokenize" if "tokens" in body else "/tokenize"
         status, _, data = raw(server, "POST", path, body)
         assert status == 400 and json.loads(data)["error"]["message"], body
+
+
+def test_tokenize_a_conversation(tmp_path):
+    """/tokenize with `messages`: the ids /v1/chat/completions prefills for them (the chat template,
+    ending with the assistant's opening); a model without a chat template says so."""
+    from npgpt.serve.http import App
+    from npgpt.sft import render_chat
+    model, tok = load_run(model_folder(tmp_path / "chat", chat=True, block=64))[:2]
+    app = App(model, tok, "chat")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
+    out = app.tokenize({"messages": msgs})
+    assert out["tokens"] == render_chat(tok, msgs, add_generation_prompt=True)[0]
+    assert out["count"] == app.chat_request({"messages": msgs, "max_tokens": 2}).prompt_tokens
+    from npgpt.serve.protocol import ApiError
+    with pytest.raises(ApiError) as e:
+        app.tokenize({"messages": [{"role": "wizard", "content": "x"}]})
+    assert e.value.status == 400 and e.value.param == "messages"
 
 
 def test_one_json_log_line_per_request(server, dirs):

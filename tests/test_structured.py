@@ -43,7 +43,11 @@ def regexes(draw, depth=0):
 @given(st.data())
 def test_regex_accepts_exactly_what_re_fullmatch_accepts(data):
     pattern = data.draw(regexes())
-    g = Grammar.regex(pattern)
+    try:
+        g = Grammar.regex(pattern)
+    except GrammarError as e:                    # past the size bound: refused, as designed
+        assert "states" in str(e)
+        assume(False)
     py = re.compile(pattern, re.ASCII)
     for _ in range(6):
         text = data.draw(st.one_of(st.from_regex(py, fullmatch=True), st.text("ab-.1 \né_Aα", max_size=8)))
@@ -54,6 +58,10 @@ def test_regex_accepts_exactly_what_re_fullmatch_accepts(data):
 @given(st.integers(0, 0x10FFFF), st.integers(0, 3000))
 def test_utf8_ranges_accept_exactly_their_code_points(lo, width):
     hi = min(lo + width, 0x10FFFF)
+    if 0xD800 <= lo and hi <= 0xDFFF:              # surrogates only: UTF-8 has none of them
+        with pytest.raises(GrammarError, match="no text"):
+            DFA.from_tree(Chars(((lo, hi),)))
+        return
     dfa = DFA.from_tree(Chars(((lo, hi),)))
     for cp in {lo, hi, (lo + hi) // 2, max(lo - 1, 0), min(hi + 1, 0x10FFFF), 0x7F, 0x80, 0x7FF, 0x800, 0xFFFF,
                0x10000}:
@@ -201,6 +209,45 @@ def test_library_generate_and_speculative_refusal(tok):
 
 
 def test_parse_regex_is_bounded_on_hostile_input():
-    for bad in ("(" * 3000, "[" * 100, "\\", "a{1,2}{3}"):
+    for bad in ("(" * 3000, "[" * 100, "\\", "a{1,2}{3}", "\ud800"):
         with pytest.raises(GrammarError):
             parse_regex(bad)
+    for make in (lambda: Grammar.regex("a\ud800"), lambda: Grammar.choice(["\ud800"]),
+                 lambda: Grammar.json_schema({"enum": ["\ud800"]})):
+        with pytest.raises(GrammarError, match="surrogate"):
+            make()
+
+
+def test_bounded_distances_are_an_upper_bound_that_still_closes(tok, monkeypatch):
+    exact = Grammar.json_schema(PERSON).for_tokens(TokenTable.of(tok))
+    monkeypatch.setattr(structured, "EXACT_BUDGET", 2000)          # the walks stop early: partly unit tokens
+    bound = Grammar.json_schema(PERSON).for_tokens(TokenTable.of(tok))
+    assert exact.exact and not bound.exact
+    assert (bound.dist >= exact.dist).all() and bound.min_tokens >= exact.min_tokens
+    for seed in range(3):
+        text, _ = run_sampler(tok, bound, bound.min_tokens, np.random.default_rng(seed),
+                              lambda r, V: r.normal(0, 5, V))
+        assert validate(json.loads(text), PERSON), text
+
+
+def test_sample_cli_json_schema_regex_choice(tok, tmp_path):
+    from click.testing import CliRunner
+    from npgpt import GPT, GPTConfig
+    from npgpt.cli.main import cli
+    d = tmp_path / "m"
+    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=16), seed=0).save_pretrained(d)
+    tok.save(d)
+    (tmp_path / "s.json").write_text(json.dumps(PERSON))
+    run = CliRunner().invoke
+    r = run(cli, ["sample", "--checkpoint", str(d), "--prompt", "P:", "--json-schema", str(tmp_path / "s.json"),
+                  "--seed", "1", "--max-new-tokens", "60", "--no-stream"])
+    assert r.exit_code == 0, r.output
+    assert validate(json.loads(r.stdout.splitlines()[0][len("P:"):]), PERSON)
+    r = run(cli, ["sample", "--checkpoint", str(d), "--prompt", "P:", "--choice", "yes", "--choice", "no",
+                  "--seed", "2", "--num-samples", "3", "--no-stream"])
+    assert r.exit_code == 0 and {line for line in r.stdout.splitlines() if line.startswith("P:")} <= {"P:yes", "P:no"}
+    for args, msg in ((["--regex", "a(?=b)"], "lookaround"), (["--json-schema", str(tmp_path / "s.json"),
+                                                              "--max-new-tokens", "3"], "at least"),
+                      (["--regex", "a", "--choice", "b"], "not several")):
+        r = run(cli, ["sample", "--checkpoint", str(d), "--prompt", "P:", *args])
+        assert r.exit_code == 1 and "Error:" in r.output and msg in r.output and "Traceback" not in r.output

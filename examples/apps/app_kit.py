@@ -26,6 +26,7 @@ import numpy as np
 from npgpt import GPT, GPTConfig
 from npgpt.generate import generate
 from npgpt.optim import AdamW, get_lr
+from npgpt.programs import ClaimFailed, positive_int
 from npgpt.tokenizer import CharTokenizer
 from npgpt.verifiable import split  # noqa: F401  (the apps' held-out split: the library's, as --rl uses it)
 
@@ -33,7 +34,7 @@ from npgpt.verifiable import split  # noqa: F401  (the apps' held-out split: the
 def parse(argv, doc, steps, extra=None):
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     p.add_argument("--fast", action="store_true", help="tiny model and few steps, for CI (also NPGPT_FAST=1)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps}; fast: {steps // 10})")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"training steps (default {steps}; fast: {steps // 10})")
     p.add_argument("--seed", type=int, default=0)
     if extra:
         extra(p)
@@ -49,7 +50,7 @@ def check(cond, what):
     """Print a claim and whether it held; a failed claim stops the app (and fails its test)."""
     print(f"check: {what} ... {'ok' if cond else 'FAILED'}")
     if not cond:
-        raise AssertionError(what)
+        raise ClaimFailed(what)       # an AssertionError: the tests see it; `run` prints it as one line
 
 
 def check_claims(args, history, acc, claim):

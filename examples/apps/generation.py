@@ -24,6 +24,7 @@ from app_kit import check, model_for, parse  # noqa: E402
 
 from npgpt.generate import generate  # noqa: E402
 from npgpt.optim import AdamW, get_lr  # noqa: E402
+from npgpt.programs import need_tokens, run, text_file  # noqa: E402
 from npgpt.tokenizer import CharTokenizer  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def windows(ids, n, block, rng):
 
 
 def main(argv=None):
-    args = parse(argv, __doc__, steps=800, extra=lambda p: p.add_argument("--text", default=None,
+    args = parse(argv, __doc__, steps=800, extra=lambda p: p.add_argument("--text", default=None, type=text_file,
                  help="a text file (e.g. tiny Shakespeare); default: the Python docs"))
     if args.text:
         text, name = Path(args.text).read_text(encoding="utf-8"), Path(args.text).name
@@ -47,6 +48,8 @@ def main(argv=None):
     n = int(0.9 * len(ids))
     train_ids, val_ids = ids[:n], ids[n:]
     block = 64
+    need_tokens(len(train_ids), block, f"{name} (its first 90%)")
+    need_tokens(len(val_ids), block, f"{name}'s held-out last 10%")
     vx, vy = windows(val_ids, 32 if args.fast else 128, block, np.random.default_rng(99))
     V = tok.vocab_size
     counts = np.full((V, V), 0.1)
@@ -72,6 +75,7 @@ def main(argv=None):
     print(f"held-out loss: uniform {math.log(V):.3f}, bigram {bigram:.3f}, untrained model {first:.3f}, "
           f"trained model {held:.3f} nats/char ({held / math.log(2):.2f} bits/char)")
     prompts = ["ROMEO:\n", "KING HENRY:\n"] if args.text else ["def ", "The "]
+    prompts = [p for p in prompts if set(p) <= set(text)] or [text[:8]]     # prompts the text's characters can spell
     samples = []
     for i, p in enumerate(prompts):
         out = generate(model, tok.encode(p), 120 if not args.fast else 40, temperature=0.8, top_k=20, seed=i)
@@ -84,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

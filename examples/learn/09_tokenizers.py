@@ -43,7 +43,7 @@ def show(tok, t):
 
 def main(argv=None):
     args = parse(argv, __doc__, corpus=True)
-    text, name = corpus(args.text, args.fast)
+    text, name = corpus(args.text, args.fast, min_chars=20_000, why="BPE needs text enough for 1,024 tokens' merges")
     text = text[: 30_000 if args.fast else 300_000]
     n_bytes = len(text.encode("utf-8"))
     title("the worked example: 'the the then' and the tie rule")
@@ -91,4 +91,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -233,8 +233,9 @@ def step7(E, rng, steps=5, lr=0.5):
 
 def main(argv=None):
     import argparse
+    from npgpt.programs import existing_file   # the CLI's checks and one-line errors
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--engine", default=None)
+    pre.add_argument("--engine", default=None, type=existing_file)
     known, rest = pre.parse_known_args(argv)
     args = parse(rest, __doc__)
     E, where = load_engine(known.engine)
@@ -275,4 +276,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

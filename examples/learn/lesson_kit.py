@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from npgpt import GPT, GPTConfig
+from npgpt.errors import NpgptError
 from npgpt.optim import AdamW, get_lr
+from npgpt.programs import ClaimFailed, need_tokens, out_dir, positive_int, text_file
 from npgpt.tensor import no_grad
 
 
@@ -25,17 +27,16 @@ def parse(argv, doc, corpus=False, steps=None):
     [--steps N] (when the lesson passes its default `steps`)."""
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     p.add_argument("--fast", action="store_true", help="tiny sizes, for CI (also NPGPT_FAST=1)")
-    p.add_argument("--out", default=None, help="folder for pictures (PNG when matplotlib is installed)")
+    p.add_argument("--out", default=None, type=out_dir, help="folder for pictures (PNG when matplotlib is installed)")
     if corpus:
-        p.add_argument("--text", default=None,
+        p.add_argument("--text", default=None, type=text_file,
                        help="a text file to train on, e.g. tiny Shakespeare's input.txt "
                             "(default: the Python docs that ship with CPython)")
     if steps is not None:
-        p.add_argument("--steps", type=int, default=None, help=f"training steps (default {steps}; fast mode: fewer)")
-    args = p.parse_args(argv)
+        p.add_argument("--steps", type=positive_int, default=None,
+                       help=f"training steps (default {steps}; fast mode: fewer)")
+    args = p.parse_args(argv)      # --out is created (or refused) as it is read: see npgpt.programs
     args.fast = args.fast or os.environ.get("NPGPT_FAST") == "1"
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
     return args
 
 
@@ -47,7 +48,7 @@ def check(cond, what):
     """Print the claim and whether it held; a failed claim stops the lesson (and fails its test)."""
     print(f"check: {what} ... {'ok' if cond else 'FAILED'}")
     if not cond:
-        raise AssertionError(what)
+        raise ClaimFailed(what)       # an AssertionError: the tests see it; `run` prints it as one line
 
 
 def have_matplotlib():
@@ -77,10 +78,14 @@ def picture(out, name, draw, size=(7, 4)):
     return path
 
 
-def corpus(path=None, fast=False):
-    """(text, name): the file at `path` (tiny Shakespeare, say) or the Python docs built into CPython."""
+def corpus(path=None, fast=False, min_chars=0, why=""):
+    """(text, name): the file at `path` (tiny Shakespeare, say) or the Python docs built into CPython.
+    A --text shorter than `min_chars` characters is one clear error (`why` says what needs them)."""
     if path:
         text, name = Path(path).read_text(encoding="utf-8"), Path(path).name
+        if len(text) < min_chars:
+            raise NpgptError(f"{path} has {len(text):,} characters; this lesson needs at least {min_chars:,}"
+                             + (f" ({why})" if why else "") + "; give a longer --text")
     else:
         from npgpt.data import pydoc_text
         text, name = pydoc_text(), "the Python docs (pydoc_data)"
@@ -96,6 +101,7 @@ def split_ids(tok, text, val_fraction=0.1):
 
 
 def batch(ids, batch_size, block, rng):
+    need_tokens(len(ids), block)        # a 2-character --text: one line, not NumPy's "high <= 0"
     ix = rng.integers(0, len(ids) - block - 1, batch_size)
     x = np.stack([ids[i:i + block] for i in ix])
     y = np.stack([ids[i + 1:i + block + 1] for i in ix])

@@ -21,6 +21,7 @@ README's "Security notes" list every limit.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import re
 import select
@@ -41,11 +42,12 @@ from npgpt.loading import load_run
 from npgpt.lora import load_adapters
 from npgpt.safeio import parse_json
 from npgpt.sampling import SamplingError
+from npgpt.serve import tools
 from npgpt.serve.engine import Engine, Request
 from npgpt.serve.metrics import Metrics, RequestLog
 from npgpt.serve.protocol import ApiError, Params
 from npgpt.structured import GrammarError, TokenTable
-from npgpt.sft import is_chat_model, render_chat
+from npgpt.sft import is_chat_model
 
 
 # ---- the HTTP side ------------------------------------------------------------------------------
@@ -76,8 +78,8 @@ class App:
                  max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
                  log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
-            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        if max_request_tokens is None:       # four full-length replies
+            max_request_tokens = 4 * max_tokens
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
                        "max_request_tokens": max_request_tokens}
         # a text longer than this cannot fit the context whatever it says: refused before encoding it
@@ -94,6 +96,7 @@ class App:
         self.inflight = 0
         self.lock = threading.Lock()
         self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
+        self._grammar_lock = threading.Lock()
 
     # ---- building requests ------------------------------------------------------------------------
     def pick_model(self, body):
@@ -145,40 +148,43 @@ class App:
         return self._request("completion", ids, params, [self.tok.eot_id], texts)
 
     def chat_request(self, body):
+        self._need_chat()
+        params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+        ids, spec = self.chat_prompt(body)
+        if spec is not None and spec.active:
+            params.tools = spec
+            if spec.forced:                      # constrained to one call with arguments valid for its schema
+                if params.grammar is not None:
+                    raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
+                                   "tool_choice")
+                params.grammar = tools.forced_grammar(spec)
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        chat = params.sampling.for_chat(self.tok)
+        if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
+            chat = chat.replace(stop=params.sampling.stop)
+        params.sampling = chat
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+
+    def _need_chat(self):
         if not self.has_chat:
             raise ApiError(400, f"model {self.model_name} has no chat template (its tokenizer lacks the "
                                 f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
                                 f"use /v1/completions", "messages", code="no_chat_template")
-        params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+
+    def chat_prompt(self, body):
+        """(prompt ids, ToolSpec or None) of a chat body: its messages and tools, checked and rendered
+        with the model's chat template (or npgpt's tool fallback), ending with the assistant's opening."""
+        self._need_chat()
         msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ApiError(400, "'messages' must be a non-empty list", "messages")
-        if len(msgs) > self.model.config.block_size:    # every message costs a token at least
+        if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
             raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
                                 f"{self.model.config.block_size} tokens", "messages", code="context_length_exceeded")
-        clean = []
-        for m in msgs:
-            if not isinstance(m, dict):
-                raise ApiError(400, "each message must be an object with 'role' and 'content'", "messages")
-            role = {"developer": "system"}.get(m.get("role"), m.get("role"))
-            content = m.get("content")
-            if isinstance(content, list):         # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, "message content parts must be {'type': 'text', 'text': ...}", "messages")
-                content = "".join(p["text"] for p in content)
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise ApiError(400, f"unsupported message role {m.get('role')!r} or non-text content; "
-                                    f"use system, user or assistant with text", "messages")
-            clean.append({"role": role, "content": content})
-        self._check_chars(sum(len(m["content"]) for m in clean), "messages")
-        try:
-            ids, _ = render_chat(self.tok, clean, add_generation_prompt=True)
-        except NpgptError as e:                  # the model's template refused the conversation, or its budget ran out
-            raise ApiError(400, str(e), "messages") from None
-        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
-        params.sampling = params.sampling.for_chat(self.tok)
-        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+        spec = tools.parse_tools(body)
+        messages = tools.clean_messages(msgs)
+        self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
+                                                      for c in m.get("tool_calls", ())) for m in messages)
+                          + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
+        return tools.render_prompt(self.tok, messages, spec), spec
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
@@ -201,10 +207,10 @@ class App:
         if choices > self.limits["max_batch"]:
             raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        prompt_tokens = sum(len(p) for p in prompts)
-        if prompt_tokens > budget:
-            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
-                                f"request", "prompt", code="context_length_exceeded")
+        prompt_tokens, prompt_budget = sum(len(p) for p in prompts), max(budget, block)
+        if prompt_tokens > prompt_budget:      # one full context is always allowed
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {prompt_budget} "
+                                f"per request", "prompt", code="context_length_exceeded")
         if choices * params.max_tokens > budget:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
@@ -219,7 +225,7 @@ class App:
 
     def constraint(self, grammar):
         """`grammar` over this model's vocabulary (the token table is built on first use)."""
-        with self.lock:
+        with self._grammar_lock:               # one build at a time; requests without a grammar never wait here
             if self._tokens is None:
                 self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
             try:
@@ -272,19 +278,23 @@ class App:
     def tokenize(self, body):
         """POST /tokenize: {"prompt" (vLLM) or "content" (llama.cpp): text, "with_pieces": bool} ->
         {"tokens", "count", "max_model_len", "model"} (+ "pieces": [{"id", "piece"}]). The ids are the
-        ones /v1/completions prefills for that string (special-token strings become specials)."""
+        ones /v1/completions prefills for that string (special-token strings become specials); with
+        "messages" (and "tools") instead, the ones /v1/chat/completions prefills for that conversation."""
         model_id, _ = self.pick_model(body)
-        text = body.get("prompt", body.get("content"))
-        if not isinstance(text, str):
-            raise ApiError(400, "'prompt' (or 'content') must be a string", "prompt")
         pieces = body.get("with_pieces", False)
         if not isinstance(pieces, bool):
             raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
-        self._check_chars(len(text), "prompt")
-        try:
-            ids = self._encode(text) if text else []
-        except NpgptError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt") from None
+        if "messages" in body:                # vLLM's chat form: the prompt /v1/chat/completions would run
+            ids, _ = self.chat_prompt(body)
+        else:
+            text = body.get("prompt", body.get("content"))
+            if not isinstance(text, str):
+                raise ApiError(400, "'prompt' (or 'content') must be a string, or give 'messages'", "prompt")
+            self._check_chars(len(text), "prompt")
+            try:
+                ids = self._encode(text) if text else []
+            except NpgptError as e:
+                raise ApiError(400, f"prompt: {e}", "prompt") from None
         out = {"tokens": ids, "count": len(ids), "max_model_len": self.model.config.block_size, "model": model_id}
         if pieces:
             out["pieces"] = [{"id": t, "piece": _token_str(self.tok, t)} for t in ids]
@@ -342,12 +352,50 @@ _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"
                  431: "request_header_fields_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's bytes, read under a deadline: a client that trickles its request a byte at a
+    time (each within the idle timeout) is still cut off when the deadline passes."""
+
+    def __init__(self, sock, idle):
+        self.sock, self.idle, self.deadline = sock, idle, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request did not arrive whole in time")
+            self.sock.settimeout(min(left, self.idle))
+        return self.sock.recv_into(b)
+
+    def done(self):
+        """The request is in: reads (and writes) go back to the idle timeout alone."""
+        if self.deadline is not None:
+            self.deadline = None
+            self.sock.settimeout(self.idle)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "npgpt"
     timeout = 60                  # a client that sends nothing for a minute is dropped
+    request_deadline = 30.0       # seconds for a request (line, headers, body; keep-alive idle too) to arrive
     disconnect_poll = 0.25        # seconds between checks that a waiting client is still there
     app: App = None
+
+    def setup(self):
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        self._reader.deadline = time.monotonic() + self.request_deadline
+        try:
+            super().handle_one_request()
+        finally:
+            self._reader.done()
     status = None                 # the HTTP status sent for the current request (None: none yet)
     req = None                    # the current generation Request, once built
     error = None                  # the current request's error message, if it failed
@@ -383,6 +431,8 @@ class Handler(BaseHTTPRequestHandler):
         if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
             self.send_error(431, f"request headers longer than {MAX_HEADER_BYTES} bytes")
             return False
+        if self.command != "POST":                # no body to wait for
+            self._reader.done()
         return True
 
     def _not_allowed(self):
@@ -514,6 +564,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
+        self._reader.done()
         try:
             body = parse_json(raw, "the request body", sent=True)    # depth / number limits: a nested body is a 400
         except NpgptError as e:
@@ -601,8 +652,13 @@ class Handler(BaseHTTPRequestHandler):
                 offs = _offsets(app.tok, s.offset, entries[i])
                 lp = app.logprobs_piece(req, i, entries[i], offs)
             if req.kind == "chat":
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
-                                "logprobs": lp, "finish_reason": reasons[i]})
+                message, reason = {"role": "assistant", "content": texts[i]}, reasons[i]
+                if req.params.tools is not None:          # <tool_call> blocks -> tool_calls
+                    content, calls = tools.parse_reply(texts[i], req.params.tools)
+                    if calls:
+                        message = {"role": "assistant", "content": content, "tool_calls": calls}
+                        reason = "tool_calls" if reason == "stop" else reason
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
             else:
                 choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": reasons[i]})
         obj = "chat.completion" if req.kind == "chat" else "text_completion"
@@ -629,6 +685,27 @@ class Handler(BaseHTTPRequestHandler):
             send(app.chunk(req, [{"index": s.index, "text": req.prompt_texts[s.index // req.params.n],
                                   "logprobs": None, "finish_reason": None} for s in req.seqs]))
         total = 0
+        spec = req.params.tools
+        calls = {s.index: tools.ToolStream(spec) for s in req.seqs} if spec is not None else {}
+
+        def send_tool_events(i, events, lp=None):
+            """A choice's text and tool calls as chunks: a call comes as OpenAI streams one, its id and
+            name first, then its arguments."""
+            for kind, value in events:
+                if kind == "content":
+                    send(app.chunk(req, [{"index": i, "delta": {"content": value}, "logprobs": lp,
+                                          "finish_reason": None}]))
+                else:
+                    k, fn = value.pop("index"), value["function"]
+                    head = {"index": k, "id": value["id"], "type": "function",
+                            "function": {"name": fn["name"], "arguments": ""}}
+                    for part in (head, {"index": k, "function": {"arguments": fn["arguments"]}}):
+                        send(app.chunk(req, [{"index": i, "delta": {"tool_calls": [part]}, "logprobs": lp,
+                                              "finish_reason": None}]))
+                lp = None
+            if lp is not None:                    # the text is held back (a possible tool call): logprobs go now
+                send(app.chunk(req, [{"index": i, "delta": {"content": ""}, "logprobs": lp, "finish_reason": None}]))
+
         try:
             for ev in self._events(req):
                 if ev[0] == "delta":
@@ -642,11 +719,18 @@ class Handler(BaseHTTPRequestHandler):
                         lp = app.logprobs_piece(req, i, lps, offs)
                     if not delta and not lps:
                         continue
+                    if i in calls:
+                        send_tool_events(i, calls[i].feed(delta), lp)
+                        continue
                     piece = {"delta": {"content": delta}} if req.kind == "chat" else {"text": delta}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": lp, "finish_reason": None}]))
                 else:
                     _, i, reason, count = ev
                     total += count
+                    if i in calls:
+                        send_tool_events(i, calls[i].finish())
+                        if calls[i].calls and reason == "stop":
+                            reason = "tool_calls"
                     piece = {"delta": {}} if req.kind == "chat" else {"text": ""}
                     send(app.chunk(req, [{"index": i, **piece, "logprobs": None, "finish_reason": reason}]))
         except ApiError as e:

@@ -127,6 +127,7 @@ class Params:
             key = "max_tokens" if e.param == "max_new_tokens" else e.param
             raise ApiError(400, str(e), key) from None
         self.grammar = parse_grammar(body)
+        self.tools = None                     # the chat endpoint's npgpt.serve.tools.ToolSpec, when tools are given
 
 
 def parse_grammar(body):
