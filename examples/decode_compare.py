@@ -109,17 +109,28 @@ def cpu_time_scaling(path, batches, n, prompt_len):
                   f"({B / s / base:.2f}x batch {batches[0]})", flush=True)
 
 
+def batch_list(text):
+    try:
+        out = [int(b) for b in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"a comma list of positive batch sizes, e.g. 1,4,16, got {text!r}")
+    return out
+
+
 def main():
+    from npgpt.programs import existing_file, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("gguf", help="the GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
-    ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("gguf", type=existing_file, help="the GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    ap.add_argument("--batches", type=batch_list, default=[1, 4, 16], help="batch sizes, a comma list")
+    ap.add_argument("--new-tokens", type=positive_int, default=32)
+    ap.add_argument("--prompt-len", type=positive_int, default=64)
     ap.add_argument("--cpu-time", action="store_true", help="npgpt alone: CPU seconds per step, one BLAS thread")
     a = ap.parse_args()
     path = Path(a.gguf).resolve()
     if a.cpu_time:
-        return cpu_time_scaling(path, [int(b) for b in a.batches.split(",")], a.new_tokens, a.prompt_len)
+        return cpu_time_scaling(path, a.batches, a.new_tokens, a.prompt_len)
     from npgpt.bench import decode_weight_bytes
     from npgpt.perf import gemv_bandwidth_gbs
 
@@ -157,7 +168,7 @@ def main():
     print("prefill tokens/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in pre.items()))
     rows = []
     names = list(sides)
-    for i, B in enumerate(int(b) for b in a.batches.split(",")):
+    for i, B in enumerate(a.batches):
         ids = np.repeat(prompt, B, axis=0)
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
@@ -177,4 +188,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
+    run(main)

@@ -177,7 +177,7 @@ def main():
     ap.add_argument("--prompt", default="The ")
     ap.add_argument("--shared-system", action="store_true",
                     help="chat clients sharing a system prompt: prefix cache and chunked prefill, before and after")
-    ap.add_argument("--rounds", type=int, default=3, help="--shared-system: rounds of before/after (alternated)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="--shared-system: rounds of before/after (alternated)")
     args = ap.parse_args()
     if args.shared_system:
         return shared_system(args)
