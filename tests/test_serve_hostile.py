@@ -82,6 +82,7 @@ def still_answers(server):
     (dict(n=3, max_tokens=BUDGET // 3 + 1), "max_tokens", None),                 # n x max_tokens over the budget
     (dict(prompt=["a"] * 5, max_tokens=1), "n", None),                           # more choices than --max-batch
     (dict(prompt="the " * 2000), "prompt", "context_length_exceeded"),           # refused before encoding
+    (dict(prompt=["the " * 450] * 2, max_tokens=1), "prompt", "context_length_exceeded"),   # the texts together
     (dict(prompt=[[3] * 200] * 3, max_tokens=1), "prompt", "context_length_exceeded"),   # 600 prompt tokens
 ])
 def test_costs_over_the_limits_are_400s(server, bad, param, code):

@@ -55,16 +55,7 @@ def _token_str(tok, t):
     return tok.decode([t])
 
 
-def _longest_token(tok):
-    """Bytes of the vocabulary's longest token (special tokens' strings too): a text of C characters
-    needs at least C / this many tokens."""
-    longest = max((len(name) for name in tok.special_tokens), default=1)
-    for t in range(tok.vocab_size):
-        try:
-            longest = max(longest, len(tok.token_bytes(t)))
-        except NpgptError:
-            continue
-    return max(longest, 1)
+MAX_CHARS_PER_TOKEN = 8         # prompt characters encoded per token a request may hold (see App)
 
 
 class App:
@@ -82,8 +73,10 @@ class App:
             max_request_tokens = 4 * max_tokens
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
                        "max_request_tokens": max_request_tokens}
-        # a text longer than this cannot fit the context whatever it says: refused before encoding it
-        self.max_prompt_chars = 2 * model.config.block_size * _longest_token(tok)
+        # the prompt text of one request, refused before encoding it: encoding is Python work that holds
+        # the GIL (a megabyte of letters takes seconds of BPE merges), and prompts hold at most
+        # max(max_request_tokens, context) tokens; natural text runs 3-5 characters a token
+        self.max_prompt_chars = MAX_CHARS_PER_TOKEN * max(max_request_tokens, model.config.block_size)
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
         self.adapters = list(adapters)
         self.model_ids = {model_name: default_adapter}           # model id -> adapter index
@@ -131,10 +124,10 @@ class App:
         if len(prompts) * params.n > self.limits["max_batch"]:     # before encoding any of them
             raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
+        self._check_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         ids, texts = [], []
         for p in prompts:
             if isinstance(p, str):
-                self._check_chars(len(p), "prompt")
                 try:
                     ids.append(self._encode(p) if p else [self.tok.eot_id])
                 except NpgptError as e:
@@ -157,7 +150,7 @@ class App:
                 if params.grammar is not None:
                     raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
                                    "tool_choice")
-                params.grammar = tools.forced_grammar(spec)
+                params.grammar, params.grammar_param = tools.forced_grammar(spec), "tools"
         # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
         chat = params.sampling.for_chat(self.tok)
         if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
@@ -188,9 +181,9 @@ class App:
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
-            raise ApiError(400, f"the {param} has {n} characters: more than this model's context of "
-                                f"{self.model.config.block_size} tokens can hold", param,
-                           code="context_length_exceeded")
+            raise ApiError(400, f"the {param} has {n} characters; this server encodes at most "
+                                f"{self.max_prompt_chars} per request ({MAX_CHARS_PER_TOKEN} a token of the "
+                                f"prompt allowance)", param, code="context_length_exceeded")
 
     def _request(self, kind, prompts, params, stop_ids, texts):
         block = self.model.config.block_size
@@ -215,7 +208,7 @@ class App:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
                                 f"per request (fewer choices or a smaller max_tokens)", "max_tokens")
-        constraint = self.constraint(params.grammar) if params.grammar is not None else None
+        constraint = self.constraint(params.grammar, params.grammar_param) if params.grammar is not None else None
         try:
             params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
                                                       stop_token_ids=tuple(stop_ids), constraint=constraint)
@@ -223,7 +216,7 @@ class App:
             raise ApiError(400, str(e), "max_tokens", code="grammar_does_not_fit") from None
         return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
 
-    def constraint(self, grammar):
+    def constraint(self, grammar, param):
         """`grammar` over this model's vocabulary (the token table is built on first use)."""
         with self._grammar_lock:               # one build at a time; requests without a grammar never wait here
             if self._tokens is None:
@@ -231,7 +224,7 @@ class App:
             try:
                 return grammar.for_tokens(self._tokens)
             except GrammarError as e:
-                raise ApiError(400, str(e), "response_format", code="unsupported_grammar") from None
+                raise ApiError(400, str(e), param, code="unsupported_grammar") from None
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):
