@@ -8,6 +8,8 @@ Three figures, each with the load average beside it:
   * the sampler alone: microseconds per Sampler.probs on the same stored logits, with and without
     the constraint (the mask: one gather of the state's destination row, a compare, a where), along
     the same token path, rounds alternated;
+  * one step on one state, best of 7 x 50 calls: free, constrained with the state's mask cached, and
+    the mask alone near the budget;
   * end to end: ms per generated token of `generate` (greedy, KV cache) with the constraint against
     the same number of free tokens, rounds alternated.
 """
@@ -94,6 +96,16 @@ def main():
                 times.append((time.perf_counter() - t) / len(out))
             print(f"round {r + 1} sampler {name:>11}: {min(times) * 1e6:8.1f} us/token best of 5, "
                   f"{np.median(times) * 1e6:8.1f} median (load {load()})")
+
+    # one step on one state, its mask cached (far from the budget) and near it (gather and compare)
+    import timeit
+    s_free, s_con = Sampler(free, V, ids), Sampler(guided, V, ids)
+    z = logits[0]
+    s_con.probs(z)
+    for name, f in (("free step", lambda: s_free.probs(z)), ("constrained step", lambda: s_con.probs(z)),
+                    ("mask near the budget", lambda: s_con.guide.allowed(2))):
+        best = min(timeit.repeat(f, number=50, repeat=7)) / 50
+        print(f"{name}: {best * 1e6:.0f} us, best of 7 x 50 (load {load()})")
 
     eot_ban = {tok.eot_id: -100.0} if tok.eot_id not in stops else {}
     plain = free.replace(max_new_tokens=n, stop_token_ids=(), logit_bias={t: -100.0 for t in stops} | eot_ban)

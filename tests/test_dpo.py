@@ -229,7 +229,9 @@ def test_dpo_learns_the_preference_and_resume_is_exact(base, tmp_path):
     assert ev[-1]["val_loss"] < 0.5 and ev[-1]["val_pref_accuracy"] == 1.0 and ev[-1]["val_reward_margin"] > 0.5
     assert "val pref accuracy 1.0000" in r.output
     # stop at 6 (same schedule), resume to 12: the same weights, from the cached reference
-    r = run("finetune", "--init-from", base / "base", "--dpo", base / "prefs.jsonl", "--out", tmp_path / "b",
+    mine = tmp_path / "prefs.jsonl"
+    mine.write_text((base / "prefs.jsonl").read_text())
+    r = run("finetune", "--init-from", base / "base", "--dpo", mine, "--out", tmp_path / "b",
             "--max-iters", 6, "--set", "lr_decay_iters=12", *DPO)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "b" / "ckpt" / "dpo_reference.safetensors").is_file()
@@ -237,6 +239,11 @@ def test_dpo_learns_the_preference_and_resume_is_exact(base, tmp_path):
     assert r.exit_code == 0, r.output
     a, b = (load_file(str(tmp_path / x / "ckpt" / "model.safetensors")) for x in ("a", "b"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # the preference file changed under a full run: its cached reference no longer applies
+    mine.write_text(mine.read_text().replace("dog waltz", "dog walks"))
+    r = run("finetune", "--resume", "--out", tmp_path / "b", "--max-iters", 14)
+    assert r.exit_code != 0 and "was computed for other preference pairs" in r.output, r.output
+    mine.write_text((base / "prefs.jsonl").read_text())
     (tmp_path / "b" / "ckpt" / "dpo_reference.safetensors").unlink()
     clean_error(run("finetune", "--resume", "--out", tmp_path / "b", "--max-iters", 14), "dpo_reference.safetensors is missing")
 

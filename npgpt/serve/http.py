@@ -150,7 +150,7 @@ class App:
                 if params.grammar is not None:
                     raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
                                    "tool_choice")
-                params.grammar = tools.forced_grammar(spec)
+                params.grammar, params.grammar_param = tools.forced_grammar(spec), "tools"
         # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
         chat = params.sampling.for_chat(self.tok)
         if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
@@ -208,7 +208,7 @@ class App:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
                                 f"per request (fewer choices or a smaller max_tokens)", "max_tokens")
-        constraint = self.constraint(params.grammar) if params.grammar is not None else None
+        constraint = self.constraint(params.grammar, params.grammar_param) if params.grammar is not None else None
         try:
             params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
                                                       stop_token_ids=tuple(stop_ids), constraint=constraint)
@@ -216,7 +216,7 @@ class App:
             raise ApiError(400, str(e), "max_tokens", code="grammar_does_not_fit") from None
         return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
 
-    def constraint(self, grammar):
+    def constraint(self, grammar, param):
         """`grammar` over this model's vocabulary (the token table is built on first use)."""
         with self._grammar_lock:               # one build at a time; requests without a grammar never wait here
             if self._tokens is None:
@@ -224,7 +224,7 @@ class App:
             try:
                 return grammar.for_tokens(self._tokens)
             except GrammarError as e:
-                raise ApiError(400, str(e), "response_format", code="unsupported_grammar") from None
+                raise ApiError(400, str(e), param, code="unsupported_grammar") from None
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):
