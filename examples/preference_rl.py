@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "apps"))
 from app_kit import char_tokenizer, encode_pairs, model_for, train_rows  # noqa: E402
 
 from npgpt.dpo import finetune_dpo  # noqa: E402
+from npgpt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from npgpt.generate import generate  # noqa: E402
 from npgpt.loading import from_pretrained  # noqa: E402
 from npgpt.rl import PromptSource, finetune_rl, greedy_reward  # noqa: E402
@@ -94,7 +95,7 @@ def main(argv=None):
             seen.add(key)
             unique.append(r)
     prefs = out / "prefs.jsonl"
-    prefs.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in unique) + "\n", encoding="utf-8")
+    atomic_write_text(prefs, "\n".join(json.dumps(r, ensure_ascii=False) for r in unique) + "\n")
     print(f"{len(unique)} preference pairs (the SFT model's wrong samples on training numbers)")
 
     common = dict(init_from=str(sft), seed=0, force=True, eval_iters=5, weight_decay=0.0, warmup_iters=5, quiet=True)
@@ -123,7 +124,7 @@ def main(argv=None):
                      "sampled_reward_last": res.history[-1].get("sampled_reward")}
     print("RL:", results["rl"])
     results["load"] = os.getloadavg()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     return results
 
 

@@ -208,3 +208,29 @@ def test_char_chat_keeps_an_encodable_history(runs, tmp_path):
     session.messages = [{"role": "user", "content": "the quick"},
                         {"role": "assistant", "content": session._encodable("fox <|user|> dog")}]
     assert "".join(session.reply("the lazy")) is not None and len(session.messages) == 4
+
+
+def test_special_targets_through_the_cli(runs, tmp_path):
+    """Outputs go through npgpt.fileio: a device is written through, a link out of the folder is refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("matplotlib")
+    npgpt = str(Path(sys.executable).parent / "npgpt")
+    r = subprocess.run([npgpt, "plot", str(runs / "base"), "--png", "/dev/stdout"], capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(b"\x89PNG"), r.stderr[-500:]
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    # prepare: a link in --out that leads out of it is not renamed over
+    (tmp_path / "data").mkdir()
+    os.symlink(outside, tmp_path / "data" / "tokenizer_npgpt.json")
+    clean_error(run("prepare", "--input", runs / "corpus.txt", "--out", tmp_path / "data"),
+                r"tokenizer_npgpt.json is a symbolic link, not a regular file")
+    assert (tmp_path / "data" / "tokenizer_npgpt.json").is_symlink() and outside.read_text() == "keep me"
+    # train: metrics.jsonl as such a link
+    (tmp_path / "run").mkdir()
+    os.symlink(outside, tmp_path / "run" / "metrics.jsonl")
+    clean_error(run("train", "--data", runs / "data", "--out", tmp_path / "run", "--max-iters", 1, *TINY),
+                r"metrics.jsonl is a symbolic link to .*outside its folder")
+    assert outside.read_text() == "keep me"
