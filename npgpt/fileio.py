@@ -171,10 +171,8 @@ def open_log(path, append: bool = True, encoding: str = "utf-8"):
     kind, target = _resolve_target(Path(path))
     mode = "a" if append or kind == "stream" else "w"
     try:
-        if kind == "file":
-            make_dir(target.parent)
         return open(target, mode, encoding=encoding)       # noqa: SIM115 (the caller closes it)
-    except OSError as e:
+    except OSError as e:                                   # a missing folder too: a log names an existing place
         raise write_error(path, e) from None
 
 

@@ -909,8 +909,8 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
     if request_log:
         try:
             log = RequestLog(log_file)
-        except OSError as e:
-            raise NpgptError(f"cannot open --log-file {log_file} ({e.strerror or e})") from None
+        except (OSError, NpgptError) as e:      # npgpt.fileio.open_log: a missing folder, a link out of it
+            raise NpgptError(f"cannot open --log-file {log_file} ({getattr(e, 'strerror', None) or e})") from None
     app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, max_request_tokens,
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
                               "prefix_request_mb": float(prefix_request_mb)},
