@@ -27,8 +27,8 @@ from npgpt.cli.export import keep_quantized_option
 @click.option("--max-connections", type=int, default=512, show_default=True,
               help="Open connections served at once (a thread each); more are answered 503 at once.")
 @click.option("--max-request-tokens", type=int, default=None,
-              help="Most tokens one request may cost: its prompts' tokens, and its choices x max_tokens, each "
-                   "(default: the larger of 4 x --max-tokens and the model's context).")
+              help="Most tokens one request may generate: its choices x max_tokens (default: 4 x --max-tokens). "
+                   "Its prompts may hold this many tokens, or one full context if that is more.")
 @click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the folder's name).")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")

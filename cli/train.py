@@ -138,7 +138,7 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, dpo, rl,
     pairs (--dpo) or a task with checkable answers (--rl).
 
     Defaults: lr 1e-4 decaying to 1e-5, 200 steps, no weight decay, out ./out-finetune
-    (--dpo: lr 5e-6 full / 5e-5 with LoRA; --rl: lr 1e-5 full / 1e-4 with LoRA, 4 prompts per step).
+    (--dpo: 8 pairs per micro-batch; --rl: 4 prompts per micro-batch).
     """
     if not flags.get("init_from") and not resume:
         raise click.UsageError("finetune needs --init-from DIR (an npgpt checkpoint or a GPT-2 folder)")
@@ -147,13 +147,10 @@ def finetune(config_file, set_pairs, resume, force, quiet, sft, strict, dpo, rl,
     defaults = dict(FINETUNE_DEFAULTS)
     if sft:
         defaults.update({"sft": sft, "sft_strict": strict})
-    lora = flags.get("lora_rank") is not None or "lora_rank" in "".join(set_pairs)
     if dpo:
-        defaults.update({"dpo": dpo, "sft_strict": strict, "learning_rate": 5e-5 if lora else 5e-6,
-                         "min_lr": 5e-6 if lora else 5e-7, "batch_size": 8})
-    if rl:
-        defaults.update({"rl": rl, "learning_rate": 1e-4 if lora else 1e-5, "min_lr": 1e-5 if lora else 1e-6,
-                         "batch_size": 4, "eval_iters": 2, "warmup_iters": 0})
+        defaults.update({"dpo": dpo, "sft_strict": strict, "batch_size": 8})
+    if rl:                     # a batch is prompts x group_size answers, each eval answers greedily
+        defaults.update({"rl": rl, "batch_size": 4, "eval_iters": 2})
     cfg = build_config(defaults, config_file, set_pairs, flags, resume, force, quiet)
     if cfg.dpo:
         from npgpt.dpo import finetune_dpo      # imported when the command runs, as above

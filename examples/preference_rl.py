@@ -49,12 +49,19 @@ def held_out_accuracy(folder):
 
 
 def main(argv=None):
-    from npgpt.programs import out_dir, positive_int   # the CLI's checks and one-line errors
+    from npgpt.programs import existing_path, out_dir, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", default="out-preference-rl", type=out_dir, help="folder for the models and results.json")
     ap.add_argument("--sft-steps", type=positive_int, default=150)
     ap.add_argument("--dpo-steps", type=positive_int, default=150)
     ap.add_argument("--rl-steps", type=positive_int, default=150)
+    ap.add_argument("--dpo-lr", type=float, default=1e-3, help="DPO's peak learning rate (checked by TrainConfig)")
+    ap.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta")
+    ap.add_argument("--rl-lr", type=float, default=1e-3, help="RL's peak learning rate")
+    ap.add_argument("--skip-rl", action="store_true", help="measure SFT and DPO only")
+    ap.add_argument("--skip-dpo", action="store_true", help="measure SFT and RL only")
+    ap.add_argument("--sft-from", default=None, type=existing_path,
+                    help="reuse the SFT model of an earlier run (its OUT/sft folder)")
     ap.add_argument("--fast", action="store_true", help="tiny steps, to see it run (also NPGPT_FAST=1)")
     args = ap.parse_args(argv)
     if args.fast or os.environ.get("NPGPT_FAST") == "1":
@@ -67,65 +74,73 @@ def main(argv=None):
     train, test = number_words(0)
     tok = char_tokenizer([p + a for p, a in train + test])
     block = max(len(p) + len(a) + 1 for p, a in train + test)
-    model = model_for(tok.vocab_size, block, fast=False, seed=0)
-    t0 = time.perf_counter()
-    train_rows(model, encode_pairs(tok, train), args.sft_steps, block, tok.eot_id, seed=0, log=False)
-    results["sft"] = {"steps": args.sft_steps, "seconds": time.perf_counter() - t0}
     sft = out / "sft"
-    model.save_pretrained(sft)
-    tok.save(sft)
+    if args.sft_from:
+        sft = Path(args.sft_from)
+        model, tok = from_pretrained(sft), load_tokenizer(sft)
+        results["sft"] = {"from": str(sft)}
+    else:
+        model = model_for(tok.vocab_size, block, fast=False, seed=0)
+        t0 = time.perf_counter()
+        train_rows(model, encode_pairs(tok, train), args.sft_steps, block, tok.eot_id, seed=0, log=False)
+        results["sft"] = {"steps": args.sft_steps, "seconds": time.perf_counter() - t0}
+        model.save_pretrained(sft)
+        tok.save(sft)
     results["sft"]["held_out_exact"] = held_out_accuracy(sft)
     print("SFT:", results["sft"])
 
-    # 2. preference pairs from the SFT model's own mistakes on training numbers
+    common = dict(init_from=str(sft), seed=0, force=True, eval_iters=5, weight_decay=0.0, warmup_iters=5, quiet=True)
+    if not args.skip_dpo:
+        results["dpo"] = dpo_stage(args, model, tok, train, out, common)
+        print("DPO:", results["dpo"])
+    if not args.skip_rl:
+        results["rl"] = rl_stage(args, out, common)
+        print("RL:", results["rl"])
+    results["load"] = os.getloadavg()
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def dpo_stage(args, model, tok, train, out, common):
+    """Preference pairs from the SFT model's own mistakes on training numbers, then DPO."""
     prompts = [tok.encode_plain(p) for p, _ in train]
     rng = np.random.default_rng(0)
-    pairs = []
+    seen, pairs = set(), []
     for k in range(4):                                          # a few samples per number
         got = generate(model, prompts, max_new_tokens=8, temperature=1.0, seed=int(rng.integers(1 << 30)),
                        eot_id=tok.eot_id)
         for (p, want), g in zip(train, got):
             text = tok.decode([t for t in g if t != tok.eot_id])
-            if text != want:
+            if text != want and (p, text) not in seen:
+                seen.add((p, text))
                 pairs.append({"prompt": p, "chosen": want, "rejected": text})
-    seen, unique = set(), []
-    for r in pairs:
-        key = (r["prompt"], r["rejected"])
-        if key not in seen:
-            seen.add(key)
-            unique.append(r)
     prefs = out / "prefs.jsonl"
-    atomic_write_text(prefs, "\n".join(json.dumps(r, ensure_ascii=False) for r in unique) + "\n")
-    print(f"{len(unique)} preference pairs (the SFT model's wrong samples on training numbers)")
-
-    common = dict(init_from=str(sft), seed=0, force=True, eval_iters=5, weight_decay=0.0, warmup_iters=5, quiet=True)
-    # 3. DPO
+    atomic_write_text(prefs, "\n".join(json.dumps(r, ensure_ascii=False) for r in pairs) + "\n")
+    print(f"{len(pairs)} preference pairs (the SFT model's wrong samples on training numbers)")
     t0 = time.perf_counter()
     cfg = TrainConfig(dpo=str(prefs), out=str(out / "dpo"), max_iters=args.dpo_steps, eval_interval=args.dpo_steps,
-                      batch_size=16, learning_rate=1e-3, min_lr=1e-4, dpo_beta=0.1, **common).validate()
+                      batch_size=16, learning_rate=args.dpo_lr, min_lr=args.dpo_lr / 10, dpo_beta=args.dpo_beta,
+                      **common).validate()
     res = finetune_dpo(cfg)
-    results["dpo"] = {"steps": args.dpo_steps, "seconds": time.perf_counter() - t0, "pairs": len(unique),
-                      "held_out_logp_accuracy_before": res.history[0]["val_logp_accuracy"],
-                      "held_out_logp_accuracy_after": res.history[-1]["val_logp_accuracy"],
-                      "held_out_pref_accuracy_after": res.history[-1]["val_pref_accuracy"],
-                      "held_out_margin_after": res.history[-1]["val_reward_margin"],
-                      "held_out_exact": held_out_accuracy(out / "dpo" / "ckpt")}
-    print("DPO:", results["dpo"])
+    return {"steps": args.dpo_steps, "lr": args.dpo_lr, "beta": args.dpo_beta, "seconds": time.perf_counter() - t0,
+            "pairs": len(pairs),
+            "held_out_logp_accuracy_before": res.history[0]["val_logp_accuracy"],
+            "held_out_logp_accuracy_after": res.history[-1]["val_logp_accuracy"],
+            "held_out_pref_accuracy_after": res.history[-1]["val_pref_accuracy"],
+            "held_out_margin_after": res.history[-1]["val_reward_margin"],
+            "held_out_exact": held_out_accuracy(out / "dpo" / "ckpt")}
 
-    # 4. RL
+
+def rl_stage(args, out, common):
+    """RL on the number-words task (exact-match reward on sampled answers to training numbers)."""
     t0 = time.perf_counter()
     cfg = TrainConfig(rl="number-words", out=str(out / "rl"), max_iters=args.rl_steps, eval_interval=args.rl_steps,
-                      batch_size=8, learning_rate=1e-3, min_lr=1e-4, rl_group_size=8, rl_kl=0.04,
+                      batch_size=8, learning_rate=args.rl_lr, min_lr=args.rl_lr / 10, rl_group_size=8, rl_kl=0.04,
                       rl_eval_prompts=200, **{**common, "eval_iters": 2}).validate()
     res = finetune_rl(cfg)
-    results["rl"] = {"steps": args.rl_steps, "seconds": time.perf_counter() - t0,
-                     "held_out_exact_before": res.history[0]["val_reward"],
-                     "held_out_exact": res.history[-1]["val_reward"],
-                     "sampled_reward_last": res.history[-1].get("sampled_reward")}
-    print("RL:", results["rl"])
-    results["load"] = os.getloadavg()
-    atomic_write_json(out / "results.json", results)
-    return results
+    return {"steps": args.rl_steps, "lr": args.rl_lr, "seconds": time.perf_counter() - t0,
+            "held_out_exact_before": res.history[0]["val_reward"], "held_out_exact": res.history[-1]["val_reward"],
+            "sampled_reward_last": res.history[-1].get("sampled_reward")}
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ QUESTIONS = ["When do you open on Saturday?", "How many books can I borrow?", "W
 
 def stream_chat(port, body, t0):
     """(time to first token, time to last token, tokens) of one streaming chat request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=7200)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     r = conn.getresponse()
     if r.status != 200:
@@ -177,7 +177,7 @@ def main():
     ap.add_argument("--prompt", default="The ")
     ap.add_argument("--shared-system", action="store_true",
                     help="chat clients sharing a system prompt: prefix cache and chunked prefill, before and after")
-    ap.add_argument("--rounds", type=int, default=3, help="--shared-system: rounds of before/after (alternated)")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="--shared-system: rounds of before/after (alternated)")
     args = ap.parse_args()
     if args.shared_system:
         return shared_system(args)

@@ -55,6 +55,7 @@ from npgpt.lora import has_lora
 from npgpt.model import read_hf_config
 from npgpt.ops.preference import dpo_loss, preference_stats, token_logprobs
 from npgpt.safeio import read_jsonl
+from npgpt.safeio.tensors import read_safetensors_header
 from npgpt.sft import ROLES, render_chat
 from npgpt.tensor import no_grad
 from npgpt.train import train
@@ -134,7 +135,8 @@ def render_pair(tok, rec):
     start, _ = render_chat(tok, rec["prompt"], add_generation_prompt=True)
     out = []
     for k in ("chosen", "rejected"):
-        ids, mask = render_chat(tok, rec["prompt"] + rec[k])
+        reply = rec[k] if isinstance(rec[k], list) else [{"role": "assistant", "content": rec[k]}]
+        ids, mask = render_chat(tok, rec["prompt"] + reply)
         n = len(start) if ids[:len(start)] == start else 0    # the prompt's tokens never count
         out.append((ids, [False] * n + [bool(m) for m in mask[n:]]))
     return tuple(out)
@@ -321,6 +323,9 @@ def _load_reference(path, data):
     if path is None or not path.is_file():
         raise NpgptError(f"--resume of a full DPO fine-tune needs its cached reference {path}; it is missing, so "
                          f"the reference model is gone: start the run again from its --init-from")
+    if read_safetensors_header(path).metadata.get("rows_sha256") != data.digest():
+        raise NpgptError(f"{path} was computed for other preference pairs than {data.path} now holds (the file "
+                         f"changed?); resume with the same file, or start the run again")
     t = load_tensors(path)
     n = len(data.rows)
     for k in ("chosen", "rejected"):

@@ -16,15 +16,20 @@ The pipeline, each stage bounded (a grammar comes from strangers: an HTTP body, 
   2. tree -> NFA over bytes (Thompson's construction). Character classes are code-point ranges; each
      becomes the UTF-8 byte sequences that encode it (so the automaton accepts only valid UTF-8).
   3. NFA -> DFA by subset construction over byte classes (bytes no edge tells apart move together),
-     refused past MAX_STATES states. State 0 is the dead state.
+     refused past MAX_STATES states, then minimised (Moore's partition refinement). State 0 is the
+     dead state, 1 the start.
   4. for one vocabulary (TokenTable: each token id's bytes; special tokens map to nothing): per DFA
-     state, where every token leads (one vectorised walk over the vocabulary's bytes, cached per state,
-     LRU-bounded); and per state the fewest tokens to an accepting state, counted over "unit" tokens
-     (single bytes, single characters) — a path that always exists, so masking every token whose
-     destination needs more tokens than remain forces the value to close within max_tokens.
+     state, where every token leads (one vectorised walk over the vocabulary's bytes that drops tokens
+     as they die, cached per state, LRU-bounded); and per state the fewest tokens to an accepting
+     state, by BFS backwards over those edges. Exact while the walks stay within EXACT_BUDGET; past
+     it the states not walked count "unit" tokens (single bytes, single characters), an upper bound
+     along a path that always exists. Masking every token whose destination needs more tokens than
+     remain forces the value to close within max_tokens; a grammar whose start needs more than
+     max_new_tokens is refused before sampling.
 
-A step of the sampler then costs one O(V) gather (dest row -> distance -> mask), plus one walk over
-the vocabulary the first time a state is met.
+A step of the sampler then costs the state's cached mask (far from the budget) or one O(V) gather
+(destination row -> distance -> compare), plus one walk over the vocabulary the first time a state
+is met.
 
 Supported regex syntax (Python `re` semantics with re.ASCII, whole-string match): literals, `.` (any
 character but newline), escapes `\\d \\w \\s \\D \\W \\S \\n \\t \\r \\f \\v \\xHH \\uHHHH` and escaped
@@ -63,7 +68,7 @@ MAX_SCHEMA_DEPTH = 16
 MAX_NESTING = 64           # regex groups inside groups
 ANY_DEPTH = 3              # nesting of a value whose schema says nothing (json_object, {})
 MAX_TOKEN_BYTES = 64       # longer tokens are never proposed (a unit-token path always remains)
-CACHE_BYTES = 64 << 20     # per-state destination rows kept per constraint
+CACHE_BYTES = 16 << 20     # per-state destination rows kept per constraint (masks: half as much)
 EXACT_BUDGET = 5_000_000   # token-bytes walked for exact shortest completions (past it: an upper bound)
 UNICODE_MAX = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
@@ -708,10 +713,18 @@ def _minimise(table, accept):
     over byte classes, state 0 dead, 1 the start -> the minimal (M, C) table, same numbering rule."""
     part = accept.astype(np.int64)
     N = len(part)
+    cols = np.unique(table, axis=1)             # byte classes no state tells apart refine alike
+    mix = np.random.default_rng(0).integers(1, 1 << 62, size=cols.shape[1] + 1, dtype=np.uint64) | np.uint64(1)
     while True:
-        new = part
-        for c in range(table.shape[1]):         # one column at a time: keys stay below N * N
-            new = np.unique(new * N + part[table[:, c]], return_inverse=True)[1].ravel()
+        sig = np.concatenate([part[:, None], part[cols]], axis=1)                  # (N, C + 1)
+        # one 64-bit key per row, split on it, then checked: a collision (never seen) falls back to exact keys
+        key = (sig.astype(np.uint64) * mix).sum(axis=1, dtype=np.uint64)
+        _, first, new = np.unique(key, return_index=True, return_inverse=True)
+        new = new.ravel()
+        if not (sig == sig[first[new]]).all():
+            new = part
+            for c in range(cols.shape[1]):      # one column at a time: keys stay below N * N
+                new = np.unique(new * N + part[cols[:, c]], return_inverse=True)[1].ravel()
         if new.max() == part.max():
             break
         part = new
@@ -790,7 +803,7 @@ class Grammar:
         return c
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=32)
 def _compiled(kind, source):
     if kind == "regex":
         tree = parse_regex(source)
@@ -875,6 +888,7 @@ class Constraint:
     def __init__(self, dfa: DFA, vocab: TokenTable):
         self.dfa, self.vocab = dfa, vocab
         self._rows = OrderedDict()
+        self._masks = OrderedDict()            # state -> (tokens that can still close, the farthest one's distance)
         self._max_rows = max(8, CACHE_BYTES // (4 * max(vocab.vocab_size, 1)))
         self.exact, self.work = False, 0        # work: token-bytes walked (bounds the exact distances)
         self.dist = self._distances()
@@ -885,8 +899,9 @@ class Constraint:
 
     def _distances(self):
         """Fewest tokens from each state to an accepting one (INF: none), by BFS backwards over the
-        state graph. Exact (every token's edge) when the states times the vocabulary's bytes stay within
-        EXACT_BUDGET; else counted over unit tokens (single bytes and characters), an upper bound."""
+        state graph. Exact (every token's edge from every state) while the walks stay within
+        EXACT_BUDGET token-bytes; past it, the states walked so far keep their edges and every state
+        adds its unit tokens' (single bytes and characters): an upper bound, always reachable."""
         table, N, v = self.dfa.table, len(self.dfa.table), self.vocab
         src, dst = [], []
         self.work, self.exact = 0, True
@@ -897,9 +912,7 @@ class Constraint:
             if self.work > EXACT_BUDGET:
                 self.exact = False
                 break
-        if self.exact:
-            src, dst = np.concatenate(src), np.concatenate(dst)
-        else:
+        if not self.exact:                     # the walked states' edges, and unit tokens' edges everywhere
             dests = []
             for u in v.units:
                 d = np.arange(N, dtype=np.int32)
@@ -907,7 +920,9 @@ class Constraint:
                     d = table[d, b]
                 dests.append(d)
             D = np.stack(dests, axis=1) if dests else np.zeros((N, 0), dtype=np.int32)     # (N, U)
-            src, dst = np.repeat(np.arange(N), D.shape[1]), D.ravel()
+            src.append(np.repeat(np.arange(N), D.shape[1]))
+            dst.append(D.ravel())
+        src, dst = np.concatenate(src), np.concatenate(dst)
         keep = (dst != 0) & (src != 0)
         pairs = np.unique(src[keep].astype(np.int64) * N + dst[keep])
         src, dst = pairs // N, pairs % N
@@ -966,6 +981,22 @@ class Constraint:
         row[v.order[:len(out)]] = out
         return row
 
+    def mask(self, state, remaining) -> np.ndarray:
+        """(V,) bool: tokens from `state` that stay in the language and leave a value that can close
+        within remaining - 1 more tokens. Far from the budget (every destination can close in time) it
+        is the state's cached mask; near it, one gather and compare."""
+        hit = self._masks.get(state)
+        if hit is None:
+            d = self.dist[self.dest_row(state)]
+            live = d < INF
+            hit = self._masks[state] = (live, int(d[live].max(initial=0)))
+            if len(self._masks) > 2 * self._max_rows:
+                self._masks.popitem(last=False)
+        live, far = hit
+        if remaining - 1 >= far:
+            return live
+        return self.dist[self.dest_row(state)] <= remaining - 1
+
     def begin(self, stop_ids=()) -> Guide:
         return Guide(self, stop_ids)
 
@@ -986,9 +1017,9 @@ class Guide:
         return bool(self.c.dfa.accept[self.state])
 
     def allowed(self, remaining: int) -> np.ndarray:
-        row = self.c.dest_row(self.state)
-        ok = self.c.dist[row] <= remaining - 1            # dist[0] is INF: dead tokens are out
+        ok = self.c.mask(self.state, remaining)           # dist[0] is INF: dead tokens are out
         if self.complete and len(self.stop_ids):
+            ok = ok.copy()                                # the mask may be the constraint's cached one
             ok[self.stop_ids] = True
         return ok
 

@@ -379,6 +379,9 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
     if cfg.sft and batch_source is None:
         raise NpgptError(f"{cfg.out} is a fine-tuning run on {cfg.sft}; continue it with `npgpt finetune --resume "
                          f"--out {cfg.out}`" if cfg.resume else "an --sft run needs its SFT data: use `npgpt finetune --sft`")
+    for key, how in (("dpo", "npgpt.dpo.finetune_dpo"), ("rl", "npgpt.rl.finetune_rl")):
+        if getattr(cfg, key) and batch_source is None:
+            raise NpgptError(f"a --{key} run needs its batches and loss: use `npgpt finetune --{key}` (or {how})")
     # paths stored absolute in state.json, so --resume from another directory finds the same files
     # (an hf:ORG/NAME model reference names the same model from anywhere)
     cfg = dataclasses.replace(cfg, **{k: str(Path(getattr(cfg, k)).resolve())

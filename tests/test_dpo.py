@@ -229,7 +229,9 @@ def test_dpo_learns_the_preference_and_resume_is_exact(base, tmp_path):
     assert ev[-1]["val_loss"] < 0.5 and ev[-1]["val_pref_accuracy"] == 1.0 and ev[-1]["val_reward_margin"] > 0.5
     assert "val pref accuracy 1.0000" in r.output
     # stop at 6 (same schedule), resume to 12: the same weights, from the cached reference
-    r = run("finetune", "--init-from", base / "base", "--dpo", base / "prefs.jsonl", "--out", tmp_path / "b",
+    mine = tmp_path / "prefs.jsonl"
+    mine.write_text((base / "prefs.jsonl").read_text())
+    r = run("finetune", "--init-from", base / "base", "--dpo", mine, "--out", tmp_path / "b",
             "--max-iters", 6, "--set", "lr_decay_iters=12", *DPO)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "b" / "ckpt" / "dpo_reference.safetensors").is_file()
@@ -237,6 +239,11 @@ def test_dpo_learns_the_preference_and_resume_is_exact(base, tmp_path):
     assert r.exit_code == 0, r.output
     a, b = (load_file(str(tmp_path / x / "ckpt" / "model.safetensors")) for x in ("a", "b"))
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    # the preference file changed under a full run: its cached reference no longer applies
+    mine.write_text(mine.read_text().replace("dog waltz", "dog walks"))
+    r = run("finetune", "--resume", "--out", tmp_path / "b", "--max-iters", 14)
+    assert r.exit_code != 0 and "was computed for other preference pairs" in r.output, r.output
+    mine.write_text((base / "prefs.jsonl").read_text())
     (tmp_path / "b" / "ckpt" / "dpo_reference.safetensors").unlink()
     clean_error(run("finetune", "--resume", "--out", tmp_path / "b", "--max-iters", 14), "dpo_reference.safetensors is missing")
 
@@ -308,3 +315,25 @@ def test_adapters_disabled_is_the_base_model_exactly():
         off = m(x)[0].data
     assert np.abs(adapted - base).max() > 1e-3 and np.array_equal(off, base)
     assert np.array_equal(m(x)[0].data, adapted)                   # the setting ends with the block
+
+
+def test_chat_pairs_with_a_models_own_template():
+    from chat_templates import CHATML
+    from helpers import hf_chat_tokenizer
+    tok = hf_chat_tokenizer(CHATML)
+    rec = {"prompt": [{"role": "user", "content": "the quick fox"}],
+           "chosen": [{"role": "assistant", "content": "jumps over"}], "rejected": "a lazy dog"}
+    (c, cm), (r, rm) = render_pair(tok, rec)
+    assert tok.decode([i for i, m in zip(c, cm) if m]).startswith("jumps over")
+    assert tok.decode([i for i, m in zip(r, rm) if m]).startswith("a lazy dog")
+    assert tok.special_tokens["<|im_end|>"] in [i for i, m in zip(c, cm) if m]      # learns to end its turn
+    start = tok.apply_chat_template(rec["prompt"], add_generation_prompt=True)
+    assert c[:len(start)] == start and not any(cm[:len(start)])
+
+
+def test_train_refuses_a_dpo_or_rl_config_without_its_batches(tmp_path):
+    from npgpt.train import train
+    from npgpt.training.config import TrainConfig
+    for key, value in (("dpo", "p.jsonl"), ("rl", "arithmetic")):
+        with pytest.raises(NpgptError, match=f"a --{key} run needs its batches and loss: use `npgpt finetune --{key}`"):
+            train(TrainConfig(out=str(tmp_path / key), **{key: value}))

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -82,6 +83,7 @@ def still_answers(server):
     (dict(n=3, max_tokens=BUDGET // 3 + 1), "max_tokens", None),                 # n x max_tokens over the budget
     (dict(prompt=["a"] * 5, max_tokens=1), "n", None),                           # more choices than --max-batch
     (dict(prompt="the " * 2000), "prompt", "context_length_exceeded"),           # refused before encoding
+    (dict(prompt=["the " * 450] * 2, max_tokens=1), "prompt", "context_length_exceeded"),   # the texts together
     (dict(prompt=[[3] * 200] * 3, max_tokens=1), "prompt", "context_length_exceeded"),   # 600 prompt tokens
 ])
 def test_costs_over_the_limits_are_400s(server, bad, param, code):
@@ -133,9 +135,13 @@ def test_stream_null_and_boolean_flags(server):
 @pytest.mark.parametrize("body,param", [
     ({"guided_regex": []}, "guided_regex"), ({"guided_regex": {"a": 1}}, "guided_regex"),   # found by the fuzzer
     ({"guided_choice": [{"a": 1}]}, "guided_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": []}}}, "tool_choice"),
 ])
 def test_fuzz_findings(server, body, param):
-    status, _, data = post(server, "/v1/completions", dict(prompt="a", max_tokens=2, **body))
+    path = "/v1/chat/completions" if "tools" in body else "/v1/completions"
+    status, _, data = post(server, path, dict(prompt="a", messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                              **body))
     assert status == 400 and error(data, param)
 
 
@@ -147,9 +153,29 @@ def test_echo(server):
     streamed = c.completions.create(model="tiny", prompt="the lazy", max_tokens=10, temperature=0, echo=True,
                                     stream=True)
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == "the lazy" + plain
-    with pytest.raises(openai.BadRequestError) as e:       # the prompt's logprobs are not computed: said, not ignored
-        c.completions.create(model="tiny", prompt="the", max_tokens=2, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError) as e:       # scoring a prompt is answered whole, not streamed
+        c.completions.create(model="tiny", prompt="the", max_tokens=2, echo=True, logprobs=1, stream=True)
     error(e.value.response.content, "echo")
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, folder):
+    """echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come first in the
+    logprobs, the first with none, each as the model scores it; offsets count from the prompt's start."""
+    from npgpt.loading import load_run
+    from npgpt.sampling import log_softmax
+    r = client(server).completions.create(model="tiny", prompt="the lazy dog", max_tokens=3, temperature=0,
+                                          echo=True, logprobs=2, logit_bias=eot_bias(folder))
+    ch = r.choices[0]
+    lp = ch.logprobs
+    assert ch.text.startswith("the lazy dog") and "".join(lp.tokens) == ch.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == list(range(len(ch.text)))            # one character a token
+    model, tok = load_run(folder)[:2]
+    ids = tok.encode(ch.text)
+    ref = log_softmax(model.forward_cached(np.array([ids]), model.new_cache(1))[0].astype(np.float64))
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]], abs=1e-4)
+        assert len(lp.top_logprobs[i]) == 2 and max(lp.top_logprobs[i].values()) >= lp.token_logprobs[i] - 1e-9
 
 
 # ---- malformed HTTP, over raw sockets ------------------------------------------------------------------
@@ -270,7 +296,8 @@ def test_a_costly_request_leaves_a_cheap_one_its_share(tmp_path):
 
 
 def test_connections_are_bounded(tmp_path):
-    """Idle connections each hold a thread: past --max-connections a new one gets a 503 JSON at once."""
+    """Idle connections each hold a thread: past --max-connections a new one gets a 503 JSON at once;
+    a request that trickles in is cut off at the request deadline."""
     import threading
     from npgpt.loading import load_run
     from npgpt.serve.http import App, make_server
@@ -292,6 +319,30 @@ def test_connections_are_bounded(tmp_path):
         status, _, body = exchange(S, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status == 200 and json.loads(body)["data"][0]["id"] == "m"
         idle[1].close()
+        # a client that trickles its headers a byte at a time (each well within the idle timeout) is cut
+        # off at the request deadline, and its connection slot comes back
+        httpd.RequestHandlerClass.request_deadline = 1.0
+        assert wait_until(lambda: httpd.open_connections == 0)
+        slow = socket.create_connection(("127.0.0.1", S.port))
+        slow.sendall(b"GET /v1/models HTTP/1.1\r\nX-Slow: ")
+        slow.settimeout(0.1)
+        closed, got, sent = False, b"", 0
+        for _ in range(600):                     # at most a minute of trickling
+            try:
+                slow.sendall(b"a")
+                sent += 1
+                chunk = slow.recv(1024)
+                got += chunk
+                closed = chunk == b""
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        slow.close()
+        assert closed and got == b"" and sent >= 2       # dropped at the deadline, not refused at once
+        assert wait_until(lambda: httpd.open_connections == 0)
     finally:
         httpd.shutdown()
         app.engine.stop(grace=1)
@@ -314,7 +365,7 @@ def test_detokenizer_stop_check_is_linear():
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
           "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "presence_penalty",
           "frequency_penalty", "repetition_penalty", "logit_bias", "user", "model", "suffix", "response_format",
-          "guided_json", "guided_regex", "guided_choice", "content", "tokens", "with_pieces"]
+          "guided_json", "guided_regex", "guided_choice", "content", "tokens", "with_pieces", "tools", "tool_choice"]
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.integers(-2 ** 70, 2 ** 70),
                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6), st.sampled_from(["²", "1_0", "9" * 60]))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
@@ -323,7 +374,8 @@ GOOD = {
     "prompt": st.one_of(st.text("abcthe xyz\n", max_size=12), st.lists(st.integers(-1, 70), max_size=5),
                         st.lists(st.text("abc ", max_size=4), max_size=3)),
     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
-                                                "content": st.text("abc ☃", max_size=5) | VALUES}), max_size=3),
+                                                "content": st.text("abc ☃", max_size=5) | VALUES},
+                                               optional={"tool_calls": VALUES, "tool_call_id": VALUES}), max_size=3),
     "max_tokens": st.integers(-1, 12), "n": st.integers(0, 5), "stream": st.booleans() | st.none(),
     "stream_options": st.fixed_dictionaries({"include_usage": VALUES}), "logprobs": st.integers(-1, 21) | st.booleans(),
     "stop": st.lists(st.text("ab ", max_size=3), max_size=5), "echo": st.booleans(),
@@ -332,6 +384,12 @@ GOOD = {
                                         {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}]),
     "guided_regex": st.text("ab|*+?()[]{}0-9,^$\\", max_size=8),
     "guided_choice": st.lists(st.text("ab ☃", max_size=3), max_size=3),
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "get_x"]) | VALUES}, optional={"parameters": st.sampled_from(
+            [{"type": "object", "properties": {"a": {"type": "integer"}}}, {}]) | VALUES, "description": VALUES})}),
+        max_size=2),
+    "tool_choice": st.sampled_from(["none", "auto", "required"]) | st.fixed_dictionaries(
+        {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.just("f") | VALUES})}),
 }
 
 

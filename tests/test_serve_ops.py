@@ -298,10 +298,29 @@ def test_health_tokenize_detokenize(server, dirs):
     status, _, data = raw(server, "POST", "/detokenize", {"tokens": out["tokens"]})
     back = json.loads(data)
     assert status == 200 and back["prompt"] == back["content"] == "the quick fox"
+    status, _, data = raw(server, "POST", "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and json.loads(data)["error"]["code"] == "no_chat_template"     # a plain model
     for body in ({"tokens": [tok.vocab_size]}, {"tokens": "12"}, {"prompt": 3}, {"prompt": "a", "with_pieces": 1}):
         path = "/detokenize" if "tokens" in body else "/tokenize"
         status, _, data = raw(server, "POST", path, body)
         assert status == 400 and json.loads(data)["error"]["message"], body
+
+
+def test_tokenize_a_conversation(tmp_path):
+    """/tokenize with `messages`: the ids /v1/chat/completions prefills for them (the chat template,
+    ending with the assistant's opening); a model without a chat template says so."""
+    from npgpt.serve.http import App
+    from npgpt.sft import render_chat
+    model, tok = load_run(model_folder(tmp_path / "chat", chat=True, block=64))[:2]
+    app = App(model, tok, "chat")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
+    out = app.tokenize({"messages": msgs})
+    assert out["tokens"] == render_chat(tok, msgs, add_generation_prompt=True)[0]
+    assert out["count"] == app.chat_request({"messages": msgs, "max_tokens": 2}).prompt_tokens
+    from npgpt.serve.protocol import ApiError
+    with pytest.raises(ApiError) as e:
+        app.tokenize({"messages": [{"role": "wizard", "content": "x"}]})
+    assert e.value.status == 400 and e.value.param == "messages"
 
 
 def test_one_json_log_line_per_request(server, dirs):

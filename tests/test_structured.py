@@ -216,3 +216,38 @@ def test_parse_regex_is_bounded_on_hostile_input():
                  lambda: Grammar.json_schema({"enum": ["\ud800"]})):
         with pytest.raises(GrammarError, match="surrogate"):
             make()
+
+
+def test_bounded_distances_are_an_upper_bound_that_still_closes(tok, monkeypatch):
+    exact = Grammar.json_schema(PERSON).for_tokens(TokenTable.of(tok))
+    monkeypatch.setattr(structured, "EXACT_BUDGET", 2000)          # the walks stop early: partly unit tokens
+    bound = Grammar.json_schema(PERSON).for_tokens(TokenTable.of(tok))
+    assert exact.exact and not bound.exact
+    assert (bound.dist >= exact.dist).all() and bound.min_tokens >= exact.min_tokens
+    for seed in range(3):
+        text, _ = run_sampler(tok, bound, bound.min_tokens, np.random.default_rng(seed),
+                              lambda r, V: r.normal(0, 5, V))
+        assert validate(json.loads(text), PERSON), text
+
+
+def test_sample_cli_json_schema_regex_choice(tok, tmp_path):
+    from click.testing import CliRunner
+    from npgpt import GPT, GPTConfig
+    from npgpt.cli.main import cli
+    d = tmp_path / "m"
+    GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=16), seed=0).save_pretrained(d)
+    tok.save(d)
+    (tmp_path / "s.json").write_text(json.dumps(PERSON))
+    run = CliRunner().invoke
+    r = run(cli, ["sample", "--checkpoint", str(d), "--prompt", "P:", "--json-schema", str(tmp_path / "s.json"),
+                  "--seed", "1", "--max-new-tokens", "60", "--no-stream"])
+    assert r.exit_code == 0, r.output
+    assert validate(json.loads(r.stdout.splitlines()[0][len("P:"):]), PERSON)
+    r = run(cli, ["sample", "--checkpoint", str(d), "--prompt", "P:", "--choice", "yes", "--choice", "no",
+                  "--seed", "2", "--num-samples", "3", "--no-stream"])
+    assert r.exit_code == 0 and {line for line in r.stdout.splitlines() if line.startswith("P:")} <= {"P:yes", "P:no"}
+    for args, msg in ((["--regex", "a(?=b)"], "lookaround"), (["--json-schema", str(tmp_path / "s.json"),
+                                                              "--max-new-tokens", "3"], "at least"),
+                      (["--regex", "a", "--choice", "b"], "not several")):
+        r = run(cli, ["sample", "--checkpoint", str(d), "--prompt", "P:", *args])
+        assert r.exit_code == 1 and "Error:" in r.output and msg in r.output and "Traceback" not in r.output

@@ -133,7 +133,7 @@ def main(argv=None):
         theta.data -= lr * theta.grad
     pi_dpo = softmax(theta.data)
     kl = float(np.sum(pi_star * np.log(pi_star / pi_dpo)))
-    print(f"after {steps} steps of DPO on every pair's expected loss: KL(pi* || pi_dpo) = {kl:.2e}")
+    print(f"after {steps} steps of DPO on every pair's expected loss: |KL(pi* || pi_dpo)| = {abs(kl):.1e}")
     print("pi*     ", np.round(pi_star, 4))
     print("pi_dpo  ", np.round(pi_dpo, 4))
     check(kl < (1e-3 if args.fast else 1e-6), "DPO's minimiser is the RLHF optimum pi*, with no reward model")

@@ -21,6 +21,7 @@ README's "Security notes" list every limit.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import re
 import select
@@ -54,16 +55,7 @@ def _token_str(tok, t):
     return tok.decode([t])
 
 
-def _longest_token(tok):
-    """Bytes of the vocabulary's longest token (special tokens' strings too): a text of C characters
-    needs at least C / this many tokens."""
-    longest = max((len(name) for name in tok.special_tokens), default=1)
-    for t in range(tok.vocab_size):
-        try:
-            longest = max(longest, len(tok.token_bytes(t)))
-        except NpgptError:
-            continue
-    return max(longest, 1)
+MAX_CHARS_PER_TOKEN = 8         # prompt characters encoded per token a request may hold (see App)
 
 
 class App:
@@ -77,12 +69,14 @@ class App:
                  max_body=1 << 20, max_request_tokens=None, engine_options=None, adapters=(), default_adapter=-1,
                  log=None):
         self.model, self.tok, self.model_name, self.api_key = model, tok, model_name, api_key
-        if max_request_tokens is None:       # a full context's prompt, or four full-length replies
-            max_request_tokens = max(4 * max_tokens, model.config.block_size)
+        if max_request_tokens is None:       # four full-length replies
+            max_request_tokens = 4 * max_tokens
         self.limits = {"max_batch": max_batch, "max_tokens": max_tokens, "max_body": max_body,
                        "max_request_tokens": max_request_tokens}
-        # a text longer than this cannot fit the context whatever it says: refused before encoding it
-        self.max_prompt_chars = 2 * model.config.block_size * _longest_token(tok)
+        # the prompt text of one request, refused before encoding it: encoding is Python work that holds
+        # the GIL (a megabyte of letters takes seconds of BPE merges), and prompts hold at most
+        # max(max_request_tokens, context) tokens; natural text runs 3-5 characters a token
+        self.max_prompt_chars = MAX_CHARS_PER_TOKEN * max(max_request_tokens, model.config.block_size)
         self.has_chat = is_chat_model(tok)     # the model's own template, or npgpt's chat tokens
         self.adapters = list(adapters)
         self.model_ids = {model_name: default_adapter}           # model id -> adapter index
@@ -95,6 +89,7 @@ class App:
         self.inflight = 0
         self.lock = threading.Lock()
         self._tokens = None                   # npgpt.structured.TokenTable, made for the first constrained request
+        self._grammar_lock = threading.Lock()
 
     # ---- building requests ------------------------------------------------------------------------
     def pick_model(self, body):
@@ -129,10 +124,10 @@ class App:
         if len(prompts) * params.n > self.limits["max_batch"]:     # before encoding any of them
             raise ApiError(400, f"{len(prompts) * params.n} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
+        self._check_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         ids, texts = [], []
         for p in prompts:
             if isinstance(p, str):
-                self._check_chars(len(p), "prompt")
                 try:
                     ids.append(self._encode(p) if p else [self.tok.eot_id])
                 except NpgptError as e:
@@ -146,11 +141,33 @@ class App:
         return self._request("completion", ids, params, [self.tok.eot_id], texts)
 
     def chat_request(self, body):
+        self._need_chat()
+        params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+        ids, spec = self.chat_prompt(body)
+        if spec is not None and spec.active:
+            params.tools = spec
+            if spec.forced:                      # constrained to one call with arguments valid for its schema
+                if params.grammar is not None:
+                    raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
+                                   "tool_choice")
+                params.grammar, params.grammar_param = tools.forced_grammar(spec), "tools"
+        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
+        chat = params.sampling.for_chat(self.tok)
+        if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
+            chat = chat.replace(stop=params.sampling.stop)
+        params.sampling = chat
+        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+
+    def _need_chat(self):
         if not self.has_chat:
             raise ApiError(400, f"model {self.model_name} has no chat template (its tokenizer lacks the "
                                 f"<|user|>/<|assistant|>/<|end|> tokens added by `npgpt finetune --sft`); "
                                 f"use /v1/completions", "messages", code="no_chat_template")
-        params = Params(body, self.model.config.vocab_size, self.limits, chat=True)
+
+    def chat_prompt(self, body):
+        """(prompt ids, ToolSpec or None) of a chat body: its messages and tools, checked and rendered
+        with the model's chat template (or npgpt's tool fallback), ending with the assistant's opening."""
+        self._need_chat()
         msgs = body.get("messages")
         if isinstance(msgs, list) and len(msgs) > self.model.config.block_size:    # every message costs a token at least
             raise ApiError(400, f"{len(msgs)} messages cannot fit this model's context of "
@@ -160,26 +177,13 @@ class App:
         self._check_chars(sum(len(m["content"]) + sum(len(json.dumps(c["function"]["arguments"]))
                                                       for c in m.get("tool_calls", ())) for m in messages)
                           + (len(json.dumps(spec.tools)) if spec is not None else 0), "messages")
-        ids = tools.render_prompt(self.tok, messages, spec)
-        if spec is not None and spec.active:
-            params.tools = spec
-            if spec.forced:                      # constrained to one call with arguments valid for its schema
-                if params.grammar is not None:
-                    raise ApiError(400, "a forced tool_choice does not combine with response_format / guided_*",
-                                   "tool_choice")
-                params.grammar = tools.forced_grammar(spec)
-        # a reply ends where the model ends its turn or starts another (SamplingParams.for_chat)
-        chat = params.sampling.for_chat(self.tok)
-        if params.grammar is not None:        # the grammar ends it: a turn marker inside a JSON string must not cut it
-            chat = chat.replace(stop=params.sampling.stop)
-        params.sampling = chat
-        return self._request("chat", [ids], params, params.sampling.stop_token_ids, [""])
+        return tools.render_prompt(self.tok, messages, spec), spec
 
     def _check_chars(self, n, param):
         if n > self.max_prompt_chars:
-            raise ApiError(400, f"the {param} has {n} characters: more than this model's context of "
-                                f"{self.model.config.block_size} tokens can hold", param,
-                           code="context_length_exceeded")
+            raise ApiError(400, f"the {param} has {n} characters; this server encodes at most "
+                                f"{self.max_prompt_chars} per request ({MAX_CHARS_PER_TOKEN} a token of the "
+                                f"prompt allowance)", param, code="context_length_exceeded")
 
     def _request(self, kind, prompts, params, stop_ids, texts):
         block = self.model.config.block_size
@@ -196,15 +200,15 @@ class App:
         if choices > self.limits["max_batch"]:
             raise ApiError(400, f"{choices} choices asked; this server decodes at most "
                                 f"{self.limits['max_batch']} at once", "n")
-        prompt_tokens = sum(len(p) for p in prompts)
-        if prompt_tokens > budget:
-            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {budget} per "
-                                f"request", "prompt", code="context_length_exceeded")
+        prompt_tokens, prompt_budget = sum(len(p) for p in prompts), max(budget, block)
+        if prompt_tokens > prompt_budget:      # one full context is always allowed
+            raise ApiError(400, f"the prompts hold {prompt_tokens} tokens; this server allows at most {prompt_budget} "
+                                f"per request", "prompt", code="context_length_exceeded")
         if choices * params.max_tokens > budget:
             raise ApiError(400, f"{choices} choices x max_tokens {params.max_tokens} = "
                                 f"{choices * params.max_tokens} tokens; this server allows at most {budget} "
                                 f"per request (fewer choices or a smaller max_tokens)", "max_tokens")
-        constraint = self.constraint(params.grammar) if params.grammar is not None else None
+        constraint = self.constraint(params.grammar, params.grammar_param) if params.grammar is not None else None
         try:
             params.sampling = params.sampling.replace(max_new_tokens=params.max_tokens,
                                                       stop_token_ids=tuple(stop_ids), constraint=constraint)
@@ -212,15 +216,15 @@ class App:
             raise ApiError(400, str(e), "max_tokens", code="grammar_does_not_fit") from None
         return Request(kind, prompts, params, texts, self.tok, self.model.config.vocab_size)
 
-    def constraint(self, grammar):
+    def constraint(self, grammar, param):
         """`grammar` over this model's vocabulary (the token table is built on first use)."""
-        with self.lock:
+        with self._grammar_lock:               # one build at a time; requests without a grammar never wait here
             if self._tokens is None:
                 self._tokens = TokenTable.of(self.tok, self.model.config.vocab_size)
             try:
                 return grammar.for_tokens(self._tokens)
             except GrammarError as e:
-                raise ApiError(400, str(e), "response_format", code="unsupported_grammar") from None
+                raise ApiError(400, str(e), param, code="unsupported_grammar") from None
 
     # ---- response pieces --------------------------------------------------------------------------
     def logprobs_piece(self, req, s_index, entries, offsets=None):
@@ -233,7 +237,8 @@ class App:
                                 for t, lp, top in entries]}
         return {"tokens": [_token_str(tok, t) for t, _, _ in entries],
                 "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{_token_str(tok, j): l for j, l in top} for _, _, top in entries],
+                "top_logprobs": [None if top is None else {_token_str(tok, j): l for j, l in top}
+                                 for _, _, top in entries],       # None: an echoed prompt's first token
                 "text_offset": offsets or []}
 
     def chunk(self, req, choices):
@@ -267,19 +272,23 @@ class App:
     def tokenize(self, body):
         """POST /tokenize: {"prompt" (vLLM) or "content" (llama.cpp): text, "with_pieces": bool} ->
         {"tokens", "count", "max_model_len", "model"} (+ "pieces": [{"id", "piece"}]). The ids are the
-        ones /v1/completions prefills for that string (special-token strings become specials)."""
+        ones /v1/completions prefills for that string (special-token strings become specials); with
+        "messages" (and "tools") instead, the ones /v1/chat/completions prefills for that conversation."""
         model_id, _ = self.pick_model(body)
-        text = body.get("prompt", body.get("content"))
-        if not isinstance(text, str):
-            raise ApiError(400, "'prompt' (or 'content') must be a string", "prompt")
         pieces = body.get("with_pieces", False)
         if not isinstance(pieces, bool):
             raise ApiError(400, "'with_pieces' must be a boolean", "with_pieces")
-        self._check_chars(len(text), "prompt")
-        try:
-            ids = self._encode(text) if text else []
-        except NpgptError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt") from None
+        if "messages" in body:                # vLLM's chat form: the prompt /v1/chat/completions would run
+            ids, _ = self.chat_prompt(body)
+        else:
+            text = body.get("prompt", body.get("content"))
+            if not isinstance(text, str):
+                raise ApiError(400, "'prompt' (or 'content') must be a string, or give 'messages'", "prompt")
+            self._check_chars(len(text), "prompt")
+            try:
+                ids = self._encode(text) if text else []
+            except NpgptError as e:
+                raise ApiError(400, f"prompt: {e}", "prompt") from None
         out = {"tokens": ids, "count": len(ids), "max_model_len": self.model.config.block_size, "model": model_id}
         if pieces:
             out["pieces"] = [{"id": t, "piece": _token_str(self.tok, t)} for t in ids]
@@ -337,12 +346,50 @@ _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"
                  431: "request_header_fields_too_large", 501: "not_implemented", 505: "http_version_not_supported"}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's bytes, read under a deadline: a client that trickles its request a byte at a
+    time (each within the idle timeout) is still cut off when the deadline passes."""
+
+    def __init__(self, sock, idle):
+        self.sock, self.idle, self.deadline = sock, idle, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request did not arrive whole in time")
+            self.sock.settimeout(min(left, self.idle))
+        return self.sock.recv_into(b)
+
+    def done(self):
+        """The request is in: reads (and writes) go back to the idle timeout alone."""
+        if self.deadline is not None:
+            self.deadline = None
+            self.sock.settimeout(self.idle)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "npgpt"
     timeout = 60                  # a client that sends nothing for a minute is dropped
+    request_deadline = 30.0       # seconds for a request (line, headers, body; keep-alive idle too) to arrive
     disconnect_poll = 0.25        # seconds between checks that a waiting client is still there
     app: App = None
+
+    def setup(self):
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        self._reader.deadline = time.monotonic() + self.request_deadline
+        try:
+            super().handle_one_request()
+        finally:
+            self._reader.done()
     status = None                 # the HTTP status sent for the current request (None: none yet)
     req = None                    # the current generation Request, once built
     error = None                  # the current request's error message, if it failed
@@ -378,6 +425,8 @@ class Handler(BaseHTTPRequestHandler):
         if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
             self.send_error(431, f"request headers longer than {MAX_HEADER_BYTES} bytes")
             return False
+        if self.command != "POST":                # no body to wait for
+            self._reader.done()
         return True
 
     def _not_allowed(self):
@@ -509,6 +558,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.app.limits['max_body']} bytes", code="request_too_large")
         raw = self.rfile.read(length)
+        self._reader.done()
         try:
             body = parse_json(raw, "the request body", sent=True)    # depth / number limits: a nested body is a 400
         except NpgptError as e:
@@ -593,7 +643,7 @@ class Handler(BaseHTTPRequestHandler):
         for i, s in enumerate(req.seqs):
             lp = None
             if req.params.logprobs is not None:
-                offs = _offsets(app.tok, s.offset, entries[i])
+                offs = _offsets(app.tok, 0 if req.params.echo else s.offset, entries[i])   # echo: from the prompt's start
                 lp = app.logprobs_piece(req, i, entries[i], offs)
             if req.kind == "chat":
                 message, reason = {"role": "assistant", "content": texts[i]}, reasons[i]

@@ -102,9 +102,9 @@ class Params:
             self.logprobs = top if lp else None
         else:
             self.logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-            if self.echo and self.logprobs is not None:
-                raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported; "
-                                    "ask for one of them", "echo")
+            if self.echo and self.logprobs is not None and self.stream:
+                raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is answered whole: "
+                                    "ask without 'stream'", "echo")
         bias = body.get("logit_bias")
         if bias is not None and not isinstance(bias, dict):
             raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", "logit_bias")
@@ -126,14 +126,16 @@ class Params:
         except SamplingError as e:
             key = "max_tokens" if e.param == "max_new_tokens" else e.param
             raise ApiError(400, str(e), key) from None
-        self.grammar = parse_grammar(body)
+        # the output's grammar and the field it came from, named in its errors ("tools" for a forced call)
+        self.grammar, self.grammar_param = parse_grammar(body)
         self.tools = None                     # the chat endpoint's npgpt.serve.tools.ToolSpec, when tools are given
 
 
 def parse_grammar(body):
-    """The request's output constraint (npgpt.structured.Grammar) or None: OpenAI's `response_format`
-    ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}), or vLLM's
-    extensions `guided_json` (a schema), `guided_regex`, `guided_choice`. At most one."""
+    """(grammar, field) of the request's output constraint (an npgpt.structured.Grammar), or (None,
+    None): OpenAI's `response_format` ({"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"schema": ...}}), or vLLM's extensions `guided_json` (a schema), `guided_regex`,
+    `guided_choice`. At most one."""
     given = [k for k in ("guided_json", "guided_regex", "guided_choice") if body.get(k) is not None]
     rf = body.get("response_format")
     if rf is not None:
@@ -145,8 +147,12 @@ def parse_grammar(body):
     if len(given) > 1:
         raise ApiError(400, f"give one of {', '.join(given)}, not several", given[1])
     if not given:
-        return None
+        return None, None
     key = given[0]
+    return _grammar(body, key, rf), key
+
+
+def _grammar(body, key, rf):
     try:
         if key == "response_format":
             if rf["type"] == "json_object":

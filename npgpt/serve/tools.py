@@ -103,7 +103,7 @@ def parse_tools(body) -> ToolSpec | None:
     elif isinstance(choice, dict):
         fn = choice.get("function") if choice.get("type") == "function" else None
         name = fn.get("name") if isinstance(fn, dict) else None
-        if name not in params:
+        if not isinstance(name, str) or name not in params:      # a list or object name is a 400, not a TypeError
             raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', "
                                 "'function': {'name': NAME}} naming one of the tools", "tool_choice")
         choice = name
