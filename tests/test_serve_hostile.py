@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -152,9 +153,29 @@ def test_echo(server):
     streamed = c.completions.create(model="tiny", prompt="the lazy", max_tokens=10, temperature=0, echo=True,
                                     stream=True)
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == "the lazy" + plain
-    with pytest.raises(openai.BadRequestError) as e:       # the prompt's logprobs are not computed: said, not ignored
-        c.completions.create(model="tiny", prompt="the", max_tokens=2, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError) as e:       # scoring a prompt is answered whole, not streamed
+        c.completions.create(model="tiny", prompt="the", max_tokens=2, echo=True, logprobs=1, stream=True)
     error(e.value.response.content, "echo")
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, folder):
+    """echo + logprobs (how evaluation harnesses score a text): the prompt's tokens come first in the
+    logprobs, the first with none, each as the model scores it; offsets count from the prompt's start."""
+    from npgpt.loading import load_run
+    from npgpt.sampling import log_softmax
+    r = client(server).completions.create(model="tiny", prompt="the lazy dog", max_tokens=3, temperature=0,
+                                          echo=True, logprobs=2, logit_bias=eot_bias(folder))
+    ch = r.choices[0]
+    lp = ch.logprobs
+    assert ch.text.startswith("the lazy dog") and "".join(lp.tokens) == ch.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == list(range(len(ch.text)))            # one character a token
+    model, tok = load_run(folder)[:2]
+    ids = tok.encode(ch.text)
+    ref = log_softmax(model.forward_cached(np.array([ids]), model.new_cache(1))[0].astype(np.float64))
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]], abs=1e-4)
+        assert len(lp.top_logprobs[i]) == 2 and max(lp.top_logprobs[i].values()) >= lp.token_logprobs[i] - 1e-9
 
 
 # ---- malformed HTTP, over raw sockets ------------------------------------------------------------------

@@ -200,13 +200,16 @@ class Prefill:
     turn comes, so prompts admitted together still share what the earlier ones computed). `logits`
     is set when it is complete."""
 
-    def __init__(self, model, prompt, seqs, like, ns=None):
+    def __init__(self, model, prompt, seqs, like, ns=None, prompt_logprobs=None):
         self.prompt, self.seqs = list(prompt), seqs
         self.ns = ns                          # the prefix cache's namespace: the request's adapter
         self.cache = KVCache(replace(model.config, block_size=len(prompt)), 1, like)
         self.logits = None
         self.started = False
         self.reused = 0
+        # `echo` with `logprobs`: top-k to keep for each prompt token (None: not asked); the entries
+        # (token, logprob, top) of prompt tokens 1.. as the model scored them (token 0 has none)
+        self.prompt_logprobs, self.prompt_entries = prompt_logprobs, []
 
     def reuse(self, prefix):
         """Start from the cached prefix (PrefixCache.lookup's nodes)."""
@@ -227,6 +230,13 @@ class Prefill:
         p0 = self.cache.length
         n = min(budget, self.remaining)
         out = model.forward_cached(np.array([self.prompt[p0:p0 + n]], dtype=np.int64), self.cache)
+        if self.prompt_logprobs is not None:  # position j scores prompt token j + 1
+            lp = log_softmax(asnumpy(out[0]).astype(np.float64))
+            k = self.prompt_logprobs
+            for j in range(min(n, len(self.prompt) - 1 - p0)):
+                t = self.prompt[p0 + j + 1]
+                top = top_tokens(lp[j][None], k)[0] if k else []
+                self.prompt_entries.append((t, float(lp[j, t]), [(int(x), float(lp[j, x])) for x in top]))
         if self.remaining == 0:
             self.logits = asnumpy(out[0, -1])
         return n
@@ -377,7 +387,9 @@ class Engine:
         for s in req.seqs:
             by_prompt.setdefault(tuple(s.prompt), []).append(s)
         for prompt, seqs in by_prompt.items():
-            self.prefilling.append(Prefill(self.model, prompt, seqs, self.cache.k, ns=req.adapter))
+            echo = req.params.logprobs if getattr(req.params, "echo", False) else None
+            self.prefilling.append(Prefill(self.model, prompt, seqs, self.cache.k, ns=req.adapter,
+                                           prompt_logprobs=echo))
 
     def _prefill(self):
         """Run at most prefill_chunk prompt tokens, oldest prompt first (each starting from the
@@ -391,8 +403,9 @@ class Engine:
                     s.finish = "cancelled"
                     self.cancelled += 1
                 continue
-            if not job.started:
-                job.reuse(self.prefix.lookup(job.prompt, job.ns) if self.prefix is not None else None)
+            if not job.started:               # (a prompt to score runs whole: cached positions have no logits)
+                job.reuse(self.prefix.lookup(job.prompt, job.ns) if self.prefix is not None
+                          and job.prompt_logprobs is None else None)
                 if self.prefix is not None:
                     st["prefix_cache_hits" if job.reused else "prefix_cache_misses"] += 1
                     st["prefix_cache_hit_tokens"] += job.reused
@@ -430,6 +443,8 @@ class Engine:
             c.v[:, i, :, P - L:P] = one.v[:, 0, :, :L]
             c.pad[i] = P - L
             s.logits = job.logits
+            if job.prompt_logprobs is not None:   # the prompt's entries go out before the first token's
+                s.pending = [(job.prompt[0], None, None)] + list(job.prompt_entries)
             self.active.append(s)
         self.peak = max(self.peak, len(self.active))
 

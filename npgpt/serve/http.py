@@ -237,7 +237,8 @@ class App:
                                 for t, lp, top in entries]}
         return {"tokens": [_token_str(tok, t) for t, _, _ in entries],
                 "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{_token_str(tok, j): l for j, l in top} for _, _, top in entries],
+                "top_logprobs": [None if top is None else {_token_str(tok, j): l for j, l in top}
+                                 for _, _, top in entries],       # None: an echoed prompt's first token
                 "text_offset": offsets or []}
 
     def chunk(self, req, choices):
@@ -642,7 +643,7 @@ class Handler(BaseHTTPRequestHandler):
         for i, s in enumerate(req.seqs):
             lp = None
             if req.params.logprobs is not None:
-                offs = _offsets(app.tok, s.offset, entries[i])
+                offs = _offsets(app.tok, 0 if req.params.echo else s.offset, entries[i])   # echo: from the prompt's start
                 lp = app.logprobs_piece(req, i, entries[i], offs)
             if req.kind == "chat":
                 message, reason = {"role": "assistant", "content": texts[i]}, reasons[i]

@@ -102,9 +102,9 @@ class Params:
             self.logprobs = top if lp else None
         else:
             self.logprobs = _number(body, "logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-            if self.echo and self.logprobs is not None:
-                raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is not supported; "
-                                    "ask for one of them", "echo")
+            if self.echo and self.logprobs is not None and self.stream:
+                raise ApiError(400, "'echo' with 'logprobs' (the prompt's log-probabilities) is answered whole: "
+                                    "ask without 'stream'", "echo")
         bias = body.get("logit_bias")
         if bias is not None and not isinstance(bias, dict):
             raise ApiError(400, "'logit_bias' must be an object mapping token ids to biases", "logit_bias")
