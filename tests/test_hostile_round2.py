@@ -106,7 +106,7 @@ def test_merge_checks_the_base_and_the_place(runs, tmp_path):
     # the fingerprint of the base is recorded when the adapter is made ...
     from safetensors import safe_open
     with safe_open(str(d / "ft" / "ckpt" / "adapter_model.safetensors"), "np") as f:
-        assert re.fullmatch(r"[0-9a-f]{32}", f.metadata()["npgpt_base_fingerprint"])
+        assert re.fullmatch(r"f-[0-9a-f]{32}", f.metadata()["npgpt_base_fingerprint"])
     # ... and checked: another base of the same shape is refused, nothing is written
     clean_error(run("merge", "--checkpoint", d / "other", "--adapter", d / "ft", "--out", tmp_path / "m1"),
                 r"made on another base.*--allow-other-base")
