@@ -31,10 +31,10 @@ def plot(runs, png, width):
             name += "'"
         metrics[name] = read_metrics(run)
         if metrics[name]["skipped"]:
-            click.echo(f"note: {run}: skipped {metrics[name]['skipped']} unreadable line(s)")
+            click.echo(f"note: {run}: skipped {metrics[name]['skipped']} unreadable line(s)", err=True)
         if metrics[name]["dropped"]:
             click.echo(f"note: {run}: left out {metrics[name]['dropped']} value(s) that are not finite numbers "
-                       f"(NaN, infinity, beyond 1e100: a diverged run?)")
+                       f"(NaN, infinity, beyond 1e100: a diverged run?)", err=True)
     if png is not None:
         try:
             import matplotlib  # noqa: F401
@@ -46,7 +46,7 @@ def plot(runs, png, width):
         click.echo("\n".join(text_report(metrics, width=width)))
         return
     plot_runs(metrics, png)
-    click.echo(f"wrote {png}")
+    click.echo(f"wrote {png}", err=True)      # on stderr: `--png /dev/stdout` keeps stdout a PNG
 
 
 COMMANDS = [plot]

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from npgpt.data import prepare
+from npgpt.fileio import atomic_write_text
 from npgpt.loading import load_run
 from npgpt.sft import SFTData
 from npgpt.train import TrainConfig, train
@@ -47,9 +48,9 @@ random.Random(0).shuffle(facts)
 train_facts, held_out = facts[:80], facts[80:]
 records = [{"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]} for a, b in train_facts]
-(work / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+atomic_write_text(work / "qa.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
 text = "".join(f"what is {a} plus {b}? {a} plus {b} is {a + b}.\n" for a, b in train_facts * 30)
-(work / "qa_text.txt").write_text(text)
+atomic_write_text(work / "qa_text.txt", text)
 
 # 2. Pretrain a base model on the plain text.
 prepare([str(work / "qa_text.txt")], str(work / "data"), tokenizer="char", force=True)

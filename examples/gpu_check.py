@@ -136,11 +136,9 @@ def section(check, name, fn):
 def write_json(check):
     """Everything so far to OUT/gpu_check.json (after each section: a timeout keeps the rest)."""
     if check.args.out:
-        os.makedirs(check.args.out, exist_ok=True)
-        tmp = os.path.join(check.args.out, "gpu_check.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"rows": check.rows, **check.data}, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(check.args.out, "gpu_check.json"))
+        from npgpt.fileio import atomic_write_text     # a link or device in OUT: npgpt.fileio's rules
+        atomic_write_text(os.path.join(check.args.out, "gpu_check.json"),
+                          json.dumps({"rows": check.rows, **check.data}, indent=1, default=str))
 
 
 def rel_err(out, ref):

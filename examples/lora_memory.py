@@ -128,8 +128,8 @@ def main():
               f"| {peak} | {_mb(r['peak_total_kb'] * 1024)} |")
     print(f"(batch {rows[0]['batch']} x {rows[0]['block']} tokens, {rows[0]['steps']} steps, random-init weights)")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from npgpt.fileio import atomic_write_json    # a link or device: npgpt.fileio's rules
+        atomic_write_json(a.json, rows)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from npgpt.data import prepare
+from npgpt.fileio import atomic_write_text
 from npgpt.loading import load_run
 from npgpt.generate import generate
 from npgpt.sft import SFTData
@@ -65,13 +66,12 @@ def main():
     ap.add_argument("--base-iters", type=positive_int, default=600, help="pretraining steps of the base (finetune_qa.py: 600)")
     ap.add_argument("--runs", default="base,full,lora-same-lr,lora", help="which of the runs to do")
     a = ap.parse_args()
-    work = Path(a.work)
-    work.mkdir(exist_ok=True)
+    work = Path(a.work)                     # created by out_dir as it was read
     train_facts, held_out = facts_split()
     recs = [{"prompt": f"what is {x} plus {y}? ", "completion": f"{x} plus {y} is {x + y}."} for x, y in train_facts]
-    (work / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    atomic_write_text(work / "qa.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     text = "".join(f"what is {x} plus {y}? {x} plus {y} is {x + y}.\n" for x, y in train_facts * 30)
-    (work / "qa_text.txt").write_text(text)
+    atomic_write_text(work / "qa_text.txt", text)
     if not (work / "base" / "ckpt").exists():
         prepare([str(work / "qa_text.txt")], str(work / "data"), tokenizer="char", force=True)
         train(TrainConfig(data=str(work / "data"), out=str(work / "base"), force=True, max_iters=a.base_iters,

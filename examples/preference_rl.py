@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "apps"))
 from app_kit import char_tokenizer, encode_pairs, model_for, train_rows  # noqa: E402
 
 from npgpt.dpo import finetune_dpo  # noqa: E402
+from npgpt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from npgpt.generate import generate  # noqa: E402
 from npgpt.loading import from_pretrained  # noqa: E402
 from npgpt.rl import PromptSource, finetune_rl, greedy_reward  # noqa: E402
@@ -96,7 +97,7 @@ def main(argv=None):
         results["rl"] = rl_stage(args, out, common)
         print("RL:", results["rl"])
     results["load"] = os.getloadavg()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     return results
 
 
@@ -114,7 +115,7 @@ def dpo_stage(args, model, tok, train, out, common):
                 seen.add((p, text))
                 pairs.append({"prompt": p, "chosen": want, "rejected": text})
     prefs = out / "prefs.jsonl"
-    prefs.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in pairs) + "\n", encoding="utf-8")
+    atomic_write_text(prefs, "\n".join(json.dumps(r, ensure_ascii=False) for r in pairs) + "\n")
     print(f"{len(pairs)} preference pairs (the SFT model's wrong samples on training numbers)")
     t0 = time.perf_counter()
     cfg = TrainConfig(dpo=str(prefs), out=str(out / "dpo"), max_iters=args.dpo_steps, eval_interval=args.dpo_steps,

@@ -175,6 +175,7 @@ def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=pri
     """Train `variant` with `seed` until the quick evaluation reads <= target; the run's record.
     progress: a file to which every quick evaluation appends a line (a run cut short still shows its curve)."""
     from npgpt.distributed.comm import SingleProcess
+    from npgpt.fileio import open_log
     from npgpt.train import TrainConfig, build_model, build_optimizer, lr_at, step_rng, train_step
     from npgpt.training.config import preset_defaults
     # the baseline's settings, then what the variant's preset brings (modern-baby: Muon), then the variant's own
@@ -194,7 +195,7 @@ def run_one(data, variant, seed, target, quick, confirm, max_iters=None, log=pri
             val = mean_loss(model, quick)
             curve.append((it, round(val, 5)))
             if progress is not None:
-                with open(progress, "a", encoding="utf-8") as f:
+                with open_log(progress) as f:
                     f.write(json.dumps({"variant": variant, "seed": seed, "step": it, "val": round(val, 5),
                                         "train_cpu_s": round(train_cpu, 2), "train_wall_s": round(train_wall, 2),
                                         "load": round(os.getloadavg()[0], 2)}) + "\n")
@@ -358,6 +359,7 @@ def prepared(text, folder):
 
 def main(argv=None):
     from npgpt.programs import non_negative_int, out_dir, positive_int, text_file   # the CLI's checks and one-line errors
+    from npgpt.fileio import atomic_write_text, open_log     # links and devices in --out: npgpt.fileio's rules
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", type=text_file, help="the training text (tiny Shakespeare's input.txt); never copied elsewhere")
     ap.add_argument("--out", default="speedrun-out", type=out_dir, help="folder for the prepared data and results.jsonl")
@@ -392,7 +394,7 @@ def main(argv=None):
             if not args.fast:
                 raise SystemExit("--text FILE is required (tiny Shakespeare's input.txt); --fast uses the Python docs")
             from npgpt.data import pydoc_text
-            (out / "pydoc.txt").write_text(pydoc_text()[:300_000], encoding="utf-8")
+            atomic_write_text(out / "pydoc.txt", pydoc_text()[:300_000])
             data = prepared(out / "pydoc.txt", out / "data")
         quick = fixed_batches(data, args.quick_batches, seed=1_000_001)
         confirm = fixed_batches(data, args.confirm_batches, seed=2_000_002)
@@ -403,7 +405,7 @@ def main(argv=None):
                 if (v, seed) in done:
                     continue
                 rec = run_one(data, v, seed, args.target, quick, confirm, args.max_iters, progress=out / "progress.jsonl")
-                with open(results, "a", encoding="utf-8") as f:
+                with open_log(results) as f:
                     f.write(json.dumps(rec) + "\n")
     stats = summarise(read_records(results), args.target)
     print(table(stats, args.target))

@@ -111,6 +111,10 @@ def checkpoint_writer(run_dir):
     if run_dir.exists() and not run_dir.is_dir():
         raise NpgptError(f"{run_dir} is a file; give a folder for the run's checkpoint")
     tmp = run_dir / TMP_DIR
+    final = run_dir / CKPT_DIR
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise NpgptError(f"{final} is {'a symbolic link' if final.is_symlink() else 'not a folder'}; npgpt replaces "
+                         f"a checkpoint folder whole and will not rename over it: remove it or choose another --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

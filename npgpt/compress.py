@@ -32,7 +32,6 @@ writes the mask files). The trainer never imports this module.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +42,7 @@ from npgpt.backend import asnumpy, get_xp, synchronize
 from npgpt.checkpoint import atomic_write_json, find_checkpoint, write_manifest
 from npgpt.data import TokenData
 from npgpt.errors import NpgptError
+from npgpt.fileio import atomic_write_bytes
 from npgpt.gguf_models import is_gguf
 from npgpt.evaluate import token_loss
 from npgpt.loading import from_pretrained, load_run
@@ -321,7 +321,7 @@ def finish_out(src, out, tok=None):
         return
     for f in Path(src).iterdir():
         if f.is_file() and f.name not in RUN_FILES + MODEL_FILES:
-            shutil.copy2(f, Path(out) / f.name)
+            atomic_write_bytes(Path(out) / f.name, f.read_bytes())     # npgpt.fileio's rules for the target
     write_manifest(out)
 
 

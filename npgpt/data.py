@@ -57,7 +57,7 @@ from npgpt import tokenizer as tk
 from npgpt import backend
 from npgpt.checkpoint import has_checkpoint, is_model_dir, sha256_file
 from npgpt.errors import NpgptError
-from npgpt.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from npgpt.fileio import atomic_write_bytes, atomic_write_text, check_replaceable, fsync_dir
 from npgpt.safeio import Int, Str, check, read_json, read_json_object, run_lock
 from npgpt.tokenizer import BPETokenizer, CharTokenizer, iter_text_chunks
 from npgpt.tokenizer.base import DEFAULT_SPECIALS, META_FILE, regroup_at_safe_cuts
@@ -432,6 +432,8 @@ def _prepare_into(work: Path, docs, kind, vocab_size, tokenizer_from, val_fracti
 
 def _move_into_place(work: Path, out_dir: Path) -> None:
     """Move the finished files from `work` into `out_dir`: old meta.json out first, new one in last."""
+    for p in work.iterdir():                 # a link or device in --out is refused, never renamed over
+        check_replaceable(out_dir / p.name)
     old_meta = _read_json(out_dir / META)
     if (out_dir / META).exists():
         os.remove(out_dir / META)            # from here on the folder reads as "not prepared" ...

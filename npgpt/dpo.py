@@ -56,7 +56,7 @@ from npgpt.model import read_hf_config
 from npgpt.ops.preference import dpo_loss, preference_stats, token_logprobs
 from npgpt.safeio import read_jsonl
 from npgpt.safeio.tensors import read_safetensors_header
-from npgpt.sft import ROLES, render_chat
+from npgpt.sft import ROLES, TokenRows, render_chat
 from npgpt.tensor import no_grad
 from npgpt.train import train
 
@@ -153,8 +153,9 @@ def _row(ids, mask, T, pad_id):
 
 
 @dataclass
-class PreferenceData:
+class PreferenceData(TokenRows):
     """Preference pairs as a batch source for npgpt.train (see the module docstring for a batch's layout)."""
+    kind = "preference"
     tok: object
     block_size: int
     rows: np.ndarray = None                        # (N, 4, T) int32: chosen x, y, rejected x, y
@@ -206,17 +207,6 @@ class PreferenceData:
                   + (f"; {data.identical} pairs have chosen == rejected (they teach nothing)" if data.identical
                      else ""), file=stream)
         return data
-
-    @property
-    def vocab_size(self):
-        return self.tok.vocab_size
-
-    def tokenizer(self):
-        return self.tok
-
-    def check_split_sizes(self, block_size):
-        if block_size != self.block_size:
-            raise NpgptError(f"preference rows were built for block_size {self.block_size}, not {block_size}")
 
     def get_batch(self, split, batch_size, block_size, rng, device=None):
         """x (B, 4, T) int64 pair rows, y (B,) int64 pair numbers."""

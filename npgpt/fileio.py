@@ -102,12 +102,15 @@ def _resolve_target(path: Path) -> tuple[str, Path]:
         return "stream", path
     if stat.S_ISLNK(st.st_mode):
         try:
-            real = path.resolve(strict=True)
-            rst = os.stat(real)
+            rst = os.stat(path)                  # follows /proc's magic links too (/dev/stdout -> pipe:[N])
         except (OSError, RuntimeError):
             raise NpgptError(f"{path} is a broken or looping symbolic link; remove it or write elsewhere") from None
         if stat.S_ISCHR(rst.st_mode) or stat.S_ISFIFO(rst.st_mode):
             return "stream", path                # /dev/stdout, /dev/fd/N, a link to a pipe
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise NpgptError(f"{path} is a broken or looping symbolic link; remove it or write elsewhere") from None
         if stat.S_ISREG(rst.st_mode) and real.parent == path.parent.resolve():
             return "file", real                  # replace the file the link names; the link stays
         raise NpgptError(f"{path} is a symbolic link to {real}, outside its folder; npgpt does not write "
@@ -158,6 +161,38 @@ def atomic_path(path):
         _remove_quietly(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def open_log(path, append: bool = True, encoding: str = "utf-8"):
+    """Open a log that grows line by line (metrics.jsonl, a request log, a progress file) by the same
+    rules as the atomic writers: a new name or a regular file (through a link to one in the same
+    folder) is opened to append (or truncated, `append=False`); a character device or FIFO
+    (`/dev/stdout`) is written through; a folder, a socket or a link out of the folder is refused."""
+    kind, target = _resolve_target(Path(path))
+    mode = "a" if append or kind == "stream" else "w"
+    try:
+        return open(target, mode, encoding=encoding)       # noqa: SIM115 (the caller closes it)
+    except OSError as e:                                   # a missing folder too: a log names an existing place
+        raise write_error(path, e) from None
+
+
+def check_replaceable(path) -> Path:
+    """For writers that move a finished file into place themselves (`os.replace` of a file made
+    aside): NpgptError unless `path` is absent or a regular file (not a link, a device, a FIFO), so
+    a rename never turns a device or a link into a plain file."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise write_error(path, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) \
+            else "a device, FIFO or socket"
+        raise NpgptError(f"{path} is {what}, not a regular file; npgpt will not replace it: remove it or "
+                         f"write elsewhere")
+    return path
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

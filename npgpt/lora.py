@@ -39,7 +39,8 @@ The base's fingerprint (`base_fingerprint`: a hash of the targeted-layer weights
 adapters are applied and saved in the adapter's safetensors metadata (`npgpt_base_fingerprint`; PEFT
 ignores metadata). Loading an adapter onto a base with another fingerprint is refused unless the caller
 allows it (`npgpt merge/sample/eval --allow-other-base`); an adapter without one (made by PEFT) is taken
-as it is, since there is nothing to check against.
+as it is, since there is nothing to check against, and so is an adapter made on a base held quantised
+(a GGUF kept quantised) applied to that base held as floats, or the reverse: the two are not comparable.
 """
 
 from __future__ import annotations
@@ -287,8 +288,10 @@ def base_fingerprint(model) -> str:
     each), the layers an adapter can sit on. Two trainings of one architecture differ everywhere, so the
     sample tells them apart; it is cheap on a 135M-parameter model and reads few values off a GPU."""
     h = hashlib.sha256()
+    quantised = False
     for name, _, _, lin in linear_layers(model):
         lin = lin.base if isinstance(lin, LoRALinear) else lin
+        quantised = quantised or isinstance(lin, QuantizedLinear)
         arrays = {"qweight": lin.qweight, "scales": lin.scales} if isinstance(lin, QuantizedLinear) \
             else {"weight": lin.weight.data}
         for part, a in arrays.items():
@@ -296,7 +299,9 @@ def base_fingerprint(model) -> str:
             sample = np.ascontiguousarray(asnumpy(flat[:: max(1, flat.size // 4096)][:4096]))
             h.update(f"{name}.{part}{tuple(a.shape)}{sample.dtype.str}".encode())
             h.update(sample.tobytes())
-    return h.hexdigest()[:32]
+    # "q-" / "f-": the base as held (integers and scales, or floats); a GGUF base fine-tuned kept quantised
+    # loads as floats elsewhere, and the two fingerprints cannot be compared (see _check_against)
+    return ("q-" if quantised else "f-") + h.hexdigest()[:32]
 
 
 def lora_layers(model):
@@ -525,7 +530,8 @@ def _check_against(model, folder, weights, layers, config, raw_cfg, allow_other_
     recorded = raw_cfg.get(FINGERPRINT_KEY)
     if recorded is not None:
         mine = base_fingerprint(model)
-        if recorded != mine and not allow_other_base:
+        # comparable only when the base is held the same way (quantised or float) as when the adapter was made
+        if recorded[:2] == mine[:2] and recorded != mine and not allow_other_base:
             raise NpgptError(f"adapter {folder} was made on another base (fingerprint {recorded[:12]}, this "
                              f"model's {mine[:12]}): its weights would be applied to the wrong model; give the "
                              f"base it was trained on, or pass --allow-other-base (merge, sample, eval, export) "

@@ -43,6 +43,7 @@ import numpy as np
 from npgpt.backend import asnumpy, get_xp
 from npgpt.checkpoint import atomic_write_json, save_tensors
 from npgpt.errors import NpgptError
+from npgpt.fileio import make_dir
 from npgpt.layers import QuantizedLinear, check_scheme, decode_weight, encode_weight, linear_layers
 from npgpt.loading import QUANT_FILE
 
@@ -104,8 +105,7 @@ def quantized_tensors(model, bits=8, group_size=None, embedding=False):
 
 def save_quantized(model, path, bits=8, group_size=None, embedding=False):
     """Write a quantised model folder: config.json (with the scheme) + model.safetensors."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_dir(path)
     tensors = quantized_tensors(model, bits, group_size, embedding)
     hf = model.config.to_hf()
     hf.setdefault("npgpt", {})["quantization"] = {"bits": bits, "group_size": group_size,

@@ -125,9 +125,27 @@ def render_record(tok, rec):
     return ids, [False] * len(p) + [True] * (len(c) + 1)
 
 
+class TokenRows:
+    """What a batch source of tokenized rows shares (SFT here, preference pairs in npgpt.dpo): its
+    tokenizer, the vocabulary size, and rows built for one block size."""
+    kind = "token"
+
+    @property
+    def vocab_size(self):
+        return self.tok.vocab_size
+
+    def tokenizer(self):
+        return self.tok
+
+    def check_split_sizes(self, block_size):
+        if block_size != self.block_size:
+            raise NpgptError(f"{self.kind} rows were built for block_size {self.block_size}, not {block_size}")
+
+
 @dataclass
-class SFTData:
+class SFTData(TokenRows):
     """SFT rows as a batch source for npgpt.train: get_batch / tokenizer / vocab_size."""
+    kind = "SFT"
     tok: object
     block_size: int
     rows: dict = field(default_factory=dict)       # split -> (x (N, T), y (N, T)) int64 arrays
@@ -193,17 +211,6 @@ class SFTData:
                   + ("" if cfg.block_size else ", the longest record's length")
                   + f" (the model's context is {n_pos}); {data.truncated} truncated", file=stream)
         return data
-
-    @property
-    def vocab_size(self):
-        return self.tok.vocab_size
-
-    def tokenizer(self):
-        return self.tok
-
-    def check_split_sizes(self, block_size):
-        if block_size != self.block_size:
-            raise NpgptError(f"SFT rows were built for block_size {self.block_size}, not {block_size}")
 
     def get_batch(self, split, batch_size, block_size, rng, device=None):
         X, Y = self.rows[split]

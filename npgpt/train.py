@@ -63,7 +63,7 @@ from npgpt.distributed.comm import Communicator, SingleProcess, for_device, loca
 from npgpt.distributed.data_parallel import DataParallel, check_ranks_agree
 from npgpt.distributed.zero import make_muon, make_optimizer
 from npgpt.errors import NpgptError
-from npgpt.fileio import write_error
+from npgpt.fileio import open_log, write_error
 from npgpt.gguf_models import is_gguf
 from npgpt.hub import is_hub_ref
 from npgpt.llama import build_model as new_model
@@ -269,10 +269,8 @@ class _Logger:
         self.stream = stream or sys.stdout
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.path = Path(out) / "metrics.jsonl" if writer else Path(os.devnull)
-        try:                                  # a resumed run adds to its records; any other starts afresh
-            self.metrics = open(self.path, "a" if append else "w", encoding="utf-8")
-        except OSError as e:
-            raise write_error(self.path, e) from None
+        # a resumed run adds to its records; any other starts afresh (a link or device: npgpt.fileio's rules)
+        self.metrics = open_log(self.path, append=append)
         self.live = False
 
     def __call__(self, msg):

@@ -420,6 +420,105 @@ def target_chat_template(pristine):
     return strategy, case
 
 
+# Rank patterns and targets a stranger's adapter_config.json may hold: regular-expression bombs, inline flags.
+ADAPTER_VALUES = ['{"(a+)+$": 2}', '{"c_(?i)attn": 2}', '{"c_attn": 4.5}', '{"c_attn": 0}', '{"[": 2}',
+                  '"(.*)*c_attn"', '"(c|c_)*attn"', '["q_proj"]', '[""]', '"x(?i)"', '4.5', '0', '-1', "1e999"]
+
+
+def target_adapter(pristine):
+    """A LoRA adapter folder (adapter_config.json, adapter_model.safetensors) applied with --adapter."""
+    from npgpt.loading import from_pretrained
+    from npgpt.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
+    model = from_pretrained(pristine / "run")
+    apply_lora(model, LoRAConfig(r=2, alpha=4))
+    for _, lin in lora_layers(model):
+        lin.lora_B.data[...] = 0.01
+    work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    save_adapter(model, work / "ad", base_model=str(pristine / "run" / "ckpt"))
+    config = (work / "ad" / "adapter_config.json").read_text()
+    weights = (work / "ad" / "adapter_model.safetensors").read_bytes()
+    keys = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "lora_dropout"]
+    swapped = st.tuples(st.sampled_from(keys), st.sampled_from(ADAPTER_VALUES)).map(
+        lambda kv: json.dumps({**json.loads(config), kv[0]: "@@"}).replace('"@@"', kv[1]).encode())
+    strategy = st.one_of(st.tuples(st.just("adapter_config.json"), st.one_of(mutated_json(config), swapped)),
+                         st.tuples(st.just("adapter_model.safetensors"), mutated_safetensors(weights)))
+
+    def case(change):
+        name, data = change
+        folder = Path(tempfile.mkdtemp(prefix="fuzz-")) / "ad"
+        shutil.copytree(work / "ad", folder)
+        (folder / name).write_bytes(data)
+        _run(["sample", "--checkpoint", str(pristine / "run"), "--adapter", str(folder), "--prompt", "ab",
+              "--max-new-tokens", "2", "--seed", "0", "--no-stream"])
+    return strategy, case
+
+
+# A Hugging Face cache folder (hf:ORG/NAME): huggingface_hub's layout, refs/<branch> -> snapshots/<commit>/ of
+# links into blobs/. A stranger's cache (a tarball, a shared disk) may hold anything in those places.
+HUB_REPO = "npgpt-fuzz/tiny-chat"
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB_LINKS = ["/dev/zero", "/dev/null", "/etc/hostname", "/", "loop", "dir", "broken", "fifo", "../..", "blobs"]
+
+
+def _hub_cache(root: Path, folder: Path) -> Path:
+    import hashlib
+    repo = root / ("models--" + HUB_REPO.replace("/", "--"))
+    snap = repo / "snapshots" / HUB_COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return repo
+
+
+def target_hub(pristine):
+    """A Hub cache folder read offline: refs/main's text, a snapshot entry swapped for a device, a FIFO, a
+    folder, a loop or a link out of the cache, or a blob's JSON mutated."""
+    import huggingface_hub.constants as hub_constants
+    files = sorted(p.name for p in (pristine / "hf").iterdir())
+    json_files = [f for f in files if f.endswith(".json")]
+    texts = {f: (pristine / "hf" / f).read_text(encoding="utf-8") for f in json_files}
+    refs = st.tuples(st.just("refs"), st.one_of(st.sampled_from(HOSTILE), st.text(max_size=60),
+                                                 st.just(HUB_COMMIT + "\n"), st.just("../" * 8 + "etc")))
+    links = st.tuples(st.just("link"), st.tuples(st.sampled_from(files), st.sampled_from(HUB_LINKS)))
+    blobs = st.sampled_from(json_files).flatmap(lambda f: st.tuples(st.just("blob"),
+                                                                    st.tuples(st.just(f), mutated_json(texts[f]))))
+
+    def case(change):
+        kind, what = change
+        root = Path(tempfile.mkdtemp(prefix="fuzz-hub-"))
+        repo = _hub_cache(root, pristine / "hf")
+        snap = repo / "snapshots" / HUB_COMMIT
+        if kind == "refs":
+            (repo / "refs" / "main").write_bytes(what.encode("utf-8", "surrogatepass"))
+        elif kind == "link":
+            name, target = what
+            (snap / name).unlink()
+            if target == "loop":
+                (snap / name).symlink_to(name)
+            elif target == "dir":
+                (snap / name).mkdir()
+            elif target == "broken":
+                (snap / name).symlink_to("no-such-blob")
+            elif target == "fifo":
+                os.mkfifo(snap / name)
+            else:
+                (snap / name).symlink_to(target)
+        else:
+            name, data = what
+            (snap / name).resolve().write_bytes(data)
+        hub_constants.HF_HUB_CACHE = str(root)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hub_constants.HF_HUB_OFFLINE = True
+        _chat(f"hf:{HUB_REPO}")
+    return st.one_of(refs, links, blobs), case
+
+
 def target_llama_config(pristine):
     """config.json of a Llama folder (LlamaForCausalLM, grouped-query attention)."""
     text = (pristine / "llama" / "ckpt" / "config.json").read_text()
@@ -463,7 +562,8 @@ def target_llama_index(pristine):
 TARGETS = {"gguf": target_gguf, "llama_config": target_llama_config, "llama_index": target_llama_index, "config": target_config, "safetensors": target_safetensors, "state": target_state,
            "manifest": target_manifest, "bpe_files": target_bpe_files, "tokenizer_meta": target_tokenizer_meta,
            "tiktoken": target_tiktoken, "sft": target_sft, "meta": target_meta,
-           "tokenizer_json": target_tokenizer_json, "chat_template": target_chat_template}
+           "tokenizer_json": target_tokenizer_json, "chat_template": target_chat_template, "hub": target_hub,
+           "adapter": target_adapter}
 
 
 def _address_space() -> int:

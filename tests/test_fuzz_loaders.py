@@ -26,7 +26,8 @@ from npgpt.cli.main import cli
 WORKER = Path(__file__).with_name("fuzz_loaders_worker.py")
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 TARGETS = ["gguf", "llama_config", "llama_index", "config", "safetensors", "state", "manifest", "bpe_files", "tokenizer_meta",
-           "tiktoken", "sft", "meta", "tokenizer_json", "chat_template"]
+           "tiktoken", "sft", "meta", "tokenizer_json", "chat_template", "hub",
+           "adapter"]
 
 
 def _ok(args):

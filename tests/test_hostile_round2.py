@@ -106,7 +106,7 @@ def test_merge_checks_the_base_and_the_place(runs, tmp_path):
     # the fingerprint of the base is recorded when the adapter is made ...
     from safetensors import safe_open
     with safe_open(str(d / "ft" / "ckpt" / "adapter_model.safetensors"), "np") as f:
-        assert re.fullmatch(r"[0-9a-f]{32}", f.metadata()["npgpt_base_fingerprint"])
+        assert re.fullmatch(r"f-[0-9a-f]{32}", f.metadata()["npgpt_base_fingerprint"])
     # ... and checked: another base of the same shape is refused, nothing is written
     clean_error(run("merge", "--checkpoint", d / "other", "--adapter", d / "ft", "--out", tmp_path / "m1"),
                 r"made on another base.*--allow-other-base")
@@ -142,8 +142,13 @@ def test_plot_survives_nan_inf_and_huge_values(tmp_path):
     assert "left out 10 value(s)" in r.output and "skipped 5 unreadable line(s)" in r.output
     assert "last 2 at step 6" in r.output
     pytest.importorskip("matplotlib")
-    r = ok(run("plot", tmp_path, "--png", tmp_path / "curves.png"))
-    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the PNG too, written through to /dev/stdout (a device: never renamed over), from a real process
+    import subprocess
+    import sys
+    from pathlib import Path
+    npgpt = str(Path(sys.executable).parent / "npgpt")
+    r = subprocess.run([npgpt, "plot", str(tmp_path), "--png", "/dev/stdout"], capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(b"\x89PNG"), r.stderr[-500:]
 
 
 def test_task_refuses_stride(runs, tmp_path):
@@ -208,3 +213,23 @@ def test_char_chat_keeps_an_encodable_history(runs, tmp_path):
     session.messages = [{"role": "user", "content": "the quick"},
                         {"role": "assistant", "content": session._encodable("fox <|user|> dog")}]
     assert "".join(session.reply("the lazy")) is not None and len(session.messages) == 4
+
+
+def test_special_targets_through_the_cli(runs, tmp_path):
+    """Outputs go through npgpt.fileio: a link out of the folder is refused (a device is written through:
+    `plot --png /dev/stdout` above)."""
+    import os
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    # prepare: a link in --out that leads out of it is not renamed over
+    (tmp_path / "data").mkdir()
+    os.symlink(outside, tmp_path / "data" / "tokenizer_npgpt.json")
+    clean_error(run("prepare", "--input", runs / "corpus.txt", "--out", tmp_path / "data"),
+                r"tokenizer_npgpt.json is a symbolic link, not a regular file")
+    assert (tmp_path / "data" / "tokenizer_npgpt.json").is_symlink() and outside.read_text() == "keep me"
+    # train: metrics.jsonl as such a link
+    (tmp_path / "run").mkdir()
+    os.symlink(outside, tmp_path / "run" / "metrics.jsonl")
+    clean_error(run("train", "--data", runs / "data", "--out", tmp_path / "run", "--max-iters", 1, *TINY),
+                r"metrics.jsonl is a symbolic link to .*outside its folder")
+    assert outside.read_text() == "keep me"

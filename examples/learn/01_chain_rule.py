@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lesson_kit import check, have_matplotlib, parse, title  # noqa: E402
 
 from npgpt import Tensor  # noqa: E402
+from npgpt.fileio import atomic_write_text  # noqa: E402
 from npgpt.viz import graph  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main(argv=None):
     print(g)
     if args.out and have_matplotlib():
         g.save_png(Path(args.out) / "01_graph.png", title="L = (a*b + c) * f: values and gradients")
-        (Path(args.out) / "01_graph.dot").write_text(g.to_dot())
+        atomic_write_text(Path(args.out) / "01_graph.dot", g.to_dot())
         print(f"wrote {args.out}/01_graph.png with the gradients")
     hand = {"a": -2.0 * -3.0, "b": -2.0 * 2.0, "c": -2.0, "f": 4.0, "d": -2.0, "e": -2.0}
     got = {"a": a.grad, "b": b.grad, "c": c.grad, "f": f.grad, "d": d.grad, "e": e.grad}

@@ -35,6 +35,7 @@ from lesson_kit import batch, check, corpus, eval_loss, have_matplotlib, parse, 
 
 from npgpt.optim import NS_BAND_HI, NS_BAND_LO, NS_COEFFS, AdamW, Muon, get_lr, newton_schulz  # noqa: E402
 from npgpt.tokenizer import CharTokenizer  # noqa: E402
+from npgpt.viz import save_figure  # noqa: E402
 
 
 def stable_rank(a):
@@ -134,8 +135,7 @@ def main(argv=None):
         a2.legend()
         fig.tight_layout()
         path = Path(args.out) / "18_singular_values.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(plt, fig, path, dpi=90)      # atomic; a link or device: npgpt.fileio's rules
         print(f"picture: {path}")
 
     title("5. a small race: AdamW against Muon, same batches")

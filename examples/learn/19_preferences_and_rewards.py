@@ -67,6 +67,7 @@ from lesson_kit import check, have_matplotlib, parse, title  # noqa: E402
 
 from npgpt import Tensor  # noqa: E402
 from npgpt.ops.preference import dpo_loss, group_advantages, policy_gradient_loss  # noqa: E402
+from npgpt.viz import save_figure  # noqa: E402
 
 
 def softmax(z):
@@ -192,8 +193,7 @@ def main(argv=None):
         a2.set_title(f"policy-gradient variance, G = {G}")
         fig.tight_layout()
         path = Path(args.out) / "19_preferences.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(plt, fig, path, dpi=90)      # atomic; a link or device: npgpt.fileio's rules
         print(f"picture: {path}")
     return {"kl_dpo": kl, "variance_ratio": float(ratio), "reward": (start, end)}
 

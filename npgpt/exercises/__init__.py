@@ -255,8 +255,7 @@ def start(name, folder, overwrite=False) -> Path:
     if path.exists() and not overwrite:
         raise NpgptError(f"{path} already exists (your work?); check it with `npgpt exercise check {name} {path}`, "
                          f"or pass --force to start over")
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))       # creates the folder (one line if it cannot)
     return path
 
 

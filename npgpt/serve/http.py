@@ -475,17 +475,23 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     # ---- routes ---------------------------------------------------------------------------------
-    def do_GET(self):
-        self.status = None
+    def _answer(self, route):
+        """Run one route: a client that went away closes the connection, an ApiError is answered as
+        JSON, and anything else is a 500 that never takes the server down."""
         try:
-            self._get()
+            route()
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
         except ApiError as e:
             self._safe_error(e)
-        except Exception as e:              # never let one request take the server down
+        except Exception as e:
             print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
             self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+
+    def do_GET(self):
+        self.status = None
+        try:
+            self._answer(self._get)
         finally:
             self.app.metrics.request(self.path.split("?")[0], self.status or 499)
 
@@ -528,14 +534,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.status, self.req, self.error, started = None, None, None, time.monotonic()
         try:
-            self._post()
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True
-        except ApiError as e:
-            self._safe_error(e)
-        except Exception as e:              # never let one request take the server down
-            print(f"npgpt serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-            self._safe_error(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error"))
+            self._answer(self._post)
         finally:                            # 499: the client went away before an answer (nginx's code)
             self.app.finished(self.path.split("?")[0], self.status or 499, self.req, started, self.error)
 
@@ -959,8 +958,8 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
     if request_log:
         try:
             log = RequestLog(log_file)
-        except OSError as e:
-            raise NpgptError(f"cannot open --log-file {log_file} ({e.strerror or e})") from None
+        except (OSError, NpgptError) as e:      # npgpt.fileio.open_log: a missing folder, a link out of it
+            raise NpgptError(f"cannot open --log-file {log_file} ({getattr(e, 'strerror', None) or e})") from None
     app = App(model, tok, model_name, api_key, max_batch, max_queue, max_tokens, max_body, max_request_tokens,
               engine_options={"prefill_chunk": int(prefill_chunk), "prefix_cache_mb": float(prefix_cache_mb),
                               "prefix_request_mb": float(prefix_request_mb)},

@@ -37,6 +37,8 @@ import sys
 import threading
 from datetime import datetime, timezone
 
+from npgpt.fileio import open_log
+
 # seconds: from a GPU's millisecond steps to a CPU's first token of a long prompt
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)
@@ -185,7 +187,7 @@ class RequestLog:
         self.lock = threading.Lock()
         self.path = path
         self.failed = False                   # a write failed (said once on stderr)
-        self.file = open(path, "a", encoding="utf-8") if path is not None else None   # noqa: SIM115 (closed in close)
+        self.file = open_log(path) if path is not None else None     # npgpt.fileio's rules for links and devices
 
     def write(self, record):
         line = json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **record},
