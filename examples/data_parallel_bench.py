@@ -97,5 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from npgpt.programs import run     # one `Error:` line for bad input, as the CLI
-    run(main)
+    from npgpt.programs import run as run_program     # one `Error:` line for bad input, as the CLI
+    run_program(main)    # (this file's own run() is the training loop: the name must not shadow it)

@@ -403,10 +403,10 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
 def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False, threads=(None, "")):
     out = _prepare_out(cfg)
     with _Logger(out, cfg.quiet, stream, append=cfg.resume, writer=comm.is_root) as log:
-        if threads[0] is not None:
-            log(f"threads: {threads[0]} ({threads[1]})")
         data = batch_source or _open_data(cfg, log, comm, trust_pattern)
         model, src = build_model(cfg, data, log, trust_pattern)
+        if threads[0] is not None:                  # after the inputs are checked: bad input stays one line
+            log(f"threads: {threads[0]} ({threads[1]})")
         block = _block_size(cfg, data, model)
         tokenizer = data.tokenizer()
         if cfg.device != "cpu":

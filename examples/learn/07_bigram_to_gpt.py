@@ -72,6 +72,7 @@ from npgpt import GPT, GPTConfig  # noqa: E402
 from npgpt.model import MLP, CausalSelfAttention  # noqa: E402
 from npgpt.nn import Embedding, LayerNorm, Linear, Module, ModuleList  # noqa: E402
 from npgpt.ops.nn import cross_entropy, linear  # noqa: E402
+from npgpt.programs import need_tokens  # noqa: E402
 from npgpt.tensor import no_grad  # noqa: E402
 
 # name -> which parts are on; every rung adds one part to the rung above it
@@ -187,6 +188,7 @@ def main(argv=None):
     # not a sample: on 8,192 sampled positions two samples disagreed by 0.02 nats, more than the
     # step between some rungs
     half = len(val_ids) // 2
+    need_tokens(half, block, "each half of the held-out text (the last 10%)")   # one line, not NumPy's
     dx, dy = windows(val_ids[:half], block, 16 if args.fast else None)
     vx, vy = windows(val_ids[half:], block, 16 if args.fast else None)
     print(f"corpus: {name}, {len(ids):,} characters, vocabulary {V}; width {C}; every rung {steps} steps "
