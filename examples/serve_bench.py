@@ -35,12 +35,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 
-def stream_request(port, body, t0=None):
-    """(time to first token, time to last token, tokens) of one streaming request, timed from t0
-    (default: when it is sent)."""
+def stream(port, path, body, t0=None, timeout=600):
+    """(time to first token, time to last token, tokens) of one streaming request to `path`, timed
+    from t0 (default: when it is sent). A token has come when a chunk carries text: `text` for
+    completions, `delta.content` for chat."""
     t0 = time.perf_counter() if t0 is None else t0
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
     r = conn.getresponse()
     if r.status != 200:
         raise SystemExit(f"request failed: {r.status} {r.read().decode()}")
@@ -56,13 +57,21 @@ def stream_request(port, body, t0=None):
             if data == b"[DONE]":
                 continue
             obj = json.loads(data)
-            if obj.get("choices") and obj["choices"][0]["text"]:
+            choice = obj["choices"][0] if obj.get("choices") else {}
+            if choice.get("text") or choice.get("delta", {}).get("content"):
                 first = first or time.perf_counter() - t0
             if obj.get("usage"):
                 n = obj["usage"]["completion_tokens"]
     conn.close()
     return first, time.perf_counter() - t0, n
 
+
+def stream_request(port, body, t0=None):
+    return stream(port, "/v1/completions", body, t0)
+
+
+def stream_chat(port, body, t0):
+    return stream(port, "/v1/chat/completions", body, t0, timeout=7200)
 
 SYSTEM = ("You are a careful assistant for a small public library. Answer in one or two short sentences, "
           "politely and plainly. The library opens at nine in the morning and closes at six in the evening "
@@ -78,34 +87,6 @@ QUESTIONS = ["When do you open on Saturday?", "How many books can I borrow?", "W
              "Where can I read quietly?", "How long is a loan?", "Do you close at six on Friday?",
              "Is the Wi-Fi password needed?", "Can I renew three times?", "Where is the entrance?",
              "Do you sell coffee?"]
-
-
-def stream_chat(port, body, t0):
-    """(time to first token, time to last token, tokens) of one streaming chat request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=7200)
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise SystemExit(f"request failed: {r.status} {r.read().decode()}")
-    first, n, buf = None, 0, b""
-    while True:
-        chunk = r.read1(65536)
-        if not chunk:
-            break
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            data = event[6:]
-            if data == b"[DONE]":
-                continue
-            obj = json.loads(data)
-            if obj.get("choices") and obj["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter() - t0
-            if obj.get("usage"):
-                n = obj["usage"]["completion_tokens"]
-    conn.close()
-    return first, time.perf_counter() - t0, n
-
 
 def start_server(checkpoint, *flags):
     proc = subprocess.Popen([sys.executable, "-m", "npgpt.cli.main", "serve", "--checkpoint", checkpoint,

@@ -54,9 +54,8 @@ from npgpt.llama import config_from_hf
 from npgpt.lora import has_lora
 from npgpt.model import read_hf_config
 from npgpt.ops.preference import dpo_loss, preference_stats, token_logprobs
-from npgpt.safeio import read_jsonl
 from npgpt.safeio.tensors import read_safetensors_header
-from npgpt.sft import ROLES, TokenRows, render_chat
+from npgpt.sft import ROLES, TokenRows, read_checked_records, render_chat
 from npgpt.tensor import no_grad
 from npgpt.train import train
 
@@ -112,13 +111,7 @@ def validate_pair(rec, where):
 
 def read_pairs(path):
     """[checked record] of a preference JSONL file (npgpt.safeio's JSON limits on every line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise NpgptError(f"preference file {p} does not exist")
-    pairs = [validate_pair(rec, where) for where, rec in read_jsonl(p, "preference file", max_bytes=MAX_DPO_BYTES)]
-    if not pairs:
-        raise NpgptError(f"preference file {p} holds no records")
-    return pairs
+    return read_checked_records(path, "preference file", validate_pair, MAX_DPO_BYTES)
 
 
 # ---- tokens ------------------------------------------------------------------------------------------

@@ -43,15 +43,21 @@ ROLES = ("system", "user", "assistant")
 MAX_SFT_BYTES = 1 << 30
 
 
-def read_records(path):
-    """Parse a JSONL file of SFT records (npgpt.safeio's JSON limits per line); errors name the line."""
+def read_checked_records(path, what, validate, max_bytes):
+    """[validate(record, where)] of a JSONL file (npgpt.safeio's JSON limits per line); errors name
+    the file as `what` and the line. Shared by SFT records and preference pairs (npgpt.dpo)."""
     p = Path(path)
     if not p.exists():
-        raise NpgptError(f"SFT file {p} does not exist")
-    records = [validate_record(rec, where) for where, rec in read_jsonl(p, "SFT file", max_bytes=MAX_SFT_BYTES)]
+        raise NpgptError(f"{what} {p} does not exist")
+    records = [validate(rec, where) for where, rec in read_jsonl(p, what, max_bytes=max_bytes)]
     if not records:
-        raise NpgptError(f"SFT file {p} holds no records")
+        raise NpgptError(f"{what} {p} holds no records")
     return records
+
+
+def read_records(path):
+    """Parse a JSONL file of SFT records; errors name the line."""
+    return read_checked_records(path, "SFT file", validate_record, MAX_SFT_BYTES)
 
 
 def validate_record(rec, where):
