@@ -43,7 +43,8 @@ before its loop) and is printed; PyTorch keeps --threads, as its users get. That
 1-minute load average, which lags (the kernel's exponential average, time constant one minute),
 so before each phase this process sleeps until the load is within 0.5 of what a process starting
 then would see (the load at this script's start, plus N while the competitors run) or --settle
-seconds have passed, and prints the load it saw. The replicas line is quiet-only (replicas are
+seconds have passed, and prints the load it saw (so start it on a quiet machine, load average near
+0 as `uptime` shows, not straight after another run). The replicas line is quiet-only (replicas are
 never switched on automatically). Without --compete nothing chooses threads (npgpt runs its
 defaults, as `npgpt bench` does).
 
@@ -396,7 +397,7 @@ def compare(size, family="gpt", threads=2, iters=None, rnd=5, warmup=1, rss=True
         print(f"shared CPU, {compete} competing process(es) (single-threaded NumPy matmul loops); load average "
               f"{load_after:.2f} at the end; medians:")
         print(f"  {'':14s} {'quiet ms':>10s} {'contended ms':>13s} {'slowdown':>9s}  npgpt threads quiet / contended: "
-              f"{quiet_threads} / {busy_threads}")
+              f"{quiet_threads or 'as they are'} / {busy_threads or 'as they are'}")
         print(f"  {'pytorch':14s} {ms_theirs:10.2f} {cm_theirs:13.2f} {s_theirs:8.2f}x")
         print(f"  {'npgpt':14s} {ms_ours:10.2f} {cm_ours:13.2f} {s_ours:8.2f}x")
         print(f"  npgpt slowdown / pytorch slowdown = {s_ours / s_theirs:.2f}  "
