@@ -29,11 +29,8 @@ prints npgpt's rows only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +38,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from npgpt.errors import NpgptError  # noqa: E402  (after the path line: the script runs from a checkout)
 
 
 def npgpt_side(path):
@@ -95,31 +91,16 @@ def llama_cpp_side(path, n_ctx):
     return llm, prefill, step
 
 
-def llama_batched_bench(program, path, threads, prompt_len, new_tokens):
-    """llama.cpp's own batched decoding, one process per batch size: measure(B) -> (seconds per step of B
-    tokens, prefill tokens/s of the B prompts), read from llama-batched-bench's JSON line."""
+def llama_cpp_steps(program, path, threads, prompt_len, new_tokens):
+    """llama.cpp's own batched decoding (npgpt.bench.llama_cpp_decode), one batch size at a time, so
+    that it can alternate with the other sides: measure(B) -> (seconds per step of B tokens, prefill
+    tokens/s of one row)."""
+    from npgpt.bench import llama_cpp_decode
+
     def measure(B):
-        cmd = [str(program), "-m", str(path), "-c", str(B * (prompt_len + new_tokens) + 64), "-b", "2048",
-               "-ub", "512", "-npp", str(prompt_len), "-ntg", str(new_tokens), "-npl", str(B), "-t", str(threads),
-               "--output-format", "jsonl"]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise NpgptError(f"llama-batched-bench failed (exit {out.returncode}): {out.stderr.strip()[-300:]}")
-        r = lines[-1]
-        return B / r["speed_tg"], r["speed_pp"]
+        d = llama_cpp_decode(program, path, [B], new_tokens, prompt_len, threads)
+        return d["rows"][0]["step_ms"] / 1e3, d["prefill_tokens_per_s"]
     return measure
-
-
-def find_batched_bench(given):
-    """The llama-batched-bench program: --llama-cpp (the program or its folder), else PATH; None if absent."""
-    if given is None:
-        return shutil.which("llama-batched-bench")
-    p = Path(given)
-    p = p / "llama-batched-bench" if p.is_dir() else p
-    if not (p.is_file() and os.access(p, os.X_OK)):
-        raise NpgptError(f"--llama-cpp: no llama-batched-bench program at {given}: build it (see this script's help)")
-    return p
 
 
 def time_steps(prefill, step, ids, n, clock=time.perf_counter):
@@ -159,6 +140,7 @@ def batch_list(text):
 
 
 def main():
+    from npgpt.bench import find_llama_batched_bench
     from npgpt.programs import existing_file, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gguf", type=existing_file, help="the GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
@@ -172,7 +154,7 @@ def main():
                     help="llama.cpp's threads (default: the CPUs this process may use)")
     a = ap.parse_args()
     path = Path(a.gguf).resolve()
-    program = find_batched_bench(a.llama_cpp)
+    program = find_llama_batched_bench(a.llama_cpp)
     if a.cpu_time:
         return cpu_time_scaling(path, a.batches, a.new_tokens, a.prompt_len)
     from npgpt.bench import decode_weight_bytes
@@ -191,7 +173,7 @@ def main():
         print("transformers: not measured (needs torch, transformers, gguf)")
     lc = None if program else llama_cpp_side(path, a.prompt_len + a.new_tokens + 8)
     if program:
-        sides["llama.cpp"] = llama_batched_bench(program, path, a.threads, a.prompt_len, a.new_tokens)
+        sides["llama.cpp"] = llama_cpp_steps(program, path, a.threads, a.prompt_len, a.new_tokens)
         print(f"llama.cpp: {program}, {a.threads} threads, the quantised file as it is")
     elif lc is not None:
         sides["llama.cpp"] = lc[1:]
