@@ -1,23 +1,54 @@
-"""npgpt against PyTorch eager on the CPU: the same GPT-2 training step, timed side by side.
+"""npgpt against PyTorch eager on the CPU: the same training step, timed side by side.
 
     python examples/torch_compare.py                          # baby: 4/4/128, T 64, B 12
     python examples/torch_compare.py --size shakespeare-char  # 6/6/384, T 256, B 64
     python examples/torch_compare.py --size gpt2              # GPT-2 124M: 12/12/768, T 256, B 4
     python examples/torch_compare.py --size all               # the three, and a summary table
+    python examples/torch_compare.py --family llama --size all             # the same shapes as Llamas
+    python examples/torch_compare.py --compete 1 --size shakespeare-char   # quiet, then one competing process
+    python examples/torch_compare.py --family llama --compete 1 --size baby
     python examples/torch_compare.py --decode                 # decoding against transformers' generate
 
-The PyTorch model below is a nanoGPT-style GPT-2 written to match npgpt's exactly: learned
-position embeddings, pre-LN blocks, GELU (tanh form), biases, tied LM head, dropout 0, causal
-attention via F.scaled_dot_product_attention (what nanoGPT uses). Both sides run the same
-iteration on the same shapes: zero_grad, forward with cross-entropy loss, backward,
-clip_grad_norm(1.0), AdamW(lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on >= 2-D tensors).
+--family gpt (default): the PyTorch model below is a nanoGPT-style GPT-2 written to match npgpt's
+exactly: learned position embeddings, pre-LN blocks, GELU (tanh form), biases, tied LM head,
+causal attention via F.scaled_dot_product_attention (what nanoGPT uses).
+
+--family llama: npgpt's Llama of the same preset's sizes (`--set arch=llama`: LlamaConfig.from_gpt;
+the same vocabulary, layers, heads and width, half as many key/value heads, a SwiGLU width of
+8/3 n_embd, rotary positions, RMSNorm, tied embeddings) against transformers' LlamaForCausalLM
+built from the transformers.LlamaConfig that npgpt's own config.json mapping writes
+(LlamaConfig.to_hf: vocab, hidden and intermediate size, layers, heads, kv heads, rope theta,
+rms eps, tied embeddings), with transformers' default attention (SDPA), what its users run.
+Both sides print their parameter counts, which must be equal, and the class npgpt's step runs.
+
+Both sides start from random weights, dropout 0, and run the same iteration on the same batches:
+zero_grad, forward with cross-entropy loss (over every position, targets given, as npgpt's
+model(x, y) does), backward, clip_grad_norm(1.0), AdamW(lr 6e-4, betas (0.9, 0.95), weight decay
+0.1 on >= 2-D tensors, none on biases and norm gains), as npgpt's AdamW groups them.
 
 They alternate in rounds (a few torch iterations, then a few npgpt ones, repeated) inside one
 process, so a noisy neighbour slows both alike; the reported figure is each side's median.
 Both sides use 2 threads by default (--threads for torch; numpy's BLAS takes OPENBLAS_NUM_THREADS).
-Peak memory: each side then runs two steps alone in a fresh process, which reports its resident
-memory (VmRSS) before the first step and its peak (VmHWM).
-PyTorch is not a dependency of npgpt: without it this script says so and exits with status 0.
+MFU divides npgpt's model FLOPs (its flops_per_token) per second by the fp32 GEMM peak measured
+in the same run. Peak memory: each side then runs two steps alone in a fresh process, which
+reports its resident memory (VmRSS) before the first step and its peak (VmHWM).
+
+--compete N (the shared CPU): the quiet rounds first, then N competing processes start (each a
+single-threaded NumPy matmul loop, like another training run; they end with this script, also
+on Ctrl-C or an error, and on their own if it dies) and the same rounds run again beside them.
+Each side reports its quiet and contended medians and its slowdown (contended / quiet), and the
+line that matters is npgpt's slowdown / PyTorch's. npgpt's thread choice is the one `npgpt train`
+makes at its start (npgpt.perf.shared_cpu_threads, entered before each phase, as train enters it
+before its loop) and is printed; PyTorch keeps --threads, as its users get. That choice reads the
+1-minute load average, which lags (the kernel's exponential average, time constant one minute),
+so before each phase this process sleeps until the load is within 0.5 of what a process starting
+then would see (the load at this script's start, plus N while the competitors run) or --settle
+seconds have passed, and prints the load it saw. The replicas line is quiet-only (replicas are
+never switched on automatically). Without --compete nothing chooses threads (npgpt runs its
+defaults, as `npgpt bench` does).
+
+PyTorch is not a dependency of npgpt: without it this script says so and exits with status 0
+(and so does --family llama without transformers).
 """
 
 from __future__ import annotations
@@ -25,8 +56,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -82,10 +115,41 @@ def torch_gpt(cfg, device="cpu"):
     return GPT().to(device)
 
 
+def torch_llama(cfg, device="cpu"):
+    """transformers' LlamaForCausalLM of npgpt's config (cfg: npgpt.llama.LlamaConfig), its default
+    attention (SDPA), random init; calling it with (idx, targets) returns the cross-entropy loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(**cfg.to_hf())      # npgpt's config.json for this model, as transformers reads it
+
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = LlamaForCausalLM(hf_config)
+
+        def forward(self, idx, targets):
+            # the loss over every position with the targets given (npgpt's model(x, y)), not transformers'
+            # labels= loss, which shifts the labels and drops the last position
+            logits = self.lm(input_ids=idx, use_cache=False).logits                # (B, T, V)
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+
+    return WithLoss().to(device).train()
+
+
+def torch_model(cfg, device="cpu"):
+    """The PyTorch twin of npgpt's config: torch_llama for a LlamaConfig, torch_gpt for a GPTConfig."""
+    from npgpt.llama import LlamaConfig
+    return torch_llama(cfg, device) if isinstance(cfg, LlamaConfig) else torch_gpt(cfg, device)
+
+
 class TorchStep:
     def __init__(self, cfg, batches, lr=6e-4):
         torch.manual_seed(0)
-        self.model = torch_gpt(cfg)
+        self.model = torch_model(cfg)
+        lm = getattr(self.model, "lm", None)          # transformers' model inside torch_llama's wrapper
+        self.label = "transformers" if lm is not None else "pytorch eager"
+        self.about = (f"transformers {lm.__class__.__name__}, eager, attention {lm.config._attn_implementation}"
+                      if lm is not None else "nanoGPT-style GPT-2, eager, F.scaled_dot_product_attention")
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -108,12 +172,26 @@ def timed(step, i):
     return time.perf_counter() - t
 
 
+def time_rounds(sides, iters, rnd, start=0):
+    """{name: [seconds]}: `iters` timed calls of each step in `sides` ({name: step}), alternating in
+    rounds of `rnd` (each side runs its round in turn, then the next round)."""
+    times = {k: [] for k in sides}
+    done = 0
+    while done < iters:
+        n = min(rnd, iters - done)
+        for name, step in sides.items():
+            times[name] += [timed(step, start + done + j) for j in range(n)]
+        done += n
+    return times
+
+
 # The three sizes the speed issue targets: (npgpt preset, batch, block size, timed iterations).
 SIZES = {
     "baby": ("baby", 12, 64, 30),
     "shakespeare-char": ("shakespeare-char", 64, 256, 3),
     "gpt2": ("gpt2", 4, 256, 3),
 }
+FAMILIES = ("gpt", "llama")     # a preset's GPT, or its Llama (LlamaConfig.from_gpt: --set arch=llama)
 
 
 def rss_kib(field="VmRSS"):
@@ -129,7 +207,7 @@ def rss_kib(field="VmRSS"):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def measure_rss(side, size, threads, steps=2):
+def measure_rss(side, size, family, threads, steps=2):
     """Run in a fresh process: build one side's model, optimizer and batches, run `steps` training
     steps, print 'RSS <before> <peak>' in KiB (resident memory before the first step and the peak)."""
     from npgpt.bench import TrainStep, make_config
@@ -137,11 +215,12 @@ def measure_rss(side, size, threads, steps=2):
     torch.set_num_threads(threads)
     preset, B, T, _ = SIZES[size]
     if side == "torch":   # the same batches as TrainStep draws, without building npgpt's model
-        cfg = make_config(preset, block_size=T)
+        cfg = make_config(preset, {"arch": family}, block_size=T)
         rng = np.random.default_rng(0)
         step = TorchStep(cfg, [tuple(rng.integers(0, cfg.vocab_size, (B, T)) for _ in "xy") for _ in range(8)])
     else:
-        step = TrainStep(preset, batch_size=B, block_size=T, replicas=2 if side == "replicas" else 1)
+        step = TrainStep(preset, {"arch": family}, batch_size=B, block_size=T,
+                         replicas=2 if side == "replicas" else 1)
     before = rss_kib()
     for i in range(steps):
         step(i)
@@ -150,80 +229,192 @@ def measure_rss(side, size, threads, steps=2):
         step.close()                    # the replicas' thread pool
 
 
-def rss_of(side, size, threads):
+def rss_of(side, size, family, threads):
     """(before, peak) resident KiB of one side's training steps, each side in its own process
     so neither's memory counts against the other."""
-    import subprocess
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-of", side, "--size", size,
-                          "--threads", str(threads)], capture_output=True, text=True, check=True).stdout
+                          "--family", family, "--threads", str(threads)],
+                         capture_output=True, text=True, check=True).stdout
     before, peak = out.split("RSS ")[-1].split()[:2]
     return int(before), int(peak)
 
 
-def compare(size, threads, iters, rnd, warmup, rss=True, replicas=2):
+# ---- the shared CPU: competing processes, and npgpt's thread choice beside them ----------------
+# One competitor: a single-threaded float32 matmul loop (a CPU-bound neighbour, like another
+# training run). It stops on its own when its parent is gone (even after a SIGKILL of this script).
+COMPETITOR = """
+import os
+import numpy as np
+parent = os.getppid()
+a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+while os.getppid() == parent:
+    for _ in range(100):
+        b = a @ a
+"""
+
+
+@contextmanager
+def competitors(n):
+    """Run the block with n competing processes (single-threaded BLAS each); they are terminated
+    and waited for when the block ends, however it ends (an error, Ctrl-C)."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NPGPT_THREADS="1")
+    procs = []
+    try:
+        for _ in range(n):   # own session: Ctrl-C reaches this script, whose finally below ends them quietly
+            procs.append(subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env, start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            p.stderr.close()
+
+
+def check_alive(procs):
+    from npgpt.errors import NpgptError
+    for p in procs:
+        if p.poll() is not None:
+            err = p.stderr.read().decode(errors="replace").strip().splitlines()
+            raise NpgptError(f"a competing process ended early (exit status {p.returncode}"
+                             f"{': ' + err[-1] if err else ''}); the contended figures would be wrong")
+
+
+def settle_load(target, limit, procs=()):
+    """Sleep (this process idle) until the 1-minute load average is within 0.5 of `target` or `limit`
+    seconds have passed; returns (load, seconds waited, settled). Within 0.5 of a whole number of
+    busy threads, choose_threads' rounding gives the choice the steady load would."""
+    t0 = time.monotonic()
+    while True:
+        load, waited = os.getloadavg()[0], time.monotonic() - t0
+        if abs(load - target) < 0.5 or waited >= limit:
+            return load, waited, abs(load - target) < 0.5
+        check_alive(procs)
+        time.sleep(1.0)
+
+
+@contextmanager
+def npgpt_threads(label, target, limit, procs=()):
+    """The block runs with the thread choice `npgpt train` makes at its start (npgpt.perf.
+    shared_cpu_threads), made after the load average has settled near `target`; prints both."""
+    from npgpt.perf import shared_cpu_threads
+
+    load, waited, settled = settle_load(target, limit, procs)
+    with shared_cpu_threads() as (n, why):
+        print(f"  {label}: load average {load:.2f} after {waited:.0f} s (target {target:.2f}"
+              f"{'' if settled else f', not reached within --settle {limit} s: the choice may differ from a settled one'}"
+              f"); npgpt threads: {n if n is not None else 'as they are'} ({why})")
+        yield n
+
+
+# ---- one size, one family: both sides' training steps ------------------------------------------
+def compare(size, family="gpt", threads=2, iters=None, rnd=5, warmup=1, rss=True, replicas=2, compete=0,
+            settle=120, start_load=0.0):
     from npgpt.bench import TrainStep, blas_threads
+    from npgpt.errors import NpgptError
+    from npgpt.llama import Llama
+    from npgpt.model import GPT
 
     preset, B, T, default_iters = SIZES[size]
     iters = iters or default_iters
-    ours = TrainStep(preset, batch_size=B, block_size=T)
-    reps = TrainStep(preset, batch_size=B, block_size=T, replicas=replicas) if replicas > 1 else None
+    ours = TrainStep(preset, {"arch": family}, batch_size=B, block_size=T)
+    expected = Llama if family == "llama" else GPT
+    if type(ours.model) is not expected:      # the step must run the family asked for
+        raise NpgptError(f"--family {family}: npgpt built a {type(ours.model).__name__}, not a {expected.__name__}")
+    reps = TrainStep(preset, {"arch": family}, batch_size=B, block_size=T, replicas=replicas) if replicas > 1 else None
     batches = [tuple(np.asarray(a) for a in b) for b in ours.batches]
     theirs = TorchStep(ours.config, batches)
     n_ours = sum(p.size for p in ours.model.parameters())
     n_theirs = sum(p.numel() for p in theirs.model.parameters())
-    assert n_ours == n_theirs, f"parameter counts differ: npgpt {n_ours}, torch {n_theirs}"
-
-    for i in range(warmup):
-        theirs(i)
-        ours(i)
-        if reps:
-            reps(i)
-    t_theirs, t_ours, t_reps = [], [], []
-    i = 0
-    while len(t_ours) < iters:
-        n = min(rnd, iters - len(t_ours))
-        t_theirs += [timed(theirs, i + j) for j in range(n)]
-        t_ours += [timed(ours, i + j) for j in range(n)]
-        if reps:
-            t_reps += [timed(reps, i + j) for j in range(n)]
-        i += n
-    if reps:
-        reps.close()                    # the replicas' thread pool
+    if n_ours != n_theirs:
+        raise NpgptError(f"parameter counts differ: npgpt {n_ours:,}, torch {n_theirs:,}")
 
     cfg = ours.config
-    ms_theirs, ms_ours = statistics.median(t_theirs) * 1e3, statistics.median(t_ours) * 1e3
-    print(f"{size}: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, "
-          f"batch {B} x block {T}, {n_ours:,} parameters, dropout 0")
+    shape = (f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} key/value), n_embd {cfg.n_embd}, "
+             f"SwiGLU width {cfg.n_inner}, rope theta {cfg.rope_theta:g}, rms eps {cfg.rms_norm_eps:g}, "
+             f"tied embeddings {cfg.tie_word_embeddings}" if family == "llama" else
+             f"{cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}")
+    print(f"{size} ({family}): {shape}, vocab {cfg.vocab_size}, batch {B} x block {T}, dropout 0")
+    print(f"parameters: npgpt {type(ours.model).__name__} {n_ours:,}, pytorch {n_theirs:,} (equal)")
+    print(f"pytorch side: {theirs.about}")
     print(f"threads: torch {torch.get_num_threads()} (torch {torch.__version__}), "
           f"numpy BLAS {blas_threads()} (numpy {np.__version__})")
-    print(f"{iters} iterations each, alternating in rounds of {rnd}, after {warmup} warm-up")
-    print(f"pytorch eager  ms/iter median {ms_theirs:9.2f}  min {min(t_theirs) * 1e3:9.2f}")
-    print(f"npgpt          ms/iter median {ms_ours:9.2f}  min {min(t_ours) * 1e3:9.2f}")
+    sides = {"torch": theirs, "npgpt": ours, **({"replicas": reps} if reps else {})}
+
+    def warm(steps):
+        for i in range(warmup):
+            for step in steps.values():
+                step(i)
+
+    if compete:
+        print(f"quiet rounds first, then the same rounds beside {compete} competing process(es):")
+        with npgpt_threads("quiet", start_load, settle) as quiet_threads:
+            warm(sides)
+            t = time_rounds(sides, iters, rnd)
+    else:
+        warm(sides)
+        t = time_rounds(sides, iters, rnd)
+    if reps:
+        reps.close()                    # the replicas' thread pool
+    if compete:
+        with competitors(compete) as procs:
+            with npgpt_threads(f"{compete} competing", start_load + compete, settle, procs) as busy_threads:
+                contended = {"torch": theirs, "npgpt": ours}
+                warm(contended)
+                tc = time_rounds(contended, iters, rnd)
+                check_alive(procs)          # they ran the whole time
+            load_after = os.getloadavg()[0]
+
+    ms_theirs, ms_ours = statistics.median(t["torch"]) * 1e3, statistics.median(t["npgpt"]) * 1e3
+    print(f"{iters} iterations each, alternating in rounds of {rnd}, after {warmup} warm-up"
+          f"{'' if compete else f'; load average {os.getloadavg()[0]:.2f}'}")
+    print(f"{theirs.label:14s} ms/iter median {ms_theirs:9.2f}  min {min(t['torch']) * 1e3:9.2f}")
+    print(f"{'npgpt':14s} ms/iter median {ms_ours:9.2f}  min {min(t['npgpt']) * 1e3:9.2f}")
     print(f"npgpt / pytorch = {ms_ours / ms_theirs:.2f}  ({'npgpt faster' if ms_ours < ms_theirs else 'pytorch faster'})")
     from npgpt.perf import gemm_peak_gflops
     peak = gemm_peak_gflops()
     gflops = ours.flops_per_iter / (ms_ours / 1e3) / 1e9
     print(f"npgpt {B * T / (ms_ours / 1e3):,.0f} tokens/s, {gflops:.1f} GFLOP/s, MFU {gflops / peak:.1%} of the "
           f"fp32 GEMM peak measured now ({peak:.1f} GFLOP/s)")
+    row = {"size": size, "family": family, "ms_torch": ms_theirs, "ms_npgpt": ms_ours, "ratio": ms_ours / ms_theirs,
+           "mfu": gflops / peak, "tokens_per_s": B * T / (ms_ours / 1e3), "flops_per_iter": ours.flops_per_iter,
+           "params": n_ours}
     if reps:
-        ms_reps = statistics.median(t_reps) * 1e3
-        print(f"npgpt {replicas} replicas ms/iter median {ms_reps:9.2f}  min {min(t_reps) * 1e3:9.2f}   "
-              f"/ pytorch = {ms_reps / ms_theirs:.2f}  (min / min {min(t_reps) / min(t_theirs):.2f}), MFU "
+        ms_reps = statistics.median(t["replicas"]) * 1e3
+        print(f"npgpt {replicas} replicas ms/iter median {ms_reps:9.2f}  min {min(t['replicas']) * 1e3:9.2f}   "
+              f"/ pytorch = {ms_reps / ms_theirs:.2f}  (min / min {min(t['replicas']) / min(t['torch']):.2f}), MFU "
               f"{ours.flops_per_iter / (ms_reps / 1e3) / 1e9 / peak:.1%}")
-    row = {"size": size, "ms_torch": ms_theirs, "ms_npgpt": ms_ours, "ratio": ms_ours / ms_theirs, "mfu": gflops / peak,
-           "tokens_per_s": B * T / (ms_ours / 1e3), "flops_per_iter": ours.flops_per_iter}
-    if reps:
         row.update(ms_replicas=ms_reps, ratio_replicas=ms_reps / ms_theirs)
+    if compete:
+        cm_theirs, cm_ours = statistics.median(tc["torch"]) * 1e3, statistics.median(tc["npgpt"]) * 1e3
+        s_theirs, s_ours = cm_theirs / ms_theirs, cm_ours / ms_ours
+        print(f"shared CPU, {compete} competing process(es) (single-threaded NumPy matmul loops); load average "
+              f"{load_after:.2f} at the end; medians:")
+        print(f"  {'':14s} {'quiet ms':>10s} {'contended ms':>13s} {'slowdown':>9s}  npgpt threads quiet / contended: "
+              f"{quiet_threads} / {busy_threads}")
+        print(f"  {'pytorch':14s} {ms_theirs:10.2f} {cm_theirs:13.2f} {s_theirs:8.2f}x")
+        print(f"  {'npgpt':14s} {ms_ours:10.2f} {cm_ours:13.2f} {s_ours:8.2f}x")
+        print(f"  npgpt slowdown / pytorch slowdown = {s_ours / s_theirs:.2f}  "
+              f"({'npgpt degrades no more' if s_ours <= s_theirs else 'npgpt degrades more'}); "
+              f"contended npgpt / pytorch = {cm_ours / cm_theirs:.2f}")
+        row.update(compete=compete, ms_torch_contended=cm_theirs, ms_npgpt_contended=cm_ours, slowdown_torch=s_theirs,
+                   slowdown_npgpt=s_ours, slowdown_ratio=s_ours / s_theirs, threads_quiet=quiet_threads,
+                   threads_contended=busy_threads)
     del ours, theirs
     reps = None
     if rss:
-        (tb, tp), (nb, npk) = rss_of("torch", size, threads), rss_of("npgpt", size, threads)
+        (tb, tp), (nb, npk) = rss_of("torch", size, family, threads), rss_of("npgpt", size, family, threads)
         print(f"peak RSS of 2 steps (own process): pytorch {tp / 1024:7.0f} MiB (step adds {(tp - tb) / 1024:.0f}), "
               f"npgpt {npk / 1024:7.0f} MiB (step adds {(npk - nb) / 1024:.0f});  npgpt / pytorch = {npk / tp:.2f}")
         row.update(rss_torch_mib=tp / 1024, rss_npgpt_mib=npk / 1024, rss_step_torch_mib=(tp - tb) / 1024,
                    rss_step_npgpt_mib=(npk - nb) / 1024)
-        if reps is not None or replicas > 1:
-            rb, rp = rss_of("replicas", size, threads)
+        if replicas > 1:
+            rb, rp = rss_of("replicas", size, family, threads)
             print(f"  npgpt with 2 replicas: {rp / 1024:7.0f} MiB (step adds {(rp - rb) / 1024:.0f});  / pytorch = {rp / tp:.2f}")
             row.update(rss_replicas_mib=rp / 1024)
     return row
@@ -320,43 +511,66 @@ def decode_compare(threads, new_tokens=32, prompt_len=8, prefill_len=256, repeat
 
 
 def main():
+    start_load = os.getloadavg()[0]      # before this script loads the CPU: what --compete's choices compare with
     from npgpt.programs import non_negative_int, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="baby", choices=[*SIZES, "all"],
                     help="baby (4/4/128, T 64, B 12), shakespeare-char (6/6/384, T 256, B 64), "
                          "gpt2 (12/12/768, T 256, B 4, vocab 50257) or all three")
+    ap.add_argument("--family", default="gpt", choices=FAMILIES,
+                    help="gpt: GPT-2 against a nanoGPT-style twin; llama: npgpt's Llama of the same sizes "
+                         "(--set arch=llama) against transformers' LlamaForCausalLM (SDPA attention)")
     ap.add_argument("--iters", type=positive_int, default=None, help="timed iterations per side (default per size)")
-    ap.add_argument("--round", type=int, default=5, help="iterations per side per round")
+    ap.add_argument("--round", type=positive_int, default=5, help="iterations per side per round")
     ap.add_argument("--warmup", type=non_negative_int, default=1)
     ap.add_argument("--threads", type=positive_int, default=2, help="torch threads (numpy's BLAS: OPENBLAS_NUM_THREADS)")
     ap.add_argument("--replicas", type=positive_int, default=2,
                     help="also time npgpt with the batch split over this many threads (1: skip)")
+    ap.add_argument("--compete", type=non_negative_int, default=0,
+                    help="then time both sides again beside this many CPU-bound processes (single-threaded "
+                         "NumPy matmul loops) and report each side's slowdown; npgpt picks its threads as "
+                         "`npgpt train` does (0: no competition)")
+    ap.add_argument("--settle", type=non_negative_int, default=120,
+                    help="--compete: the longest wait, in seconds, for the 1-minute load average to show the "
+                         "competitors (or their absence) before npgpt picks its threads")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--decode", action="store_true",
                     help="compare greedy decoding with transformers' generate instead (GPT-2 124M shape)")
     ap.add_argument("--new-tokens", type=int, default=32, help="--decode: new tokens per prompt")
     ap.add_argument("--rss-of", choices=["torch", "npgpt", "replicas"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.decode and (args.compete or args.family != "gpt"):
+        ap.error("--decode compares GPT-2 decoding only: drop --compete and --family")
     if torch is None:
         print("PyTorch is not installed: nothing to compare against (npgpt itself never needs it). "
               "Run this script with a Python that has torch (pip install torch in a separate venv).")
         return 0
+    if args.family == "llama":
+        try:
+            import transformers  # noqa: F401  (the Llama baseline is transformers' LlamaForCausalLM)
+        except ImportError:
+            print("transformers is not installed: no Llama to compare against (pip install transformers "
+                  "beside torch); --family gpt needs torch only.")
+            return 0
     torch.set_num_threads(args.threads)
     if args.rss_of:
-        measure_rss(args.rss_of, args.size, args.threads)
+        measure_rss(args.rss_of, args.size, args.family, args.threads)
         return 0
     if args.decode:
         decode_compare(args.threads, new_tokens=args.new_tokens)
         return 0
-    rows = [compare(s, args.threads, args.iters, args.round, args.warmup, rss=not args.no_rss,
-                    replicas=args.replicas)
+    rows = [compare(s, args.family, args.threads, args.iters, args.round, args.warmup, rss=not args.no_rss,
+                    replicas=args.replicas, compete=args.compete, settle=args.settle, start_load=start_load)
             for s in (SIZES if args.size == "all" else [args.size])]
     if len(rows) > 1:
-        print("size              npgpt ms  pytorch ms  ratio  tokens/s    MFU  RSS npgpt  RSS pytorch (MiB)")
+        print("size             family  npgpt ms  pytorch ms  ratio  tokens/s    MFU  RSS npgpt  RSS pytorch (MiB)"
+              + ("  slowdown npgpt  pytorch  ratio" if args.compete else ""))
         for r in rows:
-            print(f"{r['size']:16s} {r['ms_npgpt']:9.1f} {r['ms_torch']:11.1f} {r['ratio']:6.2f} "
+            print(f"{r['size']:16s} {r['family']:6s} {r['ms_npgpt']:9.1f} {r['ms_torch']:11.1f} {r['ratio']:6.2f} "
                   f"{r['tokens_per_s']:9.0f} {r['mfu']:6.1%} {r.get('rss_npgpt_mib', 0):10.0f} "
-                  f"{r.get('rss_torch_mib', 0):12.0f}")
+                  f"{r.get('rss_torch_mib', 0):12.0f}"
+                  + (f" {r['slowdown_npgpt']:14.2f}x {r['slowdown_torch']:7.2f}x {r['slowdown_ratio']:6.2f}"
+                     if args.compete else ""))
     return 0
 
 
