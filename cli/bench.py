@@ -31,9 +31,12 @@ from npgpt.cli import job
 @click.option("--prompt-len", type=int, default=64, show_default=True, help="Prompt tokens prefilled first.")
 @click.option("--gemv-mb", type=float, default=256, show_default=True,
               help="Size (MB) of the matrix whose matrix-vector product measures the memory bandwidth.")
+@click.option("--llama-cpp", "llama_cpp", type=click.Path(), default=None,
+              help="With a .gguf --checkpoint: llama.cpp's llama-batched-bench program (or its folder) to run "
+                   "the same sweep on the same file [default: the one on PATH, if any].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, gen, checkpoint, batches, new_tokens,
-          prompt_len, gemv_mb, as_json):
+          prompt_len, gemv_mb, llama_cpp, as_json):
     """Time training iterations (forward, backward, clipping, AdamW): ms/iter, tokens/s, GFLOP/s, MFU.
 
     GFLOP/s counts 6*N_non_embedding + 12*n_layer*n_embd*T FLOPs per token; MFU divides it by the
@@ -41,8 +44,8 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
     (batch sweep; bandwidth use against a NumPy GEMV's bandwidth measured in the same run).
     """
     # imported when the command runs: `npgpt --help` does not load every command's modules
-    from npgpt.bench import (bench_decode, bench_generate, bench_train, decode_model, format_decode,
-                             format_generate, format_train, parse_overrides)
+    from npgpt.bench import (bench_decode, bench_generate, bench_train, decode_model, find_llama_batched_bench,
+                             format_decode, format_generate, format_train, llama_cpp_decode, parse_overrides)
 
     try:
         sweep = [int(b) for b in batches.split(",")]
@@ -54,10 +57,15 @@ def bench(preset, sets, batch_size, block_size, device, iters, warmup, profile, 
         raise click.BadParameter("must be at least 1", param_hint="--new-tokens/--prompt-len")
     if not 0.01 <= gemv_mb <= 1 << 16:
         raise click.BadParameter("must be between 0.01 and 65536 MB", param_hint="--gemv-mb")
+    if llama_cpp is not None and not str(checkpoint or "").endswith(".gguf"):
+        raise click.BadParameter("compares a .gguf --checkpoint (llama.cpp reads GGUF files)", param_hint="--llama-cpp")
     if checkpoint is not None:
         from npgpt.loading import load_run    # only for --checkpoint: the loaders are many modules
+        program = find_llama_batched_bench(llama_cpp) if str(checkpoint).endswith(".gguf") else None
         model = load_run(checkpoint, device=device)[0]
         d = bench_decode(model, sweep, new_tokens, prompt_len, bandwidth_mb=gemv_mb)
+        if program is not None:
+            d["llama_cpp"] = llama_cpp_decode(program, checkpoint, sweep, new_tokens, d["prompt_len"])
         click.echo(json.dumps({"decode": d}) if as_json else format_decode(d, str(checkpoint)))
         return
 

@@ -32,6 +32,9 @@ from npgpt.cli.export import keep_quantized_option
 @click.option("--model-name", default=None, help="Model id reported by /v1/models (default: the folder's name).")
 @click.option("--grace", type=float, default=10.0, show_default=True,
               help="On SIGTERM, seconds running requests get to finish before they are cancelled.")
+@click.option("--context", type=int, default=None,
+              help="Positions per request (prompt + reply), at most the model's; the KV cache holds "
+                   "max-batch x context positions. [default: the model's context]")
 @click.option("--prefill-chunk", type=int, default=256, show_default=True,
               help="Prompt tokens prefilled per engine step: a long prompt is split so running streams keep pace.")
 @click.option("--prefix-cache-mb", type=float, default=512, show_default=True,
@@ -48,7 +51,7 @@ from npgpt.cli.export import keep_quantized_option
 @keep_quantized_option
 def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tokens, max_body, max_connections,
           max_request_tokens, model_name, grace, prefill_chunk, prefix_cache_mb, prefix_request_mb, verbose, adapters,
-          log_file, no_request_log, keep_quantized):
+          log_file, no_request_log, keep_quantized, context):
     """Serve a model with the OpenAI API (completions, chat, streaming), LoRA adapters per request, /metrics,
     /health, /tokenize, /detokenize, and a chat page at /."""
     # imported when the command runs: `npgpt --help` does not load every command's modules
@@ -61,7 +64,7 @@ def serve(checkpoint, host, port, api_key, device, max_batch, max_queue, max_tok
                  max_request_tokens=max_request_tokens, max_connections=max_connections, model_name=model_name,
                  grace=grace, verbose=verbose, adapter=adapter, adapters=named, log_file=log_file,
                  request_log=not no_request_log, keep_quantized=keep_quantized,
-                 prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, prefix_request_mb=prefix_request_mb,
+                 prefill_chunk=prefill_chunk, context=context, prefix_cache_mb=prefix_cache_mb, prefix_request_mb=prefix_request_mb,
                  trust_pattern=job("trust_pattern", False), ready=lambda line: click.echo(line) or sys.stdout.flush()))
 
 

@@ -9,8 +9,16 @@ one step, tokens/s over all rows, and the bandwidth use of the weight stream: fl
 read per step x steps/s / the bandwidth of a large NumPy GEMV measured in the same run
 (npgpt.perf.gemv_bandwidth_gbs; at batch 1 that is the ceiling). transformers loads the GGUF
 dequantised to float32 (`gguf_file=`), as npgpt does, and runs eager with torch's default
-threads. llama.cpp: `llama_cpp` (llama-cpp-python) if importable, reading the quantised file as
-it is; otherwise its row says "not measured". Prefill: one row of --prompt-len tokens, median of 3.
+threads. llama.cpp reads the quantised file as it is, in one of two ways: its own
+`llama-batched-bench` program (--llama-cpp PATH, or found on PATH), which decodes B sequences at
+once like the other two sides (B rows of --prompt-len random tokens, then --new-tokens steps of B
+tokens; it reports tokens/s over the steps, from which the step time follows), so every batch size
+has a llama.cpp row; or, without it, `llama_cpp` (llama-cpp-python) if importable, which decodes one
+sequence, so batch 1 only. Otherwise its rows say "not measured". Build the program from the
+llama.cpp sources that llama-cpp-python's sdist carries (vendor/llama.cpp):
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
+    cmake --build build -j2 --target llama-batched-bench        # then --llama-cpp build/bin
+Prefill: one row of --prompt-len tokens, median of 3.
 --cpu-time: npgpt alone, one BLAS thread, each step timed in CPU seconds of this process
 (time.process_time), a figure a busy machine disturbs far less than wall time: batch scaling
 (tokens per CPU-second at batch B over batch 1) when no quiet machine is at hand.
@@ -83,6 +91,18 @@ def llama_cpp_side(path, n_ctx):
     return llm, prefill, step
 
 
+def llama_cpp_steps(program, path, threads, prompt_len, new_tokens):
+    """llama.cpp's own batched decoding (npgpt.bench.llama_cpp_decode), one batch size at a time, so
+    that it can alternate with the other sides: measure(B) -> (seconds per step of B tokens, prefill
+    tokens/s of one row)."""
+    from npgpt.bench import llama_cpp_decode
+
+    def measure(B):
+        d = llama_cpp_decode(program, path, [B], new_tokens, prompt_len, threads)
+        return d["rows"][0]["step_ms"] / 1e3, d["prefill_tokens_per_s"]
+    return measure
+
+
 def time_steps(prefill, step, ids, n, clock=time.perf_counter):
     state = prefill(ids)
     if state is None:
@@ -120,6 +140,7 @@ def batch_list(text):
 
 
 def main():
+    from npgpt.bench import find_llama_batched_bench
     from npgpt.programs import existing_file, positive_int   # the CLI's checks and one-line errors
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gguf", type=existing_file, help="the GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
@@ -127,8 +148,13 @@ def main():
     ap.add_argument("--new-tokens", type=positive_int, default=32)
     ap.add_argument("--prompt-len", type=positive_int, default=64)
     ap.add_argument("--cpu-time", action="store_true", help="npgpt alone: CPU seconds per step, one BLAS thread")
+    ap.add_argument("--llama-cpp", metavar="PATH", help="llama.cpp's llama-batched-bench program or its folder "
+                    "(default: llama-batched-bench on PATH, else llama-cpp-python for batch 1)")
+    ap.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)),
+                    help="llama.cpp's threads (default: the CPUs this process may use)")
     a = ap.parse_args()
     path = Path(a.gguf).resolve()
+    program = find_llama_batched_bench(a.llama_cpp)
     if a.cpu_time:
         return cpu_time_scaling(path, a.batches, a.new_tokens, a.prompt_len)
     from npgpt.bench import decode_weight_bytes
@@ -145,11 +171,15 @@ def main():
         print(f"transformers {transformers.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     except ImportError:
         print("transformers: not measured (needs torch, transformers, gguf)")
-    lc = llama_cpp_side(path, a.prompt_len + a.new_tokens + 8)
-    if lc is not None:
+    lc = None if program else llama_cpp_side(path, a.prompt_len + a.new_tokens + 8)
+    if program:
+        sides["llama.cpp"] = llama_cpp_steps(program, path, a.threads, a.prompt_len, a.new_tokens)
+        print(f"llama.cpp: {program}, {a.threads} threads, the quantised file as it is")
+    elif lc is not None:
         sides["llama.cpp"] = lc[1:]
     else:
-        print("llama.cpp: not measured (llama_cpp, from pip install llama-cpp-python, is not importable)")
+        print("llama.cpp: not measured (no llama-batched-bench program, and llama_cpp from pip install "
+              "llama-cpp-python is not importable)")
     bw = gemv_bandwidth_gbs()
     wbytes = decode_weight_bytes(model)
     print(f"weights read per step (float32): {wbytes / 1e6:,.0f} MB; NumPy GEMV bandwidth {bw:.1f} GB/s; "
@@ -158,7 +188,11 @@ def main():
     prompt = rng.integers(100, model.config.vocab_size, (1, a.prompt_len))
     # prefill, one row
     pre = {}
-    for name, (prefill, _) in sides.items():
+    for name, fns in sides.items():
+        if callable(fns):               # llama-batched-bench: one row's prefill, median of 3 runs
+            pre[name] = statistics.median(fns(1)[1] for _ in range(3))
+            continue
+        prefill, _ = fns
         ts = []
         for _ in range(3):
             t = time.perf_counter()
@@ -172,7 +206,8 @@ def main():
         ids = np.repeat(prompt, B, axis=0)
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
-            step = time_steps(*sides[name], ids, a.new_tokens)
+            fns = sides[name]
+            step = fns(B)[0] if callable(fns) else time_steps(*fns, ids, a.new_tokens)
             if step is not None:
                 rows.append((B, name, step, os.getloadavg()[0]))
     print(f"{'batch':>5} {'side':>12} {'step ms':>8} {'tokens/s':>9} {'bandwidth use':>13} {'load':>5}")
@@ -183,6 +218,8 @@ def main():
     for B in sorted({r[0] for r in rows}):
         if (B, "transformers") in by:
             print(f"batch {B}: npgpt / transformers tokens/s = {by[(B, 'npgpt')] / by[(B, 'transformers')]:.2f}")
+        if (B, "llama.cpp") in by:
+            print(f"batch {B}: npgpt / llama.cpp tokens/s = {by[(B, 'npgpt')] / by[(B, 'llama.cpp')]:.2f}")
     if (1, "npgpt") in by and (8, "npgpt") in by:
         print(f"npgpt batch 8 / batch 1 tokens/s = {by[(8, 'npgpt')] / by[(1, 'npgpt')]:.2f}")
 

@@ -15,6 +15,7 @@ stream at once, each with the same long system prompt and its own question; a se
 prefix cache off and the whole prompt prefilled in one go ("before": --prefix-cache-mb 0
 --prefill-chunk 1000000, the engine as it was) against the defaults ("after"), alternated for
 --rounds rounds (a fresh server each time; its first round warms the cache with one request).
+--context N: both servers serve N positions per request (`npgpt serve --context`), a smaller KV cache.
 Prints time to first token (median, 90th percentile), aggregate tokens/s, the engine's prefix-cache
 hits, the medians over rounds, and the load average beside each run.
 """
@@ -88,6 +89,10 @@ QUESTIONS = ["When do you open on Saturday?", "How many books can I borrow?", "W
              "Is the Wi-Fi password needed?", "Can I renew three times?", "Where is the entrance?",
              "Do you sell coffee?"]
 
+def context_flag(args):
+    return ["--context", str(args.context)] if args.context else []
+
+
 def start_server(checkpoint, *flags):
     proc = subprocess.Popen([sys.executable, "-m", "npgpt.cli.main", "serve", "--checkpoint", checkpoint,
                              "--port", "0", *flags], stdout=subprocess.PIPE, text=True,
@@ -121,7 +126,7 @@ def shared_system(args):
     table = {m: [] for m in modes}
     for rnd in range(args.rounds):
         for mode in (("before", "after") if rnd % 2 == 0 else ("after", "before")):
-            proc, port = start_server(args.checkpoint, *modes[mode])
+            proc, port = start_server(args.checkpoint, *modes[mode], *context_flag(args))
             try:
                 warm = dict(bodies[0], max_tokens=2, messages=[bodies[0]["messages"][0],
                                                                {"role": "user", "content": "Hello"}])
@@ -159,11 +164,12 @@ def main():
     ap.add_argument("--shared-system", action="store_true",
                     help="chat clients sharing a system prompt: prefix cache and chunked prefill, before and after")
     ap.add_argument("--rounds", type=positive_int, default=3, help="--shared-system: rounds of before/after (alternated)")
+    ap.add_argument("--context", type=positive_int, default=None, help="the servers' --context (default: the model's)")
     args = ap.parse_args()
     if args.shared_system:
         return shared_system(args)
     proc = subprocess.Popen([sys.executable, "-m", "npgpt.cli.main", "serve", "--checkpoint", args.checkpoint,
-                             "--port", "0"], stdout=subprocess.PIPE, text=True,
+                             "--port", "0", *context_flag(args)], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
     threading.Thread(target=proc.stdout.read, daemon=True).start()

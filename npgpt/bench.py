@@ -30,15 +30,24 @@ large float32 matrix-vector product streams its matrix at, measured in the same 
 (`npgpt.perf.gemv_bandwidth_gbs`). At batch 1 that is decoding's ceiling (every weight is read
 once per token); at batch B the weights are read once for B tokens.
 
+`llama_cpp_decode` runs the same sweep in llama.cpp, when its `llama-batched-bench` program is at
+hand (`npgpt bench --checkpoint X.gguf` finds it on PATH, or `--llama-cpp PATH`): it reads the GGUF
+as it is (quantised), decodes B sequences of random tokens at once and reports tokens/s; npgpt
+never links llama.cpp, it only runs that program and reads its JSON line.
+
 `--set replicas=N` times the step with the batch split over N threads (`npgpt.replicas`), as
 `npgpt train --set replicas=N` runs it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import time
+from pathlib import Path
 from collections import defaultdict
 
 import numpy as np
@@ -387,13 +396,67 @@ def bench_decode(model, batches=(1, 4, 16), new_tokens=32, prompt_len=64, seed=0
             "prefill_tokens_per_s": prefill, "limit_tokens_per_s": bw * 1e9 / wbytes, "rows": rows}
 
 
+def find_llama_batched_bench(given=None):
+    """llama.cpp's `llama-batched-bench` program: `given` (the program or its folder), else the one on
+    PATH; None when there is none and none was given."""
+    if given is None:
+        found = shutil.which("llama-batched-bench")
+        return Path(found) if found else None
+    p = Path(given)
+    p = p / "llama-batched-bench" if p.is_dir() else p
+    if not (p.is_file() and os.access(p, os.X_OK)):
+        raise NpgptError(f"--llama-cpp: no llama-batched-bench program at {given}; build llama.cpp's "
+                         f"llama-batched-bench target, or leave the option out")
+    return p
+
+
+def llama_cpp_decode(program, gguf, batches=(1, 4, 16), new_tokens=32, prompt_len=64, threads=None, timeout=1800):
+    """The decoding sweep of `bench_decode` in llama.cpp, on the same GGUF file read as it is.
+
+    One run of llama-batched-bench per batch size B: B sequences of prompt_len random tokens
+    prefilled, then new_tokens steps of B tokens (one per sequence). Its JSON line gives tokens/s
+    over those steps (`speed_tg`), so one step of B tokens takes B / speed_tg. Returns the prefill
+    tokens/s of one sequence (from the first batch size's run) and `rows` with bench_decode's keys
+    (no bandwidth use: llama.cpp reads the quantised weights, not float32)."""
+    threads = threads or len(os.sched_getaffinity(0))
+    rows, prefill = [], None
+    for B in batches:
+        cmd = [str(program), "-m", str(gguf), "-c", str(B * (prompt_len + new_tokens) + 64), "-b", "2048",
+               "-ub", "512", "-npp", str(prompt_len), "-ntg", str(new_tokens), "-npl", str(B), "-t", str(threads),
+               "--output-format", "jsonl"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NpgptError(f"llama-batched-bench did not run ({e})") from None
+        try:
+            r = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")][-1]
+            speed_tg, speed_pp = float(r["speed_tg"]), float(r["speed_pp"])
+        except (IndexError, KeyError, TypeError, ValueError):
+            tail = " ".join(out.stderr.split()[-30:])
+            raise NpgptError(f"llama-batched-bench gave no result for batch {B} (exit {out.returncode}): {tail}") from None
+        if not (speed_tg > 0 and speed_pp > 0):
+            raise NpgptError(f"llama-batched-bench reported a speed of {speed_tg} tokens/s for batch {B}")
+        prefill = prefill or (speed_pp if B == 1 else speed_pp / B)
+        rows.append({"batch": B, "step_ms": 1e3 * B / speed_tg, "tokens_per_s": speed_tg})
+    return {"program": str(program), "threads": threads, "prefill_tokens_per_s": prefill, "rows": rows}
+
+
 def format_decode(d, name="npgpt"):
+    lc = {r["batch"]: r for r in d["llama_cpp"]["rows"]} if d.get("llama_cpp") else {}
     lines = [f"decoding {name}: weights read per step {d['weight_mb']:,.0f} MB, GEMV bandwidth {d['gemv_gbs']:.1f} GB/s "
              f"(batch-1 limit {d['limit_tokens_per_s']:,.1f} tokens/s); prefill {d['prefill_tokens_per_s']:,.0f} "
-             f"tokens/s ({d['prompt_len']} tokens); {d['new_tokens']} steps, median",
-             f"{'batch':>5} {'step ms':>8} {'tokens/s':>9} {'bandwidth use':>13}"]
+             f"tokens/s ({d['prompt_len']} tokens); {d['new_tokens']} steps, median"]
+    if lc:
+        lines.append(f"llama.cpp ({d['llama_cpp']['program']}, {d['llama_cpp']['threads']} threads, the GGUF as it is): "
+                     f"prefill {d['llama_cpp']['prefill_tokens_per_s']:,.0f} tokens/s")
+    lines.append(f"{'batch':>5} {'step ms':>8} {'tokens/s':>9} {'bandwidth use':>13}"
+                 + (f" {'llama.cpp tokens/s':>18} {'npgpt / llama.cpp':>17}" if lc else ""))
     for r in d["rows"]:
-        lines.append(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['tokens_per_s']:9.1f} {r['bandwidth_use']:12.0%}")
+        line = f"{r['batch']:>5} {r['step_ms']:8.2f} {r['tokens_per_s']:9.1f} {r['bandwidth_use']:12.0%}"
+        if r["batch"] in lc:
+            other = lc[r["batch"]]["tokens_per_s"]
+            line += f" {other:18.1f} {r['tokens_per_s'] / other:17.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

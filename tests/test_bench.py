@@ -226,3 +226,51 @@ def test_decode_weight_bytes_counts_what_a_step_reads():
     assert untied.lm_head is not None
     expect = params - untied.input_embedding.data.nbytes
     assert expect <= decode_weight_bytes(untied) <= expect * 1.01
+
+
+def _fake_llama_batched_bench(folder, body):
+    """An executable named llama-batched-bench in `folder` that runs `body` (Python) with argv."""
+    import stat
+    import sys
+    prog = folder / "llama-batched-bench"
+    prog.write_text(f"#!{sys.executable}\nimport json, sys\nargs = sys.argv[1:]\n{body}\n")
+    prog.chmod(prog.stat().st_mode | stat.S_IXUSR)
+    return prog
+
+
+def test_decode_of_a_gguf_beside_llama_cpp(tmp_path):
+    """With a .gguf checkpoint and llama.cpp's llama-batched-bench, `npgpt bench` runs the same sweep
+    there: one run per batch size with that batch's -npl, the file's path, -npp/-ntg as given; its
+    step time follows from its tokens/s; a program that fails or prints nothing is one clean error."""
+    from npgpt import GPT, GPTConfig
+    from npgpt.gguf_models import export_gguf
+    from npgpt.tokenizer import BPETokenizer
+    gguf = tmp_path / "m.gguf"
+    tok = BPETokenizer.train("the quick brown fox jumps over the lazy dog " * 20, 270)
+    export_gguf(GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)), tok, gguf)
+    log = tmp_path / "calls.jsonl"
+    prog = _fake_llama_batched_bench(tmp_path, f"""
+open({str(log)!r}, "a").write(json.dumps(args) + "\\n")
+a = dict(zip(args[::2], args[1::2]))
+B = int(a["-npl"])
+print("some log line")
+print(json.dumps({{"pl": B, "pp": int(a["-npp"]), "tg": int(a["-ntg"]), "speed_pp": 500.0 * B, "speed_tg": 40.0 * B}}))""")
+    r = run("--checkpoint", str(gguf), "--batches", "1,4", "--new-tokens", "2", "--prompt-len", "3", "--gemv-mb", "1",
+            "--llama-cpp", str(tmp_path), "--json")
+    assert r.exit_code == 0, r.output
+    lc = json.loads(r.output)["decode"]["llama_cpp"]
+    calls = [dict(zip(c[::2], c[1::2])) for c in map(json.loads, log.read_text().splitlines())]
+    assert [c["-npl"] for c in calls] == ["1", "4"] and all(c["-m"] == str(gguf) for c in calls)
+    assert all((c["-npp"], c["-ntg"]) == ("3", "2") for c in calls)
+    assert [(row["batch"], row["tokens_per_s"]) for row in lc["rows"]] == [(1, 40.0), (4, 160.0)]
+    assert lc["rows"][1]["step_ms"] == pytest.approx(1e3 * 4 / 160.0) and lc["prefill_tokens_per_s"] == 500.0
+    r = run("--checkpoint", str(gguf), "--batches", "1", "--new-tokens", "2", "--prompt-len", "3", "--gemv-mb", "1",
+            "--llama-cpp", str(prog))
+    assert r.exit_code == 0 and "npgpt / llama.cpp" in r.output and "llama.cpp (" in r.output, r.output
+    _fake_llama_batched_bench(tmp_path, "print('error: unable to load model', file=sys.stderr); sys.exit(1)")
+    for where, word in ((str(tmp_path), "unable to load model"), (str(tmp_path / "nope"), "--llama-cpp")):
+        r = run("--checkpoint", str(gguf), "--batches", "1", "--new-tokens", "2", "--prompt-len", "3",
+                "--gemv-mb", "1", "--llama-cpp", where)
+        assert r.exit_code != 0 and word in r.output and "Traceback" not in r.output, r.output
+    r = run("--llama-cpp", str(prog), *TINY)             # llama.cpp compares GGUF files only
+    assert r.exit_code != 0 and "--llama-cpp" in r.output and "Traceback" not in r.output, r.output

@@ -33,6 +33,7 @@ CASES = [   # (script, arguments, exit status, the error line's pattern)
     ("serve_bench.py", ["--checkpoint", ".", "--rounds", "0"], 2, r"--rounds: must be a positive integer"),
     ("decode_compare.py", ["missing.gguf"], 2, r"gguf: missing.gguf does not exist"),
     ("decode_compare.py", ["two.txt", "--batches", "1,x"], 2, r"--batches: a comma list of positive batch sizes"),
+    ("decode_compare.py", ["two.txt", "--llama-cpp", "nope"], 1, r"--llama-cpp: no llama-batched-bench program at nope"),
     ("speculative_bench.py", ["--checkpoint", "missing", "--draft", "missing"], 2, r"--checkpoint: missing does not"),
     ("speedrun.py", ["--text", "missing.txt"], 2, r"--text: missing.txt does not exist"),
     ("speedrun.py", ["--out", "afile"], 2, r"--out: afile .*is a file"),

@@ -179,6 +179,29 @@ def test_chunked_prefill_lets_running_streams_decode(model, tok):
 def test_serve_rejects_bad_engine_flags(tmp_path):
     from click.testing import CliRunner
     from npgpt.cli.main import cli
-    for flag, value in (("--prefill-chunk", "0"), ("--prefix-cache-mb", "-1"), ("--prefix-request-mb", "nan")):
+    for flag, value in (("--prefill-chunk", "0"), ("--prefix-cache-mb", "-1"), ("--prefix-request-mb", "nan"),
+                        ("--context", "0")):
         r = CliRunner().invoke(cli, ["serve", "--checkpoint", str(tmp_path), flag, value])
         assert r.exit_code != 0 and flag in r.output and "Traceback" not in r.output, r.output
+
+
+def test_context_caps_the_cache_and_the_requests(tok):
+    """--context: the engine's cache holds max_batch x context positions, a request past it is the
+    400 a request past the model's own context is, and shorter ones decode as before."""
+    from npgpt.errors import NpgptError
+    from npgpt.serve.protocol import ApiError
+    from npgpt.serve.http import cap_context
+
+    def fresh():
+        return _scaled(Llama(LlamaConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
+                                         n_embd=32, n_inner=64), seed=2))
+    with pytest.raises(NpgptError, match="longer than the model's context"):
+        cap_context(fresh(), 97)
+    body = {"prompt": _ids(np.random.default_rng(3), tok, 20), "max_tokens": 8}
+    full = App(fresh(), tok, "m", max_batch=2)
+    capped = App(cap_context(fresh(), 40), tok, "m", max_batch=2)
+    assert capped.engine.cache.k.shape[3] == 40 and full.engine.cache.k.shape[3] == 96
+    assert _run(capped, [body]) == _run(full, [body])          # within the cap: the same tokens and logprobs
+    with pytest.raises(ApiError) as e:
+        capped.completion_request(dict(body, max_tokens=30))   # 20 + 30 > 40
+    assert e.value.status == 400 and "context" in str(e.value.code)

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from pathlib import Path
@@ -925,14 +926,32 @@ def load_served(checkpoint, adapter=None, adapters=(), device="cpu", keep_quanti
     return model, tok, model_name, infos, default
 
 
+def cap_context(model, context):
+    """Serve at most `context` positions per request (prompt + reply; None: the model's whole context).
+
+    The engine's KV cache holds max_batch rows of the model's block_size positions; a model trained
+    for 8,192 positions (SmolLM2) then sets aside ~360 MB a row, and the first request in each row
+    pays for touching it. A smaller context is llama.cpp's `-c` and vLLM's `--max-model-len`: longer
+    requests get the same 400 `context_length_exceeded` as past the model's own limit."""
+    if context is None:
+        return model
+    block = model.config.block_size
+    if context > block:
+        raise NpgptError(f"--context {context} is longer than the model's context ({block} positions); "
+                         f"give at most {block}")
+    model.config = replace(model.config, block_size=context)
+    return model
+
+
 def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", max_batch=16, max_queue=64,
           max_tokens=1024, max_body=1 << 20, model_name=None, grace=10.0, verbose=False, ready=print, adapter=None,
           keep_quantized=False, prefill_chunk=256, prefix_cache_mb=512, prefix_request_mb=128, max_request_tokens=None,
-          trust_pattern=False, adapters=None, log_file=None, request_log=True, max_connections=512):
+          trust_pattern=False, adapters=None, log_file=None, request_log=True, max_connections=512, context=None):
     """Load a model (with an optional LoRA adapter folder) and serve it until SIGTERM / SIGINT; returns 0
     after a graceful stop. prefill_chunk: prompt tokens prefilled per engine step; prefix_cache_mb
     (0 = off) and prefix_request_mb: the prefix cache's bounds (npgpt.serve.engine.PrefixCache).
     trust_pattern: the tokenizer may use a split regex that is not a named one (`npgpt --trust-pattern`).
+    context: positions per request, at most the model's (see `cap_context`).
 
     `adapters` ([(name, folder)]) serves LoRA adapters side by side over the one base, each as the model
     id `name` (rows of different adapters share a decoding batch); `adapter` (one folder) is applied to
@@ -952,8 +971,11 @@ def serve(checkpoint, host="127.0.0.1", port=8000, api_key=None, device="cpu", m
             raise NpgptError(f"--{name.replace('_', '-')} must be between 0 and {1 << 20} (MiB), got {v}")
     if api_key is not None and not api_key:
         raise NpgptError("--api-key must not be empty")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise NpgptError(f"--context must be a positive number of positions, got {context}")
     model, tok, model_name, infos, default = load_served(checkpoint, adapter, adapters, device, keep_quantized,
                                                          trust_pattern, model_name)
+    cap_context(model, context)
     log = None
     if request_log:
         try:
