@@ -274,3 +274,36 @@ print(json.dumps({{"pl": B, "pp": int(a["-npp"]), "tg": int(a["-ntg"]), "speed_p
         assert r.exit_code != 0 and word in r.output and "Traceback" not in r.output, r.output
     r = run("--llama-cpp", str(prog), *TINY)             # llama.cpp compares GGUF files only
     assert r.exit_code != 0 and "--llama-cpp" in r.output and "Traceback" not in r.output, r.output
+
+
+def _grads(fn, arrays, seed=0):
+    ts = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    y = fn(*ts)
+    y.backward(np.random.default_rng(seed).standard_normal(y.shape).astype(y.data.dtype))
+    return [y.data] + [t.grad for t in ts]
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "rope_per_row", "swiglu", "gqa"])
+def test_llama_ops_row_blocks_change_no_bit(monkeypatch, op):
+    """The Llama ops' row blocks (RMSNorm, RoPE, SwiGLU threaded; GQA one block after another) give
+    exactly the float32 values and gradients of one whole-array pass, at 1 and 2 threads."""
+    from npgpt.ops import llama as L
+    rng = np.random.default_rng(7)
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+    pos = np.arange(5)
+    cos, sin = L.rope_tables(pos, L.rope_inv_freq(8))
+    cases = {"rms_norm": (lambda x, w: L.rms_norm(x, w), [f32(3, 5, 8), f32(8)]),
+             "rope": (lambda x: L.rope(x, cos, sin), [f32(3, 5, 4, 8)]),
+             "rope_per_row": (lambda x: L.rope(x, *(np.stack([t] * 3) for t in (cos, sin))), [f32(3, 5, 4, 8)]),
+             "swiglu": (L.swiglu, [f32(3, 5, 8), f32(3, 5, 8)]),
+             "gqa": (L.gqa_attention, [f32(3, 5, 4, 8), f32(3, 5, 2, 8), f32(3, 5, 2, 8)])}
+    fn, arrays = cases[op]
+    whole = _grads(fn, arrays)                              # tiny arrays: one block, the calling thread
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_ELEMS", 1)
+    monkeypatch.setattr(parallel, "BLOCK_ELEMS", 8)
+    for threads in ("1", "2"):
+        monkeypatch.setenv("NPGPT_THREADS", threads)
+        for a, b in zip(whole, _grads(fn, arrays)):
+            np.testing.assert_array_equal(a, b)

@@ -32,6 +32,7 @@ from npgpt.ops import softmax as _softmax
 from npgpt.ops import where as _where
 from npgpt.errors import NpgptError
 from npgpt.ops.nn import REFERENCE_OPS, causal_bias, dropout_mask
+from npgpt.ops.parallel import for_row_blocks
 from npgpt.ops.reduce import softmax_array
 from npgpt.tensor import Function
 
@@ -42,34 +43,49 @@ class RMSNorm(Function):
 
     Root-mean-square normalisation (Zhang & Sennrich 2019): LayerNorm without the mean and the
     shift. Forward keeps x and the per-row rstd (N, 1), not the normalised tensor (as llm.c's
-    LayerNorm keeps its statistics)."""
+    LayerNorm keeps its statistics). Both passes run as row kernels over cache-sized blocks spread
+    over the cores (`for_row_blocks`, as LayerNorm does); the weight gradient is one sum over all
+    rows, so its bits do not depend on the blocks."""
     def forward(self, x, w):
         xp = get_xp(x)
         C = x.shape[-1]
         x2 = x.reshape(-1, C)                                 # (N, C)
-        ms = xp.einsum("ij,ij->i", x2, x2)[:, None] / C       # (N, 1) mean of squares, no x*x temporary
-        rstd = 1.0 / xp.sqrt(ms + self.eps)                   # (N, 1)
-        y = x2 * rstd
-        y *= w
+        y = xp.empty(x2.shape, dtype=x.dtype)
+        rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)      # (N, 1)
+
+        def rows(r):
+            ms = xp.einsum("ij,ij->i", x2[r], x2[r])[:, None] / C   # mean of squares, no x*x temporary
+            rstd[r] = 1.0 / xp.sqrt(ms + self.eps)
+            xp.multiply(x2[r], rstd[r], out=y[r])
+            y[r] *= w
+
+        for_row_blocks(x2.shape[0], C, rows, xp)
         self.save(x2, w, rstd)
         return y.reshape(x.shape)
 
     def backward(self, dout):
         x2, w, rstd = self.saved
         xp = get_xp(dout)
-        C = x2.shape[1]
+        N, C = x2.shape
         d2 = dout.reshape(x2.shape)                           # (N, C)
-        xhat = x2 * rstd
-        # forward: y = xhat * w  =>  dw = sum_rows dy * xhat, dxhat = dy * w
+        xhat = xp.empty(x2.shape, dtype=x2.dtype)
+        dx = xp.empty(x2.shape, dtype=dout.dtype)
+        for_row_blocks(N, C, lambda r: xp.multiply(x2[r], rstd[r], out=xhat[r]), xp)
+        # forward: y = xhat * w  =>  dw = sum_rows dy * xhat (one sum over every row), dxhat = dy * w
         dw = xp.einsum("ij,ij->j", d2, xhat)
-        dxhat = d2 * w
-        # forward: xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2)  =>
-        #   dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
-        proj = xp.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
-        xhat *= proj
-        dxhat -= xhat
-        dxhat *= rstd
-        return dxhat.reshape(dout.shape), dw
+
+        def rows(r):
+            # forward: xhat = x * rstd, rstd = (mean(x^2) + eps)^(-1/2)  =>
+            #   dx = rstd * (dxhat - xhat * mean(dxhat * xhat))
+            dxhat = d2[r] * w
+            proj = xp.einsum("ij,ij->i", dxhat, xhat[r])[:, None] / C
+            xh = xhat[r]
+            xh *= proj
+            dxhat -= xh
+            xp.multiply(dxhat, rstd[r], out=dx[r])
+
+        for_row_blocks(N, C, rows, xp)
+        return dx.reshape(dout.shape), dw
 
 
 def rms_norm(x, w, eps=1e-6):
@@ -129,31 +145,44 @@ class Rope(Function):
     x: (B, T, n, hs); cos, sin (options, from rope_tables): (T, hs/2), or (B, T, hs/2) when each
     row has its own positions -> (B, T, n, hs). For i < hs/2 the pair (x_i, x_{i+hs/2}) turns by
     the angle whose cos and sin are given. A rotation's inverse is its transpose, so backward turns
-    the gradient back by the same angle; nothing is saved."""
+    the gradient back by the same angle; nothing is saved. Both passes run over blocks of
+    sequences spread over the cores (`for_row_blocks`)."""
     def forward(self, x):
         xp = get_xp(x)
-        h = x.shape[-1] // 2
-        c, s = _per_head(self.cos), _per_head(self.sin)
-        x1, x2 = x[..., :h], x[..., h:]
         y = xp.empty_like(x)
-        xp.multiply(x1, c, out=y[..., :h])
-        y[..., :h] -= x2 * s                                  # y1 = x1 cos - x2 sin
-        xp.multiply(x2, c, out=y[..., h:])
-        y[..., h:] += x1 * s                                  # y2 = x2 cos + x1 sin
+
+        def rows(r):                                          # sequences r
+            x1, x2, c, s = self._halves(x, r)
+            h = x1.shape[-1]
+            xp.multiply(x1, c, out=y[r, ..., :h])
+            y[r, ..., :h] -= x2 * s                           # y1 = x1 cos - x2 sin
+            xp.multiply(x2, c, out=y[r, ..., h:])
+            y[r, ..., h:] += x1 * s                           # y2 = x2 cos + x1 sin
+
+        for_row_blocks(x.shape[0], x.size // max(x.shape[0], 1), rows, xp)
         return y
 
     def backward(self, dout):
         xp = get_xp(dout)
-        h = dout.shape[-1] // 2
-        c, s = _per_head(self.cos), _per_head(self.sin)
-        d1, d2 = dout[..., :h], dout[..., h:]
-        # forward: [y1; y2] = [[cos, -sin], [sin, cos]] [x1; x2]  =>  dx = the transpose times dy
         dx = xp.empty_like(dout)
-        xp.multiply(d1, c, out=dx[..., :h])
-        dx[..., :h] += d2 * s                                 # dx1 = dy1 cos + dy2 sin
-        xp.multiply(d2, c, out=dx[..., h:])
-        dx[..., h:] -= d1 * s                                 # dx2 = dy2 cos - dy1 sin
+
+        def rows(r):
+            d1, d2, c, s = self._halves(dout, r)
+            h = d1.shape[-1]
+            # forward: [y1; y2] = [[cos, -sin], [sin, cos]] [x1; x2]  =>  dx = the transpose times dy
+            xp.multiply(d1, c, out=dx[r, ..., :h])
+            dx[r, ..., :h] += d2 * s                          # dx1 = dy1 cos + dy2 sin
+            xp.multiply(d2, c, out=dx[r, ..., h:])
+            dx[r, ..., h:] -= d1 * s                          # dx2 = dy2 cos - dy1 sin
+
+        for_row_blocks(dout.shape[0], dout.size // max(dout.shape[0], 1), rows, xp)
         return dx
+
+    def _halves(self, a, r):
+        """The two halves of a's sequences r, and the cos / sin tables that turn them."""
+        h = a.shape[-1] // 2
+        c, s = (t if t.ndim == 2 else t[r] for t in (self.cos, self.sin))
+        return a[r, ..., :h], a[r, ..., h:], _per_head(c), _per_head(s)
 
 
 def rope(x, cos, sin):
@@ -186,26 +215,42 @@ class SwiGLU(Function):
     of keeping it (one (N, H) activation less per layer)."""
     def forward(self, g, u):
         xp = get_xp(g)
-        y = _sigmoid(xp, g)
-        y *= g
-        y *= u
+        H = g.shape[-1]
+        g2, u2 = g.reshape(-1, H), u.reshape(-1, H)           # (N, H)
+        y = xp.empty(g2.shape, dtype=g.dtype)
+
+        def rows(r):
+            yr = y[r]
+            yr[...] = _sigmoid(xp, g2[r])
+            yr *= g2[r]
+            yr *= u2[r]
+
+        for_row_blocks(g2.shape[0], H, rows, xp)
         self.save(g, u)
-        return y
+        return y.reshape(g.shape)
 
     def backward(self, dout):
         g, u = self.saved
         xp = get_xp(dout)
-        s = _sigmoid(xp, g)
-        silu = g * s
-        du = dout * silu                                      # forward: y = silu(g) u
-        # d silu/dg = s + g s (1 - s) = s (1 + g (1 - s))
-        dg = 1.0 - s
-        dg *= g
-        dg += 1.0
-        dg *= s
-        dg *= u
-        dg *= dout
-        return dg, du
+        H = g.shape[-1]
+        g2, u2, d2 = g.reshape(-1, H), u.reshape(-1, H), dout.reshape(-1, H)
+        dg, du = xp.empty(g2.shape, dtype=dout.dtype), xp.empty(g2.shape, dtype=dout.dtype)
+
+        def rows(r):
+            gr, s = g2[r], _sigmoid(xp, g2[r])
+            xp.multiply(gr, s, out=du[r])                     # silu(g)
+            du[r] *= d2[r]                                    # forward: y = silu(g) u  =>  du = dy silu(g)
+            # d silu/dg = s + g s (1 - s) = s (1 + g (1 - s))
+            d = dg[r]
+            xp.subtract(1.0, s, out=d)
+            d *= gr
+            d += 1.0
+            d *= s
+            d *= u2[r]
+            d *= d2[r]
+
+        for_row_blocks(g2.shape[0], H, rows, xp)
+        return dg.reshape(g.shape), du.reshape(g.shape)
 
 
 def swiglu(g, u):
@@ -265,7 +310,11 @@ class GroupedQueryAttention(Function):
     the attention weights), rng. Query head h reads key/value head h // (nh / nkv). The g = nh / nkv
     queries of a group are stacked along the rows, (B, nkv, g T, hs), so each score matmul and each
     gradient matmul runs against the nkv heads as they are: the gradient of a shared key or value
-    head sums over its group inside the matmul, and no repeated K/V is ever formed."""
+    head sums over its group inside the matmul, and no repeated K/V is ever formed. Sequences are
+    independent, so both passes run over cache-sized blocks of the batch (`for_row_blocks`, one
+    block after another, as GPT-2's attention does): a block's (b, nkv, g T, T) scores stay in cache
+    from the QK^T matmul through the mask and the softmax to the .V matmul, and each score matrix is
+    the same matmul it would be in one whole-batch call, so the blocks change no number."""
     def forward(self, q, k, v):
         xp = get_xp(q)
         B, T, nh, hs = q.shape
@@ -276,13 +325,21 @@ class GroupedQueryAttention(Function):
         g = nh // nkv
         qg = _group_queries(q, nkv, 1.0 / math.sqrt(hs))      # (B, nkv, g T, hs), scaled
         kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # (B, nkv, T, hs) views
-        att = qg @ kh.swapaxes(-1, -2)                        # (B, nkv, g T, T)
-        att.reshape(B, nkv, g, T, T)[...] += causal_bias(T, T, att.dtype, xp)
-        softmax_array(att, out=att)
+        att = xp.empty((B, nkv, g * T, T), dtype=q.dtype)
+        y = xp.empty((B, nkv, g * T, hs), dtype=q.dtype)
         keep = None
-        if self.dropout > 0:
+        if self.dropout > 0:   # drawn here, whole and in order, so a seeded run is the same however it is split
             keep = dropout_mask(att.shape, self.dropout, self.rng, xp, att.dtype)
-        y = (att * keep if keep is not None else att) @ vh    # (B, nkv, g T, hs)
+        bias = causal_bias(T, T, att.dtype, xp)
+
+        def rows(r):                                          # sequences r: their scores stay in cache
+            a = att[r]                                        # (b, nkv, g T, T)
+            xp.matmul(qg[r], kh[r].swapaxes(-1, -2), out=a)
+            a.reshape(a.shape[0], nkv, g, T, T)[...] += bias
+            softmax_array(a, out=a)
+            xp.matmul(a * keep[r] if keep is not None else a, vh[r], out=y[r])
+
+        for_row_blocks(B, nh * T * T, rows, xp, threaded=False)   # BLAS spreads each matmul over the cores
         self.save(qg, kh, vh, att, keep)
         return ungroup_heads(y, T).reshape(B, T, nh * hs)
 
@@ -295,19 +352,27 @@ class GroupedQueryAttention(Function):
         dy = xp.empty((B, nkv, gT // T, T, hs), dtype=dout.dtype)
         dy[...] = dout.reshape(B, T, nkv, gT // T, hs).transpose(0, 2, 3, 1, 4)
         dy = dy.reshape(B, nkv, gT, hs)
-        a_d = att * keep if keep is not None else att
-        # forward: y = att_d @ v  =>  dv = att_d^T @ dy (summing the group's rows), datt_d = dy @ v^T
-        dv = a_d.swapaxes(-1, -2) @ dy                        # (B, nkv, T, hs)
-        d = dy @ vh.swapaxes(-1, -2)                          # (B, nkv, g T, T)
-        if keep is not None:
-            d *= keep                                         # forward: att_d = att * keep
-        # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
-        d -= (d * att).sum(axis=-1, keepdims=True)
-        d *= att                                              # masked entries have att = 0
-        # forward: s = qg k^T with qg = q / sqrt(hs)  =>  dqg = ds @ k, dk = ds^T @ qg
-        dq = d @ kh
-        dq *= 1.0 / math.sqrt(hs)
-        dk = d.swapaxes(-1, -2) @ qg                          # (B, nkv, T, hs)
+        dq = xp.empty(qg.shape, dtype=dout.dtype)             # (B, nkv, g T, hs)
+        dk = xp.empty(kh.shape, dtype=dout.dtype)             # (B, nkv, T, hs)
+        dv = xp.empty(vh.shape, dtype=dout.dtype)
+
+        def rows(r):                                          # sequences r
+            a = att[r]
+            a_d = a * keep[r] if keep is not None else a
+            # forward: y = att_d @ v  =>  dv = att_d^T @ dy (summing the group's rows), datt_d = dy @ v^T
+            xp.matmul(a_d.swapaxes(-1, -2), dy[r], out=dv[r])
+            d = dy[r] @ vh[r].swapaxes(-1, -2)                # (b, nkv, g T, T)
+            if keep is not None:
+                d *= keep[r]                                  # forward: att_d = att * keep
+            # forward: att = softmax(s)  =>  ds = att * (datt - sum_j datt_j att_j)
+            d -= (d * a).sum(axis=-1, keepdims=True)
+            d *= a                                            # masked entries have att = 0
+            # forward: s = qg k^T with qg = q / sqrt(hs)  =>  dqg = ds @ k, dk = ds^T @ qg
+            xp.matmul(d, kh[r], out=dq[r])
+            dq[r] *= 1.0 / math.sqrt(hs)
+            xp.matmul(d.swapaxes(-1, -2), qg[r], out=dk[r])
+
+        for_row_blocks(B, gT * T, rows, xp, threaded=False)
         return (xp.ascontiguousarray(ungroup_heads(dq, T)), xp.ascontiguousarray(dk.transpose(0, 2, 1, 3)),
                 xp.ascontiguousarray(dv.transpose(0, 2, 1, 3)))
 
