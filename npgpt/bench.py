@@ -70,14 +70,14 @@ FLOPS_FORMULA = "FLOPs/token = 6*N_non_embedding + 12*n_layer*n_embd*T (forward 
 # (the residual Add, the position-embedding slice, the LM head's transpose, ...).
 OP_KINDS = {
     "Linear": "matmul", "MatMul": "matmul",
-    "CausalSelfAttention": "attention", "Softmax": "attention",
-    "LayerNorm": "layernorm",
-    "GELU": "gelu",
+    "CausalSelfAttention": "attention", "Softmax": "attention", "GroupedQueryAttention": "attention",
+    "LayerNorm": "layernorm", "RMSNorm": "rmsnorm",
+    "GELU": "gelu", "SwiGLU": "swiglu", "Rope": "rope",
     "CrossEntropy": "cross-entropy", "LogSoftmax": "cross-entropy",
     "Embedding": "embedding",
     "Dropout": "dropout",
 }
-KIND_ORDER = ["matmul", "attention", "layernorm", "gelu", "cross-entropy", "embedding", "dropout",
+KIND_ORDER = ["matmul", "attention", "layernorm", "rmsnorm", "gelu", "swiglu", "rope", "cross-entropy", "embedding", "dropout",
               "shape/elementwise", "optimizer", "other/Python"]
 
 
@@ -295,7 +295,8 @@ def format_train(r):
         lines.append(f"profile (time by op kind, forward + backward, {total:.2f} ms/iter with the profiler on):")
         for kind in KIND_ORDER:
             ms = p["kinds_ms"][kind]
-            lines.append(f"  {kind:18s} {ms:9.2f} ms  {ms / total:6.1%}")
+            if ms > 0 or kind == "other/Python":             # a GPT has no RMSNorm, a Llama no GELU
+                lines.append(f"  {kind:18s} {ms:9.2f} ms  {ms / total:6.1%}")
     return "\n".join(lines)
 
 
