@@ -393,11 +393,31 @@ def train(config: TrainConfig, stream=None, batch_source: BatchSource | None = N
     tune_malloc()
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise NpgptError(f"--out {cfg.out} is a file; choose a folder for the run")
+    created = not Path(cfg.out).exists()
     # data-parallel: rank 0 holds the run folder's lock for the whole job
     lock = run_lock(cfg.out, "finetune" if cfg.init_from or cfg.sft else "train") if comm.is_root else nullcontext()
-    # a busy CPU: fewer row-block threads, chosen once here (npgpt.perf; changes no number)
-    with lock, shared_cpu_threads() if cfg.device == "cpu" else nullcontext((None, "")) as threads:
-        return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern, threads)
+    try:
+        # a busy CPU: fewer row-block threads, chosen once here (npgpt.perf; changes no number)
+        with lock, shared_cpu_threads() if cfg.device == "cpu" else nullcontext((None, "")) as threads:
+            return _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern, threads)
+    except NpgptError:
+        if created and comm.is_root:
+            _remove_unused_out(Path(cfg.out))
+        raise
+
+
+def _remove_unused_out(out: Path):
+    """A run refused before its first record leaves no trace: the --out folder it created goes again
+    when it holds nothing but the empty metrics.jsonl (anything else there stays)."""
+    try:
+        entries = list(out.iterdir())
+        if all(p.name == "metrics.jsonl" and p.is_file() and not p.is_symlink() and p.stat().st_size == 0
+               for p in entries):
+            for p in entries:
+                p.unlink()
+            out.rmdir()
+    except OSError:
+        pass                                              # best effort: the error being raised is what matters
 
 
 def _train_locked(cfg, stream, batch_source, plugins, xp, comm, trust_pattern=False, threads=(None, "")):

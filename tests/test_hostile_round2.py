@@ -164,6 +164,7 @@ def test_impossible_model_sizes_are_one_line(runs, tmp_path, cmd):
     args = (["train", "--data", runs / "data", "--out", tmp_path / "run"] if cmd == "train" else ["bench"])
     clean_error(run(*args, "--set", "n_embd=1000000000000000000"), r"parameters needs about .* free; use a smaller")
     clean_error(run(*args, "--set", "n_layer=100000", "--set", "n_embd=4096"), r"parameters needs about .* GiB")
+    assert not (tmp_path / "run").exists()             # a refused run leaves no folder behind
 
 
 def test_data_parallel_ranks_must_agree_on_tokenizer_and_shapes(runs, tmp_path):
